@@ -1,0 +1,1856 @@
+# SPDX-License-Identifier: MIT
+# Copyright (c) 2026 The openai-compat developers
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy
+# of this software and associated documentation files (the "Software"), to deal
+# in the Software without restriction, including without limitation the rights
+# to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+# copies of the Software, and to permit persons to whom the Software is
+# furnished to do so, subject to the following conditions:
+#
+# The above copyright notice and this permission notice shall be included in all
+# copies or substantial portions of the Software.
+#
+# THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+# IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+# FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+# AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+# LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+# OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+# SOFTWARE.
+"""Stream chat completions and run tool calls against any OpenAI-compatible server.
+
+One file, two dependencies (requests, sseclient-py); copy it into a project or
+``pip install openai-compat``::
+
+    import openai_compat as oc
+
+    for chunk in oc.stream("Explain distributed computing"):
+        print(chunk.content, end="", flush=True)
+
+    def add(a: int, b: int) -> int:
+        "Add two integers."
+        return a + b
+
+    result = oc.generate("What is 2 + 40?", tools=[add])
+    print(result.text)
+
+Configuration comes from the environment when a Client is made (explicit
+arguments win; blank values count as unset):
+
+    OPENAI_COMPATIBLE_BASE_URL      server URL, e.g. http://localhost:11434/v1 (required)
+    OPENAI_COMPATIBLE_API_KEY       sent as "Authorization: Bearer ..." when set
+    OPENAI_COMPATIBLE_MODEL         model id; when unset, the first one GET /models lists
+    OPENAI_COMPATIBLE_TIMEOUT       seconds of silence allowed between bytes (default 30)
+    OPENAI_COMPATIBLE_MAX_RETRIES   extra attempts for failed connections, 408/409/429/5xx (default 2)
+
+Works with vLLM, Ollama, llama.cpp's llama-server, LM Studio, TGI, Groq, Together,
+Fireworks, OpenRouter, DeepSeek, Mistral, Gemini's OpenAI endpoint, Azure, LiteLLM
+and OpenAI, including their deviations from OpenAI's wire format.
+
+Source and documentation: https://github.com/openai-compat/openai-compat
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import enum
+import inspect
+import json
+import logging
+import os
+import random
+import re
+import string
+import sys
+import threading
+import time
+import types
+import typing
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final, Literal, Union
+
+import requests
+import sseclient
+import urllib3.exceptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "FALLBACK_MODELS",
+    "DEFAULT_MAX_STEPS",
+    "OpenAICompatError",
+    "ConfigError",
+    "APIError",
+    "EndpointUnavailableError",
+    "RequestTimeoutError",
+    "AuthenticationError",
+    "RateLimitError",
+    "ModelNotFoundError",
+    "ContextLengthError",
+    "BadRequestError",
+    "ServerError",
+    "StreamError",
+    "classify_error",
+    "Usage",
+    "ToolCall",
+    "ToolResult",
+    "Chunk",
+    "Step",
+    "Result",
+    "Tool",
+    "tool",
+    "Config",
+    "Client",
+    "Stream",
+    "stream",
+    "generate",
+    "available_models",
+    "first_available_model",
+    "main",
+]
+
+_log = logging.getLogger("openai_compat")
+
+# ==== Constants ====
+
+DEFAULT_MODEL: Final = "gpt-3.5-turbo"
+FALLBACK_MODELS: Final = (
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4-turbo",
+    "gpt-3.5-turbo",
+    "claude-3-5-sonnet",
+    "claude-3-haiku",
+    "gemini-pro",
+)
+DEFAULT_MAX_STEPS: Final = 10
+
+_ENV_BASE_URL: Final = "OPENAI_COMPATIBLE_BASE_URL"
+_ENV_API_KEY: Final = "OPENAI_COMPATIBLE_API_KEY"
+_ENV_MODEL: Final = "OPENAI_COMPATIBLE_MODEL"
+_ENV_TIMEOUT: Final = "OPENAI_COMPATIBLE_TIMEOUT"
+_ENV_MAX_RETRIES: Final = "OPENAI_COMPATIBLE_MAX_RETRIES"
+_DEFAULT_TIMEOUT: Final = 30.0
+_DEFAULT_MAX_RETRIES: Final = 2
+_DISCOVERY_SECONDS: Final = 5.0
+_MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
+_MAX_ERROR_BODY: Final = 64 * 1024
+_DRAIN_SECONDS: Final = 0.1
+_MAX_RETRY_AFTER: Final = 60.0
+_BACKOFF_BASE: Final = 0.5
+_BACKOFF_MAX: Final = 8.0
+_READ_SIZE: Final = 65536
+_ID_ALPHABET: Final = string.ascii_letters + string.digits
+_LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+# ==== Errors ====
+
+
+class OpenAICompatError(Exception):
+    """Root of every error this module raises; catch it to catch them all."""
+
+
+class ConfigError(OpenAICompatError, ValueError):
+    """Bad or missing configuration (an environment variable, an argument, a tool).
+
+    Raised before anything is sent. Retrying does not help: fix what the message names.
+    """
+
+
+class APIError(OpenAICompatError):
+    """The server could not be reached, or answered with an error.
+
+    Attributes:
+        message: the server's own message (or the transport's), with the API key redacted.
+        status_code: the HTTP status, or None (no response, or an error inside a stream).
+        body: the response body as text (trimmed), or None.
+        base_url: the endpoint the request went to.
+        retryable: True when sending the same request again may succeed.
+        partial_text: answer text the interrupted model call had already yielded ("" if none).
+    """
+
+    retryable: ClassVar[bool] = False
+    hint: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        body: str | None = None,
+        base_url: str | None = None,
+        partial_text: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.body = body
+        self.base_url = base_url
+        self.partial_text = partial_text
+
+    def __str__(self) -> str:
+        where = []
+        if self.status_code is not None:
+            where.append(f"HTTP {self.status_code}")
+        if self.base_url:
+            where.append(f"from {self.base_url}")
+        text = self.message or "no message from the server"
+        if where:
+            text += f" ({' '.join(where)})"
+        hint = self._hint()
+        return f"{text}. {hint}" if hint else text
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, status_code={self.status_code!r})"
+
+    def _hint(self) -> str:
+        return self.hint
+
+
+class EndpointUnavailableError(APIError, ConnectionError):
+    """No response: connection refused, DNS failure, reset before the server answered.
+
+    Retried automatically (max_retries); safe to retry.
+    """
+
+    retryable = True
+
+    def _hint(self) -> str:
+        return (
+            f"Is the server running? Check {_ENV_BASE_URL} (now {self.base_url})"
+            if self.base_url
+            else f"Is the server running? Check {_ENV_BASE_URL}"
+        )
+
+
+class RequestTimeoutError(APIError, TimeoutError):
+    """The connection could not be made in time, or the server went silent for longer
+    than `timeout` seconds (silence between bytes, not total time). Safe to retry.
+    """
+
+    retryable = True
+    hint = f"Raise the timeout ({_ENV_TIMEOUT} or timeout=) for slow or cold servers"
+
+
+class AuthenticationError(APIError):
+    """HTTP 401/403 or an invalid-key message: the key is missing, wrong or not allowed.
+
+    Not retryable: fix the key.
+    """
+
+    hint = f"Check the API key ({_ENV_API_KEY} or api_key=)"
+
+
+class RateLimitError(APIError):
+    """HTTP 429 or a rate-limit message. `retry_after` holds the server's Retry-After
+    in seconds when it sent one. Retried automatically up to 60 s of Retry-After.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+    def _hint(self) -> str:
+        if self.retry_after is not None:
+            return f"Wait {self.retry_after:g} s before retrying, or lower the request rate"
+        return "Wait and retry, or lower the request rate"
+
+
+class ModelNotFoundError(APIError):
+    """The server does not know the model. Not retryable: pick a listed model."""
+
+    hint = (
+        f"List the server's models with `openai-compat models`; set {_ENV_MODEL} or pass model="
+    )
+
+
+class ContextLengthError(APIError):
+    """The prompt (plus max_tokens) does not fit the model's context window."""
+
+    hint = "Shorten the messages or lower max_tokens, or use a model with a larger context"
+
+
+class BadRequestError(APIError):
+    """Any other 4xx: the server rejected the request as sent. Not retryable."""
+
+    def _hint(self) -> str:
+        if self.status_code in (404, 405) and self.base_url and not _has_version(self.base_url):
+            return f"The server may expect /v1: try {_ENV_BASE_URL}={self.base_url}/v1"
+        if self.status_code in (404, 405):
+            return f"Check {_ENV_BASE_URL}: the server has no chat-completions route there"
+        return "Check the request's options against what this server supports"
+
+
+class ServerError(APIError):
+    """HTTP 5xx: the server failed. Retried automatically; safe to retry later."""
+
+    retryable = True
+    hint = "The server failed; retry later or look at the server's log"
+
+
+class StreamError(APIError):
+    """A stream was cut short, was malformed, or carried an error that no other class
+    matches. `partial_text` holds the text that had arrived. Safe to retry.
+    """
+
+    retryable = True
+    hint = "The answer was cut short; .partial_text holds what arrived"
+
+
+# Ordered: the first row whose pattern matches the message wins. Statuses that
+# decide on their own (401, 403, 413, 429) are checked before this table.
+_ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
+    # vLLM/OpenAI/llama-cpp-python "maximum context length is N tokens", llama.cpp
+    # exceed_context_size_error "exceeds the available context size", LiteLLM
+    # ContextWindowExceededError, Anthropic-compat "prompt is too long".
+    (
+        ContextLengthError,
+        re.compile(
+            r"context[ _-]?(?:length|size|window)|maximum context|exceed_context"
+            r"|too many tokens|prompt is too long|reduce the length of the (?:messages|input)",
+            re.I,
+        ),
+    ),
+    # LiteLLM answers a wrong key with 400 "No connected db." when it has no database.
+    (AuthenticationError, re.compile(r"\bno connected db\b", re.I)),
+    # vLLM "The model `x` does not exist.", Ollama "model 'x' not found", OpenAI
+    # model_not_found, LiteLLM "Invalid model name passed", Fireworks "Model not found".
+    (
+        ModelNotFoundError,
+        re.compile(
+            r"\bmodel\b[^.\n]{0,160}?\b(?:not found|does not exist|not exist|is not available)"
+            r"|model_not_found|invalid model name|unknown model|no such model",
+            re.I,
+        ),
+    ),
+    # llama.cpp "Invalid API Key", llama-cpp-python "Invalid API key", OpenAI
+    # "Incorrect API key provided", LiteLLM "Authentication Error, No api key passed in".
+    (
+        AuthenticationError,
+        re.compile(
+            r"(?:invalid|incorrect|missing|no) api[ _-]?key|api[ _-]?key (?:is )?(?:invalid|missing|required)"
+            r"|unauthori[sz]ed|authentication[ _]error|\bauthentication\b",
+            re.I,
+        ),
+    ),
+    # OpenAI "Rate limit reached", TGI 429 "Model is overloaded", Gemini RESOURCE_EXHAUSTED.
+    (
+        RateLimitError,
+        re.compile(
+            r"rate[ _-]?limit|too many requests|overloaded|resource[ _]exhausted|exceeded your current quota",
+            re.I,
+        ),
+    ),
+    # Transport words (no HTTP status): the seed's table.
+    (
+        EndpointUnavailableError,
+        re.compile(
+            r"ECONNREFUSED|connection refused|ECONNRESET|connection reset|name or service not known"
+            r"|nodename nor servname|temporary failure in name resolution|no route to host",
+            re.I,
+        ),
+    ),
+    (RequestTimeoutError, re.compile(r"timed out|ETIMEDOUT", re.I)),
+)
+_TRANSPORT_CLASSES: Final = (EndpointUnavailableError, RequestTimeoutError)
+
+
+def classify_error(message: str, status: int | None = None) -> type[APIError]:
+    """Return the APIError subclass for an error `message` and optional HTTP `status`.
+
+    Status first (401/403 auth, 413 context length, 429 rate limit), then the
+    module's ordered table of regular expressions over the message, then the
+    status class (408 timeout, other 4xx bad request, 5xx server error). The
+    transport rows (connection refused, timed out) apply only without a status.
+    Returns APIError itself when nothing matches and there is no status.
+    """
+    if status in (401, 403):
+        return AuthenticationError
+    if status == 429:
+        return RateLimitError
+    if status == 413:
+        return ContextLengthError
+    for cls, pattern in _ERROR_PATTERNS:
+        if status is not None and cls in _TRANSPORT_CLASSES:
+            continue
+        if pattern.search(message):
+            return cls
+    if status is None or status < 400:
+        return APIError
+    if status == 408:
+        return RequestTimeoutError
+    return ServerError if status >= 500 else BadRequestError
+
+
+def _has_version(base_url: str) -> bool:
+    return re.search(r"/v\d+[a-z0-9]*(?:/|$)", base_url) is not None
+
+
+def _error_message(text: str) -> str:
+    """The human message inside an error body of any shape, trimmed to a readable line.
+
+    Shapes: {"error": {"message"}}, {"error": "..."}, {"message"} (vLLM < 0.10.1,
+    Mistral), {"detail": str | [{"msg"}]} (FastAPI), [{"error": {...}}] (Gemini),
+    HTML pages (proxies), plain text. Never raises.
+    """
+    text = text.strip()
+    if not text:
+        return ""
+    message: str | None = None
+    if text[:1] in "{[":
+        try:
+            message = _message_from(json.loads(text))
+        except ValueError:
+            message = None
+    if message is None:
+        message = _html_title(text) if text[:1] == "<" else text
+    return _trim_message(message)
+
+
+def _message_from(body: object) -> str | None:
+    if isinstance(body, list):
+        return _message_from(body[0]) if body else None
+    if not isinstance(body, dict):
+        return body if isinstance(body, str) and body else None
+    err = body.get("error")
+    if isinstance(err, dict):
+        for key in ("message", "msg", "detail"):
+            if isinstance(err.get(key), str) and err[key]:
+                return str(err[key])
+        nested = _message_from(err.get("error"))
+        if nested:
+            return nested
+    if isinstance(err, str) and err:
+        return err
+    if isinstance(body.get("message"), str) and body["message"]:
+        return str(body["message"])
+    detail = body.get("detail")
+    if isinstance(detail, str) and detail:
+        return detail
+    if isinstance(detail, list):
+        parts = [_detail_item(item) for item in detail]
+        return "; ".join(p for p in parts if p) or None
+    return None
+
+
+def _detail_item(item: object) -> str:
+    # FastAPI validation errors: {"loc": ["body", "messages"], "msg": "...", "type": ...}
+    if not isinstance(item, dict):
+        return str(item)
+    loc = ".".join(str(x) for x in item.get("loc") or () if x != "body")
+    msg = str(item.get("msg") or "")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _html_title(text: str) -> str:
+    match = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S) or re.search(
+        r"<h1[^>]*>(.*?)</h1>", text, re.I | re.S
+    )
+    inner = match.group(1) if match else re.sub(r"<[^>]+>", " ", text)
+    return "HTML error page: " + re.sub(r"\s+", " ", inner).strip()
+
+
+def _trim_message(message: str) -> str:
+    # Quirk(llama-cpp-python): 500s carry a Python traceback with the server's own
+    # file paths; LiteLLM appends paragraphs about its routing. The first paragraph
+    # holds what the user needs.
+    message = re.split(r"\n\s*\n|\n\s*File \"", message, maxsplit=1)[0]
+    message = re.sub(r"\s+", " ", message).strip()
+    return message if len(message) <= 600 else message[:597] + "..."
+
+
+def _error_tags(text: str) -> str:
+    """The `type` and `code` fields of an error body, for classification only."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return ""
+    if isinstance(body, list) and body:
+        body = body[0]
+    if not isinstance(body, dict):
+        return ""
+    err = body.get("error") if isinstance(body.get("error"), dict) else body
+    return " ".join(
+        str(err.get(k)) for k in ("type", "code", "status") if isinstance(err.get(k), (str, int))
+    )
+
+
+def _redact(text: str, secret: str | None) -> str:
+    if secret and secret in text:
+        text = text.replace(secret, "[redacted]")
+    return re.sub(r"(?i)(bearer\s+)[^\s\"',]+", r"\1[redacted]", text)
+
+
+# ==== Data types ====
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts one model call (or a whole Result, summed) reported.
+
+    Attributes: prompt_tokens, completion_tokens, total_tokens; raw (the decoded JSON).
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call the model asked for.
+
+    Attributes:
+        id: the server's call id (one is made up when the server sent none).
+        name: the tool's name.
+        arguments: the arguments, parsed ({} when empty or not valid JSON).
+        raw_arguments: the arguments string as received.
+        error: why the arguments could not be parsed, or None.
+        raw: fields of the call other than id/type/function (echoed back to the server).
+    """
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    raw_arguments: str = ""
+    error: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What running one ToolCall gave.
+
+    Attributes:
+        call: the ToolCall.
+        value: what the function returned (None on error).
+        error: the error text sent to the model instead, or None.
+        content: the string sent back to the model.
+    """
+
+    call: ToolCall
+    value: Any = None
+    error: str | None = None
+    content: str = ""
+
+
+ChunkType = Literal["text", "reasoning", "tool_call", "tool_result", "finish"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a stream.
+
+    Attributes:
+        type: "text", "reasoning", "tool_call", "tool_result" or "finish".
+        content: answer text delta ("" for other types), so print(chunk.content, end="") works.
+        reasoning: reasoning text delta (from reasoning_content or reasoning).
+        tool_call: the ToolCall ("tool_call" and "tool_result" chunks).
+        tool_result: the ToolResult ("tool_result" chunks).
+        finish_reason: why the model call ended ("finish" chunks).
+        usage: the model call's Usage ("finish" chunks; None if the server sent none).
+        step: the model call this chunk belongs to, from 1.
+        raw: the decoded server event, when there is one.
+    """
+
+    type: ChunkType
+    content: str = ""
+    reasoning: str = ""
+    tool_call: ToolCall | None = None
+    tool_result: ToolResult | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    step: int = 1
+    raw: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model call of a Result: its text, reasoning, calls, their results,
+    finish_reason and usage."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_results: list[ToolResult] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """Everything a stream or generate() call produced.
+
+    Attributes:
+        text: the final model call's answer text.
+        reasoning: the final model call's reasoning text.
+        steps: one Step per model call.
+        tool_calls, tool_results: over all steps.
+        finish_reason: the last model call's, or "max_steps" when the budget ran out
+            with calls still requested.
+        usage: summed over the model calls; None if the server reported none.
+        messages: the whole conversation (assistant and tool turns included), ready to
+            pass as messages= to continue it.
+    """
+
+    text: str = ""
+    reasoning: str = ""
+    steps: list[Step] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_results: list[ToolResult] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ==== Tools ====
+# @@TOOLS@@  (temporary stand-ins until the definitions section lands)
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A tool the model may call."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    function: Callable[..., Any] | None = None
+
+
+def tool(func: Any = None, *, name: str | None = None, description: str | None = None) -> Any:
+    return func
+
+
+def _as_tools(tools: object) -> list[Tool]:
+    if not tools:
+        return []
+    out = []
+    for t in tools if isinstance(tools, list) else [tools]:
+        if isinstance(t, Tool):
+            out.append(t)
+        elif callable(t):
+            out.append(Tool(t.__name__, t.__doc__ or "", {"type": "object", "properties": {}}, t))
+    return out
+
+
+def _tool_spec(t: Tool) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": t.name, "description": t.description,
+                                             "parameters": t.parameters}}
+
+
+def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:
+    assert t.function is not None
+    return t.function(**arguments)
+
+# ==== Configuration ====
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings of a Client (see Config.from_env)."""
+
+    base_url: str
+    api_key: str | None = None
+    model: str | None = None
+    timeout: float = _DEFAULT_TIMEOUT
+    max_retries: int = _DEFAULT_MAX_RETRIES
+
+    def __repr__(self) -> str:
+        key = "'[redacted]'" if self.api_key else "None"
+        return (
+            f"Config(base_url={self.base_url!r}, api_key={key}, model={self.model!r}, "
+            f"timeout={self.timeout!r}, max_retries={self.max_retries!r})"
+        )
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float | str | None = None,
+        max_retries: int | str | None = None,
+    ) -> Config:
+        """Merge explicit arguments over OPENAI_COMPATIBLE_* variables over defaults.
+
+        Blank (empty or whitespace-only) values count as unset. Raises ConfigError
+        naming the variable and the fix when a value is missing or malformed.
+        """
+        env = os.environ if environ is None else environ
+
+        def pick(value: object, name: str) -> str | None:
+            if value is not None and str(value).strip():
+                return str(value).strip()
+            raw = env.get(name)
+            return raw.strip() if raw and raw.strip() else None
+
+        url = pick(base_url, _ENV_BASE_URL)
+        if url is None:
+            raise ConfigError(
+                f"No endpoint configured: set {_ENV_BASE_URL} (for example "
+                "http://localhost:11434/v1 for Ollama) or pass base_url= to Client()"
+            )
+        return cls(
+            base_url=_check_url(url),
+            api_key=pick(api_key, _ENV_API_KEY),
+            model=pick(model, _ENV_MODEL),
+            timeout=_parse_number(pick(timeout, _ENV_TIMEOUT), _ENV_TIMEOUT, _DEFAULT_TIMEOUT),
+            max_retries=int(
+                _parse_number(
+                    pick(max_retries, _ENV_MAX_RETRIES), _ENV_MAX_RETRIES, _DEFAULT_MAX_RETRIES,
+                    integer=True,
+                )
+            ),
+        )
+
+
+def _check_url(url: str) -> str:
+    match = re.match(r"(?i)^https?://([^/?#]+)", url)
+    if not match or match.group(1).startswith(":"):
+        raise ConfigError(
+            f"{_ENV_BASE_URL} must be an http:// or https:// URL such as "
+            f"http://localhost:8000/v1 (got {url!r}); add the scheme"
+        )
+    return url.rstrip("/")
+
+
+def _parse_number(raw: str | None, name: str, default: float, *, integer: bool = False) -> float:
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "a whole number" if integer else "a number of seconds"
+        raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
+    if value < 0 or (not integer and value == 0) or value != value:
+        raise ConfigError(f"{name} must be positive (got {raw!r})")
+    return value
+
+
+# ==== Client ====
+
+
+class Client:
+    """A connection to one OpenAI-compatible server.
+
+    Client(base_url=None, api_key=None, model=None, *, timeout=None, max_retries=None,
+    headers=None): each None argument is read from its OPENAI_COMPATIBLE_* variable
+    (see the module docstring) when the Client is made. `timeout` is the silence
+    allowed between bytes (connecting included), not a bound on total time.
+    `headers` are added to every request. Raises ConfigError on bad settings.
+
+    One Client keeps one connection pool: sequential calls reuse a TCP connection,
+    and it may be shared by threads. Model discovery runs at most once per Client.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        model: str | None = None,
+        *,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = Config.from_env(
+            base_url=base_url, api_key=api_key, model=model, timeout=timeout,
+            max_retries=max_retries,
+        )
+        self._session = requests.Session()
+        self._headers = {"User-Agent": f"openai-compat/{__version__}", **(headers or {})}
+        if self.config.api_key:
+            self._headers["Authorization"] = f"Bearer {self.config.api_key}"
+        self._lock = threading.Lock()
+        self._discovered: list[str] | APIError | None = None
+        # Request fields this server rejected once; never sent again (see _degrade).
+        self._dropped: set[str] = set()
+        self._warn_plain_http()
+
+    def __repr__(self) -> str:
+        return f"Client(base_url={self.config.base_url!r}, model={self.config.model!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._session.close()
+
+    def _warn_plain_http(self) -> None:
+        host = re.sub(r"(?i)^http://([^/:]+|\[[^\]]+\]).*$", r"\1", self.config.base_url)
+        if (
+            self.config.api_key
+            and self.config.base_url.lower().startswith("http://")
+            and host.lower() not in _LOOPBACK_HOSTS
+            and not host.startswith("127.")
+        ):
+            _log.warning(
+                "the API key is sent over plain http to %s; use https for remote servers", host
+            )
+
+    # ---- models ----
+
+    @property
+    def model(self) -> str:
+        """The model id requests use: model= → OPENAI_COMPATIBLE_MODEL → the first id
+        GET /models lists → DEFAULT_MODEL (discovery runs at most once)."""
+        return self.config.model or self.first_available_model()
+
+    def available_models(self, *, fallback: bool = True) -> list[str]:
+        """Model ids from GET {base_url}/models, asked at most once per Client (5 s limit).
+
+        When discovery fails (no route, error status, unparsable, empty list) this
+        returns FALLBACK_MODELS and logs why; with fallback=False it raises the
+        classified APIError instead.
+        """
+        found = self._discover()
+        if isinstance(found, APIError):
+            if not fallback:
+                raise found
+            return list(FALLBACK_MODELS)
+        return list(found)
+
+    def first_available_model(self) -> str:
+        """The first id the server listed, or DEFAULT_MODEL when discovery failed
+        (never an entry of FALLBACK_MODELS that no server confirmed)."""
+        found = self._discover()
+        return DEFAULT_MODEL if isinstance(found, APIError) else found[0]
+
+    def _discover(self) -> list[str] | APIError:
+        with self._lock:
+            if self._discovered is None:
+                self._discovered = self._fetch_models()
+                if isinstance(self._discovered, APIError):
+                    _log.warning(
+                        "model discovery at %s/models failed (%s); using fallbacks",
+                        self.config.base_url, self._discovered.message,
+                    )
+            return self._discovered
+
+    def _fetch_models(self) -> list[str] | APIError:
+        # Run in a thread so the 5 s bound holds even for a server that accepts the
+        # connection and then trickles or says nothing (a read timeout alone would
+        # allow 5 s per read).
+        box: list[list[str] | APIError] = []
+
+        def ask() -> None:
+            try:
+                box.append(self._models_request())
+            except Exception as exc:  # noqa: BLE001 - a bug here must not cost 5 s
+                box.append(APIError(f"model discovery failed: {exc!r}",
+                                    base_url=self.config.base_url))
+
+        worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
+        worker.start()
+        worker.join(_DISCOVERY_SECONDS)
+        if box:
+            return box[0]
+        return RequestTimeoutError(
+            f"GET /models did not answer within {_DISCOVERY_SECONDS:g} s",
+            base_url=self.config.base_url,
+        )
+
+    def _models_request(self) -> list[str] | APIError:
+        url = self.config.base_url + "/models"
+        deadline = time.monotonic() + _DISCOVERY_SECONDS
+        try:
+            with self._session.get(
+                url, headers=self._headers, timeout=_DISCOVERY_SECONDS, stream=True
+            ) as response:
+                body = bytearray()
+                for piece in response.iter_content(8192):
+                    body += piece
+                    if time.monotonic() > deadline or len(body) > 8 * 1024 * 1024:
+                        raise RequestTimeoutError("GET /models took too long",
+                                                  base_url=self.config.base_url)
+                text = body.decode("utf-8", "replace")
+                if response.status_code >= 300:
+                    return self._http_error(response.status_code, text, response.headers)
+        except APIError as exc:
+            return exc
+        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+            return self._transport_error(exc)
+        try:
+            ids = _model_ids(json.loads(text))
+        except ValueError:
+            return APIError(f"GET /models answered with something that is not JSON: "
+                            f"{_error_message(text)!r}", base_url=self.config.base_url)
+        if isinstance(ids, str):
+            return self._body_error(200, ids, text)
+        if not ids:
+            return APIError("GET /models listed no models", base_url=self.config.base_url)
+        return ids
+
+    # ---- chat ----
+
+    def stream(self, prompt: str | None = None, **options: Any) -> Stream:
+        """Stream a chat completion (and any tool calls) as Chunks.
+
+        Options (keyword-only): messages, system, model, tools, tool_choice,
+        max_steps, temperature, max_tokens; any other keyword goes into the request
+        body as is (top_p, seed, stop, response_format, ...). The request is
+        `system`, then `messages`, then `prompt` as the last user turn.
+
+        Returns a Stream: iterate it with a plain for-loop; each event is yielded as
+        soon as its bytes arrive. Leaving the loop (or close(), or a with-block)
+        closes the HTTP response. After the loop, `stream.result` is the Result.
+        Raises ConfigError before sending, and APIError subclasses while iterating.
+        """
+        return Stream(self._run(prompt, options, streaming=True))
+
+    def generate(self, prompt: str | None = None, **options: Any) -> Result:
+        """Like stream(), with non-streaming requests; returns the Result."""
+        run = Stream(self._run(prompt, options, streaming=False))
+        for _ in run:
+            pass
+        assert run.result is not None
+        return run.result
+
+    # ---- the tool-call loop ----
+
+    def _run(
+        self, prompt: str | None, options: dict[str, Any], *, streaming: bool
+    ) -> Generator[Chunk, None, Result]:
+        body, tools, max_steps = self._prepare(prompt, options)
+        messages: list[dict[str, Any]] = body["messages"]
+        by_name = {t.name: t for t in tools}
+        steps: list[Step] = []
+        finish: str | None = None
+        for number in range(1, max_steps + 1):
+            outcome = yield from self._model_call(
+                {**body, "messages": list(messages)}, number, streaming
+            )
+            messages.append(_assistant_message(outcome))
+            finish = outcome.finish_reason
+            calls = outcome.tool_calls
+            run_them = bool(calls and tools and finish != "length" and number < max_steps)
+            results: list[ToolResult] = []
+            for call in calls:
+                yield Chunk("tool_call", tool_call=call, step=number)
+                if run_them:
+                    result = _execute(call, by_name)
+                    results.append(result)
+                    messages.append(
+                        {"role": "tool", "tool_call_id": call.id, "content": result.content}
+                    )
+                    yield Chunk("tool_result", tool_call=call, tool_result=result, step=number)
+            steps.append(Step(outcome.text, outcome.reasoning, calls, results, finish,
+                              outcome.usage))
+            if not run_them:
+                if calls and tools and number >= max_steps and finish != "length":
+                    finish = "max_steps"
+                break
+        return _result(steps, finish, messages)
+
+    def _prepare(
+        self, prompt: str | None, options: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[Tool], int]:
+        opts = dict(options)
+        messages = opts.pop("messages", None)
+        system = opts.pop("system", None)
+        model = opts.pop("model", None)
+        tools = _as_tools(opts.pop("tools", None))
+        tool_choice = opts.pop("tool_choice", None)
+        max_steps = opts.pop("max_steps", None)
+        opts.pop("stream", None)  # decided by stream() / generate()
+        if max_steps is None:
+            max_steps = DEFAULT_MAX_STEPS
+        if not isinstance(max_steps, int) or max_steps < 1:
+            raise ConfigError(f"max_steps must be a whole number of at least 1 (got {max_steps!r})")
+        turns: list[dict[str, Any]] = []
+        if system is not None:
+            turns.append({"role": "system", "content": system})
+        if messages is not None:
+            if not isinstance(messages, (list, tuple)) or not all(
+                isinstance(m, dict) for m in messages
+            ):
+                raise ConfigError("messages= must be a list of dicts like "
+                                  "{'role': 'user', 'content': '...'}")
+            turns.extend(dict(m) for m in messages)
+        if prompt is not None:
+            turns.append({"role": "user", "content": prompt})
+        if not turns:
+            raise ConfigError("Nothing to send: pass a prompt or messages=")
+        body: dict[str, Any] = {"model": model or self.model, "messages": turns}
+        body.update((k, v) for k, v in opts.items() if v is not None)
+        if tools:
+            body["tools"] = [_tool_spec(t) for t in tools]
+            body["tool_choice"] = "auto" if tool_choice is None else tool_choice
+        return body, tools, max_steps
+
+    def _model_call(
+        self, body: dict[str, Any], step: int, streaming: bool
+    ) -> Generator[Chunk, None, _Outcome]:
+        for name in self._dropped:
+            body.pop(name, None)
+        if not streaming:
+            return (yield from self._plain_call(body, step))
+        body["stream"] = True
+        if "stream_options" not in body and "stream_options" not in self._dropped:
+            # Ask for usage; servers that reject the field lose it once (_degrade).
+            body["stream_options"] = {"include_usage": True}
+        outcome = yield from self._streamed_call(body, step)
+        if outcome is None:
+            # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure
+            # after the headers). Nothing was yielded: ask once more without streaming.
+            _log.warning("the server ended a stream without any event; retrying without streaming")
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+            outcome = yield from self._plain_call(body, step)
+        return outcome
+
+    def _plain_call(self, body: dict[str, Any], step: int) -> Generator[Chunk, None, _Outcome]:
+        response = self._send(body)
+        with response:
+            payload = self._read_json(response)
+        return (yield from self._json_answer(payload, step))
+
+    def _json_answer(self, payload: Any, step: int) -> Generator[Chunk, None, _Outcome]:
+        if not isinstance(payload, dict) or payload.get("error") or payload.get("object") == "error":
+            raise self._body_error(200, None, json.dumps(payload))
+        choices = payload.get("choices")
+        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+            raise APIError("the server answered without choices: " + _trim_message(
+                json.dumps(payload)), base_url=self.config.base_url)
+        choice = choices[0]
+        message = choice.get("message") or choice.get("delta") or {}
+        acc = _Accumulator(step)
+        for chunk in acc.delta(message, payload):
+            yield chunk
+        acc.usage = payload.get("usage") or acc.usage
+        acc.finish_reason = choice.get("finish_reason") or "stop"
+        outcome = acc.outcome()
+        yield outcome.finish_chunk(step)
+        return outcome
+
+    def _streamed_call(
+        self, body: dict[str, Any], step: int
+    ) -> Generator[Chunk, None, _Outcome | None]:
+        response = self._send(body)
+        with response:
+            kind = response.headers.get("content-type", "").lower()
+            if "json" in kind and "event-stream" not in kind:
+                # Quirk: some servers answer a stream request with one JSON document.
+                payload = self._read_json(response)
+                return (yield from self._json_answer(payload, step))
+            acc = _Accumulator(step)
+            done = False
+            seen = False
+            try:
+                for event in sseclient.SSEClient(
+                    _iter_lines(_iter_raw(response, self.config.base_url), self.config.base_url)
+                ).events():
+                    seen = True
+                    data = event.data
+                    if data[:1] != "{":
+                        data = data.strip()
+                        if data.startswith("[DONE]"):
+                            done = True
+                            break
+                        if not data.startswith("{"):
+                            _log.debug("skipping a stream event that is not JSON: %.80r", data)
+                            continue
+                    try:
+                        obj = json.loads(data)
+                    except ValueError:
+                        raise StreamError(
+                            "the stream was cut short or sent malformed JSON",
+                            base_url=self.config.base_url,
+                        ) from None
+                    if event.event == "error" or "error" in obj or obj.get("object") == "error":
+                        self._raise_stream_error(obj, data)
+                    choices = obj.get("choices")
+                    if choices:
+                        yield from acc.choice(choices[0], obj)
+                    usage = obj.get("usage")
+                    if usage:
+                        acc.usage = usage
+                if done:
+                    _drain(response)
+            except UnicodeDecodeError:
+                exc: APIError = StreamError("the server sent bytes that are not UTF-8",
+                                            base_url=self.config.base_url)
+                exc.partial_text = acc.text()
+                raise exc from None
+            except APIError as exc:
+                exc.partial_text = acc.text()
+                raise
+        if not seen:
+            return None
+        if not done and acc.finish_reason is None:
+            raise StreamError(
+                "the stream ended before the answer was finished (no finish_reason, no [DONE])",
+                base_url=self.config.base_url, partial_text=acc.text(),
+            )
+        outcome = acc.outcome()
+        yield outcome.finish_chunk(step)
+        return outcome
+
+    def _raise_stream_error(self, obj: dict[str, Any], data: str) -> None:
+        err = obj.get("error")
+        if err is None and obj.get("object") != "error":
+            return
+        message = _error_message(data) or "error event without a message"
+        cls = classify_error(message + " " + _error_tags(data))
+        if cls is APIError or cls in _TRANSPORT_CLASSES:
+            cls = StreamError
+        status = None
+        if isinstance(err, dict):
+            for key in ("status_code", "http_status_code", "code", "status"):
+                value = err.get(key)
+                if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+                    status = int(value)
+                    break
+        raise cls(_redact(message, self.config.api_key), status_code=status,
+                  body=_redact(data[:_MAX_ERROR_BODY], self.config.api_key),
+                  base_url=self.config.base_url)
+
+    # ---- HTTP ----
+
+    def _send(self, body: dict[str, Any]) -> requests.Response:
+        """POST body to /chat/completions; return a 2xx response (body not yet read).
+
+        Retries connection failures and 408/409/429/5xx up to max_retries times with
+        backoff; resends once, outside that budget, a request that failed because a
+        kept-alive connection had been closed by the server; drops a field the server
+        refused (tools, tool_choice, stream_options) once, and resends.
+        """
+        url = self.config.base_url + "/chat/completions"
+        attempt = 0
+        stale_resent = False
+        timeout = self.config.timeout
+        while True:
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            headers = {**self._headers, "Content-Type": "application/json"}
+            if body.get("stream"):
+                # A compressing proxy would batch the deltas; ask for none.
+                headers["Accept-Encoding"] = "identity"
+            try:
+                response = self._session.post(
+                    url, data=data, headers=headers, timeout=(timeout, timeout), stream=True
+                )
+            except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+                if not stale_resent and "Remote end closed connection" in str(exc):
+                    stale_resent = True
+                    _log.debug("kept-alive connection was closed by the server; resending")
+                    continue
+                error = self._transport_error(exc)
+                if attempt < self.config.max_retries and isinstance(error, EndpointUnavailableError):
+                    attempt += 1
+                    self._sleep(attempt, None)
+                    continue
+                raise error from None
+            if response.status_code < 300:
+                return response
+            with response:
+                text = self._read_text(response)
+            error = self._http_error(response.status_code, text, response.headers)
+            if self._degrade(body, error):
+                continue
+            retry_after = error.retry_after if isinstance(error, RateLimitError) else None
+            if retry_after is None:
+                retry_after = _retry_after(response.headers)
+            if (
+                response.status_code in (408, 409, 429) or response.status_code >= 500
+            ) and attempt < self.config.max_retries and (
+                retry_after is None or retry_after <= _MAX_RETRY_AFTER
+            ):
+                attempt += 1
+                _log.debug("HTTP %s; retry %d of %d", response.status_code, attempt,
+                           self.config.max_retries)
+                self._sleep(attempt, retry_after)
+                continue
+            raise error
+
+    def _degrade(self, body: dict[str, Any], error: APIError) -> bool:
+        """Drop a request field the server refused, remember it, and say so."""
+        if error.status_code is None or error.status_code >= 500 and "tools" not in body:
+            return False
+        text = error.message
+        name = None
+        if "tools" in body and _TOOLS_UNSUPPORTED.search(text):
+            name = "tools"
+        elif "tool_choice" in body and _TOOL_CHOICE_UNSUPPORTED.search(text):
+            name = "tool_choice"
+        elif "stream_options" in body and "stream_options" in text.lower():
+            name = "stream_options"
+        if name is None:
+            return False
+        _log.warning("%s rejected %s (%s); resending without it and not sending it again",
+                     self.config.base_url, name, text)
+        with self._lock:
+            self._dropped.add(name)
+            if name == "tools":
+                self._dropped.add("tool_choice")
+        body.pop(name, None)
+        if name == "tools":
+            body.pop("tool_choice", None)
+        return True
+
+    def _sleep(self, attempt: int, retry_after: float | None) -> None:
+        if retry_after is not None:
+            delay = retry_after
+        else:
+            delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (attempt - 1))
+            delay *= random.uniform(0.5, 1.0)
+        time.sleep(delay)
+
+    def _read_text(self, response: requests.Response) -> str:
+        try:
+            raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
+        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError):
+            raw = b""
+        return raw.decode("utf-8", "replace")
+
+    def _read_json(self, response: requests.Response) -> Any:
+        try:
+            raw = response.content
+        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+            raise self._transport_error(exc) from None
+        try:
+            return json.loads(raw.decode("utf-8", "replace"))
+        except ValueError:
+            raise APIError(
+                "the server's answer is not JSON: " + _error_message(raw[:2000].decode(
+                    "utf-8", "replace")), status_code=response.status_code,
+                base_url=self.config.base_url,
+            ) from None
+
+    def _http_error(self, status: int, text: str, headers: Mapping[str, str]) -> APIError:
+        return self._body_error(status, None, text, _retry_after(headers))
+
+    def _body_error(
+        self, status: int, message: str | None, text: str, retry_after: float | None = None
+    ) -> APIError:
+        secret = self.config.api_key
+        message = _redact(message or _error_message(text) or f"HTTP {status}", secret)
+        tags = _error_tags(text)
+        if status < 400:
+            # Quirk(LM Studio): 200 with {"error": "Unexpected endpoint or method."}.
+            cls = classify_error(message + " " + tags)
+            if cls is APIError or cls in _TRANSPORT_CLASSES:
+                cls = BadRequestError
+            status_code: int | None = status
+        else:
+            cls = classify_error(message + " " + tags, status)
+            status_code = status
+        kwargs: dict[str, Any] = {
+            "status_code": status_code, "body": _redact(text[:_MAX_ERROR_BODY], secret),
+            "base_url": self.config.base_url,
+        }
+        if cls is RateLimitError:
+            return RateLimitError(message, retry_after=retry_after, **kwargs)
+        return cls(message, **kwargs)
+
+    def _transport_error(self, exc: BaseException) -> APIError:
+        text = _redact(str(exc), self.config.api_key)
+        base = self.config.base_url
+        timeout = self.config.timeout
+        if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
+            return RequestTimeoutError(f"could not connect within {timeout:g} s", base_url=base)
+        if isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+            return RequestTimeoutError(f"the server sent nothing for {timeout:g} s", base_url=base)
+        reason = _transport_reason(text)
+        if isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
+            exc, requests.exceptions.ChunkedEncodingError
+        ):
+            return EndpointUnavailableError(f"cannot connect: {reason}", base_url=base)
+        return StreamError(f"the connection failed while reading: {reason}", base_url=base)
+
+
+def _model_ids(payload: Any) -> list[str] | str:
+    """Model ids from any /models shape, or the error message a 200 body carried.
+
+    Shapes: {"data": [...]} (OpenAI), {"data": null} (Ollama with no models),
+    {"models": [...], "data": [...]} (llama.cpp), {"models": [{"name"}]}, a bare list;
+    entries are {"id"} or {"name"}/{"model"} or plain strings.
+    """
+    if isinstance(payload, dict):
+        if payload.get("error"):
+            return _message_from(payload) or "GET /models answered with an error"
+        entries = payload.get("data")
+        if not entries:
+            entries = payload.get("models")
+    else:
+        entries = payload
+    ids: list[str] = []
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict):
+            entry = entry.get("id") or entry.get("name") or entry.get("model")
+        if isinstance(entry, str) and entry.strip() and entry not in ids:
+            ids.append(entry)
+    return ids
+
+
+_TOOLS_UNSUPPORTED: Final = re.compile(
+    # Ollama "registry.ollama.ai/library/x does not support tools"; vLLM '"auto" tool
+    # choice requires --enable-auto-tool-choice and --tool-call-parser to be set';
+    # llama.cpp "tools param requires --jinja flag"; generic "tools are not supported".
+    r"does not support tools|enable-auto-tool-choice|tools param requires"
+    r"|tools? (?:are |is )?not supported|tool (?:use|calling) is not supported",
+    re.I,
+)
+_TOOL_CHOICE_UNSUPPORTED: Final = re.compile(
+    r"tool_choice.{0,60}(?:not supported|unsupported|not allowed|invalid)", re.I
+)
+
+
+def _transport_reason(text: str) -> str:
+    match = re.search(
+        r"Connection refused|Name or service not known|nodename nor servname provided"
+        r"|Temporary failure in name resolution|No route to host|Network is unreachable"
+        r"|Connection reset by peer|Remote end closed connection without response"
+        r"|certificate verify failed[^)'\"]*|Connection aborted|IncompleteRead[^)]*\)"
+        r"|Response ended prematurely|Connection broken",
+        text,
+    )
+    return match.group(0) if match else text[:200]
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+# ==== Streaming ====
+
+
+class Stream:
+    """An iterator of Chunks from stream(); also a context manager.
+
+    Breaking out of the loop (when nothing else holds the Stream), close(), or
+    leaving a with-block closes the HTTP response. After the loop ends, `result`
+    holds the Result (None before).
+    """
+
+    def __init__(self, steps: Generator[Chunk, None, Result]) -> None:
+        self._steps = steps
+        self.result: Result | None = None
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Chunk:
+        try:
+            return next(self._steps)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise
+
+    def close(self) -> None:
+        """Stop the stream and close its HTTP response."""
+        self._steps.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def text(self) -> str:
+        """The final answer text (reads the stream to its end if needed)."""
+        for _ in self:
+            pass
+        return self.result.text if self.result else ""
+
+
+class _Outcome:
+    """What one model call produced (private; becomes a Step)."""
+
+    __slots__ = ("text", "reasoning", "tool_calls", "finish_reason", "usage")
+
+    def __init__(self, text: str, reasoning: str, tool_calls: list[ToolCall],
+                 finish_reason: str | None, usage: Usage | None) -> None:
+        self.text = text
+        self.reasoning = reasoning
+        self.tool_calls = tool_calls
+        self.finish_reason = finish_reason
+        self.usage = usage
+
+    def finish_chunk(self, step: int) -> Chunk:
+        return Chunk("finish", finish_reason=self.finish_reason, usage=self.usage, step=step)
+
+
+# Quirk(TGI < 2.3, TGI stop strings, others): other names for a normal stop.
+_STOP_ALIASES: Final = frozenset({"eos_token", "eos", "stop_sequence", "end_turn", "end"})
+
+
+class _Accumulator:
+    """The state of one model call while its deltas arrive: text, reasoning, tool
+    calls, usage, finish_reason. One small object per event is the budget."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.parts: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls = _CallAssembler()
+        self.usage: Any = None
+        self.finish_reason: str | None = None
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def choice(self, choice: Any, event: Any) -> Iterator[Chunk]:
+        # Quirk(OpenAI n>1, vLLM): only the first choice (index 0) is followed.
+        if not isinstance(choice, dict):
+            return
+        delta = choice.get("delta") or choice.get("message")
+        if delta:
+            yield from self.delta(delta, event)
+        reason = choice.get("finish_reason")
+        if reason:
+            if reason == "error":
+                # Quirk(OpenRouter): finish_reason "error" with the error at top level.
+                raise StreamError("the server ended the answer with an error", partial_text="")
+            self.finish_reason = reason
+
+    def delta(self, delta: Any, event: Any) -> Iterator[Chunk]:
+        if not isinstance(delta, dict):
+            return
+        content = delta.get("content")
+        if content:
+            if isinstance(content, str):
+                self.parts.append(content)
+                yield Chunk("text", content=content, step=self.step, raw=event)
+            else:
+                yield from self._parts(content, event)
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if reasoning and isinstance(reasoning, str):
+            self.reasoning.append(reasoning)
+            yield Chunk("reasoning", reasoning=reasoning, step=self.step, raw=event)
+        calls = delta.get("tool_calls")
+        if calls:
+            self.calls.add(calls)
+        elif delta.get("function_call"):
+            # Legacy single function_call, used only when no tool_calls come with it
+            # (llama-cpp-python sends both with the same content).
+            self.calls.add([{"function": delta["function_call"]}])
+
+    def _parts(self, content: Any, event: Any) -> Iterator[Chunk]:
+        # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
+        # parts hold reasoning as a nested list of text parts.
+        for part in content if isinstance(content, list) else [content]:
+            if isinstance(part, str):
+                text, kind = part, "text"
+            elif isinstance(part, dict):
+                kind = "reasoning" if part.get("type") in ("thinking", "reasoning") else "text"
+                inner = part.get("thinking") if kind == "reasoning" else part.get("text")
+                if isinstance(inner, list):
+                    inner = "".join(p.get("text", "") for p in inner if isinstance(p, dict))
+                text = inner if isinstance(inner, str) else ""
+            else:
+                continue
+            if not text:
+                continue
+            if kind == "text":
+                self.parts.append(text)
+                yield Chunk("text", content=text, step=self.step, raw=event)
+            else:
+                self.reasoning.append(text)
+                yield Chunk("reasoning", reasoning=text, step=self.step, raw=event)
+
+    def outcome(self) -> _Outcome:
+        calls = self.calls.finish()
+        reason = self.finish_reason
+        if reason in _STOP_ALIASES:
+            reason = "stop"
+        elif reason is None:
+            reason = "tool_calls" if calls else "stop"
+        return _Outcome(self.text(), "".join(self.reasoning), calls, reason,
+                        _usage(self.usage))
+
+
+def _usage(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+
+    def count(key: str) -> int:
+        value = raw.get(key)
+        return value if isinstance(value, int) else 0
+
+    prompt, completion = count("prompt_tokens"), count("completion_tokens")
+    return Usage(prompt, completion, count("total_tokens") or prompt + completion, raw)
+
+
+class _PartialCall:
+    __slots__ = ("id", "name", "parts", "extra")
+
+    def __init__(self, call_id: str) -> None:
+        self.id = call_id
+        self.name = ""
+        self.parts: list[str] = []
+        self.extra: dict[str, Any] = {}
+
+
+class _CallAssembler:
+    """Builds tool calls from streamed fragments, whatever the server.
+
+    A delta with a new non-empty id starts a call (even when its index is reused);
+    a known id continues its call (TGI and llama-cpp-python repeat it); without an
+    id, the call with the same index continues; with neither, the latest call. The
+    index is a key, never a list position (it may start at 1 or be missing). Names
+    are set once, from the first non-empty value (TGI repeats it, LM Studio later
+    sends ""). Arguments are only appended; calls are finished when the model call
+    ends, never early because a prefix happens to parse.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[_PartialCall] = []
+        self.by_id: dict[str, _PartialCall] = {}
+        self.by_index: dict[Any, _PartialCall] = {}
+
+    def add(self, deltas: Any) -> None:
+        # Quirk(TGI < 3.2): tool_calls is one object, not a list.
+        for delta in deltas if isinstance(deltas, list) else [deltas]:
+            if isinstance(delta, dict):
+                self._add_one(delta)
+
+    def _add_one(self, delta: dict[str, Any]) -> None:
+        call_id = delta.get("id")
+        call_id = str(call_id) if call_id not in (None, "") else ""
+        index = delta.get("index")
+        call = self.by_id.get(call_id) if call_id else None
+        if call is None:
+            if not call_id and index in self.by_index:
+                call = self.by_index[index]
+            elif not call_id and index is None and self.calls:
+                call = self.calls[-1]
+            else:
+                call = _PartialCall(call_id)
+                self.calls.append(call)
+                if call_id:
+                    self.by_id[call_id] = call
+            if index is not None:
+                self.by_index[index] = call
+        function = delta.get("function")
+        if isinstance(function, dict):
+            name = function.get("name")
+            if name and isinstance(name, str) and not call.name:
+                call.name = name
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                call.parts.append(arguments)
+            elif isinstance(arguments, (dict, list)):
+                # Quirk(TGI < 3.2): arguments as a JSON object, not a string.
+                call.parts.append(json.dumps(arguments))
+        for key, value in delta.items():
+            if key not in ("index", "id", "type", "function") and value is not None:
+                call.extra.setdefault(key, value)
+
+    def finish(self) -> list[ToolCall]:
+        return [_finish_call(call) for call in self.calls]
+
+
+def _finish_call(call: _PartialCall) -> ToolCall:
+    raw = "".join(call.parts)
+    name = call.name
+    arguments, error = _parse_arguments(raw)
+    if not name and isinstance(arguments, dict) and isinstance(arguments.get("function"), dict):
+        # Quirk(TGI < 3.2): no name; the raw grammar output wraps the arguments as
+        # {"function": {"_name": "get_weather", ...}} (plus a special token).
+        inner = dict(arguments["function"])
+        name = str(inner.pop("_name", ""))
+        arguments = inner
+    call_id = call.id or "".join(random.choices(_ID_ALPHABET, k=9))
+    return ToolCall(call_id, name, arguments or {}, raw, error, call.extra)
+
+
+def _parse_arguments(raw: str) -> tuple[dict[str, Any], str | None]:
+    text = raw.strip()
+    if not text:
+        return {}, None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        # Quirk(TGI < 3.2): the raw output ends in a special token such as <|eot_id|>.
+        trimmed = re.sub(r"(?:<\|[^|>]*\|>|</s>)+\s*$", "", text)
+        try:
+            value = json.loads(trimmed)
+        except ValueError:
+            return {}, f"arguments are not valid JSON ({exc})"
+    if isinstance(value, str):
+        # Some servers double-encode: the arguments string is itself a JSON string.
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    if not isinstance(value, dict):
+        return {}, f"arguments must be a JSON object, got {type(value).__name__}"
+    return value, None
+
+
+def _assistant_message(outcome: _Outcome) -> dict[str, Any]:
+    # content "" rather than null: llama-cpp-python rejects null (500), Ollama takes
+    # null only with tool_calls, llama.cpp/OpenAI/vLLM/LiteLLM take "".
+    message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
+    if outcome.tool_calls:
+        message["tool_calls"] = [
+            {
+                **call.raw,
+                "id": call.id,
+                "type": "function",
+                # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+            }
+            for call in outcome.tool_calls
+        ]
+    return message
+
+
+def _execute(call: ToolCall, tools: Mapping[str, Tool]) -> ToolResult:
+    """Run one call; any failure becomes the error the model reads, never an exception."""
+    found = tools.get(call.name)
+    if call.error:
+        error = f"{call.error}; received: {call.raw_arguments[:500]!r}"
+    elif found is None:
+        error = f"unknown tool {call.name!r}; available tools: {', '.join(tools) or 'none'}"
+    else:
+        try:
+            value = _run_tool(found, call.arguments)
+        except Exception as exc:  # noqa: BLE001 - any tool failure goes back to the model
+            _log.debug("tool %s raised %r", call.name, exc)
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            return ToolResult(call, value, None, _tool_content(value))
+    return ToolResult(call, None, error, json.dumps({"error": error}, ensure_ascii=False))
+
+
+def _tool_content(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]]) -> Result:
+    usages = [s.usage for s in steps if s.usage is not None]
+    total = None
+    for usage in usages:
+        total = usage if total is None else total + usage
+    last = steps[-1] if steps else Step()
+    return Result(
+        text=last.text,
+        reasoning=last.reasoning,
+        steps=steps,
+        tool_calls=[c for s in steps for c in s.tool_calls],
+        tool_results=[r for s in steps for r in s.tool_results],
+        finish_reason=finish,
+        usage=total,
+        messages=messages,
+    )
+
+
+# ==== SSE byte layer ====
+
+
+def _iter_raw(response: requests.Response, base_url: str) -> Iterator[bytes]:
+    """Yield body bytes as soon as the socket has them, whatever the framing.
+
+    urllib3's read1 returns what has arrived (decoded when gzip) instead of waiting
+    for a full buffer, which iter_content does on bodies that are not chunked.
+    Transport failures become the module's errors here.
+    """
+    raw = response.raw
+    read1 = getattr(raw, "read1", None)
+    try:
+        if read1 is None:  # urllib3 < 2.2: one byte at a time is slow but never late
+            yield from response.iter_content(1)
+            return
+        while True:
+            data = read1(_READ_SIZE, decode_content=True)
+            if not data:
+                return
+            yield data
+    except (urllib3.exceptions.ReadTimeoutError, TimeoutError, requests.Timeout):
+        raise RequestTimeoutError(
+            "the server went silent in the middle of the stream", base_url=base_url
+        ) from None
+    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+        raise StreamError(
+            f"the connection broke in the middle of the stream ({_transport_reason(str(exc))})",
+            base_url=base_url,
+        ) from None
+
+
+_BOM: Final = b"\xef\xbb\xbf"
+_LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
+
+
+def _iter_lines(chunks: Iterable[bytes], base_url: str | None = None,
+                limit: int = _MAX_EVENT_BYTES) -> Iterator[bytes]:
+    """Regroup body bytes into blocks of whole, LF-terminated lines for sseclient-py.
+
+    Normalises CRLF and lone CR to LF as bytes arrive (also when a CRLF is split),
+    drops a leading BOM (also when split), turns llama.cpp's legacy `error: {...}`
+    line into an `event: error` with data, and raises StreamError when one event
+    grows past `limit` bytes. A partial last line at EOF is passed on terminated,
+    so a truncated event reaches the JSON parser and fails there, loudly.
+    """
+    tail: list[bytes] = []
+    tail_size = 0
+    since_blank = 0
+    skip_lf = False
+    head = b""
+    at_start = True
+    for chunk in chunks:
+        if at_start:
+            # Quirk: a UTF-8 BOM before the first event (possibly split across reads).
+            head += chunk
+            if len(head) < 3 and _BOM.startswith(head):
+                continue
+            chunk = head[3:] if head.startswith(_BOM) else head
+            at_start = False
+        if skip_lf and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        skip_lf = False
+        if b"\r" in chunk:
+            # A CR at the end may be half of a CRLF: emit it as LF now (no delay for
+            # CR-only servers) and drop an LF that starts the next chunk.
+            skip_lf = chunk[-1:] == b"\r"
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        cut = chunk.rfind(b"\n")
+        if cut < 0:
+            tail.append(chunk)
+            tail_size += len(chunk)
+            if since_blank + tail_size > limit:
+                raise StreamError(f"one stream event is larger than {limit} bytes",
+                                  base_url=base_url)
+            continue
+        if tail:
+            block = b"".join(tail) + chunk[: cut + 1]
+            tail.clear()
+        else:
+            block = chunk if cut == len(chunk) - 1 else chunk[: cut + 1]
+        rest = chunk[cut + 1:]
+        if rest:
+            tail.append(rest)
+        tail_size = len(rest)
+        blank = block.rfind(b"\n\n")
+        if blank >= 0:
+            since_blank = len(block) - blank - 2
+        elif block[:1] == b"\n":
+            since_blank = len(block) - 1
+        else:
+            since_blank += len(block)
+        if since_blank + tail_size > limit:
+            raise StreamError(f"one stream event is larger than {limit} bytes", base_url=base_url)
+        if b"error:" in block:
+            block = _LEGACY_ERROR_LINE.sub(b"event: error\ndata:", block)
+        yield block
+    if tail:
+        yield b"".join(tail) + b"\n"
+
+
+def _iter_events(chunks: Iterable[bytes]) -> Iterator[tuple[str, str]]:
+    """(event name, data) for each SSE event in `chunks` (used by tests and tools)."""
+    for event in sseclient.SSEClient(_iter_lines(chunks)).events():
+        yield event.event, event.data
+
+
+def _drain(response: requests.Response) -> None:
+    """Read what follows [DONE] for up to ~100 ms so the connection can be reused.
+
+    Stopping at [DONE] without reading the rest of the body would cost a new TCP
+    (and TLS) connection for the next request.
+    """
+    sock = _socket_of(response)
+    if sock is None:
+        return
+    try:
+        sock.settimeout(_DRAIN_SECONDS)
+        deadline = time.monotonic() + _DRAIN_SECONDS
+        while time.monotonic() < deadline and response.raw.read1(_READ_SIZE):
+            pass
+    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError):
+        pass
+
+
+def _socket_of(response: requests.Response) -> Any:
+    connection = getattr(response.raw, "_connection", None) or getattr(
+        response.raw, "connection", None
+    )
+    return getattr(connection, "sock", None)
+
+
+# ==== Module-level shortcuts ====
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def _default_client() -> Client:
+    """A Client for the current environment, reused while the environment is unchanged
+    (so its connection pool and discovery are shared between calls)."""
+    global _default
+    config = Config.from_env()
+    with _default_lock:
+        if _default is None or _default.config != config:
+            _default = Client()
+        return _default
+
+
+def stream(prompt: str | None = None, **options: Any) -> Stream:
+    """Client().stream(prompt, **options) with a Client configured from the environment."""
+    return _default_client().stream(prompt, **options)
+
+
+def generate(prompt: str | None = None, **options: Any) -> Result:
+    """Client().generate(prompt, **options) with a Client configured from the environment."""
+    return _default_client().generate(prompt, **options)
+
+
+def available_models(*, fallback: bool = True) -> list[str]:
+    """Client().available_models(fallback=fallback) for the environment's endpoint."""
+    return _default_client().available_models(fallback=fallback)
+
+
+def first_available_model() -> str:
+    """Client().first_available_model() for the environment's endpoint."""
+    return _default_client().first_available_model()
+
+
+# ==== Command line ====
+# @@CLI@@
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m openai_compat` and the `openai-compat` script."""
+    raise NotImplementedError
+
+
+if __name__ == "__main__":
+    sys.exit(main())
