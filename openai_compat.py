@@ -55,8 +55,6 @@ from __future__ import annotations
 
 import argparse
 import email.utils
-import enum
-import inspect
 import json
 import logging
 import os
@@ -66,11 +64,9 @@ import string
 import sys
 import threading
 import time
-import types
-import typing
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Literal, Union
+from typing import Any, ClassVar, Final, Literal
 
 import requests
 import sseclient
@@ -114,6 +110,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("openai_compat")
+# Silent unless the application configures logging (as requests does).
+_log.addHandler(logging.NullHandler())
 
 # ==== Constants ====
 
@@ -314,11 +312,11 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
         re.compile(
             r"context[ _-]?(?:length|size|window)|maximum context|exceed_context"
             r"|too many tokens|prompt is too long|reduce the length of the (?:messages|input)",
-            re.I,
+            re.IGNORECASE,
         ),
     ),
     # LiteLLM answers a wrong key with 400 "No connected db." when it has no database.
-    (AuthenticationError, re.compile(r"\bno connected db\b", re.I)),
+    (AuthenticationError, re.compile(r"\bno connected db\b", re.IGNORECASE)),
     # vLLM "The model `x` does not exist.", Ollama "model 'x' not found", OpenAI
     # model_not_found, LiteLLM "Invalid model name passed", Fireworks "Model not found".
     (
@@ -326,7 +324,7 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
         re.compile(
             r"\bmodel\b[^.\n]{0,160}?\b(?:not found|does not exist|not exist|is not available)"
             r"|model_not_found|invalid model name|unknown model|no such model",
-            re.I,
+            re.IGNORECASE,
         ),
     ),
     # llama.cpp "Invalid API Key", llama-cpp-python "Invalid API key", OpenAI
@@ -336,7 +334,7 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
         re.compile(
             r"(?:invalid|incorrect|missing|no) api[ _-]?key|api[ _-]?key (?:is )?(?:invalid|missing|required)"
             r"|unauthori[sz]ed|authentication[ _]error|\bauthentication\b",
-            re.I,
+            re.IGNORECASE,
         ),
     ),
     # OpenAI "Rate limit reached", TGI 429 "Model is overloaded", Gemini RESOURCE_EXHAUSTED.
@@ -344,7 +342,7 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
         RateLimitError,
         re.compile(
             r"rate[ _-]?limit|too many requests|overloaded|resource[ _]exhausted|exceeded your current quota",
-            re.I,
+            re.IGNORECASE,
         ),
     ),
     # Transport words (no HTTP status): the seed's table.
@@ -353,10 +351,10 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
         re.compile(
             r"ECONNREFUSED|connection refused|ECONNRESET|connection reset|name or service not known"
             r"|nodename nor servname|temporary failure in name resolution|no route to host",
-            re.I,
+            re.IGNORECASE,
         ),
     ),
-    (RequestTimeoutError, re.compile(r"timed out|ETIMEDOUT", re.I)),
+    (RequestTimeoutError, re.compile(r"timed out|ETIMEDOUT", re.IGNORECASE)),
 )
 _TRANSPORT_CLASSES: Final = (EndpointUnavailableError, RequestTimeoutError)
 
@@ -449,8 +447,8 @@ def _detail_item(item: object) -> str:
 
 
 def _html_title(text: str) -> str:
-    match = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S) or re.search(
-        r"<h1[^>]*>(.*?)</h1>", text, re.I | re.S
+    match = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL) or re.search(
+        r"<h1[^>]*>(.*?)</h1>", text, re.IGNORECASE | re.DOTALL
     )
     inner = match.group(1) if match else re.sub(r"<[^>]+>", " ", text)
     return "HTML error page: " + re.sub(r"\s+", " ", inner).strip()
@@ -475,7 +473,7 @@ def _error_tags(text: str) -> str:
         body = body[0]
     if not isinstance(body, dict):
         return ""
-    err = body.get("error") if isinstance(body.get("error"), dict) else body
+    err: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else body
     return " ".join(
         str(err.get(k)) for k in ("type", "code", "status") if isinstance(err.get(k), (str, int))
     )
@@ -738,7 +736,7 @@ def _parse_number(raw: str | None, name: str, default: float, *, integer: bool =
     except ValueError:
         kind = "a whole number" if integer else "a number of seconds"
         raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
-    if value < 0 or (not integer and value == 0) or value != value:
+    if not value >= 0 or (not integer and value == 0):  # also rejects nan
         raise ConfigError(f"{name} must be positive (got {raw!r})")
     return value
 
@@ -1035,8 +1033,7 @@ class Client:
         choice = choices[0]
         message = choice.get("message") or choice.get("delta") or {}
         acc = _Accumulator(step)
-        for chunk in acc.delta(message, payload):
-            yield chunk
+        yield from acc.delta(message, payload)
         acc.usage = payload.get("usage") or acc.usage
         acc.finish_reason = choice.get("finish_reason") or "stop"
         outcome = acc.outcome()
@@ -1308,10 +1305,10 @@ _TOOLS_UNSUPPORTED: Final = re.compile(
     # llama.cpp "tools param requires --jinja flag"; generic "tools are not supported".
     r"does not support tools|enable-auto-tool-choice|tools param requires"
     r"|tools? (?:are |is )?not supported|tool (?:use|calling) is not supported",
-    re.I,
+    re.IGNORECASE,
 )
 _TOOL_CHOICE_UNSUPPORTED: Final = re.compile(
-    r"tool_choice.{0,60}(?:not supported|unsupported|not allowed|invalid)", re.I
+    r"tool_choice.{0,60}(?:not supported|unsupported|not allowed|invalid)", re.IGNORECASE
 )
 
 
@@ -1389,7 +1386,7 @@ class Stream:
 class _Outcome:
     """What one model call produced (private; becomes a Step)."""
 
-    __slots__ = ("text", "reasoning", "tool_calls", "finish_reason", "usage")
+    __slots__ = ("finish_reason", "reasoning", "text", "tool_calls", "usage")
 
     def __init__(self, text: str, reasoning: str, tool_calls: list[ToolCall],
                  finish_reason: str | None, usage: Usage | None) -> None:
@@ -1505,7 +1502,7 @@ def _usage(raw: Any) -> Usage | None:
 
 
 class _PartialCall:
-    __slots__ = ("id", "name", "parts", "extra")
+    __slots__ = ("extra", "id", "name", "parts")
 
     def __init__(self, call_id: str) -> None:
         self.id = call_id
@@ -1844,12 +1841,211 @@ def first_available_model() -> str:
 
 
 # ==== Command line ====
-# @@CLI@@
+
+_CLI_EXAMPLES: Final = """examples:
+  openai-compat "Explain distributed computing"
+  cat notes.txt | openai-compat "Summarize:"
+  openai-compat -m llama3.2 -s "Answer in French" "What is SSE?"
+  openai-compat --json "Hi" | jq -r .content
+  openai-compat models
+  openai-compat check
+
+The endpoint comes from OPENAI_COMPATIBLE_BASE_URL (and OPENAI_COMPATIBLE_API_KEY,
+OPENAI_COMPATIBLE_MODEL, OPENAI_COMPATIBLE_TIMEOUT, OPENAI_COMPATIBLE_MAX_RETRIES).
+To send the word "models" or "check" as a prompt, put -- before it.
+exit status: 0 ok, 1 API error, 2 usage or configuration error, 130 interrupted"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m openai_compat` and the `openai-compat` script."""
-    raise NotImplementedError
+    """Entry point of `python -m openai_compat` and the `openai-compat` script.
+
+    Returns the exit status: 0 ok, 1 API error, 2 usage or configuration error,
+    130 interrupted (Ctrl-C). Errors are one line on stderr.
+    """
+    parser = _cli_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.literal = "--" in argv
+    words: list[str] = args.words
+    try:
+        client = Client(model=args.model, timeout=args.timeout)
+        if words[:1] == ["models"] and len(words) == 1 and not args.literal:
+            return _cli_models(client)
+        if words[:1] == ["check"] and len(words) == 1 and not args.literal:
+            return _cli_check(client)
+        prompt = _cli_prompt(words)
+        return _cli_chat(client, prompt, args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`); quiet exit, and no second error at shutdown.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except ConfigError as exc:
+        print(f"openai-compat: {exc}", file=sys.stderr)
+        return 2
+    except APIError as exc:
+        print(f"openai-compat: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cli_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openai-compat",
+        description="Stream an answer from any OpenAI-compatible server.",
+        epilog=_CLI_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("words", nargs="*", metavar="PROMPT | models | check",
+                        help="the prompt (stdin, if any, is appended), or a command")
+    parser.add_argument("-m", "--model", help="model id (default: OPENAI_COMPATIBLE_MODEL, "
+                        "else the first listed by the server)")
+    parser.add_argument("-s", "--system", help="system message")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--timeout", type=float,
+                        help="seconds of silence allowed between bytes (default 30)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per chunk, one per line")
+    parser.add_argument("--version", action="version", version=f"openai-compat {__version__}")
+    return parser
+
+
+def _cli_prompt(words: list[str]) -> str:
+    prompt = " ".join(words)
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        if piped.strip():
+            prompt = f"{prompt}\n\n{piped}" if prompt else piped
+    if not prompt.strip():
+        raise ConfigError("no prompt: give one as an argument or on stdin (see --help)")
+    return prompt
+
+
+def _cli_chat(client: Client, prompt: str, args: argparse.Namespace) -> int:
+    out = sys.stdout
+    with client.stream(prompt, system=args.system, temperature=args.temperature,
+                       max_tokens=args.max_tokens) as chunks:
+        for chunk in chunks:
+            if args.json:
+                out.write(json.dumps(_chunk_json(chunk), ensure_ascii=False) + "\n")
+            elif chunk.content:
+                out.write(chunk.content)
+            else:
+                continue
+            out.flush()
+    if not args.json:
+        out.write("\n")
+    return 0
+
+
+def _chunk_json(chunk: Chunk) -> dict[str, Any]:
+    data: dict[str, Any] = {"type": chunk.type, "step": chunk.step}
+    if chunk.content:
+        data["content"] = chunk.content
+    if chunk.reasoning:
+        data["reasoning"] = chunk.reasoning
+    if chunk.tool_call is not None:
+        call = chunk.tool_call
+        data["tool_call"] = {"id": call.id, "name": call.name, "arguments": call.arguments}
+    if chunk.tool_result is not None:
+        data["tool_result"] = {"content": chunk.tool_result.content,
+                               "error": chunk.tool_result.error}
+    if chunk.type == "finish":
+        data["finish_reason"] = chunk.finish_reason
+        usage = chunk.usage
+        data["usage"] = None if usage is None else {
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+    return data
+
+
+def _cli_models(client: Client) -> int:
+    try:
+        models = client.available_models(fallback=False)
+    except APIError as exc:
+        print(f"openai-compat: could not list models: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+    print("\n".join(models))
+    return 0
+
+
+def _cli_check(client: Client) -> int:
+    """Probe the endpoint: one line per capability, exit 0 when chat works."""
+    def report(name: str, ok: bool | None, detail: str) -> None:
+        mark = {True: "ok", False: "FAIL", None: "--"}[ok]
+        print(f"{name:<12} {mark:<5} {detail}", flush=True)
+
+    print(f"endpoint     {client.config.base_url}")
+    try:
+        models = client.available_models(fallback=False)
+    except (AuthenticationError, EndpointUnavailableError, RequestTimeoutError) as exc:
+        ok_reach = not isinstance(exc, (EndpointUnavailableError, RequestTimeoutError))
+        report("reachable", ok_reach, "" if ok_reach else str(exc))
+        if ok_reach:
+            report("auth", False, str(exc))
+        return 1
+    except APIError as exc:
+        report("reachable", True, "the server answered")
+        report("models", None, f"not listed ({exc.message})")
+    else:
+        report("reachable", True, "GET /models answered")
+        report("models", True, f"{len(models)} listed: {', '.join(models[:8])}"
+               + (" ..." if len(models) > 8 else ""))
+    checker = Client(client.config.base_url, client.config.api_key, client.model,
+                     timeout=client.config.timeout, max_retries=0)
+    try:
+        started = time.monotonic()
+        answer = checker.generate("Say hello in one word.", max_tokens=16)
+        report("auth", True, "accepted" if client.config.api_key else "no key sent")
+        report("chat", True, f"{answer.text.strip()[:60]!r} ({time.monotonic() - started:.1f} s)")
+    except APIError as exc:
+        if isinstance(exc, AuthenticationError):
+            report("auth", False, str(exc))
+        report("chat", False, f"{type(exc).__name__}: {exc}")
+        return 1
+    _check_stream(checker, report)
+    _check_tools(checker, report)
+    return 0
+
+
+def _check_stream(client: Client, report: Callable[[str, bool | None, str], None]) -> None:
+    try:
+        started = time.monotonic()
+        first = None
+        count = 0
+        with client.stream("Count from 1 to 5.", max_tokens=32) as chunks:
+            for chunk in chunks:
+                if chunk.type == "text":
+                    count += 1
+                    first = first if first is not None else time.monotonic() - started
+            result = chunks.result
+        report("streaming", count > 0, f"{count} text chunks, first after {first or 0:.2f} s")
+        usage = result.usage if result else None
+        report("usage", True if usage else None, f"prompt {usage.prompt_tokens}, completion "
+               f"{usage.completion_tokens}" if usage else "not reported in streams")
+    except APIError as exc:
+        report("streaming", False, f"{type(exc).__name__}: {exc}")
+
+
+def _check_tools(client: Client, report: Callable[[str, bool | None, str], None]) -> None:
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    try:
+        result = client.stream("Use the add tool to add 2 and 3.", tools=[add], max_steps=2,
+                               temperature=0, max_tokens=128)
+        calls = [c.tool_call for c in result if c.type == "tool_call" and c.tool_call]
+        if calls:
+            call = calls[0]
+            report("tool calls", True, f"streamed call {call.name}({call.raw_arguments})")
+        else:
+            report("tool calls", None, "no tool call: the model answered in text")
+    except APIError as exc:
+        report("tool calls", False, f"{type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":
