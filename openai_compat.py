@@ -576,6 +576,30 @@ class Chunk:
     raw: Any = field(default=None, repr=False, compare=False)
 
 
+_CHUNK_DEFAULTS: Final[dict[str, Any]] = {
+    "type": "text", "content": "", "reasoning": "", "tool_call": None, "tool_result": None,
+    "finish_reason": None, "usage": None, "step": 1, "raw": None,
+}
+
+
+def _delta_chunk(kind: ChunkType, text: str, step: int, raw: Any) -> Chunk:
+    """A "text" or "reasoning" Chunk, built the fast way.
+
+    NOTE: the hot path of every stream. A frozen dataclass's __init__ sets each of
+    its nine fields through object.__setattr__ (about 1 us per event); filling the
+    instance dict directly costs a quarter of that and gives an equal, equally
+    frozen Chunk.
+    """
+    chunk = object.__new__(Chunk)
+    fields = _CHUNK_DEFAULTS.copy()
+    fields["type"] = kind
+    fields["content" if kind == "text" else "reasoning"] = text
+    fields["step"] = step
+    fields["raw"] = raw
+    object.__setattr__(chunk, "__dict__", fields)
+    return chunk
+
+
 @dataclass(frozen=True)
 class Step:
     """One model call of a Result: its text, reasoning, calls, their results,
@@ -1440,13 +1464,13 @@ class _Accumulator:
         if content:
             if isinstance(content, str):
                 self.parts.append(content)
-                yield Chunk("text", content=content, step=self.step, raw=event)
+                yield _delta_chunk("text", content, self.step, event)
             else:
                 yield from self._parts(content, event)
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if reasoning and isinstance(reasoning, str):
             self.reasoning.append(reasoning)
-            yield Chunk("reasoning", reasoning=reasoning, step=self.step, raw=event)
+            yield _delta_chunk("reasoning", reasoning, self.step, event)
         calls = delta.get("tool_calls")
         if calls:
             self.calls.add(calls)
@@ -1471,12 +1495,8 @@ class _Accumulator:
                 continue
             if not text:
                 continue
-            if kind == "text":
-                self.parts.append(text)
-                yield Chunk("text", content=text, step=self.step, raw=event)
-            else:
-                self.reasoning.append(text)
-                yield Chunk("reasoning", reasoning=text, step=self.step, raw=event)
+            (self.parts if kind == "text" else self.reasoning).append(text)
+            yield _delta_chunk("text" if kind == "text" else "reasoning", text, self.step, event)
 
     def outcome(self) -> _Outcome:
         calls = self.calls.finish()
