@@ -805,6 +805,8 @@ class Client:
         self._dropped: set[str] = set()
         self._warn_plain_http()
 
+    _warned_hosts: ClassVar[set[str]] = set()
+
     def __repr__(self) -> str:
         return f"Client(base_url={self.config.base_url!r}, model={self.config.model!r})"
 
@@ -825,7 +827,9 @@ class Client:
             and self.config.base_url.lower().startswith("http://")
             and host.lower() not in _LOOPBACK_HOSTS
             and not host.startswith("127.")
+            and host not in Client._warned_hosts
         ):
+            Client._warned_hosts.add(host)
             _log.warning(
                 "the API key is sent over plain http to %s; use https for remote servers", host
             )
@@ -962,10 +966,12 @@ class Client:
             outcome = yield from self._model_call(
                 {**body, "messages": list(messages)}, number, streaming
             )
-            messages.append(_assistant_message(outcome))
             finish = outcome.finish_reason
             calls = outcome.tool_calls
             run_them = bool(calls and tools and finish != "length" and number < max_steps)
+            # Calls that are not run stay out of the history: a conversation whose
+            # assistant turn asks for tools must be followed by their results.
+            messages.append(_assistant_message(outcome, with_calls=run_them))
             results: list[ToolResult] = []
             for call in calls:
                 yield Chunk("tool_call", tool_call=call, step=number)
@@ -1023,9 +1029,11 @@ class Client:
     def _model_call(
         self, body: dict[str, Any], step: int, streaming: bool
     ) -> Generator[Chunk, None, _Outcome]:
-        for name in self._dropped:
+        for name in tuple(self._dropped):
             body.pop(name, None)
         if not streaming:
+            # vLLM answers 400 to stream_options without stream: true.
+            body.pop("stream_options", None)
             return (yield from self._plain_call(body, step))
         body["stream"] = True
         if "stream_options" not in body and "stream_options" not in self._dropped:
@@ -1070,6 +1078,9 @@ class Client:
         response = self._send(body)
         with response:
             kind = response.headers.get("content-type", "").lower()
+            if "text/html" in kind:
+                # A proxy's or a web server's page, not the API.
+                raise self._body_error(response.status_code, None, self._read_text(response))
             if "json" in kind and "event-stream" not in kind:
                 # Quirk: some servers answer a stream request with one JSON document.
                 payload = self._read_json(response)
@@ -1115,6 +1126,7 @@ class Client:
                 raise exc from None
             except APIError as exc:
                 exc.partial_text = acc.text()
+                exc.base_url = exc.base_url or self.config.base_url
                 raise
         if not seen:
             return None
@@ -1176,7 +1188,11 @@ class Client:
                     _log.debug("kept-alive connection was closed by the server; resending")
                     continue
                 error = self._transport_error(exc)
-                if attempt < self.config.max_retries and isinstance(error, EndpointUnavailableError):
+                # Connection failures (a connect timeout included) happened before the
+                # server saw the request: safe to resend. A read timeout did not.
+                if attempt < self.config.max_retries and isinstance(
+                    exc, (requests.ConnectionError, ConnectionError)
+                ):
                     attempt += 1
                     self._sleep(attempt, None)
                     continue
@@ -1628,11 +1644,11 @@ def _parse_arguments(raw: str) -> tuple[dict[str, Any], str | None]:
     return value, None
 
 
-def _assistant_message(outcome: _Outcome) -> dict[str, Any]:
+def _assistant_message(outcome: _Outcome, *, with_calls: bool) -> dict[str, Any]:
     # content "" rather than null: llama-cpp-python rejects null (500), Ollama takes
     # null only with tool_calls, llama.cpp/OpenAI/vLLM/LiteLLM take "".
     message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
-    if outcome.tool_calls:
+    if with_calls and outcome.tool_calls:
         message["tool_calls"] = [
             {
                 **call.raw,

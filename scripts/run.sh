@@ -9,4 +9,4 @@ if [ -n "$(printf %s "${OPENAI_COMPATIBLE_BASE_URL:-}" | tr -d '[:space:]')" ]; 
     exec .venv/bin/python scripts/demo.py "$@"
 fi
 .venv/bin/python scripts/local_server.py ensure
-exec .venv/bin/python scripts/local_server.py run -- .venv/bin/python scripts/demo.py "$@"
+exec .venv/bin/python scripts/local_server.py run -- .venv/bin/python scripts/demo.py --local "$@"
