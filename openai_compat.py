@@ -1110,7 +1110,7 @@ class Client:
                             base_url=self.config.base_url,
                         ) from None
                     if event.event == "error" or "error" in obj or obj.get("object") == "error":
-                        self._raise_stream_error(obj, data)
+                        self._raise_stream_error(obj, data, named=event.event == "error")
                     choices = obj.get("choices")
                     if choices:
                         yield from acc.choice(choices[0], obj)
@@ -1139,10 +1139,15 @@ class Client:
         yield outcome.finish_chunk(step)
         return outcome
 
-    def _raise_stream_error(self, obj: dict[str, Any], data: str) -> None:
+    def _raise_stream_error(self, obj: dict[str, Any], data: str, *, named: bool) -> None:
+        # Forms: {"error": {...}} (OpenAI, vLLM, LiteLLM, TGI), {"object": "error", ...}
+        # (vLLM < 0.10.1), `event: error` (Groq), and llama.cpp's legacy `error: {...}`
+        # line, whose JSON is the error itself.
         err = obj.get("error")
-        if err is None and obj.get("object") != "error":
+        if err is None and obj.get("object") != "error" and not named:
             return
+        if err is None and named:
+            err = obj
         message = _error_message(data) or "error event without a message"
         cls = classify_error(message + " " + _error_tags(data))
         if cls is APIError or cls in _TRANSPORT_CLASSES:
@@ -1792,6 +1797,9 @@ def _iter_lines(chunks: Iterable[bytes], base_url: str | None = None,
         if rest:
             tail.append(rest)
         tail_size = len(rest)
+        first = block.find(b"\n\n")
+        if first >= 0 and since_blank + first > limit:
+            raise StreamError(f"one stream event is larger than {limit} bytes", base_url=base_url)
         blank = block.rfind(b"\n\n")
         if blank >= 0:
             since_blank = len(block) - blank - 2

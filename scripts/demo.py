@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import openai_compat as oc  # noqa: E402
+import openai_compat as oc
 
 _OPERATORS = {
     ast.Add: operator.add,

@@ -1,0 +1,915 @@
+"""Tests for openai_compat: a scripted loopback HTTP server for the wire, a real
+llama.cpp server for the integration section. No mocks."""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import openai_compat as oc
+
+KEY = "sk-test-secret-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("OPENAI_COMPATIBLE_"):
+            monkeypatch.delenv(name)
+
+
+# ==== The scripted loopback server ====
+
+
+class Reply:
+    """One scripted HTTP response.
+
+    framing: "chunked" (each part its own HTTP chunk), "close" (no length, ends at
+    close), "length" (Content-Length), "gzip" (gzip, flushed per part, ends at close).
+    pause: seconds before each part after the first. stall: seconds to sleep after
+    the parts, then the connection is cut without finishing the body. delay: seconds
+    before the status line.
+    """
+
+    def __init__(self, *parts: bytes | str, status: int = 200, framing: str = "chunked",
+                 content_type: str = "text/event-stream", headers: dict[str, str] | None = None,
+                 pause: float = 0.0, stall: float | None = None, delay: float = 0.0) -> None:
+        self.parts = [p.encode() if isinstance(p, str) else p for p in parts]
+        self.status = status
+        self.framing = framing
+        self.content_type = content_type
+        self.headers = headers or {}
+        self.pause = pause
+        self.stall = stall
+        self.delay = delay
+
+
+def json_reply(obj: Any, status: int = 200, **kwargs: Any) -> Reply:
+    return Reply(json.dumps(obj), status=status, framing="length",
+                 content_type="application/json", **kwargs)
+
+
+class Scripted:
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+        self.requests: list[dict[str, Any]] = []
+        self.connections = 0
+        self.closed = threading.Event()
+        self.lock = threading.Lock()
+        self.httpd: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self.httpd is not None
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def add(self, *replies: Reply) -> Scripted:
+        self.replies.extend(replies)
+        return self
+
+    def client(self, **kwargs: Any) -> oc.Client:
+        kwargs.setdefault("model", "m")
+        return oc.Client(self.base_url, **kwargs)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [r["json"] for r in self.requests if r["method"] == "POST"]
+
+
+def _handler(script: Scripted) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            with script.lock:
+                script.connections += 1
+            super().setup()
+
+        def finish(self) -> None:
+            super().finish()
+            script.closed.set()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self._answer(None)
+
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer(json.loads(raw) if raw else None)
+
+        def _answer(self, body: Any) -> None:
+            with script.lock:
+                script.requests.append({"method": self.command, "path": self.path,
+                                        "headers": dict(self.headers), "json": body})
+                reply = script.replies.pop(0) if script.replies else Reply(
+                    '{"error": "no scripted reply"}', status=599, framing="length",
+                    content_type="application/json")
+            self._send(reply)
+
+        def _send(self, reply: Reply) -> None:
+            time.sleep(reply.delay)
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            if reply.framing == "length":
+                self.send_header("Content-Length", str(sum(map(len, reply.parts))))
+            elif reply.framing == "chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+                if reply.framing == "gzip":
+                    self.send_header("Content-Encoding", "gzip")
+            self.end_headers()
+            packer = zlib.compressobj(wbits=31) if reply.framing == "gzip" else None
+            try:
+                for i, part in enumerate(reply.parts):
+                    if i and reply.pause:
+                        time.sleep(reply.pause)
+                    if packer is not None:
+                        part = packer.compress(part) + packer.flush(zlib.Z_SYNC_FLUSH)
+                    if reply.framing == "chunked":
+                        part = b"%x\r\n%s\r\n" % (len(part), part)
+                    self.wfile.write(part)
+                    self.wfile.flush()
+                if reply.stall is not None:
+                    time.sleep(reply.stall)
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if packer is not None:
+                    self.wfile.write(packer.flush())
+                if reply.framing == "chunked":
+                    self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:
+                self.close_connection = True
+
+    return Handler
+
+
+@pytest.fixture
+def server() -> Iterator[Scripted]:
+    script = Scripted()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
+    httpd.daemon_threads = True
+    script.httpd = httpd
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield script
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def sse(*events: Any) -> str:
+    """SSE text: dicts become `data: <json>`, strings are sent as they are."""
+    return "".join(e if isinstance(e, str) else f"data: {json.dumps(e)}\n\n" for e in events)
+
+
+def delta(finish: str | None = None, **fields: Any) -> dict[str, Any]:
+    return {"object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": fields, "finish_reason": finish}]}
+
+
+def text_stream(*texts: str, finish: str = "stop", usage: dict[str, int] | None = None) -> str:
+    events: list[Any] = [delta(role="assistant", content="")]
+    events += [delta(content=t) for t in texts]
+    events.append(delta(finish))
+    if usage:
+        events.append({"choices": [], "usage": usage})
+    return sse(*events, "data: [DONE]\n\n")
+
+
+def completion(content: Any = "Hello", finish: str = "stop", **message: Any) -> dict[str, Any]:
+    return {"object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content,
+                                                 **message}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+
+def run(stream: oc.Stream) -> tuple[list[oc.Chunk], oc.Result]:
+    chunks = list(stream)
+    assert stream.result is not None
+    return chunks, stream.result
+
+
+def text_of(chunks: list[oc.Chunk]) -> str:
+    return "".join(c.content for c in chunks)
+
+
+# ==== Errors ====
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "expected"),
+    [
+        (401, "Invalid API Key", oc.AuthenticationError),  # llama.cpp
+        (401, "Invalid API key", oc.AuthenticationError),  # llama-cpp-python {"detail"}
+        (403, "Forbidden", oc.AuthenticationError),
+        (400, "No connected db.", oc.AuthenticationError),  # LiteLLM, wrong key, no database
+        (429, "Model is overloaded", oc.RateLimitError),  # TGI
+        (None, "Rate limit reached for requests", oc.RateLimitError),  # OpenAI, in a stream
+        (413, "Request Entity Too Large", oc.ContextLengthError),  # Groq
+        (400, "request (3212 tokens) exceeds the available context size (1024 tokens), "
+              "try increasing it", oc.ContextLengthError),  # llama.cpp
+        (400, "This model's maximum context length is 2048 tokens. However, you requested "
+              "3018 tokens", oc.ContextLengthError),  # vLLM, llama-cpp-python
+        (400, "litellm.ContextWindowExceededError: litellm.BadRequestError: ...",
+         oc.ContextLengthError),  # LiteLLM
+        (404, "The model `x` does not exist.", oc.ModelNotFoundError),  # vLLM
+        (404, "model 'llama9' not found", oc.ModelNotFoundError),  # Ollama
+        (400, "/chat/completions: Invalid model name passed in model=nosuch.",
+         oc.ModelNotFoundError),  # LiteLLM
+        (404, "Model not found, inaccessible, and/or not deployed",
+         oc.ModelNotFoundError),  # Fireworks
+        (400, "Expected 'messages' to be an array", oc.BadRequestError),  # llama.cpp
+        (422, "Input validation error: `stop` must be an array", oc.BadRequestError),  # TGI
+        (404, "Not Found", oc.BadRequestError),
+        (500, "The model produced output that does not match the expected peg-native format",
+         oc.ServerError),  # llama.cpp at temperature 0.8 with tools
+        (502, "Bad gateway.", oc.ServerError),  # Cloudflare
+        (503, "Loading model", oc.ServerError),  # llama.cpp while loading
+        (408, "Request Timeout", oc.RequestTimeoutError),
+        (None, "connect ECONNREFUSED 127.0.0.1:8000", oc.EndpointUnavailableError),
+        (None, "Connection refused", oc.EndpointUnavailableError),
+        (None, "the read operation timed out", oc.RequestTimeoutError),
+        (500, "upstream timed out", oc.ServerError),  # transport rows need no status
+        (None, "something odd happened", oc.APIError),
+    ],
+)
+def test_classify_error_table(status: int | None, message: str, expected: type) -> None:
+    assert oc.classify_error(message, status) is expected
+
+
+def test_errors_mix_in_builtins() -> None:
+    assert issubclass(oc.ConfigError, ValueError)
+    assert issubclass(oc.EndpointUnavailableError, ConnectionError)
+    assert issubclass(oc.RequestTimeoutError, TimeoutError)
+    assert issubclass(oc.StreamError, oc.APIError)
+    assert oc.RateLimitError.retryable and not oc.BadRequestError.retryable
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "expected", "says"),
+    [
+        (400, {"error": {"message": "bad thing", "type": "invalid_request_error"}}, "json",
+         oc.BadRequestError, "bad thing"),
+        (422, {"error": "Input validation error", "error_type": "validation"}, "json",
+         oc.BadRequestError, "Input validation error"),  # TGI
+        (400, {"object": "error", "message": "Tool call id was call_1 but must be a-z, A-Z, "
+               "0-9, with a length of 9.", "code": "3280"}, "json",
+         oc.BadRequestError, "length of 9"),  # Mistral, vLLM < 0.10.1
+        (401, {"detail": "Invalid API key"}, "json", oc.AuthenticationError,
+         "Invalid API key"),  # llama-cpp-python
+        (422, {"detail": [{"loc": ["body", "messages"], "msg": "field required",
+                           "type": "value_error.missing"}]}, "json",
+         oc.BadRequestError, "messages: field required"),  # FastAPI
+        (400, [{"error": {"code": 400, "message": "Unknown name \"top_k\"",
+                          "status": "INVALID_ARGUMENT"}}], "json",
+         oc.BadRequestError, "Unknown name"),  # Gemini
+        (500, {"error": {"message": "1 validation error:\n  {'type': 'list_type'}\n\n  File "
+                         "\"/srv/site-packages/llama_cpp/server/app.py\", line 376",
+                         "type": "internal_server_error"}}, "json",
+         oc.ServerError, "1 validation error"),  # llama-cpp-python
+        (502, "<html><head><title>api.example.com | 502: Bad gateway</title></head>"
+              "<body><h1>Bad gateway</h1></body></html>", "text/html",
+         oc.ServerError, "502: Bad gateway"),  # Cloudflare
+        (500, "", "text/plain", oc.ServerError, "HTTP 500"),
+    ],
+)
+def test_error_bodies_of_every_shape(server: Scripted, status: int, body: Any,
+                                     content_type: str, expected: type, says: str) -> None:
+    text = body if isinstance(body, str) else json.dumps(body)
+    kind = "application/json" if content_type == "json" else content_type
+    server.add(Reply(text, status=status, framing="length", content_type=kind))
+    with pytest.raises(expected) as caught:
+        server.client(max_retries=0).generate("hi")
+    assert type(caught.value) is expected
+    assert says in caught.value.message
+    assert caught.value.status_code == status
+    assert "site-packages" not in str(caught.value)
+    assert "<html>" not in str(caught.value)
+
+
+def test_error_404_without_v1_suggests_adding_it(server: Scripted) -> None:
+    server.add(json_reply({"detail": "Not Found"}, status=404))
+    client = oc.Client(server.base_url[: -len("/v1")], model="m", max_retries=0)
+    with pytest.raises(oc.BadRequestError) as caught:
+        client.generate("hi")
+    assert f"{client.config.base_url}/v1" in str(caught.value)
+
+
+def test_error_connection_refused_names_the_fix() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = oc.Client(f"http://127.0.0.1:{port}/v1", model="m", max_retries=0)
+    with pytest.raises(oc.EndpointUnavailableError) as caught:
+        client.generate("hi")
+    message = str(caught.value)
+    assert "OPENAI_COMPATIBLE_BASE_URL" in message and f"127.0.0.1:{port}" in message
+    assert isinstance(caught.value, ConnectionError)
+
+
+def test_error_never_shows_the_key(server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    server.add(json_reply({"error": {"message": f"Incorrect API key provided: {KEY}"}},
+                          status=401))
+    client = server.client(api_key=KEY)
+    with pytest.raises(oc.AuthenticationError) as caught:
+        client.generate("hi")
+    err = caught.value
+    for text in (str(err), repr(err), err.message, err.body or "", repr(client),
+                 repr(client.config), caplog.text):
+        assert KEY not in text
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+# ==== Configuration ====
+
+
+def test_config_from_env(monkeypatch: pytest.MonkeyPatch, server: Scripted) -> None:
+    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", server.base_url + "/")
+    monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_COMPATIBLE_MODEL", "llama")
+    monkeypatch.setenv("OPENAI_COMPATIBLE_TIMEOUT", "12.5")
+    monkeypatch.setenv("OPENAI_COMPATIBLE_MAX_RETRIES", "4")
+    config = oc.Client().config
+    assert (config.base_url, config.api_key, config.model) == (server.base_url, KEY, "llama")
+    assert (config.timeout, config.max_retries) == (12.5, 4)
+
+
+def test_config_explicit_beats_env_and_blank_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", "http://env:1/v1")
+    monkeypatch.setenv("OPENAI_COMPATIBLE_MODEL", "   ")
+    monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", "")
+    config = oc.Client("http://arg:2/api/v1", model=" ", timeout=3).config
+    assert config.base_url == "http://arg:2/api/v1"
+    assert config.model is None and config.api_key is None and config.timeout == 3
+
+
+def test_config_is_read_when_the_client_is_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", "http://first:1/v1")
+    first = oc.Client()
+    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", "http://second:1/v1")
+    assert first.config.base_url == "http://first:1/v1"
+    assert oc.Client().config.base_url == "http://second:1/v1"
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({}, "OPENAI_COMPATIBLE_BASE_URL"),
+        ({"OPENAI_COMPATIBLE_BASE_URL": "  "}, "OPENAI_COMPATIBLE_BASE_URL"),
+        ({"OPENAI_COMPATIBLE_BASE_URL": "localhost:8000/v1"}, "http://"),
+        ({"OPENAI_COMPATIBLE_BASE_URL": "http://h/v1", "OPENAI_COMPATIBLE_TIMEOUT": "soon"},
+         "OPENAI_COMPATIBLE_TIMEOUT"),
+        ({"OPENAI_COMPATIBLE_BASE_URL": "http://h/v1", "OPENAI_COMPATIBLE_TIMEOUT": "-1"},
+         "OPENAI_COMPATIBLE_TIMEOUT"),
+        ({"OPENAI_COMPATIBLE_BASE_URL": "http://h/v1", "OPENAI_COMPATIBLE_MAX_RETRIES": "2.5"},
+         "OPENAI_COMPATIBLE_MAX_RETRIES"),
+    ],
+)
+def test_config_bad_input_names_the_variable(monkeypatch: pytest.MonkeyPatch,
+                                             env: dict[str, str], names: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(oc.ConfigError) as caught:
+        oc.Client()
+    assert names in str(caught.value)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_config_sends_no_authorization_without_key_and_extra_headers(server: Scripted) -> None:
+    server.add(json_reply(completion()))
+    server.client(headers={"X-Team": "blue"}).generate("hi")
+    headers = server.requests[0]["headers"]
+    assert "Authorization" not in headers and headers["X-Team"] == "blue"
+    assert server.requests[0]["path"] == "/v1/chat/completions"
+
+
+# ==== Model discovery ====
+
+
+@pytest.mark.parametrize(
+    ("payload", "ids"),
+    [
+        ({"object": "list", "data": [{"id": "a", "object": "model"}, {"id": "b"}]}, ["a", "b"]),
+        ({"models": [{"name": "smollm2", "model": "smollm2"}],
+          "object": "list", "data": [{"id": "smollm2", "meta": None}]}, ["smollm2"]),  # llama.cpp
+        ([{"id": "x"}, "y"], ["x", "y"]),
+        ({"models": [{"name": "llama3:8b"}]}, ["llama3:8b"]),
+        ({"data": [{"id": "tgi-model", "created": 0, "owned_by": "tgi-model"}]}, ["tgi-model"]),
+    ],
+)
+def test_discovery_shapes(server: Scripted, payload: Any, ids: list[str]) -> None:
+    server.add(json_reply(payload))
+    client = oc.Client(server.base_url)
+    assert client.available_models(fallback=False) == ids
+    assert client.model == ids[0] == client.first_available_model()
+    assert server.requests[0]["path"] == "/v1/models"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        json_reply({"object": "list", "data": None}),  # Ollama with no models
+        json_reply({"detail": "Not Found"}, status=404),
+        json_reply({"error": "Unexpected endpoint or method. (GET /models)"}),  # LM Studio
+        Reply("<html><title>502</title></html>", status=502, framing="length",
+              content_type="text/html"),
+        Reply("not json", framing="length", content_type="text/plain"),
+        Reply("", framing="length", content_type="application/json"),
+    ],
+)
+def test_discovery_failure_falls_back_and_logs_why(
+    server: Scripted, reply: Reply, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.add(reply)
+    client = oc.Client(server.base_url)
+    with caplog.at_level(logging.WARNING, logger="openai_compat"):
+        assert client.available_models() == list(oc.FALLBACK_MODELS)
+    assert "discovery" in caplog.text
+    assert client.first_available_model() == oc.DEFAULT_MODEL == client.model
+    with pytest.raises(oc.APIError):
+        client.available_models(fallback=False)
+    assert len(server.requests) == 1, "a failure is cached too"
+
+
+def test_discovery_is_bounded_when_the_server_never_answers(server: Scripted) -> None:
+    server.add(Reply(status=200, framing="length", delay=9))
+    client = oc.Client(server.base_url)
+    started = time.monotonic()
+    assert client.first_available_model() == oc.DEFAULT_MODEL
+    assert time.monotonic() - started < 7
+    with pytest.raises(oc.RequestTimeoutError):
+        client.available_models(fallback=False)
+
+
+def test_discovery_runs_once_for_many_threads(server: Scripted) -> None:
+    server.add(Reply(json.dumps({"data": [{"id": "m1"}]}), framing="length",
+                     content_type="application/json", stall=None))
+    client = oc.Client(server.base_url)
+    seen: list[str] = []
+    threads = [threading.Thread(target=lambda: seen.append(client.model)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == ["m1"] * 8
+    assert len(server.requests) == 1
+
+
+def test_discovery_is_skipped_when_the_model_is_set(
+    server: Scripted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_COMPATIBLE_MODEL", "from-env")
+    server.add(json_reply(completion()))
+    client = oc.Client(server.base_url)
+    client.generate("hi")
+    assert [r["path"] for r in server.requests] == ["/v1/chat/completions"]
+    assert server.bodies()[0]["model"] == "from-env"
+    assert oc.Client(server.base_url, model="explicit").model == "explicit"
+
+
+# ==== Streaming ====
+
+
+def test_stream_request_body(server: Scripted) -> None:
+    server.add(Reply(text_stream("Hi")))
+    run(server.client().stream("last", system="be brief", seed=3, top_p=None,
+                               messages=[{"role": "user", "content": "first"}],
+                               response_format={"type": "text"}))
+    body = server.bodies()[0]
+    assert body["stream"] is True and body["model"] == "m"
+    assert [m["content"] for m in body["messages"]] == ["be brief", "first", "last"]
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "user"]
+    assert body["seed"] == 3 and body["response_format"] == {"type": "text"}
+    for absent in ("temperature", "max_tokens", "top_p", "tools", "tool_choice"):
+        assert absent not in body
+    assert server.requests[0]["headers"].get("Accept-Encoding") == "identity"
+
+
+def test_stream_text_one_finish_and_result(server: Scripted) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    server.add(Reply(text_stream("Hel", "lo", usage=usage)))
+    chunks, result = run(server.client().stream("hi", temperature=0, max_tokens=9))
+    assert [(c.type, c.content) for c in chunks] == [("text", "Hel"), ("text", "lo"),
+                                                      ("finish", "")]
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].usage == oc.Usage(5, 2, 7)
+    assert result.text == "Hello" and result.usage == oc.Usage(5, 2, 7)
+    assert result.messages[-1] == {"role": "assistant", "content": "Hello"}
+    body = server.bodies()[0]
+    assert body["temperature"] == 0 and body["max_tokens"] == 9
+
+
+QUIRKY_STREAMS = {
+    "crlf": text_stream("a", "b").replace("\n", "\r\n"),
+    "cr": text_stream("a", "b").replace("\n", "\r"),
+    "no-space": text_stream("a", "b").replace("data: ", "data:"),
+    "comments": ": OPENROUTER PROCESSING\n\n: keep-alive\n\n" + text_stream("a", "b"),
+    "bom": "\ufeff" + text_stream("a", "b"),
+    "ping-without-data": "event: ping\n\n" + text_stream("a", "b"),
+    "done-spaced": text_stream("a", "b").replace("data: [DONE]", "data:  [DONE]  "),
+    "no-done": text_stream("a", "b").replace("data: [DONE]\n\n", ""),
+    "multi-line-data": 'data: {"choices": [{"delta":\ndata: {"content": "a"}}]}\n\n'
+                       + sse(delta(content="b"), delta("stop"), "data: [DONE]\n\n"),
+    "choices-empty-null-missing": sse({"choices": []}, {"choices": None}, {"id": "x"},
+                                      delta(content="a"), {"choices": [{"index": 0}]},
+                                      delta(content="b"), delta("stop")),
+    "role-empty-every-chunk": sse(delta(role="", content="a"), delta(role="", content="b"),
+                                  delta("stop", role="")),
+    "content-null-and-list": sse(delta(content=None), delta(content=[{"type": "text",
+                                                                       "text": "a"}]),
+                                 delta(content="b"), delta("stop")),
+    "finish-on-content-chunk": sse(delta(content="a"), delta("stop", content="b")),
+    "azure-empty-first": sse({"choices": [], "id": "", "model": "",
+                              "prompt_filter_results": []}, delta(content="a"),
+                             delta(content="b"), delta("stop"), "data: [DONE]\n\n"),
+    "application-json": json.dumps(completion("ab")),
+}
+
+
+@pytest.mark.parametrize("name", list(QUIRKY_STREAMS))
+def test_stream_quirks(server: Scripted, name: str) -> None:
+    kind = "application/json" if name == "application-json" else "text/event-stream"
+    server.add(Reply(QUIRKY_STREAMS[name], content_type=kind))
+    chunks, result = run(server.client().stream("hi"))
+    assert text_of(chunks) == "ab" == result.text
+    assert [c.type for c in chunks].count("finish") == 1
+    assert chunks[-1].type == "finish" and chunks[-1].finish_reason == "stop"
+
+
+def test_stream_reasoning_chunks(server: Scripted) -> None:
+    server.add(Reply(sse(
+        delta(role="assistant", content=None, reasoning_content="think "),  # DeepSeek
+        delta(reasoning="more"),  # Ollama, vLLM, Groq
+        delta(content=[{"type": "thinking", "thinking": [{"type": "text", "text": "!"}]}]),
+        delta(content="answer"), delta("stop"), "data: [DONE]\n\n")))
+    chunks, result = run(server.client().stream("hi"))
+    assert [c.type for c in chunks] == ["reasoning"] * 3 + ["text", "finish"]
+    assert result.reasoning == "think more!" and result.text == "answer"
+    assert all(c.content == "" for c in chunks if c.type == "reasoning")
+
+
+def test_stream_usage_keeps_the_last_and_never_adds(server: Scripted) -> None:
+    def with_usage(event: dict[str, Any], n: int) -> dict[str, Any]:
+        return {**event, "usage": {"prompt_tokens": 4, "completion_tokens": n,
+                                   "total_tokens": 4 + n}}
+    server.add(Reply(sse(with_usage(delta(content="a"), 1), with_usage(delta(content="b"), 2),
+                         with_usage(delta("stop"), 2), "data: [DONE]\n\n")))  # vLLM continuous
+    _, result = run(server.client().stream("hi"))
+    assert result.usage == oc.Usage(4, 2, 6)
+
+
+def test_stream_without_usage_reports_none(server: Scripted) -> None:
+    server.add(Reply(text_stream("a")))
+    chunks, result = run(server.client().stream("hi"))
+    assert chunks[-1].usage is None and result.usage is None
+
+
+@pytest.mark.parametrize(
+    ("events", "expected", "says"),
+    [
+        (sse(delta(content="par"), {"error": {"message": "The server had an error while "
+                                               "processing your request.",
+                                               "type": "server_error"}}),
+         oc.StreamError, "server had an error"),  # OpenAI
+        (sse(delta(content="par"), {"error": {"code": "server_error",
+                                              "message": "Provider disconnected unexpectedly"},
+                                    "choices": [{"delta": {"content": ""},
+                                                 "finish_reason": "error"}]}),
+         oc.StreamError, "Provider disconnected"),  # OpenRouter
+        (sse(delta(content="par"), {"error": {"message": "boom", "type": "InternalServerError",
+                                              "code": 500}}, "data: [DONE]\n\n"),
+         oc.StreamError, "boom"),  # vLLM, [DONE] after the error
+        (sse(delta(content="par"), {"object": "error", "message": "old vllm failure"}),
+         oc.StreamError, "old vllm failure"),  # vLLM < 0.10.1
+        (sse(delta(content="par")).replace("data: ", "data:")
+         + 'data:{"error":{"message":"Input validation error","http_status_code":422}}\n\n',
+         oc.StreamError, "Input validation error"),  # TGI
+        (sse(delta(content="par")) + 'event: error\ndata: {"error":{"message":"Failed to '
+         'call a function.","code":"tool_use_failed","status_code":400}}\n\n',
+         oc.StreamError, "Failed to call a function"),  # Groq
+        (sse(delta(content="par")) + 'data: {"error": {"message": "litellm.APIConnectionError:'
+         ' Connection error.", "type": null, "param": null, "code": "500"}}\n\n',
+         oc.StreamError, "Connection error"),  # LiteLLM, no [DONE]
+        (sse(delta(content="par")) + 'data: {"error": {"message": "Rate limit reached for '
+         'gpt-4o", "type": "requests"}}\n\n', oc.RateLimitError, "Rate limit"),
+        (sse(delta(content="par")) + 'error: {"code":400,"message":"the request exceeds the '
+         'available context size, try increasing it","type":"exceed_context_size_error"}\n\n',
+         oc.ContextLengthError, "available context size"),  # llama.cpp, legacy field line
+    ],
+)
+def test_stream_in_stream_errors(server: Scripted, events: str, expected: type,
+                                 says: str) -> None:
+    server.add(Reply(events))
+    got: list[str] = []
+    with pytest.raises(expected) as caught:
+        for chunk in server.client().stream("hi"):
+            got.append(chunk.content)
+    assert type(caught.value) is expected
+    assert says in caught.value.message
+    assert caught.value.partial_text == "par" == "".join(got)
+    assert len(server.requests) == 1, "nothing is retried once a chunk was yielded"
+
+
+def test_stream_eof_without_finish_is_stream_error_with_partial_text(server: Scripted) -> None:
+    server.add(Reply(sse(delta(content="Hel"), delta(content="lo"))))
+    with pytest.raises(oc.StreamError) as caught:
+        list(server.client().stream("hi"))
+    assert caught.value.partial_text == "Hello"
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_stream_cut_mid_event_is_stream_error(server: Scripted, framing: str) -> None:
+    server.add(Reply(sse(delta(content="Hi")), 'data: {"choices": [{"delta": {"con',
+                     framing=framing, stall=0.05))
+    with pytest.raises(oc.StreamError) as caught:
+        list(server.client(max_retries=0).stream("hi"))
+    assert caught.value.partial_text == "Hi"
+
+
+def test_stream_event_larger_than_the_bound_is_stream_error(server: Scripted) -> None:
+    huge = "data: " + "x" * (oc._MAX_EVENT_BYTES + 10) + "\n\n"
+    server.add(Reply(sse(delta(content="a")), huge, framing="chunked"))
+    with pytest.raises(oc.StreamError) as caught:
+        list(server.client().stream("hi"))
+    assert "larger than" in caught.value.message and caught.value.partial_text == "a"
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close", "gzip", "length"])
+def test_stream_first_event_is_not_held_back(server: Scripted, framing: str) -> None:
+    first, rest = sse(delta(content="early")), text_stream("late")
+    server.add(Reply(first, rest, framing=framing, pause=1.5))
+    started = time.monotonic()
+    stream = server.client().stream("hi")
+    chunk = next(stream)
+    elapsed = time.monotonic() - started
+    assert chunk.content == "early"
+    if framing != "length":  # a Content-Length body may be held by proxies; we still read it
+        assert elapsed < 0.75, f"first event arrived after {elapsed:.2f} s on {framing}"
+    assert text_of(list(stream)) == "late"
+
+
+def test_stream_silence_past_timeout_is_request_timeout(server: Scripted) -> None:
+    server.add(Reply(sse(delta(content="a")), stall=3))
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        list(server.client(timeout=0.5, max_retries=0).stream("hi"))
+    assert time.monotonic() - started < 2.5
+    assert caught.value.partial_text == "a" and isinstance(caught.value, TimeoutError)
+
+
+def test_stream_break_closes_the_response(server: Scripted) -> None:
+    server.add(Reply(*[sse(delta(content=str(i))) for i in range(50)], pause=0.05))
+    client = server.client()
+    with client.stream("hi") as stream:
+        for _chunk in stream:
+            break
+    assert server.closed.wait(3), "the server did not see the connection close"
+
+
+def test_stream_empty_200_is_asked_again_without_streaming(
+    server: Scripted, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Quirk(llama-cpp-python): streamed tool_choice "auto" gives 200 and no event at all.
+    server.add(Reply(""), json_reply(completion("fallback answer")))
+    with caplog.at_level(logging.WARNING, logger="openai_compat"):
+        chunks, result = run(server.client().stream("hi"))
+    assert result.text == "fallback answer" and chunks[-1].type == "finish"
+    first, second = server.bodies()
+    assert first["stream"] is True and "stream" not in second and "stream_options" not in second
+    assert "without any event" in caplog.text
+
+
+def test_stream_empty_200_then_error_is_classified(server: Scripted) -> None:
+    server.add(Reply(""), json_reply({"error": {"message": "This model's maximum context "
+                                                "length is 2048 tokens."}}, status=400))
+    with pytest.raises(oc.ContextLengthError):
+        list(server.client().stream("hi"))
+
+
+# ==== SSE byte layer ====
+
+SAMPLE = (b'data: {"a": 1}\n\n: comment\n\nevent: ping\n\ndata: x\ndata: y\n\n'
+          b'error: {"e": 2}\n\ndata: caf\xc3\xa9\n\ndata:  [DONE]\n\n')
+SAMPLE_EVENTS = [("message", '{"a": 1}'), ("message", "x\ny"), ("error", '{"e": 2}'),
+                 ("message", "café"), ("message", " [DONE]")]
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"])
+def test_iter_events_line_endings(ending: bytes) -> None:
+    data = SAMPLE.replace(b"\n", ending)
+    assert list(oc._iter_events([data])) == SAMPLE_EVENTS
+    assert list(oc._iter_events([data[i:i + 1] for i in range(len(data))])) == SAMPLE_EVENTS
+
+
+def test_iter_events_bom_split_across_reads() -> None:
+    data = b"\xef\xbb\xbf" + SAMPLE
+    assert list(oc._iter_events([data[:1], data[1:2], data[2:]])) == SAMPLE_EVENTS
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=len(SAMPLE) * 2), max_size=12),
+       ending=st.sampled_from([b"\n", b"\r\n", b"\r"]))
+def test_iter_events_any_split_gives_the_same_events(cuts: list[int], ending: bytes) -> None:
+    data = SAMPLE.replace(b"\n", ending)
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+    assert list(oc._iter_events(pieces)) == SAMPLE_EVENTS
+
+
+# ==== Non-streaming (generate) ====
+
+
+def test_generate_body_and_result(server: Scripted) -> None:
+    server.add(json_reply(completion("Hello", reasoning_content="hmm")))
+    result = server.client().generate("hi", stream_options={"include_usage": True})
+    body = server.bodies()[0]
+    assert "stream" not in body and "stream_options" not in body
+    assert result.text == "Hello" and result.reasoning == "hmm"
+    assert result.usage == oc.Usage(3, 2, 5) and result.finish_reason == "stop"
+
+
+def test_generate_tolerates_null_content_and_missing_fields(server: Scripted) -> None:
+    server.add(json_reply({"choices": [{"message": {"content": None}}]}))
+    result = server.client().generate("hi")
+    assert result.text == "" and result.usage is None and result.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"error": "Unexpected endpoint or method. (POST /chat/completions)"},
+         oc.BadRequestError),  # LM Studio, 200
+        ({"error": {"message": "request exceeds the available context size"}},
+         oc.ContextLengthError),
+        ({"choices": None}, oc.APIError),  # vLLM via RunPod
+    ],
+)
+def test_generate_200_with_an_error_body(server: Scripted, payload: Any,
+                                         expected: type) -> None:
+    server.add(json_reply(payload))
+    with pytest.raises(expected):
+        server.client().generate("hi")
+
+
+def test_generate_continues_a_conversation(server: Scripted) -> None:
+    server.add(json_reply(completion("Paris")), json_reply(completion("About 2 million.")))
+    client = server.client()
+    first = client.generate("Capital of France?")
+    second = client.generate("And its population?", messages=first.messages)
+    assert second.text == "About 2 million."
+    roles = [m["role"] for m in server.bodies()[1]["messages"]]
+    assert roles == ["user", "assistant", "user"]
+
+
+def test_generate_needs_something_to_send(server: Scripted) -> None:
+    with pytest.raises(oc.ConfigError):
+        server.client().generate()
+    assert server.requests == []
+
+
+# ==== HTTP plumbing: retries, timeouts, connections ====
+
+
+def test_retry_429_then_200(server: Scripted) -> None:
+    server.add(json_reply({"error": {"message": "slow down"}}, status=429,
+                          headers={"Retry-After": "0"}), json_reply(completion("ok")))
+    assert server.client().generate("hi").text == "ok"
+    assert len(server.requests) == 2
+
+
+def test_retry_after_is_honoured(server: Scripted) -> None:
+    server.add(json_reply({"error": {"message": "busy"}}, status=503,
+                          headers={"Retry-After": "1"}), json_reply(completion("ok")))
+    started = time.monotonic()
+    assert server.client().generate("hi").text == "ok"
+    assert time.monotonic() - started >= 0.9
+
+
+def test_retry_after_too_long_fails_at_once(server: Scripted) -> None:
+    server.add(json_reply({"error": {"message": "Rate limit reached"}}, status=429,
+                          headers={"Retry-After": "120"}))
+    started = time.monotonic()
+    with pytest.raises(oc.RateLimitError) as caught:
+        server.client().generate("hi")
+    assert caught.value.retry_after == 120 and time.monotonic() - started < 1
+    assert len(server.requests) == 1
+
+
+def test_retry_5xx_spends_the_budget(server: Scripted) -> None:
+    server.add(*[json_reply({"error": {"message": "down"}}, status=503) for _ in range(3)])
+    with pytest.raises(oc.ServerError):
+        server.client(max_retries=2).generate("hi")
+    assert len(server.requests) == 3
+
+
+def test_no_retry_for_400(server: Scripted) -> None:
+    server.add(json_reply({"error": {"message": "bad"}}, status=400))
+    with pytest.raises(oc.BadRequestError):
+        server.client().generate("hi")
+    assert len(server.requests) == 1
+
+
+def test_connection_refused_is_retried_then_classified() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(oc.EndpointUnavailableError):
+        oc.Client(f"http://127.0.0.1:{port}/v1", model="m", max_retries=2).generate("hi")
+    assert time.monotonic() - started > 0.3, "two retries with backoff"
+
+
+def test_sequential_calls_reuse_one_connection(server: Scripted) -> None:
+    for _ in range(3):
+        server.add(Reply(text_stream("a", usage={"prompt_tokens": 1, "completion_tokens": 1})))
+    server.add(json_reply(completion()))
+    client = server.client()
+    for _ in range(3):
+        run(client.stream("hi"))
+    client.generate("hi")
+    assert server.connections == 1
+
+
+def test_one_client_from_many_threads(server: Scripted) -> None:
+    for _ in range(6):
+        server.add(Reply(text_stream("x", "y")))
+    client = server.client()
+    texts: list[str] = []
+
+    def work() -> None:
+        texts.append(text_of(list(client.stream("hi"))))
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert texts == ["xy"] * 6
+
+
+def test_stale_keep_alive_connection_is_resent_once() -> None:
+    # A server that answers one request per connection and then closes it without
+    # saying so (no Connection: close): the next request on the pooled connection
+    # fails before any response byte and must be sent again on a new one.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    body = json.dumps(completion("fresh")).encode()
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+              b"\r\n%s" % (len(body), body))
+
+    def serve() -> None:
+        for _ in range(3):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+                time.sleep(0.05)
+                try:
+                    conn.recv(65536)  # the next request: drop it unanswered
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = oc.Client(f"http://127.0.0.1:{port}/v1", model="m", max_retries=0)
+    try:
+        assert client.generate("one").text == "fresh"
+        time.sleep(0.1)
+        assert client.generate("two").text == "fresh"
+    finally:
+        listener.close()
+
+
+# ==== Tools ====
+# @@TOOLS-TESTS@@
+
+# ==== Real llama.cpp server ====
+# @@INTEGRATION-TESTS@@
+
+# ==== Command line ====
+# @@CLI-TESTS@@
