@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import enum
+import inspect
 import json
 import logging
 import os
@@ -64,9 +66,11 @@ import string
 import sys
 import threading
 import time
+import types
+import typing
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Literal
+from typing import Any, ClassVar, Final, Literal, Union
 
 import requests
 import sseclient
@@ -640,43 +644,225 @@ class Result:
 
 
 # ==== Tools ====
-# @@TOOLS@@  (temporary stand-ins until the definitions section lands)
+
+_TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_JSON_TYPES: Final[dict[type, str]] = {str: "string", int: "integer", float: "number",
+                                       bool: "boolean"}
 
 
 @dataclass(frozen=True)
 class Tool:
-    """A tool the model may call."""
+    """A tool the model may call: its name, description, JSON Schema of its
+    arguments (an object), and the function that runs it (called with the
+    arguments as keywords)."""
 
     name: str
     description: str
     parameters: dict[str, Any]
     function: Callable[..., Any] | None = None
+    # Parameters whose values are converted to an Enum member before the call.
+    enums: dict[str, type[enum.Enum]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _TOOL_NAME.match(self.name):
+            raise ConfigError(f"tool name {self.name!r} must be 1-64 letters, digits, _ or -")
+        if not isinstance(self.parameters, dict):
+            raise ConfigError(f"tool {self.name!r}: parameters must be a JSON Schema dict")
 
 
-def tool(func: Any = None, *, name: str | None = None, description: str | None = None) -> Any:
-    return func
+def tool(func: Callable[..., Any] | None = None, *, name: str | None = None,
+         description: str | None = None) -> Any:
+    """Mark a function as a tool, optionally naming or describing it differently.
+
+    Usable bare (@tool) or with arguments (@tool(name="search")). Returns the
+    function itself, still callable as before.
+    """
+    def mark(target: Callable[..., Any]) -> Callable[..., Any]:
+        target.__openai_compat_tool__ = (name, description)  # type: ignore[attr-defined]
+        return target
+
+    return mark(func) if func is not None else mark
 
 
 def _as_tools(tools: object) -> list[Tool]:
+    """Normalise tools=: Tools, functions, dicts of name -> Tool or name ->
+    {"description", "parameters", "execute"}, or a list mixing them."""
     if not tools:
         return []
-    out = []
-    for t in tools if isinstance(tools, list) else [tools]:
-        if isinstance(t, Tool):
-            out.append(t)
-        elif callable(t):
-            out.append(Tool(t.__name__, t.__doc__ or "", {"type": "object", "properties": {}}, t))
+    items = tools if isinstance(tools, (list, tuple)) else [tools]
+    out: list[Tool] = []
+    for position, item in enumerate(items):
+        if isinstance(item, Tool):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.extend(_tool_from_entry(key, value) for key, value in item.items())
+        elif callable(item):
+            out.append(_tool_from_function(item))
+        else:
+            raise ConfigError(f"tools[{position}] is a {type(item).__name__}: give a function, "
+                              "an oc.Tool, or a dict of name -> tool")
+    names = [t.name for t in out]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"two tools are named {name!r}")
     return out
 
 
+def _tool_from_entry(name: object, value: object) -> Tool:
+    if isinstance(value, Tool):
+        return value if value.name == name else Tool(str(name), value.description,
+                                                     value.parameters, value.function,
+                                                     value.enums)
+    if callable(value):
+        return _tool_from_function(value, name=str(name))
+    if not isinstance(value, dict):
+        raise ConfigError(f"tool {name!r}: expected a Tool, a function or a dict with "
+                          "'description', 'parameters' and 'execute'")
+    execute = value.get("execute") or value.get("function")
+    if not callable(execute):
+        raise ConfigError(f"tool {name!r}: 'execute' must be a function")
+    parameters = value.get("parameters") or {"type": "object", "properties": {}}
+    return Tool(str(name), str(value.get("description") or ""), parameters, execute)
+
+
 def _tool_spec(t: Tool) -> dict[str, Any]:
+    """The request form of a tool."""
     return {"type": "function", "function": {"name": t.name, "description": t.description,
                                              "parameters": t.parameters}}
 
 
+def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) -> Tool:
+    marked_name, marked_description = getattr(func, "__openai_compat_tool__", (None, None))
+    tool_name = name or marked_name or getattr(func, "__name__", "")
+    if tool_name == "<lambda>" or not tool_name:
+        raise ConfigError("a lambda needs a name: use oc.tool(name=...)(fn) or oc.Tool")
+    summary, arg_docs = _parse_docstring(inspect.getdoc(func) or "")
+    try:
+        hints = typing.get_type_hints(func, include_extras=True)
+        signature = inspect.signature(func)
+    except (NameError, TypeError, ValueError) as exc:
+        raise ConfigError(f"tool {tool_name!r}: cannot read its signature ({exc})") from None
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    enums: dict[str, type[enum.Enum]] = {}
+    for param in signature.parameters.values():
+        if param.kind is param.VAR_KEYWORD:
+            continue  # **kwargs accepts whatever else the model sends
+        if param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
+            raise ConfigError(f"tool {tool_name!r}: parameter {param.name!r} cannot be passed "
+                              "by keyword")
+        where = f"tool {tool_name!r}, parameter {param.name!r}"
+        annotation = hints.get(param.name, Any)
+        schema, enum_type = _schema(annotation, where)
+        if "description" not in schema and param.name in arg_docs:
+            schema["description"] = arg_docs[param.name]
+        if enum_type is not None:
+            enums[param.name] = enum_type
+        if param.default is param.empty:
+            required.append(param.name)
+        properties[param.name] = schema
+    parameters = {"type": "object", "properties": properties, "required": required}
+    return Tool(tool_name, marked_description or summary, parameters, func, enums)
+
+
+def _schema(annotation: Any, where: str) -> tuple[dict[str, Any], type[enum.Enum] | None]:
+    """JSON Schema for one annotation, and the Enum its values convert to, if any."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        inner, enum_type = _schema(args[0], where)
+        notes = [a for a in args[1:] if isinstance(a, str)]
+        if notes:
+            inner["description"] = notes[0]
+        return inner, enum_type
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return {}, None
+    if origin in (Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _schema(rest[0], where)
+        return {"anyOf": [_schema(a, where)[0] for a in rest]}, None
+    schema: dict[str, Any]
+    if origin is Literal:
+        kinds = {_JSON_TYPES.get(type(v)) for v in args}
+        schema = {"enum": list(args)}
+        if len(kinds) == 1 and None not in kinds:
+            schema["type"] = kinds.pop()
+        return schema, None
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        values = [m.value for m in annotation]
+        kinds = {_JSON_TYPES.get(type(v)) for v in values}
+        schema = {"enum": values}
+        if len(kinds) == 1 and None not in kinds:
+            schema["type"] = kinds.pop()
+        return schema, annotation
+    if annotation in _JSON_TYPES:
+        return {"type": _JSON_TYPES[annotation]}, None
+    if annotation in (list, tuple) or origin in (list, tuple):
+        items = [a for a in args if a is not Ellipsis]
+        schema = {"type": "array"}
+        if len(items) == 1:
+            schema["items"] = _schema(items[0], where)[0]
+        return schema, None
+    if annotation is dict or origin is dict:
+        return {"type": "object"}, None
+    raise ConfigError(f"{where}: cannot describe {annotation!r} as JSON Schema; use str, int, "
+                      "float, bool, list, dict, Optional, Literal or an Enum")
+
+
+def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """The summary (text before a blank line or Args:) and the Args: descriptions."""
+    summary_lines: list[str] = []
+    for line in doc.splitlines():
+        if not line.strip() or line.strip().rstrip(":") in ("Args", "Arguments", "Parameters"):
+            break
+        summary_lines.append(line.strip())
+    args: dict[str, str] = {}
+    section = re.search(r"^(?:Args|Arguments|Parameters):\s*\n((?:[ \t]+.*\n?|\s*\n)*)", doc,
+                        re.MULTILINE)
+    if section:
+        current: str | None = None
+        indent = 0
+        for line in section.group(1).splitlines():
+            match = re.match(r"^\s{1,8}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$", line)
+            if match and (current is None or len(line) - len(line.lstrip()) <= indent):
+                current, indent = match.group(1), len(line) - len(line.lstrip())
+                args[current] = match.group(2).strip()
+            elif current and line.strip():
+                args[current] = (args[current] + " " + line.strip()).strip()
+    return " ".join(summary_lines), args
+
+
 def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:
-    assert t.function is not None
-    return t.function(**arguments)
+    """Call the tool's function with the model's arguments as keywords.
+
+    Raises TypeError or ValueError with a readable message for a missing required
+    argument, an unexpected one, or a value an Enum parameter does not allow.
+    """
+    if t.function is None:
+        raise TypeError(f"tool {t.name!r} has no function to run")
+    properties = t.parameters.get("properties") or {}
+    missing = [n for n in t.parameters.get("required") or () if n not in arguments]
+    if missing:
+        raise TypeError(f"missing required argument(s): {', '.join(missing)}")
+    kwargs = dict(arguments)
+    for name, enum_type in t.enums.items():
+        if name in kwargs and kwargs[name] is not None:
+            try:
+                kwargs[name] = enum_type(kwargs[name])
+            except ValueError:
+                allowed = ", ".join(repr(m.value) for m in enum_type)
+                raise ValueError(f"{name} must be one of {allowed}") from None
+    try:
+        accepts_any = any(p.kind is p.VAR_KEYWORD
+                          for p in inspect.signature(t.function).parameters.values())
+    except (TypeError, ValueError):
+        accepts_any = True
+    unknown = [n for n in kwargs if properties and n not in properties]
+    if unknown and not accepts_any:
+        raise TypeError(f"unexpected argument(s): {', '.join(unknown)}")
+    return t.function(**kwargs)
+
 
 # ==== Configuration ====
 

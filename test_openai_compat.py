@@ -3,22 +3,18 @@ llama.cpp server for the integration section. No mocks."""
 
 from __future__ import annotations
 
-import ast
-import gzip
+import enum
 import json
 import logging
 import os
-import re
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pytest
 from hypothesis import given, settings
@@ -230,10 +226,10 @@ def text_of(chunks: list[oc.Chunk]) -> str:
         (429, "Model is overloaded", oc.RateLimitError),  # TGI
         (None, "Rate limit reached for requests", oc.RateLimitError),  # OpenAI, in a stream
         (413, "Request Entity Too Large", oc.ContextLengthError),  # Groq
-        (400, "request (3212 tokens) exceeds the available context size (1024 tokens), "
-              "try increasing it", oc.ContextLengthError),  # llama.cpp
-        (400, "This model's maximum context length is 2048 tokens. However, you requested "
-              "3018 tokens", oc.ContextLengthError),  # vLLM, llama-cpp-python
+        (400, ("request (3212 tokens) exceeds the available context size (1024 tokens), "
+              "try increasing it"), oc.ContextLengthError),  # llama.cpp
+        (400, ("This model's maximum context length is 2048 tokens. However, you requested "
+              "3018 tokens"), oc.ContextLengthError),  # vLLM, llama-cpp-python
         (400, "litellm.ContextWindowExceededError: litellm.BadRequestError: ...",
          oc.ContextLengthError),  # LiteLLM
         (404, "The model `x` does not exist.", oc.ModelNotFoundError),  # vLLM
@@ -291,8 +287,8 @@ def test_errors_mix_in_builtins() -> None:
                          "\"/srv/site-packages/llama_cpp/server/app.py\", line 376",
                          "type": "internal_server_error"}}, "json",
          oc.ServerError, "1 validation error"),  # llama-cpp-python
-        (502, "<html><head><title>api.example.com | 502: Bad gateway</title></head>"
-              "<body><h1>Bad gateway</h1></body></html>", "text/html",
+        (502, ("<html><head><title>api.example.com | 502: Bad gateway</title></head>"
+              "<body><h1>Bad gateway</h1></body></html>"), "text/html",
          oc.ServerError, "502: Bad gateway"),  # Cloudflare
         (500, "", "text/plain", oc.ServerError, "HTTP 500"),
     ],
@@ -906,10 +902,521 @@ def test_stale_keep_alive_connection_is_resent_once() -> None:
 
 
 # ==== Tools ====
-# @@TOOLS-TESTS@@
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+def _f_basic(city: str, days: int, metric: bool = True, scale: float = 1.0) -> str:
+    """Look up the weather.
+
+    Args:
+        city: the city name,
+            with its country.
+        days (int): how many days ahead.
+    """
+    return city
+
+
+def _f_containers(tags: list[str], meta: dict[str, int], anything: Any,
+                  note: str | None = None) -> None:
+    pass
+
+
+def _f_choices(mode: Literal["fast", "slow"], colour: Colour,
+               level: Annotated[int, "from 1 to 5"] = 3) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("func", "properties", "required"),
+    [
+        (_f_basic, {"city": {"type": "string", "description": "the city name, with its country."},
+                    "days": {"type": "integer", "description": "how many days ahead."},
+                    "metric": {"type": "boolean"}, "scale": {"type": "number"}},
+         ["city", "days"]),
+        (_f_containers, {"tags": {"type": "array", "items": {"type": "string"}},
+                         "meta": {"type": "object"}, "anything": {},
+                         "note": {"type": "string"}}, ["tags", "meta", "anything"]),
+        (_f_choices, {"mode": {"enum": ["fast", "slow"], "type": "string"},
+                      "colour": {"enum": ["red", "blue"], "type": "string"},
+                      "level": {"type": "integer", "description": "from 1 to 5"}},
+         ["mode", "colour"]),
+    ],
+)
+def test_tool_schema_from_function(func: Callable[..., Any], properties: dict[str, Any],
+                                   required: list[str]) -> None:
+    (t,) = oc._as_tools([func])
+    assert t.parameters == {"type": "object", "properties": properties, "required": required}
+    spec = oc._tool_spec(t)
+    assert spec["type"] == "function" and spec["function"]["name"] == func.__name__
+
+
+def test_tool_description_and_decorator_forms() -> None:
+    @oc.tool
+    def plain(x: int) -> int:
+        """Double it.
+
+        Args:
+            x: a number.
+        """
+        return 2 * x
+
+    @oc.tool(name="renamed", description="Custom.")
+    def other() -> None:
+        pass
+
+    a, b = oc._as_tools([plain, other])
+    assert (a.name, a.description) == ("plain", "Double it.")
+    assert (b.name, b.description, b.parameters["required"]) == ("renamed", "Custom.", [])
+    assert plain(4) == 8, "the decorated function stays callable"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [lambda: None, "not a tool", 3],
+)
+def test_tool_bad_definitions_are_config_errors(bad: Any) -> None:
+    with pytest.raises(oc.ConfigError):
+        oc._as_tools([bad])
+
+
+def test_tool_unsupported_annotation_names_tool_and_parameter() -> None:
+    def takes_callback(callback: Callable[[], None]) -> None:
+        pass
+
+    with pytest.raises(oc.ConfigError, match="takes_callback.*callback"):
+        oc._as_tools([takes_callback])
+
+
+def test_tool_dict_forms_and_duplicates() -> None:
+    def run(query: str) -> str:
+        return query
+
+    tools = oc._as_tools([{"search": {"description": "Find things.",
+                                      "parameters": {"type": "object", "properties": {}},
+                                      "execute": run}},
+                          {"echo": oc.Tool("echo", "Echo.", {"type": "object"}, run)}])
+    assert [t.name for t in tools] == ["search", "echo"]
+    with pytest.raises(oc.ConfigError, match="two tools"):
+        oc._as_tools([run, run])
+    with pytest.raises(oc.ConfigError):
+        oc._as_tools({"x": {"description": "no execute"}})
+
+
+def test_run_tool_checks_arguments_and_converts_enums() -> None:
+    seen: list[Any] = []
+
+    def paint(colour: Colour, coats: int = 1) -> str:
+        seen.append(colour)
+        return colour.value
+
+    (t,) = oc._as_tools([paint])
+    assert oc._run_tool(t, {"colour": "red"}) == "red" and seen == [Colour.RED]
+    with pytest.raises(TypeError, match="missing"):
+        oc._run_tool(t, {})
+    with pytest.raises(TypeError, match="unexpected"):
+        oc._run_tool(t, {"colour": "red", "brush": "wide"})
+    with pytest.raises(ValueError, match="must be one of"):
+        oc._run_tool(t, {"colour": "green"})
+
+
+def _call(index: Any = 0, id: Any = None, name: Any = None, arguments: Any = None,
+          **extra: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {**extra}
+    if index is not None:
+        entry["index"] = index
+    if id is not None:
+        entry["id"] = id
+    function: dict[str, Any] = {}
+    if name is not None:
+        function["name"] = name
+    if arguments is not None:
+        function["arguments"] = arguments
+    entry["function"] = function
+    return entry
+
+
+TOOL_CALL_STREAMS: dict[str, tuple[list[Any], list[tuple[str, dict[str, Any]]]]] = {
+    # OpenAI / vLLM / llama.cpp: id and name first, then argument fragments by index.
+    "openai": ([[_call(0, "call_1", "add", '{"a"')], [_call(0, arguments=": 1, ")],
+                [_call(0, arguments='"b": 2}')]], [("add", {"a": 1, "b": 2})]),
+    # TGI >= 3.2: id "0", type and index repeated on every delta; name null after the first.
+    "tgi-id-repeated": ([[_call(0, "0", "add", '{"a":', type="function")],
+                         [_call(0, "0", None, " 1, ", type="function")],
+                         [_call(0, "0", None, '"b": 2}', type="function")]],
+                        [("add", {"a": 1, "b": 2})]),
+    # llama-cpp-python / LiteLLM: id and full name in every chunk, legacy function_call too.
+    "name-repeated": ([[_call(0, "c1", "add", '{"a": 1,')], [_call(0, "c1", "add", ' "b": 2}')],
+                       [_call(0, "c1", "add", "")]], [("add", {"a": 1, "b": 2})]),
+    # LM Studio: later deltas carry "name": "" which must not erase the name.
+    "lmstudio-empty-name": ([[_call(0, "7", "add", "")], [_call(0, None, "", '{"a": 1, "b": 2}',
+                                                              type="function")]],
+                            [("add", {"a": 1, "b": 2})]),
+    # Gemini: no index; two calls with distinct ids, each whole.
+    "gemini-no-index": ([[_call(None, "g1", "add", '{"a": 1, "b": 2}'),
+                          _call(None, "g2", "add", '{"a": 3, "b": 4}')]],
+                        [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+    # A proxy that sends index 0 for every call, with distinct ids.
+    "same-index-distinct-ids": ([[_call(0, "p1", "add", '{"a": 1, "b": 2}')],
+                                 [_call(0, "p2", "add", '{"a": 5, "b": 6}')]],
+                                [("add", {"a": 1, "b": 2}), ("add", {"a": 5, "b": 6})]),
+    # Anthropic-compat / LiteLLM -> Bedrock: index starts at 1.
+    "index-starts-at-1": ([[_call(1, "t1", "add", "")], [_call(1, arguments='{"a": 1, "b": 2}')]],
+                          [("add", {"a": 1, "b": 2})]),
+    # Mistral incremental: second delta has neither id nor index.
+    "no-id-no-index-continues": ([[_call(None, "abcdefghi", "add", '{"a": 1')],
+                                  [_call(None, None, "", ', "b": 2}')]],
+                                 [("add", {"a": 1, "b": 2})]),
+    # grok: the name arrives after the first delta.
+    "name-late": ([[_call(0, "call_late", None, "")], [_call(0, None, "add", '{"a": 1, "b": 2}')]],
+                  [("add", {"a": 1, "b": 2})]),
+    # TGI < 3.2: tool_calls is one object; arguments as an object.
+    "object-not-list": ([_call(0, "x", "add", {"a": 1, "b": 2})], [("add", {"a": 1, "b": 2})]),
+    # function: null on a continuation, and empty trailing arguments (vLLM-based).
+    "null-function-and-trailing-empty": ([[_call(0, "v1", "add", '{"a": 1, "b": 2}')],
+                                          [{"index": 0, "function": None}],
+                                          [_call(0, arguments="")]], [("add", {"a": 1, "b": 2})]),
+    # Interleaved parallel calls by index.
+    "interleaved": ([[_call(0, "i0", "add", '{"a": 1,'), _call(1, "i1", "add", '{"a": 3,')],
+                     [_call(1, arguments=' "b": 4}'), _call(0, arguments=' "b": 2}')]],
+                    [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+}
+
+
+def _add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@pytest.mark.parametrize("name", list(TOOL_CALL_STREAMS))
+def test_tool_call_assembly_survives_every_server(server: Scripted, name: str) -> None:
+    deltas, expected = TOOL_CALL_STREAMS[name]
+    events = [delta(tool_calls=d) for d in deltas]
+    if name == "name-repeated":
+        events = [delta(tool_calls=d, function_call=d[0]["function"]) for d in deltas]
+    server.add(Reply(sse(*events, delta("tool_calls"), "data: [DONE]\n\n")),
+               Reply(text_stream("done")))
+    chunks, result = run(server.client().stream("hi", tools=[{"add": _add}]))
+    calls = [c.tool_call for c in chunks if c.type == "tool_call"]
+    assert [(c.name, c.arguments) for c in calls if c] == expected
+    assert [r.value for r in result.tool_results] == [a["a"] + a["b"] for _, a in expected]
+    ids = [c.id for c in calls if c]
+    assert all(ids) and len(set(ids)) == len(ids)
+    sent = server.bodies()[1]["messages"]
+    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
+    assert [c["id"] for c in sent[-len(ids) - 1]["tool_calls"]] == ids
+    assert result.text == "done"
+
+
+def test_tool_loop_second_request_and_chunk_order(server: Scripted) -> None:
+    server.add(Reply(sse(delta(content="Let me add. "),
+                         delta(tool_calls=[_call(0, "c1", "_add", '{"a": 2, "b": 40}')]),
+                         delta("tool_calls"), "data: [DONE]\n\n")),
+               Reply(text_stream("It is 42.")))
+    chunks, result = run(server.client().stream("2+40?", tools=[_add]))
+    assert [c.type for c in chunks] == ["text", "finish", "tool_call", "tool_result", "text",
+                                        "finish"]
+    assert [c.step for c in chunks] == [1, 1, 1, 1, 2, 2]
+    first, second = server.bodies()
+    assert first["tool_choice"] == "auto" and first["tools"][0]["function"]["name"] == "_add"
+    assistant, tool_turn = second["messages"][-2:]
+    assert assistant == {"role": "assistant", "content": "Let me add. ", "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "_add", "arguments": '{"a": 2, "b": 40}'}}]}
+    assert tool_turn == {"role": "tool", "tool_call_id": "c1", "content": "42"}
+    assert result.text == "It is 42." and result.finish_reason == "stop"
+    assert len(result.steps) == 2 and result.tool_results[0].value == 42
+
+
+def _calls_then_text(*calls: dict[str, Any], finish: str = "tool_calls") -> Reply:
+    return Reply(sse(delta(tool_calls=list(calls)), delta(finish), "data: [DONE]\n\n"))
+
+
+def test_tool_failures_go_back_to_the_model(server: Scripted) -> None:
+    def boom(x: int) -> None:
+        """Always fails."""
+        raise RuntimeError("disk on fire")
+
+    server.add(_calls_then_text(_call(0, "a", "boom", '{"x": 1}'),
+                                _call(1, "b", "nosuch", "{}"),
+                                _call(2, "c", "_add", '{"a": 1, "b": '),
+                                _call(3, "d", "_add", '{"a": 1}')),
+               Reply(text_stream("sorry")))
+    _, result = run(server.client().stream("hi", tools=[boom, _add]))
+    errors = [r.error or "" for r in result.tool_results]
+    assert "disk on fire" in errors[0] and "nosuch" in errors[1]
+    assert "not valid JSON" in errors[2] and "missing" in errors[3]
+    tool_turns = [m for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
+    assert all(json.loads(m["content"])["error"] for m in tool_turns)
+    assert result.text == "sorry"
+
+
+def test_tool_results_are_sent_as_text_or_json() -> None:
+    call = oc.ToolCall("i", "t")
+    tools = {n: oc.Tool(n, "", {"type": "object"}, f) for n, f in
+             [("s", lambda: "plain"), ("d", lambda: {"k": [1]}), ("o", lambda: object)]}
+    assert oc._execute(oc.ToolCall("i", "s"), tools).content == "plain"
+    assert json.loads(oc._execute(oc.ToolCall("i", "d"), tools).content) == {"k": [1]}
+    assert "object" in oc._execute(oc.ToolCall("i", "o"), tools).content
+    assert call.arguments == {}
+
+
+def test_tool_calls_run_whatever_the_finish_reason(server: Scripted) -> None:
+    # Gemini streaming, vLLM named tool_choice, TGI and old Ollama say "stop".
+    server.add(_calls_then_text(_call(0, "s1", "_add", '{"a": 1, "b": 1}'), finish="stop"),
+               Reply(text_stream("two")))
+    _, result = run(server.client().stream("hi", tools=[_add]))
+    assert result.tool_results[0].value == 2 and result.text == "two"
+
+
+def test_tool_calls_cut_by_length_are_reported_not_run(server: Scripted) -> None:
+    server.add(_calls_then_text(_call(0, "l1", "_add", '{"a": 1, "b"'), finish="length"))
+    chunks, result = run(server.client().stream("hi", tools=[_add]))
+    assert [c.type for c in chunks] == ["finish", "tool_call"]
+    assert result.tool_results == [] and result.finish_reason == "length"
+    assert len(server.requests) == 1
+
+
+def test_tool_loop_stops_at_max_steps(server: Scripted) -> None:
+    for i in range(2):
+        server.add(_calls_then_text(_call(0, f"m{i}", "_add", '{"a": 1, "b": 1}')))
+    chunks, result = run(server.client().stream("hi", tools=[_add], max_steps=2))
+    assert result.finish_reason == "max_steps" and len(result.steps) == 2
+    assert len(result.tool_results) == 1 and [c.type for c in chunks].count("tool_call") == 2
+    assert "tool_calls" not in result.messages[-1], "unrun calls stay out of the history"
+
+
+def test_generate_runs_the_same_loop(server: Scripted) -> None:
+    call = {"id": "g1", "type": "function",
+            "function": {"name": "_add", "arguments": {"a": 20, "b": 22}}}  # TGI < 3.2 object
+    server.add(json_reply(completion(None, "tool_calls", tool_calls=[call])),
+               json_reply(completion("42")))
+    result = server.client().generate("hi", tools=[_add])
+    assert result.text == "42" and result.tool_results[0].value == 42
+    assert result.usage == oc.Usage(6, 4, 10)
+    assert all("stream" not in b for b in server.bodies())
+
+
+def test_tool_choice_is_never_sent_without_tools(server: Scripted) -> None:
+    server.add(Reply(text_stream("x")))
+    run(server.client().stream("hi", tool_choice="required"))
+    assert "tool_choice" not in server.bodies()[0]
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["registry.ollama.ai/library/gemma:2b does not support tools",  # Ollama
+     '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'],
+)
+def test_server_without_tools_gets_the_request_without_them(
+    server: Scripted, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.add(json_reply({"error": {"message": message}}, status=400),
+               Reply(text_stream("plain")), Reply(text_stream("again")))
+    client = server.client()
+    with caplog.at_level(logging.WARNING, logger="openai_compat"):
+        _, result = run(client.stream("hi", tools=[_add]))
+    assert result.text == "plain" and "tools" in caplog.text
+    run(client.stream("hi", tools=[_add]))
+    first, second, third = server.bodies()
+    assert "tools" in first and "tools" not in second and "tool_choice" not in second
+    assert "tools" not in third, "the Client remembers"
 
 # ==== Real llama.cpp server ====
-# @@INTEGRATION-TESTS@@
+# These talk to llama.cpp's llama-server running SmolLM2-135M-Instruct on 127.0.0.1
+# (scripts/local_server.py builds and caches both). A 135M model is fragile with
+# tools, so the tool tests use the few-shot history seen to produce calls, at
+# temperature 0 with a fixed seed, and assert on structure, not on wording.
+
+_SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
+
+
+def _local_server_module() -> Any:
+    if _SCRIPTS not in sys.path:
+        sys.path.insert(0, _SCRIPTS)
+    import local_server
+
+    return local_server
+
+
+def _start_local_server(**kwargs: Any) -> Any:
+    """A started LocalServer, or a skip (a failure in CI) saying how to get one."""
+    local_server = _local_server_module()
+    try:
+        local_server.ensure(build=False)
+    except OSError as exc:
+        reason = (f"no local llama-server ({exc}); `bash scripts/test.sh` or "
+                  "`python scripts/local_server.py ensure` builds it")
+        if os.environ.get("OPENAI_COMPAT_REQUIRE_SERVER"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = local_server.LocalServer(**kwargs)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def llama() -> Iterator[Any]:
+    server = _start_local_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def few_shot() -> list[dict[str, Any]]:
+    return list(_local_server_module().CALCULATOR_FEW_SHOT)
+
+
+def _calculator(log: list[str]) -> Callable[..., Any]:
+    from demo import calculate as evaluate  # the README's no-eval calculator
+
+    def calculate(expression: str) -> float:
+        """Evaluate an arithmetic expression.
+
+        Args:
+            expression: the expression, for example "3 + 5".
+        """
+        log.append(expression)
+        return evaluate(expression)
+
+    return calculate
+
+
+def test_llama_discovery_returns_the_alias(llama: Any) -> None:
+    client = oc.Client(llama.base_url)
+    assert client.available_models(fallback=False) == ["smollm2"]
+    assert client.first_available_model() == "smollm2" == client.model
+
+
+def test_llama_stream_yields_text_one_finish_and_usage(llama: Any) -> None:
+    client = oc.Client(llama.base_url)
+    with client.stream("Name three colours.", temperature=0, seed=1, max_tokens=40) as chunks:
+        seen = list(chunks)
+        result = chunks.result
+    kinds = [c.type for c in seen]
+    assert kinds.count("finish") == 1 and kinds[-1] == "finish"
+    assert any(c.type == "text" and c.content for c in seen)
+    assert result is not None and result.text == "".join(c.content for c in seen)
+    finish = seen[-1]
+    assert finish.finish_reason in ("stop", "length")
+    assert finish.usage is not None and finish.usage.completion_tokens > 0
+    assert result.usage == finish.usage
+
+
+def test_llama_generate_matches_stream_at_temperature_zero(llama: Any) -> None:
+    client = oc.Client(llama.base_url)
+    options: dict[str, Any] = {"temperature": 0, "seed": 7, "max_tokens": 30}
+    streamed = client.stream("Say hello.", **options)
+    text = "".join(c.content for c in streamed)
+    assert text and text == client.generate("Say hello.", **options).text
+
+
+@pytest.mark.parametrize("question", ["What is 3+5?", "What is 85.50*0.15?"])
+def test_llama_streamed_tool_call_equals_the_non_streamed_one(
+    llama: Any, few_shot: list[dict[str, Any]], question: str
+) -> None:
+    client = oc.Client(llama.base_url)
+    log: list[str] = []
+    options: dict[str, Any] = {"messages": few_shot, "tools": [_calculator(log)],
+                               "temperature": 0, "seed": 42, "max_tokens": 200,
+                               "max_steps": 1}
+    stream = client.stream(question, **options)
+    streamed = [c.tool_call for c in stream if c.type == "tool_call"]
+    plain = client.generate(question, **options).tool_calls
+    assert streamed, "the model made no tool call (prompt seen to work: see local_server.py)"
+    assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in plain]
+    assert streamed[0].name == "calculate" and "expression" in streamed[0].arguments
+    assert stream.result is not None and stream.result.finish_reason == "max_steps"
+    assert log == [], "calls of the last allowed model call are reported, not run"
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "generate"])
+def test_llama_tool_loop_runs_the_tool_and_answers(
+    llama: Any, few_shot: list[dict[str, Any]], streaming: bool
+) -> None:
+    client = oc.Client(llama.base_url)
+    log: list[str] = []
+    options: dict[str, Any] = {"messages": few_shot, "tools": [_calculator(log)],
+                               "temperature": 0, "seed": 42, "max_tokens": 200,
+                               "max_steps": 3}
+    if streaming:
+        stream = client.stream("What is 3+5?", **options)
+        chunks = list(stream)
+        result = stream.result
+        assert result is not None
+        kinds = [c.type for c in chunks]
+        first_call = kinds.index("tool_call")
+        assert kinds[first_call - 1] == "finish" and kinds[first_call + 1] == "tool_result"
+    else:
+        result = client.generate("What is 3+5?", **options)
+    assert log, "the tool was not run"
+    first = result.tool_results[0]
+    assert first.error is None and first.value == 8.0
+    assert first.call.arguments["expression"] == log[0]
+    assert len(result.steps) >= 2
+    assert result.messages[-1]["role"] == "assistant"
+    tool_turns = [m for m in result.messages if m["role"] == "tool"]
+    assert tool_turns[-len(result.tool_results)]["tool_call_id"] == first.call.id
+
+
+def test_llama_prompt_beyond_context_is_context_length_error(llama: Any) -> None:
+    client = oc.Client(llama.base_url, max_retries=0)
+    long_prompt = "word " * 6000
+    with pytest.raises(oc.ContextLengthError) as caught:
+        client.generate(long_prompt, max_tokens=5)
+    assert "context" in caught.value.message
+    with pytest.raises(oc.ContextLengthError):
+        list(client.stream(long_prompt, max_tokens=5))
+
+
+def test_llama_malformed_request_is_bad_request(llama: Any) -> None:
+    client = oc.Client(llama.base_url, max_retries=0)
+    with pytest.raises(oc.BadRequestError) as caught:
+        client.generate("hi", response_format={"type": "no-such-format"})
+    assert caught.value.status_code == 400 and caught.value.message
+
+
+@pytest.fixture(scope="module")
+def llama_with_key() -> Iterator[Any]:
+    server = _start_local_server(api_key="test-key-0123456789")
+    yield server
+    server.stop()
+
+
+def test_llama_wrong_key_is_authentication_error_and_right_key_works(
+    llama_with_key: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = oc.Client(llama_with_key.base_url, api_key="wrong-key-abcdef", model="smollm2")
+    with pytest.raises(oc.AuthenticationError) as caught:
+        wrong.generate("hi", max_tokens=5)
+    assert caught.value.status_code == 401
+    assert "wrong-key-abcdef" not in str(caught.value) + repr(caught.value) + caplog.text
+    right = oc.Client(llama_with_key.base_url, api_key="test-key-0123456789", model="smollm2")
+    assert right.generate("Say hi.", max_tokens=5).steps[0].finish_reason in ("stop", "length")
+
+
+def test_llama_killed_mid_stream_is_a_classified_error_with_the_partial_text() -> None:
+    server = _start_local_server()
+    try:
+        client = oc.Client(server.base_url, timeout=10, max_retries=0)
+        received: list[str] = []
+        started = time.monotonic()
+        with pytest.raises(oc.APIError) as caught:
+            for chunk in client.stream("Write a long story about a dragon.", max_tokens=400,
+                                       temperature=0):
+                received.append(chunk.content)
+                if len(received) == 3:
+                    server.kill()
+        assert time.monotonic() - started < 20
+    finally:
+        server.stop()
+    assert isinstance(caught.value, (oc.StreamError, oc.EndpointUnavailableError))
+    assert caught.value.partial_text == "".join(received)
+    assert caught.value.partial_text
 
 # ==== Command line ====
 # @@CLI-TESTS@@

