@@ -1,0 +1,380 @@
+"""Streaming benchmark: openai_compat beside the official openai SDK, requests +
+sseclient-py fed the Response (what tutorials do), and a raw-socket floor.
+
+    python bench/bench.py            # full run (about a minute)
+    python bench/bench.py --quick    # smoke run
+
+One process measures every client in turn, in alternating rounds, against a
+loopback SSE server running in a child process (so its CPU time is not the
+client's). Printed as a markdown table with ratios to the floor and to the SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+# ---- the server (child process) ----
+
+_CHUNK = {"id": "chatcmpl-0123456789", "object": "chat.completion.chunk", "created": 1700000000,
+          "model": "bench", "system_fingerprint": "fp_bench",
+          "choices": [{"index": 0, "delta": {"content": " token"}, "logprobs": None,
+                       "finish_reason": None}]}
+
+
+def _event(sent: float | None = None) -> bytes:
+    chunk = dict(_CHUNK)
+    if sent is not None:
+        chunk["id"] = repr(sent)  # wall-clock send time: both processes share the clock
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+_FINISH = (b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,'
+           b'"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+
+
+def _serve(port_file: str) -> None:
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted = [0]
+    with open(port_file, "w") as out:
+        out.write(str(listener.getsockname()[1]))
+    while True:
+        conn, _ = listener.accept()
+        accepted[0] += 1
+        threading.Thread(target=_connection, args=(conn, accepted), daemon=True).start()
+
+
+def _read_request(conn: socket.socket, buffer: bytes) -> tuple[str, dict[str, Any], bytes] | None:
+    while b"\r\n\r\n" not in buffer:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buffer += data
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    while len(rest) < length:
+        rest += conn.recv(65536)
+    body = json.loads(rest[:length] or b"{}")
+    return lines[0].split()[1], body, rest[length:]
+
+
+def _connection(conn: socket.socket, accepted: list[int]) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = b""
+    with conn:
+        while True:
+            request = _read_request(conn, buffer)
+            if request is None:
+                return
+            path, body, buffer = request
+            if path.endswith("/connections"):
+                payload = str(accepted[0]).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(payload), payload))
+                continue
+            mode = str(body.get("model", "burst-100"))
+            if not _stream(conn, mode, body):
+                return
+
+
+def _stream(conn: socket.socket, mode: str, body: dict[str, Any]) -> bool:
+    kind, _, count_text = mode.partition("-")
+    count = int(count_text or 30)
+    framing = "chunked" if kind in ("burst", "chunked", "tool") else kind
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    if framing == "chunked":
+        head += b"Transfer-Encoding: chunked\r\n\r\n"
+    elif framing == "gzip":
+        head += b"Content-Encoding: gzip\r\nConnection: close\r\n\r\n"
+    else:
+        head += b"Connection: close\r\n\r\n"
+    conn.sendall(head)
+    packer = zlib.compressobj(wbits=31) if framing == "gzip" else None
+
+    def send(data: bytes) -> None:
+        if packer is not None:
+            data = packer.compress(data) + packer.flush(zlib.Z_SYNC_FLUSH)
+        if framing == "chunked":
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        conn.sendall(data)
+
+    if kind == "burst":
+        event = _event()
+        batch = event * 64
+        for _ in range(count // 64):
+            send(batch)
+        for _ in range(count % 64):
+            send(event)
+    elif kind == "tool":
+        turns = sum(1 for m in body.get("messages", []) if m.get("role") == "tool")
+        if turns < 2:
+            call = {"choices": [{"index": 0, "delta": {"tool_calls": [{
+                "index": 0, "id": f"call{turns}", "type": "function",
+                "function": {"name": "noop", "arguments": "{}"}}]}, "finish_reason": None}]}
+            send(b"data: " + json.dumps(call).encode() + b"\n\n")
+            send(b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}'
+                 b"\n\ndata: [DONE]\n\n")
+            conn.sendall(b"0\r\n\r\n")
+            return True
+        send(_event())
+    else:
+        for _ in range(count):
+            send(_event(time.time()))
+            time.sleep(0.02)
+    send(_FINISH)
+    if packer is not None:
+        conn.sendall(packer.flush())
+    if framing == "chunked":
+        conn.sendall(b"0\r\n\r\n")
+        return True
+    return False
+
+
+# ---- the clients ----
+
+
+def client_openai_compat(base: str) -> Callable[[str], Iterator[str]]:
+    import openai_compat as oc
+
+    client = oc.Client(base, api_key="x", max_retries=0)
+
+    def run(mode: str) -> Iterator[str]:
+        for chunk in client.stream("hi", model=mode):
+            if chunk.type == "text":
+                yield chunk.raw["id"]
+    return run
+
+
+def client_openai_sdk(base: str) -> Callable[[str], Iterator[str]]:
+    import openai
+
+    client = openai.OpenAI(base_url=base, api_key="x", max_retries=0)
+
+    def run(mode: str) -> Iterator[str]:
+        for chunk in client.chat.completions.create(
+                model=mode, messages=[{"role": "user", "content": "hi"}], stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                yield chunk.id
+    return run
+
+
+def client_requests_sseclient(base: str) -> Callable[[str], Iterator[str]]:
+    import requests
+    import sseclient
+
+    session = requests.Session()
+
+    def run(mode: str) -> Iterator[str]:
+        response = session.post(base + "/chat/completions", stream=True, json={
+            "model": mode, "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        for event in sseclient.SSEClient(response).events():
+            if event.data == "[DONE]":
+                break
+            data = json.loads(event.data)
+            if data["choices"] and data["choices"][0]["delta"].get("content"):
+                yield data["id"]
+        response.close()
+    return run
+
+
+def client_raw_socket(base: str) -> Callable[[str], Iterator[str]]:
+    host, port = base.split("//")[1].split("/")[0].split(":")
+
+    def run(mode: str) -> Iterator[str]:
+        body = json.dumps({"model": mode, "messages": [], "stream": True}).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            buffer, head_done, unzip = b"", False, None
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                if not head_done:
+                    buffer += data
+                    if b"\r\n\r\n" not in buffer:
+                        continue
+                    head, _, data = buffer.partition(b"\r\n\r\n")
+                    head_done, buffer = True, b""
+                    if b"gzip" in head:
+                        unzip = zlib.decompressobj(wbits=31)
+                if unzip is not None:
+                    data = unzip.decompress(data)
+                buffer += data
+                *events, buffer = buffer.split(b"\n\n")
+                for event in events:
+                    start = event.find(b"data: ")
+                    if start < 0:
+                        continue
+                    if event[start + 6:start + 12] == b"[DONE]":
+                        return
+                    payload = json.loads(event[start + 6:])
+                    if payload["choices"] and payload["choices"][0]["delta"].get("content"):
+                        yield payload["id"]
+    return run
+
+
+CLIENTS = {
+    "floor (raw socket)": ("socket", client_raw_socket),
+    "openai_compat": ("openai_compat", client_openai_compat),
+    "openai SDK": ("openai", client_openai_sdk),
+    "requests+sseclient": ("requests, sseclient", client_requests_sseclient),
+}
+
+
+# ---- measurements ----
+
+
+def throughput(run: Callable[[str], Iterator[str]], n: int) -> tuple[float, float]:
+    started, cpu = time.perf_counter(), time.process_time()
+    count = sum(1 for _ in run(f"burst-{n}"))
+    assert count == n, (count, n)
+    return n / (time.perf_counter() - started), (time.process_time() - cpu) / n * 1e6
+
+
+def latency(run: Callable[[str], Iterator[str]], framing: str, n: int) -> list[float]:
+    return [(time.time() - float(sent)) * 1000 for sent in run(f"{framing}-{n}")]
+
+
+def peak_memory(run: Callable[[str], Iterator[str]], n: int) -> float:
+    tracemalloc.start()
+    for _ in run(f"burst-{n}"):
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 1024
+
+
+def import_time(module: str, runs: int) -> float:
+    def once(code: str) -> float:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+        return time.perf_counter() - started
+    base = statistics.median(once("pass") for _ in range(runs))
+    return max(0.0, statistics.median(once(f"import {module}") for _ in range(runs)) - base) * 1000
+
+
+def connections(base: str) -> int:
+    import urllib.request
+    with urllib.request.urlopen(base + "/connections") as response:
+        return int(response.read())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, a smoke run")
+    args = parser.parse_args()
+    burst, paced, memory_n, rounds = ((2000, 10, 10000, 1) if args.quick
+                                      else (20000, 40, 100000, 3))
+    port_file = os.path.join(ROOT, ".bench-port")
+    if os.path.exists(port_file):
+        os.remove(port_file)  # left by an interrupted run
+    server = subprocess.Popen([sys.executable, __file__, "--serve", port_file])
+    try:
+        while not os.path.exists(port_file) or not open(port_file).read():
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{open(port_file).read()}/v1"
+        results = measure(base, burst, paced, memory_n, rounds)
+    finally:
+        server.kill()
+        os.remove(port_file)
+    report(results, burst, paced, memory_n, args.quick)
+    return 0
+
+
+def measure(base: str, burst: int, paced: int, memory_n: int,
+            rounds: int) -> dict[str, dict[str, Any]]:
+    runs = {name: factory(base) for name, (_, factory) in CLIENTS.items()}
+    out: dict[str, dict[str, Any]] = {name: {"tput": [], "cpu": [], "lat": {}} for name in runs}
+    for round_number in range(rounds):
+        order = list(runs) if round_number % 2 == 0 else list(reversed(runs))
+        for name in order:
+            rate, cpu = throughput(runs[name], burst)
+            out[name]["tput"].append(rate)
+            out[name]["cpu"].append(cpu)
+    for framing in ("chunked", "close", "gzip"):
+        for name in runs:
+            out[name]["lat"][framing] = latency(runs[name], framing, paced)
+    for name in runs:
+        out[name]["mem"] = peak_memory(runs[name], memory_n)
+        out[name]["import"] = import_time(CLIENTS[name][0], 3 if rounds == 1 else 7)
+    # Connections: 10 sequential streams per client that pools connections.
+    for name in ("openai_compat", "openai SDK", "requests+sseclient"):
+        before = connections(base)
+        for _ in range(10):
+            for _ in runs[name]("burst-10"):
+                pass
+        out[name]["conns"] = connections(base) - before - 1
+    import openai_compat as oc
+
+    def noop() -> str:
+        """Do nothing."""
+        return "ok"
+
+    client = oc.Client(base, api_key="x", max_retries=0)
+    before = connections(base)
+    stream = client.stream("hi", model="tool-1", tools=[noop], max_steps=5)
+    steps = sum(1 for c in stream if c.type == "finish")
+    out["openai_compat"]["tool_conns"] = (connections(base) - before - 1, steps)
+    return out
+
+
+def report(out: dict[str, dict[str, Any]], burst: int, paced: int, memory_n: int,
+           quick: bool) -> None:
+    import openai
+    import requests
+    import sseclient  # noqa: F401
+
+    import openai_compat as oc
+
+    floor, sdk = "floor (raw socket)", "openai SDK"
+    best = {name: max(v["tput"]) for name, v in out.items()}
+    print(f"# Streaming benchmark, {time.strftime('%Y-%m-%d')}{' (quick)' if quick else ''}\n")
+    print(f"{os.cpu_count()} cores, Python {platform.python_version()}, openai_compat "
+          f"{oc.__version__}, openai {openai.__version__}, requests {requests.__version__}; "
+          f"loopback. Command: `python bench/bench.py{' --quick' if quick else ''}`\n")
+    print(f"| client | chunks/s ({burst} burst) | x floor | x SDK | CPU us/event | "
+          "p50 / p99 ms chunked | p50 / p99 ms close | p50 / p99 ms gzip | "
+          f"peak KiB ({memory_n} chunks) | import ms | TCP conns, 10 calls |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, v in out.items():
+        lat = []
+        for framing in ("chunked", "close", "gzip"):
+            values = sorted(v["lat"][framing])
+            p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
+            lat.append(f"{statistics.median(values):.2f} / {p99:.2f}")
+        print(f"| {name} | {best[name]:,.0f} | {best[name] / best[floor]:.2f} | "
+              f"{best[name] / best[sdk]:.2f} | {min(v['cpu']):.1f} | {' | '.join(lat)} | "
+              f"{v['mem']:,.0f} | {v['import']:.0f} | {v.get('conns', '-')} |")
+    conns, steps = out["openai_compat"]["tool_conns"]
+    print(f"\nopenai_compat tool loop: {steps} model calls over {conns} new TCP connection(s).")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        _serve(sys.argv[2])
+    else:
+        sys.exit(main())
