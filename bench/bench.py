@@ -12,6 +12,7 @@ client's). Printed as a markdown table with ratios to the floor and to the SDK.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -84,7 +85,7 @@ def _read_request(conn: socket.socket, buffer: bytes) -> tuple[str, dict[str, An
 def _connection(conn: socket.socket, accepted: list[int]) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buffer = b""
-    with conn:
+    with conn, contextlib.suppress(OSError):  # clients may reset; that ends the connection
         while True:
             request = _read_request(conn, buffer)
             if request is None:
@@ -294,15 +295,23 @@ def main() -> int:
         os.remove(port_file)  # left by an interrupted run
     server = subprocess.Popen([sys.executable, __file__, "--serve", port_file])
     try:
-        while not os.path.exists(port_file) or not open(port_file).read():
+        while not _read(port_file):
             time.sleep(0.05)
-        base = f"http://127.0.0.1:{open(port_file).read()}/v1"
+        base = f"http://127.0.0.1:{_read(port_file)}/v1"
         results = measure(base, burst, paced, memory_n, rounds)
     finally:
         server.kill()
         os.remove(port_file)
     report(results, burst, paced, memory_n, args.quick)
     return 0
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
 
 
 def measure(base: str, burst: int, paced: int, memory_n: int,
@@ -316,10 +325,10 @@ def measure(base: str, burst: int, paced: int, memory_n: int,
             out[name]["tput"].append(rate)
             out[name]["cpu"].append(cpu)
     for framing in ("chunked", "close", "gzip"):
-        for name in runs:
-            out[name]["lat"][framing] = latency(runs[name], framing, paced)
-    for name in runs:
-        out[name]["mem"] = peak_memory(runs[name], memory_n)
+        for name, run in runs.items():
+            out[name]["lat"][framing] = latency(run, framing, paced)
+    for name, run in runs.items():
+        out[name]["mem"] = peak_memory(run, memory_n)
         out[name]["import"] = import_time(CLIENTS[name][0], 3 if rounds == 1 else 7)
     # Connections: 10 sequential streams per client that pools connections.
     for name in ("openai_compat", "openai SDK", "requests+sseclient"):
