@@ -349,6 +349,9 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
             re.IGNORECASE,
         ),
     ),
+    # Quirk(llama-cpp-python): a request its schema rejects ("messages" not a list,
+    # "content": null) is a 500 "N validation error(s)"; resending cannot help.
+    (BadRequestError, re.compile(r"\b\d+ validation errors?\b", re.IGNORECASE)),
     # Transport words (no HTTP status): the seed's table.
     (
         EndpointUnavailableError,

