@@ -992,6 +992,9 @@ class Client:
         self._discovered: list[str] | APIError | None = None
         # Request fields this server rejected once; never sent again (see _degrade).
         self._dropped: set[str] = set()
+        # Set when a streamed request with tools came back as an empty 200 stream:
+        # later calls with tools are asked for without streaming (see _model_call).
+        self._tools_unstreamed = False
         self._warn_plain_http()
 
     _warned_hosts: ClassVar[set[str]] = set()
@@ -1220,8 +1223,9 @@ class Client:
     ) -> Generator[Chunk, None, _Outcome]:
         for name in tuple(self._dropped):
             body.pop(name, None)
-        if not streaming:
+        if not streaming or (self._tools_unstreamed and "tools" in body):
             # vLLM answers 400 to stream_options without stream: true.
+            body.pop("stream", None)
             body.pop("stream_options", None)
             return (yield from self._plain_call(body, step))
         body["stream"] = True
@@ -1231,8 +1235,17 @@ class Client:
         outcome = yield from self._streamed_call(body, step)
         if outcome is None:
             # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure
-            # after the headers). Nothing was yielded: ask once more without streaming.
-            _log.warning("the server ended a stream without any event; retrying without streaming")
+            # after the headers), for instance for streamed tool_choice "auto" or a
+            # prompt beyond the context. Nothing was yielded: ask once more without
+            # streaming, which answers or raises the classified error. With tools,
+            # assume the server cannot stream them and stop trying.
+            if "tools" in body and not self._tools_unstreamed:
+                self._tools_unstreamed = True
+                _log.warning("the server ended a stream with tools without any event; asking"
+                             " without streaming, for calls with tools from now on")
+            else:
+                _log.warning("the server ended a stream without any event; asking again"
+                             " without streaming")
             body.pop("stream", None)
             body.pop("stream_options", None)
             outcome = yield from self._plain_call(body, step)
@@ -1403,7 +1416,7 @@ class Client:
                 retry_after = _retry_after(response.headers)
             if (
                 response.status_code in (408, 409, 429) or response.status_code >= 500
-            ) and attempt < self.config.max_retries and (
+            ) and error.retryable and attempt < self.config.max_retries and (
                 retry_after is None or retry_after <= _MAX_RETRY_AFTER
             ):
                 attempt += 1
@@ -1846,10 +1859,12 @@ def _parse_arguments(raw: str) -> tuple[dict[str, Any], str | None]:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        # Quirk(TGI < 3.2): the raw output ends in a special token such as <|eot_id|>.
+        # Quirk(llama-cpp-python, small models): a raw newline or tab inside a string,
+        # which strict JSON forbids but whose meaning is plain. Quirk(TGI < 3.2): the
+        # raw output ends in a special token such as <|eot_id|>.
         trimmed = re.sub(r"(?:<\|[^|>]*\|>|</s>)+\s*$", "", text)
         try:
-            value = json.loads(trimmed)
+            value = json.loads(trimmed, strict=False)
         except ValueError:
             return {}, f"arguments are not valid JSON ({exc})"
     if isinstance(value, str):
