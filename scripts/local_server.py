@@ -437,8 +437,8 @@ class LiteLLMProxy(_Server):
     def ready_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/health/liveliness"
 
-    def start(self, timeout: float = 180) -> _Server:
-        return super().start(timeout)  # importing litellm alone takes 20 s under load
+    def start(self, timeout: float = 300) -> _Server:
+        return super().start(timeout)  # importing litellm alone takes 20 s under load, minutes beside a build
 
 
 SERVERS: dict[str, type[_Server]] = {

@@ -2,6 +2,9 @@
 # Run the whole test suite on a fresh machine: makes .venv, builds and caches the
 # local llama.cpp server and model used by the integration tests (several minutes
 # the first time, seconds after), then runs pytest. Extra arguments go to pytest.
+# With OPENAI_COMPAT_MORE_SERVERS=1 (as in CI) it also installs llama-cpp-python's
+# server and the LiteLLM proxy and runs the tests against them (about 6 minutes
+# more the first time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
