@@ -7,6 +7,7 @@ import enum
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -1581,6 +1582,34 @@ def test_real_llama_killed_mid_stream_is_a_classified_error_with_the_partial_tex
     assert isinstance(caught.value, (oc.StreamError, oc.EndpointUnavailableError))
     assert caught.value.partial_text == "".join(received)
     assert caught.value.partial_text
+
+
+def _readme_examples() -> list[str]:
+    with open(os.path.join(os.path.dirname(_SCRIPTS), "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+    return [b for b in blocks if "import openai_compat as oc" in b]
+
+
+@pytest.fixture(scope="module")
+def llama_short() -> Iterator[Any]:
+    # -n: answers without max_tokens stop at 150 tokens, which keeps the run short.
+    server = _start_local_server(extra_args=("-n", "150"))
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("example", _readme_examples(),
+                         ids=lambda b: b.strip().splitlines()[-1][:40])
+def test_real_readme_examples_run_as_written(llama_short: Any, example: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    env["OPENAI_COMPATIBLE_BASE_URL"] = llama_short.base_url
+    # generate() waits for whole answers; on a busy 2-core machine 200 tokens of a
+    # tool-laden prompt took over the default 30 s (the README's tip for slow servers).
+    env["OPENAI_COMPATIBLE_TIMEOUT"] = "300"
+    done = subprocess.run([sys.executable, "-c", example], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()
 
 
 def test_real_llama_cpp_python_streams_tools_without_streaming_after_an_empty_stream(
