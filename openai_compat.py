@@ -2314,7 +2314,10 @@ def _check_tools(client: Client, report: Callable[[str, bool | None, str], None]
         calls = [c.tool_call for c in result if c.type == "tool_call" and c.tool_call]
         if calls:
             call = calls[0]
-            report("tool calls", True, f"streamed call {call.name}({call.raw_arguments})")
+            how = ("call (not streamed: the server's tool streams are empty, so they are"
+                   " asked for without streaming)" if client._tools_unstreamed
+                   else "streamed call")
+            report("tool calls", True, f"{how} {call.name}({call.raw_arguments})")
         else:
             report("tool calls", None, "no tool call: the model answered in text")
     except APIError as exc:

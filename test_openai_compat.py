@@ -1674,14 +1674,15 @@ def test_real_litellm_backend_killed_mid_stream_is_a_classified_error_with_the_p
 
 
 def cli(server: Scripted | None, *args: str, stdin: str | None = None,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        env: dict[str, str] | None = None, timeout: float = 30
+        ) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
     if server is not None:
         environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m",
                        OPENAI_COMPATIBLE_MAX_RETRIES="0")
     environ.update(env or {})
     return subprocess.run([sys.executable, "-m", "openai_compat", *args], input=stdin or "",
-                          capture_output=True, text=True, env=environ, timeout=30,
+                          capture_output=True, text=True, env=environ, timeout=timeout,
                           check=False, cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -1747,3 +1748,22 @@ def test_cli_ctrl_c_exits_130_without_traceback(server: Scripted) -> None:
     _, err = process.communicate(timeout=10)
     assert process.returncode == 130 and "Traceback" not in err
     assert server.closed.wait(3), "the connection is closed on Ctrl-C"
+
+
+def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
+    env = {"OPENAI_COMPATIBLE_BASE_URL": real.base_url, "OPENAI_COMPATIBLE_TIMEOUT": "120"}
+    if real.api_key:
+        env["OPENAI_COMPATIBLE_API_KEY"] = real.api_key
+    done = cli(None, "check", env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    marks = {line[:12].strip(): (line[13:18].strip(), line[19:])
+             for line in done.stdout.splitlines() if not line.startswith("endpoint")}
+    for name in ("reachable", "models", "auth", "chat", "streaming"):
+        assert marks[name][0] == "ok", done.stdout
+    assert "smollm2" in marks["models"][1]
+    # llama-cpp-python ignores include_usage; the check says so instead of failing.
+    assert marks["usage"][0] == ("--" if real.name == "llama-cpp-python" else "ok"), done.stdout
+    assert marks["tool calls"][0] in ("ok", "--"), done.stdout
+    if real.name == "llama-cpp-python" and marks["tool calls"][0] == "ok":
+        assert "not streamed" in marks["tool calls"][1]
+    assert real.api_key is None or real.api_key not in done.stdout + done.stderr
