@@ -1564,24 +1564,29 @@ def test_real_wrong_or_missing_key_is_authentication_error(
     assert right.generate("Say hi.", max_tokens=5).steps[0].finish_reason in ("stop", "length")
 
 
-def test_real_llama_killed_mid_stream_is_a_classified_error_with_the_partial_text() -> None:
-    server = _start_local_server()
+def _kill_mid_stream(client: oc.Client, victim: Any, within: float) -> tuple[oc.APIError, str]:
+    """Stream a long answer, SIGKILL `victim` after three chunks; the error and the text."""
+    received: list[str] = []
+    started = time.monotonic()
     try:
-        client = oc.Client(server.base_url, timeout=10, max_retries=0)
-        received: list[str] = []
-        started = time.monotonic()
         with pytest.raises(oc.APIError) as caught:
             for chunk in client.stream("Write a long story about a dragon.", max_tokens=400,
                                        temperature=0):
                 received.append(chunk.content)
                 if len(received) == 3:
-                    server.kill()
-        assert time.monotonic() - started < 20
+                    victim.kill()
+        assert time.monotonic() - started < within, "not a hang"
     finally:
-        server.stop()
-    assert isinstance(caught.value, (oc.StreamError, oc.EndpointUnavailableError))
-    assert caught.value.partial_text == "".join(received)
-    assert caught.value.partial_text
+        victim.stop()
+    return caught.value, "".join(received)
+
+
+def test_real_llama_killed_mid_stream_is_a_classified_error_with_the_partial_text() -> None:
+    server = _start_local_server()
+    client = oc.Client(server.base_url, timeout=10, max_retries=0)
+    error, received = _kill_mid_stream(client, server, within=20)
+    assert isinstance(error, (oc.StreamError, oc.EndpointUnavailableError))
+    assert error.partial_text == received and received
 
 
 def _readme_examples() -> list[str]:
@@ -1653,22 +1658,11 @@ def test_real_litellm_backend_killed_mid_stream_is_a_classified_error_with_the_p
 ) -> None:
     # LiteLLM sends data: {"error": {..., "code": "500"}} and ends the body without [DONE].
     backend = _local_server_module().LocalServer(port=litellm.doomed_port).start()
-    try:
-        client = _client(litellm, model="smollm2-doomed", timeout=30, max_retries=0)
-        received: list[str] = []
-        started = time.monotonic()
-        with pytest.raises(oc.APIError) as caught:
-            for chunk in client.stream("Write a long story about a dragon.", max_tokens=400,
-                                       temperature=0):
-                received.append(chunk.content)
-                if len(received) == 3:
-                    backend.kill()
-        assert time.monotonic() - started < 60
-    finally:
-        backend.stop()
-    assert isinstance(caught.value, oc.StreamError)
-    assert "Connection error" in caught.value.message
-    assert caught.value.partial_text == "".join(received) and caught.value.partial_text
+    client = _client(litellm, model="smollm2-doomed", timeout=30, max_retries=0)
+    error, received = _kill_mid_stream(client, backend, within=60)
+    assert isinstance(error, oc.StreamError) and "Connection error" in error.message
+    assert error.partial_text == received and received
+
 
 # ==== Command line ====
 
