@@ -414,6 +414,22 @@ def test_config_sends_no_authorization_without_key_and_extra_headers(server: Scr
     assert server.requests[0]["path"] == "/v1/chat/completions"
 
 
+def test_key_over_plain_http_to_a_remote_host_warns_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(oc.Client, "_warned_hosts", set())
+    with caplog.at_level(logging.WARNING, logger="openai_compat"):
+        oc.Client("http://gpu-box.example:8000/v1", api_key="sk-secret-1", model="m")
+        oc.Client("http://gpu-box.example:8000/v1", api_key="sk-secret-1", model="m")
+        oc.Client("http://127.0.0.1:8000/v1", api_key="sk-secret-1", model="m")
+        oc.Client("http://localhost:8000/v1", api_key="sk-secret-1", model="m")
+        oc.Client("https://api.example/v1", api_key="sk-secret-1", model="m")
+        oc.Client("http://other.example/v1", model="m")  # no key, nothing to leak
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "gpu-box.example" in warnings[0]
+    assert "https" in warnings[0] and "sk-secret-1" not in warnings[0]
+
+
 # ==== Model discovery ====
 
 
