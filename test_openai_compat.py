@@ -1162,6 +1162,29 @@ def test_tool_call_assembly_survives_every_server(server: Scripted, name: str) -
     assert result.text == "done"
 
 
+def test_tool_calls_without_ids_get_unique_ones_and_empty_arguments_mean_none(
+    server: Scripted
+) -> None:
+    def now() -> str:
+        """The time of day."""
+        return "noon"
+
+    # id "" on one call, no id on the other; arguments "" and absent.
+    server.add(Reply(sse(delta(tool_calls=[_call(0, "", "now", "")]),
+                         delta(tool_calls=[_call(1, None, "now", None)]),
+                         delta("tool_calls"), "data: [DONE]\n\n")),
+               Reply(text_stream("ok")))
+    _, result = run(server.client().stream("hi", tools=[now]))
+    ids = [r.call.id for r in result.tool_results]
+    assert len(ids) == 2 and all(ids) and ids[0] != ids[1]
+    assert [(r.call.arguments, r.error, r.value) for r in result.tool_results] == [
+        ({}, None, "noon"), ({}, None, "noon")]
+    sent = server.bodies()[1]["messages"]
+    calls = next(m for m in sent if m.get("tool_calls"))["tool_calls"]
+    assert [(c["id"], c["function"]["arguments"]) for c in calls] == [(i, "{}") for i in ids]
+    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
+
+
 def test_tool_loop_second_request_and_chunk_order(server: Scripted) -> None:
     server.add(Reply(sse(delta(content="Let me add. "),
                          delta(tool_calls=[_call(0, "c1", "_add", '{"a": 2, "b": 40}')]),
