@@ -1390,7 +1390,7 @@ class Client:
                     url, data=data, headers=headers, timeout=(timeout, timeout), stream=True
                 )
             except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
-                if not stale_resent and "Remote end closed connection" in str(exc):
+                if not stale_resent and _stale_connection(exc):
                     stale_resent = True
                     _log.debug("kept-alive connection was closed by the server; resending")
                     continue
@@ -1520,6 +1520,22 @@ class Client:
         ):
             return EndpointUnavailableError(f"cannot connect: {reason}", base_url=base)
         return StreamError(f"the connection failed while reading: {reason}", base_url=base)
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """Whether a request failed on a kept-alive connection the server had closed.
+
+    The server closed it between requests (idle timeout, or after an error, as
+    llama-cpp-python does after an empty stream): the request meets an EOF or a
+    reset before any byte of an answer, so the server never took it up. urllib3
+    only checks for a closed socket when it takes one from the pool, which leaves a
+    race. Connect failures are "Failed to establish a new connection", not this.
+    """
+    text = str(exc)
+    return "Connection aborted" in text and any(
+        sign in text for sign in ("Remote end closed connection", "reset by peer",
+                                  "Broken pipe", "BrokenPipeError", "ConnectionResetError")
+    )
 
 
 def _model_ids(payload: Any) -> list[str] | str:

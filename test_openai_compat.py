@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -915,10 +916,12 @@ def test_one_client_from_many_threads(server: Scripted) -> None:
     assert texts == ["xy"] * 6
 
 
-def test_stale_keep_alive_connection_is_resent_once() -> None:
+@pytest.mark.parametrize("hang_up", ["eof", "reset"])
+def test_stale_keep_alive_connection_is_resent_once(hang_up: str) -> None:
     # A server that answers one request per connection and then closes it without
     # saying so (no Connection: close): the next request on the pooled connection
-    # fails before any response byte and must be sent again on a new one.
+    # fails before any response byte, with an EOF or (llama-cpp-python after an
+    # empty stream, seen both ways) a reset, and must be sent again on a new one.
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -927,6 +930,18 @@ def test_stale_keep_alive_connection_is_resent_once() -> None:
     answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
               b"\r\n%s" % (len(body), body))
 
+    def read_request(conn: socket.socket) -> None:
+        # Headers and body arrive in separate sends: read both, or the "next
+        # request" read would take this body and close before the client reuses.
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536) or b"\r\n\r\n"
+        head, _, rest = data.partition(b"\r\n\r\n")
+        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        length = int(match.group(1)) if match else 0
+        while len(rest) < length:
+            rest += conn.recv(65536) or b" " * length
+
     def serve() -> None:
         for _ in range(3):
             try:
@@ -934,11 +949,13 @@ def test_stale_keep_alive_connection_is_resent_once() -> None:
             except OSError:  # the test is over
                 return
             with conn:
-                conn.recv(65536)
+                read_request(conn)
                 conn.sendall(answer)
-                time.sleep(0.05)
                 try:
-                    conn.recv(65536)  # the next request: drop it unanswered
+                    read_request(conn)  # the next request, whole: drop it unanswered
+                    if hang_up == "reset":  # close with RST instead of FIN
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
                 except OSError:
                     pass
 
