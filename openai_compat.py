@@ -1689,7 +1689,14 @@ class _TextBuffer:
             pieces.clear()
 
     def getvalue(self) -> str:
-        return "".join(self.blocks) + "".join(self.pieces)
+        # One join, kept as the only block: `a + b` over two joins held three copies
+        # of the text at the peak.
+        if self.pieces:
+            self.blocks.append("".join(self.pieces))
+            self.pieces.clear()
+        if len(self.blocks) > 1:
+            self.blocks[:] = ["".join(self.blocks)]
+        return self.blocks[0] if self.blocks else ""
 
 
 class _Accumulator:

@@ -750,6 +750,18 @@ def test_stream_empty_200_then_error_is_classified(server: Scripted) -> None:
         list(server.client().stream("hi"))
 
 
+@pytest.mark.parametrize("count", [0, 1, 1023, 1024, 1025, 3000])
+def test_text_buffer_keeps_every_piece_in_order(count: int) -> None:
+    buffer = oc._TextBuffer()
+    pieces = [f"{i}," for i in range(count)]
+    for piece in pieces[: count // 2]:
+        buffer.write(piece)
+    assert buffer.getvalue() == "".join(pieces[: count // 2])  # partial_text, mid-stream
+    for piece in pieces[count // 2:]:
+        buffer.write(piece)
+    assert buffer.getvalue() == buffer.getvalue() == "".join(pieces)
+
+
 # ==== SSE byte layer ====
 
 SAMPLE = (b'data: {"a": 1}\n\n: comment\n\nevent: ping\n\ndata: x\ndata: y\n\n'
