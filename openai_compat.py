@@ -1394,7 +1394,7 @@ class Client:
                     stale_resent = True
                     _log.debug("kept-alive connection was closed by the server; resending")
                     continue
-                error = self._transport_error(exc)
+                error = self._transport_error(exc, whole=not body.get("stream"))
                 # Connection failures (a connect timeout included) happened before the
                 # server saw the request: safe to resend. A read timeout did not.
                 if attempt < self.config.max_retries and isinstance(
@@ -1470,7 +1470,7 @@ class Client:
         try:
             raw = response.content
         except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
-            raise self._transport_error(exc) from None
+            raise self._transport_error(exc, whole=True) from None
         try:
             return json.loads(raw.decode("utf-8", "replace"))
         except ValueError:
@@ -1506,14 +1506,20 @@ class Client:
             return RateLimitError(message, retry_after=retry_after, **kwargs)
         return cls(message, **kwargs)
 
-    def _transport_error(self, exc: BaseException) -> APIError:
+    def _transport_error(self, exc: BaseException, whole: bool = False) -> APIError:
+        """The classified error for a transport failure. `whole`: the request asked for a
+        non-streamed answer, which servers send only once it is complete."""
         text = _redact(str(exc), self.config.api_key)
         base = self.config.base_url
         timeout = self.config.timeout
         if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
             return RequestTimeoutError(f"could not connect within {timeout:g} s", base_url=base)
         if isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-            return RequestTimeoutError(f"the server sent nothing for {timeout:g} s", base_url=base)
+            return RequestTimeoutError(
+                f"the server sent nothing for {timeout:g} s"
+                + (" while composing a whole answer (non-streamed answers arrive only when"
+                   " complete; stream() shows progress)" if whole else ""),
+                base_url=base)
         reason = _transport_reason(text)
         if isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
             exc, requests.exceptions.ChunkedEncodingError

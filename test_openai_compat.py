@@ -704,6 +704,17 @@ def test_stream_silence_past_timeout_is_request_timeout(server: Scripted) -> Non
     assert caught.value.partial_text == "a" and isinstance(caught.value, TimeoutError)
 
 
+def test_generate_silence_past_timeout_says_whole_answers_take_longer(server: Scripted) -> None:
+    # A non-streamed answer comes only when complete: a long one is silence, not a fault.
+    server.add(json_reply(completion("late"), delay=3))
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        server.client(timeout=0.5, max_retries=0).generate("hi")
+    assert time.monotonic() - started < 2.5
+    assert "whole answer" in str(caught.value) and "stream()" in str(caught.value)
+    assert "OPENAI_COMPATIBLE_TIMEOUT" in str(caught.value)  # the hint: raise it
+
+
 def test_stream_break_closes_the_response(server: Scripted) -> None:
     server.add(Reply(*[sse(delta(content=str(i))) for i in range(50)], pause=0.05))
     client = server.client()
