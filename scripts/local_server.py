@@ -10,8 +10,8 @@ for a few minutes and later runs take seconds:
   135M model emit real OpenAI-style tool calls.
 
 Two more server codebases, each in a venv of its own in the same cache, for the
-integration tests that OPENAI_COMPAT_MORE_SERVERS=1 enables (about 12 more minutes
-the first time):
+integration tests that OPENAI_COMPAT_MORE_SERVERS=1 enables (about 5 more minutes
+the first time on 2 cores):
 
 - llama-cpp-python's FastAPI server (llama-cpp-python[server], built from its sdist);
 - the LiteLLM proxy (litellm[proxy], with prisma), run offline in front of the others.
@@ -252,9 +252,9 @@ def ensure_more(python: str = sys.executable, *, build: bool = True) -> MorePiec
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             jobs = [
                 pool.submit(_venv, root, lcp_dir, python, (LLAMA_CPP_PYTHON,), env=env,
-                            note=" (builds llama.cpp: about 9 minutes on 2 cores; cached)"),
+                            note=" (builds llama.cpp: about 5 minutes on 2 cores; cached)"),
                 pool.submit(_venv, root, litellm_dir, python, LITELLM,
-                            note=" (about 3 minutes; cached afterwards)"),
+                            note=" (about a minute; cached afterwards)"),
             ]
             for job in jobs:
                 job.result()  # raises what the install raised, after both have ended
@@ -322,10 +322,10 @@ class _Server:
         self.stop()
         raise RuntimeError(f"{self.name} not ready after {timeout:g} s:\n" + self.log_tail())
 
-    def log_tail(self, lines: int = 20) -> str:
+    def log_tail(self) -> str:
         try:
             with open(self.log_path, errors="replace") as log:
-                return "".join(log.readlines()[-lines:])
+                return "".join(log.readlines()[-20:])
         except OSError:
             return ""
 
@@ -438,12 +438,8 @@ class LiteLLMProxy(_Server):
         return f"http://127.0.0.1:{self.port}/health/liveliness"
 
     def start(self, timeout: float = 300) -> _Server:
-        return super().start(timeout)  # importing litellm alone takes 20 s under load, minutes beside a build
-
-
-SERVERS: dict[str, type[_Server]] = {
-    "llama-server": LocalServer, "llama-cpp-python": LlamaCppPythonServer,
-}
+        # Importing litellm alone took 20 s under load, and minutes beside a build.
+        return super().start(timeout)
 
 
 @atexit.register
