@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import email.utils
 import enum
+import http.client
 import inspect
 import json
 import logging
@@ -148,6 +149,10 @@ _BACKOFF_MAX: Final = 8.0
 _READ_SIZE: Final = 65536
 _ID_ALPHABET: Final = string.ascii_letters + string.digits
 _LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1", "[::1]")
+# What requests, urllib3 and the socket layer raise on the network path; each place
+# that catches them turns them into the module's own errors.
+_TRANSPORT_ERRORS: Final = (requests.RequestException, urllib3.exceptions.HTTPError,
+                            http.client.HTTPException, OSError)
 
 # ==== Errors ====
 
@@ -308,6 +313,21 @@ class StreamError(APIError):
 # Ordered: the first row whose pattern matches the message wins. Statuses that
 # decide on their own (401, 403, 413, 429) are checked before this table.
 _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
+    # vLLM "The model `qwen2.5-7b` does not exist.", Ollama "model "llama3.2" not found,
+    # try pulling it first", OpenAI model_not_found, LiteLLM "Invalid model name passed",
+    # Fireworks "Model not found, inaccessible", Together "Unable to access model x",
+    # Gemini "models/x is not found for API version v1beta". First, so that nothing an id holds
+    # (a "context" or "rate-limit" in its name) can outrank it; the gap after "model"
+    # takes any character but a newline: ids hold dots, colons, slashes, @ and quotes.
+    (
+        ModelNotFoundError,
+        re.compile(
+            r"\bmodels?\b[^\n]{0,200}?\b(?:not found|does not exist|not exist|is not available)"
+            r"|model_not_found|invalid model name|unknown model|no such model"
+            r"|unable to access model",
+            re.IGNORECASE,
+        ),
+    ),
     # vLLM/OpenAI/llama-cpp-python "maximum context length is N tokens", llama.cpp
     # exceed_context_size_error "exceeds the available context size", LiteLLM
     # ContextWindowExceededError, Anthropic-compat "prompt is too long".
@@ -321,22 +341,14 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
     ),
     # LiteLLM answers a wrong key with 400 "No connected db." when it has no database.
     (AuthenticationError, re.compile(r"\bno connected db\b", re.IGNORECASE)),
-    # vLLM "The model `x` does not exist.", Ollama "model 'x' not found", OpenAI
-    # model_not_found, LiteLLM "Invalid model name passed", Fireworks "Model not found".
-    (
-        ModelNotFoundError,
-        re.compile(
-            r"\bmodel\b[^.\n]{0,160}?\b(?:not found|does not exist|not exist|is not available)"
-            r"|model_not_found|invalid model name|unknown model|no such model",
-            re.IGNORECASE,
-        ),
-    ),
     # llama.cpp "Invalid API Key", llama-cpp-python "Invalid API key", OpenAI
-    # "Incorrect API key provided", LiteLLM "Authentication Error, No api key passed in".
+    # "Incorrect API key provided", LiteLLM "Authentication Error, No api key passed in",
+    # Gemini "API key not valid" with reason API_KEY_INVALID.
     (
         AuthenticationError,
         re.compile(
-            r"(?:invalid|incorrect|missing|no) api[ _-]?key|api[ _-]?key (?:is )?(?:invalid|missing|required)"
+            r"(?:invalid|incorrect|missing|no) api[ _-]?key"
+            r"|api[ _-]?key[ _-](?:is[ _-])?(?:invalid|not valid|missing|required)"
             r"|unauthori[sz]ed|authentication[ _]error|\bauthentication\b",
             re.IGNORECASE,
         ),
@@ -349,19 +361,27 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
             re.IGNORECASE,
         ),
     ),
+    # The seed's table: a bare "does not exist" is a model that does not.
+    (ModelNotFoundError, re.compile(r"does not exist", re.IGNORECASE)),
     # Quirk(llama-cpp-python): a request its schema rejects ("messages" not a list,
     # "content": null) is a 500 "N validation error(s)"; resending cannot help.
     (BadRequestError, re.compile(r"\b\d+ validation errors?\b", re.IGNORECASE)),
-    # Transport words (no HTTP status): the seed's table.
+    # Transport words (no HTTP status): the seed's table ("ECONNREFUSED", the browser's
+    # "Failed to fetch", Node's "fetch failed", "TimeoutError: The operation was aborted
+    # due to timeout"), and what Python's socket layer says.
     (
         EndpointUnavailableError,
         re.compile(
             r"ECONNREFUSED|connection refused|ECONNRESET|connection reset|name or service not known"
-            r"|nodename nor servname|temporary failure in name resolution|no route to host",
+            r"|nodename nor servname|temporary failure in name resolution|no route to host"
+            r"|failed to fetch|fetch failed",
             re.IGNORECASE,
         ),
     ),
-    (RequestTimeoutError, re.compile(r"timed out|ETIMEDOUT", re.IGNORECASE)),
+    (
+        RequestTimeoutError,
+        re.compile(r"TimeoutError|timed out|ETIMEDOUT|aborted due to timeout", re.IGNORECASE),
+    ),
 )
 _TRANSPORT_CLASSES: Final = (EndpointUnavailableError, RequestTimeoutError)
 
@@ -1106,7 +1126,7 @@ class Client:
                     return self._http_error(response.status_code, text, response.headers)
         except APIError as exc:
             return exc
-        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+        except _TRANSPORT_ERRORS as exc:
             return self._transport_error(exc)
         try:
             ids = _model_ids(json.loads(text))
@@ -1389,7 +1409,7 @@ class Client:
                 response = self._session.post(
                     url, data=data, headers=headers, timeout=(timeout, timeout), stream=True
                 )
-            except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+            except _TRANSPORT_ERRORS as exc:
                 if not stale_resent and _stale_connection(exc):
                     stale_resent = True
                     _log.debug("kept-alive connection was closed by the server; resending")
@@ -1462,14 +1482,14 @@ class Client:
     def _read_text(self, response: requests.Response) -> str:
         try:
             raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
-        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError):
+        except _TRANSPORT_ERRORS:
             raw = b""
         return raw.decode("utf-8", "replace")
 
     def _read_json(self, response: requests.Response) -> Any:
         try:
             raw = response.content
-        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, whole=True) from None
         try:
             return json.loads(raw.decode("utf-8", "replace"))
@@ -1827,11 +1847,13 @@ class _CallAssembler:
 
     def add(self, deltas: Any) -> None:
         # Quirk(TGI < 3.2): tool_calls is one object, not a list.
-        for delta in deltas if isinstance(deltas, list) else [deltas]:
+        if not isinstance(deltas, list):
+            deltas = [deltas]
+        for position, delta in enumerate(deltas):
             if isinstance(delta, dict):
-                self._add_one(delta)
+                self._add_one(delta, position)
 
-    def _add_one(self, delta: dict[str, Any]) -> None:
+    def _add_one(self, delta: dict[str, Any], position: int) -> None:
         call_id = delta.get("id")
         call_id = str(call_id) if call_id not in (None, "") else ""
         index = delta.get("index")
@@ -1839,7 +1861,9 @@ class _CallAssembler:
         if call is None:
             if not call_id and index in self.by_index:
                 call = self.by_index[index]
-            elif not call_id and index is None and self.calls:
+            elif not call_id and index is None and self.calls and not (
+                position or self._names_another_call(delta)
+            ):
                 call = self.calls[-1]
             else:
                 call = _PartialCall(call_id)
@@ -1863,7 +1887,22 @@ class _CallAssembler:
             if key not in ("index", "id", "type", "function") and value is not None:
                 call.extra.setdefault(key, value)
 
+    def _names_another_call(self, delta: dict[str, Any]) -> bool:
+        # Quirk(LM Studio, Gemini through proxies): calls with "id": "" and no index.
+        # A name where the latest call already has one starts the next call; servers
+        # that repeat a name on every delta also repeat an id or an index.
+        function = delta.get("function")
+        return bool(self.calls[-1].name and isinstance(function, dict) and function.get("name"))
+
     def finish(self) -> list[ToolCall]:
+        # Each result goes back under its call's id: made-up ids must be unique too.
+        taken = set(self.by_id)
+        for call in self.calls:
+            if not call.id:
+                call.id = _new_call_id()
+                while call.id in taken:
+                    call.id = _new_call_id()
+                taken.add(call.id)
         return [_finish_call(call) for call in self.calls]
 
 
@@ -1877,8 +1916,12 @@ def _finish_call(call: _PartialCall) -> ToolCall:
         inner = dict(arguments["function"])
         name = str(inner.pop("_name", ""))
         arguments = inner
-    call_id = call.id or "".join(random.choices(_ID_ALPHABET, k=9))
-    return ToolCall(call_id, name, arguments or {}, raw, error, call.extra)
+    return ToolCall(call.id, name, arguments or {}, raw, error, call.extra)
+
+
+def _new_call_id() -> str:
+    # Nine letters and digits: the form Mistral requires of ids sent back to it.
+    return "".join(random.choices(_ID_ALPHABET, k=9))
 
 
 def _parse_arguments(raw: str) -> tuple[dict[str, Any], str | None]:
@@ -1995,7 +2038,7 @@ def _iter_raw(response: requests.Response, base_url: str) -> Iterator[bytes]:
         raise RequestTimeoutError(
             "the server went silent in the middle of the stream", base_url=base_url
         ) from None
-    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+    except _TRANSPORT_ERRORS as exc:
         raise StreamError(
             f"the connection broke in the middle of the stream ({_transport_reason(str(exc))})",
             base_url=base_url,
@@ -2092,10 +2135,12 @@ def _drain(response: requests.Response) -> None:
     try:
         sock.settimeout(_DRAIN_SECONDS)
         deadline = time.monotonic() + _DRAIN_SECONDS
-        while time.monotonic() < deadline and response.raw.read1(_READ_SIZE):
+        # decode_content=True as in _iter_raw: urllib3 refuses to mix the two on one
+        # gzip body (RuntimeError), and the drain must never fail the answer.
+        while time.monotonic() < deadline and response.raw.read1(_READ_SIZE, decode_content=True):
             pass
-    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError):
-        pass
+    except Exception as exc:  # noqa: BLE001 - best effort: at worst the connection is not reused
+        _log.debug("draining the end of a stream failed: %r", exc)
 
 
 def _socket_of(response: requests.Response) -> Any:

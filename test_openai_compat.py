@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import string
 import struct
 import subprocess
 import sys
@@ -43,18 +44,27 @@ class Reply:
     """One scripted HTTP response.
 
     framing: "chunked" (each part its own HTTP chunk), "close" (no length, ends at
-    close), "length" (Content-Length), "gzip" (gzip, flushed per part, ends at close).
-    pause: seconds before each part after the first. stall: seconds to sleep after
-    the parts, then the connection is cut without finishing the body. delay: seconds
-    before the status line.
+    close), "length" (Content-Length), "gzip" (short for "close" with gzip=True).
+    gzip: compress the body, flushed per part, in any framing. pause: seconds before
+    each part after the first. stall: seconds to sleep after the parts, then the
+    connection is cut without finishing the body. delay: seconds before the status line.
     """
 
     def __init__(self, *parts: bytes | str, status: int = 200, framing: str = "chunked",
                  content_type: str = "text/event-stream", headers: dict[str, str] | None = None,
-                 pause: float = 0.0, stall: float | None = None, delay: float = 0.0) -> None:
+                 pause: float = 0.0, stall: float | None = None, delay: float = 0.0,
+                 gzip: bool = False) -> None:
         self.parts = [p.encode() if isinstance(p, str) else p for p in parts]
         self.status = status
-        self.framing = framing
+        self.gzip = gzip or framing == "gzip"
+        self.framing = "close" if framing == "gzip" else framing
+        if self.gzip:
+            # Each part compressed and flushed on its own, so that it can be read
+            # (and must be decoded) as soon as it arrives.
+            packer = zlib.compressobj(wbits=31)
+            self.parts = [packer.compress(p) + packer.flush(zlib.Z_SYNC_FLUSH)
+                          for p in self.parts]
+            self.parts.append(packer.flush())
         self.content_type = content_type
         self.headers = headers or {}
         self.pause = pause
@@ -131,6 +141,8 @@ def _handler(script: Scripted) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", reply.content_type)
             for name, value in reply.headers.items():
                 self.send_header(name, value)
+            if reply.gzip:
+                self.send_header("Content-Encoding", "gzip")
             if reply.framing == "length":
                 self.send_header("Content-Length", str(sum(map(len, reply.parts))))
             elif reply.framing == "chunked":
@@ -138,16 +150,16 @@ def _handler(script: Scripted) -> type[BaseHTTPRequestHandler]:
             else:
                 self.send_header("Connection", "close")
                 self.close_connection = True
-                if reply.framing == "gzip":
-                    self.send_header("Content-Encoding", "gzip")
             self.end_headers()
-            packer = zlib.compressobj(wbits=31) if reply.framing == "gzip" else None
+            parts = reply.parts
+            # The gzip trailer is the last part: a stalled reply never sends it.
+            last = parts[-1:] if reply.gzip else []
+            if last:
+                parts = parts[:-1]
             try:
-                for i, part in enumerate(reply.parts):
+                for i, part in enumerate(parts):
                     if i and reply.pause:
                         time.sleep(reply.pause)
-                    if packer is not None:
-                        part = packer.compress(part) + packer.flush(zlib.Z_SYNC_FLUSH)
                     if reply.framing == "chunked":
                         part = b"%x\r\n%s\r\n" % (len(part), part)
                     self.wfile.write(part)
@@ -157,8 +169,10 @@ def _handler(script: Scripted) -> type[BaseHTTPRequestHandler]:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                if packer is not None:
-                    self.wfile.write(packer.flush())
+                for part in last:
+                    if reply.framing == "chunked":
+                        part = b"%x\r\n%s\r\n" % (len(part), part)
+                    self.wfile.write(part)
                 if reply.framing == "chunked":
                     self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
@@ -169,6 +183,7 @@ def _handler(script: Scripted) -> type[BaseHTTPRequestHandler]:
 
 
 class _Loopback(ThreadingHTTPServer):
+    request_queue_size = 128  # the many-threads tests connect at once
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that hang up mid-reply are part of the tests, not news.
         if not isinstance(sys.exc_info()[1], ConnectionError):
@@ -266,6 +281,63 @@ def text_of(chunks: list[oc.Chunk]) -> str:
 )
 def test_classify_error_table(status: int | None, message: str, expected: type) -> None:
     assert oc.classify_error(message, status) is expected
+
+
+# The seed's error table, verbatim, each pattern alone and inside a longer message.
+SEED_PATTERNS = [
+    ("TimeoutError", oc.RequestTimeoutError),
+    ("ECONNREFUSED", oc.EndpointUnavailableError),
+    ("Failed to fetch", oc.EndpointUnavailableError),
+    ("API_KEY_INVALID", oc.AuthenticationError),
+    ("Unauthorized", oc.AuthenticationError),
+    ("rate limit", oc.RateLimitError),
+    ("model llama3.2 not found", oc.ModelNotFoundError),
+    ("does not exist", oc.ModelNotFoundError),
+]
+
+
+@pytest.mark.parametrize(("pattern", "expected"), SEED_PATTERNS)
+@pytest.mark.parametrize("wrap", ["{}", "Error: {}. Please try again later.",
+                                  "request failed ({}) after 3 attempts"])
+def test_classify_error_seed_table_alone_and_inside_a_message(
+        pattern: str, expected: type, wrap: str) -> None:
+    # Issue #11: "TimeoutError: The operation ...", "Failed to fetch" and API_KEY_INVALID
+    # came back as plain APIError.
+    assert oc.classify_error(wrap.format(pattern)) is expected
+
+
+# Model-not-found messages as each server writes them, with the id where it puts it.
+MODEL_NOT_FOUND_TEMPLATES = [
+    'model "{}" not found, try pulling it first',  # Ollama
+    "model '{}' not found",  # Ollama /v1
+    "The model `{}` does not exist.",  # vLLM
+    "The model `{}` does not exist or you do not have access to it.",  # OpenAI
+    "Invalid model name passed in model={}. Call `/v1/models` to view available models",  # LiteLLM
+    "Model {} not found, inaccessible, and/or not deployed",  # Fireworks
+    "Unable to access model {}. Please visit https://api.together.ai/models",  # Together
+    "models/{} is not found for API version v1beta",  # Gemini
+]
+REAL_MODEL_IDS = ["llama3.2", "qwen2.5:7b", "meta-llama/Llama-3.1-8B-Instruct",
+                  "accounts/fireworks/models/llama-v3p1-8b-instruct", "gpt-4o-2024-08-06",
+                  "hf.co/bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M", "claude@2024-10-22",
+                  "deepseek-r1:1.5b", "mistral-small-latest", "it's-\"quoted\""]
+
+
+@pytest.mark.parametrize("status", [None, 400, 404])
+@pytest.mark.parametrize("template", MODEL_NOT_FOUND_TEMPLATES)
+def test_classify_error_model_not_found_whatever_the_id(template: str, status: int | None) -> None:
+    # Issue #11: a dot in the id turned Ollama's everyday 404 into a BadRequestError.
+    for model_id in REAL_MODEL_IDS:
+        message = template.format(model_id)
+        assert oc.classify_error(message, status) is oc.ModelNotFoundError, message
+
+
+@settings(max_examples=300, deadline=None)
+@given(model_id=st.text(st.sampled_from(string.ascii_letters + string.digits + "._:/@-'\"`"),
+                        min_size=1, max_size=120),
+       template=st.sampled_from(MODEL_NOT_FOUND_TEMPLATES))
+def test_classify_error_model_not_found_for_any_id(model_id: str, template: str) -> None:
+    assert oc.classify_error(template.format(model_id), 404) is oc.ModelNotFoundError
 
 
 def test_errors_mix_in_builtins() -> None:
@@ -693,6 +765,26 @@ def test_stream_first_event_is_not_held_back(server: Scripted, framing: str) -> 
     if framing != "length":  # a Content-Length body may be held by proxies; we still read it
         assert elapsed < 0.75, f"first event arrived after {elapsed:.2f} s on {framing}"
     assert text_of(list(stream)) == "late"
+
+
+@pytest.mark.parametrize("done", [True, False], ids=["done", "no-done"])
+@pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
+@pytest.mark.parametrize("framing", ["chunked", "close", "length"])
+def test_stream_every_framing_ends_cleanly_and_the_connection_serves_again(
+        server: Scripted, framing: str, gzip: bool, done: bool) -> None:
+    # Issue #11: a gzip stream ending in [DONE] crashed in the drain with urllib3's
+    # RuntimeError (read1 without decoding after read1 with it) and lost the connection.
+    body = text_stream("Hel", "lo")
+    if not done:
+        body = body.replace("data: [DONE]\n\n", "")
+    server.add(Reply(*re.findall(r".*?\n\n", body, re.DOTALL), framing=framing, gzip=gzip),
+               Reply(text_stream("again"), framing=framing, gzip=gzip))
+    client = server.client()
+    chunks, result = run(client.stream("hi"))
+    assert text_of(chunks) == result.text == "Hello"
+    assert client.stream("hi").text == "again"
+    # A body with a known end leaves its connection for the next request.
+    assert server.connections == (2 if framing == "close" else 1)
 
 
 def test_stream_silence_past_timeout_is_request_timeout(server: Scripted) -> None:
@@ -1171,6 +1263,14 @@ TOOL_CALL_STREAMS: dict[str, tuple[list[Any], list[tuple[str, dict[str, Any]]]]]
     "null-function-and-trailing-empty": ([[_call(0, "v1", "add", '{"a": 1, "b": 2}')],
                                           [{"index": 0, "function": None}],
                                           [_call(0, arguments="")]], [("add", {"a": 1, "b": 2})]),
+    # Issue #11: parallel calls with "id": "" and no index, listed in one delta (LM Studio,
+    # Gemini through proxies), or one whole call per delta: two calls, not one merged.
+    "empty-ids-one-delta": ([[_call(None, "", "add", '{"a": 1, "b": 2}'),
+                              _call(None, "", "add", '{"a": 3, "b": 4}')]],
+                            [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+    "empty-ids-a-delta-each": ([[_call(None, "", "add", '{"a": 1, "b": 2}')],
+                                [_call(None, "", "add", '{"a": 3, "b": 4}')]],
+                               [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
     # Interleaved parallel calls by index.
     "interleaved": ([[_call(0, "i0", "add", '{"a": 1,'), _call(1, "i1", "add", '{"a": 3,')],
                      [_call(1, arguments=' "b": 4}'), _call(0, arguments=' "b": 2}')]],
@@ -1224,6 +1324,26 @@ def test_tool_calls_without_ids_get_unique_ones_and_empty_arguments_mean_none(
     calls = next(m for m in sent if m.get("tool_calls"))["tool_calls"]
     assert [(c["id"], c["function"]["arguments"]) for c in calls] == [(i, "{}") for i in ids]
     assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
+
+
+def test_unstreamed_parallel_calls_with_empty_ids_each_run_under_their_own_id(
+    server: Scripted
+) -> None:
+    # Issue #11: message.tool_calls with two calls, each "id": "", were merged into one.
+    calls = [{"id": "", "type": "function", "function": {"name": "add", "arguments": args}}
+             for args in ('{"a": 1, "b": 2}', '{"a": 3, "b": 4}')]
+    server.add(json_reply(completion(None, "tool_calls", tool_calls=calls)),
+               json_reply(completion("3 and 7")))
+    client = server.client()
+    client._tools_unstreamed = True  # as after a server's empty tool stream: asked whole
+    result = client.generate("hi", tools=[{"add": _add}])
+    assert [(r.call.arguments, r.value) for r in result.tool_results] == [
+        ({"a": 1, "b": 2}, 3), ({"a": 3, "b": 4}, 7)]
+    ids = [r.call.id for r in result.tool_results]
+    assert all(ids) and ids[0] != ids[1]
+    sent = server.bodies()[1]["messages"]
+    assert [c["id"] for c in sent[-3]["tool_calls"]] == ids
+    assert [(m["tool_call_id"], m["content"]) for m in sent[-2:]] == [(ids[0], "3"), (ids[1], "7")]
 
 
 def test_tool_loop_second_request_and_chunk_order(server: Scripted) -> None:
