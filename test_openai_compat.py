@@ -1477,6 +1477,846 @@ def test_server_without_tools_gets_the_request_without_them(
     assert "tools" in first and "tools" not in second and "tool_choice" not in second
     assert "tools" not in third, "the Client remembers"
 
+# ==== Cases from other projects ====
+# Inputs and expected outcomes taken from other projects' published test suites and
+# recorded streams (the facts only; the test code is ours). Each row names its
+# source. Where a peer expects something DESIGN.md does not, DESIGN.md wins and the
+# row says so.
+
+
+def _peer_events(pieces: list[bytes]) -> list[tuple[str, str]]:
+    return list(oc._iter_events(pieces))
+
+
+def _bytewise(data: bytes) -> list[bytes]:
+    return [data[i:i + 1] for i in range(len(data))]
+
+
+PEER_SSE: list[Any] = [
+    # Source: WHATWG HTML spec, server-sent events, first example; also
+    # florimondmanca/httpx-sse tests/test_decoders.py (whatwg_example1).
+    pytest.param([b"data: YH00\n", b"data: +2\n", b"data: 10\n", b"\n"],
+                 [("message", "YH00\n+2\n10")], id="whatwg-multi-line-data"),
+    # Source: WHATWG HTML spec, second example; httpx-sse tests/test_decoders.py
+    # (whatwg_example2): a comment, `id` with and without a value, and only ONE leading
+    # space removed from "data:  third event".
+    pytest.param([(b": test stream\n\ndata: first event\nid: 1\n\ndata: second event\nid\n\n"
+                   b"data:  third event\n\n")],
+                 [("message", "first event"), ("message", "second event"),
+                  ("message", " third event")], id="whatwg-comment-id-one-space-removed"),
+    # Source: WHATWG HTML spec, third example; httpx-sse tests/test_decoders.py
+    # (whatwg_example3): a field name without a colon. The spec's example ends in an
+    # unterminated `data:` line that the spec drops at EOF; we leave it out here (the
+    # module passes an unterminated last event on, so that a truncated stream fails
+    # loudly: see the cut-stream case below).
+    pytest.param([b"data\n\ndata\ndata\n\n"], [("message", ""), ("message", "\n")],
+                 id="whatwg-field-without-colon"),
+    # Source: WHATWG HTML spec, fourth example; httpx-sse tests/test_decoders.py
+    # (whatwg_example4); btubbs/sseclient test_sseclient.py (test_no_space).
+    pytest.param([b"data:test\n\ndata: test\n\n"], [("message", "test"), ("message", "test")],
+                 id="whatwg-data-without-space"),
+    # Source: httpx-sse tests/test_decoders.py (test_iter_sse_event).
+    pytest.param([b"event: logline\n", b"data: New user connected\n", b"\n"],
+                 [("logline", "New user connected")], id="httpx-sse-event-name"),
+    # Source: httpx-sse tests/test_decoders.py (test_iter_sse_id_null): an id holding
+    # NUL is ignored; the data is unaffected.
+    pytest.param([b"data: test\n", b"id: 123\x00\n", b"\n"], [("message", "test")],
+                 id="httpx-sse-id-with-nul"),
+    # Source: httpx-sse tests/test_decoders.py (test_iter_sse_id_retry) expects an event
+    # with empty data and retry=10000; the WHATWG spec dispatches nothing when the data
+    # buffer is empty, and a chat stream has no use for it: we follow the spec.
+    pytest.param([b"retry: 10000\n", b"\n"], [], id="httpx-sse-retry-only-no-event"),
+    # Source: httpx-sse tests/test_decoders.py (test_iter_sse_unknown_field).
+    pytest.param([b"something: ignore\n", b"\n"], [], id="httpx-sse-unknown-field"),
+    # Source: btubbs/sseclient test_sseclient.py (test_retry_is_integer, test_comment):
+    # retry and comment lines never leak into the data.
+    pytest.param([b":this is a comment\ndata: hi\nretry: 4000\n\n"], [("message", "hi")],
+                 id="btubbs-retry-and-comment"),
+    # Source: btubbs/sseclient test_sseclient.py (test_eols): each line ending alone.
+    *[pytest.param([b"event: hello%sdata: eol%s%s" % (eol, eol, eol)], [("hello", "eol")],
+                   id=f"btubbs-eol-{name}")
+      for name, eol in (("crlf", b"\r\n"), ("cr", b"\r"), ("lf", b"\n"))],
+    # Source: mpetazzoni/sseclient (sseclient-py) tests/unittests.py
+    # (test_multibyte_characters).
+    pytest.param(["id: 1\ndata: €豆腐\n\n".encode()], [("message", "€豆腐")],
+                 id="sseclient-py-multibyte"),
+    # Source: sseclient-py tests/unittests.py
+    # (test_parses_empty_lines_with_multibyte_characters).
+    pytest.param(["\n\n\n\nid: 1\ndata: 我現在都看實況不玩遊戲\n\n".encode()],
+                 [("message", "我現在都看實況不玩遊戲")], id="sseclient-py-leading-blank-lines"),
+    # Source: sseclient-py tests/unittests.py (test_one_one_line_message_in_two_chunks).
+    pytest.param([b"data: Hel", b"lo\n\n"], [("message", "Hello")],
+                 id="sseclient-py-message-in-two-chunks"),
+    # Source: sseclient-py tests/unittests.py (test_one_two_line_message_in_one_chunk).
+    pytest.param([b"data: Hello\ndata:World\n\n"], [("message", "Hello\nWorld")],
+                 id="sseclient-py-two-line-message"),
+    # Source: sseclient-py tests/unittests.py (test_really_chopped_up_unicode_data, #8).
+    pytest.param(_bytewise("data: Aslak\n\ndata: Hellesøy\n\n".encode()),
+                 [("message", "Aslak"), ("message", "Hellesøy")],
+                 id="sseclient-py-byte-by-byte-unicode"),
+    # Source: sseclient-py tests/unittests.py (test_accepts_CRLF_as_separator).
+    pytest.param(_bytewise("data: Aslak\r\n\r\ndata: Hellesøy\r\n\r\n".encode()),
+                 [("message", "Aslak"), ("message", "Hellesøy")], id="sseclient-py-crlf-bytewise"),
+    # Source: sseclient-py tests/unittests.py (test_accepts_CR_as_separator).
+    pytest.param(_bytewise("data: Aslak\r\rdata: Hellesøy\r\r".encode()),
+                 [("message", "Aslak"), ("message", "Hellesøy")], id="sseclient-py-cr-bytewise"),
+    # Source: sseclient-py tests/unittests.py (test_ignores_comments,
+    # test_ignores_empty_comments).
+    pytest.param([b"data: Hello\n\n:nothing to see here\n\n:\n\ndata: World\n\n"],
+                 [("message", "Hello"), ("message", "World")], id="sseclient-py-comments"),
+    # Source: sseclient-py tests/unittests.py (test_does_not_ignore_multiline_strings and
+    # ..._even_in_data_beginning).
+    pytest.param([b"data: line one\ndata:\ndata: line two\n\ndata:\ndata:line one\n\n"],
+                 [("message", "line one\n\nline two"), ("message", "\nline one")],
+                 id="sseclient-py-empty-data-lines-kept"),
+    # Source: sseclient-py tests/unittests.py (test_should_regard_empty_event_as_message,
+    # test_should_ignore_message_with_no_data).
+    pytest.param([b"event:\ndata: Hello\n\nevent: greeting\n\n"], [("message", "Hello")],
+                 id="sseclient-py-empty-event-name-and-no-data"),
+    # Source: sseclient-py tests/unittests.py (test_preserves_whitespace_at_end_of_lines).
+    pytest.param([b"event: greeting \ndata: Hello  \n\n"], [("greeting ", "Hello  ")],
+                 id="sseclient-py-trailing-whitespace-kept"),
+    # Source: sseclient-py tests/unittests.py (test_does_not_split_on_universal_newlines,
+    # issue #9): only CR and LF end lines.
+    pytest.param(["data: Hello\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\n\n".encode()],
+                 [("message", "Hello\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")],
+                 id="sseclient-py-no-universal-newlines"),
+    # Source: sseclient-py tests/unittests.py (test_empty_line_at_start_of_chunk, #11):
+    # JSON split over data lines, CRLF, a chunk boundary right before a CRLF.
+    pytest.param([b'event: test event\r\ndata: {\r\ndata:     "terribly_split": "json",',
+                  b'\r\ndata:     "but_oh_well": 1\r\ndata: }\r\n\r\n'],
+                 [("test event", '{\n    "terribly_split": "json",\n    "but_oh_well": 1\n}')],
+                 id="sseclient-py-split-json-crlf"),
+    # Source: openai/openai-python tests/test_streaming.py
+    # (test_multiple_data_lines_with_empty_line).
+    pytest.param([b"event: ping\n", b"data: {\n", b'data: "foo":\n', b"data: \n", b"data:\n",
+                  b"data: true}\n", b"\n\n"], [("ping", '{\n"foo":\n\n\ntrue}')],
+                 id="openai-python-data-lines-with-empty-ones"),
+    # Source: openai-python tests/test_streaming.py (test_data_json_escaped_double_new_line).
+    pytest.param([b"event: ping\n", b'data: {"foo": "my long\\n\\ncontent"}', b"\n\n"],
+                 [("ping", '{"foo": "my long\\n\\ncontent"}')], id="openai-python-escaped-newlines"),
+    # Source: openai-python tests/test_streaming.py (test_special_new_line_character).
+    pytest.param([b'data: {"content":" culpa"}\n', b"\n", b'data: {"content":" \xe2\x80\xa8"}\n',
+                  b"\n"], [("message", '{"content":" culpa"}'),
+                           ("message", '{"content":" \u2028"}')], id="openai-python-u2028"),
+    # Source: openai-python tests/test_streaming.py
+    # (test_multi_byte_character_multiple_chunks).
+    pytest.param([b'data: {"content":"', b"\xd0", b"\xb8\xd0\xb7\xd0",
+                  b"\xb2\xd0\xb5\xd1\x81\xd1\x82\xd0\xbd\xd0\xb8", b'"}\n', b"\n"],
+                 [("message", '{"content":"известни"}')], id="openai-python-split-utf8"),
+    # Source: WHATWG HTML spec (event stream interpretation): ONE leading BOM is ignored;
+    # a second one is part of the first field's name, so that line is ignored.
+    pytest.param([b"\xef\xbb\xbfdata: a\n\n"], [("message", "a")], id="whatwg-one-bom"),
+    pytest.param([b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\ndata: b\n\n"], [("message", "b")],
+                 id="whatwg-second-bom-is-not-stripped"),
+]
+
+
+@pytest.mark.parametrize(("pieces", "expected"), PEER_SSE)
+def test_peer_sse_parsing(pieces: list[bytes], expected: list[tuple[str, str]]) -> None:
+    assert _peer_events(pieces) == expected
+
+
+def _recorded(*payloads: dict[str, Any]) -> str:
+    """A `*.chunks.txt` fixture framed as vercel/ai's harness frames it."""
+    return sse(*payloads, "data: [DONE]\n\n")
+
+
+# Source: vercel/ai packages/openai-compatible/src/chat/__fixtures__/
+# issue-15789-step-1.chunks.txt: a recorded gpt-4o stream (text, then a tool call with
+# empty arguments first, then "{}", a usage-only chunk at the end).
+_GPT4O_ID = "chatcmpl-E6yvi7cuDcHZEHTMxcLDyf3CMKIO2"
+
+
+def _gpt4o(choice: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"id": _GPT4O_ID, "object": "chat.completion.chunk", "created": 1785332890,
+            "model": "gpt-4o-2024-08-06", "service_tier": "default",
+            "system_fingerprint": "fp_627de6ad19", "choices": [choice], **extra}
+
+
+GPT4O_RECORDED = _recorded(
+    _gpt4o({"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None},
+            "logprobs": None, "finish_reason": None}, obfuscation="dOvUml6hFbj"),
+    _gpt4o({"index": 0, "delta": {"content": "PRE"}, "logprobs": None, "finish_reason": None}),
+    _gpt4o({"index": 0, "delta": {"content": "_TOOL"}, "logprobs": None,
+            "finish_reason": None}),
+    _gpt4o({"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_NZa7xqfefoaMI2YYHowVXVlU",
+                                                  "type": "function", "function": {
+                                                      "name": "weather", "arguments": ""}}]},
+            "logprobs": None, "finish_reason": None}),
+    _gpt4o({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]},
+            "logprobs": None, "finish_reason": None}),
+    _gpt4o({"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}),
+    {**_gpt4o({}), "choices": [], "usage": {
+        "prompt_tokens": 58, "completion_tokens": 12, "total_tokens": 70,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0}}},
+)
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close", "length", "gzip"])
+def test_peer_recorded_gpt4o_stream_on_every_framing(server: Scripted, framing: str) -> None:
+    # DESIGN: every framing, gzip included (a compressing proxy), gives the same chunks;
+    # the stream ends with `data: [DONE]`, which the module reads past to keep the
+    # connection.
+    server.add(Reply(GPT4O_RECORDED, framing=framing), Reply(text_stream("sunny")))
+    chunks, result = run(server.client().stream("weather?", tools=[{"weather": oc.Tool(
+        "weather", "Weather.", {"type": "object"}, lambda: "sunny")}]))
+    assert [c.type for c in chunks] == ["text", "text", "finish", "tool_call", "tool_result",
+                                        "text", "finish"]
+    assert chunks[2].usage == oc.Usage(58, 12, 70) and chunks[2].finish_reason == "tool_calls"
+    call = chunks[3].tool_call
+    assert call is not None and (call.id, call.name, call.arguments) == (
+        "call_NZa7xqfefoaMI2YYHowVXVlU", "weather", {})
+    assert result.steps[0].text == "PRE_TOOL" and result.text == "sunny"
+
+
+# name -> (stream text, answer text, reasoning, usage or None)
+PEER_TEXT_STREAMS: dict[str, tuple[str, str, str, oc.Usage | None]] = {
+    # Source: vercel/ai packages/openai-compatible/src/chat/__fixtures__/
+    # placeholder-first-chunk.chunks.txt: empty choices and blank id/model first.
+    "vercel-placeholder-first-chunk": (_recorded(
+        {"choices": [], "created": 0, "id": "", "model": "", "object": ""},
+        {"choices": [{"delta": {"content": "Hello", "role": "assistant"}, "finish_reason": None,
+                      "index": 0}], "id": "chatcmpl-123", "model": "actual-model-name"},
+        {"choices": [{"delta": {}, "finish_reason": "stop", "index": 0}], "id": "chatcmpl-123"},
+        {"choices": [], "id": "chatcmpl-123", "usage": {
+            "prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}),
+        "Hello", "", oc.Usage(10, 1, 11)),
+    # Source: vercel/ai packages/openai-compatible/src/chat/__fixtures__/
+    # issue-20203-empty-tool-calls.chunks.txt: `tool_calls: []` on every chunk, finish on
+    # the content chunk; an empty list is no tool call.
+    "vercel-empty-tool-calls-list": (_recorded(*[
+        {"id": "chatcmpl-issue-20203", "model": "test-model", "object": "chat.completion.chunk",
+         "choices": [{"index": 0, "delta": d, "finish_reason": f}]} for d, f in [
+            ({"role": "assistant", "content": "", "reasoning_content": "Think ",
+              "tool_calls": []}, None),
+            ({"content": "", "reasoning_content": "more...", "tool_calls": []}, None),
+            ({"content": "Hello", "reasoning_content": "", "tool_calls": []}, "stop")]]),
+        "Hello", "Think more...", None),
+    # Source: vercel/ai openai-compatible-chat-language-model.test.ts ("should handle
+    # missing token details in stream"): choices without `index` or `finish_reason` keys,
+    # usage without total_tokens (DESIGN: the total is prompt + completion).
+    "vercel-no-index-no-total": (sse(
+        {"id": "chat-id", "choices": [{"delta": {"content": "Hello"}}]},
+        {"choices": [{"delta": {}, "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 20, "completion_tokens": 30}}, "data: [DONE]\n\n"),
+        "Hello", "", oc.Usage(20, 30, 50)),
+    # Source: vercel/ai openai-compatible-chat-language-model.test.ts ("should process
+    # metadata from streaming response"): a finish choice with no `delta` at all.
+    "vercel-finish-without-delta": (sse(
+        {"choices": [{"delta": {"content": "Hello"}}]},
+        {"choices": [{"finish_reason": "stop"}], "test_field": "test_value"},
+        "data: [DONE]\n\n"), "Hello", "", None),
+    # Source: vercel/ai openai-compatible-chat-language-model.test.ts (transformRequestBody
+    # stream): the finish and the usage on the last content chunk.
+    "vercel-finish-and-usage-on-content-chunk": (sse(
+        {"id": "chatcmpl-test", "model": "grok-3", "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": "Hello"},
+             "finish_reason": None}]},
+        {"id": "chatcmpl-test", "model": "grok-3", "choices": [
+            {"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}},
+        "data: [DONE]\n\n"), "Hello!", "", oc.Usage(4, 2, 6)),
+    # Source: vercel/ai openai-compatible-chat-language-model.test.ts ("should prefer
+    # reasoning_content over reasoning field in streaming"): both fields in one delta.
+    "vercel-reasoning-content-preferred": (sse(
+        {"id": "chatcmpl-e7f8", "model": "grok-3", "choices": [{"index": 0, "delta": {
+            "role": "assistant", "content": "", "reasoning_content": "From reasoning_content",
+            "reasoning": "From reasoning"}, "finish_reason": None}]},
+        {"id": "chatcmpl-e7f8", "model": "grok-3", "choices": [
+            {"index": 0, "delta": {"content": "Final response"}, "finish_reason": None}]},
+        {"id": "chatcmpl-e7f8", "model": "grok-3", "choices": [
+            {"index": 0, "delta": {}, "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 18, "completion_tokens": 439}}, "data: [DONE]\n\n"),
+        "Final response", "From reasoning_content", oc.Usage(18, 439, 457)),
+    # Source: ggml-org/llama.cpp tools/server/tests/unit/test_chat_completion.py
+    # (test_chat_completion_stream, ..._with_timings_per_token): the first delta is
+    # role + `content: null`, the finish delta has no content, then a choices-less usage
+    # chunk with `timings`.
+    "llamacpp-role-null-content-timings": (sse(
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None},
+                      "finish_reason": None}], "model": "llama-test-model"},
+        {"choices": [{"index": 0, "delta": {"content": "Suddenly"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+        {"choices": [], "usage": {"prompt_tokens": 77, "completion_tokens": 8,
+                                  "total_tokens": 85},
+         "timings": {"prompt_per_second": 1.0, "predicted_per_second": 2.0,
+                     "predicted_n": 8}}, "data: [DONE]\n\n"),
+        "Suddenly", "", oc.Usage(77, 8, 85)),
+    # Source: DeepSeek FAQ as quoted in Lambdua/openai4j#86: `: keep-alive` comments while
+    # a request waits; the payloads are from vercel/ai packages/deepseek fixtures.
+    "deepseek-keep-alive-comments": (": keep-alive\n\n: keep-alive\n\n" + sse(
+        {"model": "deepseek-chat", "choices": [{"index": 0, "delta": {
+            "role": "assistant", "content": ""}, "finish_reason": None}], "usage": None},
+        {"model": "deepseek-chat", "choices": [{"index": 0, "delta": {"content": "Hi"},
+                                                "finish_reason": None}], "usage": None},
+        {"model": "deepseek-chat", "choices": [{"index": 0, "delta": {"content": ""},
+                                                "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}},
+        "data: [DONE]\n\n"), "Hi", "", oc.Usage(5, 1, 6)),
+    # Source: openai/openai-python tests/test_streaming.py (test_event_missing_data):
+    # `event: ping` with no data. openai-python yields it as an event with data ""; a
+    # chat stream has nothing to do with it (WHATWG: no data, no event).
+    "openai-python-ping-without-data": ("event: ping\n\n" + text_stream("Hi"), "Hi", "", None),
+    # Source: simonw/llm tests/fixtures/stream_tool_call.txt ends with `data: [DONE]` and no
+    # line break at all: an unterminated last event after the finish is a normal end.
+    "simonw-llm-unterminated-done": (text_stream("Hi").rstrip("\n"), "Hi", "", None),
+}
+
+
+@pytest.mark.parametrize("name", list(PEER_TEXT_STREAMS))
+def test_peer_text_streams(server: Scripted, name: str) -> None:
+    events, text, reasoning, usage = PEER_TEXT_STREAMS[name]
+    server.add(Reply(events))
+    chunks, result = run(server.client().stream("hi"))
+    assert text_of(chunks) == text == result.text
+    assert result.reasoning == reasoning
+    assert [c.type for c in chunks].count("finish") == 1 and chunks[-1].type == "finish"
+    assert chunks[-1].usage == usage == result.usage
+    assert result.tool_calls == [] and len(server.requests) == 1
+
+
+# name -> (stream text, answer text). DESIGN: with n > 1 only choice 0 is followed, and
+# a choice without `index` counts as 0.
+PEER_MULTI_CHOICE: dict[str, tuple[str, str]] = {
+    # Source: openai/openai-python tests/lib/chat/test_stream_choice_indexes.py: choices
+    # arrive out of index order (1, 0, 1). openai-python keeps both; we keep choice 0.
+    "openai-python-out-of-order-choices": (sse(
+        {"choices": [{"index": 1, "delta": {"role": "assistant", "content": "one"},
+                      "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "zero"},
+                      "finish_reason": None}]},
+        {"choices": [{"index": 1, "delta": {"content": " continued"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"choices": [{"index": 1, "delta": {}, "finish_reason": "stop"}]},
+        "data: [DONE]\n\n"), "zero"),
+    # Source: vllm-project/vllm chat_completion/serving.py (one role chunk per choice,
+    # then the choices interleaved, each finishing on its own).
+    "vllm-n2-interleaved": (sse(
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                      "finish_reason": None}]},
+        {"choices": [{"index": 1, "delta": {"role": "assistant", "content": ""},
+                      "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"content": "Paris"}, "finish_reason": None}]},
+        {"choices": [{"index": 1, "delta": {"content": "Lyon"}, "finish_reason": None}]},
+        {"choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        "data: [DONE]\n\n"), "Paris"),
+    # Source: vercel/ai openai-compatible-chat-language-model.test.ts (choices without
+    # `index`), beside a second choice that has one.
+    "vercel-no-index-is-choice-0": (sse(
+        {"choices": [{"delta": {"content": "Hello"}}]},
+        {"choices": [{"index": 1, "delta": {"content": "Other"}}]},
+        {"choices": [{"delta": {}, "finish_reason": "stop"}]}, "data: [DONE]\n\n"), "Hello"),
+}
+
+
+@pytest.mark.parametrize("name", list(PEER_MULTI_CHOICE))
+def test_peer_only_choice_zero_is_followed(server: Scripted, name: str) -> None:
+    events, text = PEER_MULTI_CHOICE[name]
+    server.add(Reply(events))
+    chunks, result = run(server.client().stream("hi", n=2))
+    assert text_of(chunks) == text == result.text
+    assert chunks[-1].finish_reason == "stop"
+
+
+def _refusal_stream(*tokens: str) -> str:
+    events: list[Any] = [{"model": "gpt-4o-2024-08-06", "choices": [{"index": 0, "delta": {
+        "role": "assistant", "content": None, "refusal": ""}, "finish_reason": None}]}]
+    events += [{"choices": [{"index": 0, "delta": {"refusal": t}, "finish_reason": None}]}
+               for t in tokens]
+    events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    return sse(*events, "data: [DONE]\n\n")
+
+
+PEER_REFUSALS: dict[str, tuple[Reply, str]] = {
+    # Source: openai/openai-python tests/lib/chat/test_completions_streaming.py
+    # (test_refusal_logprobs_events): gpt-4o-2024-08-06 refuses token by token in
+    # `delta.refusal`, content stays null.
+    "openai-python-streamed-refusal": (Reply(_refusal_stream(
+        "I'm", " sorry", ",", " I", " cannot", " assist", " with", " that", " request", ".")),
+        "I'm sorry, I cannot assist with that request."),
+    # Source: openai/openai-node tests/lib/ChatCompletionStream.test.ts (refusal with
+    # logprobs): the same shape, other tokens.
+    "openai-node-streamed-refusal": (Reply(_refusal_stream(
+        "I'm", " very", " sorry", ",", " but", " I", " can't", " assist", " with", " that",
+        " request", ".")), "I'm very sorry, but I can't assist with that request."),
+    # Source: openai-node tests/lib/ChatCompletionStream.test.ts (final message snapshot):
+    # `message.refusal` with `content: null`, here as a whole JSON answer.
+    "openai-node-message-refusal": (json_reply(completion(
+        None, refusal="I'm very sorry, but I can't assist with that request.")),
+        "I'm very sorry, but I can't assist with that request."),
+}
+
+
+@pytest.mark.parametrize("name", list(PEER_REFUSALS))
+def test_peer_refusals_are_refusal_chunks_kept_out_of_the_text(server: Scripted,
+                                                               name: str) -> None:
+    # DESIGN: a "refusal" chunk carries the refusal text in `content`; it is kept out
+    # of Result.text, in Result.refusal.
+    reply, refusal = PEER_REFUSALS[name]
+    server.add(reply)
+    chunks, result = run(server.client().stream("How do I make anthrax?"))
+    assert "".join(c.content for c in chunks if c.type == "refusal") == refusal
+    assert not [c for c in chunks if c.type == "text"]
+    assert result.text == "" and result.refusal == refusal
+    assert chunks[-1].type == "finish" and chunks[-1].finish_reason == "stop"
+
+
+def _tool_reply(*payloads: Any) -> Reply:
+    return Reply(sse(*payloads, "data: [DONE]\n\n"))
+
+
+def _choice(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"object": "chat.completion.chunk", **extra,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def _args_stream(call_id: str, name: str, pieces: list[str], **extra: Any) -> list[Any]:
+    first = _choice({"role": "assistant", "content": None, "tool_calls": [
+        {"index": 0, "id": call_id, "type": "function",
+         "function": {"name": name, "arguments": pieces[0]}}]}, **extra)
+    rest = [_choice({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}, **extra)
+            for p in pieces[1:]]
+    return [first, *rest, _choice({}, "tool_calls", **extra)]
+
+
+_FILES_CALL = {"index": 1, "id": "call_files", "type": "function",
+               "function": {"name": "list_files"}}
+_OTHER_CALL = {"index": 0, "id": "call_other", "type": "function",
+               "function": {"name": "other", "arguments": "{}"}}
+_FILES_REST = [_choice({"tool_calls": [{"index": 1, "function": {"arguments": ": "}},
+                                       {"index": 1, "function": {"arguments": '"."}'}}]}),
+               _choice({}, "tool_calls")]
+
+# name -> (reply, expected [(name, arguments)], usage of the tool step or None)
+PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.Usage | None]] = {
+    # Source: simonw/llm tests/fixtures/stream_tool_call.txt: a recorded gpt-4o-mini stream,
+    # arguments split at odd places.
+    "simonw-llm-gpt-4o-mini": (_tool_reply(*_args_stream(
+        "call_eHh2kRnDdLBSQJ0HaSA4A4uF", "read_files",
+        ["", '{"', "fil", "enames", '":["', "LICENSE", ".txt", '"]', "}"],
+        model="gpt-4o-mini-2024-07-18")), [("read_files", {"filenames": ["LICENSE.txt"]})],
+        None),
+    # Source: vercel/ai openai-compatible-chat-language-model.test.ts ("should stream tool
+    # deltas"), grok-3; usage with Groq-style timing fields on the finish chunk.
+    "vercel-grok-3-deltas": (_tool_reply(*_args_stream(
+        "call_O17Uplv4lJvD6DVdIvFFeRMw", "test-tool",
+        ["", '{"', "value", '":"', "Spark", "le", " Day", '"}'])[:-1], _choice(
+            {}, "tool_calls", usage={"queue_time": 0.061348671, "prompt_tokens": 18,
+                                     "completion_tokens": 439, "total_tokens": 457})),
+        [("test-tool", {"value": "Sparkle Day"})], oc.Usage(18, 439, 457)),
+    # Source: same file ("...when tool call arguments are passed in the first chunk").
+    "vercel-arguments-in-first-chunk": (_tool_reply(*_args_stream(
+        "call_O17Uplv4lJvD6DVdIvFFeRMw", "test-tool",
+        ['{"', "va", "lue", '":"', "Spark", "le", " Day", '"}'])),
+        [("test-tool", {"value": "Sparkle Day"})], None),
+    # Source: same file ("should stream tool call that is sent in one chunk").
+    "vercel-whole-call-in-one-chunk": (_tool_reply(*_args_stream(
+        "call_O17Uplv4lJvD6DVdIvFFeRMw", "test-tool", ['{"value":"Sparkle Day"}'])),
+        [("test-tool", {"value": "Sparkle Day"})], None),
+    # Source: same file ("should stream empty tool call that is sent in one chunk"):
+    # arguments "" and nothing more mean no arguments.
+    "vercel-empty-call-in-one-chunk": (_tool_reply(*_args_stream(
+        "call_O17Uplv4lJvD6DVdIvFFeRMw", "test-tool", [""])), [("test-tool", {})], None),
+    # Source: same file ("should not duplicate tool calls when there is an additional
+    # empty chunk..."): a vLLM-based server, meta/llama-3.1-8b-instruct:fp8, usage on
+    # every chunk (cumulative: keep the last, never add), no name-less second call.
+    "vercel-vllm-usage-every-chunk": (_tool_reply(*[
+        {**_choice(d, f), "usage": {"prompt_tokens": 226, "total_tokens": 226 + n,
+                                    "completion_tokens": n}}
+        for d, f, n in [
+            ({"role": "assistant", "content": ""}, None, 0),
+            ({"tool_calls": [{"id": "chatcmpl-tool-b3b307239370432d9910d4b79b4dbbaa",
+                              "type": "function", "index": 0,
+                              "function": {"name": "searchGoogle"}}]}, None, 7),
+            ({"tool_calls": [{"index": 0, "function": {"arguments": '{"query": "'}}]}, None, 15),
+            ({"tool_calls": [{"index": 0, "function": {"arguments": "latest"}}]}, None, 16),
+            ({"tool_calls": [{"index": 0, "function": {"arguments": " news"}}]}, None, 17),
+            ({"tool_calls": [{"index": 0, "function": {"arguments": " on"}}]}, None, 18),
+            ({"tool_calls": [{"index": 0, "function": {"arguments": ' ai"}'}}]}, None, 19),
+            ({"tool_calls": [{"index": 0, "function": {"arguments": ""}}]}, "tool_calls", 20)]],
+        {"choices": [], "usage": {"prompt_tokens": 226, "total_tokens": 246,
+                                  "completion_tokens": 20}}),
+        [("searchGoogle", {"query": "latest news on ai"})], oc.Usage(226, 20, 246)),
+    # Source: same file ("should stream parallel tool calls with signature only on first
+    # call"), gemini-3-pro: two calls announced in one chunk, arguments later by index,
+    # `extra_content` on the first.
+    "vercel-gemini-parallel-by-index": (_tool_reply(
+        _choice({"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": "call-paris", "type": "function",
+             "function": {"name": "get_weather", "arguments": ""},
+             "extra_content": {"google": {"thought_signature": "<Signature A>"}}},
+            {"index": 1, "id": "call-london", "type": "function",
+             "function": {"name": "get_weather", "arguments": ""}}]}),
+        _choice({"tool_calls": [{"index": 0, "function": {"arguments": '{"location":"Paris"}'}}]}),
+        _choice({"tool_calls": [{"index": 1, "function": {"arguments": '{"location":"London"}'}}]}),
+        _choice({}, "tool_calls")),
+        [("get_weather", {"location": "Paris"}), ("get_weather", {"location": "London"})], None),
+    # Source: openai/openai-python tests/lib/chat/test_tool_call_deltas.py ("existing_tool"):
+    # a whole call at index 0, then list_files at index 1 whose name and first argument
+    # fragment are two entries of one chunk, and a later chunk with two fragments.
+    "openai-python-existing-tool": (_tool_reply(
+        _choice({"role": "assistant", "tool_calls": [_OTHER_CALL]}),
+        _choice({"role": "assistant", "tool_calls": [
+            _FILES_CALL, {"index": 1, "function": {"arguments": '{"path"'}}]}), *_FILES_REST),
+        [("other", {}), ("list_files", {"path": "."})], None),
+    # Source: same file ("parallel"): both calls start in the same chunk.
+    "openai-python-parallel": (_tool_reply(
+        _choice({"role": "assistant", "tool_calls": [
+            _OTHER_CALL, _FILES_CALL, {"index": 1, "function": {"arguments": '{"path"'}}]}),
+        *_FILES_REST), [("other", {}), ("list_files", {"path": "."})], None),
+    # Source: same file ("empty"): a role chunk with `tool_calls: []` first.
+    "openai-python-empty-list-first": (_tool_reply(
+        _choice({"role": "assistant", "tool_calls": []}),
+        _choice({"role": "assistant", "tool_calls": [
+            {**_FILES_CALL, "index": 0}, {"index": 0, "function": {"arguments": '{"path"'}}]}),
+        _choice({"tool_calls": [{"index": 0, "function": {"arguments": ": "}},
+                                {"index": 0, "function": {"arguments": '"."}'}}]}),
+        _choice({}, "tool_calls")), [("list_files", {"path": "."})], None),
+    # Source: same file ("new_choice"): the call arrives on choice index 1. openai-python
+    # assembles it; DESIGN follows choice 0 only, so there is no call and no second step.
+    "openai-python-call-on-choice-1": (_tool_reply(
+        _choice({"role": "assistant"}),
+        {"choices": [{"index": 1, "delta": {"role": "assistant", "tool_calls": [
+            {**_FILES_CALL, "index": 0}, {"index": 0, "function": {"arguments": '{"path": "."}'}}]},
+            "finish_reason": None}]},
+        {"choices": [{"index": 1, "delta": {}, "finish_reason": "tool_calls"}]}), [], None),
+    # Source: vercel/ai packages/openai-compatible/src/chat/__fixtures__/
+    # anthropic-fallback-tool-call.sse (claude-haiku-4-5 through an OpenAI-compatible
+    # endpoint): text, then a call at index 1 with empty argument fragments first.
+    "vercel-anthropic-index-1": (Reply(
+        sse(_choice({"role": "assistant"}), _choice({"content": "Reading"}),
+            _choice({"content": " it."}),
+            _choice({"tool_calls": [{"index": 1, "id": "toolu_sanitized", "type": "function",
+                                     "function": {"name": "read_file", "arguments": ""}}]}),
+            _choice({"tool_calls": [{"index": 1, "function": {"arguments": ""}}]}),
+            _choice({"tool_calls": [{"index": 1, "function": {"arguments": '{"pa'}}]}),
+            _choice({"tool_calls": [{"index": 1, "function": {"arguments": 'th": "a.txt"}'}}]}),
+            _choice({}, "tool_calls"), "data: [DONE]\n\n")),
+        [("read_file", {"path": "a.txt"})], None),
+    # Source: vercel/ai packages/mistral/src/__fixtures__/mistral-tool-call.chunks.txt
+    # (mistral-small-latest): no index, the whole call, finish and usage in one chunk.
+    "vercel-mistral-no-index-finish-same-chunk": (_tool_reply(
+        _choice({"role": "assistant", "content": ""}),
+        {**_choice({"content": None, "tool_calls": [
+            {"id": "gSIMJiOkT", "function": {"name": "weather",
+                                             "arguments": '{"location": "San Francisco"}'}}]},
+            "tool_calls"), "usage": {"prompt_tokens": 124, "total_tokens": 146,
+                                     "completion_tokens": 22}}),
+        [("weather", {"location": "San Francisco"})], oc.Usage(124, 22, 146)),
+    # Source: vercel/ai packages/groq/src/__fixtures__/groq-tool-call.chunks.txt
+    # (llama-3.3-70b-versatile): usage both top-level and in `x_groq` on the finish chunk.
+    "vercel-groq-x-groq-usage": (_tool_reply(
+        _choice({"role": "assistant", "content": None},
+                x_groq={"id": "req_01kh52nj5yfcat8hrmvrk2j2hj", "seed": 689520654}),
+        _choice({"tool_calls": [{"id": "tk85n1k4m", "type": "function", "index": 0,
+                                 "function": {"name": "weather", "arguments": "{}"}}]}),
+        {**_choice({}, "tool_calls"), "x_groq": {"usage": {
+            "prompt_tokens": 210, "completion_tokens": 15, "total_tokens": 225}},
+         "usage": {"queue_time": 0.041520249, "prompt_tokens": 210, "completion_tokens": 15,
+                   "total_tokens": 225}}), [("weather", {})], oc.Usage(210, 15, 225)),
+    # Source: vercel/ai packages/cerebras/src/fixtures/
+    # cererebras-structured-output-tools.1.chunks.txt (zai-glm-4.7): no finish_reason key
+    # until the end, reasoning in `reasoning`.
+    "vercel-cerebras-no-finish-key": (_tool_reply(
+        {"choices": [{"delta": {"role": "assistant"}, "index": 0}]},
+        {"choices": [{"delta": {"reasoning": "The"}, "index": 0}]},
+        {"choices": [{"delta": {"tool_calls": [
+            {"function": {"name": "nonUsefulTool", "arguments": "{}"}, "type": "function",
+             "id": "bbd2b9d98", "index": 0}]}, "index": 0}]},
+        {"choices": [{"delta": {}, "finish_reason": "tool_calls", "index": 0}],
+         "usage": {"total_tokens": 426, "completion_tokens": 104, "prompt_tokens": 322}}),
+        [("nonUsefulTool", {})], oc.Usage(322, 104, 426)),
+    # Source: THU-MAIC/OpenMAIC#1556 (gemini-3.8-flash through Gemini's OpenAI endpoint):
+    # a whole call with no `index`, the finish reason "stop".
+    "gemini-no-index-stop": (_tool_reply(
+        {"choices": [{"delta": {"role": "assistant", "tool_calls": [
+            {"extra_content": {"google": {"thought_signature": "sig"}},
+             "function": {"arguments": '{"offset":1,"limit":100,"path":"/app/SKILL.md"}',
+                          "name": "read"}, "id": "call_297140", "type": "function"}]},
+            "index": 0}], "model": "gemini-3.8-flash"},
+        {"choices": [{"delta": {}, "finish_reason": "stop", "index": 0}]}),
+        [("read", {"offset": 1, "limit": 100, "path": "/app/SKILL.md"})], None),
+    # Source: BerriAI/litellm#11407 (LiteLLM proxy, Bedrock claude-3-7-sonnet): index 1,
+    # role, content "" and the name repeated on the continuation; the finish is ours.
+    "litellm-bedrock-index-1-repeats": (_tool_reply(
+        _choice({"content": "", "role": "assistant", "tool_calls": [
+            {"id": "tooluse_BawIVFHuQ2uaPLDBdWlblA", "type": "function", "index": 1,
+             "function": {"arguments": "", "name": "jira_get_worklog"}}]}),
+        _choice({"content": "", "role": "assistant", "tool_calls": [
+            {"type": "function", "index": 1, "function": {"arguments": '{"issue": "X-1"}'}}]}),
+        _choice({}, "tool_calls")), [("jira_get_worklog", {"issue": "X-1"})], None),
+    # Source: vercel/ai openai-compatible-chat-language-model.test.ts (doGenerate: "should
+    # generate distinct IDs for parallel tool calls with empty IDs"), streamed here as
+    # Gemini streams whole calls: one list, id "" on the first, no id on the second.
+    "vercel-parallel-empty-ids-streamed": (_tool_reply(
+        _choice({"role": "assistant", "tool_calls": [
+            {"id": "", "function": {"name": "a", "arguments": "{}"}},
+            {"function": {"name": "b", "arguments": "{}"}}]}), _choice({}, "tool_calls")),
+        [("a", {}), ("b", {})], None),
+}
+
+
+@pytest.mark.parametrize("name", list(PEER_TOOL_STREAMS))
+def test_peer_tool_call_streams(server: Scripted, name: str) -> None:
+    reply, expected, usage = PEER_TOOL_STREAMS[name]
+    names = {n for n, _ in expected} | {"test-tool", "other", "list_files"}
+    tools = {n: oc.Tool(n, "A tool.", {"type": "object"}, lambda **kw: "ok") for n in names}
+    server.add(reply, Reply(text_stream("done")))
+    chunks, result = run(server.client().stream("hi", tools=[tools]))
+    calls = [c.tool_call for c in chunks if c.type == "tool_call"]
+    assert [(c.name, c.arguments) for c in calls if c] == expected
+    ids = [c.id for c in calls if c]
+    assert all(ids) and len(set(ids)) == len(ids)
+    assert [r.error for r in result.tool_results] == [None] * len(expected)
+    finish = next(c for c in chunks if c.type == "finish")
+    if usage is not None:
+        assert finish.usage == usage
+    if expected:
+        assert result.text == "done" and len(server.requests) == 2
+        sent = server.bodies()[1]["messages"]
+        assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
+    else:
+        assert len(server.requests) == 1 and finish.finish_reason == "stop"
+
+
+def test_peer_parallel_calls_with_empty_ids_in_a_whole_answer(server: Scripted) -> None:
+    # Source: vercel/ai openai-compatible-chat-language-model.test.ts (doGenerate: "should
+    # generate distinct IDs for parallel tool calls with empty IDs").
+    calls = [{"id": "", "function": {"name": "a", "arguments": "{}"}},
+             {"function": {"name": "b", "arguments": "{}"}}]
+    server.add(json_reply(completion(None, "tool_calls", tool_calls=calls)),
+               json_reply(completion("done")))
+    tools = {n: oc.Tool(n, "A tool.", {"type": "object"}, lambda **kw: "ok") for n in "ab"}
+    result = server.client().generate("hi", tools=[tools])
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [("a", {}), ("b", {})]
+    ids = [c.id for c in result.tool_calls]
+    assert all(ids) and ids[0] != ids[1] and result.text == "done"
+
+
+# (stream text, class, words of the server's message, partial text)
+PEER_STREAM_ERRORS: list[Any] = [
+    # Source: vercel/ai openai-compatible-chat-language-model.test.ts ("should handle error
+    # stream parts"): an error chunk, then [DONE]. The message names a wrong key, so
+    # DESIGN classifies it as an authentication error.
+    pytest.param('data: {"error": {"message": "Incorrect API key provided: as***T7. You can '
+                 'obtain an API key from https://console.api.com.", "code": "Client specified '
+                 'an invalid argument"}}\n\ndata: [DONE]\n\n', oc.AuthenticationError,
+                 "Incorrect API key", "", id="vercel-error-part-wrong-key"),
+    # Source: vercel/ai same file ("should handle unparsable stream parts"): vercel emits
+    # an error part; DESIGN: a malformed stream is a StreamError.
+    pytest.param("data: {unparsable}\n\ndata: [DONE]\n\n", oc.StreamError, "malformed", "",
+                 id="vercel-unparsable-part"),
+    # Source: anomalyco/opencode#1018 (Groq body dumped by a user): `event: error`.
+    pytest.param(sse(delta(content="par")) + "event: error\ndata: {\"error\":{\"message\":"
+                 "\"Failed to call a function. Please adjust your prompt. See "
+                 "'failed_generation' for more details.\",\"type\":\"invalid_request_error\","
+                 "\"code\":\"tool_use_failed\",\"status_code\":400}}\n\n",
+                 oc.StreamError, "Failed to call a function", "par", id="groq-event-error"),
+    # Source: OpenRouter docs (streaming, "Handling Errors During Streaming"), after a
+    # recorded `: OPENROUTER PROCESSING` comment and first chunk (leafo/lua-openai#7).
+    pytest.param(": OPENROUTER PROCESSING\n\n" + sse(
+        {"id": "gen-Hh4bFjJS0U0YgPav7S9tMpfXrNHA", "model": "mistralai/mistral-7b-instruct:free",
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "The"},
+                      "finish_reason": None}]},
+        {"id": "cmpl-abc123", "model": "gpt-3.5-turbo", "provider": "openai",
+         "error": {"code": "server_error", "message": "Provider disconnected unexpectedly"},
+         "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}),
+        oc.StreamError, "Provider disconnected unexpectedly", "The", id="openrouter-finish-error"),
+    # Source: coder/aibridge fixtures/openai/chatcompletions/stream_error.txtar
+    # (gpt-4.1-2025-04-14): an error data event, no [DONE].
+    pytest.param(sse({"model": "gpt-4.1-2025-04-14", "choices": [
+        {"index": 0, "delta": {"content": ' "'}, "finish_reason": None}], "usage": None},
+        {"error": {"message": "The server had an error while processing your request. Sorry "
+                              "about that!", "type": "server_error"}}),
+        oc.StreamError, "server had an error", ' "', id="openai-midstream-error"),
+    # Source: vllm-project/vllm chat_completion/serving.py (streaming error response, then
+    # the unconditional `data: [DONE]`).
+    pytest.param(sse(delta(role="assistant", content=""), delta(content="par"),
+                     {"error": {"message": "Internal server error", "type": "InternalServerError",
+                                "param": None, "code": 500}}, "data: [DONE]\n\n"),
+                 oc.StreamError, "Internal server error", "par", id="vllm-error-then-done"),
+    # Source: ggml-org/llama.cpp tools/server/server-context.cpp (an error during
+    # generation is one `{"error": ...}` event and no [DONE]); the message is llama.cpp's
+    # context-size text, so DESIGN classifies it.
+    pytest.param(sse(delta(content="par"), {"error": {
+        "code": 400, "message": "the request exceeds the available context size, try "
+                                "increasing it", "type": "exceed_context_size_error"}}),
+        oc.ContextLengthError, "available context size", "par", id="llamacpp-error-event"),
+]
+
+
+@pytest.mark.parametrize(("events", "expected", "says", "partial"), PEER_STREAM_ERRORS)
+def test_peer_in_stream_errors(server: Scripted, events: str, expected: type, says: str,
+                               partial: str) -> None:
+    server.add(Reply(events))
+    with pytest.raises(expected) as caught:
+        list(server.client().stream("hi"))
+    assert type(caught.value) is expected
+    assert says in caught.value.message
+    assert caught.value.partial_text == partial
+
+
+def test_peer_connection_drop_after_chunks_keeps_them(server: Scripted) -> None:
+    # Source: openai/openai-node tests/lib/ChatCompletionStream.test.ts ("surfaces a
+    # mid-stream error when chunks are buffered..."): "hel", "lo", then the connection
+    # fails. DESIGN: a StreamError whose partial_text holds what came.
+    server.add(Reply(sse(delta(role="assistant", content="hel"), delta(content="lo")),
+                     stall=0.05))
+    got: list[str] = []
+    with pytest.raises(oc.StreamError) as caught:
+        for chunk in server.client(max_retries=0).stream("hi"):
+            got.append(chunk.content)
+    assert "".join(got) == "hello" == caught.value.partial_text
+
+
+def test_peer_unterminated_truncated_last_event_is_a_stream_error(server: Scripted) -> None:
+    # Source: WHATWG HTML spec (an incomplete event at EOF is discarded) and the
+    # STREAMING.md note on sseclient-py (it dispatches it). DESIGN: a stream cut short is
+    # a StreamError with the text that came; it must not pass as a finished answer.
+    server.add(Reply(sse(delta(content="Hi")) + 'data: {"choices": [{"index": 0, "delta": '
+                     '{"content": " there"}, "finish_reason": "st', framing="close"))
+    with pytest.raises(oc.StreamError) as caught:
+        list(server.client(max_retries=0).stream("hi"))
+    assert caught.value.partial_text == "Hi"
+
+
+# (status, body, class, words of the message)
+PEER_ERROR_BODIES: list[Any] = [
+    # Source: ollama/ollama server/routes.go (handleScheduleError: `model %q not found, try
+    # pulling it first`, 404); the same text in third-party tests of Ollama clients.
+    pytest.param(404, {"error": 'model "llama3.2" not found, try pulling it first'},
+                 oc.ModelNotFoundError, "llama3.2", id="ollama-model-not-found-dotted-id"),
+    pytest.param(404, {"error": 'model "qwen2.5:7b-instruct" not found, try pulling it first'},
+                 oc.ModelNotFoundError, "qwen2.5:7b", id="ollama-model-not-found-tag"),
+    # Source: vllm-project/vllm entrypoints/openai serving (_check_model, 404
+    # NotFoundError), legacy top-level shape (vllm-project/vllm#12886).
+    pytest.param(404, {"object": "error", "message": "The model `qwen2.5-7b` does not exist.",
+                       "type": "NotFoundError", "param": None, "code": 404},
+                 oc.ModelNotFoundError, "qwen2.5-7b", id="vllm-model-does-not-exist"),
+    # Source: vllm serving.py, current nested shape, with a Hugging Face id.
+    pytest.param(404, {"error": {"message": "The model `meta-llama/Llama-3.1-8B-Instruct` does "
+                                            "not exist.", "type": "NotFoundError",
+                                 "param": "model", "code": 404}},
+                 oc.ModelNotFoundError, "Llama-3.1-8B", id="vllm-nested-hf-id"),
+    # Source: continuedev/continue#9890 (Groq 404 for a retired model).
+    pytest.param(404, {"error": {"message": "The model `llama3.1-405b` does not exist or you do "
+                                            "not have access to it.",
+                                 "type": "invalid_request_error", "code": "model_not_found"}},
+                 oc.ModelNotFoundError, "llama3.1-405b", id="groq-model-not-found"),
+    # Source: skorokithakis/sysaidmin#6 (OpenAI's model_not_found text, with a help link).
+    pytest.param(404, {"error": {"message": "The model `gpt-4-1106-preview` does not exist or "
+                                            "you do not have access to it.  Learn more: https://"
+                                            "help.openai.com/en/articles/7102672-how-can-i-access"
+                                            "-gpt-4.", "type": "invalid_request_error",
+                                 "param": None, "code": "model_not_found"}},
+                 oc.ModelNotFoundError, "gpt-4-1106-preview", id="openai-model-not-found"),
+    # Source: yihong0618/bilingual_book_maker#464 (xAI 404 for grok-beta).
+    pytest.param(404, {"code": "Some requested entity was not found",
+                       "error": "The model grok-beta does not exist or your team bdc397fa does "
+                                "not have access to it."},
+                 oc.ModelNotFoundError, "grok-beta", id="xai-model-not-found"),
+    # Source: BerriAI/litellm proxy, quoted in a third-party test (string code "400").
+    pytest.param(400, {"error": {"message": "/chat/completions: Invalid model name passed in "
+                                            "model=claude-opus-5. Call `/v1/models` to view "
+                                            "available models for your key.",
+                                 "type": "None", "param": "None", "code": "400"}},
+                 oc.ModelNotFoundError, "claude-opus-5", id="litellm-invalid-model-name"),
+    # Source: continuedev/continue#10530 (Gemini's answer relayed by an OpenAI-compatible
+    # layer: its whole JSON as the message, reason API_KEY_INVALID, status 400).
+    pytest.param(400, {"error": {"message": '{\n  "error": {\n    "code": 400,\n    "message": '
+                                            '"API key not valid. Please pass a valid API key.",'
+                                            '\n    "status": "INVALID_ARGUMENT",\n    "details": '
+                                            '[{"reason": "API_KEY_INVALID", "domain": '
+                                            '"googleapis.com"}]\n  }\n}\n',
+                                 "code": 400, "status": "Bad Request"}},
+                 oc.AuthenticationError, "API key not valid", id="gemini-api-key-invalid"),
+    # Source: SuzumiyaAkizuki/ComfyUI-NewBie-LLM-Formatter#3 (Gemini: a JSON array).
+    pytest.param(400, [{"error": {"code": 400, "message": 'Invalid JSON payload received. '
+                                  'Unknown name "reasoning": Cannot find field.',
+                                  "status": "INVALID_ARGUMENT"}}],
+                 oc.BadRequestError, "Unknown name", id="gemini-array-unknown-field"),
+    # Source: vercel/ai commit 550c127736 (Fireworks: extra inputs are not permitted).
+    pytest.param(400, {"error": {"object": "error", "type": "invalid_request_error",
+                                 "code": "invalid_request_error",
+                                 "message": "Extra inputs are not permitted, field: "
+                                            "'promptCacheKey'"}, "request_id": "chatcmpl-x"},
+                 oc.BadRequestError, "Extra inputs", id="fireworks-extra-inputs"),
+    # Source: vercel/ai packages/openai/src/chat/__fixtures__/
+    # reasoning-model-legacy-parameter-error.json.
+    pytest.param(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not "
+                                            "supported with this model. Use "
+                                            "'max_completion_tokens' instead.",
+                                 "type": "invalid_request_error", "param": "max_tokens",
+                                 "code": "unsupported_parameter"}},
+                 oc.BadRequestError, "max_completion_tokens", id="openai-max-tokens-unsupported"),
+    # Source: huggingface/smolagents#1119 (Groq tool_use_failed, a whole answer).
+    pytest.param(400, {"error": {"message": "Failed to call a function. Please adjust your "
+                                            "prompt. See 'failed_generation' for more details.",
+                                 "type": "invalid_request_error", "code": "tool_use_failed"}},
+                 oc.BadRequestError, "Failed to call a function", id="groq-tool-use-failed"),
+    # Source: compl-ai/compl-ai#20 (Azure content filter, 400).
+    pytest.param(400, {"error": {"message": "The response was filtered due to the prompt "
+                                            "triggering Azure OpenAI's content management "
+                                            "policy.", "type": None, "param": "prompt",
+                                 "code": "content_filter", "status": 400}},
+                 oc.BadRequestError, "content management policy", id="azure-content-filter"),
+    # Source: vllm-project/vllm#12886 (legacy shape, context length).
+    pytest.param(400, {"object": "error", "message": "This model's maximum context length is "
+                                                     "2048 tokens. However, you requested 2723 "
+                                                     "tokens (1699 in the messages, 1024 in the "
+                                                     "completion).", "type": "BadRequestError",
+                       "param": None, "code": 400},
+                 oc.ContextLengthError, "maximum context length", id="vllm-context-length"),
+    # Source: OpenRouter docs (errors: `{"error": {"code", "message"}}`, 401 no auth).
+    pytest.param(401, {"error": {"code": 401, "message": "No auth credentials found"}},
+                 oc.AuthenticationError, "No auth credentials", id="openrouter-401"),
+    # Source: OpenRouter docs (errors: 402 when the account has too few credits).
+    pytest.param(402, {"error": {"code": 402, "message": "Insufficient credits"}},
+                 oc.BadRequestError, "Insufficient credits", id="openrouter-402"),
+]
+
+
+@pytest.mark.parametrize(("status", "body", "expected", "says"), PEER_ERROR_BODIES)
+def test_peer_error_bodies(server: Scripted, status: int, body: Any, expected: type,
+                           says: str) -> None:
+    server.add(json_reply(body, status=status))
+    with pytest.raises(expected) as caught:
+        server.client(max_retries=0).generate("hi")
+    assert type(caught.value) is expected
+    assert says in caught.value.message and caught.value.status_code == status
+
+
+@pytest.mark.parametrize(("message", "expected"), [
+    # Source: MiniMax-AI/Mini-Agent#92 (Node's AbortSignal.timeout text, no status).
+    pytest.param("TimeoutError: The operation was aborted due to timeout",
+                 oc.RequestTimeoutError, id="node-abort-timeout"),
+    # Source: anomalyco/opencode#763 (LM Studio behind an OpenAI-compatible provider).
+    pytest.param("TimeoutError: The operation timed out.", oc.RequestTimeoutError,
+                 id="opencode-timeout"),
+    # Source: ChatGPTNextWeb/NextChat#3548 ({"error": true, "message": "Failed to fetch"}).
+    pytest.param("Failed to fetch", oc.EndpointUnavailableError, id="browser-failed-to-fetch"),
+    # Source: nextai-translator/nextai-translator#469.
+    pytest.param("TypeError: Failed to fetch", oc.EndpointUnavailableError,
+                 id="typeerror-failed-to-fetch"),
+    # Source: google-gemini/gemini-cli#25198 (reason API_KEY_INVALID inside Gemini's JSON).
+    pytest.param('Failed to generate content: {"error":{"code":400,"message":"API Key not found. '
+                 'Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"reason":'
+                 '"API_KEY_INVALID"}]}}', oc.AuthenticationError, id="gemini-cli-api-key-invalid"),
+    # Source: continuedev/continue#8516 (Gemini: the reason alone).
+    pytest.param("API_KEY_INVALID", oc.AuthenticationError, id="api-key-invalid-alone"),
+    # Source: continuedev/continue#10166 (Groq via an OpenAI provider, dotted-free id) and
+    # #9890 (dotted id): "404 The model `...` does not exist or you do not have access".
+    pytest.param("404 The model `gpt-oss-120b` does not exist or you do not have access to it.",
+                 oc.ModelNotFoundError, id="continue-groq-gpt-oss"),
+    pytest.param("404 The model `llama3.1-405b` does not exist or you do not have access to it.",
+                 oc.ModelNotFoundError, id="continue-groq-dotted"),
+])
+def test_peer_messages_classify_without_a_status(message: str, expected: type) -> None:
+    assert oc.classify_error(message) is expected
+
+
 # ==== Real servers ====
 # These talk to real server code running SmolLM2-135M-Instruct on 127.0.0.1
 # (scripts/local_server.py builds and caches everything):
