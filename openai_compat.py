@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, Union
 
 import requests
+import requests.adapters
 import sseclient
 import urllib3.exceptions
 
@@ -147,6 +148,7 @@ _MAX_RETRY_AFTER: Final = 60.0
 _BACKOFF_BASE: Final = 0.5
 _BACKOFF_MAX: Final = 8.0
 _READ_SIZE: Final = 65536
+_POOL_SIZE: Final = 128  # kept-alive connections per host; opened only when needed
 _ID_ALPHABET: Final = string.ascii_letters + string.digits
 _LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1", "[::1]")
 # What requests, urllib3 and the socket layer raise on the network path; each place
@@ -573,7 +575,7 @@ class ToolResult:
     content: str = ""
 
 
-ChunkType = Literal["text", "reasoning", "tool_call", "tool_result", "finish"]
+ChunkType = Literal["text", "reasoning", "refusal", "tool_call", "tool_result", "finish"]
 
 
 @dataclass(frozen=True)
@@ -581,8 +583,9 @@ class Chunk:
     """One piece of a stream.
 
     Attributes:
-        type: "text", "reasoning", "tool_call", "tool_result" or "finish".
-        content: answer text delta ("" for other types), so print(chunk.content, end="") works.
+        type: "text", "reasoning", "refusal", "tool_call", "tool_result" or "finish".
+        content: answer text delta, or refusal text delta ("" for other types), so
+            print(chunk.content, end="") works and shows a refusal too.
         reasoning: reasoning text delta (from reasoning_content or reasoning).
         tool_call: the ToolCall ("tool_call" and "tool_result" chunks).
         tool_result: the ToolResult ("tool_result" chunks).
@@ -610,7 +613,7 @@ _CHUNK_DEFAULTS: Final[dict[str, Any]] = {
 
 
 def _delta_chunk(kind: ChunkType, text: str, step: int, raw: Any) -> Chunk:
-    """A "text" or "reasoning" Chunk, built the fast way.
+    """A "text", "reasoning" or "refusal" Chunk, built the fast way.
 
     NOTE: the hot path of every stream. A frozen dataclass's __init__ sets each of
     its nine fields through object.__setattr__ (about 1 us per event); filling the
@@ -620,7 +623,7 @@ def _delta_chunk(kind: ChunkType, text: str, step: int, raw: Any) -> Chunk:
     chunk = object.__new__(Chunk)
     fields = _CHUNK_DEFAULTS.copy()
     fields["type"] = kind
-    fields["content" if kind == "text" else "reasoning"] = text
+    fields["reasoning" if kind == "reasoning" else "content"] = text
     fields["step"] = step
     fields["raw"] = raw
     object.__setattr__(chunk, "__dict__", fields)
@@ -630,7 +633,7 @@ def _delta_chunk(kind: ChunkType, text: str, step: int, raw: Any) -> Chunk:
 @dataclass(frozen=True)
 class Step:
     """One model call of a Result: its text, reasoning, calls, their results,
-    finish_reason and usage."""
+    finish_reason, usage and refusal (OpenAI's structured refusal text, "" if none)."""
 
     text: str = ""
     reasoning: str = ""
@@ -638,6 +641,7 @@ class Step:
     tool_results: list[ToolResult] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
+    refusal: str = ""
 
 
 @dataclass(frozen=True)
@@ -647,6 +651,8 @@ class Result:
     Attributes:
         text: the final model call's answer text.
         reasoning: the final model call's reasoning text.
+        refusal: the final model call's refusal text (OpenAI's structured refusal,
+            kept apart from text), "" when the model did not refuse.
         steps: one Step per model call.
         tool_calls, tool_results: over all steps.
         finish_reason: the last model call's, or "max_steps" when the budget ran out
@@ -658,6 +664,7 @@ class Result:
 
     text: str = ""
     reasoning: str = ""
+    refusal: str = ""
     steps: list[Step] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_results: list[ToolResult] = field(default_factory=list)
@@ -1005,6 +1012,11 @@ class Client:
             max_retries=max_retries,
         )
         self._session = requests.Session()
+        # requests keeps 10 connections per host and discards (with a warning) any
+        # more that threads return; a Client shared by many threads keeps them all.
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=_POOL_SIZE)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         self._headers = {"User-Agent": f"openai-compat/{__version__}", **(headers or {})}
         if self.config.api_key:
             self._headers["Authorization"] = f"Bearer {self.config.api_key}"
@@ -1195,7 +1207,7 @@ class Client:
                     )
                     yield Chunk("tool_result", tool_call=call, tool_result=result, step=number)
             steps.append(Step(outcome.text, outcome.reasoning, calls, results, finish,
-                              outcome.usage))
+                              outcome.usage, outcome.refusal))
             if not run_them:
                 if calls and tools and number >= max_steps and finish != "length":
                     finish = "max_steps"
@@ -1281,10 +1293,10 @@ class Client:
         if not isinstance(payload, dict) or payload.get("error") or payload.get("object") == "error":
             raise self._body_error(200, None, json.dumps(payload))
         choices = payload.get("choices")
-        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        choice = _choice_zero(choices) if isinstance(choices, list) else None
+        if choice is None:
             raise APIError("the server answered without choices: " + _trim_message(
                 json.dumps(payload)), base_url=self.config.base_url)
-        choice = choices[0]
         message = choice.get("message") or choice.get("delta") or {}
         acc = _Accumulator(step)
         yield from acc.delta(message, payload)
@@ -1335,7 +1347,11 @@ class Client:
                         self._raise_stream_error(obj, data, named=event.event == "error")
                     choices = obj.get("choices")
                     if choices:
-                        yield from acc.choice(choices[0], obj)
+                        choice = choices[0]
+                        if len(choices) > 1 or not isinstance(choice, dict) or choice.get(
+                                "index"):
+                            choice = _choice_zero(choices)
+                        yield from acc.choice(choice, obj)
                     usage = obj.get("usage")
                     if usage:
                         acc.usage = usage
@@ -1675,15 +1691,16 @@ class Stream:
 class _Outcome:
     """What one model call produced (private; becomes a Step)."""
 
-    __slots__ = ("finish_reason", "reasoning", "text", "tool_calls", "usage")
+    __slots__ = ("finish_reason", "reasoning", "refusal", "text", "tool_calls", "usage")
 
     def __init__(self, text: str, reasoning: str, tool_calls: list[ToolCall],
-                 finish_reason: str | None, usage: Usage | None) -> None:
+                 finish_reason: str | None, usage: Usage | None, refusal: str) -> None:
         self.text = text
         self.reasoning = reasoning
         self.tool_calls = tool_calls
         self.finish_reason = finish_reason
         self.usage = usage
+        self.refusal = refusal
 
     def finish_chunk(self, step: int) -> Chunk:
         return Chunk("finish", finish_reason=self.finish_reason, usage=self.usage, step=step)
@@ -1733,6 +1750,7 @@ class _Accumulator:
         self.step = step
         self.parts = _TextBuffer()
         self.reasoning = _TextBuffer()
+        self.refusal = _TextBuffer()
         self.calls = _CallAssembler()
         self.usage: Any = None
         self.finish_reason: str | None = None
@@ -1741,7 +1759,6 @@ class _Accumulator:
         return self.parts.getvalue()
 
     def choice(self, choice: Any, event: Any) -> Iterator[Chunk]:
-        # Quirk(OpenAI n>1, vLLM): only the first choice (index 0) is followed.
         if not isinstance(choice, dict):
             return
         delta = choice.get("delta") or choice.get("message")
@@ -1768,6 +1785,11 @@ class _Accumulator:
         if reasoning and isinstance(reasoning, str):
             self.reasoning.write(reasoning)
             yield _delta_chunk("reasoning", reasoning, self.step, event)
+        refusal = delta.get("refusal")
+        if refusal and isinstance(refusal, str):
+            # OpenAI's structured refusal: shown like text, kept apart from the answer.
+            self.refusal.write(refusal)
+            yield _delta_chunk("refusal", refusal, self.step, event)
         calls = delta.get("tool_calls")
         if calls:
             self.calls.add(calls)
@@ -1803,7 +1825,16 @@ class _Accumulator:
         elif reason is None:
             reason = "tool_calls" if calls else "stop"
         return _Outcome(self.text(), self.reasoning.getvalue(), calls, reason,
-                        _usage(self.usage))
+                        _usage(self.usage), self.refusal.getvalue())
+
+
+def _choice_zero(choices: list[Any]) -> dict[str, Any] | None:
+    """The choice with index 0 (or none): with n > 1 (OpenAI, vLLM) chunks of several
+    choices interleave, and only the first answer is followed, never braided."""
+    for choice in choices:
+        if isinstance(choice, dict) and choice.get("index") in (None, 0, "0"):
+            return choice
+    return None
 
 
 def _usage(raw: Any) -> Usage | None:
@@ -2004,6 +2035,7 @@ def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]
     return Result(
         text=last.text,
         reasoning=last.reasoning,
+        refusal=last.refusal,
         steps=steps,
         tool_calls=[c for s in steps for c in s.tool_calls],
         tool_results=[r for s in steps for r in s.tool_results],
@@ -2277,13 +2309,19 @@ def _cli_chat(client: Client, prompt: str, args: argparse.Namespace) -> int:
         for chunk in chunks:
             if args.json:
                 out.write(json.dumps(_chunk_json(chunk), ensure_ascii=False) + "\n")
-            elif chunk.content:
+            elif chunk.content and chunk.type == "text":
                 out.write(chunk.content)
             else:
                 continue
             out.flush()
+        refusal = chunks.result.refusal if chunks.result else ""
     if not args.json:
         out.write("\n")
+    if refusal:
+        # A refusal is not an answer: scripts see it on stderr and in the exit status.
+        print(f"openai-compat: the model refused: {' '.join(refusal.split())}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

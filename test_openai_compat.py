@@ -667,6 +667,49 @@ def test_stream_reasoning_chunks(server: Scripted) -> None:
     assert all(c.content == "" for c in chunks if c.type == "reasoning")
 
 
+def test_stream_refusal_is_its_own_chunk_kept_out_of_the_answer(server: Scripted) -> None:
+    # Issue #11: OpenAI's structured refusal gave an empty answer with finish "stop".
+    server.add(Reply(sse(delta(role="assistant", content=None, refusal=""),
+                         delta(refusal="I can't"), delta(refusal=" help."), delta("stop"),
+                         "data: [DONE]\n\n")),
+               json_reply(completion(None, refusal="No.")))
+    client = server.client()
+    chunks, result = run(client.stream("hi"))
+    assert [(c.type, c.content) for c in chunks] == [
+        ("refusal", "I can't"), ("refusal", " help."), ("finish", "")]
+    assert result.text == "" and result.refusal == "I can't help."
+    assert result.steps[0].refusal == "I can't help."
+    # The same from a whole (non-streamed) answer.
+    whole = client.generate("hi")
+    assert whole.text == "" and whole.refusal == whole.steps[0].refusal == "No."
+
+
+@pytest.mark.parametrize("order", ["0-1-2", "2-1-0", "no-index"])
+def test_stream_with_n_choices_follows_index_zero_only(server: Scripted, order: str) -> None:
+    # Issue #11: chunks of choices 0, 1, 2 arrive interleaved; the answer braided them.
+    def chunk(index: int | None, text: str | None, finish: str | None = None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"delta": {} if text is None else {"content": text},
+                                  "finish_reason": finish}
+        if index is not None:
+            choice["index"] = index
+        return {"choices": [choice]}
+
+    indexes = [None, 1, 2] if order == "no-index" else [int(i) for i in order.split("-")]
+    events = [chunk(i, f"{i or 0}a") for i in indexes]
+    events += [{"choices": [chunk(i, f"{i or 0}b")["choices"][0] for i in indexes]}]
+    events += [chunk(i, None, "length" if i else "stop") for i in indexes]
+    server.add(Reply(sse(*events, "data: [DONE]\n\n")),
+               json_reply({"choices": [
+                   {"index": 1, "message": {"content": "one"}, "finish_reason": "stop"},
+                   {"index": 0, "message": {"content": "zero"}, "finish_reason": "stop"}]}))
+    client = server.client()
+    chunks, result = run(client.stream("hi", n=3))
+    assert text_of(chunks) == result.text == "0a0b"
+    assert result.finish_reason == "stop"
+    assert server.bodies()[0]["n"] == 3
+    assert client.generate("hi", n=2).text == "zero"
+
+
 def test_stream_usage_keeps_the_last_and_never_adds(server: Scripted) -> None:
     def with_usage(event: dict[str, Any], n: int) -> dict[str, Any]:
         return {**event, "usage": {"prompt_tokens": 4, "completion_tokens": n,
@@ -1029,6 +1072,38 @@ def test_one_client_from_many_threads(server: Scripted) -> None:
     for t in threads:
         t.join(10)
     assert texts == ["xy"] * 6
+
+
+def test_64_concurrent_streams_share_one_client_and_keep_their_connections(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #11: 32 threads logged urllib3's "Connection pool is full, discarding
+    # connection" and opened new connections for later calls.
+    caplog.set_level(logging.WARNING)
+    threads_at_once = 64
+    client = server.client()
+    for round_ in range(2):
+        for i in range(threads_at_once):
+            # Paused, so that every stream is open at the same time.
+            server.add(Reply(sse(delta(content=f"{round_}-{i % 10}")), text_stream("!"),
+                             pause=0.3))
+        texts: list[str] = []
+        errors: list[BaseException] = []
+
+        def work(texts: list[str] = texts, errors: list[BaseException] = errors) -> None:
+            try:
+                texts.append(client.stream("hi").text)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(threads_at_once)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == [] and len(texts) == threads_at_once
+        assert sorted(texts) == sorted(f"{round_}-{i % 10}!" for i in range(threads_at_once))
+    assert "pool is full" not in caplog.text
+    assert server.connections == threads_at_once  # the second round reused every one
 
 
 @pytest.mark.parametrize("hang_up", ["eof", "reset"])
@@ -2744,6 +2819,20 @@ def test_cli_json_prints_one_object_per_chunk(server: Scripted) -> None:
     assert [(x["type"], x.get("content")) for x in lines] == [("text", "a"), ("text", "b"),
                                                               ("finish", None)]
     assert lines[-1]["usage"]["total_tokens"] == 3 and lines[-1]["finish_reason"] == "stop"
+
+
+def test_cli_refusal_is_one_line_on_stderr_and_exit_1(server: Scripted) -> None:
+    refusal = sse(delta(refusal="I can't"), delta(refusal=" help\nwith that."), delta("stop"),
+                  "data: [DONE]\n\n")
+    server.add(Reply(refusal), Reply(refusal))
+    done = cli(server, "hi")
+    assert done.returncode == 1 and done.stdout == "\n"
+    assert done.stderr == "openai-compat: the model refused: I can't help with that.\n"
+    as_json = cli(server, "--json", "hi")
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [(x["type"], x.get("content")) for x in lines] == [
+        ("refusal", "I can't"), ("refusal", " help\nwith that."), ("finish", None)]
+    assert as_json.returncode == 1
 
 
 def test_cli_models(server: Scripted) -> None:
