@@ -54,6 +54,7 @@ Source and documentation: https://github.com/openai-compat/openai-compat
 from __future__ import annotations
 
 import argparse
+import difflib
 import email.utils
 import enum
 import http.client
@@ -675,6 +676,20 @@ class Result:
 
 # ==== Tools ====
 
+# The chat-completions request parameters of OpenAI's API, accepted by name and sent
+# when not None; the library's own options; anything else is a ConfigError, so that
+# a misspelt option never travels silently to a server that ignores it.
+_OPENAI_PARAMETERS: Final = frozenset({
+    "temperature", "max_tokens", "top_p", "seed", "stop", "response_format", "n",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user",
+    "parallel_tool_calls", "reasoning_effort", "max_completion_tokens", "stream_options",
+    "metadata", "store", "service_tier", "modalities", "prediction", "audio",
+    "web_search_options",
+})
+_OWN_OPTIONS: Final = frozenset({
+    "messages", "system", "model", "tools", "tool_choice", "max_steps", "timeout", "extra_body",
+})
+
 _TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _JSON_TYPES: Final[dict[type, str]] = {str: "string", int: "integer", float: "number",
                                        bool: "boolean"}
@@ -753,6 +768,20 @@ def _tool_from_entry(name: object, value: object) -> Tool:
         raise ConfigError(f"tool {name!r}: 'execute' must be a function")
     parameters = value.get("parameters") or {"type": "object", "properties": {}}
     return Tool(str(name), str(value.get("description") or ""), parameters, execute)
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    """Raise ConfigError for a keyword that is neither the library's nor OpenAI's."""
+    for name in options:
+        if name in _OWN_OPTIONS or name in _OPENAI_PARAMETERS:
+            continue
+        if name == "stream":
+            raise ConfigError("stream= is not an option: call stream() to stream, generate() "
+                              "for the whole answer")
+        close = difflib.get_close_matches(name, sorted(_OWN_OPTIONS | _OPENAI_PARAMETERS), 1)
+        hint = f"did you mean {close[0]}=? " if close else ""
+        raise ConfigError(f"unknown option {name}=: {hint}Fields a server adds to OpenAI's "
+                          f"go in extra_body={{{name!r}: ...}}")
 
 
 def _tool_spec(t: Tool) -> dict[str, Any]:
@@ -1022,11 +1051,14 @@ class Client:
             self._headers["Authorization"] = f"Bearer {self.config.api_key}"
         self._lock = threading.Lock()
         self._discovered: list[str] | APIError | None = None
+        self._models_answer = ""  # what answered GET /models, for `openai-compat check`
         # Request fields this server rejected once; never sent again (see _degrade).
         self._dropped: set[str] = set()
         # Set when a streamed request with tools came back as an empty 200 stream:
         # later calls with tools are asked for without streaming (see _model_call).
         self._tools_unstreamed = False
+        # Models asked for and answered by another (warned once each, see _note_model).
+        self._models_warned: set[str] = set()
         self._warn_plain_http()
 
     _warned_hosts: ClassVar[set[str]] = set()
@@ -1122,11 +1154,16 @@ class Client:
 
     def _models_request(self) -> list[str] | APIError:
         url = self.config.base_url + "/models"
-        deadline = time.monotonic() + _DISCOVERY_SECONDS
+        started = time.monotonic()
+        deadline = started + _DISCOVERY_SECONDS
         try:
             with self._session.get(
                 url, headers=self._headers, timeout=_DISCOVERY_SECONDS, stream=True
             ) as response:
+                server = response.headers.get("server")
+                self._models_answer = (f"GET /models: HTTP {response.status_code}"
+                                       + (f" from {server}" if server else "")
+                                       + f" in {time.monotonic() - started:.2f} s")
                 body = bytearray()
                 for piece in response.iter_content(8192):
                     body += piece
@@ -1156,21 +1193,25 @@ class Client:
     def stream(self, prompt: str | None = None, **options: Any) -> Stream:
         """Stream a chat completion (and any tool calls) as Chunks.
 
-        Options (keyword-only): messages, system, model, tools, tool_choice,
-        max_steps, temperature, max_tokens; any other keyword goes into the request
-        body as is (top_p, seed, stop, response_format, ...). The request is
-        `system`, then `messages`, then `prompt` as the last user turn.
+        Options (keyword-only): messages, system, model, tools, tool_choice (default
+        "auto" with tools, never sent without), max_steps, timeout (this call's
+        silence limit), the chat-completions parameters of OpenAI's API by name
+        (temperature, max_tokens, top_p, seed, stop, response_format, n, ...: sent
+        when not None), and extra_body={...} for server-specific fields, merged into
+        the request last. The request is `system`, then `messages`, then `prompt` as
+        the last user turn.
 
         Returns a Stream: iterate it with a plain for-loop; each event is yielded as
         soon as its bytes arrive. Leaving the loop (or close(), or a with-block)
         closes the HTTP response. After the loop, `stream.result` is the Result.
-        Raises ConfigError before sending, and APIError subclasses while iterating.
+        Raises ConfigError at once for an unknown keyword (naming the closest valid
+        one) or a bad value, and APIError subclasses while iterating.
         """
-        return Stream(self._run(prompt, options, streaming=True))
+        return Stream(self._run(*self._prepare(prompt, options), streaming=True))
 
     def generate(self, prompt: str | None = None, **options: Any) -> Result:
         """Like stream(), with non-streaming requests; returns the Result."""
-        run = Stream(self._run(prompt, options, streaming=False))
+        run = Stream(self._run(*self._prepare(prompt, options), streaming=False))
         for _ in run:
             pass
         assert run.result is not None
@@ -1179,16 +1220,16 @@ class Client:
     # ---- the tool-call loop ----
 
     def _run(
-        self, prompt: str | None, options: dict[str, Any], *, streaming: bool
+        self, body: dict[str, Any], tools: list[Tool], max_steps: int, timeout: float, *,
+        streaming: bool
     ) -> Generator[Chunk, None, Result]:
-        body, tools, max_steps = self._prepare(prompt, options)
         messages: list[dict[str, Any]] = body["messages"]
         by_name = {t.name: t for t in tools}
         steps: list[Step] = []
         finish: str | None = None
         for number in range(1, max_steps + 1):
             outcome = yield from self._model_call(
-                {**body, "messages": list(messages)}, number, streaming
+                {**body, "messages": list(messages)}, number, streaming, timeout
             )
             finish = outcome.finish_reason
             calls = outcome.tool_calls
@@ -1216,7 +1257,8 @@ class Client:
 
     def _prepare(
         self, prompt: str | None, options: dict[str, Any]
-    ) -> tuple[dict[str, Any], list[Tool], int]:
+    ) -> tuple[dict[str, Any], list[Tool], int, float]:
+        _check_options(options)
         opts = dict(options)
         messages = opts.pop("messages", None)
         system = opts.pop("system", None)
@@ -1224,7 +1266,10 @@ class Client:
         tools = _as_tools(opts.pop("tools", None))
         tool_choice = opts.pop("tool_choice", None)
         max_steps = opts.pop("max_steps", None)
-        opts.pop("stream", None)  # decided by stream() / generate()
+        timeout = opts.pop("timeout", None)
+        extra_body = opts.pop("extra_body", None)
+        if extra_body is not None and not isinstance(extra_body, Mapping):
+            raise ConfigError("extra_body= must be a dict of fields to add to the request body")
         if max_steps is None:
             max_steps = DEFAULT_MAX_STEPS
         if not isinstance(max_steps, int) or max_steps < 1:
@@ -1248,10 +1293,13 @@ class Client:
         if tools:
             body["tools"] = [_tool_spec(t) for t in tools]
             body["tool_choice"] = "auto" if tool_choice is None else tool_choice
-        return body, tools, max_steps
+        body.update(extra_body or {})
+        silence = self.config.timeout if timeout is None else _parse_number(
+            str(timeout), "timeout=", self.config.timeout)
+        return body, tools, max_steps, silence
 
     def _model_call(
-        self, body: dict[str, Any], step: int, streaming: bool
+        self, body: dict[str, Any], step: int, streaming: bool, timeout: float
     ) -> Generator[Chunk, None, _Outcome]:
         for name in tuple(self._dropped):
             body.pop(name, None)
@@ -1259,12 +1307,12 @@ class Client:
             # vLLM answers 400 to stream_options without stream: true.
             body.pop("stream", None)
             body.pop("stream_options", None)
-            return (yield from self._plain_call(body, step))
+            return (yield from self._plain_call(body, step, timeout))
         body["stream"] = True
         if "stream_options" not in body and "stream_options" not in self._dropped:
             # Ask for usage; servers that reject the field lose it once (_degrade).
             body["stream_options"] = {"include_usage": True}
-        outcome = yield from self._streamed_call(body, step)
+        outcome = yield from self._streamed_call(body, step, timeout)
         if outcome is None:
             # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure
             # after the headers), for instance for streamed tool_choice "auto" or a
@@ -1280,13 +1328,17 @@ class Client:
                              " without streaming")
             body.pop("stream", None)
             body.pop("stream_options", None)
-            outcome = yield from self._plain_call(body, step)
+            outcome = yield from self._plain_call(body, step, timeout)
         return outcome
 
-    def _plain_call(self, body: dict[str, Any], step: int) -> Generator[Chunk, None, _Outcome]:
-        response = self._send(body)
+    def _plain_call(
+        self, body: dict[str, Any], step: int, timeout: float
+    ) -> Generator[Chunk, None, _Outcome]:
+        response = self._send(body, timeout)
         with response:
-            payload = self._read_json(response)
+            payload = self._read_json(response, timeout)
+        if isinstance(payload, dict):
+            self._note_model(body.get("model"), payload.get("model"))
         return (yield from self._json_answer(payload, step))
 
     def _json_answer(self, payload: Any, step: int) -> Generator[Chunk, None, _Outcome]:
@@ -1307,9 +1359,9 @@ class Client:
         return outcome
 
     def _streamed_call(
-        self, body: dict[str, Any], step: int
+        self, body: dict[str, Any], step: int, timeout: float
     ) -> Generator[Chunk, None, _Outcome | None]:
-        response = self._send(body)
+        response = self._send(body, timeout)
         with response:
             kind = response.headers.get("content-type", "").lower()
             if "text/html" in kind:
@@ -1317,11 +1369,14 @@ class Client:
                 raise self._body_error(response.status_code, None, self._read_text(response))
             if "json" in kind and "event-stream" not in kind:
                 # Quirk: some servers answer a stream request with one JSON document.
-                payload = self._read_json(response)
+                payload = self._read_json(response, timeout)
+                self._note_model(body.get("model"), payload.get("model") if isinstance(
+                    payload, dict) else None)
                 return (yield from self._json_answer(payload, step))
             acc = _Accumulator(step)
             done = False
             seen = False
+            first = True
             try:
                 for event in sseclient.SSEClient(
                     _iter_lines(_iter_raw(response, self.config.base_url), self.config.base_url)
@@ -1345,6 +1400,9 @@ class Client:
                         ) from None
                     if event.event == "error" or "error" in obj or obj.get("object") == "error":
                         self._raise_stream_error(obj, data, named=event.event == "error")
+                    if first:
+                        first = False
+                        self._note_model(body.get("model"), obj.get("model"))
                     choices = obj.get("choices")
                     if choices:
                         choice = choices[0]
@@ -1377,6 +1435,24 @@ class Client:
         yield outcome.finish_chunk(step)
         return outcome
 
+    def _note_model(self, asked: object, answered: object) -> None:
+        """Warn once per model when the server answers with another model than asked.
+
+        Quirk(llama.cpp, TGI, llama-cpp-python): an unknown model is answered by the
+        one they have loaded. A name inside the other (a dated version, a provider
+        prefix) is the same model.
+        """
+        if not (isinstance(asked, str) and isinstance(answered, str) and asked and answered):
+            return
+        if asked.lower() in answered.lower() or answered.lower() in asked.lower():
+            return
+        with self._lock:
+            if asked in self._models_warned:
+                return
+            self._models_warned.add(asked)
+        _log.warning("asked for model %r, %s answered with %r: it may not serve %r",
+                     asked, self.config.base_url, answered, asked)
+
     def _raise_stream_error(self, obj: dict[str, Any], data: str, *, named: bool) -> None:
         # Forms: {"error": {...}} (OpenAI, vLLM, LiteLLM, TGI), {"object": "error", ...}
         # (vLLM < 0.10.1), `event: error` (Groq), and llama.cpp's legacy `error: {...}`
@@ -1403,7 +1479,7 @@ class Client:
 
     # ---- HTTP ----
 
-    def _send(self, body: dict[str, Any]) -> requests.Response:
+    def _send(self, body: dict[str, Any], timeout: float) -> requests.Response:
         """POST body to /chat/completions; return a 2xx response (body not yet read).
 
         Retries connection failures and 408/409/429/5xx up to max_retries times with
@@ -1414,7 +1490,6 @@ class Client:
         url = self.config.base_url + "/chat/completions"
         attempt = 0
         stale_resent = False
-        timeout = self.config.timeout
         while True:
             data = json.dumps(body, ensure_ascii=False).encode("utf-8")
             headers = {**self._headers, "Content-Type": "application/json"}
@@ -1430,7 +1505,7 @@ class Client:
                     stale_resent = True
                     _log.debug("kept-alive connection was closed by the server; resending")
                     continue
-                error = self._transport_error(exc, whole=not body.get("stream"))
+                error = self._transport_error(exc, timeout, whole=not body.get("stream"))
                 # Connection failures (a connect timeout included) happened before the
                 # server saw the request: safe to resend. A read timeout did not.
                 if attempt < self.config.max_retries and isinstance(
@@ -1502,11 +1577,11 @@ class Client:
             raw = b""
         return raw.decode("utf-8", "replace")
 
-    def _read_json(self, response: requests.Response) -> Any:
+    def _read_json(self, response: requests.Response, timeout: float) -> Any:
         try:
             raw = response.content
         except _TRANSPORT_ERRORS as exc:
-            raise self._transport_error(exc, whole=True) from None
+            raise self._transport_error(exc, timeout, whole=True) from None
         try:
             return json.loads(raw.decode("utf-8", "replace"))
         except ValueError:
@@ -1542,12 +1617,14 @@ class Client:
             return RateLimitError(message, retry_after=retry_after, **kwargs)
         return cls(message, **kwargs)
 
-    def _transport_error(self, exc: BaseException, whole: bool = False) -> APIError:
-        """The classified error for a transport failure. `whole`: the request asked for a
-        non-streamed answer, which servers send only once it is complete."""
+    def _transport_error(self, exc: BaseException, timeout: float | None = None,
+                         whole: bool = False) -> APIError:
+        """The classified error for a transport failure. `timeout`: the silence limit the
+        request had. `whole`: the request asked for a non-streamed answer, which servers
+        send only once it is complete."""
         text = _redact(str(exc), self.config.api_key)
         base = self.config.base_url
-        timeout = self.config.timeout
+        timeout = self.config.timeout if timeout is None else timeout
         if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
             return RequestTimeoutError(f"could not connect within {timeout:g} s", base_url=base)
         if isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
@@ -2225,7 +2302,8 @@ _CLI_EXAMPLES: Final = """examples:
   openai-compat "Explain distributed computing"
   cat notes.txt | openai-compat "Summarize:"
   openai-compat -m llama3.2 -s "Answer in French" "What is SSE?"
-  openai-compat --json "Hi" | jq -r .content
+  openai-compat --json "Hi" | jq -j 'select(.type == "text") | .content'
+  openai-compat --base-url http://localhost:11434/v1 models
   openai-compat models
   openai-compat check
 
@@ -2247,7 +2325,7 @@ def main(argv: list[str] | None = None) -> int:
     args.literal = "--" in argv
     words: list[str] = args.words
     try:
-        client = Client(model=args.model, timeout=args.timeout)
+        client = Client(args.base_url, model=args.model, timeout=args.timeout)
         if words[:1] == ["models"] and len(words) == 1 and not args.literal:
             return _cli_models(client)
         if words[:1] == ["check"] and len(words) == 1 and not args.literal:
@@ -2278,6 +2356,8 @@ def _cli_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("words", nargs="*", metavar="PROMPT | models | check",
                         help="the prompt (stdin, if any, is appended), or a command")
+    parser.add_argument("--base-url", help="the server, e.g. http://localhost:11434/v1 "
+                        "(default: OPENAI_COMPATIBLE_BASE_URL)")
     parser.add_argument("-m", "--model", help="model id (default: OPENAI_COMPATIBLE_MODEL, "
                         "else the first listed by the server)")
     parser.add_argument("-s", "--system", help="system message")
@@ -2368,15 +2448,15 @@ def _cli_check(client: Client) -> int:
         models = client.available_models(fallback=False)
     except (AuthenticationError, EndpointUnavailableError, RequestTimeoutError) as exc:
         ok_reach = not isinstance(exc, (EndpointUnavailableError, RequestTimeoutError))
-        report("reachable", ok_reach, "" if ok_reach else str(exc))
+        report("reachable", ok_reach, client._models_answer if ok_reach else str(exc))
         if ok_reach:
             report("auth", False, str(exc))
         return 1
     except APIError as exc:
-        report("reachable", True, "the server answered")
+        report("reachable", True, client._models_answer or "the server answered")
         report("models", None, f"not listed ({exc.message})")
     else:
-        report("reachable", True, "GET /models answered")
+        report("reachable", True, client._models_answer)
         report("models", True, f"{len(models)} listed: {', '.join(models[:8])}"
                + (" ..." if len(models) > 8 else ""))
     checker = Client(client.config.base_url, client.config.api_key, client.model,

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import string
@@ -603,6 +605,57 @@ def test_stream_request_body(server: Scripted) -> None:
     for absent in ("temperature", "max_tokens", "top_p", "tools", "tool_choice"):
         assert absent not in body
     assert server.requests[0]["headers"].get("Accept-Encoding") == "identity"
+
+
+@pytest.mark.parametrize(("keyword", "says"), [
+    ("max_token", "did you mean max_tokens=?"),
+    ("temprature", "did you mean temperature=?"),
+    ("top_k", "extra_body={'top_k': ...}"),
+    ("stream", "call stream() to stream"),
+    ("tool", "did you mean tools=?"),
+])
+def test_options_unknown_keywords_fail_loudly_naming_the_closest(
+        server: Scripted, keyword: str, says: str) -> None:
+    # Issue #12: a misspelt option went into the request body and the server ignored it.
+    client = server.client()
+    for call in (client.stream, client.generate):
+        with pytest.raises(oc.ConfigError) as caught:
+            call("hi", **{keyword: 5})
+        assert f"{keyword}=" in str(caught.value) and says in str(caught.value)
+    assert server.requests == []
+
+
+def test_options_openai_parameters_and_extra_body_reach_the_server(server: Scripted) -> None:
+    server.add(Reply(text_stream("ok")))
+    run(server.client().stream("hi", max_completion_tokens=9, logprobs=True, top_logprobs=2,
+                               parallel_tool_calls=False, reasoning_effort="low", user="u1",
+                               extra_body={"top_k": 40, "min_p": 0.05, "seed": 7}, seed=3))
+    body = server.bodies()[0]
+    assert {k: body[k] for k in ("max_completion_tokens", "logprobs", "top_logprobs",
+                                 "parallel_tool_calls", "reasoning_effort", "user", "top_k",
+                                 "min_p")} == {
+        "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2,
+        "parallel_tool_calls": False, "reasoning_effort": "low", "user": "u1", "top_k": 40,
+        "min_p": 0.05}
+    assert body["seed"] == 7  # extra_body is merged last
+    assert "timeout" not in body and "extra_body" not in body
+
+
+def test_options_timeout_is_this_calls_silence_limit(server: Scripted) -> None:
+    # Issue #12: timeout=5 went into the request body as "timeout": 5.
+    server.add(Reply(sse(delta(content="a")), text_stream("b"), pause=3),
+               Reply(text_stream("c")))
+    client = server.client(timeout=60)
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        run(client.stream("hi", timeout=0.5))
+    assert time.monotonic() - started < 2.5
+    assert caught.value.partial_text == "a"
+    assert client.stream("hi", timeout=5).text == "c"
+    assert "timeout" not in server.bodies()[1]
+    for bad in (0, -1, "soon"):
+        with pytest.raises(oc.ConfigError, match="timeout="):
+            client.stream("hi", timeout=bad).text  # noqa: B018 - raises before sending
 
 
 def test_stream_text_one_finish_and_result(server: Scripted) -> None:
@@ -2819,6 +2872,66 @@ def test_cli_json_prints_one_object_per_chunk(server: Scripted) -> None:
     assert [(x["type"], x.get("content")) for x in lines] == [("text", "a"), ("text", "b"),
                                                               ("finish", None)]
     assert lines[-1]["usage"]["total_tokens"] == 3 and lines[-1]["finish_reason"] == "stop"
+
+
+def test_cli_base_url_flag_beats_the_environment(server: Scripted) -> None:
+    # Issue #12: errors mentioned base_url= but the CLI had no way to pass it.
+    server.add(json_reply({"data": [{"id": "from-flag"}]}))
+    done = cli(None, "--base-url", server.base_url, "models",
+               env={"OPENAI_COMPATIBLE_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert (done.returncode, done.stdout) == (0, "from-flag\n"), done.stderr
+
+
+def test_cli_help_json_example_prints_the_answer_as_text(server: Scripted) -> None:
+    # Issue #12: the help's `--json "Hi" | jq -r .content` printed a token per line and null.
+    if shutil.which("jq") is None:
+        pytest.skip("jq is not installed (apt-get install jq)")
+    help_text = cli(None, "--help").stdout
+    line = next(x.strip() for x in help_text.splitlines() if "--json" in x and "| jq" in x)
+    server.add(Reply(text_stream("Hel", "lo", " world")))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
+    command = line.replace("openai-compat", f"{shlex.quote(sys.executable)} -m openai_compat", 1)
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, env=environ,
+                          timeout=30, check=False, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert (done.returncode, done.stdout) == (0, "Hello world"), done.stderr
+
+
+def test_cli_check_says_what_answered(server: Scripted) -> None:
+    # Issue #12: `check` printed "reachable ok" with an empty detail.
+    server.add(json_reply({"error": {"message": "Invalid API Key"}}, status=401,
+                          headers={"Server": "llama.cpp"}))
+    done = cli(server, "check", env={"OPENAI_COMPATIBLE_MODEL": ""})
+    reachable = next(x for x in done.stdout.splitlines() if x.startswith("reachable"))
+    assert re.fullmatch(r"reachable\s+ok\s+GET /models: HTTP 401 from .*llama\.cpp in "
+                        r"\d+\.\d\d s", reachable), done.stdout
+    assert done.returncode == 1
+
+
+def test_model_answered_by_another_is_warned_once(server: Scripted,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #12: model="qwen2.5" was answered by another model without a word.
+    def answer(model: str) -> Reply:
+        return Reply(sse({**delta(content="x"), "model": model}, delta("stop"),
+                         "data: [DONE]\n\n"))
+
+    server.add(answer("smollm2"), answer("smollm2"), answer("gpt-4o-2024-08-06"),
+               json_reply({**completion("y"), "model": "smollm2"}))
+    caplog.set_level(logging.WARNING)
+    client = oc.Client(server.base_url, model="qwen2.5")
+    assert client.stream("hi").text == client.stream("hi").text == "x"
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "answered with" in r.getMessage()]
+
+    assert warnings() == [(f"asked for model 'qwen2.5', {server.base_url} answered with "
+                          "'smollm2': it may not serve 'qwen2.5'")]
+    # A dated version of the model asked for is the same model.
+    assert oc.Client(server.base_url, model="gpt-4o").stream("hi").text == "x"
+    assert len(warnings()) == 1
+    # A whole answer is checked too.
+    assert oc.Client(server.base_url, model="llama3.2").generate("hi").text == "y"
+    assert len(warnings()) == 2 and "'llama3.2'" in warnings()[1]
 
 
 def test_cli_refusal_is_one_line_on_stderr_and_exit_1(server: Scripted) -> None:
