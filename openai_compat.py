@@ -21,7 +21,7 @@
 """Stream chat completions and run tool calls against any OpenAI-compatible server.
 
 One file, two dependencies (requests, sseclient-py); copy it into a project or
-``pip install openai-compat``::
+install it with pip::
 
     import openai_compat as oc
 
@@ -48,6 +48,20 @@ Works with vLLM, Ollama, llama.cpp's llama-server, LM Studio, TGI, Groq, Togethe
 Fireworks, OpenRouter, DeepSeek, Mistral, Gemini's OpenAI endpoint, Azure, LiteLLM
 and OpenAI, including their deviations from OpenAI's wire format.
 
+The file, top to bottom (each section starts with a "# ==== Name ====" line):
+
+    Constants
+    Error classification   the exceptions, the ordered regex table, classify_error()
+    Data types             Usage, ToolCall, ToolResult, Chunk, Step, Result, Stream
+    Configuration          Config.from_env(): arguments, then OPENAI_COMPATIBLE_*, then defaults
+    Client                 Client, and the module-level stream(), generate(), ...
+    Model discovery        GET /models within 5 s, whatever shape the answer has
+    Tool-call loop         model call, tools run, results sent back, until text or max_steps
+    Tools                  tool definitions from functions, their JSON Schemas, running them
+    Streaming              response bytes -> lines -> SSE events -> payloads -> Chunks
+    HTTP plumbing          one pool of connections, retries, refused fields, draining
+    Command line           python -m openai_compat, or the openai-compat script
+
 Source and documentation: https://github.com/openai-compat/openai-compat
 """
 
@@ -71,7 +85,7 @@ import time
 import types
 import typing
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Final, Literal, Union
 
 import requests
@@ -157,7 +171,7 @@ _LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1", "[::1]")
 _TRANSPORT_ERRORS: Final = (requests.RequestException, urllib3.exceptions.HTTPError,
                             http.client.HTTPException, OSError)
 
-# ==== Errors ====
+# ==== Error classification ====
 
 
 class OpenAICompatError(Exception):
@@ -184,7 +198,9 @@ class APIError(OpenAICompatError):
     """
 
     retryable: ClassVar[bool] = False
-    hint: ClassVar[str] = ""
+    # Where the base URL came from, for hints: the variable, or "base_url=" when the
+    # Client was given one (set by the Client that raises the error).
+    _url_source: str = _ENV_BASE_URL
 
     def __init__(
         self,
@@ -218,7 +234,8 @@ class APIError(OpenAICompatError):
         return f"{type(self).__name__}({self.message!r}, status_code={self.status_code!r})"
 
     def _hint(self) -> str:
-        return self.hint
+        """What to do next, appended to the message."""
+        return ""
 
 
 class EndpointUnavailableError(APIError, ConnectionError):
@@ -230,11 +247,8 @@ class EndpointUnavailableError(APIError, ConnectionError):
     retryable = True
 
     def _hint(self) -> str:
-        return (
-            f"Is the server running? Check {_ENV_BASE_URL} (now {self.base_url})"
-            if self.base_url
-            else f"Is the server running? Check {_ENV_BASE_URL}"
-        )
+        now = f" (now {self.base_url})" if self.base_url else ""
+        return f"Is the server running? Check {self._url_source}{now}"
 
 
 class RequestTimeoutError(APIError, TimeoutError):
@@ -243,7 +257,9 @@ class RequestTimeoutError(APIError, TimeoutError):
     """
 
     retryable = True
-    hint = f"Raise the timeout ({_ENV_TIMEOUT} or timeout=) for slow or cold servers"
+
+    def _hint(self) -> str:
+        return f"Raise the timeout ({_ENV_TIMEOUT} or timeout=) for slow or cold servers"
 
 
 class AuthenticationError(APIError):
@@ -252,7 +268,8 @@ class AuthenticationError(APIError):
     Not retryable: fix the key.
     """
 
-    hint = f"Check the API key ({_ENV_API_KEY} or api_key=)"
+    def _hint(self) -> str:
+        return f"Check the API key ({_ENV_API_KEY} or api_key=)"
 
 
 class RateLimitError(APIError):
@@ -275,15 +292,16 @@ class RateLimitError(APIError):
 class ModelNotFoundError(APIError):
     """The server does not know the model. Not retryable: pick a listed model."""
 
-    hint = (
-        f"List the server's models with `openai-compat models`; set {_ENV_MODEL} or pass model="
-    )
+    def _hint(self) -> str:
+        return (f"List the server's models with `openai-compat models`; set {_ENV_MODEL} "
+                "or pass model=")
 
 
 class ContextLengthError(APIError):
     """The prompt (plus max_tokens) does not fit the model's context window."""
 
-    hint = "Shorten the messages or lower max_tokens, or use a model with a larger context"
+    def _hint(self) -> str:
+        return "Shorten the messages or lower max_tokens, or use a model with a larger context"
 
 
 class BadRequestError(APIError):
@@ -291,9 +309,9 @@ class BadRequestError(APIError):
 
     def _hint(self) -> str:
         if self.status_code in (404, 405) and self.base_url and not _has_version(self.base_url):
-            return f"The server may expect /v1: try {_ENV_BASE_URL}={self.base_url}/v1"
+            return f"The server may expect /v1: try {self._url_source}={self.base_url}/v1"
         if self.status_code in (404, 405):
-            return f"Check {_ENV_BASE_URL}: the server has no chat-completions route there"
+            return f"Check {self._url_source}: the server has no chat-completions route there"
         return "Check the request's options against what this server supports"
 
 
@@ -301,7 +319,9 @@ class ServerError(APIError):
     """HTTP 5xx: the server failed. Retried automatically; safe to retry later."""
 
     retryable = True
-    hint = "The server failed; retry later or look at the server's log"
+
+    def _hint(self) -> str:
+        return "The server failed; retry later or look at the server's log"
 
 
 class StreamError(APIError):
@@ -310,7 +330,9 @@ class StreamError(APIError):
     """
 
     retryable = True
-    hint = "The answer was cut short; .partial_text holds what arrived"
+
+    def _hint(self) -> str:
+        return "The answer was cut short; .partial_text holds what arrived"
 
 
 # Ordered: the first row whose pattern matches the message wins. Statuses that
@@ -416,6 +438,86 @@ def classify_error(message: str, status: int | None = None) -> type[APIError]:
     return ServerError if status >= 500 else BadRequestError
 
 
+# Quirks of requests a server refuses because of one field, and the field to drop
+# (see _Connection.drop_rejected_field). Ollama: "registry.ollama.ai/library/x does
+# not support tools"; vLLM: '"auto" tool choice requires --enable-auto-tool-choice and
+# --tool-call-parser to be set'; llama.cpp: "tools param requires --jinja flag";
+# others: "tools are not supported", "tool_choice ... not supported"; servers that do
+# not know stream_options name it.
+_REJECTED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
+    ("tools", re.compile(
+        r"does not support tools|enable-auto-tool-choice|tools param requires"
+        r"|tools? (?:are |is )?not supported|tool (?:use|calling) is not supported",
+        re.IGNORECASE)),
+    ("tool_choice", re.compile(
+        r"tool_choice.{0,60}(?:not supported|unsupported|not allowed|invalid)", re.IGNORECASE)),
+    ("stream_options", re.compile(r"stream_options", re.IGNORECASE)),
+)
+
+# What the socket layer says, shortened for messages (see _transport_reason).
+_TRANSPORT_REASON: Final = re.compile(
+    r"Connection refused|Name or service not known|nodename nor servname provided"
+    r"|Temporary failure in name resolution|No route to host|Network is unreachable"
+    r"|Connection reset by peer|Remote end closed connection without response"
+    r"|certificate verify failed[^)'\"]*|Connection aborted|IncompleteRead[^)]*\)"
+    r"|Response ended prematurely|Connection broken"
+)
+# A kept-alive connection the server had closed: the request met an EOF or a reset
+# before any byte of an answer (see _stale_connection).
+_STALE_CONNECTION: Final = re.compile(
+    r"Remote end closed connection|reset by peer|Broken pipe|BrokenPipeError"
+    r"|ConnectionResetError"
+)
+
+
+def _error_from_body(status: int, text: str, message: str | None = None,
+                     retry_after: float | None = None) -> APIError:
+    """The classified error for an error body of any shape (`message` overrides the
+    body's own). A 2xx status means an error the server sent with a success status."""
+    message = message or _error_message(text) or f"HTTP {status}"
+    tags = _error_tags(text)
+    if status < 400:
+        # Quirk(LM Studio): 200 with {"error": "Unexpected endpoint or method."}.
+        cls = classify_error(message + " " + tags)
+        if cls is APIError or cls in _TRANSPORT_CLASSES:
+            cls = BadRequestError
+    else:
+        cls = classify_error(message + " " + tags, status)
+    body = text[:_MAX_ERROR_BODY]
+    if cls is RateLimitError:
+        return RateLimitError(message, retry_after=retry_after, status_code=status, body=body)
+    return cls(message, status_code=status, body=body)
+
+
+def _stream_error(payload: dict[str, Any], data: str, error_event: bool) -> APIError | None:
+    """The classified error an event inside a 200 stream carries, or None.
+
+    Forms: {"error": {...}} (OpenAI, vLLM, LiteLLM, TGI), {"object": "error", ...}
+    (vLLM < 0.10.1, Mistral), `event: error` (Groq), and llama.cpp's legacy `error:
+    {...}` line (made an `event: error` by _iter_lines), whose JSON is the error itself.
+    A transport word in the message (LiteLLM's "Connection error") is still a stream
+    cut short here: the connection to this client is fine.
+    """
+    err = payload.get("error")
+    if err is None and payload.get("object") != "error" and not error_event:
+        return None
+    if err is None and error_event:
+        err = payload
+    message = _error_message(data) or "error event without a message"
+    cls = classify_error(message + " " + _error_tags(data))
+    if cls is APIError or cls in _TRANSPORT_CLASSES:
+        cls = StreamError
+    status = None
+    if isinstance(err, dict):
+        # Quirk(TGI): http_status_code; Groq: status_code; LiteLLM: code "503" as a string.
+        for key in ("status_code", "http_status_code", "code", "status"):
+            value = err.get(key)
+            if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+                status = int(value)
+                break
+    return cls(message, status_code=status, body=data[:_MAX_ERROR_BODY])
+
+
 def _has_version(base_url: str) -> bool:
     return re.search(r"/v\d+[a-z0-9]*(?:/|$)", base_url) is not None
 
@@ -507,6 +609,11 @@ def _error_tags(text: str) -> str:
     return " ".join(
         str(err.get(k)) for k in ("type", "code", "status") if isinstance(err.get(k), (str, int))
     )
+
+
+def _transport_reason(text: str) -> str:
+    match = _TRANSPORT_REASON.search(text)
+    return match.group(0) if match else text[:200]
 
 
 def _redact(text: str, secret: str | None) -> str:
@@ -607,10 +714,8 @@ class Chunk:
     raw: Any = field(default=None, repr=False, compare=False)
 
 
-_CHUNK_DEFAULTS: Final[dict[str, Any]] = {
-    "type": "text", "content": "", "reasoning": "", "tool_call": None, "tool_result": None,
-    "finish_reason": None, "usage": None, "step": 1, "raw": None,
-}
+# Every field's default, for building Chunks the fast way (see _delta_chunk).
+_CHUNK_DEFAULTS: Final[dict[str, Any]] = {f.name: f.default for f in fields(Chunk)}
 
 
 def _delta_chunk(kind: ChunkType, text: str, step: int, raw: Any) -> Chunk:
@@ -674,7 +779,131 @@ class Result:
     messages: list[dict[str, Any]] = field(default_factory=list)
 
 
-# ==== Tools ====
+class Stream:
+    """An iterator of Chunks from stream(); also a context manager.
+
+    Breaking out of the loop (when nothing else holds the Stream), close(), or
+    leaving a with-block closes the HTTP response. After the loop ends, `result`
+    holds the Result (None before).
+    """
+
+    def __init__(self, steps: Generator[Chunk, None, Result]) -> None:
+        self._steps = steps
+        self.result: Result | None = None
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Chunk:
+        try:
+            return next(self._steps)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise
+
+    def close(self) -> None:
+        """Stop the stream and close its HTTP response."""
+        self._steps.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def text(self) -> str:
+        """The final answer text (reads the stream to its end if needed)."""
+        for _ in self:
+            pass
+        return self.result.text if self.result else ""
+
+# ==== Configuration ====
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings of a Client (see Config.from_env)."""
+
+    base_url: str
+    api_key: str | None = None
+    model: str | None = None
+    timeout: float = _DEFAULT_TIMEOUT
+    max_retries: int = _DEFAULT_MAX_RETRIES
+
+    def __repr__(self) -> str:
+        key = "'[redacted]'" if self.api_key else "None"
+        return (
+            f"Config(base_url={self.base_url!r}, api_key={key}, model={self.model!r}, "
+            f"timeout={self.timeout!r}, max_retries={self.max_retries!r})"
+        )
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float | str | None = None,
+        max_retries: int | str | None = None,
+    ) -> Config:
+        """Merge explicit arguments over OPENAI_COMPATIBLE_* variables over defaults.
+
+        Blank (empty or whitespace-only) values count as unset. Raises ConfigError
+        naming the variable and the fix when a value is missing or malformed.
+        """
+        env = os.environ if environ is None else environ
+
+        def pick(value: object, name: str) -> str | None:
+            if value is not None and str(value).strip():
+                return str(value).strip()
+            raw = env.get(name)
+            return raw.strip() if raw and raw.strip() else None
+
+        url = pick(base_url, _ENV_BASE_URL)
+        if url is None:
+            raise ConfigError(
+                f"No endpoint configured: set {_ENV_BASE_URL} (for example "
+                "http://localhost:11434/v1 for Ollama) or pass base_url= to Client()"
+            )
+        return cls(
+            base_url=_check_url(url),
+            api_key=pick(api_key, _ENV_API_KEY),
+            model=pick(model, _ENV_MODEL),
+            timeout=_parse_number(pick(timeout, _ENV_TIMEOUT), _ENV_TIMEOUT, _DEFAULT_TIMEOUT),
+            max_retries=int(
+                _parse_number(
+                    pick(max_retries, _ENV_MAX_RETRIES), _ENV_MAX_RETRIES, _DEFAULT_MAX_RETRIES,
+                    integer=True,
+                )
+            ),
+        )
+
+
+def _check_url(url: str) -> str:
+    match = re.match(r"(?i)^https?://([^/?#]+)", url)
+    if not match or match.group(1).startswith(":"):
+        raise ConfigError(
+            f"{_ENV_BASE_URL} must be an http:// or https:// URL such as "
+            f"http://localhost:8000/v1 (got {url!r}); add the scheme"
+        )
+    return url.rstrip("/")
+
+
+def _parse_number(raw: str | None, name: str, default: float, *, integer: bool = False) -> float:
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "a whole number" if integer else "a number of seconds"
+        raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
+    if not value >= 0 or (not integer and value == 0):  # also rejects nan
+        raise ConfigError(f"{name} must be positive (got {raw!r})")
+    return value
+
 
 # The chat-completions request parameters of OpenAI's API, accepted by name and sent
 # when not None; the library's own options; anything else is a ConfigError, so that
@@ -689,6 +918,537 @@ _OPENAI_PARAMETERS: Final = frozenset({
 _OWN_OPTIONS: Final = frozenset({
     "messages", "system", "model", "tools", "tool_choice", "max_steps", "timeout", "extra_body",
 })
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    """Raise ConfigError for a keyword that is neither the library's nor OpenAI's."""
+    for name in options:
+        if name in _OWN_OPTIONS or name in _OPENAI_PARAMETERS:
+            continue
+        if name == "stream":
+            raise ConfigError("stream= is not an option: call stream() to stream, generate() "
+                              "for the whole answer")
+        close = difflib.get_close_matches(name, sorted(_OWN_OPTIONS | _OPENAI_PARAMETERS), 1)
+        hint = f"did you mean {close[0]}=? " if close else ""
+        raise ConfigError(f"unknown option {name}=: {hint}Fields a server adds to OpenAI's "
+                          f"go in extra_body={{{name!r}: ...}}")
+
+
+def _conversation(system: object, messages: object, prompt: str | None) -> list[dict[str, Any]]:
+    """The request's turns: `system`, then `messages`, then `prompt` as a user turn."""
+    turns: list[dict[str, Any]] = []
+    if system is not None:
+        turns.append({"role": "system", "content": system})
+    if messages is not None:
+        if not isinstance(messages, (list, tuple)) or not all(
+            isinstance(m, dict) for m in messages
+        ):
+            raise ConfigError("messages= must be a list of dicts like "
+                              "{'role': 'user', 'content': '...'}")
+        turns.extend(dict(m) for m in messages)
+    if prompt is not None:
+        turns.append({"role": "user", "content": prompt})
+    if not turns:
+        raise ConfigError("Nothing to send: pass a prompt or messages=")
+    return turns
+
+
+# ==== Client ====
+
+
+class Client:
+    """A connection to one OpenAI-compatible server.
+
+    Client(base_url=None, api_key=None, model=None, *, timeout=None, max_retries=None,
+    headers=None): each None argument is read from its OPENAI_COMPATIBLE_* variable
+    (see the module docstring) when the Client is made. `timeout` is the silence
+    allowed between bytes (connecting included), not a bound on total time.
+    `headers` are added to every request. Raises ConfigError on bad settings.
+
+    One Client keeps one connection pool: sequential calls reuse a TCP connection,
+    and it may be shared by threads. Model discovery runs at most once per Client.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        model: str | None = None,
+        *,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = Config.from_env(
+            base_url=base_url, api_key=api_key, model=model, timeout=timeout,
+            max_retries=max_retries,
+        )
+        given = base_url is not None and str(base_url).strip()
+        self._http = _Connection(self.config, headers, "base_url=" if given else _ENV_BASE_URL)
+        self._lock = threading.Lock()
+        self._discovered: list[str] | APIError | None = None
+        # Set when a streamed request with tools came back as an empty 200 stream:
+        # later calls with tools are asked for without streaming (see _model_call).
+        self._tools_unstreamed = False
+        # Models asked for and answered by another (warned once each, see _note_model).
+        self._models_warned: set[str] = set()
+        self._warn_plain_http()
+
+    _warned_hosts: ClassVar[set[str]] = set()
+
+    def __repr__(self) -> str:
+        return f"Client(base_url={self.config.base_url!r}, model={self.config.model!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    @property
+    def model(self) -> str:
+        """The model id requests use: model= → OPENAI_COMPATIBLE_MODEL → the first id
+        GET /models lists → DEFAULT_MODEL (discovery runs at most once)."""
+        return self.config.model or self.first_available_model()
+
+    def available_models(self, *, fallback: bool = True) -> list[str]:
+        """Model ids from GET {base_url}/models, asked at most once per Client (5 s limit).
+
+        When discovery fails (no route, error status, unparsable, empty list) this
+        returns FALLBACK_MODELS and logs why; with fallback=False it raises the
+        classified APIError instead.
+        """
+        found = self._discover()
+        if isinstance(found, APIError):
+            if not fallback:
+                raise found
+            return list(FALLBACK_MODELS)
+        return list(found)
+
+    def first_available_model(self) -> str:
+        """The first id the server listed, or DEFAULT_MODEL when discovery failed
+        (never an entry of FALLBACK_MODELS that no server confirmed)."""
+        found = self._discover()
+        return DEFAULT_MODEL if isinstance(found, APIError) else found[0]
+
+    def stream(self, prompt: str | None = None, **options: Any) -> Stream:
+        """Stream a chat completion (and any tool calls) as Chunks.
+
+        Options (keyword-only): messages, system, model, tools, tool_choice (default
+        "auto" with tools, never sent without), max_steps, timeout (this call's
+        silence limit), the chat-completions parameters of OpenAI's API by name
+        (temperature, max_tokens, top_p, seed, stop, response_format, n, ...: sent
+        when not None), and extra_body={...} for server-specific fields, merged into
+        the request last. The request is `system`, then `messages`, then `prompt` as
+        the last user turn.
+
+        Returns a Stream: iterate it with a plain for-loop; each event is yielded as
+        soon as its bytes arrive. Leaving the loop (or close(), or a with-block)
+        closes the HTTP response. After the loop, `stream.result` is the Result.
+        Raises ConfigError at once for an unknown keyword (naming the closest valid
+        one) or a bad value, and APIError subclasses while iterating.
+        """
+        return Stream(_iter_steps(self, self._prepare(prompt, options), streaming=True))
+
+    def generate(self, prompt: str | None = None, **options: Any) -> Result:
+        """Like stream(), with non-streaming requests; returns the Result."""
+        run = Stream(_iter_steps(self, self._prepare(prompt, options), streaming=False))
+        for _ in run:
+            pass
+        assert run.result is not None
+        return run.result
+
+    def _warn_plain_http(self) -> None:
+        host = re.sub(r"(?i)^http://([^/:]+|\[[^\]]+\]).*$", r"\1", self.config.base_url)
+        if (
+            self.config.api_key
+            and self.config.base_url.lower().startswith("http://")
+            and host.lower() not in _LOOPBACK_HOSTS
+            and not host.startswith("127.")
+            and host not in Client._warned_hosts
+        ):
+            Client._warned_hosts.add(host)
+            _log.warning(
+                "the API key is sent over plain http to %s; use https for remote servers", host
+            )
+
+    def _discover(self) -> list[str] | APIError:
+        with self._lock:
+            if self._discovered is None:
+                found = _fetch_models(self._http)
+                if isinstance(found, APIError):
+                    self._http.stamp(found)
+                    _log.warning("model discovery at %s/models failed (%s); using fallbacks",
+                                 self.config.base_url, found.message)
+                self._discovered = found
+            return self._discovered
+
+    def _prepare(self, prompt: str | None, options: dict[str, Any]) -> _Request:
+        """Check the options and build the request (raises ConfigError, sends nothing)."""
+        _check_options(options)
+        opts = dict(options)
+        turns = _conversation(opts.pop("system", None), opts.pop("messages", None), prompt)
+        model = opts.pop("model", None)
+        tools = _as_tools(opts.pop("tools", None))
+        tool_choice = opts.pop("tool_choice", None)
+        max_steps = opts.pop("max_steps", None)
+        if max_steps is None:
+            max_steps = DEFAULT_MAX_STEPS
+        if not isinstance(max_steps, int) or max_steps < 1:
+            raise ConfigError(f"max_steps must be a whole number of at least 1 (got {max_steps!r})")
+        timeout = opts.pop("timeout", None)
+        timeout = self.config.timeout if timeout is None else _parse_number(
+            str(timeout), "timeout=", self.config.timeout)
+        extra_body = opts.pop("extra_body", None)
+        if extra_body is not None and not isinstance(extra_body, Mapping):
+            raise ConfigError("extra_body= must be a dict of fields to add to the request body")
+        body: dict[str, Any] = {"model": model or self.model, "messages": turns}
+        body.update((k, v) for k, v in opts.items() if v is not None)
+        if tools:
+            body["tools"] = [_tool_spec(t) for t in tools]
+            body["tool_choice"] = "auto" if tool_choice is None else tool_choice
+        body.update(extra_body or {})
+        return _Request(body, {t.name: t for t in tools}, max_steps, timeout)
+
+    def _model_call(
+        self, body: dict[str, Any], step: int, streaming: bool, timeout: float
+    ) -> Generator[Chunk, None, Step]:
+        """One model call, streamed unless told otherwise or the server cannot; its
+        Chunks (the "finish" one last) and its Step (without tool results)."""
+        self._http.drop_refused_fields(body)
+        if not streaming or (self._tools_unstreamed and "tools" in body):
+            return (yield from self._plain_call(body, step, timeout))
+        body["stream"] = True
+        if "stream_options" not in body and self._http.may_send("stream_options"):
+            # Ask for usage; servers that reject the field lose it once.
+            body["stream_options"] = {"include_usage": True}
+        record = yield from self._streamed_call(body, step, timeout)
+        if record is None:
+            # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure
+            # after the headers), for instance for streamed tool_choice "auto" or a
+            # prompt beyond the context. Nothing was yielded: ask once more without
+            # streaming, which answers or raises the classified error. With tools,
+            # assume the server cannot stream them and stop trying.
+            if "tools" in body and not self._tools_unstreamed:
+                self._tools_unstreamed = True
+                _log.warning("the server ended a stream with tools without any event; asking"
+                             " without streaming, for calls with tools from now on")
+            else:
+                _log.warning("the server ended a stream without any event; asking again"
+                             " without streaming")
+            record = yield from self._plain_call(body, step, timeout)
+        return record
+
+    def _streamed_call(
+        self, body: dict[str, Any], step: int, timeout: float
+    ) -> Generator[Chunk, None, Step | None]:
+        """Send, hand the body to the streaming chain, close. None when the stream
+        ended without any event (see _model_call)."""
+        response = self._http.post(body, timeout)
+        acc = _Accumulator(step)
+        with response:
+            content_type = response.headers.get("content-type", "").lower()
+            if "text/html" in content_type:
+                # A proxy's or a web server's page, not the API.
+                raise self._http.error_from_body(response.status_code,
+                                                 self._http.read_text(response))
+            if "json" in content_type and "event-stream" not in content_type:
+                # Quirk(LM Studio, proxies): one JSON document for a stream request
+                # (LM Studio's 200 error for an unknown route, servers ignoring stream).
+                payload = self._http.read_json(response, timeout)
+                return (yield from self._whole_answer(payload, body, step))
+            try:
+                yield from _iter_chunks(_iter_sse(_iter_raw(response)), acc)
+                if acc.done:
+                    _drain(response)
+            except APIError as exc:
+                exc.partial_text = acc.text.getvalue()
+                self._http.stamp(exc)
+                raise
+        self._note_model(body.get("model"), acc.model)
+        if not acc.seen:
+            return None
+        if not acc.done and acc.finish_reason is None:
+            raise self._http.stamp(StreamError(
+                "the stream ended before the answer was finished (no finish_reason, no [DONE])",
+                partial_text=acc.text.getvalue()))
+        record = acc.finish()
+        yield _finish_chunk(record, step)
+        return record
+
+    def _plain_call(
+        self, body: dict[str, Any], step: int, timeout: float
+    ) -> Generator[Chunk, None, Step]:
+        """One model call without streaming (servers send the answer once complete)."""
+        body.pop("stream", None)
+        # vLLM answers 400 to stream_options without stream: true.
+        body.pop("stream_options", None)
+        response = self._http.post(body, timeout)
+        with response:
+            payload = self._http.read_json(response, timeout)
+        return (yield from self._whole_answer(payload, body, step))
+
+    def _whole_answer(
+        self, payload: Any, body: dict[str, Any], step: int
+    ) -> Generator[Chunk, None, Step]:
+        if isinstance(payload, dict):
+            self._note_model(body.get("model"), payload.get("model"))
+        try:
+            chunks, record = _whole_answer(payload, step)
+        except APIError as exc:
+            self._http.stamp(exc)
+            raise
+        yield from chunks
+        yield _finish_chunk(record, step)
+        return record
+
+    def _note_model(self, asked: object, answered: object) -> None:
+        """Warn once per model when the server answers with another model than asked.
+
+        Quirk(llama.cpp, TGI, llama-cpp-python): an unknown model is answered by the
+        one they have loaded. A name inside the other (a dated version, a provider
+        prefix) is the same model.
+        """
+        if not (isinstance(asked, str) and isinstance(answered, str) and asked and answered):
+            return
+        if asked.lower() in answered.lower() or answered.lower() in asked.lower():
+            return
+        with self._lock:
+            if asked in self._models_warned:
+                return
+            self._models_warned.add(asked)
+        _log.warning("asked for model %r, %s answered with %r: it may not serve %r",
+                     asked, self.config.base_url, answered, asked)
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def _default_client() -> Client:
+    """A Client for the current environment, reused while the environment is unchanged
+    (so its connection pool and discovery are shared between calls)."""
+    global _default
+    config = Config.from_env()
+    with _default_lock:
+        if _default is None or _default.config != config:
+            _default = Client()
+        return _default
+
+
+def stream(prompt: str | None = None, **options: Any) -> Stream:
+    """Client().stream(prompt, **options) with a Client configured from the environment."""
+    return _default_client().stream(prompt, **options)
+
+
+def generate(prompt: str | None = None, **options: Any) -> Result:
+    """Client().generate(prompt, **options) with a Client configured from the environment."""
+    return _default_client().generate(prompt, **options)
+
+
+def available_models(*, fallback: bool = True) -> list[str]:
+    """Client().available_models(fallback=fallback) for the environment's endpoint."""
+    return _default_client().available_models(fallback=fallback)
+
+
+def first_available_model() -> str:
+    """Client().first_available_model() for the environment's endpoint."""
+    return _default_client().first_available_model()
+
+# ==== Model discovery ====
+
+
+def _fetch_models(conn: _Connection) -> list[str] | APIError:
+    """The model ids GET {base_url}/models lists, or why not (returned, not raised),
+    within _DISCOVERY_SECONDS in all."""
+    # In a thread, so that the bound holds even for a server that accepts the
+    # connection and then trickles or says nothing (a read timeout alone would
+    # allow 5 s per read).
+    answers: list[list[str] | APIError] = []
+
+    def ask() -> None:
+        try:
+            answers.append(_models_request(conn))
+        except Exception as exc:  # noqa: BLE001 - a bug here must not cost 5 s
+            answers.append(APIError(f"model discovery failed: {exc!r}"))
+
+    worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
+    worker.start()
+    worker.join(_DISCOVERY_SECONDS)
+    if answers:
+        return answers[0]
+    return RequestTimeoutError(f"GET /models did not answer within {_DISCOVERY_SECONDS:g} s")
+
+
+def _models_request(conn: _Connection) -> list[str] | APIError:
+    try:
+        status, text, retry_after = conn.get_text("/models", _DISCOVERY_SECONDS)
+    except APIError as exc:
+        return exc
+    if status >= 300:
+        return conn.error_from_body(status, text, retry_after=retry_after)
+    try:
+        ids = _model_ids(json.loads(text))
+    except ValueError:
+        return APIError(f"GET /models answered with something that is not JSON: "
+                        f"{_error_message(text)!r}")
+    if isinstance(ids, str):
+        return conn.error_from_body(200, text, message=ids)
+    if not ids:
+        return APIError("GET /models listed no models")
+    return ids
+
+
+def _model_ids(payload: Any) -> list[str] | str:
+    """Model ids from any /models shape, or the error message a 200 body carried.
+
+    Shapes: {"data": [...]} (OpenAI), {"data": null} (Ollama with no models),
+    {"models": [...], "data": [...]} (llama.cpp), {"models": [{"name"}]}, a bare list;
+    entries are {"id"} or {"name"}/{"model"} or plain strings.
+    """
+    if isinstance(payload, dict):
+        if payload.get("error"):
+            return _message_from(payload) or "GET /models answered with an error"
+        entries = payload.get("data")
+        if not entries:
+            entries = payload.get("models")
+    else:
+        entries = payload
+    ids: list[str] = []
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict):
+            entry = entry.get("id") or entry.get("name") or entry.get("model")
+        if isinstance(entry, str) and entry.strip() and entry not in ids:
+            ids.append(entry)
+    return ids
+
+
+# ==== Tool-call loop ====
+
+
+class _Request:
+    """One stream() or generate() call, prepared: the request body, the tools by
+    name, the budget of model calls and the silence limit."""
+
+    __slots__ = ("body", "max_steps", "timeout", "tools")
+
+    def __init__(self, body: dict[str, Any], tools: dict[str, Tool], max_steps: int,
+                 timeout: float) -> None:
+        self.body = body
+        self.tools = tools
+        self.max_steps = max_steps
+        self.timeout = timeout
+
+
+def _iter_steps(
+    client: Client, request: _Request, *, streaming: bool
+) -> Generator[Chunk, None, Result]:
+    """The loop: a model call; the tools it asked for, run one after another and
+    their results sent back; again, until the model answers in text or max_steps
+    model calls are spent. Yields every Chunk; returns the Result."""
+    body = request.body
+    messages: list[dict[str, Any]] = body["messages"]
+    steps: list[Step] = []
+    finish: str | None = None
+    for step in range(1, request.max_steps + 1):
+        record = yield from client._model_call(
+            {**body, "messages": list(messages)}, step, streaming, request.timeout
+        )
+        finish = record.finish_reason
+        calls = record.tool_calls
+        run_calls = bool(calls and request.tools and finish != "length"
+                         and step < request.max_steps)
+        # Calls that are not run stay out of the history: a conversation whose
+        # assistant turn asks for tools must be followed by their results.
+        messages.append(_assistant_message(record, with_calls=run_calls))
+        results: list[ToolResult] = []
+        for call in calls:
+            yield Chunk("tool_call", tool_call=call, step=step)
+            if run_calls:
+                result = _execute(call, request.tools)
+                results.append(result)
+                messages.append(
+                    {"role": "tool", "tool_call_id": call.id, "content": result.content}
+                )
+                yield Chunk("tool_result", tool_call=call, tool_result=result, step=step)
+        steps.append(replace(record, tool_results=results))
+        if not run_calls:
+            if calls and request.tools and step >= request.max_steps and finish != "length":
+                finish = "max_steps"
+            break
+    return _result(steps, finish, messages)
+
+
+def _assistant_message(record: Step, *, with_calls: bool) -> dict[str, Any]:
+    # content "" rather than null: llama-cpp-python rejects null (500), Ollama takes
+    # null only with tool_calls, llama.cpp/OpenAI/vLLM/LiteLLM take "".
+    message: dict[str, Any] = {"role": "assistant", "content": record.text}
+    if with_calls and record.tool_calls:
+        message["tool_calls"] = [
+            {
+                **call.raw,
+                "id": call.id,
+                "type": "function",
+                # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+            }
+            for call in record.tool_calls
+        ]
+    return message
+
+
+def _execute(call: ToolCall, tools: Mapping[str, Tool]) -> ToolResult:
+    """Run one call; any failure becomes the error the model reads, never an exception."""
+    found = tools.get(call.name)
+    if call.error:
+        error = f"{call.error}; received: {call.raw_arguments[:500]!r}"
+    elif found is None:
+        error = f"unknown tool {call.name!r}; available tools: {', '.join(tools) or 'none'}"
+    else:
+        try:
+            value = _run_tool(found, call.arguments)
+        except Exception as exc:  # noqa: BLE001 - any tool failure goes back to the model
+            _log.debug("tool %s raised %r", call.name, exc)
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            return ToolResult(call, value, None, _tool_content(value))
+    return ToolResult(call, None, error, json.dumps({"error": error}, ensure_ascii=False))
+
+
+def _tool_content(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]]) -> Result:
+    usages = [s.usage for s in steps if s.usage is not None]
+    total = None
+    for usage in usages:
+        total = usage if total is None else total + usage
+    last = steps[-1] if steps else Step()
+    return Result(
+        text=last.text,
+        reasoning=last.reasoning,
+        refusal=last.refusal,
+        steps=steps,
+        tool_calls=[c for s in steps for c in s.tool_calls],
+        tool_results=[r for s in steps for r in s.tool_results],
+        finish_reason=finish,
+        usage=total,
+        messages=messages,
+    )
+
+
+# ==== Tools ====
+
 
 _TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _JSON_TYPES: Final[dict[type, str]] = {str: "string", int: "integer", float: "number",
@@ -770,24 +1530,11 @@ def _tool_from_entry(name: object, value: object) -> Tool:
     return Tool(str(name), str(value.get("description") or ""), parameters, execute)
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
-    """Raise ConfigError for a keyword that is neither the library's nor OpenAI's."""
-    for name in options:
-        if name in _OWN_OPTIONS or name in _OPENAI_PARAMETERS:
-            continue
-        if name == "stream":
-            raise ConfigError("stream= is not an option: call stream() to stream, generate() "
-                              "for the whole answer")
-        close = difflib.get_close_matches(name, sorted(_OWN_OPTIONS | _OPENAI_PARAMETERS), 1)
-        hint = f"did you mean {close[0]}=? " if close else ""
-        raise ConfigError(f"unknown option {name}=: {hint}Fields a server adds to OpenAI's "
-                          f"go in extra_body={{{name!r}: ...}}")
-
-
-def _tool_spec(t: Tool) -> dict[str, Any]:
+def _tool_spec(definition: Tool) -> dict[str, Any]:
     """The request form of a tool."""
-    return {"type": "function", "function": {"name": t.name, "description": t.description,
-                                             "parameters": t.parameters}}
+    return {"type": "function", "function": {"name": definition.name,
+                                             "description": definition.description,
+                                             "parameters": definition.parameters}}
 
 
 def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) -> Tool:
@@ -922,869 +1669,193 @@ def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:
         raise TypeError(f"unexpected argument(s): {', '.join(unknown)}")
     return t.function(**kwargs)
 
-
-# ==== Configuration ====
-
-
-@dataclass(frozen=True)
-class Config:
-    """Resolved settings of a Client (see Config.from_env)."""
-
-    base_url: str
-    api_key: str | None = None
-    model: str | None = None
-    timeout: float = _DEFAULT_TIMEOUT
-    max_retries: int = _DEFAULT_MAX_RETRIES
-
-    def __repr__(self) -> str:
-        key = "'[redacted]'" if self.api_key else "None"
-        return (
-            f"Config(base_url={self.base_url!r}, api_key={key}, model={self.model!r}, "
-            f"timeout={self.timeout!r}, max_retries={self.max_retries!r})"
-        )
-
-    @classmethod
-    def from_env(
-        cls,
-        environ: Mapping[str, str] | None = None,
-        *,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        model: str | None = None,
-        timeout: float | str | None = None,
-        max_retries: int | str | None = None,
-    ) -> Config:
-        """Merge explicit arguments over OPENAI_COMPATIBLE_* variables over defaults.
-
-        Blank (empty or whitespace-only) values count as unset. Raises ConfigError
-        naming the variable and the fix when a value is missing or malformed.
-        """
-        env = os.environ if environ is None else environ
-
-        def pick(value: object, name: str) -> str | None:
-            if value is not None and str(value).strip():
-                return str(value).strip()
-            raw = env.get(name)
-            return raw.strip() if raw and raw.strip() else None
-
-        url = pick(base_url, _ENV_BASE_URL)
-        if url is None:
-            raise ConfigError(
-                f"No endpoint configured: set {_ENV_BASE_URL} (for example "
-                "http://localhost:11434/v1 for Ollama) or pass base_url= to Client()"
-            )
-        return cls(
-            base_url=_check_url(url),
-            api_key=pick(api_key, _ENV_API_KEY),
-            model=pick(model, _ENV_MODEL),
-            timeout=_parse_number(pick(timeout, _ENV_TIMEOUT), _ENV_TIMEOUT, _DEFAULT_TIMEOUT),
-            max_retries=int(
-                _parse_number(
-                    pick(max_retries, _ENV_MAX_RETRIES), _ENV_MAX_RETRIES, _DEFAULT_MAX_RETRIES,
-                    integer=True,
-                )
-            ),
-        )
-
-
-def _check_url(url: str) -> str:
-    match = re.match(r"(?i)^https?://([^/?#]+)", url)
-    if not match or match.group(1).startswith(":"):
-        raise ConfigError(
-            f"{_ENV_BASE_URL} must be an http:// or https:// URL such as "
-            f"http://localhost:8000/v1 (got {url!r}); add the scheme"
-        )
-    return url.rstrip("/")
-
-
-def _parse_number(raw: str | None, name: str, default: float, *, integer: bool = False) -> float:
-    if raw is None:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "a whole number" if integer else "a number of seconds"
-        raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
-    if not value >= 0 or (not integer and value == 0):  # also rejects nan
-        raise ConfigError(f"{name} must be positive (got {raw!r})")
-    return value
-
-
-# ==== Client ====
-
-
-class Client:
-    """A connection to one OpenAI-compatible server.
-
-    Client(base_url=None, api_key=None, model=None, *, timeout=None, max_retries=None,
-    headers=None): each None argument is read from its OPENAI_COMPATIBLE_* variable
-    (see the module docstring) when the Client is made. `timeout` is the silence
-    allowed between bytes (connecting included), not a bound on total time.
-    `headers` are added to every request. Raises ConfigError on bad settings.
-
-    One Client keeps one connection pool: sequential calls reuse a TCP connection,
-    and it may be shared by threads. Model discovery runs at most once per Client.
-    """
-
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        model: str | None = None,
-        *,
-        timeout: float | None = None,
-        max_retries: int | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self.config = Config.from_env(
-            base_url=base_url, api_key=api_key, model=model, timeout=timeout,
-            max_retries=max_retries,
-        )
-        self._session = requests.Session()
-        # requests keeps 10 connections per host and discards (with a warning) any
-        # more that threads return; a Client shared by many threads keeps them all.
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=_POOL_SIZE)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        self._headers = {"User-Agent": f"openai-compat/{__version__}", **(headers or {})}
-        if self.config.api_key:
-            self._headers["Authorization"] = f"Bearer {self.config.api_key}"
-        self._lock = threading.Lock()
-        self._discovered: list[str] | APIError | None = None
-        self._models_answer = ""  # what answered GET /models, for `openai-compat check`
-        # Request fields this server rejected once; never sent again (see _degrade).
-        self._dropped: set[str] = set()
-        # Set when a streamed request with tools came back as an empty 200 stream:
-        # later calls with tools are asked for without streaming (see _model_call).
-        self._tools_unstreamed = False
-        # Models asked for and answered by another (warned once each, see _note_model).
-        self._models_warned: set[str] = set()
-        self._warn_plain_http()
-
-    _warned_hosts: ClassVar[set[str]] = set()
-
-    def __repr__(self) -> str:
-        return f"Client(base_url={self.config.base_url!r}, model={self.config.model!r})"
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._session.close()
-
-    def _warn_plain_http(self) -> None:
-        host = re.sub(r"(?i)^http://([^/:]+|\[[^\]]+\]).*$", r"\1", self.config.base_url)
-        if (
-            self.config.api_key
-            and self.config.base_url.lower().startswith("http://")
-            and host.lower() not in _LOOPBACK_HOSTS
-            and not host.startswith("127.")
-            and host not in Client._warned_hosts
-        ):
-            Client._warned_hosts.add(host)
-            _log.warning(
-                "the API key is sent over plain http to %s; use https for remote servers", host
-            )
-
-    # ---- models ----
-
-    @property
-    def model(self) -> str:
-        """The model id requests use: model= → OPENAI_COMPATIBLE_MODEL → the first id
-        GET /models lists → DEFAULT_MODEL (discovery runs at most once)."""
-        return self.config.model or self.first_available_model()
-
-    def available_models(self, *, fallback: bool = True) -> list[str]:
-        """Model ids from GET {base_url}/models, asked at most once per Client (5 s limit).
-
-        When discovery fails (no route, error status, unparsable, empty list) this
-        returns FALLBACK_MODELS and logs why; with fallback=False it raises the
-        classified APIError instead.
-        """
-        found = self._discover()
-        if isinstance(found, APIError):
-            if not fallback:
-                raise found
-            return list(FALLBACK_MODELS)
-        return list(found)
-
-    def first_available_model(self) -> str:
-        """The first id the server listed, or DEFAULT_MODEL when discovery failed
-        (never an entry of FALLBACK_MODELS that no server confirmed)."""
-        found = self._discover()
-        return DEFAULT_MODEL if isinstance(found, APIError) else found[0]
-
-    def _discover(self) -> list[str] | APIError:
-        with self._lock:
-            if self._discovered is None:
-                self._discovered = self._fetch_models()
-                if isinstance(self._discovered, APIError):
-                    _log.warning(
-                        "model discovery at %s/models failed (%s); using fallbacks",
-                        self.config.base_url, self._discovered.message,
-                    )
-            return self._discovered
-
-    def _fetch_models(self) -> list[str] | APIError:
-        # Run in a thread so the 5 s bound holds even for a server that accepts the
-        # connection and then trickles or says nothing (a read timeout alone would
-        # allow 5 s per read).
-        box: list[list[str] | APIError] = []
-
-        def ask() -> None:
-            try:
-                box.append(self._models_request())
-            except Exception as exc:  # noqa: BLE001 - a bug here must not cost 5 s
-                box.append(APIError(f"model discovery failed: {exc!r}",
-                                    base_url=self.config.base_url))
-
-        worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
-        worker.start()
-        worker.join(_DISCOVERY_SECONDS)
-        if box:
-            return box[0]
-        return RequestTimeoutError(
-            f"GET /models did not answer within {_DISCOVERY_SECONDS:g} s",
-            base_url=self.config.base_url,
-        )
-
-    def _models_request(self) -> list[str] | APIError:
-        url = self.config.base_url + "/models"
-        started = time.monotonic()
-        deadline = started + _DISCOVERY_SECONDS
-        try:
-            with self._session.get(
-                url, headers=self._headers, timeout=_DISCOVERY_SECONDS, stream=True
-            ) as response:
-                server = response.headers.get("server")
-                self._models_answer = (f"GET /models: HTTP {response.status_code}"
-                                       + (f" from {server}" if server else "")
-                                       + f" in {time.monotonic() - started:.2f} s")
-                body = bytearray()
-                for piece in response.iter_content(8192):
-                    body += piece
-                    if time.monotonic() > deadline or len(body) > 8 * 1024 * 1024:
-                        raise RequestTimeoutError("GET /models took too long",
-                                                  base_url=self.config.base_url)
-                text = body.decode("utf-8", "replace")
-                if response.status_code >= 300:
-                    return self._http_error(response.status_code, text, response.headers)
-        except APIError as exc:
-            return exc
-        except _TRANSPORT_ERRORS as exc:
-            return self._transport_error(exc)
-        try:
-            ids = _model_ids(json.loads(text))
-        except ValueError:
-            return APIError(f"GET /models answered with something that is not JSON: "
-                            f"{_error_message(text)!r}", base_url=self.config.base_url)
-        if isinstance(ids, str):
-            return self._body_error(200, ids, text)
-        if not ids:
-            return APIError("GET /models listed no models", base_url=self.config.base_url)
-        return ids
-
-    # ---- chat ----
-
-    def stream(self, prompt: str | None = None, **options: Any) -> Stream:
-        """Stream a chat completion (and any tool calls) as Chunks.
-
-        Options (keyword-only): messages, system, model, tools, tool_choice (default
-        "auto" with tools, never sent without), max_steps, timeout (this call's
-        silence limit), the chat-completions parameters of OpenAI's API by name
-        (temperature, max_tokens, top_p, seed, stop, response_format, n, ...: sent
-        when not None), and extra_body={...} for server-specific fields, merged into
-        the request last. The request is `system`, then `messages`, then `prompt` as
-        the last user turn.
-
-        Returns a Stream: iterate it with a plain for-loop; each event is yielded as
-        soon as its bytes arrive. Leaving the loop (or close(), or a with-block)
-        closes the HTTP response. After the loop, `stream.result` is the Result.
-        Raises ConfigError at once for an unknown keyword (naming the closest valid
-        one) or a bad value, and APIError subclasses while iterating.
-        """
-        return Stream(self._run(*self._prepare(prompt, options), streaming=True))
-
-    def generate(self, prompt: str | None = None, **options: Any) -> Result:
-        """Like stream(), with non-streaming requests; returns the Result."""
-        run = Stream(self._run(*self._prepare(prompt, options), streaming=False))
-        for _ in run:
-            pass
-        assert run.result is not None
-        return run.result
-
-    # ---- the tool-call loop ----
-
-    def _run(
-        self, body: dict[str, Any], tools: list[Tool], max_steps: int, timeout: float, *,
-        streaming: bool
-    ) -> Generator[Chunk, None, Result]:
-        messages: list[dict[str, Any]] = body["messages"]
-        by_name = {t.name: t for t in tools}
-        steps: list[Step] = []
-        finish: str | None = None
-        for number in range(1, max_steps + 1):
-            outcome = yield from self._model_call(
-                {**body, "messages": list(messages)}, number, streaming, timeout
-            )
-            finish = outcome.finish_reason
-            calls = outcome.tool_calls
-            run_them = bool(calls and tools and finish != "length" and number < max_steps)
-            # Calls that are not run stay out of the history: a conversation whose
-            # assistant turn asks for tools must be followed by their results.
-            messages.append(_assistant_message(outcome, with_calls=run_them))
-            results: list[ToolResult] = []
-            for call in calls:
-                yield Chunk("tool_call", tool_call=call, step=number)
-                if run_them:
-                    result = _execute(call, by_name)
-                    results.append(result)
-                    messages.append(
-                        {"role": "tool", "tool_call_id": call.id, "content": result.content}
-                    )
-                    yield Chunk("tool_result", tool_call=call, tool_result=result, step=number)
-            steps.append(Step(outcome.text, outcome.reasoning, calls, results, finish,
-                              outcome.usage, outcome.refusal))
-            if not run_them:
-                if calls and tools and number >= max_steps and finish != "length":
-                    finish = "max_steps"
-                break
-        return _result(steps, finish, messages)
-
-    def _prepare(
-        self, prompt: str | None, options: dict[str, Any]
-    ) -> tuple[dict[str, Any], list[Tool], int, float]:
-        _check_options(options)
-        opts = dict(options)
-        messages = opts.pop("messages", None)
-        system = opts.pop("system", None)
-        model = opts.pop("model", None)
-        tools = _as_tools(opts.pop("tools", None))
-        tool_choice = opts.pop("tool_choice", None)
-        max_steps = opts.pop("max_steps", None)
-        timeout = opts.pop("timeout", None)
-        extra_body = opts.pop("extra_body", None)
-        if extra_body is not None and not isinstance(extra_body, Mapping):
-            raise ConfigError("extra_body= must be a dict of fields to add to the request body")
-        if max_steps is None:
-            max_steps = DEFAULT_MAX_STEPS
-        if not isinstance(max_steps, int) or max_steps < 1:
-            raise ConfigError(f"max_steps must be a whole number of at least 1 (got {max_steps!r})")
-        turns: list[dict[str, Any]] = []
-        if system is not None:
-            turns.append({"role": "system", "content": system})
-        if messages is not None:
-            if not isinstance(messages, (list, tuple)) or not all(
-                isinstance(m, dict) for m in messages
-            ):
-                raise ConfigError("messages= must be a list of dicts like "
-                                  "{'role': 'user', 'content': '...'}")
-            turns.extend(dict(m) for m in messages)
-        if prompt is not None:
-            turns.append({"role": "user", "content": prompt})
-        if not turns:
-            raise ConfigError("Nothing to send: pass a prompt or messages=")
-        body: dict[str, Any] = {"model": model or self.model, "messages": turns}
-        body.update((k, v) for k, v in opts.items() if v is not None)
-        if tools:
-            body["tools"] = [_tool_spec(t) for t in tools]
-            body["tool_choice"] = "auto" if tool_choice is None else tool_choice
-        body.update(extra_body or {})
-        silence = self.config.timeout if timeout is None else _parse_number(
-            str(timeout), "timeout=", self.config.timeout)
-        return body, tools, max_steps, silence
-
-    def _model_call(
-        self, body: dict[str, Any], step: int, streaming: bool, timeout: float
-    ) -> Generator[Chunk, None, _Outcome]:
-        for name in tuple(self._dropped):
-            body.pop(name, None)
-        if not streaming or (self._tools_unstreamed and "tools" in body):
-            # vLLM answers 400 to stream_options without stream: true.
-            body.pop("stream", None)
-            body.pop("stream_options", None)
-            return (yield from self._plain_call(body, step, timeout))
-        body["stream"] = True
-        if "stream_options" not in body and "stream_options" not in self._dropped:
-            # Ask for usage; servers that reject the field lose it once (_degrade).
-            body["stream_options"] = {"include_usage": True}
-        outcome = yield from self._streamed_call(body, step, timeout)
-        if outcome is None:
-            # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure
-            # after the headers), for instance for streamed tool_choice "auto" or a
-            # prompt beyond the context. Nothing was yielded: ask once more without
-            # streaming, which answers or raises the classified error. With tools,
-            # assume the server cannot stream them and stop trying.
-            if "tools" in body and not self._tools_unstreamed:
-                self._tools_unstreamed = True
-                _log.warning("the server ended a stream with tools without any event; asking"
-                             " without streaming, for calls with tools from now on")
-            else:
-                _log.warning("the server ended a stream without any event; asking again"
-                             " without streaming")
-            body.pop("stream", None)
-            body.pop("stream_options", None)
-            outcome = yield from self._plain_call(body, step, timeout)
-        return outcome
-
-    def _plain_call(
-        self, body: dict[str, Any], step: int, timeout: float
-    ) -> Generator[Chunk, None, _Outcome]:
-        response = self._send(body, timeout)
-        with response:
-            payload = self._read_json(response, timeout)
-        if isinstance(payload, dict):
-            self._note_model(body.get("model"), payload.get("model"))
-        return (yield from self._json_answer(payload, step))
-
-    def _json_answer(self, payload: Any, step: int) -> Generator[Chunk, None, _Outcome]:
-        if not isinstance(payload, dict) or payload.get("error") or payload.get("object") == "error":
-            raise self._body_error(200, None, json.dumps(payload))
-        choices = payload.get("choices")
-        choice = _choice_zero(choices) if isinstance(choices, list) else None
-        if choice is None:
-            raise APIError("the server answered without choices: " + _trim_message(
-                json.dumps(payload)), base_url=self.config.base_url)
-        message = choice.get("message") or choice.get("delta") or {}
-        acc = _Accumulator(step)
-        yield from acc.delta(message, payload)
-        acc.usage = payload.get("usage") or acc.usage
-        acc.finish_reason = choice.get("finish_reason") or "stop"
-        outcome = acc.outcome()
-        yield outcome.finish_chunk(step)
-        return outcome
-
-    def _streamed_call(
-        self, body: dict[str, Any], step: int, timeout: float
-    ) -> Generator[Chunk, None, _Outcome | None]:
-        response = self._send(body, timeout)
-        with response:
-            kind = response.headers.get("content-type", "").lower()
-            if "text/html" in kind:
-                # A proxy's or a web server's page, not the API.
-                raise self._body_error(response.status_code, None, self._read_text(response))
-            if "json" in kind and "event-stream" not in kind:
-                # Quirk: some servers answer a stream request with one JSON document.
-                payload = self._read_json(response, timeout)
-                self._note_model(body.get("model"), payload.get("model") if isinstance(
-                    payload, dict) else None)
-                return (yield from self._json_answer(payload, step))
-            acc = _Accumulator(step)
-            done = False
-            seen = False
-            first = True
-            try:
-                for event in sseclient.SSEClient(
-                    _iter_lines(_iter_raw(response, self.config.base_url), self.config.base_url)
-                ).events():
-                    seen = True
-                    data = event.data
-                    if data[:1] != "{":
-                        data = data.strip()
-                        if data.startswith("[DONE]"):
-                            done = True
-                            break
-                        if not data.startswith("{"):
-                            _log.debug("skipping a stream event that is not JSON: %.80r", data)
-                            continue
-                    try:
-                        obj = json.loads(data)
-                    except ValueError:
-                        raise StreamError(
-                            "the stream was cut short or sent malformed JSON",
-                            base_url=self.config.base_url,
-                        ) from None
-                    if event.event == "error" or "error" in obj or obj.get("object") == "error":
-                        self._raise_stream_error(obj, data, named=event.event == "error")
-                    if first:
-                        first = False
-                        self._note_model(body.get("model"), obj.get("model"))
-                    choices = obj.get("choices")
-                    if choices:
-                        choice = choices[0]
-                        if len(choices) > 1 or not isinstance(choice, dict) or choice.get(
-                                "index"):
-                            choice = _choice_zero(choices)
-                        yield from acc.choice(choice, obj)
-                    usage = obj.get("usage")
-                    if usage:
-                        acc.usage = usage
-                if done:
-                    _drain(response)
-            except UnicodeDecodeError:
-                exc: APIError = StreamError("the server sent bytes that are not UTF-8",
-                                            base_url=self.config.base_url)
-                exc.partial_text = acc.text()
-                raise exc from None
-            except APIError as exc:
-                exc.partial_text = acc.text()
-                exc.base_url = exc.base_url or self.config.base_url
-                raise
-        if not seen:
-            return None
-        if not done and acc.finish_reason is None:
-            raise StreamError(
-                "the stream ended before the answer was finished (no finish_reason, no [DONE])",
-                base_url=self.config.base_url, partial_text=acc.text(),
-            )
-        outcome = acc.outcome()
-        yield outcome.finish_chunk(step)
-        return outcome
-
-    def _note_model(self, asked: object, answered: object) -> None:
-        """Warn once per model when the server answers with another model than asked.
-
-        Quirk(llama.cpp, TGI, llama-cpp-python): an unknown model is answered by the
-        one they have loaded. A name inside the other (a dated version, a provider
-        prefix) is the same model.
-        """
-        if not (isinstance(asked, str) and isinstance(answered, str) and asked and answered):
-            return
-        if asked.lower() in answered.lower() or answered.lower() in asked.lower():
-            return
-        with self._lock:
-            if asked in self._models_warned:
-                return
-            self._models_warned.add(asked)
-        _log.warning("asked for model %r, %s answered with %r: it may not serve %r",
-                     asked, self.config.base_url, answered, asked)
-
-    def _raise_stream_error(self, obj: dict[str, Any], data: str, *, named: bool) -> None:
-        # Forms: {"error": {...}} (OpenAI, vLLM, LiteLLM, TGI), {"object": "error", ...}
-        # (vLLM < 0.10.1), `event: error` (Groq), and llama.cpp's legacy `error: {...}`
-        # line, whose JSON is the error itself.
-        err = obj.get("error")
-        if err is None and obj.get("object") != "error" and not named:
-            return
-        if err is None and named:
-            err = obj
-        message = _error_message(data) or "error event without a message"
-        cls = classify_error(message + " " + _error_tags(data))
-        if cls is APIError or cls in _TRANSPORT_CLASSES:
-            cls = StreamError
-        status = None
-        if isinstance(err, dict):
-            for key in ("status_code", "http_status_code", "code", "status"):
-                value = err.get(key)
-                if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-                    status = int(value)
-                    break
-        raise cls(_redact(message, self.config.api_key), status_code=status,
-                  body=_redact(data[:_MAX_ERROR_BODY], self.config.api_key),
-                  base_url=self.config.base_url)
-
-    # ---- HTTP ----
-
-    def _send(self, body: dict[str, Any], timeout: float) -> requests.Response:
-        """POST body to /chat/completions; return a 2xx response (body not yet read).
-
-        Retries connection failures and 408/409/429/5xx up to max_retries times with
-        backoff; resends once, outside that budget, a request that failed because a
-        kept-alive connection had been closed by the server; drops a field the server
-        refused (tools, tool_choice, stream_options) once, and resends.
-        """
-        url = self.config.base_url + "/chat/completions"
-        attempt = 0
-        stale_resent = False
-        while True:
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            headers = {**self._headers, "Content-Type": "application/json"}
-            if body.get("stream"):
-                # A compressing proxy would batch the deltas; ask for none.
-                headers["Accept-Encoding"] = "identity"
-            try:
-                response = self._session.post(
-                    url, data=data, headers=headers, timeout=(timeout, timeout), stream=True
-                )
-            except _TRANSPORT_ERRORS as exc:
-                if not stale_resent and _stale_connection(exc):
-                    stale_resent = True
-                    _log.debug("kept-alive connection was closed by the server; resending")
-                    continue
-                error = self._transport_error(exc, timeout, whole=not body.get("stream"))
-                # Connection failures (a connect timeout included) happened before the
-                # server saw the request: safe to resend. A read timeout did not.
-                if attempt < self.config.max_retries and isinstance(
-                    exc, (requests.ConnectionError, ConnectionError)
-                ):
-                    attempt += 1
-                    self._sleep(attempt, None)
-                    continue
-                raise error from None
-            if response.status_code < 300:
-                return response
-            with response:
-                text = self._read_text(response)
-            error = self._http_error(response.status_code, text, response.headers)
-            if self._degrade(body, error):
-                continue
-            retry_after = error.retry_after if isinstance(error, RateLimitError) else None
-            if retry_after is None:
-                retry_after = _retry_after(response.headers)
-            if (
-                response.status_code in (408, 409, 429) or response.status_code >= 500
-            ) and error.retryable and attempt < self.config.max_retries and (
-                retry_after is None or retry_after <= _MAX_RETRY_AFTER
-            ):
-                attempt += 1
-                _log.debug("HTTP %s; retry %d of %d", response.status_code, attempt,
-                           self.config.max_retries)
-                self._sleep(attempt, retry_after)
-                continue
-            raise error
-
-    def _degrade(self, body: dict[str, Any], error: APIError) -> bool:
-        """Drop a request field the server refused, remember it, and say so."""
-        if error.status_code is None or error.status_code >= 500 and "tools" not in body:
-            return False
-        text = error.message
-        name = None
-        if "tools" in body and _TOOLS_UNSUPPORTED.search(text):
-            name = "tools"
-        elif "tool_choice" in body and _TOOL_CHOICE_UNSUPPORTED.search(text):
-            name = "tool_choice"
-        elif "stream_options" in body and "stream_options" in text.lower():
-            name = "stream_options"
-        if name is None:
-            return False
-        _log.warning("%s rejected %s (%s); resending without it and not sending it again",
-                     self.config.base_url, name, text)
-        with self._lock:
-            self._dropped.add(name)
-            if name == "tools":
-                self._dropped.add("tool_choice")
-        body.pop(name, None)
-        if name == "tools":
-            body.pop("tool_choice", None)
-        return True
-
-    def _sleep(self, attempt: int, retry_after: float | None) -> None:
-        if retry_after is not None:
-            delay = retry_after
-        else:
-            delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (attempt - 1))
-            delay *= random.uniform(0.5, 1.0)
-        time.sleep(delay)
-
-    def _read_text(self, response: requests.Response) -> str:
-        try:
-            raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
-        except _TRANSPORT_ERRORS:
-            raw = b""
-        return raw.decode("utf-8", "replace")
-
-    def _read_json(self, response: requests.Response, timeout: float) -> Any:
-        try:
-            raw = response.content
-        except _TRANSPORT_ERRORS as exc:
-            raise self._transport_error(exc, timeout, whole=True) from None
-        try:
-            return json.loads(raw.decode("utf-8", "replace"))
-        except ValueError:
-            raise APIError(
-                "the server's answer is not JSON: " + _error_message(raw[:2000].decode(
-                    "utf-8", "replace")), status_code=response.status_code,
-                base_url=self.config.base_url,
-            ) from None
-
-    def _http_error(self, status: int, text: str, headers: Mapping[str, str]) -> APIError:
-        return self._body_error(status, None, text, _retry_after(headers))
-
-    def _body_error(
-        self, status: int, message: str | None, text: str, retry_after: float | None = None
-    ) -> APIError:
-        secret = self.config.api_key
-        message = _redact(message or _error_message(text) or f"HTTP {status}", secret)
-        tags = _error_tags(text)
-        if status < 400:
-            # Quirk(LM Studio): 200 with {"error": "Unexpected endpoint or method."}.
-            cls = classify_error(message + " " + tags)
-            if cls is APIError or cls in _TRANSPORT_CLASSES:
-                cls = BadRequestError
-            status_code: int | None = status
-        else:
-            cls = classify_error(message + " " + tags, status)
-            status_code = status
-        kwargs: dict[str, Any] = {
-            "status_code": status_code, "body": _redact(text[:_MAX_ERROR_BODY], secret),
-            "base_url": self.config.base_url,
-        }
-        if cls is RateLimitError:
-            return RateLimitError(message, retry_after=retry_after, **kwargs)
-        return cls(message, **kwargs)
-
-    def _transport_error(self, exc: BaseException, timeout: float | None = None,
-                         whole: bool = False) -> APIError:
-        """The classified error for a transport failure. `timeout`: the silence limit the
-        request had. `whole`: the request asked for a non-streamed answer, which servers
-        send only once it is complete."""
-        text = _redact(str(exc), self.config.api_key)
-        base = self.config.base_url
-        timeout = self.config.timeout if timeout is None else timeout
-        if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
-            return RequestTimeoutError(f"could not connect within {timeout:g} s", base_url=base)
-        if isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-            return RequestTimeoutError(
-                f"the server sent nothing for {timeout:g} s"
-                + (" while composing a whole answer (non-streamed answers arrive only when"
-                   " complete; stream() shows progress)" if whole else ""),
-                base_url=base)
-        reason = _transport_reason(text)
-        if isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
-            exc, requests.exceptions.ChunkedEncodingError
-        ):
-            return EndpointUnavailableError(f"cannot connect: {reason}", base_url=base)
-        return StreamError(f"the connection failed while reading: {reason}", base_url=base)
-
-
-def _stale_connection(exc: BaseException) -> bool:
-    """Whether a request failed on a kept-alive connection the server had closed.
-
-    The server closed it between requests (idle timeout, or after an error, as
-    llama-cpp-python does after an empty stream): the request meets an EOF or a
-    reset before any byte of an answer, so the server never took it up. urllib3
-    only checks for a closed socket when it takes one from the pool, which leaves a
-    race. Connect failures are "Failed to establish a new connection", not this.
-    """
-    text = str(exc)
-    return "Connection aborted" in text and any(
-        sign in text for sign in ("Remote end closed connection", "reset by peer",
-                                  "Broken pipe", "BrokenPipeError", "ConnectionResetError")
-    )
-
-
-def _model_ids(payload: Any) -> list[str] | str:
-    """Model ids from any /models shape, or the error message a 200 body carried.
-
-    Shapes: {"data": [...]} (OpenAI), {"data": null} (Ollama with no models),
-    {"models": [...], "data": [...]} (llama.cpp), {"models": [{"name"}]}, a bare list;
-    entries are {"id"} or {"name"}/{"model"} or plain strings.
-    """
-    if isinstance(payload, dict):
-        if payload.get("error"):
-            return _message_from(payload) or "GET /models answered with an error"
-        entries = payload.get("data")
-        if not entries:
-            entries = payload.get("models")
-    else:
-        entries = payload
-    ids: list[str] = []
-    for entry in entries if isinstance(entries, list) else ():
-        if isinstance(entry, dict):
-            entry = entry.get("id") or entry.get("name") or entry.get("model")
-        if isinstance(entry, str) and entry.strip() and entry not in ids:
-            ids.append(entry)
-    return ids
-
-
-_TOOLS_UNSUPPORTED: Final = re.compile(
-    # Ollama "registry.ollama.ai/library/x does not support tools"; vLLM '"auto" tool
-    # choice requires --enable-auto-tool-choice and --tool-call-parser to be set';
-    # llama.cpp "tools param requires --jinja flag"; generic "tools are not supported".
-    r"does not support tools|enable-auto-tool-choice|tools param requires"
-    r"|tools? (?:are |is )?not supported|tool (?:use|calling) is not supported",
-    re.IGNORECASE,
-)
-_TOOL_CHOICE_UNSUPPORTED: Final = re.compile(
-    r"tool_choice.{0,60}(?:not supported|unsupported|not allowed|invalid)", re.IGNORECASE
-)
-
-
-def _transport_reason(text: str) -> str:
-    match = re.search(
-        r"Connection refused|Name or service not known|nodename nor servname provided"
-        r"|Temporary failure in name resolution|No route to host|Network is unreachable"
-        r"|Connection reset by peer|Remote end closed connection without response"
-        r"|certificate verify failed[^)'\"]*|Connection aborted|IncompleteRead[^)]*\)"
-        r"|Response ended prematurely|Connection broken",
-        text,
-    )
-    return match.group(0) if match else text[:200]
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 # ==== Streaming ====
+# A model call's answer is read as a chain, each link a small generator or function
+# with no I/O but the first: _iter_raw (response bytes as they arrive) -> _iter_lines
+# (whole, LF-terminated lines) -> _iter_sse (sseclient-py's events) -> _iter_chunks
+# (payload dicts, [DONE], in-stream errors) -> _Accumulator.add (the Chunks).
+# A non-streamed answer goes through _whole_answer and the same _Accumulator.
 
 
-class Stream:
-    """An iterator of Chunks from stream(); also a context manager.
+def _iter_chunks(events: Iterable[sseclient.Event], acc: _Accumulator) -> Iterator[Chunk]:
+    """The Chunks of one model call from its SSE events; `acc` keeps its state.
 
-    Breaking out of the loop (when nothing else holds the Stream), close(), or
-    leaving a with-block closes the HTTP response. After the loop ends, `result`
-    holds the Result (None before).
+    Raises StreamError for malformed JSON, and the classified error for an error
+    the server sent inside the stream. Stops at [DONE] (acc.done).
+    """
+    add = acc.add
+    for event in events:
+        acc.seen = True
+        data = event.data
+        if data[:1] != "{":
+            # Quirk(several servers): a space before [DONE], or padding after it.
+            data = data.strip()
+            if data.startswith("[DONE]"):
+                acc.done = True
+                return
+            if not data.startswith("{"):
+                # Quirk(gateways): data lines of their own that are not JSON are skipped.
+                _log.debug("skipping a stream event that is not JSON: %.80r", data)
+                continue
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            raise StreamError("the stream was cut short or sent malformed JSON") from None
+        if event.event == "error" or "error" in payload or payload.get("object") == "error":
+            error = _stream_error(payload, data, event.event == "error")
+            if error is not None:
+                raise error
+        if acc.model is None:
+            acc.model = payload.get("model") or ""
+        got = add(payload)
+        if got is not None:
+            if isinstance(got, list):
+                yield from got
+            else:
+                yield got
+
+
+def _whole_answer(payload: Any, step: int) -> tuple[list[Chunk], Step]:
+    """The Chunks and the Step of a non-streamed answer (pure)."""
+    if not isinstance(payload, dict) or payload.get("error") or payload.get("object") == "error":
+        raise _error_from_body(200, json.dumps(payload))
+    choices = payload.get("choices")
+    choice = _choice_zero(choices) if isinstance(choices, list) else None
+    if choice is None:
+        raise APIError("the server answered without choices: " + _trim_message(
+            json.dumps(payload)))
+    acc = _Accumulator(step)
+    got = acc.delta(choice.get("message") or choice.get("delta") or {}, payload)
+    acc.usage = payload.get("usage") or acc.usage
+    acc.finish_reason = choice.get("finish_reason") or "stop"
+    chunks = got if isinstance(got, list) else [got] if got is not None else []
+    return chunks, acc.finish()
+
+
+def _finish_chunk(record: Step, step: int) -> Chunk:
+    return Chunk("finish", finish_reason=record.finish_reason, usage=record.usage, step=step)
+
+
+# Quirk(TGI < 2.3, TGI stop strings, Anthropic-compat): other names for a normal stop.
+_STOP_ALIASES: Final = frozenset({"eos_token", "eos", "stop_sequence", "end_turn", "end"})
+
+
+class _Accumulator:
+    """One model call while its events arrive: text, reasoning, refusal, tool calls,
+    usage, finish_reason, the model that answered, and how the stream ended.
+
+    NOTE: add() runs once per event. Its common case (one text delta) costs a few
+    dict lookups and one Chunk; anything rarer goes through _mixed_delta.
     """
 
-    def __init__(self, steps: Generator[Chunk, None, Result]) -> None:
-        self._steps = steps
-        self.result: Result | None = None
+    __slots__ = ("calls", "done", "finish_reason", "model", "reasoning", "refusal", "seen",
+                 "step", "text", "usage")
 
-    def __iter__(self) -> Stream:
-        return self
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.text = _TextBuffer()
+        self.reasoning = _TextBuffer()
+        self.refusal = _TextBuffer()
+        self.calls = _CallAssembler()
+        self.usage: Any = None
+        self.finish_reason: str | None = None
+        self.model: str | None = None  # the "model" of the first event, "" if none
+        self.seen = False  # any event at all
+        self.done = False  # [DONE] arrived
 
-    def __next__(self) -> Chunk:
-        try:
-            return next(self._steps)
-        except StopIteration as stop:
-            self.result = stop.value
-            raise
+    def add(self, payload: dict[str, Any]) -> Chunk | list[Chunk] | None:
+        """Take one decoded event; return its Chunk, a list of them, or None."""
+        usage = payload.get("usage")
+        if usage:
+            self.usage = usage
+        choices = payload.get("choices")
+        if not choices:
+            return None
+        choice = choices[0]
+        if len(choices) > 1 or not isinstance(choice, dict) or choice.get("index"):
+            # Quirk(OpenAI and vLLM with n > 1): choices interleave; follow index 0.
+            choice = _choice_zero(choices)
+            if choice is None:
+                return None
+        delta = choice.get("delta") or choice.get("message")
+        got = self.delta(delta, payload) if delta else None
+        reason = choice.get("finish_reason")
+        if reason:
+            if reason == "error":
+                # Quirk(OpenRouter): finish_reason "error" with the error at top level.
+                raise StreamError("the server ended the answer with an error")
+            self.finish_reason = reason
+        return got
 
-    def close(self) -> None:
-        """Stop the stream and close its HTTP response."""
-        self._steps.close()
+    def delta(self, delta: Any, raw: Any) -> Chunk | list[Chunk] | None:
+        """The Chunks of one delta (or a whole message)."""
+        if not isinstance(delta, dict):
+            return None
+        content = delta.get("content")
+        if content.__class__ is str and not (
+            delta.get("reasoning_content") or delta.get("reasoning") or delta.get("refusal")
+            or delta.get("tool_calls") or delta.get("function_call")
+        ):
+            if not content:
+                return None
+            self.text.write(content)
+            return _delta_chunk("text", content, self.step, raw)
+        return self._mixed_delta(delta, content, raw)
 
-    def __enter__(self) -> Stream:
-        return self
+    def _mixed_delta(self, delta: dict[str, Any], content: Any, raw: Any) -> list[Chunk]:
+        chunks = self._content_parts(content, raw) if content else []
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if reasoning and isinstance(reasoning, str):
+            self.reasoning.write(reasoning)
+            chunks.append(_delta_chunk("reasoning", reasoning, self.step, raw))
+        refusal = delta.get("refusal")
+        if refusal and isinstance(refusal, str):
+            # OpenAI's structured refusal: shown like text, kept apart from the answer.
+            self.refusal.write(refusal)
+            chunks.append(_delta_chunk("refusal", refusal, self.step, raw))
+        calls = delta.get("tool_calls")
+        if calls:
+            self.calls.add(calls)
+        elif delta.get("function_call"):
+            # Quirk(llama-cpp-python): a legacy function_call beside tool_calls with the
+            # same content; used only when no tool_calls come with it.
+            self.calls.add([{"function": delta["function_call"]}])
+        return chunks
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _content_parts(self, content: Any, raw: Any) -> list[Chunk]:
+        if isinstance(content, str):
+            self.text.write(content)
+            return [_delta_chunk("text", content, self.step, raw)]
+        chunks = []
+        # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
+        # parts hold reasoning as a nested list of text parts.
+        for part in content if isinstance(content, list) else [content]:
+            if isinstance(part, str):
+                text, kind = part, "text"
+            elif isinstance(part, dict):
+                kind = "reasoning" if part.get("type") in ("thinking", "reasoning") else "text"
+                inner = part.get("thinking") if kind == "reasoning" else part.get("text")
+                if isinstance(inner, list):
+                    inner = "".join(p.get("text", "") for p in inner if isinstance(p, dict))
+                text = inner if isinstance(inner, str) else ""
+            else:
+                continue
+            if text:
+                (self.text if kind == "text" else self.reasoning).write(text)
+                chunks.append(_delta_chunk("text" if kind == "text" else "reasoning", text,
+                                           self.step, raw))
+        return chunks
 
-    @property
-    def text(self) -> str:
-        """The final answer text (reads the stream to its end if needed)."""
-        for _ in self:
-            pass
-        return self.result.text if self.result else ""
-
-
-class _Outcome:
-    """What one model call produced (private; becomes a Step)."""
-
-    __slots__ = ("finish_reason", "reasoning", "refusal", "text", "tool_calls", "usage")
-
-    def __init__(self, text: str, reasoning: str, tool_calls: list[ToolCall],
-                 finish_reason: str | None, usage: Usage | None, refusal: str) -> None:
-        self.text = text
-        self.reasoning = reasoning
-        self.tool_calls = tool_calls
-        self.finish_reason = finish_reason
-        self.usage = usage
-        self.refusal = refusal
-
-    def finish_chunk(self, step: int) -> Chunk:
-        return Chunk("finish", finish_reason=self.finish_reason, usage=self.usage, step=step)
-
-
-# Quirk(TGI < 2.3, TGI stop strings, others): other names for a normal stop.
-_STOP_ALIASES: Final = frozenset({"eos_token", "eos", "stop_sequence", "end_turn", "end"})
+    def finish(self) -> Step:
+        """The model call's Step (its tool results are added by the loop)."""
+        calls = self.calls.finish()
+        reason = self.finish_reason
+        if reason in _STOP_ALIASES:
+            reason = "stop"
+        elif reason is None:
+            reason = "tool_calls" if calls else "stop"
+        return Step(self.text.getvalue(), self.reasoning.getvalue(), calls, [], reason,
+                    _usage(self.usage), self.refusal.getvalue())
 
 
 class _TextBuffer:
@@ -1819,92 +1890,6 @@ class _TextBuffer:
         return self.blocks[0] if self.blocks else ""
 
 
-class _Accumulator:
-    """The state of one model call while its deltas arrive: text, reasoning, tool
-    calls, usage, finish_reason. One small object per event is the budget."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.parts = _TextBuffer()
-        self.reasoning = _TextBuffer()
-        self.refusal = _TextBuffer()
-        self.calls = _CallAssembler()
-        self.usage: Any = None
-        self.finish_reason: str | None = None
-
-    def text(self) -> str:
-        return self.parts.getvalue()
-
-    def choice(self, choice: Any, event: Any) -> Iterator[Chunk]:
-        if not isinstance(choice, dict):
-            return
-        delta = choice.get("delta") or choice.get("message")
-        if delta:
-            yield from self.delta(delta, event)
-        reason = choice.get("finish_reason")
-        if reason:
-            if reason == "error":
-                # Quirk(OpenRouter): finish_reason "error" with the error at top level.
-                raise StreamError("the server ended the answer with an error", partial_text="")
-            self.finish_reason = reason
-
-    def delta(self, delta: Any, event: Any) -> Iterator[Chunk]:
-        if not isinstance(delta, dict):
-            return
-        content = delta.get("content")
-        if content:
-            if isinstance(content, str):
-                self.parts.write(content)
-                yield _delta_chunk("text", content, self.step, event)
-            else:
-                yield from self._parts(content, event)
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if reasoning and isinstance(reasoning, str):
-            self.reasoning.write(reasoning)
-            yield _delta_chunk("reasoning", reasoning, self.step, event)
-        refusal = delta.get("refusal")
-        if refusal and isinstance(refusal, str):
-            # OpenAI's structured refusal: shown like text, kept apart from the answer.
-            self.refusal.write(refusal)
-            yield _delta_chunk("refusal", refusal, self.step, event)
-        calls = delta.get("tool_calls")
-        if calls:
-            self.calls.add(calls)
-        elif delta.get("function_call"):
-            # Legacy single function_call, used only when no tool_calls come with it
-            # (llama-cpp-python sends both with the same content).
-            self.calls.add([{"function": delta["function_call"]}])
-
-    def _parts(self, content: Any, event: Any) -> Iterator[Chunk]:
-        # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
-        # parts hold reasoning as a nested list of text parts.
-        for part in content if isinstance(content, list) else [content]:
-            if isinstance(part, str):
-                text, kind = part, "text"
-            elif isinstance(part, dict):
-                kind = "reasoning" if part.get("type") in ("thinking", "reasoning") else "text"
-                inner = part.get("thinking") if kind == "reasoning" else part.get("text")
-                if isinstance(inner, list):
-                    inner = "".join(p.get("text", "") for p in inner if isinstance(p, dict))
-                text = inner if isinstance(inner, str) else ""
-            else:
-                continue
-            if not text:
-                continue
-            (self.parts if kind == "text" else self.reasoning).write(text)
-            yield _delta_chunk("text" if kind == "text" else "reasoning", text, self.step, event)
-
-    def outcome(self) -> _Outcome:
-        calls = self.calls.finish()
-        reason = self.finish_reason
-        if reason in _STOP_ALIASES:
-            reason = "stop"
-        elif reason is None:
-            reason = "tool_calls" if calls else "stop"
-        return _Outcome(self.text(), self.reasoning.getvalue(), calls, reason,
-                        _usage(self.usage), self.refusal.getvalue())
-
-
 def _choice_zero(choices: list[Any]) -> dict[str, Any] | None:
     """The choice with index 0 (or none): with n > 1 (OpenAI, vLLM) chunks of several
     choices interleave, and only the first answer is followed, never braided."""
@@ -1924,16 +1909,6 @@ def _usage(raw: Any) -> Usage | None:
 
     prompt, completion = count("prompt_tokens"), count("completion_tokens")
     return Usage(prompt, completion, count("total_tokens") or prompt + completion, raw)
-
-
-class _PartialCall:
-    __slots__ = ("extra", "id", "name", "parts")
-
-    def __init__(self, call_id: str) -> None:
-        self.id = call_id
-        self.name = ""
-        self.parts: list[str] = []
-        self.extra: dict[str, Any] = {}
 
 
 class _CallAssembler:
@@ -2014,6 +1989,16 @@ class _CallAssembler:
         return [_finish_call(call) for call in self.calls]
 
 
+class _PartialCall:
+    __slots__ = ("extra", "id", "name", "parts")
+
+    def __init__(self, call_id: str) -> None:
+        self.id = call_id
+        self.name = ""
+        self.parts: list[str] = []
+        self.extra: dict[str, Any] = {}
+
+
 def _finish_call(call: _PartialCall) -> ToolCall:
     raw = "".join(call.parts)
     name = call.name
@@ -2048,7 +2033,8 @@ def _parse_arguments(raw: str) -> tuple[dict[str, Any], str | None]:
         except ValueError:
             return {}, f"arguments are not valid JSON ({exc})"
     if isinstance(value, str):
-        # Some servers double-encode: the arguments string is itself a JSON string.
+        # Quirk(gateways that re-encode a provider's call): the arguments string is
+        # itself a JSON string.
         try:
             value = json.loads(value)
         except ValueError:
@@ -2058,79 +2044,97 @@ def _parse_arguments(raw: str) -> tuple[dict[str, Any], str | None]:
     return value, None
 
 
-def _assistant_message(outcome: _Outcome, *, with_calls: bool) -> dict[str, Any]:
-    # content "" rather than null: llama-cpp-python rejects null (500), Ollama takes
-    # null only with tool_calls, llama.cpp/OpenAI/vLLM/LiteLLM take "".
-    message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
-    if with_calls and outcome.tool_calls:
-        message["tool_calls"] = [
-            {
-                **call.raw,
-                "id": call.id,
-                "type": "function",
-                # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
-                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
-            }
-            for call in outcome.tool_calls
-        ]
-    return message
+def _iter_sse(chunks: Iterable[bytes]) -> Iterator[sseclient.Event]:
+    """The SSE events in body bytes, parsed by sseclient-py from whole lines."""
+    return sseclient.SSEClient(_iter_lines(chunks)).events()
 
 
-def _execute(call: ToolCall, tools: Mapping[str, Tool]) -> ToolResult:
-    """Run one call; any failure becomes the error the model reads, never an exception."""
-    found = tools.get(call.name)
-    if call.error:
-        error = f"{call.error}; received: {call.raw_arguments[:500]!r}"
-    elif found is None:
-        error = f"unknown tool {call.name!r}; available tools: {', '.join(tools) or 'none'}"
-    else:
-        try:
-            value = _run_tool(found, call.arguments)
-        except Exception as exc:  # noqa: BLE001 - any tool failure goes back to the model
-            _log.debug("tool %s raised %r", call.name, exc)
-            error = f"{type(exc).__name__}: {exc}"
+_BOM: Final = b"\xef\xbb\xbf"
+_LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
+
+
+def _iter_lines(chunks: Iterable[bytes], limit: int = _MAX_EVENT_BYTES) -> Iterator[bytes]:
+    """Regroup body bytes into blocks of whole, LF-terminated lines for sseclient-py.
+
+    Normalises CRLF and lone CR to LF as bytes arrive (also when a CRLF is split),
+    drops a leading BOM (also when split), turns llama.cpp's legacy `error: {...}`
+    line into an `event: error` with data, and raises StreamError when one event
+    grows past `limit` bytes. A partial last line at EOF is passed on terminated,
+    so a truncated event reaches the JSON parser and fails there, loudly.
+    """
+    tail: list[bytes] = []  # the unfinished last line, in pieces (no quadratic joins)
+    tail_size = 0
+    open_size = 0  # bytes of the event under way, before the tail
+    skip_lf = False
+    for chunk in _without_bom(chunks):
+        if skip_lf and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        skip_lf = False
+        if b"\r" in chunk:
+            # A CR at the end may be half of a CRLF: emit it as LF now (no delay for
+            # CR-only servers) and drop an LF that starts the next chunk.
+            skip_lf = chunk[-1:] == b"\r"
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        cut = chunk.rfind(b"\n") + 1
+        if cut:
+            block = b"".join([*tail, chunk[:cut]]) if tail else chunk[:cut]
+            rest = chunk[cut:]
+            tail = [rest] if rest else []
+            tail_size = len(rest)
+            open_size = _open_event_size(block, open_size, limit)
+            if b"error:" in block:
+                # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line.
+                block = _LEGACY_ERROR_LINE.sub(b"event: error\ndata:", block)
+            yield block
         else:
-            return ToolResult(call, value, None, _tool_content(value))
-    return ToolResult(call, None, error, json.dumps({"error": error}, ensure_ascii=False))
+            tail.append(chunk)
+            tail_size += len(chunk)
+        if open_size + tail_size > limit:
+            raise _event_too_large(limit)
+    if tail:
+        yield b"".join(tail) + b"\n"
 
 
-def _tool_content(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return str(value)
+def _without_bom(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    # Spec (WHATWG server-sent events): a UTF-8 BOM before the first event is
+    # skipped, also when split across reads; sseclient-py would drop that event.
+    chunks = iter(chunks)
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) < len(_BOM) and _BOM.startswith(head):
+            continue
+        yield head.removeprefix(_BOM)
+        break
+    yield from chunks
 
 
-def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]]) -> Result:
-    usages = [s.usage for s in steps if s.usage is not None]
-    total = None
-    for usage in usages:
-        total = usage if total is None else total + usage
-    last = steps[-1] if steps else Step()
-    return Result(
-        text=last.text,
-        reasoning=last.reasoning,
-        refusal=last.refusal,
-        steps=steps,
-        tool_calls=[c for s in steps for c in s.tool_calls],
-        tool_results=[r for s in steps for r in s.tool_results],
-        finish_reason=finish,
-        usage=total,
-        messages=messages,
-    )
+def _open_event_size(block: bytes, open_size: int, limit: int) -> int:
+    """Bytes of the event still open after `block` (whole lines), given those before
+    it; raises StreamError when an event that ends in it was larger than `limit`."""
+    first = block.find(b"\n\n")
+    if first >= 0 and open_size + first > limit:
+        raise _event_too_large(limit)
+    last = block.rfind(b"\n\n")
+    if last >= 0:
+        return len(block) - last - 2
+    if block[:1] == b"\n":  # the blank line that ends an event opens this block
+        return len(block) - 1
+    return open_size + len(block)
 
 
-# ==== SSE byte layer ====
+def _event_too_large(limit: int) -> StreamError:
+    return StreamError(f"one stream event is larger than {limit} bytes")
 
 
-def _iter_raw(response: requests.Response, base_url: str) -> Iterator[bytes]:
+def _iter_raw(response: requests.Response) -> Iterator[bytes]:
     """Yield body bytes as soon as the socket has them, whatever the framing.
 
     urllib3's read1 returns what has arrived (decoded when gzip) instead of waiting
     for a full buffer, which iter_content does on bodies that are not chunked.
-    Transport failures become the module's errors here.
+    Transport failures become the module's errors here: a stream that breaks after
+    its answer began is a StreamError (retrying would repeat what the caller has
+    already seen), silence is a RequestTimeoutError.
     """
     raw = response.raw
     read1 = getattr(raw, "read1", None)
@@ -2144,92 +2148,241 @@ def _iter_raw(response: requests.Response, base_url: str) -> Iterator[bytes]:
                 return
             yield data
     except (urllib3.exceptions.ReadTimeoutError, TimeoutError, requests.Timeout):
-        raise RequestTimeoutError(
-            "the server went silent in the middle of the stream", base_url=base_url
-        ) from None
+        raise RequestTimeoutError("the server went silent in the middle of the stream") from None
     except _TRANSPORT_ERRORS as exc:
         raise StreamError(
-            f"the connection broke in the middle of the stream ({_transport_reason(str(exc))})",
-            base_url=base_url,
+            f"the connection broke in the middle of the stream ({_transport_reason(str(exc))})"
         ) from None
 
-
-_BOM: Final = b"\xef\xbb\xbf"
-_LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
+# ==== HTTP plumbing ====
 
 
-def _iter_lines(chunks: Iterable[bytes], base_url: str | None = None,
-                limit: int = _MAX_EVENT_BYTES) -> Iterator[bytes]:
-    """Regroup body bytes into blocks of whole, LF-terminated lines for sseclient-py.
-
-    Normalises CRLF and lone CR to LF as bytes arrive (also when a CRLF is split),
-    drops a leading BOM (also when split), turns llama.cpp's legacy `error: {...}`
-    line into an `event: error` with data, and raises StreamError when one event
-    grows past `limit` bytes. A partial last line at EOF is passed on terminated,
-    so a truncated event reaches the JSON parser and fails there, loudly.
+class _Connection:
+    """One endpoint over HTTP: a pool of kept-alive connections, the headers,
+    retries with backoff, the request fields the server refused, and the stamp
+    (where from, key redacted) on every error a Client raises.
     """
-    tail: list[bytes] = []
-    tail_size = 0
-    since_blank = 0
-    skip_lf = False
-    head = b""
-    at_start = True
-    for chunk in chunks:
-        if at_start:
-            # Quirk: a UTF-8 BOM before the first event (possibly split across reads).
-            head += chunk
-            if len(head) < 3 and _BOM.startswith(head):
+
+    def __init__(self, config: Config, headers: Mapping[str, str] | None,
+                 url_source: str) -> None:
+        self.config = config
+        self.url_source = url_source
+        self.session = requests.Session()
+        # requests keeps 10 connections per host and discards (with a warning) any
+        # more that threads return; a Client shared by many threads keeps them all.
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=_POOL_SIZE)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.headers = {"User-Agent": f"openai-compat/{__version__}", **(headers or {})}
+        if config.api_key:
+            self.headers["Authorization"] = f"Bearer {config.api_key}"
+        self.lock = threading.Lock()
+        self.refused: set[str] = set()  # request fields never to send again
+        self.models_answer = ""  # what answered GET /models, for `openai-compat check`
+
+    def close(self) -> None:
+        self.session.close()
+
+    def post(self, body: dict[str, Any], timeout: float) -> requests.Response:
+        """POST body to /chat/completions; return a 2xx response (body not yet read).
+
+        Retries connection failures and 408/409/429/5xx up to max_retries times with
+        backoff; resends once, outside that budget, a request that failed because a
+        kept-alive connection had been closed by the server; drops a field the server
+        refused (tools, tool_choice, stream_options) once, and resends.
+        """
+        attempt = 0
+        stale_resent = False
+        while True:
+            try:
+                response = self._post_once(body, timeout)
+            except _TRANSPORT_ERRORS as exc:
+                if not stale_resent and _stale_connection(exc):
+                    stale_resent = True
+                    _log.debug("kept-alive connection was closed by the server; resending")
+                    continue
+                error = self.transport_error(exc, timeout, unstreamed=not body.get("stream"))
+                # Connection failures (a connect timeout included) happened before the
+                # server saw the request: safe to resend. A read timeout did not.
+                if attempt < self.config.max_retries and isinstance(
+                    exc, (requests.ConnectionError, ConnectionError)
+                ):
+                    attempt += 1
+                    time.sleep(_backoff(attempt))
+                    continue
+                raise error from None
+            if response.status_code < 300:
+                return response
+            with response:
+                text = self.read_text(response)
+            retry_after = _retry_after(response.headers)
+            error = self.error_from_body(response.status_code, text, retry_after=retry_after)
+            if self._drop_rejected_field(body, error):
                 continue
-            chunk = head[3:] if head.startswith(_BOM) else head
-            at_start = False
-        if skip_lf and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-        skip_lf = False
-        if b"\r" in chunk:
-            # A CR at the end may be half of a CRLF: emit it as LF now (no delay for
-            # CR-only servers) and drop an LF that starts the next chunk.
-            skip_lf = chunk[-1:] == b"\r"
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        cut = chunk.rfind(b"\n")
-        if cut < 0:
-            tail.append(chunk)
-            tail_size += len(chunk)
-            if since_blank + tail_size > limit:
-                raise StreamError(f"one stream event is larger than {limit} bytes",
-                                  base_url=base_url)
-            continue
-        if tail:
-            block = b"".join(tail) + chunk[: cut + 1]
-            tail.clear()
-        else:
-            block = chunk if cut == len(chunk) - 1 else chunk[: cut + 1]
-        rest = chunk[cut + 1:]
-        if rest:
-            tail.append(rest)
-        tail_size = len(rest)
-        first = block.find(b"\n\n")
-        if first >= 0 and since_blank + first > limit:
-            raise StreamError(f"one stream event is larger than {limit} bytes", base_url=base_url)
-        blank = block.rfind(b"\n\n")
-        if blank >= 0:
-            since_blank = len(block) - blank - 2
-        elif block[:1] == b"\n":
-            since_blank = len(block) - 1
-        else:
-            since_blank += len(block)
-        if since_blank + tail_size > limit:
-            raise StreamError(f"one stream event is larger than {limit} bytes", base_url=base_url)
-        if b"error:" in block:
-            block = _LEGACY_ERROR_LINE.sub(b"event: error\ndata:", block)
-        yield block
-    if tail:
-        yield b"".join(tail) + b"\n"
+            if not self._may_retry(error, attempt, retry_after):
+                raise error
+            attempt += 1
+            _log.debug("HTTP %s; retry %d of %d", response.status_code, attempt,
+                       self.config.max_retries)
+            time.sleep(_backoff(attempt) if retry_after is None else retry_after)
+
+    def _post_once(self, body: dict[str, Any], timeout: float) -> requests.Response:
+        headers = {**self.headers, "Content-Type": "application/json"}
+        if body.get("stream"):
+            # A compressing proxy would batch the deltas; ask for none.
+            headers["Accept-Encoding"] = "identity"
+        return self.session.post(
+            self.config.base_url + "/chat/completions",
+            data=json.dumps(body, ensure_ascii=False).encode("utf-8"), headers=headers,
+            timeout=(timeout, timeout), stream=True,
+        )
+
+    def _may_retry(self, error: APIError, attempt: int, retry_after: float | None) -> bool:
+        status = error.status_code or 0
+        return (
+            (status in (408, 409, 429) or status >= 500)
+            and error.retryable
+            and attempt < self.config.max_retries
+            and (retry_after is None or retry_after <= _MAX_RETRY_AFTER)
+        )
+
+    def drop_refused_fields(self, body: dict[str, Any]) -> None:
+        for name in tuple(self.refused):
+            body.pop(name, None)
+
+    def may_send(self, name: str) -> bool:
+        return name not in self.refused
+
+    def _drop_rejected_field(self, body: dict[str, Any], error: APIError) -> bool:
+        """Drop a request field the server refused, remember it, and say so."""
+        if error.status_code is None or (error.status_code >= 500 and "tools" not in body):
+            return False
+        name = next((field for field, pattern in _REJECTED_FIELDS
+                     if field in body and pattern.search(error.message)), None)
+        if name is None:
+            return False
+        _log.warning("%s rejected %s (%s); resending without it and not sending it again",
+                     self.config.base_url, name, error.message)
+        dropped = ("tools", "tool_choice") if name == "tools" else (name,)
+        with self.lock:
+            self.refused.update(dropped)
+        for field_name in dropped:
+            body.pop(field_name, None)
+        return True
+
+    def get_text(self, path: str, seconds: float) -> tuple[int, str, float | None]:
+        """GET base_url + path within `seconds` in all: status, body text, Retry-After."""
+        started = time.monotonic()
+        try:
+            with self.session.get(self.config.base_url + path, headers=self.headers,
+                                  timeout=seconds, stream=True) as response:
+                server = response.headers.get("server")
+                self.models_answer = (f"GET {path}: HTTP {response.status_code}"
+                                      + (f" from {server}" if server else "")
+                                      + f" in {time.monotonic() - started:.2f} s")
+                body = bytearray()
+                for piece in response.iter_content(8192):
+                    body += piece
+                    if time.monotonic() - started > seconds or len(body) > 8 * 1024 * 1024:
+                        raise self.stamp(RequestTimeoutError(f"GET {path} took too long"))
+                return (response.status_code, body.decode("utf-8", "replace"),
+                        _retry_after(response.headers))
+        except _TRANSPORT_ERRORS as exc:
+            raise self.transport_error(exc) from None
+
+    def read_text(self, response: requests.Response) -> str:
+        """An error body, decoded and bounded; "" when it cannot be read."""
+        try:
+            raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
+        except _TRANSPORT_ERRORS:
+            raw = b""
+        return raw.decode("utf-8", "replace")
+
+    def read_json(self, response: requests.Response, timeout: float) -> Any:
+        try:
+            raw = response.content
+        except _TRANSPORT_ERRORS as exc:
+            raise self.transport_error(exc, timeout, unstreamed=True) from None
+        try:
+            return json.loads(raw.decode("utf-8", "replace"))
+        except ValueError:
+            raise self.stamp(APIError(
+                "the server's answer is not JSON: " + _error_message(raw[:2000].decode(
+                    "utf-8", "replace")), status_code=response.status_code,
+            )) from None
+
+    def error_from_body(self, status: int, text: str, message: str | None = None,
+                        retry_after: float | None = None) -> APIError:
+        return self.stamp(_error_from_body(status, text, message, retry_after))
+
+    def transport_error(self, exc: BaseException, timeout: float | None = None,
+                        unstreamed: bool = False) -> APIError:
+        """The classified error for a transport failure. `timeout`: the silence limit the
+        request had. `unstreamed`: the request asked for a whole answer, which servers
+        send only once it is complete."""
+        timeout = self.config.timeout if timeout is None else timeout
+        if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
+            return self.stamp(RequestTimeoutError(f"could not connect within {timeout:g} s"))
+        if isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+            return self.stamp(RequestTimeoutError(
+                f"the server sent nothing for {timeout:g} s"
+                + (" while composing a whole answer (non-streamed answers arrive only when"
+                   " complete; stream() shows progress)" if unstreamed else "")))
+        reason = _transport_reason(str(exc))
+        # A broken chunked body is a connection that failed while reading, not one
+        # that could not be made: the server had answered.
+        if isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
+            exc, requests.exceptions.ChunkedEncodingError
+        ):
+            return self.stamp(EndpointUnavailableError(f"cannot connect: {reason}"))
+        return self.stamp(StreamError(f"the connection failed while reading: {reason}"))
+
+    def stamp(self, exc: APIError) -> APIError:
+        """Say where an error came from, and redact the key: every APIError a Client
+        raises or returns passes here (the server may echo the key in its text)."""
+        secret = self.config.api_key
+        exc.message = _redact(exc.message, secret)
+        exc.args = (exc.message,)
+        if exc.body:
+            exc.body = _redact(exc.body, secret)
+        exc.base_url = exc.base_url or self.config.base_url
+        exc._url_source = self.url_source
+        return exc
 
 
-def _iter_events(chunks: Iterable[bytes]) -> Iterator[tuple[str, str]]:
-    """(event name, data) for each SSE event in `chunks` (used by tests and tools)."""
-    for event in sseclient.SSEClient(_iter_lines(chunks)).events():
-        yield event.event, event.data
+def _stale_connection(exc: BaseException) -> bool:
+    """Whether a request failed on a kept-alive connection the server had closed.
+
+    The server closed it between requests (idle timeout, or after an error, as
+    llama-cpp-python does after an empty stream): the request meets an EOF or a
+    reset before any byte of an answer, so the server never took it up. urllib3
+    only checks for a closed socket when it takes one from the pool, which leaves a
+    race. Connect failures are "Failed to establish a new connection", not this.
+    """
+    text = str(exc)
+    return "Connection aborted" in text and _STALE_CONNECTION.search(text) is not None
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds to wait before retry number `attempt`: exponential, with jitter."""
+    delay: float = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (attempt - 1))
+    return delay * random.uniform(0.5, 1.0)
 
 
 def _drain(response: requests.Response) -> None:
@@ -2259,44 +2412,8 @@ def _socket_of(response: requests.Response) -> Any:
     return getattr(connection, "sock", None)
 
 
-# ==== Module-level shortcuts ====
-
-_default: Client | None = None
-_default_lock = threading.Lock()
-
-
-def _default_client() -> Client:
-    """A Client for the current environment, reused while the environment is unchanged
-    (so its connection pool and discovery are shared between calls)."""
-    global _default
-    config = Config.from_env()
-    with _default_lock:
-        if _default is None or _default.config != config:
-            _default = Client()
-        return _default
-
-
-def stream(prompt: str | None = None, **options: Any) -> Stream:
-    """Client().stream(prompt, **options) with a Client configured from the environment."""
-    return _default_client().stream(prompt, **options)
-
-
-def generate(prompt: str | None = None, **options: Any) -> Result:
-    """Client().generate(prompt, **options) with a Client configured from the environment."""
-    return _default_client().generate(prompt, **options)
-
-
-def available_models(*, fallback: bool = True) -> list[str]:
-    """Client().available_models(fallback=fallback) for the environment's endpoint."""
-    return _default_client().available_models(fallback=fallback)
-
-
-def first_available_model() -> str:
-    """Client().first_available_model() for the environment's endpoint."""
-    return _default_client().first_available_model()
-
-
 # ==== Command line ====
+
 
 _CLI_EXAMPLES: Final = """examples:
   openai-compat "Explain distributed computing"
@@ -2448,15 +2565,15 @@ def _cli_check(client: Client) -> int:
         models = client.available_models(fallback=False)
     except (AuthenticationError, EndpointUnavailableError, RequestTimeoutError) as exc:
         ok_reach = not isinstance(exc, (EndpointUnavailableError, RequestTimeoutError))
-        report("reachable", ok_reach, client._models_answer if ok_reach else str(exc))
+        report("reachable", ok_reach, client._http.models_answer if ok_reach else str(exc))
         if ok_reach:
             report("auth", False, str(exc))
         return 1
     except APIError as exc:
-        report("reachable", True, client._models_answer or "the server answered")
+        report("reachable", True, client._http.models_answer or "the server answered")
         report("models", None, f"not listed ({exc.message})")
     else:
-        report("reachable", True, client._models_answer)
+        report("reachable", True, client._http.models_answer)
         report("models", True, f"{len(models)} listed: {', '.join(models[:8])}"
                + (" ..." if len(models) > 8 else ""))
     checker = Client(client.config.base_url, client.config.api_key, client.model,

@@ -400,16 +400,22 @@ def test_error_404_without_v1_suggests_adding_it(server: Scripted) -> None:
     assert f"{client.config.base_url}/v1" in str(caught.value)
 
 
-def test_error_connection_refused_names_the_fix() -> None:
+def test_error_connection_refused_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    client = oc.Client(f"http://127.0.0.1:{port}/v1", model="m", max_retries=0)
+    url = f"http://127.0.0.1:{port}/v1"
+    client = oc.Client(url, model="m", max_retries=0)
     with pytest.raises(oc.EndpointUnavailableError) as caught:
         client.generate("hi")
-    message = str(caught.value)
-    assert "OPENAI_COMPATIBLE_BASE_URL" in message and f"127.0.0.1:{port}" in message
+    # Issue #12: the hint names where the URL came from: here the argument...
+    assert str(caught.value).endswith(f"Check base_url= (now {url})")
     assert isinstance(caught.value, ConnectionError)
+    # ...and here the environment.
+    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", url)
+    with pytest.raises(oc.EndpointUnavailableError) as caught:
+        oc.Client(model="m", max_retries=0).generate("hi")
+    assert str(caught.value).endswith(f"Check OPENAI_COMPATIBLE_BASE_URL (now {url})")
 
 
 def test_error_never_shows_the_key(server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
@@ -963,6 +969,11 @@ def test_text_buffer_keeps_every_piece_in_order(count: int) -> None:
 
 # ==== SSE byte layer ====
 
+def events_of(chunks: list[bytes]) -> list[tuple[str, str]]:
+    """(event name, data) of each SSE event the module reads from `chunks`."""
+    return [(event.event, event.data) for event in oc._iter_sse(chunks)]
+
+
 SAMPLE = (b'data: {"a": 1}\n\n: comment\n\nevent: ping\n\ndata: x\ndata: y\n\n'
           b'error: {"e": 2}\n\ndata: caf\xc3\xa9\n\ndata:  [DONE]\n\n')
 SAMPLE_EVENTS = [("message", '{"a": 1}'), ("message", "x\ny"), ("error", '{"e": 2}'),
@@ -972,13 +983,13 @@ SAMPLE_EVENTS = [("message", '{"a": 1}'), ("message", "x\ny"), ("error", '{"e": 
 @pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"])
 def test_iter_events_line_endings(ending: bytes) -> None:
     data = SAMPLE.replace(b"\n", ending)
-    assert list(oc._iter_events([data])) == SAMPLE_EVENTS
-    assert list(oc._iter_events([data[i:i + 1] for i in range(len(data))])) == SAMPLE_EVENTS
+    assert list(events_of([data])) == SAMPLE_EVENTS
+    assert list(events_of([data[i:i + 1] for i in range(len(data))])) == SAMPLE_EVENTS
 
 
 def test_iter_events_bom_split_across_reads() -> None:
     data = b"\xef\xbb\xbf" + SAMPLE
-    assert list(oc._iter_events([data[:1], data[1:2], data[2:]])) == SAMPLE_EVENTS
+    assert list(events_of([data[:1], data[1:2], data[2:]])) == SAMPLE_EVENTS
 
 
 @settings(max_examples=200, deadline=None)
@@ -988,7 +999,7 @@ def test_iter_events_any_split_gives_the_same_events(cuts: list[int], ending: by
     data = SAMPLE.replace(b"\n", ending)
     points = sorted({c % (len(data) + 1) for c in cuts})
     pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
-    assert list(oc._iter_events(pieces)) == SAMPLE_EVENTS
+    assert list(events_of(pieces)) == SAMPLE_EVENTS
 
 
 # ==== Non-streaming (generate) ====
@@ -1613,7 +1624,7 @@ def test_server_without_tools_gets_the_request_without_them(
 
 
 def _peer_events(pieces: list[bytes]) -> list[tuple[str, str]]:
-    return list(oc._iter_events(pieces))
+    return list(events_of(pieces))
 
 
 def _bytewise(data: bytes) -> list[bytes]:
@@ -2594,7 +2605,7 @@ def test_real_stream_yields_text_one_finish_and_usage_when_reported(real: Any) -
 def test_real_generate_matches_stream_at_temperature_zero(llama: Any) -> None:
     client = oc.Client(llama.base_url)
     options: dict[str, Any] = {"temperature": 0, "seed": 7, "max_tokens": 30,
-                               "cache_prompt": False}
+                               "extra_body": {"cache_prompt": False}}
     streamed = client.stream("Say hello.", **options)
     text = "".join(c.content for c in streamed)
     assert text and text == client.generate("Say hello.", **options).text
@@ -2613,7 +2624,7 @@ def _tool_options(server: Any, few_shot: list[dict[str, Any]],
     else:
         # cache_prompt off: llama.cpp's reuse of a cached prompt prefix can change
         # the sampled tokens between two otherwise identical requests.
-        options.update(messages=few_shot, cache_prompt=False)
+        options.update(messages=few_shot, extra_body={"cache_prompt": False})
     return options
 
 
