@@ -678,6 +678,11 @@ class Result:
 _TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _JSON_TYPES: Final[dict[type, str]] = {str: "string", int: "integer", float: "number",
                                        bool: "boolean"}
+_KIND_TYPES: Final[dict[str, type]] = {"string": str, "boolean": bool, "array": list,
+                                       "object": dict, "null": type(None)}
+_PLAIN_KEY: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MAX_SHOWN: Final = 40  # characters of a value quoted in a message sent back to the model
+_MAX_OPTIONS: Final = 10  # enum values listed in such a message
 
 
 @dataclass(frozen=True)
@@ -861,6 +866,130 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
             elif current and line.strip():
                 args[current] = (args[current] + " " + line.strip()).strip()
     return " ".join(summary_lines), args
+
+
+def _check(value: Any, schema: Any, path: str = "$") -> str | None:
+    """The first way `value` breaks `schema`, as a short message naming its path, or None.
+
+    The subset of JSON Schema the module's own schemas use: type (a name or a list),
+    enum, const, anyOf, properties, required, additionalProperties, items; other
+    keywords are ignored. An int passes as a number; a bool is neither an integer nor
+    a number; nothing is coerced. E.g. '$.items[2].price: expected number, got string
+    "12.5"', '$: missing required field "city"', '$.extra: unexpected field'.
+    """
+    if schema is False:
+        return f"{path}: unexpected value"
+    if not isinstance(schema, dict):
+        return None
+    if isinstance(schema.get("enum"), list) and not any(_same(value, v) for v in schema["enum"]):
+        options = ", ".join(_short(v) for v in schema["enum"][:_MAX_OPTIONS])
+        more = ", ..." if len(schema["enum"]) > _MAX_OPTIONS else ""
+        return f"{path}: must be one of {options}{more}, got {_short(value)}"
+    if "const" in schema and not _same(value, schema["const"]):
+        return f"{path}: must be {_short(schema['const'])}, got {_short(value)}"
+    kinds = _kinds(schema)
+    if kinds and not any(_is_kind(value, kind) for kind in kinds):
+        return f"{path}: expected {' or '.join(kinds)}, got {_describe(value)}"
+    if isinstance(schema.get("anyOf"), list):
+        problem = _check_any(value, schema["anyOf"], path)
+        if problem:
+            return problem
+    if isinstance(value, dict):
+        return _check_object(value, schema, path)
+    if isinstance(value, list) and isinstance(schema.get("items"), (dict, bool)):
+        for index, item in enumerate(value):
+            problem = _check(item, schema["items"], f"{path}[{index}]")
+            if problem:
+                return problem
+    return None
+
+
+def _check_any(value: Any, options: list[Any], path: str) -> str | None:
+    problems = []
+    for option in options:
+        problem = _check(value, option, path)
+        if problem is None:
+            return None
+        problems.append(problem)
+    # The option whose type fits failed deeper in (a field, an enum): its problem says
+    # most. When none fits, name every type allowed.
+    for option, problem in zip(options, problems):
+        kinds = _kinds(option)
+        if kinds and any(_is_kind(value, kind) for kind in kinds):
+            return problem
+    kinds = [kind for option in options for kind in _kinds(option)]
+    if kinds and all(_kinds(option) for option in options):
+        return f"{path}: expected {' or '.join(kinds)}, got {_describe(value)}"
+    return problems[0]
+
+
+def _check_object(value: dict[str, Any], schema: dict[str, Any], path: str) -> str | None:
+    properties = schema.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    for name in schema.get("required") or ():
+        if name not in value:
+            return f"{path}: missing required field {_short(name)}"
+    others = schema.get("additionalProperties", True)
+    for key, item in value.items():
+        plain = isinstance(key, str) and _PLAIN_KEY.match(key)
+        where = f"{path}.{key}" if plain else f"{path}[{_short(key)}]"
+        if key in properties:
+            problem = _check(item, properties[key], where)
+        elif others is False:
+            problem = f"{where}: unexpected field"
+        else:
+            problem = _check(item, others, where)
+        if problem:
+            return problem
+    return None
+
+
+def _kinds(schema: Any) -> list[str]:
+    """The type names a schema allows, [] when it does not say."""
+    kinds = schema.get("type") if isinstance(schema, dict) else None
+    if isinstance(kinds, str):
+        return [kinds]
+    return [k for k in kinds if isinstance(k, str)] if isinstance(kinds, list) else []
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    expected = _KIND_TYPES.get(kind)
+    return True if expected is None else isinstance(value, expected)  # unknown: not checked
+
+
+def _kind(value: Any) -> str:
+    """The JSON type name of a value."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "integer" if isinstance(value, int) else "number"
+    return next((k for k, t in _KIND_TYPES.items() if isinstance(value, t)), type(value).__name__)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: as ==, but true is not 1 and false is not 0 (also inside arrays
+    and objects)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _describe(value: Any) -> str:
+    """What came, for a message: 'string "12.5"', 'integer 3', 'null'."""
+    return "null" if value is None else f"{_kind(value)} {_short(value)}"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
 
 
 def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:

@@ -1282,6 +1282,88 @@ def test_run_tool_checks_arguments_and_converts_enums() -> None:
         oc._run_tool(t, {"colour": "green"})
 
 
+# Nested objects, as _schema writes them for dataclasses.
+PRICE_SCHEMA = {"type": "object",
+                "properties": {"amount": {"type": "number"},
+                               "currency": {"enum": ["EUR", "USD"], "type": "string"}},
+                "required": ["amount"], "additionalProperties": False}
+ORDER_SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "price": PRICE_SCHEMA,
+                   "size": {"anyOf": [{"enum": ["s", "l"], "type": "string"}, {"type": "null"}]},
+                   "tags": {"type": "array", "items": {"type": "string"}}},
+    "required": ["name", "price"], "additionalProperties": False}},
+    "express": {"type": "boolean"}}, "required": ["items"], "additionalProperties": False}
+
+
+OBJECT = {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
+          "required": ["city"]}
+CLOSED = {**OBJECT, "additionalProperties": False}
+OPTIONAL_MODE = {"anyOf": [{"enum": ["fast", "slow"], "type": "string"}, {"type": "null"}]}
+
+
+@pytest.mark.parametrize("value, schema, problem", [
+    # type, also a list of types; an int is a number, a bool is neither
+    ("x", {"type": "string"}, None),
+    (3, {"type": "number"}, None),
+    (3.5, {"type": "integer"}, "$: expected integer, got number 3.5"),
+    (True, {"type": "integer"}, "$: expected integer, got boolean true"),
+    (False, {"type": "number"}, "$: expected number, got boolean false"),
+    ("3", {"type": "integer"}, '$: expected integer, got string "3"'),
+    (None, {"type": "string"}, "$: expected string, got null"),
+    ({}, {"type": "array"}, "$: expected array, got object {}"),
+    (None, {"type": ["string", "null"]}, None),
+    (1, {"type": ["string", "null"]}, "$: expected string or null, got integer 1"),
+    # enum and const, where true is not 1
+    ("slow", {"enum": ["fast", "slow"]}, None),
+    ("quick", {"enum": ["fast", "slow"]}, '$: must be one of "fast", "slow", got "quick"'),
+    (True, {"enum": [1, 2]}, "$: must be one of 1, 2, got true"),
+    ("a", {"const": "a"}, None),
+    ("b", {"const": "a"}, '$: must be "a", got "b"'),
+    # properties, required, additionalProperties
+    ({"city": "Oslo"}, OBJECT, None),
+    ({"n": 1}, OBJECT, '$: missing required field "city"'),
+    ({"city": 5}, OBJECT, "$.city: expected string, got integer 5"),
+    ({"city": "Oslo", "extra": 1}, OBJECT, None),
+    ({"city": "Oslo", "extra": 1}, CLOSED, "$.extra: unexpected field"),
+    ({"odd key": 1}, {"additionalProperties": {"type": "string"}},
+     '$["odd key"]: expected string, got integer 1'),
+    # items
+    ([1, 2], {"type": "array", "items": {"type": "integer"}}, None),
+    ([1, 2, "3"], {"type": "array", "items": {"type": "integer"}},
+     '$[2]: expected integer, got string "3"'),
+    # anyOf (Optional): the option whose type fits tells what is wrong
+    (None, OPTIONAL_MODE, None),
+    ("quick", OPTIONAL_MODE, '$: must be one of "fast", "slow", got "quick"'),
+    (5, OPTIONAL_MODE, "$: expected string or null, got integer 5"),
+    ({"n": 1}, {"anyOf": [OBJECT, {"type": "null"}]}, '$: missing required field "city"'),
+    # nested objects and arrays
+    ({"items": [{"name": "a", "price": {"amount": 1}}, {"name": "b", "price": {"amount": 2.5}},
+                {"name": "c", "price": {"amount": "12.5"}}]}, ORDER_SCHEMA,
+     '$.items[2].price.amount: expected number, got string "12.5"'),
+    ({"items": [{"name": "a", "price": {"amount": 1, "currency": "GBP"}}]}, ORDER_SCHEMA,
+     '$.items[0].price.currency: must be one of "EUR", "USD", got "GBP"'),
+    ({"items": [{"name": "a", "price": {"amount": 1}, "size": "m"}]}, ORDER_SCHEMA,
+     '$.items[0].size: must be one of "s", "l", got "m"'),
+    ({"items": [{"name": "a"}]}, ORDER_SCHEMA, '$.items[0]: missing required field "price"'),
+    ({"items": [], "rush": True}, ORDER_SCHEMA, "$.rush: unexpected field"),
+    # keywords outside the subset are ignored; so are schemas that are not dicts
+    ("abc", {"type": "string", "maxLength": 1, "pattern": "^z"}, None),
+    ("abc", True, None),
+])
+def test_check_table(value: Any, schema: Any, problem: str | None) -> None:
+    assert oc._check(value, schema) == problem
+
+
+def test_check_messages_stay_short() -> None:
+    problem = oc._check({"text": "x" * 10_000}, {"properties": {"text": {"type": "integer"}}})
+    assert problem is not None and problem.startswith('$.text: expected integer, got string "xxx')
+    assert len(problem) < 100
+    problem = oc._check("z", {"enum": [f"option{i}" for i in range(50)]})
+    assert problem is not None and ", ..., got" in problem and len(problem) < 200
+
+
+
 def _call(index: Any = 0, id: Any = None, name: Any = None, arguments: Any = None,
           **extra: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {**extra}
