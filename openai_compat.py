@@ -683,6 +683,10 @@ _KIND_TYPES: Final[dict[str, type]] = {"string": str, "boolean": bool, "array": 
 _PLAIN_KEY: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX_SHOWN: Final = 40  # characters of a value quoted in a message sent back to the model
 _MAX_OPTIONS: Final = 10  # enum values listed in such a message
+_THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+_FENCE: Final = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.DOTALL)
+_JSON_START: Final = re.compile(r"[{\[]")
+
 
 
 @dataclass(frozen=True)
@@ -990,6 +994,36 @@ def _describe(value: Any) -> str:
 def _short(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False, default=repr)
     return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
+
+
+def _json_from_text(text: str) -> Any:
+    """The first complete JSON value in a model's answer.
+
+    The whole answer when it is JSON (a bare string or number too); else the content
+    of the first fenced code block that holds an object or array; else the first
+    object or array that parses, wherever it stands among the prose. Raises ValueError
+    with a short reason when there is none.
+    """
+    # Quirk(vLLM without --reasoning-parser, llama.cpp with reasoning_format none): the
+    # model's thinking comes inline, before the answer, and may hold drafts of it.
+    text = _THINK.sub("", text).strip()
+    if not text:
+        raise ValueError("the answer is empty")
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    decoder = json.JSONDecoder()
+    first_error: json.JSONDecodeError | None = None
+    for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
+        for start in _JSON_START.finditer(piece):
+            try:
+                return decoder.raw_decode(piece, start.start())[0]
+            except json.JSONDecodeError as exc:
+                first_error = first_error or exc
+    if first_error is None:
+        raise ValueError("the answer holds no JSON object or array")
+    raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
 
 
 def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:

@@ -1363,6 +1363,32 @@ def test_check_messages_stay_short() -> None:
     assert problem is not None and ", ..., got" in problem and len(problem) < 200
 
 
+@pytest.mark.parametrize("text, value", [
+    ('{"a": 1}', {"a": 1}),
+    ('"just text"', "just text"),
+    ("42", 42),
+    ('Here you go:\n{"a": 1}\nHope that helps!', {"a": 1}),
+    ('```json\n{"a": [1, 2]}\n```', {"a": [1, 2]}),
+    ('Sure.\n```JSON\n{"a": "} and {"}\n```\nThe braces are in a string.', {"a": "} and {"}),
+    ('I thought of {"a": 0}, but:\n```\n{"a": 1}\n```', {"a": 1}),
+    ('```json\n{"a": 1}', {"a": 1}),  # the closing fence cut off
+    ("Use {placeholders} like {this}: [1, 2] and {\"a\": 1}", [1, 2]),
+    ('<think>Maybe {"a": 0}?</think>\n\n{"a": 1}', {"a": 1}),
+])
+def test_json_from_text_finds_the_first_complete_value(text: str, value: Any) -> None:
+    assert oc._json_from_text(text) == value
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "empty"),
+    ("No JSON here, sorry.", "no JSON object or array"),
+    ('{"a": 1, "b": ', "no complete JSON value"),
+])
+def test_json_from_text_says_why_it_found_none(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        oc._json_from_text(text)
+
+
 
 def _call(index: Any = 0, id: Any = None, name: Any = None, arguments: Any = None,
           **extra: Any) -> dict[str, Any]:
