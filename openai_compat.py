@@ -68,9 +68,11 @@ Source and documentation: https://github.com/openai-compat/openai-compat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import email.utils
 import enum
+import functools
 import http.client
 import inspect
 import json
@@ -1449,30 +1451,54 @@ def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]
 
 # ==== Tools ====
 
-
 _TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _JSON_TYPES: Final[dict[type, str]] = {str: "string", int: "integer", float: "number",
                                        bool: "boolean"}
+_KIND_TYPES: Final[dict[str, type]] = {"string": str, "boolean": bool, "array": list,
+                                       "object": dict, "null": type(None)}
+# TypedDict's Required[...], NotRequired[...] (3.11+) and ReadOnly[...] (3.13+) wrap a key's type.
+_KEY_MARKS: Final = tuple(getattr(typing, name) for name in ("Required", "NotRequired", "ReadOnly")
+                          if hasattr(typing, name))
+_PLAIN_KEY: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MAX_SHOWN: Final = 40  # characters of a value quoted in a message sent back to the model
+_MAX_OPTIONS: Final = 10  # enum values listed in such a message
+_THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+_FENCE: Final = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.DOTALL)
+_JSON_START: Final = re.compile(r"[{\[]")
 
 
 @dataclass(frozen=True)
 class Tool:
     """A tool the model may call: its name, description, JSON Schema of its
     arguments (an object), and the function that runs it (called with the
-    arguments as keywords)."""
+    arguments as keywords, once they match that schema). hints: the type hint of
+    each parameter, from which its argument is built; filled for a function given
+    as a tool."""
 
     name: str
     description: str
     parameters: dict[str, Any]
     function: Callable[..., Any] | None = None
-    # Parameters whose values are converted to an Enum member before the call.
-    enums: dict[str, type[enum.Enum]] = field(default_factory=dict, repr=False, compare=False)
+    # The function's type hint per parameter, from which each argument is built (an Enum
+    # member, a dataclass instance). Empty for a Tool made by hand: its arguments are
+    # checked against its schema and passed as they came.
+    hints: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Whether the function takes **kwargs, so that names its schema lacks may pass;
+    # read from the signature once, here, not on every call.
+    _takes_any: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _TOOL_NAME.match(self.name):
             raise ConfigError(f"tool name {self.name!r} must be 1-64 letters, digits, _ or -")
         if not isinstance(self.parameters, dict):
             raise ConfigError(f"tool {self.name!r}: parameters must be a JSON Schema dict")
+        if self.function is not None:
+            try:
+                takes_any = any(p.kind is p.VAR_KEYWORD
+                                for p in inspect.signature(self.function).parameters.values())
+            except (TypeError, ValueError):
+                takes_any = True
+            object.__setattr__(self, "_takes_any", takes_any)
 
 
 def tool(func: Callable[..., Any] | None = None, *, name: str | None = None,
@@ -1517,7 +1543,7 @@ def _tool_from_entry(name: object, value: object) -> Tool:
     if isinstance(value, Tool):
         return value if value.name == name else Tool(str(name), value.description,
                                                      value.parameters, value.function,
-                                                     value.enums)
+                                                     value.hints)
     if callable(value):
         return _tool_from_function(value, name=str(name))
     if not isinstance(value, dict):
@@ -1550,7 +1576,7 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
         raise ConfigError(f"tool {tool_name!r}: cannot read its signature ({exc})") from None
     properties: dict[str, Any] = {}
     required: list[str] = []
-    enums: dict[str, type[enum.Enum]] = {}
+    annotations: dict[str, Any] = {}
     for param in signature.parameters.values():
         if param.kind is param.VAR_KEYWORD:
             continue  # **kwargs accepts whatever else the model sends
@@ -1558,62 +1584,73 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
             raise ConfigError(f"tool {tool_name!r}: parameter {param.name!r} cannot be passed "
                               "by keyword")
         where = f"tool {tool_name!r}, parameter {param.name!r}"
-        annotation = hints.get(param.name, Any)
-        schema, enum_type = _schema(annotation, where)
+        annotation = annotations[param.name] = hints.get(param.name, Any)
+        schema = _schema(annotation, where, parameter=True)
         if "description" not in schema and param.name in arg_docs:
             schema["description"] = arg_docs[param.name]
-        if enum_type is not None:
-            enums[param.name] = enum_type
         if param.default is param.empty:
             required.append(param.name)
         properties[param.name] = schema
     parameters = {"type": "object", "properties": properties, "required": required}
-    return Tool(tool_name, marked_description or summary, parameters, func, enums)
+    return Tool(tool_name, marked_description or summary, parameters, func, annotations)
 
 
-def _schema(annotation: Any, where: str) -> tuple[dict[str, Any], type[enum.Enum] | None]:
-    """JSON Schema for one annotation, and the Enum its values convert to, if any."""
+def _schema(annotation: Any, where: str, *, parameter: bool = False,
+            seen: tuple[type, ...] = ()) -> dict[str, Any]:
+    """JSON Schema for one annotation; ConfigError naming `where` for one it cannot describe.
+
+    parameter: the annotation is a tool parameter's own, where Optional[X] means the
+    argument may be left out and the schema is X's alone; anywhere else (a field, an
+    item, an answer) it is X or null. seen: the classes being described, as a
+    dataclass or TypedDict that contains itself cannot be written out.
+    """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Annotated:
-        inner, enum_type = _schema(args[0], where)
+        inner = _schema(args[0], where, parameter=parameter, seen=seen)
         notes = [a for a in args[1:] if isinstance(a, str)]
         if notes:
             inner["description"] = notes[0]
-        return inner, enum_type
+        return inner
+    if origin in _KEY_MARKS:
+        return _schema(args[0], where, seen=seen)
     if annotation is Any or annotation is inspect.Parameter.empty:
-        return {}, None
+        return {}
     if origin in (Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1:
-            return _schema(rest[0], where)
-        return {"anyOf": [_schema(a, where)[0] for a in rest]}, None
+        options = [_schema(a, where, parameter=parameter, seen=seen)
+                   for a in args if a is not type(None)]
+        if len(options) < len(args) and not parameter:
+            options.append({"type": "null"})
+        return options[0] if len(options) == 1 else {"anyOf": options}
     schema: dict[str, Any]
     if origin is Literal:
         kinds = {_JSON_TYPES.get(type(v)) for v in args}
         schema = {"enum": list(args)}
         if len(kinds) == 1 and None not in kinds:
             schema["type"] = kinds.pop()
-        return schema, None
+        return schema
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         values = [m.value for m in annotation]
         kinds = {_JSON_TYPES.get(type(v)) for v in values}
         schema = {"enum": values}
         if len(kinds) == 1 and None not in kinds:
             schema["type"] = kinds.pop()
-        return schema, annotation
+        return schema
     if annotation in _JSON_TYPES:
-        return {"type": _JSON_TYPES[annotation]}, None
+        return {"type": _JSON_TYPES[annotation]}
     if annotation in (list, tuple) or origin in (list, tuple):
         items = [a for a in args if a is not Ellipsis]
         schema = {"type": "array"}
         if len(items) == 1:
-            schema["items"] = _schema(items[0], where)[0]
-        return schema, None
+            schema["items"] = _schema(items[0], where, seen=seen)
+        return schema
     if annotation is dict or origin is dict:
-        return {"type": "object"}, None
+        return {"type": "object"}
+    if _is_record(annotation):
+        return _object_schema(annotation, where, seen)
     raise ConfigError(f"{where}: cannot describe {annotation!r} as JSON Schema; use str, int, "
-                      "float, bool, list, dict, Optional, Literal or an Enum")
+                      "float, bool, list, dict, Optional, Literal, an Enum, a dataclass or "
+                      "a TypedDict")
 
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
@@ -1639,11 +1676,252 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
     return " ".join(summary_lines), args
 
 
-def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:
-    """Call the tool's function with the model's arguments as keywords.
+def _is_record(annotation: Any) -> bool:
+    """A dataclass or TypedDict class: a JSON object with named fields."""
+    return isinstance(annotation, type) and (dataclasses.is_dataclass(annotation)
+                                             or typing.is_typeddict(annotation))
 
-    Raises TypeError or ValueError with a readable message for a missing required
-    argument, an unexpected one, or a value an Enum parameter does not allow.
+
+def _object_schema(cls: type, where: str, seen: tuple[type, ...]) -> dict[str, Any]:
+    if cls in seen:
+        raise ConfigError(f"{where}: {cls.__name__} contains itself, which JSON Schema "
+                          "without references cannot describe")
+    try:
+        fields = _fields(cls)
+    except (NameError, TypeError) as exc:
+        raise ConfigError(f"{where}: cannot read the fields of {cls.__name__} ({exc})") from None
+    properties = {name: _schema(hint, f"{where}, field {name!r}", seen=(*seen, cls))
+                  for name, hint, _ in fields}
+    return {"type": "object", "properties": properties,
+            "required": [name for name, _, required in fields if required],
+            "additionalProperties": False}
+
+
+@functools.lru_cache(maxsize=256)
+def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
+    """(name, type hint, required) of each field of a dataclass or TypedDict, in order.
+
+    get_type_hints resolves forward references (string annotations) in the class's
+    module; cached, as that evaluates them anew on every call.
+    """
+    hints = typing.get_type_hints(cls, include_extras=True)
+    if dataclasses.is_dataclass(cls):
+        return tuple((f.name, hints.get(f.name, Any),
+                      f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                     for f in dataclasses.fields(cls) if f.init)
+    required = getattr(cls, "__required_keys__", frozenset(hints))
+    # NOTE: under string annotations (from __future__ import annotations) Python puts
+    # NotRequired keys in __required_keys__ too (3.11-3.13); the hint itself tells.
+    marks = {getattr(typing, mark): mark == "Required" for mark in ("Required", "NotRequired")
+             if hasattr(typing, mark)}
+    return tuple((name, hint, marks.get(typing.get_origin(hint), name in required))
+                 for name, hint in hints.items())
+
+
+def _check(value: Any, schema: Any, path: str = "$") -> str | None:
+    """The first way `value` breaks `schema`, as a short message naming its path, or None.
+
+    The subset of JSON Schema the module's own schemas use: type (a name or a list),
+    enum, const, anyOf, properties, required, additionalProperties, items; other
+    keywords are ignored. An int passes as a number; a bool is neither an integer nor
+    a number; nothing is coerced. E.g. '$.items[2].price: expected number, got string
+    "12.5"', '$: missing required field "city"', '$.extra: unexpected field'.
+    """
+    if schema is False:
+        return f"{path}: unexpected value"
+    if not isinstance(schema, dict):
+        return None
+    if isinstance(schema.get("enum"), list) and not any(_same(value, v) for v in schema["enum"]):
+        options = ", ".join(_short(v) for v in schema["enum"][:_MAX_OPTIONS])
+        more = ", ..." if len(schema["enum"]) > _MAX_OPTIONS else ""
+        return f"{path}: must be one of {options}{more}, got {_short(value)}"
+    if "const" in schema and not _same(value, schema["const"]):
+        return f"{path}: must be {_short(schema['const'])}, got {_short(value)}"
+    kinds = _kinds(schema)
+    if kinds and not any(_is_kind(value, kind) for kind in kinds):
+        return f"{path}: expected {' or '.join(kinds)}, got {_describe(value)}"
+    if isinstance(schema.get("anyOf"), list):
+        problem = _check_any(value, schema["anyOf"], path)
+        if problem:
+            return problem
+    if isinstance(value, dict):
+        return _check_object(value, schema, path)
+    if isinstance(value, list) and isinstance(schema.get("items"), (dict, bool)):
+        for index, item in enumerate(value):
+            problem = _check(item, schema["items"], f"{path}[{index}]")
+            if problem:
+                return problem
+    return None
+
+
+def _check_any(value: Any, options: list[Any], path: str) -> str | None:
+    problems = []
+    for option in options:
+        problem = _check(value, option, path)
+        if problem is None:
+            return None
+        problems.append(problem)
+    # The option whose type fits failed deeper in (a field, an enum): its problem says
+    # most. When none fits, name every type allowed.
+    for option, problem in zip(options, problems):
+        kinds = _kinds(option)
+        if kinds and any(_is_kind(value, kind) for kind in kinds):
+            return problem
+    kinds = [kind for option in options for kind in _kinds(option)]
+    if kinds and all(_kinds(option) for option in options):
+        return f"{path}: expected {' or '.join(kinds)}, got {_describe(value)}"
+    return problems[0]
+
+
+def _check_object(value: dict[str, Any], schema: dict[str, Any], path: str) -> str | None:
+    properties = schema.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    for name in schema.get("required") or ():
+        if name not in value:
+            return f"{path}: missing required field {_short(name)}"
+    others = schema.get("additionalProperties", True)
+    for key, item in value.items():
+        plain = isinstance(key, str) and _PLAIN_KEY.match(key)
+        where = f"{path}.{key}" if plain else f"{path}[{_short(key)}]"
+        if key in properties:
+            problem = _check(item, properties[key], where)
+        elif others is False:
+            problem = f"{where}: unexpected field"
+        else:
+            problem = _check(item, others, where)
+        if problem:
+            return problem
+    return None
+
+
+def _kinds(schema: Any) -> list[str]:
+    """The type names a schema allows, [] when it does not say."""
+    kinds = schema.get("type") if isinstance(schema, dict) else None
+    if isinstance(kinds, str):
+        return [kinds]
+    return [k for k in kinds if isinstance(k, str)] if isinstance(kinds, list) else []
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    expected = _KIND_TYPES.get(kind)
+    return True if expected is None else isinstance(value, expected)  # unknown: not checked
+
+
+def _kind(value: Any) -> str:
+    """The JSON type name of a value."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "integer" if isinstance(value, int) else "number"
+    return next((k for k, t in _KIND_TYPES.items() if isinstance(value, t)), type(value).__name__)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: as ==, but true is not 1 and false is not 0 (also inside arrays
+    and objects)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _describe(value: Any) -> str:
+    """What came, for a message: 'string "12.5"', 'integer 3', 'null'."""
+    return "null" if value is None else f"{_kind(value)} {_short(value)}"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
+
+
+def _build(value: Any, annotation: Any) -> Any:
+    """The Python value a type hint asks for, made from JSON that _check accepted.
+
+    A dataclass becomes an instance (nested ones too), an Enum its member; lists and
+    TypedDicts have their items built likewise; anything else is returned as it is.
+    """
+    annotation = _unwrap(annotation)
+    origin = typing.get_origin(annotation)
+    if value is None:
+        return None
+    if origin in (Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) > 1:  # the first option the value fits
+            options = [a for a in options if _check(value, _schema(a, "")) is None] or [Any]
+        return _build(value, options[0])
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return annotation(value)
+    if _is_record(annotation) and isinstance(value, dict):
+        hints = {name: hint for name, hint, _ in _fields(annotation)}
+        built = {k: _build(v, hints[k]) if k in hints else v for k, v in value.items()}
+        return built if typing.is_typeddict(annotation) else annotation(**built)
+    items = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+    if origin in (list, tuple) and len(items) == 1 and isinstance(value, list):
+        return [_build(v, items[0]) for v in value]
+    return value
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The type inside Annotated[...] and TypedDict's Required[...] and NotRequired[...]."""
+    while typing.get_origin(annotation) in (typing.Annotated, *_KEY_MARKS):
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _nullable(annotation: Any) -> bool:
+    """Whether a type hint lets None in."""
+    annotation = _unwrap(annotation)
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return True
+    return (typing.get_origin(annotation) in (Union, types.UnionType)
+            and any(_nullable(a) for a in typing.get_args(annotation)))
+
+
+def _json_from_text(text: str) -> Any:
+    """The first complete JSON value in a model's answer.
+
+    The whole answer when it is JSON (a bare string or number too); else the content
+    of the first fenced code block that holds an object or array; else the first
+    object or array that parses, wherever it stands among the prose. Raises ValueError
+    with a short reason when there is none.
+    """
+    # Quirk(vLLM without --reasoning-parser, llama.cpp with reasoning_format none): the
+    # model's thinking comes inline, before the answer, and may hold drafts of it.
+    text = _THINK.sub("", text).strip()
+    if not text:
+        raise ValueError("the answer is empty")
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    decoder = json.JSONDecoder()
+    first_error: json.JSONDecodeError | None = None
+    for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
+        for start in _JSON_START.finditer(piece):
+            try:
+                return decoder.raw_decode(piece, start.start())[0]
+            except json.JSONDecodeError as exc:
+                first_error = first_error or exc
+    if first_error is None:
+        raise ValueError("the answer holds no JSON object or array")
+    raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
+
+
+def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:
+    """Check the model's arguments, build them as the function's type hints ask, and
+    call the function with them as keywords.
+
+    Raises TypeError naming a missing required argument or an unexpected one, and
+    ValueError naming the field, what was expected and what came for a value that does
+    not match the tool's schema; the function is not called then.
     """
     if t.function is None:
         raise TypeError(f"tool {t.name!r} has no function to run")
@@ -1651,23 +1929,19 @@ def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:
     missing = [n for n in t.parameters.get("required") or () if n not in arguments]
     if missing:
         raise TypeError(f"missing required argument(s): {', '.join(missing)}")
-    kwargs = dict(arguments)
-    for name, enum_type in t.enums.items():
-        if name in kwargs and kwargs[name] is not None:
-            try:
-                kwargs[name] = enum_type(kwargs[name])
-            except ValueError:
-                allowed = ", ".join(repr(m.value) for m in enum_type)
-                raise ValueError(f"{name} must be one of {allowed}") from None
-    try:
-        accepts_any = any(p.kind is p.VAR_KEYWORD
-                          for p in inspect.signature(t.function).parameters.values())
-    except (TypeError, ValueError):
-        accepts_any = True
-    unknown = [n for n in kwargs if properties and n not in properties]
-    if unknown and not accepts_any:
+    unknown = [n for n in arguments if properties and n not in properties]
+    if unknown and not t._takes_any:
         raise TypeError(f"unexpected argument(s): {', '.join(unknown)}")
-    return t.function(**kwargs)
+    # An Optional parameter's schema leaves null out (see _schema): a model that sends
+    # null for it anyway means None, which the function takes.
+    checked = {n: v for n, v in arguments.items()
+               if v is not None or n not in t.hints or not _nullable(t.hints[n])}
+    problem = _check(checked, t.parameters)
+    if problem:
+        raise ValueError(problem)
+    return t.function(**{n: _build(v, t.hints[n]) if n in t.hints else v
+                         for n, v in arguments.items()})
+
 
 # ==== Streaming ====
 # A model call's answer is read as a chain, each link a small generator or function

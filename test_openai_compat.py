@@ -4,6 +4,7 @@ llama.cpp server for the integration section. No mocks."""
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import logging
 import os
@@ -20,8 +21,9 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, is_dataclass, make_dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypedDict
 
 import pytest
 from hypothesis import given, settings
@@ -1344,6 +1346,327 @@ def test_run_tool_checks_arguments_and_converts_enums() -> None:
         oc._run_tool(t, {"colour": "red", "brush": "wide"})
     with pytest.raises(ValueError, match="must be one of"):
         oc._run_tool(t, {"colour": "green"})
+
+
+# Nested objects, as _schema writes them for dataclasses (Price and Order, below).
+PRICE_SCHEMA = {"type": "object",
+                "properties": {"amount": {"type": "number"},
+                               "currency": {"enum": ["EUR", "USD"], "type": "string"}},
+                "required": ["amount"], "additionalProperties": False}
+ORDER_SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "price": PRICE_SCHEMA,
+                   "size": {"anyOf": [{"enum": ["s", "l"], "type": "string"}, {"type": "null"}]},
+                   "tags": {"type": "array", "items": {"type": "string"}}},
+    "required": ["name", "price"], "additionalProperties": False}},
+    "express": {"type": "boolean"}}, "required": ["items"], "additionalProperties": False}
+
+
+OBJECT = {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
+          "required": ["city"]}
+CLOSED = {**OBJECT, "additionalProperties": False}
+OPTIONAL_MODE = {"anyOf": [{"enum": ["fast", "slow"], "type": "string"}, {"type": "null"}]}
+
+
+@pytest.mark.parametrize("value, schema, problem", [
+    # type, also a list of types; an int is a number, a bool is neither
+    ("x", {"type": "string"}, None),
+    (3, {"type": "number"}, None),
+    (3.5, {"type": "integer"}, "$: expected integer, got number 3.5"),
+    (True, {"type": "integer"}, "$: expected integer, got boolean true"),
+    (False, {"type": "number"}, "$: expected number, got boolean false"),
+    ("3", {"type": "integer"}, '$: expected integer, got string "3"'),
+    (None, {"type": "string"}, "$: expected string, got null"),
+    ({}, {"type": "array"}, "$: expected array, got object {}"),
+    (None, {"type": ["string", "null"]}, None),
+    (1, {"type": ["string", "null"]}, "$: expected string or null, got integer 1"),
+    # enum and const, where true is not 1
+    ("slow", {"enum": ["fast", "slow"]}, None),
+    ("quick", {"enum": ["fast", "slow"]}, '$: must be one of "fast", "slow", got "quick"'),
+    (True, {"enum": [1, 2]}, "$: must be one of 1, 2, got true"),
+    ("a", {"const": "a"}, None),
+    ("b", {"const": "a"}, '$: must be "a", got "b"'),
+    # properties, required, additionalProperties
+    ({"city": "Oslo"}, OBJECT, None),
+    ({"n": 1}, OBJECT, '$: missing required field "city"'),
+    ({"city": 5}, OBJECT, "$.city: expected string, got integer 5"),
+    ({"city": "Oslo", "extra": 1}, OBJECT, None),
+    ({"city": "Oslo", "extra": 1}, CLOSED, "$.extra: unexpected field"),
+    ({"odd key": 1}, {"additionalProperties": {"type": "string"}},
+     '$["odd key"]: expected string, got integer 1'),
+    # items
+    ([1, 2], {"type": "array", "items": {"type": "integer"}}, None),
+    ([1, 2, "3"], {"type": "array", "items": {"type": "integer"}},
+     '$[2]: expected integer, got string "3"'),
+    # anyOf (Optional): the option whose type fits tells what is wrong
+    (None, OPTIONAL_MODE, None),
+    ("quick", OPTIONAL_MODE, '$: must be one of "fast", "slow", got "quick"'),
+    (5, OPTIONAL_MODE, "$: expected string or null, got integer 5"),
+    ({"n": 1}, {"anyOf": [OBJECT, {"type": "null"}]}, '$: missing required field "city"'),
+    # nested objects and arrays
+    ({"items": [{"name": "a", "price": {"amount": 1}}, {"name": "b", "price": {"amount": 2.5}},
+                {"name": "c", "price": {"amount": "12.5"}}]}, ORDER_SCHEMA,
+     '$.items[2].price.amount: expected number, got string "12.5"'),
+    ({"items": [{"name": "a", "price": {"amount": 1, "currency": "GBP"}}]}, ORDER_SCHEMA,
+     '$.items[0].price.currency: must be one of "EUR", "USD", got "GBP"'),
+    ({"items": [{"name": "a", "price": {"amount": 1}, "size": "m"}]}, ORDER_SCHEMA,
+     '$.items[0].size: must be one of "s", "l", got "m"'),
+    ({"items": [{"name": "a"}]}, ORDER_SCHEMA, '$.items[0]: missing required field "price"'),
+    ({"items": [], "rush": True}, ORDER_SCHEMA, "$.rush: unexpected field"),
+    # keywords outside the subset are ignored; so are schemas that are not dicts
+    ("abc", {"type": "string", "maxLength": 1, "pattern": "^z"}, None),
+    ("abc", True, None),
+])
+def test_check_table(value: Any, schema: Any, problem: str | None) -> None:
+    assert oc._check(value, schema) == problem
+
+
+def test_check_messages_stay_short() -> None:
+    problem = oc._check({"text": "x" * 10_000}, {"properties": {"text": {"type": "integer"}}})
+    assert problem is not None and problem.startswith('$.text: expected integer, got string "xxx')
+    assert len(problem) < 100
+    problem = oc._check("z", {"enum": [f"option{i}" for i in range(50)]})
+    assert problem is not None and ", ..., got" in problem and len(problem) < 200
+
+
+@pytest.mark.parametrize("text, value", [
+    ('{"a": 1}', {"a": 1}),
+    ('"just text"', "just text"),
+    ("42", 42),
+    ('Here you go:\n{"a": 1}\nHope that helps!', {"a": 1}),
+    ('```json\n{"a": [1, 2]}\n```', {"a": [1, 2]}),
+    ('Sure.\n```JSON\n{"a": "} and {"}\n```\nThe braces are in a string.', {"a": "} and {"}),
+    ('I thought of {"a": 0}, but:\n```\n{"a": 1}\n```', {"a": 1}),
+    ('```json\n{"a": 1}', {"a": 1}),  # the closing fence cut off
+    ("Use {placeholders} like {this}: [1, 2] and {\"a\": 1}", [1, 2]),
+    ('<think>Maybe {"a": 0}?</think>\n\n{"a": 1}', {"a": 1}),
+])
+def test_json_from_text_finds_the_first_complete_value(text: str, value: Any) -> None:
+    assert oc._json_from_text(text) == value
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "empty"),
+    ("No JSON here, sorry.", "no JSON object or array"),
+    ('{"a": 1, "b": ', "no complete JSON value"),
+])
+def test_json_from_text_says_why_it_found_none(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        oc._json_from_text(text)
+
+
+class Size(enum.Enum):
+    SMALL = "s"
+    LARGE = "l"
+
+
+@dataclass
+class Price:
+    amount: float
+    currency: Literal["EUR", "USD"] = "EUR"
+
+
+@dataclass
+class LineItem:
+    name: str
+    price: Price
+    size: Size | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Order:
+    items: list[LineItem]
+    express: bool = False
+
+
+class Address(TypedDict):
+    city: str
+    zip: int
+
+
+class Delivery(Address, total=False):
+    floor: int
+    size: Size
+
+
+@dataclass
+class Chain:
+    name: str
+    next: Chain | None = None
+
+
+def test_schema_of_dataclasses_and_typeddicts_nests_objects() -> None:
+    assert oc._schema(Order, "answer") == ORDER_SCHEMA
+    assert oc._schema(Delivery, "answer") == {
+        "type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "integer"},
+                                         "floor": {"type": "integer"},
+                                         "size": {"enum": ["s", "l"], "type": "string"}},
+        "required": ["city", "zip"], "additionalProperties": False}
+    assert oc._schema(list[Literal["a", "b"]], "answer") == {
+        "type": "array", "items": {"enum": ["a", "b"], "type": "string"}}
+
+
+def test_schema_optional_is_null_except_for_a_tool_parameter() -> None:
+    def quote(price: Price | None = None, note: str | None = None) -> None:
+        pass
+
+    (t,) = oc._as_tools([quote])
+    assert t.parameters["properties"] == {"price": PRICE_SCHEMA, "note": {"type": "string"}}
+    assert oc._schema(str | None, "answer") == {"anyOf": [{"type": "string"},
+                                                             {"type": "null"}]}
+
+
+def test_schema_refuses_self_reference_and_unknown_names() -> None:
+    with pytest.raises(oc.ConfigError, match="'next'.*Chain contains itself"):
+        oc._schema(Chain, "answer")
+    broken = make_dataclass("Broken", [("part", "NoSuchType")])
+    with pytest.raises(oc.ConfigError, match="Broken.*NoSuchType"):
+        oc._schema(broken, "answer")
+
+
+_type_names = itertools.count()
+_SCALAR_TYPES = st.sampled_from([
+    (str, st.text(max_size=5)),
+    (int, st.integers()),
+    (float, st.floats(allow_nan=False, allow_infinity=False) | st.integers()),
+    (bool, st.booleans()),
+    (Any, st.none() | st.integers() | st.text(max_size=3)),
+])
+_CHOICES = st.lists(st.text(max_size=3) | st.integers(-5, 5), min_size=1, max_size=4, unique=True)
+
+
+def _enum_type(values: list[Any]) -> tuple[Any, Any]:
+    members = [(f"M{i}", v) for i, v in enumerate(values)]
+    return enum.Enum(f"E{next(_type_names)}", members), st.sampled_from(values)
+
+
+def _record_type(fields: list[tuple[tuple[Any, Any], bool]], kind: str) -> tuple[Any, Any]:
+    """A dataclass or TypedDict with a field per (type, values) pair; the flag: optional."""
+    name = f"R{next(_type_names)}"
+    fields = sorted(fields, key=lambda f: f[1])  # dataclass fields with defaults come last
+    required = {f"f{i}": values for i, ((_, values), optional) in enumerate(fields) if not optional}
+    optional = {f"f{i}": values for i, ((_, values), opt) in enumerate(fields) if opt}
+    if kind == "dataclass":
+        cls = make_dataclass(name, [(f"f{i}", hint, field(default=None)) if opt else
+                                    (f"f{i}", hint) for i, ((hint, _), opt) in enumerate(fields)])
+        return cls, st.fixed_dictionaries(required, optional=optional)
+    total = not any(opt for _, opt in fields)
+    cls = TypedDict(name, {f"f{i}": hint for i, ((hint, _), _) in enumerate(fields)},  # type: ignore[misc]
+                    total=total)
+    if total:
+        return cls, st.fixed_dictionaries({**required, **optional})
+    return cls, st.fixed_dictionaries({}, optional={**required, **optional})
+
+
+def _nest(inner: Any) -> Any:
+    fields = st.lists(st.tuples(inner, st.booleans()), max_size=3)
+    return st.one_of(
+        inner.map(lambda p: (list[p[0]], st.lists(p[1], max_size=3))),
+        inner.map(lambda p: (p[0] | None, st.none() | p[1])),
+        st.tuples(inner, inner).map(lambda ps: (ps[0][0] | ps[1][0], ps[0][1] | ps[1][1])),
+        fields.map(lambda fs: _record_type(fs, "dataclass")),
+        fields.map(lambda fs: _record_type(fs, "typeddict")),
+    )
+
+
+_TYPES = st.recursive(_SCALAR_TYPES | _CHOICES.map(lambda vs: (Literal[tuple(vs)],
+                                                             st.sampled_from(vs)))
+                      | _CHOICES.map(_enum_type), _nest, max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_check_accepts_every_value_of_the_type_a_schema_was_built_from(data: Any) -> None:
+    annotation, values = data.draw(_TYPES)
+    schema = oc._schema(annotation, "answer")
+    json.dumps(schema)  # sendable as it is
+    value = data.draw(values)
+    assert oc._check(value, schema) is None
+    built = oc._build(value, annotation)
+    if is_dataclass(annotation) or isinstance(annotation, enum.EnumMeta):
+        assert isinstance(built, annotation)
+
+
+def test_build_makes_the_values_the_hints_ask_for() -> None:
+    raw = {"items": [{"name": "tea", "price": {"amount": 3, "currency": "USD"}, "size": "l"},
+                     {"name": "cup", "price": {"amount": 1.5}, "tags": ["blue"]}]}
+    assert oc._build(raw, Order) == Order([
+        LineItem("tea", Price(3, "USD"), Size.LARGE),
+        LineItem("cup", Price(1.5), None, ["blue"])])
+    assert oc._build({"city": "Oslo", "zip": 150, "size": "s"}, Delivery) == {
+        "city": "Oslo", "zip": 150, "size": Size.SMALL}
+    assert oc._build(["a", "b"], list[Literal["a", "b"]]) == ["a", "b"]
+    assert oc._build(["s", "l"], list[Size]) == [Size.SMALL, Size.LARGE]
+    assert oc._build(None, Price | None) is None
+    assert oc._build({"amount": 2}, Price | None) == Price(2)
+    assert oc._build({"city": "Oslo", "zip": 1}, Price | Address) == {"city": "Oslo",
+                                                                          "zip": 1}
+    assert oc._build({"a": [1]}, dict[str, Any]) == {"a": [1]}
+
+
+def test_run_tool_reads_the_signature_once_and_takes_null_for_optional(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def note(text: str, price: Price | None = None, **more: Any) -> Any:
+        return text, price, more
+
+    def hand_made(size: str) -> str:
+        return size
+
+    tools = oc._as_tools([note, oc.Tool("raw", "", {"type": "object", "properties": {
+        "size": {"enum": ["s", "l"]}}, "required": ["size"]}, hand_made)])
+    monkeypatch.setattr(oc.inspect, "signature", None)  # a call that read it would fail
+    note_tool, raw_tool = tools
+    assert oc._run_tool(note_tool, {"text": "a", "price": None, "x": 1}) == ("a", None, {"x": 1})
+    assert oc._run_tool(note_tool, {"text": "a", "price": {"amount": 2}}) == ("a", Price(2), {})
+    assert oc._run_tool(raw_tool, {"size": "s"}) == "s", "no hints: checked, passed as it came"
+    with pytest.raises(TypeError, match="unexpected argument"):
+        oc._run_tool(raw_tool, {"size": "s", "colour": "red"})
+    with pytest.raises(ValueError, match='^\\$.size: must be one of "s", "l", got "m"$'):
+        oc._run_tool(raw_tool, {"size": "m"})
+
+
+GOOD_ORDER = {"items": [{"name": "tea", "price": {"amount": 3}}]}
+
+
+@pytest.mark.parametrize("arguments, error", [
+    pytest.param({"city": "Oslo", "days": "3", "size": "s", "order": GOOD_ORDER},
+                 '$.days: expected integer, got string "3"', id="string-for-int"),
+    pytest.param({"days": 3, "size": "s", "order": GOOD_ORDER},
+                 "missing required argument(s): city", id="missing-argument"),
+    pytest.param({"city": "Oslo", "days": 3, "size": "s", "order": {"express": True}},
+                 '$.order: missing required field "items"', id="missing-nested-field"),
+    pytest.param({"city": "Oslo", "days": 3, "size": "medium", "order": GOOD_ORDER},
+                 '$.size: must be one of "s", "l", got "medium"', id="unknown-enum-value"),
+    pytest.param({"city": "Oslo", "days": 3, "size": "s",
+                  "order": {"items": [{"name": "tea", "price": {"amount": "12.5"}}]}},
+                 '$.order.items[0].price.amount: expected number, got string "12.5"',
+                 id="nested-wrong-field"),
+])
+def test_tool_arguments_that_break_the_schema_go_back_and_the_repaired_call_runs(
+    server: Scripted, arguments: dict[str, Any], error: str
+) -> None:
+    shipped: list[tuple[Any, ...]] = []
+
+    def ship(city: str, days: int, size: Size, order: Order) -> str:
+        """Ship an order."""
+        shipped.append((city, days, size, order))
+        return "shipped"
+
+    repaired = {"city": "Oslo", "days": 3, "size": "l", "order": GOOD_ORDER}
+    server.add(_calls_then_text(_call(0, "bad", "ship", json.dumps(arguments))),
+               _calls_then_text(_call(0, "good", "ship", json.dumps(repaired))),
+               Reply(text_stream("On its way.")))
+    _, result = run(server.client().stream("ship it", tools=[ship]))
+    first, second = result.tool_results
+    assert first.value is None and first.error is not None and first.error.endswith(error)
+    assert shipped == [("Oslo", 3, Size.LARGE, Order([LineItem("tea", Price(3))]))]
+    assert (second.error, second.value) == (None, "shipped")
+    sent = [m for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
+    assert error in json.loads(sent[0]["content"])["error"]
+    assert result.text == "On its way." and len(result.steps) == 3
+
 
 
 def _call(index: Any = 0, id: Any = None, name: Any = None, arguments: Any = None,
