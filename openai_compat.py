@@ -456,6 +456,16 @@ _REJECTED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
     ("stream_options", re.compile(r"stream_options", re.IGNORECASE)),
 )
 
+# A server still loading its model: llama-server's 503 "Loading model", and 503s that
+# say they are loading or warming up (see _Connection.post and Client.wait_ready).
+_LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
+_LOADING_GAP: Final = 1.0  # the longest wait between two asks to a loading server
+
+
+def _is_loading(error: APIError) -> bool:
+    return error.status_code == 503 and _LOADING.search(error.message) is not None
+
+
 # What the socket layer says, shortened for messages (see _transport_reason).
 _TRANSPORT_REASON: Final = re.compile(
     r"Connection refused|Name or service not known|nodename nor servname provided"
@@ -1011,6 +1021,38 @@ class Client:
         """Close the connection pool."""
         self._http.close()
 
+    def wait_ready(self, timeout: float | None = None) -> list[str]:
+        """Wait until the server answers GET {base_url}/models; return its model ids.
+
+        Asks at least once a second. Refused connections, silence and a server that says
+        it is loading (or a gateway's 502/503/504) count as not ready yet; progress
+        is logged. Past `timeout` seconds in all (default: the Client's timeout)
+        raises the last classified error; any other error (a wrong key, no /models
+        route) is raised at once, since waiting cannot mend it.
+        """
+        limit = self.config.timeout if timeout is None else _parse_number(
+            str(timeout), "timeout=", self.config.timeout)
+        started = time.monotonic()
+        logged = started
+        asks = 0
+        while True:
+            found = _fetch_models(self._http)
+            if not isinstance(found, APIError):
+                with self._lock:
+                    if not isinstance(self._discovered, list):
+                        self._discovered = found
+                return list(found)
+            self._http.stamp(found)
+            now = time.monotonic()
+            if not _not_ready(found) or now - started >= limit:
+                raise found
+            if asks == 0 or now - logged >= 10:
+                logged = now
+                _log.info("waiting for %s (%.0f s of %g): %s", self.config.base_url,
+                          now - started, limit, found.message)
+            asks += 1
+            time.sleep(min(_LOADING_GAP, 0.1 * 2 ** asks, started + limit - now))
+
     @property
     def model(self) -> str:
         """The model id requests use: model= → OPENAI_COMPATIBLE_MODEL → the first id
@@ -1054,11 +1096,16 @@ class Client:
         Raises ConfigError at once for an unknown keyword (naming the closest valid
         one) or a bad value, and APIError subclasses while iterating.
         """
-        return Stream(_iter_steps(self, self._prepare(prompt, options), streaming=True))
+        return Stream(_iter_steps(self, self._prepare(prompt, options)))
 
     def generate(self, prompt: str | None = None, **options: Any) -> Result:
-        """Like stream(), with non-streaming requests; returns the Result."""
-        run = Stream(_iter_steps(self, self._prepare(prompt, options), streaming=False))
+        """Run stream() to its end and return the Result.
+
+        It streams underneath, so that `timeout` keeps its one meaning: a long answer
+        from a slow server never times out while tokens flow, a dead one fails within
+        `timeout`, and an error keeps the text that had arrived in .partial_text.
+        """
+        run = Stream(_iter_steps(self, self._prepare(prompt, options)))
         for _ in run:
             pass
         assert run.result is not None
@@ -1117,12 +1164,12 @@ class Client:
         return _Request(body, {t.name: t for t in tools}, max_steps, timeout)
 
     def _model_call(
-        self, body: dict[str, Any], step: int, streaming: bool, timeout: float
+        self, body: dict[str, Any], step: int, timeout: float
     ) -> Generator[Chunk, None, Step]:
-        """One model call, streamed unless told otherwise or the server cannot; its
-        Chunks (the "finish" one last) and its Step (without tool results)."""
+        """One model call, streamed unless the server cannot; its Chunks (the
+        "finish" one last) and its Step (without tool results)."""
         self._http.drop_refused_fields(body)
-        if not streaming or (self._tools_unstreamed and "tools" in body):
+        if self._tools_unstreamed and "tools" in body:
             return (yield from self._plain_call(body, step, timeout))
         body["stream"] = True
         if "stream_options" not in body and self._http.may_send("stream_options"):
@@ -1286,6 +1333,12 @@ def _fetch_models(conn: _Connection) -> list[str] | APIError:
     return RequestTimeoutError(f"GET /models did not answer within {_DISCOVERY_SECONDS:g} s")
 
 
+def _not_ready(error: APIError) -> bool:
+    """Whether an error from GET /models means "not up yet" rather than "wrong"."""
+    return isinstance(error, (EndpointUnavailableError, RequestTimeoutError)) or (
+        isinstance(error, ServerError) and error.status_code in (502, 503, 504))
+
+
 def _models_request(conn: _Connection) -> list[str] | APIError:
     try:
         status, text, retry_after = conn.get_text("/models", _DISCOVERY_SECONDS)
@@ -1347,7 +1400,7 @@ class _Request:
 
 
 def _iter_steps(
-    client: Client, request: _Request, *, streaming: bool
+    client: Client, request: _Request
 ) -> Generator[Chunk, None, Result]:
     """The loop: a model call; the tools it asked for, run one after another and
     their results sent back; again, until the model answers in text or max_steps
@@ -1358,7 +1411,7 @@ def _iter_steps(
     finish: str | None = None
     for step in range(1, request.max_steps + 1):
         record = yield from client._model_call(
-            {**body, "messages": list(messages)}, step, streaming, request.timeout
+            {**body, "messages": list(messages)}, step, request.timeout
         )
         finish = record.finish_reason
         calls = record.tool_calls
@@ -2467,6 +2520,8 @@ class _Connection:
         """
         attempt = 0
         stale_resent = False
+        loading_until: float | None = None
+        loading_asks = 0
         while True:
             try:
                 response = self._post_once(body, timeout)
@@ -2493,6 +2548,18 @@ class _Connection:
             error = self.error_from_body(response.status_code, text, retry_after=retry_after)
             if self._drop_rejected_field(body, error):
                 continue
+            if _is_loading(error):
+                # Waited for up to `timeout` in all, outside the retry budget.
+                now = time.monotonic()
+                if loading_until is None:
+                    loading_until = now + timeout
+                    _log.warning("%s is loading its model (%s); waiting up to %g s",
+                                 self.config.base_url, error.message, timeout)
+                if now < loading_until:
+                    loading_asks += 1
+                    time.sleep(min(_LOADING_GAP, loading_until - now,
+                                   _backoff(loading_asks) if retry_after is None else retry_after))
+                    continue
             if not self._may_retry(error, attempt, retry_after):
                 raise error
             attempt += 1
@@ -2697,6 +2764,7 @@ _CLI_EXAMPLES: Final = """examples:
   openai-compat --base-url http://localhost:11434/v1 models
   openai-compat models
   openai-compat check
+  openai-compat check --wait 120     # a server that is still starting
 
 The endpoint comes from OPENAI_COMPATIBLE_BASE_URL (and OPENAI_COMPATIBLE_API_KEY,
 OPENAI_COMPATIBLE_MODEL, OPENAI_COMPATIBLE_TIMEOUT, OPENAI_COMPATIBLE_MAX_RETRIES).
@@ -2720,7 +2788,7 @@ def main(argv: list[str] | None = None) -> int:
         if words[:1] == ["models"] and len(words) == 1 and not args.literal:
             return _cli_models(client)
         if words[:1] == ["check"] and len(words) == 1 and not args.literal:
-            return _cli_check(client)
+            return _cli_check(client, args.wait)
         prompt = _cli_prompt(words)
         return _cli_chat(client, prompt, args)
     except KeyboardInterrupt:
@@ -2756,6 +2824,9 @@ def _cli_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--timeout", type=float,
                         help="seconds of silence allowed between bytes (default 30)")
+    parser.add_argument("--wait", type=float, metavar="SECONDS",
+                        help="with check: first wait up to SECONDS for a server that is "
+                        "starting or loading its model")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per chunk, one per line")
     parser.add_argument("--version", action="version", version=f"openai-compat {__version__}")
@@ -2828,13 +2899,22 @@ def _cli_models(client: Client) -> int:
     return 0
 
 
-def _cli_check(client: Client) -> int:
-    """Probe the endpoint: one line per capability, exit 0 when chat works."""
+def _cli_check(client: Client, wait: float | None = None) -> int:
+    """Probe the endpoint: one line per capability, exit 0 when chat works. `wait`:
+    seconds to wait first for a server that is starting or loading its model."""
     def report(name: str, ok: bool | None, detail: str) -> None:
         mark = {True: "ok", False: "FAIL", None: "--"}[ok]
         print(f"{name:<12} {mark:<5} {detail}", flush=True)
 
     print(f"endpoint     {client.config.base_url}")
+    if wait is not None:
+        started = time.monotonic()
+        try:
+            client.wait_ready(timeout=wait)
+        except APIError as exc:
+            report("ready", False, f"not within {wait:g} s: {type(exc).__name__}: {exc}")
+            return 1
+        report("ready", True, f"after {time.monotonic() - started:.1f} s")
     try:
         models = client.available_models(fallback=False)
     except (AuthenticationError, EndpointUnavailableError, RequestTimeoutError) as exc:

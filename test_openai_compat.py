@@ -194,19 +194,42 @@ class _Loopback(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-@pytest.fixture
-def server() -> Iterator[Scripted]:
-    script = Scripted()
-    httpd = _Loopback(("127.0.0.1", 0), _handler(script))
+def _serve(script: Scripted, port: int = 0) -> _Loopback:
+    httpd = _Loopback(("127.0.0.1", port), _handler(script))
     httpd.daemon_threads = True
     script.httpd = httpd
     # A short poll: shutdown() waits for the loop to notice, 0.5 s by default per test.
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01},
                               daemon=True)
     thread.start()
+    return httpd
+
+
+@pytest.fixture
+def server() -> Iterator[Scripted]:
+    script = Scripted()
+    httpd = _serve(script)
     yield script
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def late_server() -> Iterator[tuple[Scripted, str]]:
+    """A scripted server whose port refuses connections for 2 s, then listens; and
+    the base URL it will have."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Scripted()
+    started: list[_Loopback] = []
+    timer = threading.Timer(2.0, lambda: started.append(_serve(script, port)))
+    timer.start()
+    yield script, f"http://127.0.0.1:{port}/v1"
+    timer.cancel()
+    for httpd in started:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def sse(*events: Any) -> str:
@@ -905,15 +928,40 @@ def test_stream_silence_past_timeout_is_request_timeout(server: Scripted) -> Non
     assert caught.value.partial_text == "a" and isinstance(caught.value, TimeoutError)
 
 
-def test_generate_silence_past_timeout_says_whole_answers_take_longer(server: Scripted) -> None:
-    # A non-streamed answer comes only when complete: a long one is silence, not a fault.
-    server.add(json_reply(completion("late"), delay=3))
+def test_generate_never_times_out_while_tokens_flow(server: Scripted) -> None:
+    # Issue #14: generate() sent a non-streamed request, so a long answer was one
+    # silence and failed past `timeout` although the server was working.
+    tokens = [sse(delta(content=f"{i} ")) for i in range(8)]
+    server.add(Reply(*tokens, sse(delta("stop"), "data: [DONE]\n\n"), pause=0.2))
+    started = time.monotonic()
+    result = server.client(timeout=0.5, max_retries=0).generate("hi")
+    assert time.monotonic() - started > 1.5  # three times the timeout, in all
+    assert result.text == "".join(f"{i} " for i in range(8))
+    assert server.bodies()[0]["stream"] is True
+
+
+def test_generate_fails_within_timeout_of_silence_keeping_the_partial_text(
+        server: Scripted) -> None:
+    server.add(Reply(sse(delta(content="half an ")), sse(delta(content="answer")), pause=3))
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError) as caught:
         server.client(timeout=0.5, max_retries=0).generate("hi")
     assert time.monotonic() - started < 2.5
-    assert "whole answer" in str(caught.value) and "stream()" in str(caught.value)
+    assert caught.value.partial_text == "half an "
     assert "OPENAI_COMPATIBLE_TIMEOUT" in str(caught.value)  # the hint: raise it
+
+
+def test_unstreamed_fallback_silence_says_whole_answers_take_longer(server: Scripted) -> None:
+    # A server whose tool streams are empty is asked for whole answers, which come
+    # only when complete: a long one is silence, not a fault.
+    server.add(json_reply(completion("late"), delay=3))
+    client = server.client(timeout=0.5, max_retries=0)
+    client._tools_unstreamed = True
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        client.generate("hi", tools=[_add])
+    assert time.monotonic() - started < 2.5
+    assert "whole answer" in str(caught.value) and "stream()" in str(caught.value)
 
 
 def test_stream_break_closes_the_response(server: Scripted) -> None:
@@ -1016,7 +1064,8 @@ def test_generate_body_and_result(server: Scripted) -> None:
     server.add(json_reply(completion("Hello", reasoning_content="hmm")))
     result = server.client().generate("hi", stream_options={"include_usage": True})
     body = server.bodies()[0]
-    assert "stream" not in body and "stream_options" not in body
+    # Issue #14: streamed underneath; a server may still answer with one document.
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert result.text == "Hello" and result.reasoning == "hmm"
     assert result.usage == oc.Usage(3, 2, 5) and result.finish_reason == "stop"
 
@@ -1085,6 +1134,63 @@ def test_retry_after_too_long_fails_at_once(server: Scripted) -> None:
     with pytest.raises(oc.RateLimitError) as caught:
         server.client().generate("hi")
     assert caught.value.retry_after == 120 and time.monotonic() - started < 1
+    assert len(server.requests) == 1
+
+
+LOADING = json_reply({"error": {"code": 503, "message": "Loading model",
+                               "type": "unavailable_error"}}, status=503)  # llama-server
+
+
+def test_a_loading_server_is_waited_for_outside_the_retry_budget(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #14: a server loading its model spent the retry budget in 3 s and failed.
+    caplog.set_level(logging.WARNING)
+    server.add(*[LOADING] * 3, Reply(text_stream("ready")))
+    result = server.client(max_retries=0, timeout=10).generate("hi")
+    assert result.text == "ready" and len(server.requests) == 4
+    assert caplog.text.count("is loading its model") == 1
+
+
+def test_a_server_loading_past_timeout_fails_with_its_classified_error(
+        server: Scripted) -> None:
+    server.add(*[LOADING] * 30)
+    started = time.monotonic()
+    with pytest.raises(oc.ServerError) as caught:
+        server.client(max_retries=2, timeout=1.5).generate("hi")
+    elapsed = time.monotonic() - started
+    assert 1.5 <= elapsed < 4, elapsed
+    assert caught.value.status_code == 503 and "Loading model" in caught.value.message
+    # No gap over 2 s: a dozen asks at most in 1.5 s, and more than two.
+    assert 3 <= len(server.requests) < 12
+
+
+def test_wait_ready_waits_for_refusals_then_loading_then_returns_the_models(
+        late_server: tuple[Scripted, str], caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #14: a script that starts a server had no way to wait for it.
+    caplog.set_level(logging.INFO)
+    script, base_url = late_server
+    script.add(LOADING, LOADING, json_reply({"data": [{"id": "smollm2"}]}))
+    client = oc.Client(base_url)
+    started = time.monotonic()
+    assert client.wait_ready(timeout=30) == ["smollm2"]
+    assert 2.0 <= time.monotonic() - started < 12
+    assert [r["path"] for r in script.requests] == ["/v1/models"] * 3
+    assert client.model == "smollm2" and len(script.requests) == 3  # discovery reused it
+    assert "waiting for" in caplog.text
+
+
+def test_wait_ready_gives_up_after_timeout_and_raises_other_errors_at_once(
+        server: Scripted) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(oc.EndpointUnavailableError):
+        oc.Client(f"http://127.0.0.1:{port}/v1").wait_ready(timeout=1)
+    assert 1 <= time.monotonic() - started < 4
+    server.add(json_reply({"error": {"message": "Invalid API Key"}}, status=401))
+    with pytest.raises(oc.AuthenticationError):
+        oc.Client(server.base_url).wait_ready(timeout=30)
     assert len(server.requests) == 1
 
 
@@ -1915,7 +2021,7 @@ def test_generate_runs_the_same_loop(server: Scripted) -> None:
     result = server.client().generate("hi", tools=[_add])
     assert result.text == "42" and result.tool_results[0].value == 42
     assert result.usage == oc.Usage(6, 4, 10)
-    assert all("stream" not in b for b in server.bodies())
+    assert all(b["stream"] is True for b in server.bodies())
 
 
 def test_tool_choice_is_never_sent_without_tools(server: Scripted) -> None:
@@ -3270,6 +3376,18 @@ def test_model_answered_by_another_is_warned_once(server: Scripted,
     # A whole answer is checked too.
     assert oc.Client(server.base_url, model="llama3.2").generate("hi").text == "y"
     assert len(warnings()) == 2 and "'llama3.2'" in warnings()[1]
+
+
+def test_cli_check_wait_waits_for_a_starting_server(late_server: tuple[Scripted, str]) -> None:
+    script, base_url = late_server
+    script.add(LOADING, json_reply({"data": [{"id": "m"}]}), json_reply(completion("Hi")))
+    done = cli(None, "--base-url", base_url, "check", "--wait", "30",
+               env={"OPENAI_COMPATIBLE_MAX_RETRIES": "0"})
+    ready = next(x for x in done.stdout.splitlines() if x.startswith("ready"))
+    assert re.fullmatch(r"ready\s+ok\s+after \d+\.\d s", ready), done.stdout
+    assert float(ready.split()[-2]) >= 2.0
+    chat = next(x for x in done.stdout.splitlines() if x.startswith("chat"))
+    assert "ok" in chat and "'Hi'" in chat, done.stdout + done.stderr
 
 
 def test_cli_refusal_is_one_line_on_stderr_and_exit_1(server: Scripted) -> None:
