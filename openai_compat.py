@@ -113,6 +113,7 @@ __all__ = [
     "BadRequestError",
     "ServerError",
     "StreamError",
+    "OutputError",
     "classify_error",
     "Usage",
     "ToolCall",
@@ -337,6 +338,15 @@ class StreamError(APIError):
         return "The answer was cut short; .partial_text holds what arrived"
 
 
+class OutputError(APIError):
+    """The answer did not match `schema=`, after the model was asked to repair it
+    (twice at most). `partial_text` holds the last answer. Retrying the same request
+    rarely helps: a simpler schema or a model that follows instructions does."""
+
+    def _hint(self) -> str:
+        return "The model's answer did not match schema=; .partial_text holds the last one"
+
+
 # Ordered: the first row whose pattern matches the message wins. Statuses that
 # decide on their own (401, 403, 413, 429) are checked before this table.
 _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
@@ -455,6 +465,12 @@ _REJECTED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
         r"tool_choice.{0,60}(?:not supported|unsupported|not allowed|invalid)", re.IGNORECASE)),
     ("stream_options", re.compile(r"stream_options", re.IGNORECASE)),
 )
+
+# A server that refuses how a schema was asked for: llama-cpp-python's 500 "1
+# validation error ... response_format.type Input should be 'text' or 'json_object'",
+# and others naming the field or its type.
+_SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
+                                    re.IGNORECASE)
 
 # A server still loading its model: llama-server's 503 "Loading model", and 503s that
 # say they are loading or warming up (see _Connection.post and Client.wait_ready).
@@ -771,6 +787,8 @@ class Result:
         reasoning: the final model call's reasoning text.
         refusal: the final model call's refusal text (OpenAI's structured refusal,
             kept apart from text), "" when the model did not refuse.
+        data: the answer parsed and checked against schema= (a dataclass instance
+            for a dataclass), or None without schema=.
         steps: one Step per model call.
         tool_calls, tool_results: over all steps.
         finish_reason: the last model call's, or "max_steps" when the budget ran out
@@ -783,6 +801,7 @@ class Result:
     text: str = ""
     reasoning: str = ""
     refusal: str = ""
+    data: Any = None
     steps: list[Step] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_results: list[ToolResult] = field(default_factory=list)
@@ -929,6 +948,7 @@ _OPENAI_PARAMETERS: Final = frozenset({
 })
 _OWN_OPTIONS: Final = frozenset({
     "messages", "system", "model", "tools", "tool_choice", "max_steps", "timeout", "extra_body",
+    "schema",
 })
 
 
@@ -944,6 +964,15 @@ def _check_options(options: Mapping[str, Any]) -> None:
         hint = f"did you mean {close[0]}=? " if close else ""
         raise ConfigError(f"unknown option {name}=: {hint}Fields a server adds to OpenAI's "
                           f"go in extra_body={{{name!r}: ...}}")
+
+
+def _answer_schema(schema: Any) -> dict[str, Any]:
+    """The JSON Schema of schema=: a dict as given, or one made from a type hint."""
+    if isinstance(schema, dict):
+        return schema
+    if isinstance(schema, (Mapping, str, bytes)):
+        raise ConfigError("schema= must be a JSON Schema dict or a type such as a dataclass")
+    return _schema(schema, "schema=")
 
 
 def _conversation(system: object, messages: object, prompt: str | None) -> list[dict[str, Any]]:
@@ -1155,27 +1184,34 @@ class Client:
         extra_body = opts.pop("extra_body", None)
         if extra_body is not None and not isinstance(extra_body, Mapping):
             raise ConfigError("extra_body= must be a dict of fields to add to the request body")
+        schema_type = opts.pop("schema", None)
+        schema = None if schema_type is None else _answer_schema(schema_type)
+        if schema is not None and opts.get("response_format") is not None:
+            raise ConfigError("give schema= or response_format=, not both")
         body: dict[str, Any] = {"model": model or self.model, "messages": turns}
         body.update((k, v) for k, v in opts.items() if v is not None)
         if tools:
             body["tools"] = [_tool_spec(t) for t in tools]
             body["tool_choice"] = "auto" if tool_choice is None else tool_choice
         body.update(extra_body or {})
-        return _Request(body, {t.name: t for t in tools}, max_steps, timeout)
+        return _Request(body, {t.name: t for t in tools}, max_steps, timeout, schema,
+                        schema_type)
 
     def _model_call(
-        self, body: dict[str, Any], step: int, timeout: float
+        self, body: dict[str, Any], step: int, request: _Request
     ) -> Generator[Chunk, None, Step]:
         """One model call, streamed unless the server cannot; its Chunks (the
         "finish" one last) and its Step (without tool results)."""
         self._http.drop_refused_fields(body)
+        if request.schema is not None:
+            self._http.ask_for_schema(body, request.schema)
         if self._tools_unstreamed and "tools" in body:
-            return (yield from self._plain_call(body, step, timeout))
+            return (yield from self._plain_call(body, step, request))
         body["stream"] = True
         if "stream_options" not in body and self._http.may_send("stream_options"):
             # Ask for usage; servers that reject the field lose it once.
             body["stream_options"] = {"include_usage": True}
-        record = yield from self._streamed_call(body, step, timeout)
+        record = yield from self._streamed_call(body, step, request)
         if record is None:
             # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure
             # after the headers), for instance for streamed tool_choice "auto" or a
@@ -1189,15 +1225,15 @@ class Client:
             else:
                 _log.warning("the server ended a stream without any event; asking again"
                              " without streaming")
-            record = yield from self._plain_call(body, step, timeout)
+            record = yield from self._plain_call(body, step, request)
         return record
 
     def _streamed_call(
-        self, body: dict[str, Any], step: int, timeout: float
+        self, body: dict[str, Any], step: int, request: _Request
     ) -> Generator[Chunk, None, Step | None]:
         """Send, hand the body to the streaming chain, close. None when the stream
         ended without any event (see _model_call)."""
-        response = self._http.post(body, timeout)
+        response = self._http.post(body, request.timeout, request.schema)
         acc = _Accumulator(step)
         with response:
             content_type = response.headers.get("content-type", "").lower()
@@ -1208,7 +1244,7 @@ class Client:
             if "json" in content_type and "event-stream" not in content_type:
                 # Quirk(LM Studio, proxies): one JSON document for a stream request
                 # (LM Studio's 200 error for an unknown route, servers ignoring stream).
-                payload = self._http.read_json(response, timeout)
+                payload = self._http.read_json(response, request.timeout)
                 return (yield from self._whole_answer(payload, body, step))
             try:
                 yield from _iter_chunks(_iter_sse(_iter_raw(response)), acc)
@@ -1230,15 +1266,15 @@ class Client:
         return record
 
     def _plain_call(
-        self, body: dict[str, Any], step: int, timeout: float
+        self, body: dict[str, Any], step: int, request: _Request
     ) -> Generator[Chunk, None, Step]:
         """One model call without streaming (servers send the answer once complete)."""
         body.pop("stream", None)
         # vLLM answers 400 to stream_options without stream: true.
         body.pop("stream_options", None)
-        response = self._http.post(body, timeout)
+        response = self._http.post(body, request.timeout, request.schema)
         with response:
-            payload = self._http.read_json(response, timeout)
+            payload = self._http.read_json(response, request.timeout)
         return (yield from self._whole_answer(payload, body, step))
 
     def _whole_answer(
@@ -1387,31 +1423,39 @@ def _model_ids(payload: Any) -> list[str] | str:
 
 class _Request:
     """One stream() or generate() call, prepared: the request body, the tools by
-    name, the budget of model calls and the silence limit."""
+    name, the budget of model calls, the silence limit, and the answer's schema
+    (JSON Schema, and the type it came from, when schema= was given)."""
 
-    __slots__ = ("body", "max_steps", "timeout", "tools")
+    __slots__ = ("body", "max_steps", "schema", "schema_type", "timeout", "tools")
 
     def __init__(self, body: dict[str, Any], tools: dict[str, Tool], max_steps: int,
-                 timeout: float) -> None:
+                 timeout: float, schema: dict[str, Any] | None = None,
+                 schema_type: Any = None) -> None:
         self.body = body
         self.tools = tools
         self.max_steps = max_steps
         self.timeout = timeout
+        self.schema = schema
+        self.schema_type = schema_type
 
 
-def _iter_steps(
-    client: Client, request: _Request
-) -> Generator[Chunk, None, Result]:
+_REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks schema=
+
+
+def _iter_steps(client: Client, request: _Request) -> Generator[Chunk, None, Result]:
     """The loop: a model call; the tools it asked for, run one after another and
     their results sent back; again, until the model answers in text or max_steps
-    model calls are spent. Yields every Chunk; returns the Result."""
-    body = request.body
-    messages: list[dict[str, Any]] = body["messages"]
+    model calls are spent. With schema=, an answer that does not match goes back
+    to the model with what was wrong, twice at most. Yields every Chunk; returns
+    the Result."""
+    messages: list[dict[str, Any]] = request.body["messages"]
     steps: list[Step] = []
     finish: str | None = None
+    data = None
+    repairs = 0
     for step in range(1, request.max_steps + 1):
         record = yield from client._model_call(
-            {**body, "messages": list(messages)}, step, request.timeout
+            {**request.body, "messages": list(messages)}, step, request
         )
         finish = record.finish_reason
         calls = record.tool_calls
@@ -1431,11 +1475,42 @@ def _iter_steps(
                 )
                 yield Chunk("tool_result", tool_call=call, tool_result=result, step=step)
         steps.append(replace(record, tool_results=results))
-        if not run_calls:
-            if calls and request.tools and step >= request.max_steps and finish != "length":
-                finish = "max_steps"
-            break
-    return _result(steps, finish, messages)
+        if run_calls:
+            continue
+        if calls and request.tools and step >= request.max_steps and finish != "length":
+            finish = "max_steps"
+        elif request.schema is not None and not record.refusal:
+            problem, data = _read_answer(record.text, request)
+            if problem is not None:
+                if repairs == _REPAIRS or step == request.max_steps:
+                    raise client._http.stamp(OutputError(
+                        f"the answer does not match the schema: {problem}",
+                        partial_text=record.text))
+                repairs += 1
+                messages.append({"role": "user", "content": _repair_prompt(problem)})
+                continue
+        break
+    return _result(steps, finish, messages, data)
+
+
+def _read_answer(text: str, request: _Request) -> tuple[str | None, Any]:
+    """(what is wrong, None) or (None, the data) for an answer to schema=."""
+    assert request.schema is not None
+    try:
+        value = _json_from_text(text)
+    except ValueError as exc:
+        return f"no JSON value in the answer ({exc})", None
+    problem = _check(value, request.schema)
+    if problem is not None:
+        return problem, None
+    if dataclasses.is_dataclass(request.schema_type):
+        return None, _build(value, request.schema_type)
+    return None, value
+
+
+def _repair_prompt(problem: str) -> str:
+    return (f"That answer does not match the JSON Schema: {problem}. Answer again with "
+            "the corrected JSON only.")
 
 
 def _assistant_message(record: Step, *, with_calls: bool) -> dict[str, Any]:
@@ -1483,7 +1558,8 @@ def _tool_content(value: Any) -> str:
         return str(value)
 
 
-def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]]) -> Result:
+def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]],
+            data: Any = None) -> Result:
     usages = [s.usage for s in steps if s.usage is not None]
     total = None
     for usage in usages:
@@ -1493,6 +1569,7 @@ def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]
         text=last.text,
         reasoning=last.reasoning,
         refusal=last.refusal,
+        data=data,
         steps=steps,
         tool_calls=[c for s in steps for c in s.tool_calls],
         tool_results=[r for s in steps for r in s.tool_results],
@@ -2505,12 +2582,18 @@ class _Connection:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
         self.lock = threading.Lock()
         self.refused: set[str] = set()  # request fields never to send again
+        # How this server is asked for an answer shaped by schema= (DESIGN.md,
+        # "Structured answers"): 0 response_format json_schema; 1 json_object with the
+        # schema, and the schema in a system message; 2 the system message only.
+        # Stepped down, once per Client, when the server refuses the field.
+        self.schema_rung = 0
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
 
     def close(self) -> None:
         self.session.close()
 
-    def post(self, body: dict[str, Any], timeout: float) -> requests.Response:
+    def post(self, body: dict[str, Any], timeout: float,
+             schema: dict[str, Any] | None = None) -> requests.Response:
         """POST body to /chat/completions; return a 2xx response (body not yet read).
 
         Retries connection failures and 408/409/429/5xx up to max_retries times with
@@ -2546,7 +2629,8 @@ class _Connection:
                 text = self.read_text(response)
             retry_after = _retry_after(response.headers)
             error = self.error_from_body(response.status_code, text, retry_after=retry_after)
-            if self._drop_rejected_field(body, error):
+            if self._drop_rejected_field(body, error) or (
+                    schema is not None and self._step_down_schema(body, error, schema)):
                 continue
             if _is_loading(error):
                 # Waited for up to `timeout` in all, outside the retry budget.
@@ -2586,6 +2670,34 @@ class _Connection:
             and attempt < self.config.max_retries
             and (retry_after is None or retry_after <= _MAX_RETRY_AFTER)
         )
+
+    def ask_for_schema(self, body: dict[str, Any], schema: dict[str, Any]) -> None:
+        """Ask for an answer shaped by `schema` the way this server takes it."""
+        if self.schema_rung == 0:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "answer", "schema": schema}}
+            return
+        body["messages"] = _with_schema_message(body["messages"], schema)
+        if self.schema_rung == 1:
+            # Quirk(llama.cpp, llama-cpp-python): a schema beside json_object is
+            # enforced with a grammar.
+            body["response_format"] = {"type": "json_object", "schema": schema}
+        else:
+            body.pop("response_format", None)
+
+    def _step_down_schema(self, body: dict[str, Any], error: APIError,
+                          schema: dict[str, Any]) -> bool:
+        """One rung down when the server refused how the schema was asked for."""
+        if "response_format" not in body or not _SCHEMA_REFUSED.search(error.message):
+            return False
+        rung = 1 if body["response_format"].get("type") == "json_schema" else 2
+        with self.lock:
+            self.schema_rung = max(self.schema_rung, rung)
+        _log.warning("%s refused response_format %r (%s); asking %s from now on",
+                     self.config.base_url, body["response_format"].get("type"), error.message,
+                     "with json_object" if rung == 1 else "in a system message only")
+        self.ask_for_schema(body, schema)
+        return True
 
     def drop_refused_fields(self, body: dict[str, Any]) -> None:
         for name in tuple(self.refused):
@@ -2691,6 +2803,23 @@ class _Connection:
         return exc
 
 
+def _with_schema_message(messages: list[dict[str, Any]],
+                         schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The turns, asking in the system message for JSON that matches `schema`.
+
+    Added to the first system message when there is one: several chat templates
+    (llama.cpp's among them) refuse a second system message or one not first.
+    """
+    text = ("Answer with one JSON value and nothing else. It must match this JSON Schema: "
+            + json.dumps(schema, ensure_ascii=False))
+    first = messages[0] if messages else {}
+    if first.get("role") == "system" and isinstance(first.get("content"), str):
+        if text in first["content"]:
+            return messages
+        return [{**first, "content": f"{first['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
 def _stale_connection(exc: BaseException) -> bool:
     """Whether a request failed on a kept-alive connection the server had closed.
 
@@ -2762,6 +2891,7 @@ _CLI_EXAMPLES: Final = """examples:
   openai-compat -m llama3.2 -s "Answer in French" "What is SSE?"
   openai-compat --json "Hi" | jq -j 'select(.type == "text") | .content'
   openai-compat --base-url http://localhost:11434/v1 models
+  openai-compat --schema person.json "Invent a person"
   openai-compat models
   openai-compat check
   openai-compat check --wait 120     # a server that is still starting
@@ -2827,6 +2957,9 @@ def _cli_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait", type=float, metavar="SECONDS",
                         help="with check: first wait up to SECONDS for a server that is "
                         "starting or loading its model")
+    parser.add_argument("--schema", metavar="FILE.json",
+                        help="answer with JSON that matches this JSON Schema, printed on "
+                        "one line (the model is asked to mend a wrong answer twice)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per chunk, one per line")
     parser.add_argument("--version", action="version", version=f"openai-compat {__version__}")
@@ -2845,6 +2978,8 @@ def _cli_prompt(words: list[str]) -> str:
 
 
 def _cli_chat(client: Client, prompt: str, args: argparse.Namespace) -> int:
+    if args.schema is not None:
+        return _cli_structured(client, prompt, args)
     out = sys.stdout
     with client.stream(prompt, system=args.system, temperature=args.temperature,
                        max_tokens=args.max_tokens) as chunks:
@@ -2864,6 +2999,25 @@ def _cli_chat(client: Client, prompt: str, args: argparse.Namespace) -> int:
         print(f"openai-compat: the model refused: {' '.join(refusal.split())}",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _cli_structured(client: Client, prompt: str, args: argparse.Namespace) -> int:
+    """--schema FILE: print the answer as one line of JSON that matches the schema."""
+    try:
+        with open(args.schema, encoding="utf-8") as file:
+            schema = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--schema {args.schema}: cannot read a JSON Schema ({exc})") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"--schema {args.schema}: a JSON Schema is a JSON object")
+    result = client.generate(prompt, system=args.system, temperature=args.temperature,
+                             max_tokens=args.max_tokens, schema=schema)
+    if result.refusal:
+        print(f"openai-compat: the model refused: {' '.join(result.refusal.split())}",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(result.data, ensure_ascii=False))
     return 0
 
 
@@ -2944,6 +3098,7 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         return 1
     _check_stream(checker, report)
     _check_tools(checker, report)
+    _check_structured(checker, report)
     return 0
 
 
@@ -2985,6 +3140,25 @@ def _check_tools(client: Client, report: Callable[[str, bool | None, str], None]
             report("tool calls", None, "no tool call: the model answered in text")
     except APIError as exc:
         report("tool calls", False, f"{type(exc).__name__}: {exc}")
+
+
+def _check_structured(client: Client,
+                      report: Callable[[str, bool | None, str], None]) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"},
+                                               "country": {"type": "string"}},
+              "required": ["city", "country"]}
+    try:
+        result = client.generate("Name a city in France as JSON with city and country.",
+                                 schema=schema, temperature=0, max_tokens=64)
+    except APIError as exc:
+        report("structured", False, f"{type(exc).__name__}: {exc}")
+        return
+    how = ("response_format json_schema honoured",
+           "json_schema refused; json_object with the schema honoured",
+           "response_format refused; the schema is asked for in a system message")
+    repairs = f" after {len(result.steps) - 1} repair(s)" if len(result.steps) > 1 else ""
+    report("structured", True, f"{how[client._http.schema_rung]}: {json.dumps(result.data)}"
+           + repairs)
 
 
 if __name__ == "__main__":

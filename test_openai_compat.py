@@ -3,6 +3,7 @@ llama.cpp server for the integration section. No mocks."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import json
@@ -2049,6 +2050,135 @@ def test_server_without_tools_gets_the_request_without_them(
     assert "tools" in first and "tools" not in second and "tool_choice" not in second
     assert "tools" not in third, "the Client remembers"
 
+# ---- structured answers (schema=) ----
+
+
+@dataclasses.dataclass
+class City:
+    name: str
+    population: int
+
+
+@dataclasses.dataclass
+class Trip:
+    cities: list[City]
+    mode: Literal["train", "car"]
+    note: str | None = None
+
+
+class Point(TypedDict):
+    x: float
+    y: float
+
+
+def _answer(text: str) -> Reply:
+    return Reply(text_stream(text))
+
+
+def test_schema_json_schema_first_and_data_built_from_a_dataclass(server: Scripted) -> None:
+    server.add(_answer('{"cities": [{"name": "Lyon", "population": 522250}], "mode": "train"}'))
+    result = server.client().generate("Plan a trip", schema=Trip)
+    assert result.data == Trip([City("Lyon", 522250)], "train")
+    sent = server.bodies()[0]
+    assert sent["response_format"]["type"] == "json_schema"
+    schema = sent["response_format"]["json_schema"]["schema"]
+    assert schema["required"] == ["cities", "mode"]
+    assert schema["properties"]["cities"]["items"]["properties"]["population"] == {
+        "type": "integer"}
+    assert [m["role"] for m in sent["messages"]] == ["user"]  # no schema message yet
+
+
+@pytest.mark.parametrize(("schema", "answer", "data"), [
+    (Point, '{"x": 1, "y": 2.5}', {"x": 1, "y": 2.5}),
+    (list[Literal["red", "green"]], '["red", "green", "red"]', ["red", "green", "red"]),
+    ({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+     '{"ok": true}', {"ok": True}),
+    (int, "42", 42),
+], ids=["typeddict", "list-literal", "raw-dict", "int"])
+def test_schema_of_every_kind_gives_plain_json_data(server: Scripted, schema: Any, answer: str,
+                                                    data: Any) -> None:
+    server.add(_answer(answer))
+    assert server.client().generate("hi", schema=schema).data == data
+
+
+def test_schema_degrades_one_rung_per_refusal_and_remembers_it(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    # llama-cpp-python refuses json_schema; a stricter server refuses json_object too.
+    server.add(json_reply({"detail": [{"loc": ["body", "response_format", "type"],
+                                       "msg": "Input should be 'text' or 'json_object'"}]},
+                          status=422),
+               json_reply({"error": {"message": "response_format json_object is not "
+                                                "supported"}}, status=400),
+               _answer('{"name": "Nice", "population": 342669}'),
+               _answer('{"name": "Metz", "population": 116581}'))
+    client = server.client(max_retries=0)
+    result = client.generate("A city", schema=City, system="Be brief.")
+    assert result.data == City("Nice", 342669)
+    first, second, third = server.bodies()[:3]
+    assert first["response_format"]["type"] == "json_schema"
+    assert second["response_format"] == {"type": "json_object",
+                                         "schema": first["response_format"]["json_schema"][
+                                             "schema"]}
+    assert "response_format" not in third
+    for body in (second, third):
+        system = body["messages"][0]
+        assert body["messages"][0]["role"] == "system" and len(body["messages"]) == 2
+        assert system["content"].startswith("Be brief.\n\nAnswer with one JSON value")
+        assert '"population": {"type": "integer"}' in system["content"]
+    assert caplog.text.count("refused response_format") == 2
+    # Remembered: the next call asks the way that worked, at once.
+    assert client.generate("Another", schema=City).data == City("Metz", 116581)
+    fourth = server.bodies()[3]
+    assert "response_format" not in fourth and fourth["messages"][0]["role"] == "system"
+
+
+def test_schema_answer_in_prose_and_a_fence_is_read(server: Scripted) -> None:
+    # A server that ignores response_format: the model wraps its JSON in prose.
+    server.add(_answer('Sure! Here it is:\n```json\n{"name": "Caen", "population": 105403}'
+                       '\n```\nAnything else?'))
+    assert server.client().generate("hi", schema=City).data == City("Caen", 105403)
+
+
+def test_schema_wrong_answer_is_repaired_with_what_was_wrong(server: Scripted) -> None:
+    server.add(_answer('{"name": "Pau", "population": "77000"}'),
+               _answer('{"name": "Pau", "population": 77000}'))
+    result = server.client().generate("hi", schema=City)
+    assert result.data == City("Pau", 77000) and len(result.steps) == 2
+    repair = server.bodies()[1]["messages"][-1]
+    assert repair["role"] == "user"
+    assert '$.population: expected integer, got string "77000"' in repair["content"]
+    assert server.bodies()[1]["messages"][-2] == {
+        "role": "assistant", "content": '{"name": "Pau", "population": "77000"}'}
+
+
+def test_schema_three_wrong_answers_are_an_output_error(server: Scripted) -> None:
+    server.add(_answer("no idea"), _answer('{"name": "Pau"}'), _answer('{"population": 1}'))
+    with pytest.raises(oc.OutputError) as caught:
+        server.client().generate("hi", schema=City)
+    assert caught.value.partial_text == '{"population": 1}'
+    assert 'missing required field "name"' in str(caught.value)
+    assert len(server.bodies()) == 3  # the answer and two repairs
+    assert isinstance(caught.value, oc.APIError) and not caught.value.retryable
+
+
+def test_schema_streaming_yields_text_and_sets_the_data(server: Scripted) -> None:
+    server.add(Reply(text_stream('{"name": ', '"Albi", ', '"population": 49000}')))
+    chunks, result = run(server.client().stream("hi", schema=City))
+    assert [c.content for c in chunks if c.type == "text"] == [
+        '{"name": ', '"Albi", ', '"population": 49000}']
+    assert result.data == City("Albi", 49000)
+
+
+def test_schema_bad_uses_are_config_errors(server: Scripted) -> None:
+    client = server.client()
+    with pytest.raises(oc.ConfigError, match="not both"):
+        client.stream("hi", schema=City, response_format={"type": "json_object"})
+    with pytest.raises(oc.ConfigError, match="schema="):
+        client.stream("hi", schema=object)
+    assert server.requests == []
+
+
 # ==== Cases from other projects ====
 # Inputs and expected outcomes taken from other projects' published test suites and
 # recorded streams (the facts only; the test code is ours). Each row names its
@@ -3134,6 +3264,25 @@ def test_real_prompt_beyond_context_is_context_length_error(real: Any) -> None:
         list(client.stream(long_prompt, max_tokens=5))
 
 
+@dataclasses.dataclass
+class Capital:
+    city: str
+    country: str
+
+
+def test_real_structured_answer_is_valid_data_on_each_rung(real: Any) -> None:
+    # Issue #15: llama-server enforces json_schema with a grammar; llama-cpp-python
+    # refuses it (a 500 validation error) and enforces json_object with a schema.
+    client = _client(real)
+    result = client.generate("What is the capital of France?", schema=Capital,
+                             temperature=0, seed=1, max_tokens=60)
+    assert isinstance(result.data, Capital), result.text
+    assert result.data.city.strip() and result.data.country.strip()
+    rung = client._http.schema_rung
+    print(f"{real.name}: rung {rung}, {len(result.steps)} model call(s), {result.data}")
+    assert rung == (1 if real.name == "llama-cpp-python" else 0)
+
+
 def test_real_llama_malformed_request_is_bad_request(llama: Any) -> None:
     client = oc.Client(llama.base_url, max_retries=0)
     with pytest.raises(oc.BadRequestError) as caught:
@@ -3390,6 +3539,20 @@ def test_cli_check_wait_waits_for_a_starting_server(late_server: tuple[Scripted,
     assert "ok" in chat and "'Hi'" in chat, done.stdout + done.stderr
 
 
+def test_cli_schema_prints_the_checked_json(server: Scripted, tmp_path: Any) -> None:
+    schema = tmp_path / "city.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["name"],
+                                  "properties": {"name": {"type": "string"}}}))
+    server.add(Reply(text_stream('Here: {"name": 3}')), Reply(text_stream('{"name": "Dax"}')))
+    done = cli(server, "--schema", str(schema), "A town")
+    assert (done.returncode, done.stdout) == (0, '{"name": "Dax"}\n'), done.stderr
+    assert server.bodies()[0]["response_format"]["json_schema"]["schema"] == json.loads(
+        schema.read_text())
+    missing = cli(server, "--schema", str(tmp_path / "nope.json"), "A town")
+    assert missing.returncode == 2 and "--schema" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
 def test_cli_refusal_is_one_line_on_stderr_and_exit_1(server: Scripted) -> None:
     refusal = sse(delta(refusal="I can't"), delta(refusal=" help\nwith that."), delta("stop"),
                   "data: [DONE]\n\n")
@@ -3456,6 +3619,10 @@ def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
     # llama-cpp-python ignores include_usage; the check says so instead of failing.
     assert marks["usage"][0] == ("--" if real.name == "llama-cpp-python" else "ok"), done.stdout
     assert marks["tool calls"][0] in ("ok", "--"), done.stdout
+    # Issue #15: each server answers the schema, on the rung it takes.
+    assert marks["structured"][0] == "ok", done.stdout
+    rung = "json_object" if real.name == "llama-cpp-python" else "json_schema honoured"
+    assert rung in marks["structured"][1], done.stdout
     if real.name == "llama-cpp-python" and marks["tool calls"][0] == "ok":
         assert "not streamed" in marks["tool calls"][1]
     assert real.api_key is None or real.api_key not in done.stdout + done.stderr
