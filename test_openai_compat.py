@@ -3350,32 +3350,106 @@ def test_real_llama_killed_mid_stream_is_a_classified_error_with_the_partial_tex
     assert error.partial_text == received and received
 
 
-def _readme_examples() -> list[str]:
+# Each README example, run as written against the bundled server, must show what it
+# claims; the checks below say what that is. A block with no check fails the suite.
+_README_EXAMPLES = {  # name: a line only that block has
+    "quickstart": 'oc.stream("Explain distributed computing"',
+    "client-and-options": "oc.Client(BASE_URL",
+    "conversation": "messages=first.messages",
+    "json-answer": "response_format=",
+    "tool-call": "def calculate(",
+    "two-tool-steps": "def search_places(",
+    "errors": "except oc.ConfigError",
+}
+
+
+def _readme_examples() -> list[tuple[str, str, str]]:
+    """(name, code, shown output) of each README python block that uses the module; the
+    shown output is the ```text block that follows the code, before any other block."""
     with open(os.path.join(os.path.dirname(_SCRIPTS), "README.md"), encoding="utf-8") as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
-    return [b for b in blocks if "import openai_compat as oc" in b]
+        found = re.findall(r"```python\n(.*?)```(?:(?:(?!```).)*?```text\n(.*?)```)?",
+                           f.read(), re.DOTALL)
+    examples = []
+    for number, (code, shown) in enumerate(found):
+        if "import openai_compat as oc" in code:
+            names = [n for n, line in _README_EXAMPLES.items() if line in code]
+            name = names[0] if len(names) == 1 else f"unchecked-{number}"
+            examples.append((name, code, shown))
+    return examples
 
 
 @pytest.fixture(scope="module")
 def llama_short() -> Iterator[Any]:
-    # -n: answers without max_tokens stop at 150 tokens, which keeps the run short.
-    server = _start_local_server(extra_args=("-n", "150"))
+    # The bundled server as `local_server.py run` starts it, on one thread: two threads
+    # on a busy 2-core machine wait on each other (seen: a token a second). The examples
+    # print the same either way; each caps its answers with max_tokens.
+    server = _start_local_server(threads=1)
     yield server
     server.stop()
 
 
-@pytest.mark.parametrize("example", _readme_examples(),
-                         ids=lambda b: b.strip().splitlines()[-1][:40])
-def test_real_readme_examples_run_as_written(llama_short: Any, example: str) -> None:
+def _run_example(code: str, base_url: str | None) -> list[str]:
+    """Run a README example as a user would, with only the base URL set; its lines."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
-    env["OPENAI_COMPATIBLE_BASE_URL"] = llama_short.base_url
-    # generate() waits for whole answers; on a busy 2-core machine 200 tokens of a
-    # tool-laden prompt took over the default 30 s (the README's tip for slow servers).
-    env["OPENAI_COMPATIBLE_TIMEOUT"] = "300"
-    done = subprocess.run([sys.executable, "-c", example], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip()
+    if base_url is not None:
+        env["OPENAI_COMPATIBLE_BASE_URL"] = base_url
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(_SCRIPTS),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.endswith("\n"), "the output must end with a newline"
+    return done.stdout.splitlines()
+
+
+@pytest.mark.parametrize(("name", "code", "shown"),
+                         [pytest.param(*example, id=example[0]) for example in _readme_examples()])
+def test_real_readme_examples_run_as_written(llama_short: Any, name: str, code: str,
+                                             shown: str) -> None:
+    assert name in _README_EXAMPLES, "a README example the suite does not check: add its check"
+    lines = _run_example(code, llama_short.base_url)
+    if name == "quickstart":
+        # The model list on a line of its own: the streamed answer before it ended
+        # with the newline the example prints.
+        assert "['smollm2']" in lines, lines
+        listed = lines.index("['smollm2']")
+        assert listed > 0 and lines[listed + 1] == "smollm2"
+        assert re.search(r"Usage\(prompt_tokens=\d+, completion_tokens=\d+", lines[-1]), lines
+    elif name == "client-and-options":
+        assert lines[0] == "model: smollm2"
+        answer = re.fullmatch(r"'(.*)' (\w+)", lines[1])
+        assert answer, lines
+        text, finish = answer.groups()
+        assert text.startswith("1") and "5" not in text and finish == "stop"  # cut at stop=
+    elif name == "conversation":
+        assert "Paris" in lines[0] and "Rome" in lines[1], lines  # "And of Italy?" understood
+        assert lines[2] == "['system', 'user', 'assistant', 'user', 'assistant']"
+    elif name == "json-answer":
+        # Parsed as JSON, with the schema's fields (the case of a word is the model's).
+        assert [word.lower() for word in lines[0].split()] == ["lyon", "france"], lines
+    elif name == "tool-call":
+        # One call and its result, as the README shows them, then the model's answer.
+        calls = [line for line in lines if line.startswith(("-> ", "<- "))]
+        assert calls == [line for line in shown.splitlines() if line.startswith(("-> ", "<- "))]
+        assert calls == ["-> calculate({'expression': '85.50 * 15 / 100'})", "<- 12.825"]
+        assert lines[-1] and not lines[-1].startswith("<- "), lines
+    elif name == "two-tool-steps":
+        # Two tool steps, as the README shows them: a search, then directions to an
+        # address the search returned; then the answer after three model calls.
+        steps = [line for line in lines if line.startswith(("search_places ", "get_directions "))]
+        assert steps == [line for line in shown.splitlines()
+                         if line.startswith(("search_places ", "get_directions "))]
+        assert [step.split()[0] for step in steps] == ["search_places", "get_directions"], lines
+        destination = re.search(r"'destination': '([^']+)'", steps[1])
+        assert destination and f'"address": "{destination.group(1)}"' in steps[0]
+        assert lines[-1] == "stop 3 model calls" == shown.splitlines()[-1], lines
+        assert lines[-2] and lines[-2] not in steps  # the answer
+    elif name == "errors":
+        assert lines and not any(line.startswith(("configuration:", "EndpointUnavailable"))
+                                 for line in lines), lines
+        # Each failure: one line, no traceback (_run_example checks the exit and stderr).
+        assert [line.split(":")[0] for line in _run_example(code, None)] == ["configuration"]
+        closed = f"http://127.0.0.1:{_local_server_module().free_port()}/v1"
+        failed = _run_example(code, closed)
+        assert len(failed) == 1 and failed[0].startswith("EndpointUnavailableError: "), failed
 
 
 def test_real_llama_cpp_python_streams_tools_without_streaming_after_an_empty_stream(
