@@ -538,12 +538,12 @@ class _Server:
 
 
 class LocalServer(_Server):
-    """llama.cpp's llama-server with the tool-use template."""
+    """llama.cpp's llama-server with the tool-use template; threads=0: the idle cores."""
 
     name = "llama-server"
 
     def __init__(self, alias: str = "smollm2", api_key: str | None = None, ctx: int = 4096,
-                 threads: int = 2, extra_args: tuple[str, ...] = (), port: int = 0) -> None:
+                 threads: int = 0, extra_args: tuple[str, ...] = (), port: int = 0) -> None:
         super().__init__(alias, api_key, port)
         self.ctx = ctx
         self.threads = threads
@@ -553,7 +553,7 @@ class LocalServer(_Server):
         pieces = ensure()
         command = [pieces.binary, "-m", pieces.model, "--alias", self.alias,
                    "--host", "127.0.0.1", "--port", str(self.port), "-c", str(self.ctx),
-                   "-t", str(self.threads), "--jinja", "--chat-template-file", pieces.template,
+                   "-t", str(self.threads or idle_cores()), "--jinja", "--chat-template-file", pieces.template,
                    *self.extra_args]
         if self.api_key:
             command += ["--api-key", self.api_key]
