@@ -539,6 +539,34 @@ def test_key_over_plain_http_to_a_remote_host_warns_once(
     assert "https" in warnings[0] and "sk-secret-1" not in warnings[0]
 
 
+# ==== Client ====
+
+
+def test_module_level_functions_use_a_client_from_the_environment(
+        server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue #13: oc.stream/generate/available_models/first_available_model were
+    # tested only through the README's examples on a real server.
+    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", server.base_url)
+    server.add(json_reply({"data": [{"id": "first"}, {"id": "second"}]}),
+               Reply(text_stream("streamed")), Reply(text_stream("whole")))
+    assert oc.available_models() == ["first", "second"]
+    assert oc.first_available_model() == "first"
+    assert text_of(list(oc.stream("hi"))) == "streamed"
+    assert oc.generate("hi").text == "whole"
+    # One Client while the environment stays: discovery once, one kept-alive connection.
+    assert [r["path"] for r in server.requests] == [
+        "/v1/models", "/v1/chat/completions", "/v1/chat/completions"]
+    assert [b["model"] for b in server.bodies()] == ["first", "first"]
+    assert server.connections == 1
+    # A changed environment gets a Client of its own.
+    monkeypatch.setenv("OPENAI_COMPATIBLE_MODEL", "second")
+    server.add(Reply(text_stream("again")))
+    assert oc.generate("hi").text == "again" and server.bodies()[-1]["model"] == "second"
+    monkeypatch.delenv("OPENAI_COMPATIBLE_BASE_URL")
+    with pytest.raises(oc.ConfigError, match="OPENAI_COMPATIBLE_BASE_URL"):
+        oc.generate("hi")
+
+
 # ==== Model discovery ====
 
 
@@ -895,8 +923,7 @@ def test_stream_first_event_is_not_held_back(server: Scripted, framing: str) -> 
     chunk = next(stream)
     elapsed = time.monotonic() - started
     assert chunk.content == "early"
-    if framing != "length":  # a Content-Length body may be held by proxies; we still read it
-        assert elapsed < 0.75, f"first event arrived after {elapsed:.2f} s on {framing}"
+    assert elapsed < 0.75, f"first event arrived after {elapsed:.2f} s on {framing}"
     assert text_of(list(stream)) == "late"
 
 
@@ -963,6 +990,19 @@ def test_unstreamed_fallback_silence_says_whole_answers_take_longer(server: Scri
         client.generate("hi", tools=[_add])
     assert time.monotonic() - started < 2.5
     assert "whole answer" in str(caught.value) and "stream()" in str(caught.value)
+
+
+def test_stream_plain_break_closes_the_response(server: Scripted) -> None:
+    # Issue #13: only a with-block was tested. A for-loop left with break drops the
+    # last reference to the Stream, which closes its response at once.
+    server.add(Reply(*[sse(delta(content=str(i))) for i in range(50)], pause=0.05))
+    seen = []
+    for chunk in server.client().stream("hi"):
+        seen.append(chunk.content)
+        if len(seen) == 2:
+            break
+    assert seen == ["0", "1"]
+    assert server.closed.wait(2), "the server still streams to a loop that has ended"
 
 
 def test_stream_break_closes_the_response(server: Scripted) -> None:
@@ -1090,8 +1130,10 @@ def test_generate_tolerates_null_content_and_missing_fields(server: Scripted) ->
 def test_generate_200_with_an_error_body(server: Scripted, payload: Any,
                                          expected: type) -> None:
     server.add(json_reply(payload))
-    with pytest.raises(expected):
+    with pytest.raises(expected) as caught:
         server.client().generate("hi")
+    assert type(caught.value) is expected  # the class itself, not any subclass
+    assert caught.value.status_code in (200, None)
 
 
 def test_generate_continues_a_conversation(server: Scripted) -> None:
@@ -1980,13 +2022,13 @@ def test_tool_failures_go_back_to_the_model(server: Scripted) -> None:
 
 
 def test_tool_results_are_sent_as_text_or_json() -> None:
-    call = oc.ToolCall("i", "t")
     tools = {n: oc.Tool(n, "", {"type": "object"}, f) for n, f in
              [("s", lambda: "plain"), ("d", lambda: {"k": [1]}), ("o", lambda: object)]}
-    assert oc._execute(oc.ToolCall("i", "s"), tools).content == "plain"
-    assert json.loads(oc._execute(oc.ToolCall("i", "d"), tools).content) == {"k": [1]}
-    assert "object" in oc._execute(oc.ToolCall("i", "o"), tools).content
-    assert call.arguments == {}
+    done = {n: oc._execute(oc.ToolCall("i", n), tools) for n in tools}
+    assert (done["s"].value, done["s"].content) == ("plain", "plain")  # a str as it is
+    assert json.loads(done["d"].content) == {"k": [1]}  # anything else as JSON
+    assert "object" in done["o"].content  # what JSON cannot encode, as its str()
+    assert all(r.error is None for r in done.values())
 
 
 def test_tool_calls_run_whatever_the_finish_reason(server: Scripted) -> None:
@@ -3124,6 +3166,7 @@ def few_shot() -> list[dict[str, Any]]:
 
 
 def _calculator(log: list[str]) -> Callable[..., Any]:
+    _local_server_module()  # puts scripts/ on the path, where demo.py is
     from demo import calculate as evaluate  # the README's no-eval calculator
 
     def calculate(expression: str) -> float:
