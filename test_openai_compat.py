@@ -460,6 +460,36 @@ def test_error_never_shows_the_key(server: Scripted, caplog: pytest.LogCaptureFi
     assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
 
 
+# ==== Data types ====
+
+
+def test_chunks_are_frozen_and_their_content_always_prints(server: Scripted) -> None:
+    server.add(Reply(sse(delta(content="a", reasoning_content="r"), delta(refusal="no"),
+                         delta(tool_calls=[_call(0, "c1", "_add", '{"a": 1, "b": 2}')]),
+                         delta("tool_calls"), "data: [DONE]\n\n")),
+               Reply(text_stream("3")))
+    chunks, _ = run(server.client().stream("hi", tools=[_add]))
+    assert {c.type for c in chunks} == {"text", "reasoning", "refusal", "finish", "tool_call",
+                                        "tool_result"}
+    for chunk in chunks:  # print(chunk.content, end="") works for every type
+        assert isinstance(chunk.content, str)
+        assert chunk.content == {"text": chunk.content, "refusal": chunk.content}.get(
+            chunk.type, "")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        chunks[0].content = "changed"  # type: ignore[misc]
+    # The fast-built text chunk equals one built the ordinary way.
+    assert chunks[0] == oc.Chunk("text", content="a", step=1)
+
+
+def test_usage_adds_up_over_steps_and_stays_none_when_never_reported() -> None:
+    total = oc.Usage(3, 2, 5) + oc.Usage(10, 1, 11)
+    assert (total.prompt_tokens, total.completion_tokens, total.total_tokens) == (13, 3, 16)
+    steps = [oc.Step("a", usage=oc.Usage(1, 1, 2)), oc.Step("b"), oc.Step("c", usage=total)]
+    result = oc._result(steps, "stop", [])
+    assert result.usage == oc.Usage(14, 4, 18) and result.text == "c"
+    assert oc._result([oc.Step("x")], "stop", []).usage is None
+
+
 # ==== Configuration ====
 
 
