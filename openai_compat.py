@@ -1112,8 +1112,10 @@ class Client:
         """Stream a chat completion (and any tool calls) as Chunks.
 
         Options (keyword-only): messages, system, model, tools, tool_choice (default
-        "auto" with tools, never sent without), max_steps, timeout (this call's
-        silence limit), the chat-completions parameters of OpenAI's API by name
+        "auto" with tools, never sent without), max_steps, schema (a JSON Schema
+        dict or a type the answer must match: Result.data holds it parsed, see
+        OutputError), timeout (this call's silence limit), the chat-completions
+        parameters of OpenAI's API by name
         (temperature, max_tokens, top_p, seed, stop, response_format, n, ...: sent
         when not None), and extra_body={...} for server-specific fields, merged into
         the request last. The request is `system`, then `messages`, then `prompt` as
