@@ -3091,8 +3091,9 @@ def _cli_models(client: Client) -> int:
 
 
 def _cli_check(client: Client, wait: float | None = None) -> int:
-    """Probe the endpoint: one line per capability, exit 0 when chat works. `wait`:
-    seconds to wait first for a server that is starting or loading its model."""
+    """Probe the endpoint: one line per capability, then one per deviation from
+    OpenAI's behaviour that the probes met and absorbed; exit 0 when chat works.
+    `wait`: seconds to wait first for a server that is starting or loading its model."""
     def report(name: str, ok: bool | None, detail: str) -> None:
         mark = {True: "ok", False: "FAIL", None: "--"}[ok]
         print(f"{name:<12} {mark:<5} {detail}", flush=True)
@@ -3113,6 +3114,7 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         report("reachable", ok_reach, client._http.models_answer if ok_reach else str(exc))
         if ok_reach:
             report("auth", False, str(exc))
+            _check_quirks(report, client)
         return 1
     except APIError as exc:
         report("reachable", True, client._http.models_answer or "the server answered")
@@ -3132,10 +3134,23 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         if isinstance(exc, AuthenticationError):
             report("auth", False, str(exc))
         report("chat", False, f"{type(exc).__name__}: {exc}")
+        _check_quirks(report, client, checker)
         return 1
     _check_stream(checker, report)
     _check_tools(checker, report)
+    _check_quirks(report, client, checker)
     return 0
+
+
+def _check_quirks(report: Callable[[str, bool | None, str], None], *clients: Client) -> None:
+    """One line per deviation the probes' Clients absorbed, in the order met."""
+    lines: list[str] = []
+    for probe in clients:
+        lines += [line for line in probe.quirks if line not in lines]
+    for line in lines:
+        report("quirk", None, line)
+    if not lines:
+        report("quirks", True, "none absorbed")
 
 
 def _check_stream(client: Client, report: Callable[[str, bool | None, str], None]) -> None:

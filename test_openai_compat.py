@@ -3626,6 +3626,37 @@ def test_cli_check_says_what_answered(server: Scripted) -> None:
     assert done.returncode == 1
 
 
+def _check_lines(stdout: str, name: str) -> list[str]:
+    """The details of `openai-compat check`'s lines named `name`."""
+    return [line[19:] for line in stdout.splitlines() if line[:12].strip() == name]
+
+
+def test_cli_check_lists_the_quirks_it_met(server: Scripted) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    call = delta(tool_calls=[_call(1, "c1", "add", '{"a": 2, "b": 3}')])
+    server.add(json_reply({"models": [{"name": "m"}]}), Reply(text_stream("Hello")),
+               Reply(text_stream("1", "2", usage=usage)),
+               Reply(sse(call, delta("tool_calls"), {"choices": [], "usage": usage},
+                         "data: [DONE]\n\n")), Reply(text_stream("5", usage=usage)))
+    done = cli(server, "check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _check_lines(done.stdout, "quirk") == [
+        '/models as {"models": [...]}', '/models entries without "id"', NO_USAGE,
+        "tool call index starting at 1"], done.stdout
+    assert re.search(r"^quirk        --    no usage in streams$", done.stdout, re.MULTILINE)
+    assert done.stdout.splitlines()[-1].startswith("quirk "), "after the capability lines"
+    assert _check_lines(done.stdout, "quirks") == []
+
+
+def test_cli_check_says_when_no_quirk_was_absorbed(server: Scripted) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    server.add(json_reply({"object": "list", "data": [{"id": "m", "object": "model"}]}),
+               *[Reply(text_stream(t, usage=usage)) for t in ("Hello", "1 2", "5")])
+    done = cli(server, "check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == "quirks       ok    none absorbed", done.stdout
+
+
 def test_model_answered_by_another_is_warned_once(server: Scripted,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     # Issue #12: model="qwen2.5" was answered by another model without a word.
@@ -3731,6 +3762,22 @@ def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
     # llama-cpp-python ignores include_usage; the check says so instead of failing.
     assert marks["usage"][0] == ("--" if real.name == "llama-cpp-python" else "ok"), done.stdout
     assert marks["tool calls"][0] in ("ok", "--"), done.stdout
-    if real.name == "llama-cpp-python" and marks["tool calls"][0] == "ok":
+    called = marks["tool calls"][0] == "ok"
+    if real.name == "llama-cpp-python" and called:
         assert "not streamed" in marks["tool calls"][1]
     assert real.api_key is None or real.api_key not in done.stdout + done.stderr
+    # What each server really needed absorbed (issue #14), one line each, after the rest.
+    quirks = _check_lines(done.stdout, "quirk")
+    assert len(set(quirks)) == len(quirks), done.stdout
+    if real.name == "llama-server":
+        assert quirks == [] and _check_lines(done.stdout, "quirks") == ["none absorbed"], (
+            done.stdout)
+    elif real.name == "llama-cpp-python":
+        # Its whole answers with a call carry the legacy function_call too.
+        assert quirks == [NO_USAGE, "tool calls only unstreamed"] + (
+            ["legacy function_call beside tool_calls"] if called else []), done.stdout
+    else:
+        # LiteLLM puts usage on a chunk that still has a choice; a call streamed through
+        # it may add the repeated id and name, so only the text run is known exactly.
+        assert quirks[:1] == ["usage chunk with choices"], done.stdout
+        assert called or quirks == ["usage chunk with choices"], done.stdout
