@@ -583,6 +583,8 @@ def _error_message(text: str, quirk: Callable[[str], None] = _no_quirk) -> str:
             if not parsed:
                 quirk("error bodies as plain text")
             message = text
+    if _TRACEBACK.search(message):
+        quirk("Python tracebacks in error messages")
     return _trim_message(message)
 
 
@@ -639,6 +641,9 @@ def _html_title(text: str) -> str:
     )
     inner = match.group(1) if match else re.sub(r"<[^>]+>", " ", text)
     return "HTML error page: " + re.sub(r"\s+", " ", inner).strip()
+
+
+_TRACEBACK: Final = re.compile(r"\n\s*File \"")
 
 
 def _trim_message(message: str) -> str:

@@ -402,7 +402,8 @@ def test_errors_mix_in_builtins() -> None:
                          "\"/srv/site-packages/llama_cpp/server/app.py\", line 376",
                          "type": "internal_server_error"}}, "json",
          oc.BadRequestError, "1 validation error",
-         ["validation errors as HTTP 500"]),  # llama-cpp-python, a 500 not retried
+         ["Python tracebacks in error messages",
+          "validation errors as HTTP 500"]),  # llama-cpp-python, a 500 not retried
         (400, {"error": {"message": "Invalid model name passed in model=x", "type": "None",
                          "param": "None", "code": "400"}}, "json",
          oc.ModelNotFoundError, "model=x", ["error codes as strings of digits"]),  # LiteLLM
@@ -3530,6 +3531,7 @@ def test_real_llama_cpp_python_request_validation_500_is_a_short_bad_request(
     assert error.status_code == 500 and "temperature" in error.message
     assert "File \"" not in str(error) and "site-packages" not in str(error)
     assert "validation error" in str(error) and len(str(error)) < 800
+    assert "validation errors as HTTP 500" in client.quirks
 
 
 def test_real_litellm_unknown_model_with_a_string_code(litellm: Any) -> None:
@@ -3537,6 +3539,7 @@ def test_real_litellm_unknown_model_with_a_string_code(litellm: Any) -> None:
     with pytest.raises(oc.ModelNotFoundError) as caught:
         client.generate("hi", model="nosuch", max_tokens=5)
     assert caught.value.status_code == 400 and "nosuch" in caught.value.message
+    assert client.quirks == ["error codes as strings of digits"]
 
 
 def test_real_litellm_backend_killed_mid_stream_is_a_classified_error_with_the_partial_text(
