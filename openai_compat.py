@@ -137,6 +137,12 @@ _log = logging.getLogger("openai_compat")
 # Silent unless the application configures logging (as requests does).
 _log.addHandler(logging.NullHandler())
 
+
+def _no_quirk(line: str) -> None:
+    """Where the pure pieces note an absorbed deviation when no Client listens (see
+    _Quirks: a Client passes its own)."""
+
+
 # ==== Constants ====
 
 DEFAULT_MODEL: Final = "gpt-3.5-turbo"
@@ -499,25 +505,32 @@ _STALE_CONNECTION: Final = re.compile(
 
 
 def _error_from_body(status: int, text: str, message: str | None = None,
-                     retry_after: float | None = None) -> APIError:
+                     retry_after: float | None = None,
+                     quirk: Callable[[str], None] = _no_quirk) -> APIError:
     """The classified error for an error body of any shape (`message` overrides the
-    body's own). A 2xx status means an error the server sent with a success status."""
-    message = message or _error_message(text) or f"HTTP {status}"
+    body's own). A 2xx status means an error the server sent with a success status.
+    `quirk` hears of the body's deviations from OpenAI's."""
+    message = message or _error_message(text, quirk) or f"HTTP {status}"
     tags = _error_tags(text)
     if status < 400:
         # Quirk(LM Studio): 200 with {"error": "Unexpected endpoint or method."}.
+        quirk(f"errors with status {status}")
         cls = classify_error(message + " " + tags)
         if cls is APIError or cls in _TRANSPORT_CLASSES:
             cls = BadRequestError
     else:
         cls = classify_error(message + " " + tags, status)
+        if cls is BadRequestError and status >= 500:
+            # Only the validation row makes a 5xx a BadRequestError (see _ERROR_PATTERNS).
+            quirk("validation errors as HTTP 500")
     body = text[:_MAX_ERROR_BODY]
     if cls is RateLimitError:
         return RateLimitError(message, retry_after=retry_after, status_code=status, body=body)
     return cls(message, status_code=status, body=body)
 
 
-def _stream_error(payload: dict[str, Any], data: str, error_event: bool) -> APIError | None:
+def _stream_error(payload: dict[str, Any], data: str, error_event: bool,
+                  quirk: Callable[[str], None] = _no_quirk) -> APIError | None:
     """The classified error an event inside a 200 stream carries, or None.
 
     Forms: {"error": {...}} (OpenAI, vLLM, LiteLLM, TGI), {"object": "error", ...}
@@ -529,8 +542,13 @@ def _stream_error(payload: dict[str, Any], data: str, error_event: bool) -> APIE
     err = payload.get("error")
     if err is None and payload.get("object") != "error" and not error_event:
         return None
+    if payload.get("object") == "error":
+        quirk("errors in streams as object: error")
     if err is None and error_event:
+        # A legacy `error:` line, already noted by _iter_lines.
         err = payload
+    elif error_event:
+        quirk("errors in streams as event: error")
     message = _error_message(data) or "error event without a message"
     cls = classify_error(message + " " + _error_tags(data))
     if cls is APIError or cls in _TRANSPORT_CLASSES:
@@ -540,6 +558,8 @@ def _stream_error(payload: dict[str, Any], data: str, error_event: bool) -> APIE
         # Quirk(TGI): http_status_code; Groq: status_code; LiteLLM: code "503" as a string.
         for key in ("status_code", "http_status_code", "code", "status"):
             value = err.get(key)
+            if isinstance(value, str) and value.isdigit():
+                quirk("error codes as strings of digits")
             if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
                 status = int(value)
                 break
@@ -550,48 +570,73 @@ def _has_version(base_url: str) -> bool:
     return re.search(r"/v\d+[a-z0-9]*(?:/|$)", base_url) is not None
 
 
-def _error_message(text: str) -> str:
+def _error_message(text: str, quirk: Callable[[str], None] = _no_quirk) -> str:
     """The human message inside an error body of any shape, trimmed to a readable line.
 
     Shapes: {"error": {"message"}}, {"error": "..."}, {"message"} (vLLM < 0.10.1,
     Mistral), {"detail": str | [{"msg"}]} (FastAPI), [{"error": {...}}] (Gemini),
-    HTML pages (proxies), plain text. Never raises.
+    HTML pages (proxies), plain text. Never raises. `quirk` hears of a shape that is
+    not OpenAI's.
     """
     text = text.strip()
     if not text:
         return ""
     message: str | None = None
+    parsed = False
     if text[:1] in "{[":
         try:
-            message = _message_from(json.loads(text))
+            body = json.loads(text)
         except ValueError:
-            message = None
+            pass
+        else:
+            parsed = True
+            message = _message_from(body, quirk)
     if message is None:
-        message = _html_title(text) if text[:1] == "<" else text
+        if text[:1] == "<":
+            quirk("error bodies as HTML pages")
+            message = _html_title(text)
+        else:
+            if not parsed:
+                quirk("error bodies as plain text")
+            message = text
+    if _TRACEBACK.search(message):
+        quirk("Python tracebacks in error messages")
     return _trim_message(message)
 
 
-def _message_from(body: object) -> str | None:
+def _message_from(body: object, quirk: Callable[[str], None] = _no_quirk) -> str | None:
     if isinstance(body, list):
-        return _message_from(body[0]) if body else None
+        quirk("error bodies as a JSON array")
+        return _message_from(body[0], quirk) if body else None
     if not isinstance(body, dict):
         return body if isinstance(body, str) and body else None
     err = body.get("error")
     if isinstance(err, dict):
+        code = err.get("code")
+        if isinstance(code, str) and code.isdigit():
+            # Quirk(LiteLLM): the HTTP status again, as a string ("400").
+            quirk("error codes as strings of digits")
         for key in ("message", "msg", "detail"):
             if isinstance(err.get(key), str) and err[key]:
                 return str(err[key])
-        nested = _message_from(err.get("error"))
+        nested = _message_from(err.get("error"), quirk)
         if nested:
             return nested
     if isinstance(err, str) and err:
+        # Quirk(TGI, Ollama, LM Studio, xAI).
+        quirk('error bodies as {"error": "text"}')
         return err
     if isinstance(body.get("message"), str) and body["message"]:
+        # Quirk(vLLM < 0.10.1, Mistral).
+        quirk('error bodies with a top-level "message"')
         return str(body["message"])
     detail = body.get("detail")
     if isinstance(detail, str) and detail:
+        # Quirk(llama-cpp-python and other FastAPI servers).
+        quirk('error bodies as {"detail": ...}')
         return detail
     if isinstance(detail, list):
+        quirk('error bodies as {"detail": ...}')
         parts = [_detail_item(item) for item in detail]
         return "; ".join(p for p in parts if p) or None
     return None
@@ -612,6 +657,9 @@ def _html_title(text: str) -> str:
     )
     inner = match.group(1) if match else re.sub(r"<[^>]+>", " ", text)
     return "HTML error page: " + re.sub(r"\s+", " ", inner).strip()
+
+
+_TRACEBACK: Final = re.compile(r"\n\s*File \"")
 
 
 def _trim_message(message: str) -> str:
@@ -997,6 +1045,35 @@ def _conversation(system: object, messages: object, prompt: str | None) -> list[
 # ==== Client ====
 
 
+class _Quirks:
+    """The deviations from OpenAI's behaviour that one Client has absorbed (see
+    Client.quirks): one short line each, in the order first seen, each logged once at
+    INFO. Thread-safe.
+
+    NOTE: note() runs inside a stream's loop for a server that deviates on every event
+    (CR line endings, reasoning fields); a line already noted costs one set lookup,
+    without the lock.
+    """
+
+    __slots__ = ("base_url", "lines", "lock", "seen")
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.lines: list[str] = []
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
+
+    def note(self, line: str) -> None:
+        if line in self.seen:
+            return
+        with self.lock:
+            if line in self.seen:
+                return
+            self.seen.add(line)
+            self.lines.append(line)
+        _log.info("%s deviates from OpenAI's behaviour (absorbed): %s", self.base_url, line)
+
+
 class Client:
     """A connection to one OpenAI-compatible server.
 
@@ -1008,6 +1085,10 @@ class Client:
 
     One Client keeps one connection pool: sequential calls reuse a TCP connection,
     and it may be shared by threads. Model discovery runs at most once per Client.
+
+    `quirks` lists what this server did differently from OpenAI and the Client
+    absorbed so far, one short line each (see Client.quirks): read it before going
+    to production on an endpoint.
     """
 
     def __init__(
@@ -1025,7 +1106,9 @@ class Client:
             max_retries=max_retries,
         )
         given = base_url is not None and str(base_url).strip()
-        self._http = _Connection(self.config, headers, "base_url=" if given else _ENV_BASE_URL)
+        self._quirks = _Quirks(self.config.base_url)
+        self._http = _Connection(self.config, headers, "base_url=" if given else _ENV_BASE_URL,
+                                 self._quirks.note)
         self._lock = threading.Lock()
         self._discovered: list[str] | APIError | None = None
         # Set when a streamed request with tools came back as an empty 200 stream:
@@ -1081,6 +1164,15 @@ class Client:
                           now - started, limit, found.message)
             asks += 1
             time.sleep(min(_LOADING_GAP, 0.1 * 2 ** asks, started + limit - now))
+
+    @property
+    def quirks(self) -> list[str]:
+        """The server's deviations from OpenAI's behaviour that this Client has absorbed
+        so far: one short line each ("no usage in streams", "tool calls streamed
+        without index", "stream_options rejected: dropped", ...), in the order first
+        seen, each also logged once at INFO. A copy; `openai-compat check` prints it."""
+        with self._quirks.lock:
+            return list(self._quirks.lines)
 
     @property
     def model(self) -> str:
@@ -1222,9 +1314,11 @@ class Client:
             # assume the server cannot stream them and stop trying.
             if "tools" in body and not self._tools_unstreamed:
                 self._tools_unstreamed = True
+                self._quirks.note("tool calls only unstreamed")
                 _log.warning("the server ended a stream with tools without any event; asking"
                              " without streaming, for calls with tools from now on")
             else:
+                self._quirks.note("empty 200 stream: asked again without streaming")
                 _log.warning("the server ended a stream without any event; asking again"
                              " without streaming")
             record = yield from self._plain_call(body, step, request)
@@ -1236,7 +1330,8 @@ class Client:
         """Send, hand the body to the streaming chain, close. None when the stream
         ended without any event (see _model_call)."""
         response = self._http.post(body, request.timeout, request.schema)
-        acc = _Accumulator(step)
+        quirk = self._quirks.note
+        acc = _Accumulator(step, quirk)
         with response:
             content_type = response.headers.get("content-type", "").lower()
             if "text/html" in content_type:
@@ -1247,9 +1342,11 @@ class Client:
                 # Quirk(LM Studio, proxies): one JSON document for a stream request
                 # (LM Studio's 200 error for an unknown route, servers ignoring stream).
                 payload = self._http.read_json(response, request.timeout)
+                if isinstance(payload, dict) and payload.get("choices"):
+                    quirk("one JSON document for a stream request")
                 return (yield from self._whole_answer(payload, body, step))
             try:
-                yield from _iter_chunks(_iter_sse(_iter_raw(response)), acc)
+                yield from _iter_chunks(_iter_sse(_iter_raw(response), quirk), acc)
                 if acc.done:
                     _drain(response)
             except APIError as exc:
@@ -1263,7 +1360,13 @@ class Client:
             raise self._http.stamp(StreamError(
                 "the stream ended before the answer was finished (no finish_reason, no [DONE])",
                 partial_text=acc.text.getvalue()))
+        if not acc.done:
+            quirk("no [DONE] at the end of streams")
         record = acc.finish()
+        options = body.get("stream_options")
+        if record.usage is None and isinstance(options, dict) and options.get("include_usage"):
+            # Quirk(llama-cpp-python): include_usage is ignored.
+            quirk("no usage in streams")
         yield _finish_chunk(record, step)
         return record
 
@@ -1285,7 +1388,7 @@ class Client:
         if isinstance(payload, dict):
             self._note_model(body.get("model"), payload.get("model"))
         try:
-            chunks, record = _whole_answer(payload, step)
+            chunks, record = _whole_answer(payload, step, self._quirks.note)
         except APIError as exc:
             self._http.stamp(exc)
             raise
@@ -1304,6 +1407,7 @@ class Client:
             return
         if asked.lower() in answered.lower() or answered.lower() in asked.lower():
             return
+        self._quirks.note("answers with another model than asked")
         with self._lock:
             if asked in self._models_warned:
                 return
@@ -1385,7 +1489,7 @@ def _models_request(conn: _Connection) -> list[str] | APIError:
     if status >= 300:
         return conn.error_from_body(status, text, retry_after=retry_after)
     try:
-        ids = _model_ids(json.loads(text))
+        ids = _model_ids(json.loads(text), conn.quirk)
     except ValueError:
         return APIError(f"GET /models answered with something that is not JSON: "
                         f"{_error_message(text)!r}")
@@ -1396,25 +1500,35 @@ def _models_request(conn: _Connection) -> list[str] | APIError:
     return ids
 
 
-def _model_ids(payload: Any) -> list[str] | str:
+def _model_ids(payload: Any, quirk: Callable[[str], None] = _no_quirk) -> list[str] | str:
     """Model ids from any /models shape, or the error message a 200 body carried.
 
     Shapes: {"data": [...]} (OpenAI), {"data": null} (Ollama with no models),
     {"models": [...], "data": [...]} (llama.cpp), {"models": [{"name"}]}, a bare list;
-    entries are {"id"} or {"name"}/{"model"} or plain strings.
+    entries are {"id"} or {"name"}/{"model"} or plain strings. `quirk` hears of a
+    shape that is not OpenAI's.
     """
     if isinstance(payload, dict):
         if payload.get("error"):
-            return _message_from(payload) or "GET /models answered with an error"
+            return _message_from(payload, quirk) or "GET /models answered with an error"
         entries = payload.get("data")
-        if not entries:
+        if entries is None and "data" in payload:
+            quirk("/models data: null")
+        if not entries and payload.get("models") is not None:
+            quirk('/models as {"models": [...]}')
             entries = payload.get("models")
     else:
+        if isinstance(payload, list):
+            quirk("/models as a bare list")
         entries = payload
     ids: list[str] = []
     for entry in entries if isinstance(entries, list) else ():
         if isinstance(entry, dict):
+            if not entry.get("id"):
+                quirk('/models entries without "id"')
             entry = entry.get("id") or entry.get("name") or entry.get("model")
+        elif isinstance(entry, str):
+            quirk("/models entries as plain strings")
         if isinstance(entry, str) and entry.strip() and entry not in ids:
             ids.append(entry)
     return ids
@@ -2081,6 +2195,8 @@ def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:
 # (whole, LF-terminated lines) -> _iter_sse (sseclient-py's events) -> _iter_chunks
 # (payload dicts, [DONE], in-stream errors) -> _Accumulator.add (the Chunks).
 # A non-streamed answer goes through _whole_answer and the same _Accumulator.
+# Each link that absorbs a deviation from OpenAI's behaviour tells the Client's quirk
+# sink (a `quirk` argument, or the _Accumulator's), only in the branch that absorbs it.
 
 
 def _iter_chunks(events: Iterable[sseclient.Event], acc: _Accumulator) -> Iterator[Chunk]:
@@ -2094,21 +2210,25 @@ def _iter_chunks(events: Iterable[sseclient.Event], acc: _Accumulator) -> Iterat
         acc.seen = True
         data = event.data
         if data[:1] != "{":
-            # Quirk(several servers): a space before [DONE], or padding after it.
-            data = data.strip()
-            if data.startswith("[DONE]"):
+            stripped = data.strip()
+            if stripped.startswith("[DONE]"):
+                if data != "[DONE]":
+                    # Quirk(several servers): a space before [DONE], or padding after it.
+                    acc.quirk("spaces around [DONE]")
                 acc.done = True
                 return
-            if not data.startswith("{"):
+            if not stripped.startswith("{"):
                 # Quirk(gateways): data lines of their own that are not JSON are skipped.
-                _log.debug("skipping a stream event that is not JSON: %.80r", data)
+                acc.quirk("non-JSON data in streams skipped")
+                _log.debug("skipping a stream event that is not JSON: %.80r", stripped)
                 continue
+            data = stripped
         try:
             payload = json.loads(data)
         except ValueError:
             raise StreamError("the stream was cut short or sent malformed JSON") from None
         if event.event == "error" or "error" in payload or payload.get("object") == "error":
-            error = _stream_error(payload, data, event.event == "error")
+            error = _stream_error(payload, data, event.event == "error", acc.quirk)
             if error is not None:
                 raise error
         if acc.model is None:
@@ -2121,16 +2241,17 @@ def _iter_chunks(events: Iterable[sseclient.Event], acc: _Accumulator) -> Iterat
                 yield got
 
 
-def _whole_answer(payload: Any, step: int) -> tuple[list[Chunk], Step]:
+def _whole_answer(payload: Any, step: int, quirk: Callable[[str], None] = _no_quirk
+                  ) -> tuple[list[Chunk], Step]:
     """The Chunks and the Step of a non-streamed answer (pure)."""
     if not isinstance(payload, dict) or payload.get("error") or payload.get("object") == "error":
-        raise _error_from_body(200, json.dumps(payload))
+        raise _error_from_body(200, json.dumps(payload), quirk=quirk)
     choices = payload.get("choices")
     choice = _choice_zero(choices) if isinstance(choices, list) else None
     if choice is None:
         raise APIError("the server answered without choices: " + _trim_message(
             json.dumps(payload)))
-    acc = _Accumulator(step)
+    acc = _Accumulator(step, quirk, streamed=False)
     got = acc.delta(choice.get("message") or choice.get("delta") or {}, payload)
     acc.usage = payload.get("usage") or acc.usage
     acc.finish_reason = choice.get("finish_reason") or "stop"
@@ -2152,17 +2273,20 @@ class _Accumulator:
 
     NOTE: add() runs once per event. Its common case (one text delta) costs a few
     dict lookups and one Chunk; anything rarer goes through _mixed_delta.
+    `quirk` hears of each deviation absorbed; `streamed`: False for a whole answer.
     """
 
-    __slots__ = ("calls", "done", "finish_reason", "model", "reasoning", "refusal", "seen",
-                 "step", "text", "usage")
+    __slots__ = ("calls", "done", "finish_reason", "model", "quirk", "reasoning", "refusal",
+                 "seen", "step", "text", "usage")
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, quirk: Callable[[str], None] = _no_quirk,
+                 streamed: bool = True) -> None:
         self.step = step
+        self.quirk = quirk
         self.text = _TextBuffer()
         self.reasoning = _TextBuffer()
         self.refusal = _TextBuffer()
-        self.calls = _CallAssembler()
+        self.calls = _CallAssembler(quirk, streamed)
         self.usage: Any = None
         self.finish_reason: str | None = None
         self.model: str | None = None  # the "model" of the first event, "" if none
@@ -2172,9 +2296,13 @@ class _Accumulator:
     def add(self, payload: dict[str, Any]) -> Chunk | list[Chunk] | None:
         """Take one decoded event; return its Chunk, a list of them, or None."""
         usage = payload.get("usage")
+        choices = payload.get("choices")
         if usage:
             self.usage = usage
-        choices = payload.get("choices")
+            if choices:
+                # Quirk(vLLM continuous usage, LiteLLM, Groq, Mistral): OpenAI sends usage
+                # alone, in a last chunk whose choices are [].
+                self.quirk("usage chunk with choices")
         if not choices:
             return None
         choice = choices[0]
@@ -2189,6 +2317,7 @@ class _Accumulator:
         if reason:
             if reason == "error":
                 # Quirk(OpenRouter): finish_reason "error" with the error at top level.
+                self.quirk("finish_reason 'error' for an error")
                 raise StreamError("the server ended the answer with an error")
             self.finish_reason = reason
         return got
@@ -2210,8 +2339,15 @@ class _Accumulator:
 
     def _mixed_delta(self, delta: dict[str, Any], content: Any, raw: Any) -> list[Chunk]:
         chunks = self._content_parts(content, raw) if content else []
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        # Quirk(DeepSeek, vLLM, llama.cpp: reasoning_content; Ollama, Groq, OpenRouter:
+        # reasoning): OpenAI streams no reasoning text.
+        reasoning = delta.get("reasoning_content")
+        where = "reasoning in reasoning_content"
+        if not reasoning:
+            reasoning = delta.get("reasoning")
+            where = "reasoning in reasoning"
         if reasoning and isinstance(reasoning, str):
+            self.quirk(where)
             self.reasoning.write(reasoning)
             chunks.append(_delta_chunk("reasoning", reasoning, self.step, raw))
         refusal = delta.get("refusal")
@@ -2219,13 +2355,16 @@ class _Accumulator:
             # OpenAI's structured refusal: shown like text, kept apart from the answer.
             self.refusal.write(refusal)
             chunks.append(_delta_chunk("refusal", refusal, self.step, raw))
+        # Quirk(llama-cpp-python): a legacy function_call beside tool_calls with the
+        # same content; used only when no tool_calls come with it (as the one call).
         calls = delta.get("tool_calls")
         if calls:
             self.calls.add(calls)
+            if delta.get("function_call"):
+                self.quirk("legacy function_call beside tool_calls")
         elif delta.get("function_call"):
-            # Quirk(llama-cpp-python): a legacy function_call beside tool_calls with the
-            # same content; used only when no tool_calls come with it.
-            self.calls.add([{"function": delta["function_call"]}])
+            self.quirk("legacy function_call instead of tool_calls")
+            self.calls.add([{"index": 0, "function": delta["function_call"]}])
         return chunks
 
     def _content_parts(self, content: Any, raw: Any) -> list[Chunk]:
@@ -2235,6 +2374,7 @@ class _Accumulator:
         chunks = []
         # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
         # parts hold reasoning as a nested list of text parts.
+        self.quirk("content as a list of parts")
         for part in content if isinstance(content, list) else [content]:
             if isinstance(part, str):
                 text, kind = part, "text"
@@ -2257,6 +2397,7 @@ class _Accumulator:
         calls = self.calls.finish()
         reason = self.finish_reason
         if reason in _STOP_ALIASES:
+            self.quirk(f"finish_reason {reason!r} for stop")
             reason = "stop"
         elif reason is None:
             reason = "tool_calls" if calls else "stop"
@@ -2326,10 +2467,13 @@ class _CallAssembler:
     index is a key, never a list position (it may start at 1 or be missing). Names
     are set once, from the first non-empty value (TGI repeats it, LM Studio later
     sends ""). Arguments are only appended; calls are finished when the model call
-    ends, never early because a prefix happens to parse.
+    ends, never early because a prefix happens to parse. `quirk` hears of each
+    deviation; `streamed`: False for a whole answer, whose calls have no index.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, quirk: Callable[[str], None] = _no_quirk, streamed: bool = True) -> None:
+        self.quirk = quirk
+        self.streamed = streamed
         self.calls: list[_PartialCall] = []
         self.by_id: dict[str, _PartialCall] = {}
         self.by_index: dict[Any, _PartialCall] = {}
@@ -2337,6 +2481,7 @@ class _CallAssembler:
     def add(self, deltas: Any) -> None:
         # Quirk(TGI < 3.2): tool_calls is one object, not a list.
         if not isinstance(deltas, list):
+            self.quirk("tool_calls as one object, not a list")
             deltas = [deltas]
         for position, delta in enumerate(deltas):
             if isinstance(delta, dict):
@@ -2348,6 +2493,9 @@ class _CallAssembler:
         index = delta.get("index")
         call = self.by_id.get(call_id) if call_id else None
         if call is None:
+            if index is None and self.streamed:
+                # Quirk(Gemini, Mistral, LM Studio).
+                self.quirk("tool calls streamed without index")
             if not call_id and index in self.by_index:
                 call = self.by_index[index]
             elif not call_id and index is None and self.calls and not (
@@ -2355,22 +2503,33 @@ class _CallAssembler:
             ):
                 call = self.calls[-1]
             else:
+                if index is not None and index in self.by_index:
+                    # Quirk(proxies): index 0 for every call, each with its own id.
+                    self.quirk("tool call index reused for another call")
                 call = _PartialCall(call_id)
                 self.calls.append(call)
                 if call_id:
                     self.by_id[call_id] = call
             if index is not None:
                 self.by_index[index] = call
+        else:
+            # Quirk(TGI, llama-cpp-python, LiteLLM): OpenAI sends the id once.
+            self.quirk("tool call id repeated on later deltas")
         function = delta.get("function")
         if isinstance(function, dict):
             name = function.get("name")
-            if name and isinstance(name, str) and not call.name:
-                call.name = name
+            if name and isinstance(name, str):
+                if not call.name:
+                    call.name = name
+                else:
+                    # Quirk(llama-cpp-python, LiteLLM): the whole name on every delta.
+                    self.quirk("tool call name repeated")
             arguments = function.get("arguments")
             if isinstance(arguments, str):
                 call.parts.append(arguments)
             elif isinstance(arguments, (dict, list)):
                 # Quirk(TGI < 3.2): arguments as a JSON object, not a string.
+                self.quirk("tool arguments as an object, not a string")
                 call.parts.append(json.dumps(arguments))
         for key, value in delta.items():
             if key not in ("index", "id", "type", "function") and value is not None:
@@ -2388,11 +2547,17 @@ class _CallAssembler:
         taken = set(self.by_id)
         for call in self.calls:
             if not call.id:
+                # Quirk(LM Studio, Gemini through proxies, TGI < 3.2).
+                self.quirk("tool calls without ids: ids made up")
                 call.id = _new_call_id()
                 while call.id in taken:
                     call.id = _new_call_id()
                 taken.add(call.id)
-        return [_finish_call(call) for call in self.calls]
+        indexes = [i for i in self.by_index if isinstance(i, int)]
+        if self.streamed and indexes and min(indexes) > 0:
+            # Quirk(Anthropic-compat, LiteLLM -> Bedrock): the index is a key, not a position.
+            self.quirk(f"tool call index starting at {min(indexes)}")
+        return [_finish_call(call, self.quirk) for call in self.calls]
 
 
 class _PartialCall:
@@ -2405,13 +2570,14 @@ class _PartialCall:
         self.extra: dict[str, Any] = {}
 
 
-def _finish_call(call: _PartialCall) -> ToolCall:
+def _finish_call(call: _PartialCall, quirk: Callable[[str], None] = _no_quirk) -> ToolCall:
     raw = "".join(call.parts)
     name = call.name
-    arguments, error = _parse_arguments(raw)
+    arguments, error = _parse_arguments(raw, quirk)
     if not name and isinstance(arguments, dict) and isinstance(arguments.get("function"), dict):
         # Quirk(TGI < 3.2): no name; the raw grammar output wraps the arguments as
         # {"function": {"_name": "get_weather", ...}} (plus a special token).
+        quirk("tool name inside the arguments (_name)")
         inner = dict(arguments["function"])
         name = str(inner.pop("_name", ""))
         arguments = inner
@@ -2423,7 +2589,8 @@ def _new_call_id() -> str:
     return "".join(random.choices(_ID_ALPHABET, k=9))
 
 
-def _parse_arguments(raw: str) -> tuple[dict[str, Any], str | None]:
+def _parse_arguments(raw: str, quirk: Callable[[str], None] = _no_quirk
+                     ) -> tuple[dict[str, Any], str | None]:
     text = raw.strip()
     if not text:
         return {}, None
@@ -2438,6 +2605,15 @@ def _parse_arguments(raw: str) -> tuple[dict[str, Any], str | None]:
             value = json.loads(trimmed, strict=False)
         except ValueError:
             return {}, f"arguments are not valid JSON ({exc})"
+        raw_newlines = trimmed == text
+        if not raw_newlines:
+            quirk("special token after tool arguments")
+            try:
+                json.loads(trimmed)
+            except ValueError:
+                raw_newlines = True
+        if raw_newlines:
+            quirk("raw newlines in tool arguments")
     if isinstance(value, str):
         # Quirk(gateways that re-encode a provider's call): the arguments string is
         # itself a JSON string.
@@ -2445,38 +2621,45 @@ def _parse_arguments(raw: str) -> tuple[dict[str, Any], str | None]:
             value = json.loads(value)
         except ValueError:
             pass
+        else:
+            quirk("tool arguments encoded twice")
     if not isinstance(value, dict):
         return {}, f"arguments must be a JSON object, got {type(value).__name__}"
     return value, None
 
 
-def _iter_sse(chunks: Iterable[bytes]) -> Iterator[sseclient.Event]:
+def _iter_sse(chunks: Iterable[bytes], quirk: Callable[[str], None] = _no_quirk
+              ) -> Iterator[sseclient.Event]:
     """The SSE events in body bytes, parsed by sseclient-py from whole lines."""
-    return sseclient.SSEClient(_iter_lines(chunks)).events()
+    return sseclient.SSEClient(_iter_lines(chunks, quirk=quirk)).events()
 
 
 _BOM: Final = b"\xef\xbb\xbf"
 _LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
 
 
-def _iter_lines(chunks: Iterable[bytes], limit: int = _MAX_EVENT_BYTES) -> Iterator[bytes]:
+def _iter_lines(chunks: Iterable[bytes], limit: int = _MAX_EVENT_BYTES,
+                quirk: Callable[[str], None] = _no_quirk) -> Iterator[bytes]:
     """Regroup body bytes into blocks of whole, LF-terminated lines for sseclient-py.
 
     Normalises CRLF and lone CR to LF as bytes arrive (also when a CRLF is split),
     drops a leading BOM (also when split), turns llama.cpp's legacy `error: {...}`
     line into an `event: error` with data, and raises StreamError when one event
     grows past `limit` bytes. A partial last line at EOF is passed on terminated,
-    so a truncated event reaches the JSON parser and fails there, loudly.
+    so a truncated event reaches the JSON parser and fails there, loudly. `quirk`
+    hears of CR line endings, a BOM and legacy error lines.
     """
     tail: list[bytes] = []  # the unfinished last line, in pieces (no quadratic joins)
     tail_size = 0
     open_size = 0  # bytes of the event under way, before the tail
     skip_lf = False
-    for chunk in _without_bom(chunks):
+    for chunk in _without_bom(chunks, quirk):
         if skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         skip_lf = False
         if b"\r" in chunk:
+            # Quirk(sse-starlette, Azure, proxies): OpenAI ends lines with LF alone.
+            quirk("CR or CRLF line endings in streams")
             # A CR at the end may be half of a CRLF: emit it as LF now (no delay for
             # CR-only servers) and drop an LF that starts the next chunk.
             skip_lf = chunk[-1:] == b"\r"
@@ -2490,7 +2673,9 @@ def _iter_lines(chunks: Iterable[bytes], limit: int = _MAX_EVENT_BYTES) -> Itera
             open_size = _open_event_size(block, open_size, limit)
             if b"error:" in block:
                 # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line.
-                block = _LEGACY_ERROR_LINE.sub(b"event: error\ndata:", block)
+                block, count = _LEGACY_ERROR_LINE.subn(b"event: error\ndata:", block)
+                if count:
+                    quirk("legacy `error:` lines in streams")
             yield block
         else:
             tail.append(chunk)
@@ -2501,16 +2686,21 @@ def _iter_lines(chunks: Iterable[bytes], limit: int = _MAX_EVENT_BYTES) -> Itera
         yield b"".join(tail) + b"\n"
 
 
-def _without_bom(chunks: Iterable[bytes]) -> Iterator[bytes]:
+def _without_bom(chunks: Iterable[bytes], quirk: Callable[[str], None] = _no_quirk
+                 ) -> Iterator[bytes]:
     # Spec (WHATWG server-sent events): a UTF-8 BOM before the first event is
     # skipped, also when split across reads; sseclient-py would drop that event.
+    # OpenAI sends none, so it is noted.
     chunks = iter(chunks)
     head = b""
     for chunk in chunks:
         head += chunk
         if len(head) < len(_BOM) and _BOM.startswith(head):
             continue
-        yield head.removeprefix(_BOM)
+        if head.startswith(_BOM):
+            quirk("BOM before the first event")
+            head = head[len(_BOM):]
+        yield head
         break
     yield from chunks
 
@@ -2566,13 +2756,15 @@ def _iter_raw(response: requests.Response) -> Iterator[bytes]:
 class _Connection:
     """One endpoint over HTTP: a pool of kept-alive connections, the headers,
     retries with backoff, the request fields the server refused, and the stamp
-    (where from, key redacted) on every error a Client raises.
+    (where from, key redacted) on every error a Client raises. `quirk` hears of the
+    deviations absorbed here (the Client's quirk sink).
     """
 
     def __init__(self, config: Config, headers: Mapping[str, str] | None,
-                 url_source: str) -> None:
+                 url_source: str, quirk: Callable[[str], None] = _no_quirk) -> None:
         self.config = config
         self.url_source = url_source
+        self.quirk = quirk
         self.session = requests.Session()
         # requests keeps 10 connections per host and discards (with a warning) any
         # more that threads return; a Client shared by many threads keeps them all.
@@ -2638,6 +2830,8 @@ class _Connection:
                 # Waited for up to `timeout` in all, outside the retry budget.
                 now = time.monotonic()
                 if loading_until is None:
+                    # Quirk(llama-server): 503 "Loading model" until the model is loaded.
+                    self.quirk("waited for the model to load (503)")
                     loading_until = now + timeout
                     _log.warning("%s is loading its model (%s); waiting up to %g s",
                                  self.config.base_url, error.message, timeout)
@@ -2718,6 +2912,8 @@ class _Connection:
             return False
         _log.warning("%s rejected %s (%s); resending without it and not sending it again",
                      self.config.base_url, name, error.message)
+        self.quirk("tools rejected: resent without them" if name == "tools"
+                   else f"{name} rejected: dropped")
         dropped = ("tools", "tool_choice") if name == "tools" else (name,)
         with self.lock:
             self.refused.update(dropped)
@@ -2768,7 +2964,7 @@ class _Connection:
 
     def error_from_body(self, status: int, text: str, message: str | None = None,
                         retry_after: float | None = None) -> APIError:
-        return self.stamp(_error_from_body(status, text, message, retry_after))
+        return self.stamp(_error_from_body(status, text, message, retry_after, self.quirk))
 
     def transport_error(self, exc: BaseException, timeout: float | None = None,
                         unstreamed: bool = False) -> APIError:
@@ -3056,8 +3252,9 @@ def _cli_models(client: Client) -> int:
 
 
 def _cli_check(client: Client, wait: float | None = None) -> int:
-    """Probe the endpoint: one line per capability, exit 0 when chat works. `wait`:
-    seconds to wait first for a server that is starting or loading its model."""
+    """Probe the endpoint: one line per capability, then one per deviation from
+    OpenAI's behaviour that the probes met and absorbed; exit 0 when chat works.
+    `wait`: seconds to wait first for a server that is starting or loading its model."""
     def report(name: str, ok: bool | None, detail: str) -> None:
         mark = {True: "ok", False: "FAIL", None: "--"}[ok]
         print(f"{name:<12} {mark:<5} {detail}", flush=True)
@@ -3078,6 +3275,7 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         report("reachable", ok_reach, client._http.models_answer if ok_reach else str(exc))
         if ok_reach:
             report("auth", False, str(exc))
+            _check_quirks(report, client)
         return 1
     except APIError as exc:
         report("reachable", True, client._http.models_answer or "the server answered")
@@ -3097,11 +3295,24 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         if isinstance(exc, AuthenticationError):
             report("auth", False, str(exc))
         report("chat", False, f"{type(exc).__name__}: {exc}")
+        _check_quirks(report, client, checker)
         return 1
     _check_stream(checker, report)
     _check_tools(checker, report)
     _check_structured(checker, report)
+    _check_quirks(report, client, checker)
     return 0
+
+
+def _check_quirks(report: Callable[[str, bool | None, str], None], *clients: Client) -> None:
+    """One line per deviation the probes' Clients absorbed, in the order met."""
+    lines: list[str] = []
+    for probe in clients:
+        lines += [line for line in probe.quirks if line not in lines]
+    for line in lines:
+        report("quirk", None, line)
+    if not lines:
+        report("quirks", True, "none absorbed")
 
 
 def _check_stream(client: Client, report: Callable[[str, bool | None, str], None]) -> None:

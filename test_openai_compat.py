@@ -379,45 +379,59 @@ def test_errors_mix_in_builtins() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "content_type", "expected", "says"),
+    ("status", "body", "content_type", "expected", "says", "quirks"),
     [
         (400, {"error": {"message": "bad thing", "type": "invalid_request_error"}}, "json",
-         oc.BadRequestError, "bad thing"),
+         oc.BadRequestError, "bad thing", []),
         (422, {"error": "Input validation error", "error_type": "validation"}, "json",
-         oc.BadRequestError, "Input validation error"),  # TGI
+         oc.BadRequestError, "Input validation error",
+         ['error bodies as {"error": "text"}']),  # TGI
         (400, {"object": "error", "message": "Tool call id was call_1 but must be a-z, A-Z, "
                "0-9, with a length of 9.", "code": "3280"}, "json",
-         oc.BadRequestError, "length of 9"),  # Mistral, vLLM < 0.10.1
+         oc.BadRequestError, "length of 9",
+         ['error bodies with a top-level "message"']),  # Mistral, vLLM < 0.10.1
         (401, {"detail": "Invalid API key"}, "json", oc.AuthenticationError,
-         "Invalid API key"),  # llama-cpp-python
+         "Invalid API key", ['error bodies as {"detail": ...}']),  # llama-cpp-python
         (422, {"detail": [{"loc": ["body", "messages"], "msg": "field required",
                            "type": "value_error.missing"}]}, "json",
-         oc.BadRequestError, "messages: field required"),  # FastAPI
+         oc.BadRequestError, "messages: field required",
+         ['error bodies as {"detail": ...}']),  # FastAPI
         (400, [{"error": {"code": 400, "message": "Unknown name \"top_k\"",
                           "status": "INVALID_ARGUMENT"}}], "json",
-         oc.BadRequestError, "Unknown name"),  # Gemini
+         oc.BadRequestError, "Unknown name", ["error bodies as a JSON array"]),  # Gemini
         (500, {"error": {"message": "1 validation error:\n  {'type': 'list_type'}\n\n  File "
                          "\"/srv/site-packages/llama_cpp/server/app.py\", line 376",
                          "type": "internal_server_error"}}, "json",
-         oc.BadRequestError, "1 validation error"),  # llama-cpp-python, a 500 not retried
+         oc.BadRequestError, "1 validation error",
+         ["Python tracebacks in error messages",
+          "validation errors as HTTP 500"]),  # llama-cpp-python, a 500 not retried
+        (400, {"error": {"message": "Invalid model name passed in model=x", "type": "None",
+                         "param": "None", "code": "400"}}, "json",
+         oc.ModelNotFoundError, "model=x", ["error codes as strings of digits"]),  # LiteLLM
         (502, ("<html><head><title>api.example.com | 502: Bad gateway</title></head>"
               "<body><h1>Bad gateway</h1></body></html>"), "text/html",
-         oc.ServerError, "502: Bad gateway"),  # Cloudflare
-        (500, "", "text/plain", oc.ServerError, "HTTP 500"),
+         oc.ServerError, "502: Bad gateway", ["error bodies as HTML pages"]),  # Cloudflare
+        (503, "upstream connect error", "text/plain", oc.ServerError, "upstream connect",
+         ["error bodies as plain text"]),  # Envoy
+        (500, "", "text/plain", oc.ServerError, "HTTP 500", []),
     ],
 )
 def test_error_bodies_of_every_shape(server: Scripted, status: int, body: Any,
-                                     content_type: str, expected: type, says: str) -> None:
+                                     content_type: str, expected: type, says: str,
+                                     quirks: list[str]) -> None:
     text = body if isinstance(body, str) else json.dumps(body)
     kind = "application/json" if content_type == "json" else content_type
-    server.add(Reply(text, status=status, framing="length", content_type=kind))
-    with pytest.raises(expected) as caught:
-        server.client(max_retries=0).generate("hi")
-    assert type(caught.value) is expected
-    assert says in caught.value.message
-    assert caught.value.status_code == status
-    assert "site-packages" not in str(caught.value)
-    assert "<html>" not in str(caught.value)
+    client = server.client(max_retries=0)
+    for _ in range(2):
+        server.add(Reply(text, status=status, framing="length", content_type=kind))
+        with pytest.raises(expected) as caught:
+            client.generate("hi")
+        assert type(caught.value) is expected
+        assert says in caught.value.message
+        assert caught.value.status_code == status
+        assert "site-packages" not in str(caught.value)
+        assert "<html>" not in str(caught.value)
+        assert client.quirks == quirks
 
 
 def test_error_404_without_v1_suggests_adding_it(server: Scripted) -> None:
@@ -601,38 +615,48 @@ def test_module_level_functions_use_a_client_from_the_environment(
 
 
 @pytest.mark.parametrize(
-    ("payload", "ids"),
+    ("payload", "ids", "quirks"),
     [
-        ({"object": "list", "data": [{"id": "a", "object": "model"}, {"id": "b"}]}, ["a", "b"]),
+        ({"object": "list", "data": [{"id": "a", "object": "model"}, {"id": "b"}]}, ["a", "b"],
+         []),
         ({"models": [{"name": "smollm2", "model": "smollm2"}],
-          "object": "list", "data": [{"id": "smollm2", "meta": None}]}, ["smollm2"]),  # llama.cpp
-        ([{"id": "x"}, "y"], ["x", "y"]),
-        ({"models": [{"name": "llama3:8b"}]}, ["llama3:8b"]),
-        ({"data": [{"id": "tgi-model", "created": 0, "owned_by": "tgi-model"}]}, ["tgi-model"]),
+          "object": "list", "data": [{"id": "smollm2", "meta": None}]}, ["smollm2"],
+         []),  # llama.cpp
+        ([{"id": "x"}, "y"], ["x", "y"],
+         ["/models as a bare list", "/models entries as plain strings"]),
+        ({"models": [{"name": "llama3:8b"}]}, ["llama3:8b"],
+         ['/models as {"models": [...]}', '/models entries without "id"']),
+        ({"data": [{"id": "tgi-model", "created": 0, "owned_by": "tgi-model"}]}, ["tgi-model"],
+         []),
     ],
 )
-def test_discovery_shapes(server: Scripted, payload: Any, ids: list[str]) -> None:
-    server.add(json_reply(payload))
+def test_discovery_shapes(server: Scripted, payload: Any, ids: list[str],
+                          quirks: list[str]) -> None:
+    server.add(json_reply(payload), json_reply(payload))
     client = oc.Client(server.base_url)
     assert client.available_models(fallback=False) == ids
     assert client.model == ids[0] == client.first_available_model()
     assert server.requests[0]["path"] == "/v1/models"
+    assert client.quirks == quirks
+    assert client.wait_ready() == ids and client.quirks == quirks  # asked again
 
 
 @pytest.mark.parametrize(
-    "reply",
+    ("reply", "quirks"),
     [
-        json_reply({"object": "list", "data": None}),  # Ollama with no models
-        json_reply({"detail": "Not Found"}, status=404),
-        json_reply({"error": "Unexpected endpoint or method. (GET /models)"}),  # LM Studio
-        Reply("<html><title>502</title></html>", status=502, framing="length",
-              content_type="text/html"),
-        Reply("not json", framing="length", content_type="text/plain"),
-        Reply("", framing="length", content_type="application/json"),
+        (json_reply({"object": "list", "data": None}),
+         ["/models data: null"]),  # Ollama with no models
+        (json_reply({"detail": "Not Found"}, status=404), ['error bodies as {"detail": ...}']),
+        (json_reply({"error": "Unexpected endpoint or method. (GET /models)"}),
+         ['error bodies as {"error": "text"}', "errors with status 200"]),  # LM Studio
+        (Reply("<html><title>502</title></html>", status=502, framing="length",
+               content_type="text/html"), ["error bodies as HTML pages"]),
+        (Reply("not json", framing="length", content_type="text/plain"), []),
+        (Reply("", framing="length", content_type="application/json"), []),
     ],
 )
 def test_discovery_failure_falls_back_and_logs_why(
-    server: Scripted, reply: Reply, caplog: pytest.LogCaptureFixture
+    server: Scripted, reply: Reply, quirks: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     server.add(reply)
     client = oc.Client(server.base_url)
@@ -643,6 +667,7 @@ def test_discovery_failure_falls_back_and_logs_why(
     with pytest.raises(oc.APIError):
         client.available_models(fallback=False)
     assert len(server.requests) == 1, "a failure is cached too"
+    assert client.quirks == quirks
 
 
 def test_discovery_is_bounded_when_the_server_never_answers(
@@ -766,41 +791,105 @@ def test_stream_text_one_finish_and_result(server: Scripted) -> None:
     assert body["temperature"] == 0 and body["max_tokens"] == 9
 
 
-QUIRKY_STREAMS = {
-    "crlf": text_stream("a", "b").replace("\n", "\r\n"),
-    "cr": text_stream("a", "b").replace("\n", "\r"),
-    "no-space": text_stream("a", "b").replace("data: ", "data:"),
-    "comments": ": OPENROUTER PROCESSING\n\n: keep-alive\n\n" + text_stream("a", "b"),
-    "bom": "\ufeff" + text_stream("a", "b"),
-    "ping-without-data": "event: ping\n\n" + text_stream("a", "b"),
-    "done-spaced": text_stream("a", "b").replace("data: [DONE]", "data:  [DONE]  "),
-    "no-done": text_stream("a", "b").replace("data: [DONE]\n\n", ""),
-    "multi-line-data": 'data: {"choices": [{"delta":\ndata: {"content": "a"}}]}\n\n'
-                       + sse(delta(content="b"), delta("stop"), "data: [DONE]\n\n"),
-    "choices-empty-null-missing": sse({"choices": []}, {"choices": None}, {"id": "x"},
-                                      delta(content="a"), {"choices": [{"index": 0}]},
-                                      delta(content="b"), delta("stop")),
-    "role-empty-every-chunk": sse(delta(role="", content="a"), delta(role="", content="b"),
-                                  delta("stop", role="")),
-    "content-null-and-list": sse(delta(content=None), delta(content=[{"type": "text",
-                                                                       "text": "a"}]),
-                                 delta(content="b"), delta("stop")),
-    "finish-on-content-chunk": sse(delta(content="a"), delta("stop", content="b")),
-    "azure-empty-first": sse({"choices": [], "id": "", "model": "",
-                              "prompt_filter_results": []}, delta(content="a"),
-                             delta(content="b"), delta("stop"), "data: [DONE]\n\n"),
-    "application-json": json.dumps(completion("ab")),
+# Client.quirks lines that most transcripts below produce: the client asks for usage
+# (include_usage), which few transcripts send.
+NO_USAGE = "no usage in streams"
+NO_DONE = "no [DONE] at the end of streams"
+ANOTHER_MODEL = "answers with another model than asked"
+
+# name -> (stream text, Client.quirks after it). What the SSE spec allows (data: without
+# a space, comments, an event without data, data over several lines) is no quirk.
+QUIRKY_STREAMS: dict[str, tuple[str, list[str]]] = {
+    "crlf": (text_stream("a", "b").replace("\n", "\r\n"),
+             ["CR or CRLF line endings in streams", NO_USAGE]),
+    "cr": (text_stream("a", "b").replace("\n", "\r"),
+           ["CR or CRLF line endings in streams", NO_USAGE]),
+    "no-space": (text_stream("a", "b").replace("data: ", "data:"), [NO_USAGE]),
+    "comments": (": OPENROUTER PROCESSING\n\n: keep-alive\n\n" + text_stream("a", "b"),
+                 [NO_USAGE]),
+    "bom": ("\ufeff" + text_stream("a", "b"), ["BOM before the first event", NO_USAGE]),
+    "ping-without-data": ("event: ping\n\n" + text_stream("a", "b"), [NO_USAGE]),
+    "done-spaced": (text_stream("a", "b").replace("data: [DONE]", "data:  [DONE]  "),
+                    ["spaces around [DONE]", NO_USAGE]),
+    "no-done": (text_stream("a", "b").replace("data: [DONE]\n\n", ""), [NO_DONE, NO_USAGE]),
+    "multi-line-data": ('data: {"choices": [{"delta":\ndata: {"content": "a"}}]}\n\n'
+                        + sse(delta(content="b"), delta("stop"), "data: [DONE]\n\n"),
+                        [NO_USAGE]),
+    "choices-empty-null-missing": (sse({"choices": []}, {"choices": None}, {"id": "x"},
+                                       delta(content="a"), {"choices": [{"index": 0}]},
+                                       delta(content="b"), delta("stop")), [NO_DONE, NO_USAGE]),
+    "role-empty-every-chunk": (sse(delta(role="", content="a"), delta(role="", content="b"),
+                                   delta("stop", role="")), [NO_DONE, NO_USAGE]),
+    "content-null-and-list": (sse(delta(content=None), delta(content=[{"type": "text",
+                                                                        "text": "a"}]),
+                                  delta(content="b"), delta("stop")),
+                              ["content as a list of parts", NO_DONE, NO_USAGE]),
+    "finish-on-content-chunk": (sse(delta(content="a"), delta("stop", content="b")),
+                                [NO_DONE, NO_USAGE]),
+    "azure-empty-first": (sse({"choices": [], "id": "", "model": "",
+                               "prompt_filter_results": []}, delta(content="a"),
+                              delta(content="b"), delta("stop"), "data: [DONE]\n\n"),
+                          [NO_USAGE]),
+    "application-json": (json.dumps(completion("ab")), ["one JSON document for a stream request"]),
+    "eos-token": (text_stream("a", "b", finish="eos_token"),
+                  ["finish_reason 'eos_token' for stop", NO_USAGE]),  # TGI < 2.3
+    "not-json-data": (sse(delta(content="a"), "data: OPENROUTER PROCESSING\n\n",
+                          delta(content="b"), delta("stop"), "data: [DONE]\n\n"),
+                      ["non-JSON data in streams skipped", NO_USAGE]),
+    "usage-on-the-finish-chunk": (sse(delta(content="a"), delta(content="b"), {
+        **delta("stop"), "usage": {"prompt_tokens": 1, "completion_tokens": 2}},
+        "data: [DONE]\n\n"), ["usage chunk with choices"]),  # LiteLLM, Groq, Mistral
 }
 
 
 @pytest.mark.parametrize("name", list(QUIRKY_STREAMS))
 def test_stream_quirks(server: Scripted, name: str) -> None:
+    events, quirks = QUIRKY_STREAMS[name]
     kind = "application/json" if name == "application-json" else "text/event-stream"
-    server.add(Reply(QUIRKY_STREAMS[name], content_type=kind))
-    chunks, result = run(server.client().stream("hi"))
-    assert text_of(chunks) == "ab" == result.text
-    assert [c.type for c in chunks].count("finish") == 1
-    assert chunks[-1].type == "finish" and chunks[-1].finish_reason == "stop"
+    client = server.client()
+    for _ in range(2):  # a quirk met again is not listed again
+        server.add(Reply(events, content_type=kind))
+        chunks, result = run(client.stream("hi"))
+        assert text_of(chunks) == "ab" == result.text
+        assert [c.type for c in chunks].count("finish") == 1
+        assert chunks[-1].type == "finish" and chunks[-1].finish_reason == "stop"
+        assert client.quirks == quirks
+
+
+def test_a_standard_openai_stream_has_no_quirks(server: Scripted) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    server.add(Reply(text_stream("Hel", "lo", usage=usage)), Reply(GPT4O_RECORDED),
+               Reply(text_stream("sunny", usage=usage)))
+    client = server.client(model="gpt-4o")  # the recorded stream names gpt-4o-2024-08-06
+    assert client.stream("hi").text == "Hello"
+    weather = oc.Tool("weather", "Weather.", {"type": "object"}, lambda: "sunny")
+    assert client.stream("weather?", tools=[weather]).text == "sunny"
+    assert client.quirks == []
+
+
+def test_a_quirk_is_logged_once_at_info_and_quirks_is_a_copy(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    server.add(Reply(text_stream("a")), Reply(text_stream("b")))
+    client = server.client()
+    with caplog.at_level(logging.INFO, logger="openai_compat"):
+        assert client.stream("hi").text == "a" and client.stream("hi").text == "b"
+    noted = [r for r in caplog.records if NO_USAGE in r.getMessage()]
+    assert len(noted) == 1 and noted[0].levelno == logging.INFO
+    assert server.base_url in noted[0].getMessage()
+    client.quirks.clear()
+    assert client.quirks == [NO_USAGE]
+
+
+def test_quirks_from_many_threads_are_listed_once(server: Scripted) -> None:
+    sink = oc._Quirks("http://example")
+    lines = [f"quirk {i % 7}" for i in range(700)]
+    threads = [threading.Thread(target=lambda part=part: [sink.note(x) for x in part])
+               for part in (lines[i::8] for i in range(8))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(sink.lines) == [f"quirk {i}" for i in range(7)]
 
 
 def test_stream_reasoning_chunks(server: Scripted) -> None:
@@ -875,49 +964,60 @@ def test_stream_without_usage_reports_none(server: Scripted) -> None:
 
 
 @pytest.mark.parametrize(
-    ("events", "expected", "says"),
+    ("events", "expected", "says", "quirks"),
     [
         (sse(delta(content="par"), {"error": {"message": "The server had an error while "
                                                "processing your request.",
                                                "type": "server_error"}}),
-         oc.StreamError, "server had an error"),  # OpenAI
+         oc.StreamError, "server had an error", []),  # OpenAI
         (sse(delta(content="par"), {"error": {"code": "server_error",
                                               "message": "Provider disconnected unexpectedly"},
                                     "choices": [{"delta": {"content": ""},
                                                  "finish_reason": "error"}]}),
-         oc.StreamError, "Provider disconnected"),  # OpenRouter
+         oc.StreamError, "Provider disconnected", []),  # OpenRouter
+        (sse(delta(content="par"), {"choices": [{"delta": {"content": ""},
+                                                 "finish_reason": "error"}]}),
+         oc.StreamError, "ended the answer with an error",
+         ["finish_reason 'error' for an error"]),  # OpenRouter, the error object lost
         (sse(delta(content="par"), {"error": {"message": "boom", "type": "InternalServerError",
                                               "code": 500}}, "data: [DONE]\n\n"),
-         oc.StreamError, "boom"),  # vLLM, [DONE] after the error
+         oc.StreamError, "boom", []),  # vLLM, [DONE] after the error
         (sse(delta(content="par"), {"object": "error", "message": "old vllm failure"}),
-         oc.StreamError, "old vllm failure"),  # vLLM < 0.10.1
+         oc.StreamError, "old vllm failure",
+         ["errors in streams as object: error"]),  # vLLM < 0.10.1
         (sse(delta(content="par")).replace("data: ", "data:")
          + 'data:{"error":{"message":"Input validation error","http_status_code":422}}\n\n',
-         oc.StreamError, "Input validation error"),  # TGI
+         oc.StreamError, "Input validation error", []),  # TGI
         (sse(delta(content="par")) + 'event: error\ndata: {"error":{"message":"Failed to '
          'call a function.","code":"tool_use_failed","status_code":400}}\n\n',
-         oc.StreamError, "Failed to call a function"),  # Groq
+         oc.StreamError, "Failed to call a function",
+         ["errors in streams as event: error"]),  # Groq
         (sse(delta(content="par")) + 'data: {"error": {"message": "litellm.APIConnectionError:'
          ' Connection error.", "type": null, "param": null, "code": "500"}}\n\n',
-         oc.StreamError, "Connection error"),  # LiteLLM, no [DONE]
+         oc.StreamError, "Connection error",
+         ["error codes as strings of digits"]),  # LiteLLM, no [DONE]
         (sse(delta(content="par")) + 'data: {"error": {"message": "Rate limit reached for '
-         'gpt-4o", "type": "requests"}}\n\n', oc.RateLimitError, "Rate limit"),
+         'gpt-4o", "type": "requests"}}\n\n', oc.RateLimitError, "Rate limit", []),
         (sse(delta(content="par")) + 'error: {"code":400,"message":"the request exceeds the '
          'available context size, try increasing it","type":"exceed_context_size_error"}\n\n',
-         oc.ContextLengthError, "available context size"),  # llama.cpp, legacy field line
+         oc.ContextLengthError, "available context size",
+         ["legacy `error:` lines in streams"]),  # llama.cpp, legacy field line
     ],
 )
 def test_stream_in_stream_errors(server: Scripted, events: str, expected: type,
-                                 says: str) -> None:
-    server.add(Reply(events))
-    got: list[str] = []
-    with pytest.raises(expected) as caught:
-        for chunk in server.client().stream("hi"):
-            got.append(chunk.content)
-    assert type(caught.value) is expected
-    assert says in caught.value.message
-    assert caught.value.partial_text == "par" == "".join(got)
-    assert len(server.requests) == 1, "nothing is retried once a chunk was yielded"
+                                 says: str, quirks: list[str]) -> None:
+    client = server.client()
+    for attempt in range(1, 3):
+        server.add(Reply(events))
+        got: list[str] = []
+        with pytest.raises(expected) as caught:
+            for chunk in client.stream("hi"):
+                got.append(chunk.content)
+        assert type(caught.value) is expected
+        assert says in caught.value.message
+        assert caught.value.partial_text == "par" == "".join(got)
+        assert len(server.requests) == attempt, "nothing is retried once a chunk was yielded"
+        assert client.quirks == quirks
 
 
 def test_stream_eof_without_finish_is_stream_error_with_partial_text(server: Scripted) -> None:
@@ -1049,12 +1149,14 @@ def test_stream_empty_200_is_asked_again_without_streaming(
 ) -> None:
     # Quirk(llama-cpp-python): streamed tool_choice "auto" gives 200 and no event at all.
     server.add(Reply(""), json_reply(completion("fallback answer")))
+    client = server.client()
     with caplog.at_level(logging.WARNING, logger="openai_compat"):
-        chunks, result = run(server.client().stream("hi"))
+        chunks, result = run(client.stream("hi"))
     assert result.text == "fallback answer" and chunks[-1].type == "finish"
     first, second = server.bodies()
     assert first["stream"] is True and "stream" not in second and "stream_options" not in second
     assert "without any event" in caplog.text
+    assert client.quirks == ["empty 200 stream: asked again without streaming"]
 
 
 def test_stream_empty_200_with_tools_stops_streaming_tool_calls(server: Scripted) -> None:
@@ -1072,6 +1174,7 @@ def test_stream_empty_200_with_tools_stops_streaming_tool_calls(server: Scripted
     assert second.text == "4" and third.text == "no tools"
     streamed = [b.get("stream") is True for b in server.bodies()]
     assert streamed == [True, False, False, False, True]
+    assert client.quirks == ["tool calls only unstreamed", NO_USAGE]
 
 
 def test_stream_empty_200_then_error_is_classified(server: Scripted) -> None:
@@ -1128,6 +1231,18 @@ def test_iter_events_any_split_gives_the_same_events(cuts: list[int], ending: by
     assert list(events_of(pieces)) == SAMPLE_EVENTS
 
 
+def test_iter_events_note_what_they_absorb() -> None:
+    noted: list[str] = []
+    assert [(e.event, e.data) for e in oc._iter_sse([SAMPLE], noted.append)] == SAMPLE_EVENTS
+    assert noted == ["legacy `error:` lines in streams"]
+    data = b"\xef\xbb\xbf" + SAMPLE.replace(b"\n", b"\r\n")
+    noted.clear()
+    events = oc._iter_sse([data[i:i + 1] for i in range(len(data))], noted.append)
+    assert [(e.event, e.data) for e in events] == SAMPLE_EVENTS
+    assert set(noted) == {"BOM before the first event", "CR or CRLF line endings in streams",
+                          "legacy `error:` lines in streams"}
+
+
 # ==== Non-streaming (generate) ====
 
 
@@ -1148,22 +1263,26 @@ def test_generate_tolerates_null_content_and_missing_fields(server: Scripted) ->
 
 
 @pytest.mark.parametrize(
-    ("payload", "expected"),
+    ("payload", "expected", "quirks"),
     [
         ({"error": "Unexpected endpoint or method. (POST /chat/completions)"},
-         oc.BadRequestError),  # LM Studio, 200
+         oc.BadRequestError, ['error bodies as {"error": "text"}',
+                              "errors with status 200"]),  # LM Studio, 200
         ({"error": {"message": "request exceeds the available context size"}},
-         oc.ContextLengthError),
-        ({"choices": None}, oc.APIError),  # vLLM via RunPod
+         oc.ContextLengthError, ["errors with status 200"]),
+        ({"choices": None}, oc.APIError, []),  # vLLM via RunPod
     ],
 )
 def test_generate_200_with_an_error_body(server: Scripted, payload: Any,
-                                         expected: type) -> None:
-    server.add(json_reply(payload))
-    with pytest.raises(expected) as caught:
-        server.client().generate("hi")
-    assert type(caught.value) is expected  # the class itself, not any subclass
-    assert caught.value.status_code in (200, None)
+                                         expected: type, quirks: list[str]) -> None:
+    client = server.client()
+    for _ in range(2):
+        server.add(json_reply(payload))
+        with pytest.raises(expected) as caught:
+            client.generate("hi")
+        assert type(caught.value) is expected  # the class itself, not any subclass
+        assert caught.value.status_code in (200, None)
+        assert client.quirks == quirks
 
 
 def test_generate_continues_a_conversation(server: Scripted) -> None:
@@ -1219,9 +1338,11 @@ def test_a_loading_server_is_waited_for_outside_the_retry_budget(
     # Issue #14: a server loading its model spent the retry budget in 3 s and failed.
     caplog.set_level(logging.WARNING)
     server.add(*[LOADING] * 3, Reply(text_stream("ready")))
-    result = server.client(max_retries=0, timeout=10).generate("hi")
+    client = server.client(max_retries=0, timeout=10)
+    result = client.generate("hi")
     assert result.text == "ready" and len(server.requests) == 4
     assert caplog.text.count("is loading its model") == 1
+    assert client.quirks == ["waited for the model to load (503)", NO_USAGE]
 
 
 def test_a_server_loading_past_timeout_fails_with_its_classified_error(
@@ -1868,58 +1989,78 @@ def _call(index: Any = 0, id: Any = None, name: Any = None, arguments: Any = Non
     return entry
 
 
-TOOL_CALL_STREAMS: dict[str, tuple[list[Any], list[tuple[str, dict[str, Any]]]]] = {
+# name -> (the tool_calls of each delta, the calls assembled, Client.quirks after it)
+TOOL_CALL_STREAMS: dict[str, tuple[list[Any], list[tuple[str, dict[str, Any]]],
+                                   list[str]]] = {
     # OpenAI / vLLM / llama.cpp: id and name first, then argument fragments by index.
     "openai": ([[_call(0, "call_1", "add", '{"a"')], [_call(0, arguments=": 1, ")],
-                [_call(0, arguments='"b": 2}')]], [("add", {"a": 1, "b": 2})]),
+                [_call(0, arguments='"b": 2}')]], [("add", {"a": 1, "b": 2})],
+               []),
     # TGI >= 3.2: id "0", type and index repeated on every delta; name null after the first.
     "tgi-id-repeated": ([[_call(0, "0", "add", '{"a":', type="function")],
                          [_call(0, "0", None, " 1, ", type="function")],
                          [_call(0, "0", None, '"b": 2}', type="function")]],
-                        [("add", {"a": 1, "b": 2})]),
+                        [("add", {"a": 1, "b": 2})],
+                        ["tool call id repeated on later deltas"]),
     # llama-cpp-python / LiteLLM: id and full name in every chunk, legacy function_call too.
     "name-repeated": ([[_call(0, "c1", "add", '{"a": 1,')], [_call(0, "c1", "add", ' "b": 2}')],
-                       [_call(0, "c1", "add", "")]], [("add", {"a": 1, "b": 2})]),
+                       [_call(0, "c1", "add", "")]], [("add", {"a": 1, "b": 2})],
+                      ["legacy function_call beside tool_calls",
+                       "tool call id repeated on later deltas", "tool call name repeated"]),
     # LM Studio: later deltas carry "name": "" which must not erase the name.
     "lmstudio-empty-name": ([[_call(0, "7", "add", "")], [_call(0, None, "", '{"a": 1, "b": 2}',
                                                               type="function")]],
-                            [("add", {"a": 1, "b": 2})]),
+                            [("add", {"a": 1, "b": 2})],
+                            []),
     # Gemini: no index; two calls with distinct ids, each whole.
     "gemini-no-index": ([[_call(None, "g1", "add", '{"a": 1, "b": 2}'),
                           _call(None, "g2", "add", '{"a": 3, "b": 4}')]],
-                        [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+                        [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
+                        ["tool calls streamed without index"]),
     # A proxy that sends index 0 for every call, with distinct ids.
     "same-index-distinct-ids": ([[_call(0, "p1", "add", '{"a": 1, "b": 2}')],
                                  [_call(0, "p2", "add", '{"a": 5, "b": 6}')]],
-                                [("add", {"a": 1, "b": 2}), ("add", {"a": 5, "b": 6})]),
+                                [("add", {"a": 1, "b": 2}), ("add", {"a": 5, "b": 6})],
+                                ["tool call index reused for another call"]),
     # Anthropic-compat / LiteLLM -> Bedrock: index starts at 1.
     "index-starts-at-1": ([[_call(1, "t1", "add", "")], [_call(1, arguments='{"a": 1, "b": 2}')]],
-                          [("add", {"a": 1, "b": 2})]),
+                          [("add", {"a": 1, "b": 2})],
+                          ["tool call index starting at 1"]),
     # Mistral incremental: second delta has neither id nor index.
     "no-id-no-index-continues": ([[_call(None, "abcdefghi", "add", '{"a": 1')],
                                   [_call(None, None, "", ', "b": 2}')]],
-                                 [("add", {"a": 1, "b": 2})]),
+                                 [("add", {"a": 1, "b": 2})],
+                                 ["tool calls streamed without index"]),
     # grok: the name arrives after the first delta.
     "name-late": ([[_call(0, "call_late", None, "")], [_call(0, None, "add", '{"a": 1, "b": 2}')]],
-                  [("add", {"a": 1, "b": 2})]),
+                  [("add", {"a": 1, "b": 2})],
+                  []),
     # TGI < 3.2: tool_calls is one object; arguments as an object.
-    "object-not-list": ([_call(0, "x", "add", {"a": 1, "b": 2})], [("add", {"a": 1, "b": 2})]),
+    "object-not-list": ([_call(0, "x", "add", {"a": 1, "b": 2})], [("add", {"a": 1, "b": 2})],
+                        ["tool_calls as one object, not a list",
+                         "tool arguments as an object, not a string"]),
     # function: null on a continuation, and empty trailing arguments (vLLM-based).
     "null-function-and-trailing-empty": ([[_call(0, "v1", "add", '{"a": 1, "b": 2}')],
                                           [{"index": 0, "function": None}],
-                                          [_call(0, arguments="")]], [("add", {"a": 1, "b": 2})]),
+                                          [_call(0, arguments="")]], [("add", {"a": 1, "b": 2})],
+                                         []),
     # Issue #11: parallel calls with "id": "" and no index, listed in one delta (LM Studio,
     # Gemini through proxies), or one whole call per delta: two calls, not one merged.
     "empty-ids-one-delta": ([[_call(None, "", "add", '{"a": 1, "b": 2}'),
                               _call(None, "", "add", '{"a": 3, "b": 4}')]],
-                            [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+                            [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
+                            ["tool calls streamed without index",
+                             "tool calls without ids: ids made up"]),
     "empty-ids-a-delta-each": ([[_call(None, "", "add", '{"a": 1, "b": 2}')],
                                 [_call(None, "", "add", '{"a": 3, "b": 4}')]],
-                               [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+                               [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
+                               ["tool calls streamed without index",
+                                "tool calls without ids: ids made up"]),
     # Interleaved parallel calls by index.
     "interleaved": ([[_call(0, "i0", "add", '{"a": 1,'), _call(1, "i1", "add", '{"a": 3,')],
                      [_call(1, arguments=' "b": 4}'), _call(0, arguments=' "b": 2}')]],
-                    [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+                    [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
+                    []),
 }
 
 
@@ -1930,22 +2071,25 @@ def _add(a: int, b: int) -> int:
 
 @pytest.mark.parametrize("name", list(TOOL_CALL_STREAMS))
 def test_tool_call_assembly_survives_every_server(server: Scripted, name: str) -> None:
-    deltas, expected = TOOL_CALL_STREAMS[name]
+    deltas, expected, quirks = TOOL_CALL_STREAMS[name]
     events = [delta(tool_calls=d) for d in deltas]
     if name == "name-repeated":
         events = [delta(tool_calls=d, function_call=d[0]["function"]) for d in deltas]
-    server.add(Reply(sse(*events, delta("tool_calls"), "data: [DONE]\n\n")),
-               Reply(text_stream("done")))
-    chunks, result = run(server.client().stream("hi", tools=[{"add": _add}]))
-    calls = [c.tool_call for c in chunks if c.type == "tool_call"]
-    assert [(c.name, c.arguments) for c in calls if c] == expected
-    assert [r.value for r in result.tool_results] == [a["a"] + a["b"] for _, a in expected]
-    ids = [c.id for c in calls if c]
-    assert all(ids) and len(set(ids)) == len(ids)
-    sent = server.bodies()[1]["messages"]
-    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
-    assert [c["id"] for c in sent[-len(ids) - 1]["tool_calls"]] == ids
-    assert result.text == "done"
+    client = server.client()
+    for attempt in range(2):
+        server.add(Reply(sse(*events, delta("tool_calls"), "data: [DONE]\n\n")),
+                   Reply(text_stream("done")))
+        chunks, result = run(client.stream("hi", tools=[{"add": _add}]))
+        calls = [c.tool_call for c in chunks if c.type == "tool_call"]
+        assert [(c.name, c.arguments) for c in calls if c] == expected
+        assert [r.value for r in result.tool_results] == [a["a"] + a["b"] for _, a in expected]
+        ids = [c.id for c in calls if c]
+        assert all(ids) and len(set(ids)) == len(ids)
+        sent = server.bodies()[2 * attempt + 1]["messages"]
+        assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
+        assert [c["id"] for c in sent[-len(ids) - 1]["tool_calls"]] == ids
+        assert result.text == "done"
+        assert client.quirks == [*quirks, NO_USAGE]
 
 
 def test_tool_calls_without_ids_get_unique_ones_and_empty_arguments_mean_none(
@@ -2015,21 +2159,27 @@ def _calls_then_text(*calls: dict[str, Any], finish: str = "tool_calls") -> Repl
     return Reply(sse(delta(tool_calls=list(calls)), delta(finish), "data: [DONE]\n\n"))
 
 
-@pytest.mark.parametrize("raw, parsed, error", [
-    ('{"a": 1}', {"a": 1}, None),
-    ("", {}, None),
-    ('{"text": "two\nlines"}', {"text": "two\nlines"}, None),  # llama-cpp-python, raw newline
-    ('{"a": 1}<|eot_id|>', {"a": 1}, None),  # TGI < 3.2, special token left in
-    ('"{\\"a\\": 1}"', {"a": 1}, None),  # encoded twice
-    ('{"a": 1', {}, "not valid JSON"),
-    ("[1, 2]", {}, "must be a JSON object"),
+@pytest.mark.parametrize("raw, parsed, error, quirks", [
+    ('{"a": 1}', {"a": 1}, None, []),
+    ("", {}, None, []),
+    ('{"text": "two\nlines"}', {"text": "two\nlines"}, None,
+     ["raw newlines in tool arguments"]),  # llama-cpp-python, raw newline
+    ('{"a": 1}<|eot_id|>', {"a": 1}, None,
+     ["special token after tool arguments"]),  # TGI < 3.2, special token left in
+    ('{"t": "a\tb"}</s>', {"t": "a\tb"}, None,
+     ["special token after tool arguments", "raw newlines in tool arguments"]),
+    ('"{\\"a\\": 1}"', {"a": 1}, None, ["tool arguments encoded twice"]),
+    ('{"a": 1', {}, "not valid JSON", []),
+    ("[1, 2]", {}, "must be a JSON object", []),
 ])
 def test_tool_arguments_are_parsed_leniently_but_never_guessed(
-    raw: str, parsed: dict[str, Any], error: str | None
+    raw: str, parsed: dict[str, Any], error: str | None, quirks: list[str]
 ) -> None:
-    value, problem = oc._parse_arguments(raw)
+    noted: list[str] = []
+    value, problem = oc._parse_arguments(raw, noted.append)
     assert value == parsed
     assert (problem is None) if error is None else (error in (problem or ""))
+    assert noted == quirks
 
 
 def test_tool_failures_go_back_to_the_model(server: Scripted) -> None:
@@ -2097,6 +2247,48 @@ def test_generate_runs_the_same_loop(server: Scripted) -> None:
     assert all(b["stream"] is True for b in server.bodies())
 
 
+WHOLE = "one JSON document for a stream request"
+
+
+@pytest.mark.parametrize(("message", "finish", "quirks"), [
+    # TGI < 3.2: one call object, no name, the grammar's output as an object.
+    ({"content": None, "tool_calls": {"id": "0", "type": "function", "function": {
+        "name": None, "arguments": {"function": {"_name": "_add", "a": 1, "b": 2}}}}},
+     "eos_token", [WHOLE, "tool_calls as one object, not a list",
+                   "tool arguments as an object, not a string",
+                   "tool name inside the arguments (_name)", "finish_reason 'eos_token' for stop"]),
+    # The legacy form alone.
+    ({"content": None, "function_call": {"name": "_add", "arguments": '{"a": 1, "b": 2}'}},
+     "function_call", [WHOLE, "legacy function_call instead of tool_calls",
+                       "tool calls without ids: ids made up"]),
+    ({"content": "", "reasoning": "1 + 2", "tool_calls": [{"id": "r1", "type": "function",
+                                                           "function": {"name": "_add",
+                                                           "arguments": '{"a": 1, "b": 2}'}}]},
+     "tool_calls", [WHOLE, "reasoning in reasoning"]),
+])
+def test_whole_answers_name_their_quirks_too(server: Scripted, message: dict[str, Any],
+                                             finish: str, quirks: list[str]) -> None:
+    answer = {"choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+    client = server.client()
+    for _ in range(2):
+        server.add(json_reply(answer), json_reply(completion("3")))
+        result = client.generate("1+2?", tools=[_add])
+        assert result.tool_results[0].value == 3 and result.text == "3"
+        assert client.quirks == quirks
+
+
+def test_a_streamed_legacy_function_call_is_one_call(server: Scripted) -> None:
+    server.add(Reply(sse(delta(function_call={"name": "_add", "arguments": '{"a": 1,'}),
+                         delta(function_call={"arguments": ' "b": 2}'}),
+                         delta("function_call"), "data: [DONE]\n\n")),
+               Reply(text_stream("3")))
+    client = server.client()
+    result = client.generate("1+2?", tools=[_add])
+    assert [r.value for r in result.tool_results] == [3] and result.text == "3"
+    assert client.quirks == ["legacy function_call instead of tool_calls",
+                             "tool calls without ids: ids made up", NO_USAGE]
+
+
 def test_tool_choice_is_never_sent_without_tools(server: Scripted) -> None:
     server.add(Reply(text_stream("x")))
     run(server.client().stream("hi", tool_choice="required"))
@@ -2121,6 +2313,25 @@ def test_server_without_tools_gets_the_request_without_them(
     first, second, third = server.bodies()
     assert "tools" in first and "tools" not in second and "tool_choice" not in second
     assert "tools" not in third, "the Client remembers"
+    assert client.quirks == ["tools rejected: resent without them", NO_USAGE]
+
+
+@pytest.mark.parametrize(("message", "field", "quirk"), [
+    ("tool_choice 'required' is not supported", "tool_choice", "tool_choice rejected: dropped"),
+    ("Unrecognized request argument supplied: stream_options", "stream_options",
+     "stream_options rejected: dropped"),
+])
+def test_a_rejected_field_is_dropped_and_listed(server: Scripted, message: str, field: str,
+                                                quirk: str) -> None:
+    server.add(json_reply({"error": {"message": message}}, status=400),
+               Reply(text_stream("plain")), Reply(text_stream("again")))
+    client = server.client()
+    for _ in range(2):
+        run(client.stream("hi", tools=[_add], tool_choice="required"))
+    first, second, third = server.bodies()
+    assert field in first and field not in second and field not in third
+    expected = [quirk] if field == "stream_options" else [quirk, NO_USAGE]
+    assert client.quirks == expected, "no usage is no quirk when it was not asked for"
 
 # ---- structured answers (schema=) ----
 
@@ -2444,8 +2655,8 @@ def test_peer_recorded_gpt4o_stream_on_every_framing(server: Scripted, framing: 
     assert result.steps[0].text == "PRE_TOOL" and result.text == "sunny"
 
 
-# name -> (stream text, answer text, reasoning, usage or None)
-PEER_TEXT_STREAMS: dict[str, tuple[str, str, str, oc.Usage | None]] = {
+# name -> (stream text, answer text, reasoning, usage or None, Client.quirks after it)
+PEER_TEXT_STREAMS: dict[str, tuple[str, str, str, oc.Usage | None, list[str]]] = {
     # Source: vercel/ai packages/openai-compatible/src/chat/__fixtures__/
     # placeholder-first-chunk.chunks.txt: empty choices and blank id/model first.
     "vercel-placeholder-first-chunk": (_recorded(
@@ -2455,7 +2666,8 @@ PEER_TEXT_STREAMS: dict[str, tuple[str, str, str, oc.Usage | None]] = {
         {"choices": [{"delta": {}, "finish_reason": "stop", "index": 0}], "id": "chatcmpl-123"},
         {"choices": [], "id": "chatcmpl-123", "usage": {
             "prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}),
-        "Hello", "", oc.Usage(10, 1, 11)),
+        "Hello", "", oc.Usage(10, 1, 11),
+                                       []),
     # Source: vercel/ai packages/openai-compatible/src/chat/__fixtures__/
     # issue-20203-empty-tool-calls.chunks.txt: `tool_calls: []` on every chunk, finish on
     # the content chunk; an empty list is no tool call.
@@ -2466,7 +2678,8 @@ PEER_TEXT_STREAMS: dict[str, tuple[str, str, str, oc.Usage | None]] = {
               "tool_calls": []}, None),
             ({"content": "", "reasoning_content": "more...", "tool_calls": []}, None),
             ({"content": "Hello", "reasoning_content": "", "tool_calls": []}, "stop")]]),
-        "Hello", "Think more...", None),
+        "Hello", "Think more...", None,
+                                     ["reasoning in reasoning_content", "no usage in streams"]),
     # Source: vercel/ai openai-compatible-chat-language-model.test.ts ("should handle
     # missing token details in stream"): choices without `index` or `finish_reason` keys,
     # usage without total_tokens (DESIGN: the total is prompt + completion).
@@ -2474,13 +2687,15 @@ PEER_TEXT_STREAMS: dict[str, tuple[str, str, str, oc.Usage | None]] = {
         {"id": "chat-id", "choices": [{"delta": {"content": "Hello"}}]},
         {"choices": [{"delta": {}, "finish_reason": "stop"}],
          "usage": {"prompt_tokens": 20, "completion_tokens": 30}}, "data: [DONE]\n\n"),
-        "Hello", "", oc.Usage(20, 30, 50)),
+        "Hello", "", oc.Usage(20, 30, 50),
+                                 ["usage chunk with choices"]),
     # Source: vercel/ai openai-compatible-chat-language-model.test.ts ("should process
     # metadata from streaming response"): a finish choice with no `delta` at all.
     "vercel-finish-without-delta": (sse(
         {"choices": [{"delta": {"content": "Hello"}}]},
         {"choices": [{"finish_reason": "stop"}], "test_field": "test_value"},
-        "data: [DONE]\n\n"), "Hello", "", None),
+        "data: [DONE]\n\n"), "Hello", "", None,
+                                    ["no usage in streams"]),
     # Source: vercel/ai openai-compatible-chat-language-model.test.ts (transformRequestBody
     # stream): the finish and the usage on the last content chunk.
     "vercel-finish-and-usage-on-content-chunk": (sse(
@@ -2490,7 +2705,8 @@ PEER_TEXT_STREAMS: dict[str, tuple[str, str, str, oc.Usage | None]] = {
         {"id": "chatcmpl-test", "model": "grok-3", "choices": [
             {"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}],
          "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}},
-        "data: [DONE]\n\n"), "Hello!", "", oc.Usage(4, 2, 6)),
+        "data: [DONE]\n\n"), "Hello!", "", oc.Usage(4, 2, 6),
+                                                 ["usage chunk with choices"]),
     # Source: vercel/ai openai-compatible-chat-language-model.test.ts ("should prefer
     # reasoning_content over reasoning field in streaming"): both fields in one delta.
     "vercel-reasoning-content-preferred": (sse(
@@ -2502,7 +2718,9 @@ PEER_TEXT_STREAMS: dict[str, tuple[str, str, str, oc.Usage | None]] = {
         {"id": "chatcmpl-e7f8", "model": "grok-3", "choices": [
             {"index": 0, "delta": {}, "finish_reason": "stop"}],
          "usage": {"prompt_tokens": 18, "completion_tokens": 439}}, "data: [DONE]\n\n"),
-        "Final response", "From reasoning_content", oc.Usage(18, 439, 457)),
+        "Final response", "From reasoning_content", oc.Usage(18, 439, 457),
+                                           ["reasoning in reasoning_content",
+                                            "usage chunk with choices"]),
     # Source: ggml-org/llama.cpp tools/server/tests/unit/test_chat_completion.py
     # (test_chat_completion_stream, ..._with_timings_per_token): the first delta is
     # role + `content: null`, the finish delta has no content, then a choices-less usage
@@ -2516,7 +2734,8 @@ PEER_TEXT_STREAMS: dict[str, tuple[str, str, str, oc.Usage | None]] = {
                                   "total_tokens": 85},
          "timings": {"prompt_per_second": 1.0, "predicted_per_second": 2.0,
                      "predicted_n": 8}}, "data: [DONE]\n\n"),
-        "Suddenly", "", oc.Usage(77, 8, 85)),
+        "Suddenly", "", oc.Usage(77, 8, 85),
+                                           []),
     # Source: DeepSeek FAQ as quoted in Lambdua/openai4j#86: `: keep-alive` comments while
     # a request waits; the payloads are from vercel/ai packages/deepseek fixtures.
     "deepseek-keep-alive-comments": (": keep-alive\n\n: keep-alive\n\n" + sse(
@@ -2527,27 +2746,34 @@ PEER_TEXT_STREAMS: dict[str, tuple[str, str, str, oc.Usage | None]] = {
         {"model": "deepseek-chat", "choices": [{"index": 0, "delta": {"content": ""},
                                                 "finish_reason": "stop"}],
          "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}},
-        "data: [DONE]\n\n"), "Hi", "", oc.Usage(5, 1, 6)),
+        "data: [DONE]\n\n"), "Hi", "", oc.Usage(5, 1, 6),
+                                     ["usage chunk with choices"]),
     # Source: openai/openai-python tests/test_streaming.py (test_event_missing_data):
     # `event: ping` with no data. openai-python yields it as an event with data ""; a
     # chat stream has nothing to do with it (WHATWG: no data, no event).
-    "openai-python-ping-without-data": ("event: ping\n\n" + text_stream("Hi"), "Hi", "", None),
+    "openai-python-ping-without-data": ("event: ping\n\n" + text_stream("Hi"), "Hi", "", None,
+                                        ["no usage in streams"]),
     # Source: simonw/llm tests/fixtures/stream_tool_call.txt ends with `data: [DONE]` and no
     # line break at all: an unterminated last event after the finish is a normal end.
-    "simonw-llm-unterminated-done": (text_stream("Hi").rstrip("\n"), "Hi", "", None),
+    "simonw-llm-unterminated-done": (text_stream("Hi").rstrip("\n"), "Hi", "", None,
+                                     ["no usage in streams"]),
 }
 
 
 @pytest.mark.parametrize("name", list(PEER_TEXT_STREAMS))
 def test_peer_text_streams(server: Scripted, name: str) -> None:
-    events, text, reasoning, usage = PEER_TEXT_STREAMS[name]
-    server.add(Reply(events))
-    chunks, result = run(server.client().stream("hi"))
-    assert text_of(chunks) == text == result.text
-    assert result.reasoning == reasoning
-    assert [c.type for c in chunks].count("finish") == 1 and chunks[-1].type == "finish"
-    assert chunks[-1].usage == usage == result.usage
-    assert result.tool_calls == [] and len(server.requests) == 1
+    events, text, reasoning, usage, quirks = PEER_TEXT_STREAMS[name]
+    client = server.client()
+    for attempt in range(1, 3):
+        server.add(Reply(events))
+        chunks, result = run(client.stream("hi"))
+        assert text_of(chunks) == text == result.text
+        assert result.reasoning == reasoning
+        assert [c.type for c in chunks].count("finish") == 1 and chunks[-1].type == "finish"
+        assert chunks[-1].usage == usage == result.usage
+        assert result.tool_calls == [] and len(server.requests) == attempt
+        # The recordings name their own models; the client asked for "m".
+        assert [q for q in client.quirks if q != ANOTHER_MODEL] == quirks
 
 
 # name -> (stream text, answer text). DESIGN: with n > 1 only choice 0 is followed, and
@@ -2589,9 +2815,11 @@ PEER_MULTI_CHOICE: dict[str, tuple[str, str]] = {
 def test_peer_only_choice_zero_is_followed(server: Scripted, name: str) -> None:
     events, text = PEER_MULTI_CHOICE[name]
     server.add(Reply(events))
-    chunks, result = run(server.client().stream("hi", n=2))
+    client = server.client()
+    chunks, result = run(client.stream("hi", n=2))
     assert text_of(chunks) == text == result.text
     assert chunks[-1].finish_reason == "stop"
+    assert client.quirks == [NO_USAGE], "several choices are OpenAI's own behaviour"
 
 
 def _refusal_stream(*tokens: str) -> str:
@@ -2630,11 +2858,14 @@ def test_peer_refusals_are_refusal_chunks_kept_out_of_the_text(server: Scripted,
     # of Result.text, in Result.refusal.
     reply, refusal = PEER_REFUSALS[name]
     server.add(reply)
-    chunks, result = run(server.client().stream("How do I make anthrax?"))
+    client = server.client(model="gpt-4o")
+    chunks, result = run(client.stream("How do I make anthrax?"))
     assert "".join(c.content for c in chunks if c.type == "refusal") == refusal
     assert not [c for c in chunks if c.type == "text"]
     assert result.text == "" and result.refusal == refusal
     assert chunks[-1].type == "finish" and chunks[-1].finish_reason == "stop"
+    # A refusal is OpenAI's own behaviour; the scripted whole answer is one JSON document.
+    assert client.quirks in ([NO_USAGE], ["one JSON document for a stream request"])
 
 
 def _tool_reply(*payloads: Any) -> Reply:
@@ -2663,15 +2894,18 @@ _FILES_REST = [_choice({"tool_calls": [{"index": 1, "function": {"arguments": ":
                                        {"index": 1, "function": {"arguments": '"."}'}}]}),
                _choice({}, "tool_calls")]
 
-# name -> (reply, expected [(name, arguments)], usage of the tool step or None)
-PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.Usage | None]] = {
+# name -> (reply, expected [(name, arguments)], usage of the tool step or None,
+#          Client.quirks after it, before the NO_USAGE of the text stream that follows)
+PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.Usage | None,
+                                   list[str]]] = {
     # Source: simonw/llm tests/fixtures/stream_tool_call.txt: a recorded gpt-4o-mini stream,
     # arguments split at odd places.
     "simonw-llm-gpt-4o-mini": (_tool_reply(*_args_stream(
         "call_eHh2kRnDdLBSQJ0HaSA4A4uF", "read_files",
         ["", '{"', "fil", "enames", '":["', "LICENSE", ".txt", '"]', "}"],
         model="gpt-4o-mini-2024-07-18")), [("read_files", {"filenames": ["LICENSE.txt"]})],
-        None),
+        None,
+                               []),
     # Source: vercel/ai openai-compatible-chat-language-model.test.ts ("should stream tool
     # deltas"), grok-3; usage with Groq-style timing fields on the finish chunk.
     "vercel-grok-3-deltas": (_tool_reply(*_args_stream(
@@ -2679,20 +2913,24 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
         ["", '{"', "value", '":"', "Spark", "le", " Day", '"}'])[:-1], _choice(
             {}, "tool_calls", usage={"queue_time": 0.061348671, "prompt_tokens": 18,
                                      "completion_tokens": 439, "total_tokens": 457})),
-        [("test-tool", {"value": "Sparkle Day"})], oc.Usage(18, 439, 457)),
+        [("test-tool", {"value": "Sparkle Day"})], oc.Usage(18, 439, 457),
+                             ["usage chunk with choices"]),
     # Source: same file ("...when tool call arguments are passed in the first chunk").
     "vercel-arguments-in-first-chunk": (_tool_reply(*_args_stream(
         "call_O17Uplv4lJvD6DVdIvFFeRMw", "test-tool",
         ['{"', "va", "lue", '":"', "Spark", "le", " Day", '"}'])),
-        [("test-tool", {"value": "Sparkle Day"})], None),
+        [("test-tool", {"value": "Sparkle Day"})], None,
+                                        []),
     # Source: same file ("should stream tool call that is sent in one chunk").
     "vercel-whole-call-in-one-chunk": (_tool_reply(*_args_stream(
         "call_O17Uplv4lJvD6DVdIvFFeRMw", "test-tool", ['{"value":"Sparkle Day"}'])),
-        [("test-tool", {"value": "Sparkle Day"})], None),
+        [("test-tool", {"value": "Sparkle Day"})], None,
+                                       []),
     # Source: same file ("should stream empty tool call that is sent in one chunk"):
     # arguments "" and nothing more mean no arguments.
     "vercel-empty-call-in-one-chunk": (_tool_reply(*_args_stream(
-        "call_O17Uplv4lJvD6DVdIvFFeRMw", "test-tool", [""])), [("test-tool", {})], None),
+        "call_O17Uplv4lJvD6DVdIvFFeRMw", "test-tool", [""])), [("test-tool", {})], None,
+                                       []),
     # Source: same file ("should not duplicate tool calls when there is an additional
     # empty chunk..."): a vLLM-based server, meta/llama-3.1-8b-instruct:fp8, usage on
     # every chunk (cumulative: keep the last, never add), no name-less second call.
@@ -2712,7 +2950,8 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
             ({"tool_calls": [{"index": 0, "function": {"arguments": ""}}]}, "tool_calls", 20)]],
         {"choices": [], "usage": {"prompt_tokens": 226, "total_tokens": 246,
                                   "completion_tokens": 20}}),
-        [("searchGoogle", {"query": "latest news on ai"})], oc.Usage(226, 20, 246)),
+        [("searchGoogle", {"query": "latest news on ai"})], oc.Usage(226, 20, 246),
+                                      ["usage chunk with choices"]),
     # Source: same file ("should stream parallel tool calls with signature only on first
     # call"), gemini-3-pro: two calls announced in one chunk, arguments later by index,
     # `extra_content` on the first.
@@ -2726,7 +2965,8 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
         _choice({"tool_calls": [{"index": 0, "function": {"arguments": '{"location":"Paris"}'}}]}),
         _choice({"tool_calls": [{"index": 1, "function": {"arguments": '{"location":"London"}'}}]}),
         _choice({}, "tool_calls")),
-        [("get_weather", {"location": "Paris"}), ("get_weather", {"location": "London"})], None),
+        [("get_weather", {"location": "Paris"}), ("get_weather", {"location": "London"})], None,
+                                        []),
     # Source: openai/openai-python tests/lib/chat/test_tool_call_deltas.py ("existing_tool"):
     # a whole call at index 0, then list_files at index 1 whose name and first argument
     # fragment are two entries of one chunk, and a later chunk with two fragments.
@@ -2734,12 +2974,14 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
         _choice({"role": "assistant", "tool_calls": [_OTHER_CALL]}),
         _choice({"role": "assistant", "tool_calls": [
             _FILES_CALL, {"index": 1, "function": {"arguments": '{"path"'}}]}), *_FILES_REST),
-        [("other", {}), ("list_files", {"path": "."})], None),
+        [("other", {}), ("list_files", {"path": "."})], None,
+                                    []),
     # Source: same file ("parallel"): both calls start in the same chunk.
     "openai-python-parallel": (_tool_reply(
         _choice({"role": "assistant", "tool_calls": [
             _OTHER_CALL, _FILES_CALL, {"index": 1, "function": {"arguments": '{"path"'}}]}),
-        *_FILES_REST), [("other", {}), ("list_files", {"path": "."})], None),
+        *_FILES_REST), [("other", {}), ("list_files", {"path": "."})], None,
+                               []),
     # Source: same file ("empty"): a role chunk with `tool_calls: []` first.
     "openai-python-empty-list-first": (_tool_reply(
         _choice({"role": "assistant", "tool_calls": []}),
@@ -2747,7 +2989,8 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
             {**_FILES_CALL, "index": 0}, {"index": 0, "function": {"arguments": '{"path"'}}]}),
         _choice({"tool_calls": [{"index": 0, "function": {"arguments": ": "}},
                                 {"index": 0, "function": {"arguments": '"."}'}}]}),
-        _choice({}, "tool_calls")), [("list_files", {"path": "."})], None),
+        _choice({}, "tool_calls")), [("list_files", {"path": "."})], None,
+                                       []),
     # Source: same file ("new_choice"): the call arrives on choice index 1. openai-python
     # assembles it; DESIGN follows choice 0 only, so there is no call and no second step.
     "openai-python-call-on-choice-1": (_tool_reply(
@@ -2755,7 +2998,8 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
         {"choices": [{"index": 1, "delta": {"role": "assistant", "tool_calls": [
             {**_FILES_CALL, "index": 0}, {"index": 0, "function": {"arguments": '{"path": "."}'}}]},
             "finish_reason": None}]},
-        {"choices": [{"index": 1, "delta": {}, "finish_reason": "tool_calls"}]}), [], None),
+        {"choices": [{"index": 1, "delta": {}, "finish_reason": "tool_calls"}]}), [], None,
+                                       []),
     # Source: vercel/ai packages/openai-compatible/src/chat/__fixtures__/
     # anthropic-fallback-tool-call.sse (claude-haiku-4-5 through an OpenAI-compatible
     # endpoint): text, then a call at index 1 with empty argument fragments first.
@@ -2768,7 +3012,8 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
             _choice({"tool_calls": [{"index": 1, "function": {"arguments": '{"pa'}}]}),
             _choice({"tool_calls": [{"index": 1, "function": {"arguments": 'th": "a.txt"}'}}]}),
             _choice({}, "tool_calls"), "data: [DONE]\n\n")),
-        [("read_file", {"path": "a.txt"})], None),
+        [("read_file", {"path": "a.txt"})], None,
+                                 ["tool call index starting at 1"]),
     # Source: vercel/ai packages/mistral/src/__fixtures__/mistral-tool-call.chunks.txt
     # (mistral-small-latest): no index, the whole call, finish and usage in one chunk.
     "vercel-mistral-no-index-finish-same-chunk": (_tool_reply(
@@ -2778,7 +3023,9 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
                                              "arguments": '{"location": "San Francisco"}'}}]},
             "tool_calls"), "usage": {"prompt_tokens": 124, "total_tokens": 146,
                                      "completion_tokens": 22}}),
-        [("weather", {"location": "San Francisco"})], oc.Usage(124, 22, 146)),
+        [("weather", {"location": "San Francisco"})], oc.Usage(124, 22, 146),
+                                                  ["usage chunk with choices",
+                                                   "tool calls streamed without index"]),
     # Source: vercel/ai packages/groq/src/__fixtures__/groq-tool-call.chunks.txt
     # (llama-3.3-70b-versatile): usage both top-level and in `x_groq` on the finish chunk.
     "vercel-groq-x-groq-usage": (_tool_reply(
@@ -2789,7 +3036,8 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
         {**_choice({}, "tool_calls"), "x_groq": {"usage": {
             "prompt_tokens": 210, "completion_tokens": 15, "total_tokens": 225}},
          "usage": {"queue_time": 0.041520249, "prompt_tokens": 210, "completion_tokens": 15,
-                   "total_tokens": 225}}), [("weather", {})], oc.Usage(210, 15, 225)),
+                   "total_tokens": 225}}), [("weather", {})], oc.Usage(210, 15, 225),
+                                 ["usage chunk with choices"]),
     # Source: vercel/ai packages/cerebras/src/fixtures/
     # cererebras-structured-output-tools.1.chunks.txt (zai-glm-4.7): no finish_reason key
     # until the end, reasoning in `reasoning`.
@@ -2801,7 +3049,8 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
              "id": "bbd2b9d98", "index": 0}]}, "index": 0}]},
         {"choices": [{"delta": {}, "finish_reason": "tool_calls", "index": 0}],
          "usage": {"total_tokens": 426, "completion_tokens": 104, "prompt_tokens": 322}}),
-        [("nonUsefulTool", {})], oc.Usage(322, 104, 426)),
+        [("nonUsefulTool", {})], oc.Usage(322, 104, 426),
+                                      ["reasoning in reasoning", "usage chunk with choices"]),
     # Source: THU-MAIC/OpenMAIC#1556 (gemini-3.8-flash through Gemini's OpenAI endpoint):
     # a whole call with no `index`, the finish reason "stop".
     "gemini-no-index-stop": (_tool_reply(
@@ -2811,7 +3060,8 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
                           "name": "read"}, "id": "call_297140", "type": "function"}]},
             "index": 0}], "model": "gemini-3.8-flash"},
         {"choices": [{"delta": {}, "finish_reason": "stop", "index": 0}]}),
-        [("read", {"offset": 1, "limit": 100, "path": "/app/SKILL.md"})], None),
+        [("read", {"offset": 1, "limit": 100, "path": "/app/SKILL.md"})], None,
+                             ["tool calls streamed without index"]),
     # Source: BerriAI/litellm#11407 (LiteLLM proxy, Bedrock claude-3-7-sonnet): index 1,
     # role, content "" and the name repeated on the continuation; the finish is ours.
     "litellm-bedrock-index-1-repeats": (_tool_reply(
@@ -2820,7 +3070,8 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
              "function": {"arguments": "", "name": "jira_get_worklog"}}]}),
         _choice({"content": "", "role": "assistant", "tool_calls": [
             {"type": "function", "index": 1, "function": {"arguments": '{"issue": "X-1"}'}}]}),
-        _choice({}, "tool_calls")), [("jira_get_worklog", {"issue": "X-1"})], None),
+        _choice({}, "tool_calls")), [("jira_get_worklog", {"issue": "X-1"})], None,
+                                        ["tool call index starting at 1"]),
     # Source: vercel/ai openai-compatible-chat-language-model.test.ts (doGenerate: "should
     # generate distinct IDs for parallel tool calls with empty IDs"), streamed here as
     # Gemini streams whole calls: one list, id "" on the first, no id on the second.
@@ -2828,17 +3079,21 @@ PEER_TOOL_STREAMS: dict[str, tuple[Reply, list[tuple[str, dict[str, Any]]], oc.U
         _choice({"role": "assistant", "tool_calls": [
             {"id": "", "function": {"name": "a", "arguments": "{}"}},
             {"function": {"name": "b", "arguments": "{}"}}]}), _choice({}, "tool_calls")),
-        [("a", {}), ("b", {})], None),
+        [("a", {}), ("b", {})], None,
+                                           ["tool calls streamed without index",
+                                            "tool calls without ids: ids made up"]),
 }
 
 
 @pytest.mark.parametrize("name", list(PEER_TOOL_STREAMS))
 def test_peer_tool_call_streams(server: Scripted, name: str) -> None:
-    reply, expected, usage = PEER_TOOL_STREAMS[name]
+    reply, expected, usage, quirks = PEER_TOOL_STREAMS[name]
     names = {n for n, _ in expected} | {"test-tool", "other", "list_files"}
     tools = {n: oc.Tool(n, "A tool.", {"type": "object"}, lambda **kw: "ok") for n in names}
     server.add(reply, Reply(text_stream("done")))
-    chunks, result = run(server.client().stream("hi", tools=[tools]))
+    client = server.client()
+    chunks, result = run(client.stream("hi", tools=[tools]))
+    assert [q for q in client.quirks if q != ANOTHER_MODEL] == [*quirks, NO_USAGE]
     calls = [c.tool_call for c in chunks if c.type == "tool_call"]
     assert [(c.name, c.arguments) for c in calls if c] == expected
     ids = [c.id for c in calls if c]
@@ -2863,13 +3118,17 @@ def test_peer_parallel_calls_with_empty_ids_in_a_whole_answer(server: Scripted) 
     server.add(json_reply(completion(None, "tool_calls", tool_calls=calls)),
                json_reply(completion("done")))
     tools = {n: oc.Tool(n, "A tool.", {"type": "object"}, lambda **kw: "ok") for n in "ab"}
-    result = server.client().generate("hi", tools=[tools])
+    client = server.client()
+    result = client.generate("hi", tools=[tools])
     assert [(c.name, c.arguments) for c in result.tool_calls] == [("a", {}), ("b", {})]
     ids = [c.id for c in result.tool_calls]
     assert all(ids) and ids[0] != ids[1] and result.text == "done"
+    # A whole answer's calls have no index in OpenAI's format either.
+    assert client.quirks == ["one JSON document for a stream request",
+                             "tool calls without ids: ids made up"]
 
 
-# (stream text, class, words of the server's message, partial text)
+# (stream text, class, words of the server's message, partial text, Client.quirks after it)
 PEER_STREAM_ERRORS: list[Any] = [
     # Source: vercel/ai openai-compatible-chat-language-model.test.ts ("should handle error
     # stream parts"): an error chunk, then [DONE]. The message names a wrong key, so
@@ -2877,17 +3136,18 @@ PEER_STREAM_ERRORS: list[Any] = [
     pytest.param('data: {"error": {"message": "Incorrect API key provided: as***T7. You can '
                  'obtain an API key from https://console.api.com.", "code": "Client specified '
                  'an invalid argument"}}\n\ndata: [DONE]\n\n', oc.AuthenticationError,
-                 "Incorrect API key", "", id="vercel-error-part-wrong-key"),
+                 "Incorrect API key", "", [], id="vercel-error-part-wrong-key"),
     # Source: vercel/ai same file ("should handle unparsable stream parts"): vercel emits
     # an error part; DESIGN: a malformed stream is a StreamError.
     pytest.param("data: {unparsable}\n\ndata: [DONE]\n\n", oc.StreamError, "malformed", "",
-                 id="vercel-unparsable-part"),
+                 [], id="vercel-unparsable-part"),
     # Source: anomalyco/opencode#1018 (Groq body dumped by a user): `event: error`.
     pytest.param(sse(delta(content="par")) + "event: error\ndata: {\"error\":{\"message\":"
                  "\"Failed to call a function. Please adjust your prompt. See "
                  "'failed_generation' for more details.\",\"type\":\"invalid_request_error\","
                  "\"code\":\"tool_use_failed\",\"status_code\":400}}\n\n",
-                 oc.StreamError, "Failed to call a function", "par", id="groq-event-error"),
+                 oc.StreamError, "Failed to call a function", "par",
+                 ["errors in streams as event: error"], id="groq-event-error"),
     # Source: OpenRouter docs (streaming, "Handling Errors During Streaming"), after a
     # recorded `: OPENROUTER PROCESSING` comment and first chunk (leafo/lua-openai#7).
     pytest.param(": OPENROUTER PROCESSING\n\n" + sse(
@@ -2897,39 +3157,43 @@ PEER_STREAM_ERRORS: list[Any] = [
         {"id": "cmpl-abc123", "model": "gpt-3.5-turbo", "provider": "openai",
          "error": {"code": "server_error", "message": "Provider disconnected unexpectedly"},
          "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}),
-        oc.StreamError, "Provider disconnected unexpectedly", "The", id="openrouter-finish-error"),
+        oc.StreamError, "Provider disconnected unexpectedly", "The",
+        [], id="openrouter-finish-error"),
     # Source: coder/aibridge fixtures/openai/chatcompletions/stream_error.txtar
     # (gpt-4.1-2025-04-14): an error data event, no [DONE].
     pytest.param(sse({"model": "gpt-4.1-2025-04-14", "choices": [
         {"index": 0, "delta": {"content": ' "'}, "finish_reason": None}], "usage": None},
         {"error": {"message": "The server had an error while processing your request. Sorry "
                               "about that!", "type": "server_error"}}),
-        oc.StreamError, "server had an error", ' "', id="openai-midstream-error"),
+        oc.StreamError, "server had an error", ' "', [], id="openai-midstream-error"),
     # Source: vllm-project/vllm chat_completion/serving.py (streaming error response, then
     # the unconditional `data: [DONE]`).
     pytest.param(sse(delta(role="assistant", content=""), delta(content="par"),
                      {"error": {"message": "Internal server error", "type": "InternalServerError",
                                 "param": None, "code": 500}}, "data: [DONE]\n\n"),
-                 oc.StreamError, "Internal server error", "par", id="vllm-error-then-done"),
+                 oc.StreamError, "Internal server error", "par", [], id="vllm-error-then-done"),
     # Source: ggml-org/llama.cpp tools/server/server-context.cpp (an error during
     # generation is one `{"error": ...}` event and no [DONE]); the message is llama.cpp's
     # context-size text, so DESIGN classifies it.
     pytest.param(sse(delta(content="par"), {"error": {
         "code": 400, "message": "the request exceeds the available context size, try "
                                 "increasing it", "type": "exceed_context_size_error"}}),
-        oc.ContextLengthError, "available context size", "par", id="llamacpp-error-event"),
+        oc.ContextLengthError, "available context size", "par", [], id="llamacpp-error-event"),
 ]
 
 
-@pytest.mark.parametrize(("events", "expected", "says", "partial"), PEER_STREAM_ERRORS)
+@pytest.mark.parametrize(("events", "expected", "says", "partial", "quirks"), PEER_STREAM_ERRORS)
 def test_peer_in_stream_errors(server: Scripted, events: str, expected: type, says: str,
-                               partial: str) -> None:
-    server.add(Reply(events))
-    with pytest.raises(expected) as caught:
-        list(server.client().stream("hi"))
-    assert type(caught.value) is expected
-    assert says in caught.value.message
-    assert caught.value.partial_text == partial
+                               partial: str, quirks: list[str]) -> None:
+    client = server.client()
+    for _ in range(2):
+        server.add(Reply(events))
+        with pytest.raises(expected) as caught:
+            list(client.stream("hi"))
+        assert type(caught.value) is expected
+        assert says in caught.value.message
+        assert caught.value.partial_text == partial
+        assert [q for q in client.quirks if q != ANOTHER_MODEL] == quirks
 
 
 def test_peer_connection_drop_after_chunks_keeps_them(server: Scripted) -> None:
@@ -2956,47 +3220,52 @@ def test_peer_unterminated_truncated_last_event_is_a_stream_error(server: Script
     assert caught.value.partial_text == "Hi"
 
 
-# (status, body, class, words of the message)
+# (status, body, class, words of the message, Client.quirks after it)
 PEER_ERROR_BODIES: list[Any] = [
     # Source: ollama/ollama server/routes.go (handleScheduleError: `model %q not found, try
     # pulling it first`, 404); the same text in third-party tests of Ollama clients.
     pytest.param(404, {"error": 'model "llama3.2" not found, try pulling it first'},
-                 oc.ModelNotFoundError, "llama3.2", id="ollama-model-not-found-dotted-id"),
+                 oc.ModelNotFoundError, "llama3.2",
+                 ['error bodies as {"error": "text"}'], id="ollama-model-not-found-dotted-id"),
     pytest.param(404, {"error": 'model "qwen2.5:7b-instruct" not found, try pulling it first'},
-                 oc.ModelNotFoundError, "qwen2.5:7b", id="ollama-model-not-found-tag"),
+                 oc.ModelNotFoundError, "qwen2.5:7b",
+                 ['error bodies as {"error": "text"}'], id="ollama-model-not-found-tag"),
     # Source: vllm-project/vllm entrypoints/openai serving (_check_model, 404
     # NotFoundError), legacy top-level shape (vllm-project/vllm#12886).
     pytest.param(404, {"object": "error", "message": "The model `qwen2.5-7b` does not exist.",
                        "type": "NotFoundError", "param": None, "code": 404},
-                 oc.ModelNotFoundError, "qwen2.5-7b", id="vllm-model-does-not-exist"),
+                 oc.ModelNotFoundError, "qwen2.5-7b",
+                 ['error bodies with a top-level "message"'], id="vllm-model-does-not-exist"),
     # Source: vllm serving.py, current nested shape, with a Hugging Face id.
     pytest.param(404, {"error": {"message": "The model `meta-llama/Llama-3.1-8B-Instruct` does "
                                             "not exist.", "type": "NotFoundError",
                                  "param": "model", "code": 404}},
-                 oc.ModelNotFoundError, "Llama-3.1-8B", id="vllm-nested-hf-id"),
+                 oc.ModelNotFoundError, "Llama-3.1-8B", [], id="vllm-nested-hf-id"),
     # Source: continuedev/continue#9890 (Groq 404 for a retired model).
     pytest.param(404, {"error": {"message": "The model `llama3.1-405b` does not exist or you do "
                                             "not have access to it.",
                                  "type": "invalid_request_error", "code": "model_not_found"}},
-                 oc.ModelNotFoundError, "llama3.1-405b", id="groq-model-not-found"),
+                 oc.ModelNotFoundError, "llama3.1-405b", [], id="groq-model-not-found"),
     # Source: skorokithakis/sysaidmin#6 (OpenAI's model_not_found text, with a help link).
     pytest.param(404, {"error": {"message": "The model `gpt-4-1106-preview` does not exist or "
                                             "you do not have access to it.  Learn more: https://"
                                             "help.openai.com/en/articles/7102672-how-can-i-access"
                                             "-gpt-4.", "type": "invalid_request_error",
                                  "param": None, "code": "model_not_found"}},
-                 oc.ModelNotFoundError, "gpt-4-1106-preview", id="openai-model-not-found"),
+                 oc.ModelNotFoundError, "gpt-4-1106-preview", [], id="openai-model-not-found"),
     # Source: yihong0618/bilingual_book_maker#464 (xAI 404 for grok-beta).
     pytest.param(404, {"code": "Some requested entity was not found",
                        "error": "The model grok-beta does not exist or your team bdc397fa does "
                                 "not have access to it."},
-                 oc.ModelNotFoundError, "grok-beta", id="xai-model-not-found"),
+                 oc.ModelNotFoundError, "grok-beta",
+                 ['error bodies as {"error": "text"}'], id="xai-model-not-found"),
     # Source: BerriAI/litellm proxy, quoted in a third-party test (string code "400").
     pytest.param(400, {"error": {"message": "/chat/completions: Invalid model name passed in "
                                             "model=claude-opus-5. Call `/v1/models` to view "
                                             "available models for your key.",
                                  "type": "None", "param": "None", "code": "400"}},
-                 oc.ModelNotFoundError, "claude-opus-5", id="litellm-invalid-model-name"),
+                 oc.ModelNotFoundError, "claude-opus-5",
+                 ["error codes as strings of digits"], id="litellm-invalid-model-name"),
     # Source: continuedev/continue#10530 (Gemini's answer relayed by an OpenAI-compatible
     # layer: its whole JSON as the message, reason API_KEY_INVALID, status 400).
     pytest.param(400, {"error": {"message": '{\n  "error": {\n    "code": 400,\n    "message": '
@@ -3005,18 +3274,19 @@ PEER_ERROR_BODIES: list[Any] = [
                                             '[{"reason": "API_KEY_INVALID", "domain": '
                                             '"googleapis.com"}]\n  }\n}\n',
                                  "code": 400, "status": "Bad Request"}},
-                 oc.AuthenticationError, "API key not valid", id="gemini-api-key-invalid"),
+                 oc.AuthenticationError, "API key not valid", [], id="gemini-api-key-invalid"),
     # Source: SuzumiyaAkizuki/ComfyUI-NewBie-LLM-Formatter#3 (Gemini: a JSON array).
     pytest.param(400, [{"error": {"code": 400, "message": 'Invalid JSON payload received. '
                                   'Unknown name "reasoning": Cannot find field.',
                                   "status": "INVALID_ARGUMENT"}}],
-                 oc.BadRequestError, "Unknown name", id="gemini-array-unknown-field"),
+                 oc.BadRequestError, "Unknown name",
+                 ["error bodies as a JSON array"], id="gemini-array-unknown-field"),
     # Source: vercel/ai commit 550c127736 (Fireworks: extra inputs are not permitted).
     pytest.param(400, {"error": {"object": "error", "type": "invalid_request_error",
                                  "code": "invalid_request_error",
                                  "message": "Extra inputs are not permitted, field: "
                                             "'promptCacheKey'"}, "request_id": "chatcmpl-x"},
-                 oc.BadRequestError, "Extra inputs", id="fireworks-extra-inputs"),
+                 oc.BadRequestError, "Extra inputs", [], id="fireworks-extra-inputs"),
     # Source: vercel/ai packages/openai/src/chat/__fixtures__/
     # reasoning-model-legacy-parameter-error.json.
     pytest.param(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not "
@@ -3024,42 +3294,47 @@ PEER_ERROR_BODIES: list[Any] = [
                                             "'max_completion_tokens' instead.",
                                  "type": "invalid_request_error", "param": "max_tokens",
                                  "code": "unsupported_parameter"}},
-                 oc.BadRequestError, "max_completion_tokens", id="openai-max-tokens-unsupported"),
+                 oc.BadRequestError, "max_completion_tokens",
+                 [], id="openai-max-tokens-unsupported"),
     # Source: huggingface/smolagents#1119 (Groq tool_use_failed, a whole answer).
     pytest.param(400, {"error": {"message": "Failed to call a function. Please adjust your "
                                             "prompt. See 'failed_generation' for more details.",
                                  "type": "invalid_request_error", "code": "tool_use_failed"}},
-                 oc.BadRequestError, "Failed to call a function", id="groq-tool-use-failed"),
+                 oc.BadRequestError, "Failed to call a function", [], id="groq-tool-use-failed"),
     # Source: compl-ai/compl-ai#20 (Azure content filter, 400).
     pytest.param(400, {"error": {"message": "The response was filtered due to the prompt "
                                             "triggering Azure OpenAI's content management "
                                             "policy.", "type": None, "param": "prompt",
                                  "code": "content_filter", "status": 400}},
-                 oc.BadRequestError, "content management policy", id="azure-content-filter"),
+                 oc.BadRequestError, "content management policy", [], id="azure-content-filter"),
     # Source: vllm-project/vllm#12886 (legacy shape, context length).
     pytest.param(400, {"object": "error", "message": "This model's maximum context length is "
                                                      "2048 tokens. However, you requested 2723 "
                                                      "tokens (1699 in the messages, 1024 in the "
                                                      "completion).", "type": "BadRequestError",
                        "param": None, "code": 400},
-                 oc.ContextLengthError, "maximum context length", id="vllm-context-length"),
+                 oc.ContextLengthError, "maximum context length",
+                 ['error bodies with a top-level "message"'], id="vllm-context-length"),
     # Source: OpenRouter docs (errors: `{"error": {"code", "message"}}`, 401 no auth).
     pytest.param(401, {"error": {"code": 401, "message": "No auth credentials found"}},
-                 oc.AuthenticationError, "No auth credentials", id="openrouter-401"),
+                 oc.AuthenticationError, "No auth credentials", [], id="openrouter-401"),
     # Source: OpenRouter docs (errors: 402 when the account has too few credits).
     pytest.param(402, {"error": {"code": 402, "message": "Insufficient credits"}},
-                 oc.BadRequestError, "Insufficient credits", id="openrouter-402"),
+                 oc.BadRequestError, "Insufficient credits", [], id="openrouter-402"),
 ]
 
 
-@pytest.mark.parametrize(("status", "body", "expected", "says"), PEER_ERROR_BODIES)
+@pytest.mark.parametrize(("status", "body", "expected", "says", "quirks"), PEER_ERROR_BODIES)
 def test_peer_error_bodies(server: Scripted, status: int, body: Any, expected: type,
-                           says: str) -> None:
-    server.add(json_reply(body, status=status))
-    with pytest.raises(expected) as caught:
-        server.client(max_retries=0).generate("hi")
-    assert type(caught.value) is expected
-    assert says in caught.value.message and caught.value.status_code == status
+                           says: str, quirks: list[str]) -> None:
+    client = server.client(max_retries=0)
+    for _ in range(2):
+        server.add(json_reply(body, status=status))
+        with pytest.raises(expected) as caught:
+            client.generate("hi")
+        assert type(caught.value) is expected
+        assert says in caught.value.message and caught.value.status_code == status
+        assert client.quirks == quirks
 
 
 @pytest.mark.parametrize(("message", "expected"), [
@@ -3553,6 +3828,7 @@ def test_real_llama_cpp_python_request_validation_500_is_a_short_bad_request(
     assert error.status_code == 500 and "temperature" in error.message
     assert "File \"" not in str(error) and "site-packages" not in str(error)
     assert "validation error" in str(error) and len(str(error)) < 800
+    assert "validation errors as HTTP 500" in client.quirks
 
 
 def test_real_litellm_unknown_model_with_a_string_code(litellm: Any) -> None:
@@ -3560,6 +3836,7 @@ def test_real_litellm_unknown_model_with_a_string_code(litellm: Any) -> None:
     with pytest.raises(oc.ModelNotFoundError) as caught:
         client.generate("hi", model="nosuch", max_tokens=5)
     assert caught.value.status_code == 400 and "nosuch" in caught.value.message
+    assert client.quirks == ["error codes as strings of digits"]
 
 
 def test_real_litellm_backend_killed_mid_stream_is_a_classified_error_with_the_partial_text(
@@ -3649,6 +3926,41 @@ def test_cli_check_says_what_answered(server: Scripted) -> None:
     assert done.returncode == 1
 
 
+def _check_lines(stdout: str, name: str) -> list[str]:
+    """The details of `openai-compat check`'s lines named `name`."""
+    return [line[19:] for line in stdout.splitlines() if line[:12].strip() == name]
+
+
+def test_cli_check_lists_the_quirks_it_met(server: Scripted) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    call = delta(tool_calls=[_call(1, "c1", "add", '{"a": 2, "b": 3}')])
+    server.add(json_reply({"models": [{"name": "m"}]}), Reply(text_stream("Hello")),
+               Reply(text_stream("1", "2", usage=usage)),
+               Reply(sse(call, delta("tool_calls"), {"choices": [], "usage": usage},
+                         "data: [DONE]\n\n")), Reply(text_stream("5", usage=usage)),
+               Reply(text_stream('{"city": "Paris", "country": "France"}', usage=usage)))
+    done = cli(server, "check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _check_lines(done.stdout, "quirk") == [
+        '/models as {"models": [...]}', '/models entries without "id"', NO_USAGE,
+        "tool call index starting at 1"], done.stdout
+    assert re.search(r"^quirk        --    no usage in streams$", done.stdout, re.MULTILINE)
+    assert done.stdout.splitlines()[-1].startswith("quirk "), "after the capability lines"
+    assert _check_lines(done.stdout, "quirks") == []
+
+
+def test_cli_check_says_when_no_quirk_was_absorbed(server: Scripted) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    server.add(json_reply({"object": "list", "data": [{"id": "m", "object": "model"}]}),
+               *[Reply(text_stream(t, usage=usage)) for t in (
+                   "Hello", "1 2", "5", '{"city": "Paris", "country": "France"}')])
+    done = cli(server, "check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r'^structured   ok    response_format json_schema honoured: '
+                     r'\{"city": "Paris", "country": "France"\}$', done.stdout, re.MULTILINE)
+    assert done.stdout.splitlines()[-1] == "quirks       ok    none absorbed", done.stdout
+
+
 def test_model_answered_by_another_is_warned_once(server: Scripted,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     # Issue #12: model="qwen2.5" was answered by another model without a word.
@@ -3667,6 +3979,7 @@ def test_model_answered_by_another_is_warned_once(server: Scripted,
 
     assert warnings() == [(f"asked for model 'qwen2.5', {server.base_url} answered with "
                           "'smollm2': it may not serve 'qwen2.5'")]
+    assert client.quirks == [ANOTHER_MODEL, NO_USAGE]
     # A dated version of the model asked for is the same model.
     assert oc.Client(server.base_url, model="gpt-4o").stream("hi").text == "x"
     assert len(warnings()) == 1
@@ -3771,6 +4084,22 @@ def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
     assert marks["structured"][0] == "ok", done.stdout
     rung = "json_object" if real.name == "llama-cpp-python" else "json_schema honoured"
     assert rung in marks["structured"][1], done.stdout
-    if real.name == "llama-cpp-python" and marks["tool calls"][0] == "ok":
+    called = marks["tool calls"][0] == "ok"
+    if real.name == "llama-cpp-python" and called:
         assert "not streamed" in marks["tool calls"][1]
     assert real.api_key is None or real.api_key not in done.stdout + done.stderr
+    # What each server really needed absorbed (issue #14), one line each, after the rest.
+    quirks = _check_lines(done.stdout, "quirk")
+    assert len(set(quirks)) == len(quirks), done.stdout
+    if real.name == "llama-server":
+        assert quirks == [] and _check_lines(done.stdout, "quirks") == ["none absorbed"], (
+            done.stdout)
+    elif real.name == "llama-cpp-python":
+        # Its whole answers with a call carry the legacy function_call too.
+        assert quirks == [NO_USAGE, "tool calls only unstreamed"] + (
+            ["legacy function_call beside tool_calls"] if called else []), done.stdout
+    else:
+        # LiteLLM puts usage on a chunk that still has a choice; a call streamed through
+        # it may add the repeated id and name, so only the text run is known exactly.
+        assert quirks[:1] == ["usage chunk with choices"], done.stdout
+        assert called or quirks == ["usage chunk with choices"], done.stdout
