@@ -269,7 +269,32 @@ def text_of(chunks: list[oc.Chunk]) -> str:
     return "".join(c.content for c in chunks)
 
 
-# ==== Errors ====
+def _call(index: Any = 0, id: Any = None, name: Any = None, arguments: Any = None,
+          **extra: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {**extra}
+    if index is not None:
+        entry["index"] = index
+    if id is not None:
+        entry["id"] = id
+    function: dict[str, Any] = {}
+    if name is not None:
+        function["name"] = name
+    if arguments is not None:
+        function["arguments"] = arguments
+    entry["function"] = function
+    return entry
+
+
+def _add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def _calls_then_text(*calls: dict[str, Any], finish: str = "tool_calls") -> Reply:
+    return Reply(sse(delta(tool_calls=list(calls)), delta(finish), "data: [DONE]\n\n"))
+
+
+# ==== Error classification ====
 
 
 @pytest.mark.parametrize(
@@ -347,6 +372,8 @@ MODEL_NOT_FOUND_TEMPLATES = [
     "Unable to access model {}. Please visit https://api.together.ai/models",  # Together
     "models/{} is not found for API version v1beta",  # Gemini
 ]
+
+
 REAL_MODEL_IDS = ["llama3.2", "qwen2.5:7b", "meta-llama/Llama-3.1-8B-Instruct",
                   "accounts/fireworks/models/llama-v3p1-8b-instruct", "gpt-4o-2024-08-06",
                   "hf.co/bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M", "claude@2024-10-22",
@@ -583,6 +610,57 @@ def test_key_over_plain_http_to_a_remote_host_warns_once(
     assert "https" in warnings[0] and "sk-secret-1" not in warnings[0]
 
 
+@pytest.mark.parametrize(("keyword", "says"), [
+    ("max_token", "did you mean max_tokens=?"),
+    ("temprature", "did you mean temperature=?"),
+    ("top_k", "extra_body={'top_k': ...}"),
+    ("stream", "call stream() to stream"),
+    ("tool", "did you mean tools=?"),
+])
+def test_options_unknown_keywords_fail_loudly_naming_the_closest(
+        server: Scripted, keyword: str, says: str) -> None:
+    # Issue #12: a misspelt option went into the request body and the server ignored it.
+    client = server.client()
+    for call in (client.stream, client.generate):
+        with pytest.raises(oc.ConfigError) as caught:
+            call("hi", **{keyword: 5})
+        assert f"{keyword}=" in str(caught.value) and says in str(caught.value)
+    assert server.requests == []
+
+
+def test_options_openai_parameters_and_extra_body_reach_the_server(server: Scripted) -> None:
+    server.add(Reply(text_stream("ok")))
+    run(server.client().stream("hi", max_completion_tokens=9, logprobs=True, top_logprobs=2,
+                               parallel_tool_calls=False, reasoning_effort="low", user="u1",
+                               extra_body={"top_k": 40, "min_p": 0.05, "seed": 7}, seed=3))
+    body = server.bodies()[0]
+    assert {k: body[k] for k in ("max_completion_tokens", "logprobs", "top_logprobs",
+                                 "parallel_tool_calls", "reasoning_effort", "user", "top_k",
+                                 "min_p")} == {
+        "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2,
+        "parallel_tool_calls": False, "reasoning_effort": "low", "user": "u1", "top_k": 40,
+        "min_p": 0.05}
+    assert body["seed"] == 7  # extra_body is merged last
+    assert "timeout" not in body and "extra_body" not in body
+
+
+def test_options_timeout_is_this_calls_silence_limit(server: Scripted) -> None:
+    # Issue #12: timeout=5 went into the request body as "timeout": 5.
+    server.add(Reply(sse(delta(content="a")), text_stream("b"), pause=3),
+               Reply(text_stream("c")))
+    client = server.client(timeout=60)
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        run(client.stream("hi", timeout=0.5))
+    assert time.monotonic() - started < 2.5
+    assert caught.value.partial_text == "a"
+    assert client.stream("hi", timeout=5).text == "c"
+    assert "timeout" not in server.bodies()[1]
+    for bad in (0, -1, "soon"):
+        with pytest.raises(oc.ConfigError, match="timeout="):
+            client.stream("hi", timeout=bad).text  # noqa: B018 - raises before sending
+
+
 # ==== Client ====
 
 
@@ -609,6 +687,127 @@ def test_module_level_functions_use_a_client_from_the_environment(
     monkeypatch.delenv("OPENAI_COMPATIBLE_BASE_URL")
     with pytest.raises(oc.ConfigError, match="OPENAI_COMPATIBLE_BASE_URL"):
         oc.generate("hi")
+
+
+def test_generate_never_times_out_while_tokens_flow(server: Scripted) -> None:
+    # Issue #14: generate() sent a non-streamed request, so a long answer was one
+    # silence and failed past `timeout` although the server was working.
+    tokens = [sse(delta(content=f"{i} ")) for i in range(8)]
+    server.add(Reply(*tokens, sse(delta("stop"), "data: [DONE]\n\n"), pause=0.2))
+    started = time.monotonic()
+    result = server.client(timeout=0.5, max_retries=0).generate("hi")
+    assert time.monotonic() - started > 1.5  # three times the timeout, in all
+    assert result.text == "".join(f"{i} " for i in range(8))
+    assert server.bodies()[0]["stream"] is True
+
+
+def test_generate_fails_within_timeout_of_silence_keeping_the_partial_text(
+        server: Scripted) -> None:
+    server.add(Reply(sse(delta(content="half an ")), sse(delta(content="answer")), pause=3))
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        server.client(timeout=0.5, max_retries=0).generate("hi")
+    assert time.monotonic() - started < 2.5
+    assert caught.value.partial_text == "half an "
+    assert "OPENAI_COMPATIBLE_TIMEOUT" in str(caught.value)  # the hint: raise it
+
+
+def test_unstreamed_fallback_silence_says_whole_answers_take_longer(server: Scripted) -> None:
+    # A server whose tool streams are empty is asked for whole answers, which come
+    # only when complete: a long one is silence, not a fault.
+    server.add(json_reply(completion("late"), delay=3))
+    client = server.client(timeout=0.5, max_retries=0)
+    client._tools_unstreamed = True
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        client.generate("hi", tools=[_add])
+    assert time.monotonic() - started < 2.5
+    assert "whole answer" in str(caught.value) and "stream()" in str(caught.value)
+
+
+def test_generate_body_and_result(server: Scripted) -> None:
+    server.add(json_reply(completion("Hello", reasoning_content="hmm")))
+    result = server.client().generate("hi", stream_options={"include_usage": True})
+    body = server.bodies()[0]
+    # Issue #14: streamed underneath; a server may still answer with one document.
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert result.text == "Hello" and result.reasoning == "hmm"
+    assert result.usage == oc.Usage(3, 2, 5) and result.finish_reason == "stop"
+
+
+def test_generate_tolerates_null_content_and_missing_fields(server: Scripted) -> None:
+    server.add(json_reply({"choices": [{"message": {"content": None}}]}))
+    result = server.client().generate("hi")
+    assert result.text == "" and result.usage is None and result.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected", "quirks"),
+    [
+        ({"error": "Unexpected endpoint or method. (POST /chat/completions)"},
+         oc.BadRequestError, ['error bodies as {"error": "text"}',
+                              "errors with status 200"]),  # LM Studio, 200
+        ({"error": {"message": "request exceeds the available context size"}},
+         oc.ContextLengthError, ["errors with status 200"]),
+        ({"choices": None}, oc.APIError, []),  # vLLM via RunPod
+    ],
+)
+def test_generate_200_with_an_error_body(server: Scripted, payload: Any,
+                                         expected: type, quirks: list[str]) -> None:
+    client = server.client()
+    for _ in range(2):
+        server.add(json_reply(payload))
+        with pytest.raises(expected) as caught:
+            client.generate("hi")
+        assert type(caught.value) is expected  # the class itself, not any subclass
+        assert caught.value.status_code in (200, None)
+        assert client.quirks == quirks
+
+
+def test_generate_continues_a_conversation(server: Scripted) -> None:
+    server.add(json_reply(completion("Paris")), json_reply(completion("About 2 million.")))
+    client = server.client()
+    first = client.generate("Capital of France?")
+    second = client.generate("And its population?", messages=first.messages)
+    assert second.text == "About 2 million."
+    roles = [m["role"] for m in server.bodies()[1]["messages"]]
+    assert roles == ["user", "assistant", "user"]
+
+
+def test_generate_needs_something_to_send(server: Scripted) -> None:
+    with pytest.raises(oc.ConfigError):
+        server.client().generate()
+    assert server.requests == []
+
+
+def test_wait_ready_waits_for_refusals_then_loading_then_returns_the_models(
+        late_server: tuple[Scripted, str], caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #14: a script that starts a server had no way to wait for it.
+    caplog.set_level(logging.INFO)
+    script, base_url = late_server
+    script.add(LOADING, LOADING, json_reply({"data": [{"id": "smollm2"}]}))
+    client = oc.Client(base_url)
+    started = time.monotonic()
+    assert client.wait_ready(timeout=30) == ["smollm2"]
+    assert 2.0 <= time.monotonic() - started < 12
+    assert [r["path"] for r in script.requests] == ["/v1/models"] * 3
+    assert client.model == "smollm2" and len(script.requests) == 3  # discovery reused it
+    assert "waiting for" in caplog.text
+
+
+def test_wait_ready_gives_up_after_timeout_and_raises_other_errors_at_once(
+        server: Scripted) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(oc.EndpointUnavailableError):
+        oc.Client(f"http://127.0.0.1:{port}/v1").wait_ready(timeout=1)
+    assert 1 <= time.monotonic() - started < 4
+    server.add(json_reply({"error": {"message": "Invalid API Key"}}, status=401))
+    with pytest.raises(oc.AuthenticationError):
+        oc.Client(server.base_url).wait_ready(timeout=30)
+    assert len(server.requests) == 1
 
 
 # ==== Model discovery ====
@@ -709,6 +908,725 @@ def test_discovery_is_skipped_when_the_model_is_set(
     assert oc.Client(server.base_url, model="explicit").model == "explicit"
 
 
+# ==== Tool-call loop ====
+
+
+GOOD_ORDER = {"items": [{"name": "tea", "price": {"amount": 3}}]}
+
+
+@pytest.mark.parametrize("arguments, error", [
+    pytest.param({"city": "Oslo", "days": "3", "size": "s", "order": GOOD_ORDER},
+                 '$.days: expected integer, got string "3"', id="string-for-int"),
+    pytest.param({"days": 3, "size": "s", "order": GOOD_ORDER},
+                 "missing required argument(s): city", id="missing-argument"),
+    pytest.param({"city": "Oslo", "days": 3, "size": "s", "order": {"express": True}},
+                 '$.order: missing required field "items"', id="missing-nested-field"),
+    pytest.param({"city": "Oslo", "days": 3, "size": "medium", "order": GOOD_ORDER},
+                 '$.size: must be one of "s", "l", got "medium"', id="unknown-enum-value"),
+    pytest.param({"city": "Oslo", "days": 3, "size": "s",
+                  "order": {"items": [{"name": "tea", "price": {"amount": "12.5"}}]}},
+                 '$.order.items[0].price.amount: expected number, got string "12.5"',
+                 id="nested-wrong-field"),
+])
+def test_tool_arguments_that_break_the_schema_go_back_and_the_repaired_call_runs(
+    server: Scripted, arguments: dict[str, Any], error: str
+) -> None:
+    shipped: list[tuple[Any, ...]] = []
+
+    def ship(city: str, days: int, size: Size, order: Order) -> str:
+        """Ship an order."""
+        shipped.append((city, days, size, order))
+        return "shipped"
+
+    repaired = {"city": "Oslo", "days": 3, "size": "l", "order": GOOD_ORDER}
+    server.add(_calls_then_text(_call(0, "bad", "ship", json.dumps(arguments))),
+               _calls_then_text(_call(0, "good", "ship", json.dumps(repaired))),
+               Reply(text_stream("On its way.")))
+    _, result = run(server.client().stream("ship it", tools=[ship]))
+    first, second = result.tool_results
+    assert first.value is None and first.error is not None and first.error.endswith(error)
+    assert shipped == [("Oslo", 3, Size.LARGE, Order([LineItem("tea", Price(3))]))]
+    assert (second.error, second.value) == (None, "shipped")
+    sent = [m for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
+    assert error in json.loads(sent[0]["content"])["error"]
+    assert result.text == "On its way." and len(result.steps) == 3
+
+
+def test_unstreamed_parallel_calls_with_empty_ids_each_run_under_their_own_id(
+    server: Scripted
+) -> None:
+    # Issue #11: message.tool_calls with two calls, each "id": "", were merged into one.
+    calls = [{"id": "", "type": "function", "function": {"name": "add", "arguments": args}}
+             for args in ('{"a": 1, "b": 2}', '{"a": 3, "b": 4}')]
+    server.add(json_reply(completion(None, "tool_calls", tool_calls=calls)),
+               json_reply(completion("3 and 7")))
+    client = server.client()
+    client._tools_unstreamed = True  # as after a server's empty tool stream: asked whole
+    result = client.generate("hi", tools=[{"add": _add}])
+    assert [(r.call.arguments, r.value) for r in result.tool_results] == [
+        ({"a": 1, "b": 2}, 3), ({"a": 3, "b": 4}, 7)]
+    ids = [r.call.id for r in result.tool_results]
+    assert all(ids) and ids[0] != ids[1]
+    sent = server.bodies()[1]["messages"]
+    assert [c["id"] for c in sent[-3]["tool_calls"]] == ids
+    assert [(m["tool_call_id"], m["content"]) for m in sent[-2:]] == [(ids[0], "3"), (ids[1], "7")]
+
+
+def test_tool_loop_second_request_and_chunk_order(server: Scripted) -> None:
+    server.add(Reply(sse(delta(content="Let me add. "),
+                         delta(tool_calls=[_call(0, "c1", "_add", '{"a": 2, "b": 40}')]),
+                         delta("tool_calls"), "data: [DONE]\n\n")),
+               Reply(text_stream("It is 42.")))
+    chunks, result = run(server.client().stream("2+40?", tools=[_add]))
+    assert [c.type for c in chunks] == ["text", "finish", "tool_call", "tool_result", "text",
+                                        "finish"]
+    assert [c.step for c in chunks] == [1, 1, 1, 1, 2, 2]
+    first, second = server.bodies()
+    assert first["tool_choice"] == "auto" and first["tools"][0]["function"]["name"] == "_add"
+    assistant, tool_turn = second["messages"][-2:]
+    assert assistant == {"role": "assistant", "content": "Let me add. ", "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "_add", "arguments": '{"a": 2, "b": 40}'}}]}
+    assert tool_turn == {"role": "tool", "tool_call_id": "c1", "content": "42"}
+    assert result.text == "It is 42." and result.finish_reason == "stop"
+    assert len(result.steps) == 2 and result.tool_results[0].value == 42
+
+
+def test_tool_failures_go_back_to_the_model(server: Scripted) -> None:
+    def boom(x: int) -> None:
+        """Always fails."""
+        raise RuntimeError("disk on fire")
+
+    server.add(_calls_then_text(_call(0, "a", "boom", '{"x": 1}'),
+                                _call(1, "b", "nosuch", "{}"),
+                                _call(2, "c", "_add", '{"a": 1, "b": '),
+                                _call(3, "d", "_add", '{"a": 1}')),
+               Reply(text_stream("sorry")))
+    _, result = run(server.client().stream("hi", tools=[boom, _add]))
+    errors = [r.error or "" for r in result.tool_results]
+    assert "disk on fire" in errors[0] and "nosuch" in errors[1]
+    assert "not valid JSON" in errors[2] and "missing" in errors[3]
+    tool_turns = [m for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
+    assert all(json.loads(m["content"])["error"] for m in tool_turns)
+    assert result.text == "sorry"
+
+
+def test_tool_results_are_sent_as_text_or_json() -> None:
+    tools = {n: oc.Tool(n, "", {"type": "object"}, f) for n, f in
+             [("s", lambda: "plain"), ("d", lambda: {"k": [1]}), ("o", lambda: object)]}
+    done = {n: oc._execute(oc.ToolCall("i", n), tools) for n in tools}
+    assert (done["s"].value, done["s"].content) == ("plain", "plain")  # a str as it is
+    assert json.loads(done["d"].content) == {"k": [1]}  # anything else as JSON
+    assert "object" in done["o"].content  # what JSON cannot encode, as its str()
+    assert all(r.error is None for r in done.values())
+
+
+def test_tool_calls_run_whatever_the_finish_reason(server: Scripted) -> None:
+    # Gemini streaming, vLLM named tool_choice, TGI and old Ollama say "stop".
+    server.add(_calls_then_text(_call(0, "s1", "_add", '{"a": 1, "b": 1}'), finish="stop"),
+               Reply(text_stream("two")))
+    _, result = run(server.client().stream("hi", tools=[_add]))
+    assert result.tool_results[0].value == 2 and result.text == "two"
+
+
+def test_tool_calls_cut_by_length_are_reported_not_run(server: Scripted) -> None:
+    server.add(_calls_then_text(_call(0, "l1", "_add", '{"a": 1, "b"'), finish="length"))
+    chunks, result = run(server.client().stream("hi", tools=[_add]))
+    assert [c.type for c in chunks] == ["finish", "tool_call"]
+    assert result.tool_results == [] and result.finish_reason == "length"
+    assert len(server.requests) == 1
+
+
+def test_tool_loop_stops_at_max_steps(server: Scripted) -> None:
+    for i in range(2):
+        server.add(_calls_then_text(_call(0, f"m{i}", "_add", '{"a": 1, "b": 1}')))
+    chunks, result = run(server.client().stream("hi", tools=[_add], max_steps=2))
+    assert result.finish_reason == "max_steps" and len(result.steps) == 2
+    assert len(result.tool_results) == 1 and [c.type for c in chunks].count("tool_call") == 2
+    assert "tool_calls" not in result.messages[-1], "unrun calls stay out of the history"
+
+
+def test_generate_runs_the_same_loop(server: Scripted) -> None:
+    call = {"id": "g1", "type": "function",
+            "function": {"name": "_add", "arguments": {"a": 20, "b": 22}}}  # TGI < 3.2 object
+    server.add(json_reply(completion(None, "tool_calls", tool_calls=[call])),
+               json_reply(completion("42")))
+    result = server.client().generate("hi", tools=[_add])
+    assert result.text == "42" and result.tool_results[0].value == 42
+    assert result.usage == oc.Usage(6, 4, 10)
+    assert all(b["stream"] is True for b in server.bodies())
+
+
+def test_tool_choice_is_never_sent_without_tools(server: Scripted) -> None:
+    server.add(Reply(text_stream("x")))
+    run(server.client().stream("hi", tool_choice="required"))
+    assert "tool_choice" not in server.bodies()[0]
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["registry.ollama.ai/library/gemma:2b does not support tools",  # Ollama
+     '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'],
+)
+def test_server_without_tools_gets_the_request_without_them(
+    server: Scripted, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.add(json_reply({"error": {"message": message}}, status=400),
+               Reply(text_stream("plain")), Reply(text_stream("again")))
+    client = server.client()
+    with caplog.at_level(logging.WARNING, logger="openai_compat"):
+        _, result = run(client.stream("hi", tools=[_add]))
+    assert result.text == "plain" and "tools" in caplog.text
+    run(client.stream("hi", tools=[_add]))
+    first, second, third = server.bodies()
+    assert "tools" in first and "tools" not in second and "tool_choice" not in second
+    assert "tools" not in third, "the Client remembers"
+    assert client.quirks == ["tools rejected: resent without them", NO_USAGE]
+
+
+# ---- structured answers (schema=) ----
+
+
+@dataclasses.dataclass
+class City:
+    name: str
+    population: int
+
+
+@dataclasses.dataclass
+class Trip:
+    cities: list[City]
+    mode: Literal["train", "car"]
+    note: str | None = None
+
+
+class Point(TypedDict):
+    x: float
+    y: float
+
+
+def _answer(text: str) -> Reply:
+    return Reply(text_stream(text))
+
+
+def test_schema_json_schema_first_and_data_built_from_a_dataclass(server: Scripted) -> None:
+    server.add(_answer('{"cities": [{"name": "Lyon", "population": 522250}], "mode": "train"}'))
+    result = server.client().generate("Plan a trip", schema=Trip)
+    assert result.data == Trip([City("Lyon", 522250)], "train")
+    sent = server.bodies()[0]
+    assert sent["response_format"]["type"] == "json_schema"
+    schema = sent["response_format"]["json_schema"]["schema"]
+    assert schema["required"] == ["cities", "mode"]
+    assert schema["properties"]["cities"]["items"]["properties"]["population"] == {
+        "type": "integer"}
+    assert [m["role"] for m in sent["messages"]] == ["user"]  # no schema message yet
+
+
+@pytest.mark.parametrize(("schema", "answer", "data"), [
+    (Point, '{"x": 1, "y": 2.5}', {"x": 1, "y": 2.5}),
+    (list[Literal["red", "green"]], '["red", "green", "red"]', ["red", "green", "red"]),
+    ({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+     '{"ok": true}', {"ok": True}),
+    (int, "42", 42),
+], ids=["typeddict", "list-literal", "raw-dict", "int"])
+def test_schema_of_every_kind_gives_plain_json_data(server: Scripted, schema: Any, answer: str,
+                                                    data: Any) -> None:
+    server.add(_answer(answer))
+    assert server.client().generate("hi", schema=schema).data == data
+
+
+def test_schema_degrades_one_rung_per_refusal_and_remembers_it(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    # llama-cpp-python refuses json_schema; a stricter server refuses json_object too.
+    server.add(json_reply({"detail": [{"loc": ["body", "response_format", "type"],
+                                       "msg": "Input should be 'text' or 'json_object'"}]},
+                          status=422),
+               json_reply({"error": {"message": "response_format json_object is not "
+                                                "supported"}}, status=400),
+               _answer('{"name": "Nice", "population": 342669}'),
+               _answer('{"name": "Metz", "population": 116581}'))
+    client = server.client(max_retries=0)
+    result = client.generate("A city", schema=City, system="Be brief.")
+    assert result.data == City("Nice", 342669)
+    first, second, third = server.bodies()[:3]
+    assert first["response_format"]["type"] == "json_schema"
+    assert second["response_format"] == {"type": "json_object",
+                                         "schema": first["response_format"]["json_schema"][
+                                             "schema"]}
+    assert "response_format" not in third
+    for body in (second, third):
+        system = body["messages"][0]
+        assert body["messages"][0]["role"] == "system" and len(body["messages"]) == 2
+        assert system["content"].startswith("Be brief.\n\nAnswer with one JSON value")
+        assert '"population": {"type": "integer"}' in system["content"]
+    assert caplog.text.count("refused response_format") == 2
+    # Remembered: the next call asks the way that worked, at once.
+    assert client.generate("Another", schema=City).data == City("Metz", 116581)
+    fourth = server.bodies()[3]
+    assert "response_format" not in fourth and fourth["messages"][0]["role"] == "system"
+
+
+def test_schema_answer_in_prose_and_a_fence_is_read(server: Scripted) -> None:
+    # A server that ignores response_format: the model wraps its JSON in prose.
+    server.add(_answer('Sure! Here it is:\n```json\n{"name": "Caen", "population": 105403}'
+                       '\n```\nAnything else?'))
+    assert server.client().generate("hi", schema=City).data == City("Caen", 105403)
+
+
+def test_schema_wrong_answer_is_repaired_with_what_was_wrong(server: Scripted) -> None:
+    server.add(_answer('{"name": "Pau", "population": "77000"}'),
+               _answer('{"name": "Pau", "population": 77000}'))
+    result = server.client().generate("hi", schema=City)
+    assert result.data == City("Pau", 77000) and len(result.steps) == 2
+    repair = server.bodies()[1]["messages"][-1]
+    assert repair["role"] == "user"
+    assert '$.population: expected integer, got string "77000"' in repair["content"]
+    assert server.bodies()[1]["messages"][-2] == {
+        "role": "assistant", "content": '{"name": "Pau", "population": "77000"}'}
+
+
+def test_schema_three_wrong_answers_are_an_output_error(server: Scripted) -> None:
+    server.add(_answer("no idea"), _answer('{"name": "Pau"}'), _answer('{"population": 1}'))
+    with pytest.raises(oc.OutputError) as caught:
+        server.client().generate("hi", schema=City)
+    assert caught.value.partial_text == '{"population": 1}'
+    assert 'missing required field "name"' in str(caught.value)
+    assert len(server.bodies()) == 3  # the answer and two repairs
+    assert isinstance(caught.value, oc.APIError) and not caught.value.retryable
+
+
+def test_schema_streaming_yields_text_and_sets_the_data(server: Scripted) -> None:
+    server.add(Reply(text_stream('{"name": ', '"Albi", ', '"population": 49000}')))
+    chunks, result = run(server.client().stream("hi", schema=City))
+    assert [c.content for c in chunks if c.type == "text"] == [
+        '{"name": ', '"Albi", ', '"population": 49000}']
+    assert result.data == City("Albi", 49000)
+
+
+def test_schema_bad_uses_are_config_errors(server: Scripted) -> None:
+    client = server.client()
+    with pytest.raises(oc.ConfigError, match="not both"):
+        client.stream("hi", schema=City, response_format={"type": "json_object"})
+    with pytest.raises(oc.ConfigError, match="schema="):
+        client.stream("hi", schema=object)
+    assert server.requests == []
+
+
+# ==== Tools ====
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+def _f_basic(city: str, days: int, metric: bool = True, scale: float = 1.0) -> str:
+    """Look up the weather.
+
+    Args:
+        city: the city name,
+            with its country.
+        days (int): how many days ahead.
+    """
+    return city
+
+
+def _f_containers(tags: list[str], meta: dict[str, int], anything: Any,
+                  note: str | None = None) -> None:
+    pass
+
+
+def _f_choices(mode: Literal["fast", "slow"], colour: Colour,
+               level: Annotated[int, "from 1 to 5"] = 3) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("func", "properties", "required"),
+    [
+        (_f_basic, {"city": {"type": "string", "description": "the city name, with its country."},
+                    "days": {"type": "integer", "description": "how many days ahead."},
+                    "metric": {"type": "boolean"}, "scale": {"type": "number"}},
+         ["city", "days"]),
+        (_f_containers, {"tags": {"type": "array", "items": {"type": "string"}},
+                         "meta": {"type": "object"}, "anything": {},
+                         "note": {"type": "string"}}, ["tags", "meta", "anything"]),
+        (_f_choices, {"mode": {"enum": ["fast", "slow"], "type": "string"},
+                      "colour": {"enum": ["red", "blue"], "type": "string"},
+                      "level": {"type": "integer", "description": "from 1 to 5"}},
+         ["mode", "colour"]),
+    ],
+)
+def test_tool_schema_from_function(func: Callable[..., Any], properties: dict[str, Any],
+                                   required: list[str]) -> None:
+    (t,) = oc._as_tools([func])
+    assert t.parameters == {"type": "object", "properties": properties, "required": required}
+    spec = oc._tool_spec(t)
+    assert spec["type"] == "function" and spec["function"]["name"] == func.__name__
+
+
+def test_tool_description_and_decorator_forms() -> None:
+    @oc.tool
+    def plain(x: int) -> int:
+        """Double it.
+
+        Args:
+            x: a number.
+        """
+        return 2 * x
+
+    @oc.tool(name="renamed", description="Custom.")
+    def other() -> None:
+        pass
+
+    a, b = oc._as_tools([plain, other])
+    assert (a.name, a.description) == ("plain", "Double it.")
+    assert (b.name, b.description, b.parameters["required"]) == ("renamed", "Custom.", [])
+    assert plain(4) == 8, "the decorated function stays callable"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [lambda: None, "not a tool", 3],
+)
+def test_tool_bad_definitions_are_config_errors(bad: Any) -> None:
+    with pytest.raises(oc.ConfigError):
+        oc._as_tools([bad])
+
+
+def test_tool_unsupported_annotation_names_tool_and_parameter() -> None:
+    def takes_callback(callback: Callable[[], None]) -> None:
+        pass
+
+    with pytest.raises(oc.ConfigError, match="takes_callback.*callback"):
+        oc._as_tools([takes_callback])
+
+
+def test_tool_dict_forms_and_duplicates() -> None:
+    def run(query: str) -> str:
+        return query
+
+    tools = oc._as_tools([{"search": {"description": "Find things.",
+                                      "parameters": {"type": "object", "properties": {}},
+                                      "execute": run}},
+                          {"echo": oc.Tool("echo", "Echo.", {"type": "object"}, run)}])
+    assert [t.name for t in tools] == ["search", "echo"]
+    with pytest.raises(oc.ConfigError, match="two tools"):
+        oc._as_tools([run, run])
+    with pytest.raises(oc.ConfigError):
+        oc._as_tools({"x": {"description": "no execute"}})
+
+
+def test_run_tool_checks_arguments_and_converts_enums() -> None:
+    seen: list[Any] = []
+
+    def paint(colour: Colour, coats: int = 1) -> str:
+        seen.append(colour)
+        return colour.value
+
+    (t,) = oc._as_tools([paint])
+    assert oc._run_tool(t, {"colour": "red"}) == "red" and seen == [Colour.RED]
+    with pytest.raises(TypeError, match="missing"):
+        oc._run_tool(t, {})
+    with pytest.raises(TypeError, match="unexpected"):
+        oc._run_tool(t, {"colour": "red", "brush": "wide"})
+    with pytest.raises(ValueError, match="must be one of"):
+        oc._run_tool(t, {"colour": "green"})
+
+
+# Nested objects, as _schema writes them for dataclasses (Price and Order, below).
+PRICE_SCHEMA = {"type": "object",
+                "properties": {"amount": {"type": "number"},
+                               "currency": {"enum": ["EUR", "USD"], "type": "string"}},
+                "required": ["amount"], "additionalProperties": False}
+
+
+ORDER_SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "price": PRICE_SCHEMA,
+                   "size": {"anyOf": [{"enum": ["s", "l"], "type": "string"}, {"type": "null"}]},
+                   "tags": {"type": "array", "items": {"type": "string"}}},
+    "required": ["name", "price"], "additionalProperties": False}},
+    "express": {"type": "boolean"}}, "required": ["items"], "additionalProperties": False}
+
+
+OBJECT = {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
+          "required": ["city"]}
+
+
+CLOSED = {**OBJECT, "additionalProperties": False}
+
+
+OPTIONAL_MODE = {"anyOf": [{"enum": ["fast", "slow"], "type": "string"}, {"type": "null"}]}
+
+
+@pytest.mark.parametrize("value, schema, problem", [
+    # type, also a list of types; an int is a number, a bool is neither
+    ("x", {"type": "string"}, None),
+    (3, {"type": "number"}, None),
+    (3.5, {"type": "integer"}, "$: expected integer, got number 3.5"),
+    (True, {"type": "integer"}, "$: expected integer, got boolean true"),
+    (False, {"type": "number"}, "$: expected number, got boolean false"),
+    ("3", {"type": "integer"}, '$: expected integer, got string "3"'),
+    (None, {"type": "string"}, "$: expected string, got null"),
+    ({}, {"type": "array"}, "$: expected array, got object {}"),
+    (None, {"type": ["string", "null"]}, None),
+    (1, {"type": ["string", "null"]}, "$: expected string or null, got integer 1"),
+    # enum and const, where true is not 1
+    ("slow", {"enum": ["fast", "slow"]}, None),
+    ("quick", {"enum": ["fast", "slow"]}, '$: must be one of "fast", "slow", got "quick"'),
+    (True, {"enum": [1, 2]}, "$: must be one of 1, 2, got true"),
+    ("a", {"const": "a"}, None),
+    ("b", {"const": "a"}, '$: must be "a", got "b"'),
+    # properties, required, additionalProperties
+    ({"city": "Oslo"}, OBJECT, None),
+    ({"n": 1}, OBJECT, '$: missing required field "city"'),
+    ({"city": 5}, OBJECT, "$.city: expected string, got integer 5"),
+    ({"city": "Oslo", "extra": 1}, OBJECT, None),
+    ({"city": "Oslo", "extra": 1}, CLOSED, "$.extra: unexpected field"),
+    ({"odd key": 1}, {"additionalProperties": {"type": "string"}},
+     '$["odd key"]: expected string, got integer 1'),
+    # items
+    ([1, 2], {"type": "array", "items": {"type": "integer"}}, None),
+    ([1, 2, "3"], {"type": "array", "items": {"type": "integer"}},
+     '$[2]: expected integer, got string "3"'),
+    # anyOf (Optional): the option whose type fits tells what is wrong
+    (None, OPTIONAL_MODE, None),
+    ("quick", OPTIONAL_MODE, '$: must be one of "fast", "slow", got "quick"'),
+    (5, OPTIONAL_MODE, "$: expected string or null, got integer 5"),
+    ({"n": 1}, {"anyOf": [OBJECT, {"type": "null"}]}, '$: missing required field "city"'),
+    # nested objects and arrays
+    ({"items": [{"name": "a", "price": {"amount": 1}}, {"name": "b", "price": {"amount": 2.5}},
+                {"name": "c", "price": {"amount": "12.5"}}]}, ORDER_SCHEMA,
+     '$.items[2].price.amount: expected number, got string "12.5"'),
+    ({"items": [{"name": "a", "price": {"amount": 1, "currency": "GBP"}}]}, ORDER_SCHEMA,
+     '$.items[0].price.currency: must be one of "EUR", "USD", got "GBP"'),
+    ({"items": [{"name": "a", "price": {"amount": 1}, "size": "m"}]}, ORDER_SCHEMA,
+     '$.items[0].size: must be one of "s", "l", got "m"'),
+    ({"items": [{"name": "a"}]}, ORDER_SCHEMA, '$.items[0]: missing required field "price"'),
+    ({"items": [], "rush": True}, ORDER_SCHEMA, "$.rush: unexpected field"),
+    # keywords outside the subset are ignored; so are schemas that are not dicts
+    ("abc", {"type": "string", "maxLength": 1, "pattern": "^z"}, None),
+    ("abc", True, None),
+])
+def test_check_table(value: Any, schema: Any, problem: str | None) -> None:
+    assert oc._check(value, schema) == problem
+
+
+def test_check_messages_stay_short() -> None:
+    problem = oc._check({"text": "x" * 10_000}, {"properties": {"text": {"type": "integer"}}})
+    assert problem is not None and problem.startswith('$.text: expected integer, got string "xxx')
+    assert len(problem) < 100
+    problem = oc._check("z", {"enum": [f"option{i}" for i in range(50)]})
+    assert problem is not None and ", ..., got" in problem and len(problem) < 200
+
+
+@pytest.mark.parametrize("text, value", [
+    ('{"a": 1}', {"a": 1}),
+    ('"just text"', "just text"),
+    ("42", 42),
+    ('Here you go:\n{"a": 1}\nHope that helps!', {"a": 1}),
+    ('```json\n{"a": [1, 2]}\n```', {"a": [1, 2]}),
+    ('Sure.\n```JSON\n{"a": "} and {"}\n```\nThe braces are in a string.', {"a": "} and {"}),
+    ('I thought of {"a": 0}, but:\n```\n{"a": 1}\n```', {"a": 1}),
+    ('```json\n{"a": 1}', {"a": 1}),  # the closing fence cut off
+    ("Use {placeholders} like {this}: [1, 2] and {\"a\": 1}", [1, 2]),
+    ('<think>Maybe {"a": 0}?</think>\n\n{"a": 1}', {"a": 1}),
+])
+def test_json_from_text_finds_the_first_complete_value(text: str, value: Any) -> None:
+    assert oc._json_from_text(text) == value
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "empty"),
+    ("No JSON here, sorry.", "no JSON object or array"),
+    ('{"a": 1, "b": ', "no complete JSON value"),
+])
+def test_json_from_text_says_why_it_found_none(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        oc._json_from_text(text)
+
+
+class Size(enum.Enum):
+    SMALL = "s"
+    LARGE = "l"
+
+
+@dataclass
+class Price:
+    amount: float
+    currency: Literal["EUR", "USD"] = "EUR"
+
+
+@dataclass
+class LineItem:
+    name: str
+    price: Price
+    size: Size | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Order:
+    items: list[LineItem]
+    express: bool = False
+
+
+class Address(TypedDict):
+    city: str
+    zip: int
+
+
+class Delivery(Address, total=False):
+    floor: int
+    size: Size
+
+
+@dataclass
+class Chain:
+    name: str
+    next: Chain | None = None
+
+
+def test_schema_of_dataclasses_and_typeddicts_nests_objects() -> None:
+    assert oc._schema(Order, "answer") == ORDER_SCHEMA
+    assert oc._schema(Delivery, "answer") == {
+        "type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "integer"},
+                                         "floor": {"type": "integer"},
+                                         "size": {"enum": ["s", "l"], "type": "string"}},
+        "required": ["city", "zip"], "additionalProperties": False}
+    assert oc._schema(list[Literal["a", "b"]], "answer") == {
+        "type": "array", "items": {"enum": ["a", "b"], "type": "string"}}
+
+
+def test_schema_optional_is_null_except_for_a_tool_parameter() -> None:
+    def quote(price: Price | None = None, note: str | None = None) -> None:
+        pass
+
+    (t,) = oc._as_tools([quote])
+    assert t.parameters["properties"] == {"price": PRICE_SCHEMA, "note": {"type": "string"}}
+    assert oc._schema(str | None, "answer") == {"anyOf": [{"type": "string"},
+                                                             {"type": "null"}]}
+
+
+def test_schema_refuses_self_reference_and_unknown_names() -> None:
+    with pytest.raises(oc.ConfigError, match="'next'.*Chain contains itself"):
+        oc._schema(Chain, "answer")
+    broken = make_dataclass("Broken", [("part", "NoSuchType")])
+    with pytest.raises(oc.ConfigError, match="Broken.*NoSuchType"):
+        oc._schema(broken, "answer")
+
+
+_type_names = itertools.count()
+
+
+_SCALAR_TYPES = st.sampled_from([
+    (str, st.text(max_size=5)),
+    (int, st.integers()),
+    (float, st.floats(allow_nan=False, allow_infinity=False) | st.integers()),
+    (bool, st.booleans()),
+    (Any, st.none() | st.integers() | st.text(max_size=3)),
+])
+
+
+_CHOICES = st.lists(st.text(max_size=3) | st.integers(-5, 5), min_size=1, max_size=4, unique=True)
+
+
+def _enum_type(values: list[Any]) -> tuple[Any, Any]:
+    members = [(f"M{i}", v) for i, v in enumerate(values)]
+    return enum.Enum(f"E{next(_type_names)}", members), st.sampled_from(values)
+
+
+def _record_type(fields: list[tuple[tuple[Any, Any], bool]], kind: str) -> tuple[Any, Any]:
+    """A dataclass or TypedDict with a field per (type, values) pair; the flag: optional."""
+    name = f"R{next(_type_names)}"
+    fields = sorted(fields, key=lambda f: f[1])  # dataclass fields with defaults come last
+    required = {f"f{i}": values for i, ((_, values), optional) in enumerate(fields) if not optional}
+    optional = {f"f{i}": values for i, ((_, values), opt) in enumerate(fields) if opt}
+    if kind == "dataclass":
+        cls = make_dataclass(name, [(f"f{i}", hint, field(default=None)) if opt else
+                                    (f"f{i}", hint) for i, ((hint, _), opt) in enumerate(fields)])
+        return cls, st.fixed_dictionaries(required, optional=optional)
+    total = not any(opt for _, opt in fields)
+    cls = TypedDict(name, {f"f{i}": hint for i, ((hint, _), _) in enumerate(fields)},  # type: ignore[misc]
+                    total=total)
+    if total:
+        return cls, st.fixed_dictionaries({**required, **optional})
+    return cls, st.fixed_dictionaries({}, optional={**required, **optional})
+
+
+def _nest(inner: Any) -> Any:
+    fields = st.lists(st.tuples(inner, st.booleans()), max_size=3)
+    return st.one_of(
+        inner.map(lambda p: (list[p[0]], st.lists(p[1], max_size=3))),
+        inner.map(lambda p: (p[0] | None, st.none() | p[1])),
+        st.tuples(inner, inner).map(lambda ps: (ps[0][0] | ps[1][0], ps[0][1] | ps[1][1])),
+        fields.map(lambda fs: _record_type(fs, "dataclass")),
+        fields.map(lambda fs: _record_type(fs, "typeddict")),
+    )
+
+
+_TYPES = st.recursive(_SCALAR_TYPES | _CHOICES.map(lambda vs: (Literal[tuple(vs)],
+                                                             st.sampled_from(vs)))
+                      | _CHOICES.map(_enum_type), _nest, max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_check_accepts_every_value_of_the_type_a_schema_was_built_from(data: Any) -> None:
+    annotation, values = data.draw(_TYPES)
+    schema = oc._schema(annotation, "answer")
+    json.dumps(schema)  # sendable as it is
+    value = data.draw(values)
+    assert oc._check(value, schema) is None
+    built = oc._build(value, annotation)
+    if is_dataclass(annotation) or isinstance(annotation, enum.EnumMeta):
+        assert isinstance(built, annotation)
+
+
+def test_build_makes_the_values_the_hints_ask_for() -> None:
+    raw = {"items": [{"name": "tea", "price": {"amount": 3, "currency": "USD"}, "size": "l"},
+                     {"name": "cup", "price": {"amount": 1.5}, "tags": ["blue"]}]}
+    assert oc._build(raw, Order) == Order([
+        LineItem("tea", Price(3, "USD"), Size.LARGE),
+        LineItem("cup", Price(1.5), None, ["blue"])])
+    assert oc._build({"city": "Oslo", "zip": 150, "size": "s"}, Delivery) == {
+        "city": "Oslo", "zip": 150, "size": Size.SMALL}
+    assert oc._build(["a", "b"], list[Literal["a", "b"]]) == ["a", "b"]
+    assert oc._build(["s", "l"], list[Size]) == [Size.SMALL, Size.LARGE]
+    assert oc._build(None, Price | None) is None
+    assert oc._build({"amount": 2}, Price | None) == Price(2)
+    assert oc._build({"city": "Oslo", "zip": 1}, Price | Address) == {"city": "Oslo",
+                                                                          "zip": 1}
+    assert oc._build({"a": [1]}, dict[str, Any]) == {"a": [1]}
+
+
+def test_run_tool_reads_the_signature_once_and_takes_null_for_optional(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def note(text: str, price: Price | None = None, **more: Any) -> Any:
+        return text, price, more
+
+    def hand_made(size: str) -> str:
+        return size
+
+    tools = oc._as_tools([note, oc.Tool("raw", "", {"type": "object", "properties": {
+        "size": {"enum": ["s", "l"]}}, "required": ["size"]}, hand_made)])
+    monkeypatch.setattr(oc.inspect, "signature", None)  # a call that read it would fail
+    note_tool, raw_tool = tools
+    assert oc._run_tool(note_tool, {"text": "a", "price": None, "x": 1}) == ("a", None, {"x": 1})
+    assert oc._run_tool(note_tool, {"text": "a", "price": {"amount": 2}}) == ("a", Price(2), {})
+    assert oc._run_tool(raw_tool, {"size": "s"}) == "s", "no hints: checked, passed as it came"
+    with pytest.raises(TypeError, match="unexpected argument"):
+        oc._run_tool(raw_tool, {"size": "s", "colour": "red"})
+    with pytest.raises(ValueError, match='^\\$.size: must be one of "s", "l", got "m"$'):
+        oc._run_tool(raw_tool, {"size": "m"})
+
+
+WHOLE = "one JSON document for a stream request"
+
+
 # ==== Streaming ====
 
 
@@ -727,57 +1645,6 @@ def test_stream_request_body(server: Scripted) -> None:
     assert server.requests[0]["headers"].get("Accept-Encoding") == "identity"
 
 
-@pytest.mark.parametrize(("keyword", "says"), [
-    ("max_token", "did you mean max_tokens=?"),
-    ("temprature", "did you mean temperature=?"),
-    ("top_k", "extra_body={'top_k': ...}"),
-    ("stream", "call stream() to stream"),
-    ("tool", "did you mean tools=?"),
-])
-def test_options_unknown_keywords_fail_loudly_naming_the_closest(
-        server: Scripted, keyword: str, says: str) -> None:
-    # Issue #12: a misspelt option went into the request body and the server ignored it.
-    client = server.client()
-    for call in (client.stream, client.generate):
-        with pytest.raises(oc.ConfigError) as caught:
-            call("hi", **{keyword: 5})
-        assert f"{keyword}=" in str(caught.value) and says in str(caught.value)
-    assert server.requests == []
-
-
-def test_options_openai_parameters_and_extra_body_reach_the_server(server: Scripted) -> None:
-    server.add(Reply(text_stream("ok")))
-    run(server.client().stream("hi", max_completion_tokens=9, logprobs=True, top_logprobs=2,
-                               parallel_tool_calls=False, reasoning_effort="low", user="u1",
-                               extra_body={"top_k": 40, "min_p": 0.05, "seed": 7}, seed=3))
-    body = server.bodies()[0]
-    assert {k: body[k] for k in ("max_completion_tokens", "logprobs", "top_logprobs",
-                                 "parallel_tool_calls", "reasoning_effort", "user", "top_k",
-                                 "min_p")} == {
-        "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2,
-        "parallel_tool_calls": False, "reasoning_effort": "low", "user": "u1", "top_k": 40,
-        "min_p": 0.05}
-    assert body["seed"] == 7  # extra_body is merged last
-    assert "timeout" not in body and "extra_body" not in body
-
-
-def test_options_timeout_is_this_calls_silence_limit(server: Scripted) -> None:
-    # Issue #12: timeout=5 went into the request body as "timeout": 5.
-    server.add(Reply(sse(delta(content="a")), text_stream("b"), pause=3),
-               Reply(text_stream("c")))
-    client = server.client(timeout=60)
-    started = time.monotonic()
-    with pytest.raises(oc.RequestTimeoutError) as caught:
-        run(client.stream("hi", timeout=0.5))
-    assert time.monotonic() - started < 2.5
-    assert caught.value.partial_text == "a"
-    assert client.stream("hi", timeout=5).text == "c"
-    assert "timeout" not in server.bodies()[1]
-    for bad in (0, -1, "soon"):
-        with pytest.raises(oc.ConfigError, match="timeout="):
-            client.stream("hi", timeout=bad).text  # noqa: B018 - raises before sending
-
-
 def test_stream_text_one_finish_and_result(server: Scripted) -> None:
     usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
     server.add(Reply(text_stream("Hel", "lo", usage=usage)))
@@ -794,8 +1661,13 @@ def test_stream_text_one_finish_and_result(server: Scripted) -> None:
 # Client.quirks lines that most transcripts below produce: the client asks for usage
 # (include_usage), which few transcripts send.
 NO_USAGE = "no usage in streams"
+
+
 NO_DONE = "no [DONE] at the end of streams"
+
+
 ANOTHER_MODEL = "answers with another model than asked"
+
 
 # name -> (stream text, Client.quirks after it). What the SSE spec allows (data: without
 # a space, comments, an event without data, data over several lines) is no quirk.
@@ -1086,42 +1958,6 @@ def test_stream_silence_past_timeout_is_request_timeout(server: Scripted) -> Non
     assert caught.value.partial_text == "a" and isinstance(caught.value, TimeoutError)
 
 
-def test_generate_never_times_out_while_tokens_flow(server: Scripted) -> None:
-    # Issue #14: generate() sent a non-streamed request, so a long answer was one
-    # silence and failed past `timeout` although the server was working.
-    tokens = [sse(delta(content=f"{i} ")) for i in range(8)]
-    server.add(Reply(*tokens, sse(delta("stop"), "data: [DONE]\n\n"), pause=0.2))
-    started = time.monotonic()
-    result = server.client(timeout=0.5, max_retries=0).generate("hi")
-    assert time.monotonic() - started > 1.5  # three times the timeout, in all
-    assert result.text == "".join(f"{i} " for i in range(8))
-    assert server.bodies()[0]["stream"] is True
-
-
-def test_generate_fails_within_timeout_of_silence_keeping_the_partial_text(
-        server: Scripted) -> None:
-    server.add(Reply(sse(delta(content="half an ")), sse(delta(content="answer")), pause=3))
-    started = time.monotonic()
-    with pytest.raises(oc.RequestTimeoutError) as caught:
-        server.client(timeout=0.5, max_retries=0).generate("hi")
-    assert time.monotonic() - started < 2.5
-    assert caught.value.partial_text == "half an "
-    assert "OPENAI_COMPATIBLE_TIMEOUT" in str(caught.value)  # the hint: raise it
-
-
-def test_unstreamed_fallback_silence_says_whole_answers_take_longer(server: Scripted) -> None:
-    # A server whose tool streams are empty is asked for whole answers, which come
-    # only when complete: a long one is silence, not a fault.
-    server.add(json_reply(completion("late"), delay=3))
-    client = server.client(timeout=0.5, max_retries=0)
-    client._tools_unstreamed = True
-    started = time.monotonic()
-    with pytest.raises(oc.RequestTimeoutError) as caught:
-        client.generate("hi", tools=[_add])
-    assert time.monotonic() - started < 2.5
-    assert "whole answer" in str(caught.value) and "stream()" in str(caught.value)
-
-
 def test_stream_plain_break_closes_the_response(server: Scripted) -> None:
     # Issue #13: only a with-block was tested. A for-loop left with break drops the
     # last reference to the Stream, which closes its response at once.
@@ -1196,8 +2032,6 @@ def test_text_buffer_keeps_every_piece_in_order(count: int) -> None:
     assert buffer.getvalue() == buffer.getvalue() == "".join(pieces)
 
 
-# ==== SSE byte layer ====
-
 def events_of(chunks: list[bytes]) -> list[tuple[str, str]]:
     """(event name, data) of each SSE event the module reads from `chunks`."""
     return [(event.event, event.data) for event in oc._iter_sse(chunks)]
@@ -1205,6 +2039,8 @@ def events_of(chunks: list[bytes]) -> list[tuple[str, str]]:
 
 SAMPLE = (b'data: {"a": 1}\n\n: comment\n\nevent: ping\n\ndata: x\ndata: y\n\n'
           b'error: {"e": 2}\n\ndata: caf\xc3\xa9\n\ndata:  [DONE]\n\n')
+
+
 SAMPLE_EVENTS = [("message", '{"a": 1}'), ("message", "x\ny"), ("error", '{"e": 2}'),
                  ("message", "café"), ("message", " [DONE]")]
 
@@ -1243,65 +2079,190 @@ def test_iter_events_note_what_they_absorb() -> None:
                           "legacy `error:` lines in streams"}
 
 
-# ==== Non-streaming (generate) ====
+# name -> (the tool_calls of each delta, the calls assembled, Client.quirks after it)
+TOOL_CALL_STREAMS: dict[str, tuple[list[Any], list[tuple[str, dict[str, Any]]],
+                                   list[str]]] = {
+    # OpenAI / vLLM / llama.cpp: id and name first, then argument fragments by index.
+    "openai": ([[_call(0, "call_1", "add", '{"a"')], [_call(0, arguments=": 1, ")],
+                [_call(0, arguments='"b": 2}')]], [("add", {"a": 1, "b": 2})],
+               []),
+    # TGI >= 3.2: id "0", type and index repeated on every delta; name null after the first.
+    "tgi-id-repeated": ([[_call(0, "0", "add", '{"a":', type="function")],
+                         [_call(0, "0", None, " 1, ", type="function")],
+                         [_call(0, "0", None, '"b": 2}', type="function")]],
+                        [("add", {"a": 1, "b": 2})],
+                        ["tool call id repeated on later deltas"]),
+    # llama-cpp-python / LiteLLM: id and full name in every chunk, legacy function_call too.
+    "name-repeated": ([[_call(0, "c1", "add", '{"a": 1,')], [_call(0, "c1", "add", ' "b": 2}')],
+                       [_call(0, "c1", "add", "")]], [("add", {"a": 1, "b": 2})],
+                      ["legacy function_call beside tool_calls",
+                       "tool call id repeated on later deltas", "tool call name repeated"]),
+    # LM Studio: later deltas carry "name": "" which must not erase the name.
+    "lmstudio-empty-name": ([[_call(0, "7", "add", "")], [_call(0, None, "", '{"a": 1, "b": 2}',
+                                                              type="function")]],
+                            [("add", {"a": 1, "b": 2})],
+                            []),
+    # Gemini: no index; two calls with distinct ids, each whole.
+    "gemini-no-index": ([[_call(None, "g1", "add", '{"a": 1, "b": 2}'),
+                          _call(None, "g2", "add", '{"a": 3, "b": 4}')]],
+                        [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
+                        ["tool calls streamed without index"]),
+    # A proxy that sends index 0 for every call, with distinct ids.
+    "same-index-distinct-ids": ([[_call(0, "p1", "add", '{"a": 1, "b": 2}')],
+                                 [_call(0, "p2", "add", '{"a": 5, "b": 6}')]],
+                                [("add", {"a": 1, "b": 2}), ("add", {"a": 5, "b": 6})],
+                                ["tool call index reused for another call"]),
+    # Anthropic-compat / LiteLLM -> Bedrock: index starts at 1.
+    "index-starts-at-1": ([[_call(1, "t1", "add", "")], [_call(1, arguments='{"a": 1, "b": 2}')]],
+                          [("add", {"a": 1, "b": 2})],
+                          ["tool call index starting at 1"]),
+    # Mistral incremental: second delta has neither id nor index.
+    "no-id-no-index-continues": ([[_call(None, "abcdefghi", "add", '{"a": 1')],
+                                  [_call(None, None, "", ', "b": 2}')]],
+                                 [("add", {"a": 1, "b": 2})],
+                                 ["tool calls streamed without index"]),
+    # grok: the name arrives after the first delta.
+    "name-late": ([[_call(0, "call_late", None, "")], [_call(0, None, "add", '{"a": 1, "b": 2}')]],
+                  [("add", {"a": 1, "b": 2})],
+                  []),
+    # TGI < 3.2: tool_calls is one object; arguments as an object.
+    "object-not-list": ([_call(0, "x", "add", {"a": 1, "b": 2})], [("add", {"a": 1, "b": 2})],
+                        ["tool_calls as one object, not a list",
+                         "tool arguments as an object, not a string"]),
+    # function: null on a continuation, and empty trailing arguments (vLLM-based).
+    "null-function-and-trailing-empty": ([[_call(0, "v1", "add", '{"a": 1, "b": 2}')],
+                                          [{"index": 0, "function": None}],
+                                          [_call(0, arguments="")]], [("add", {"a": 1, "b": 2})],
+                                         []),
+    # Issue #11: parallel calls with "id": "" and no index, listed in one delta (LM Studio,
+    # Gemini through proxies), or one whole call per delta: two calls, not one merged.
+    "empty-ids-one-delta": ([[_call(None, "", "add", '{"a": 1, "b": 2}'),
+                              _call(None, "", "add", '{"a": 3, "b": 4}')]],
+                            [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
+                            ["tool calls streamed without index",
+                             "tool calls without ids: ids made up"]),
+    "empty-ids-a-delta-each": ([[_call(None, "", "add", '{"a": 1, "b": 2}')],
+                                [_call(None, "", "add", '{"a": 3, "b": 4}')]],
+                               [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
+                               ["tool calls streamed without index",
+                                "tool calls without ids: ids made up"]),
+    # Interleaved parallel calls by index.
+    "interleaved": ([[_call(0, "i0", "add", '{"a": 1,'), _call(1, "i1", "add", '{"a": 3,')],
+                     [_call(1, arguments=' "b": 4}'), _call(0, arguments=' "b": 2}')]],
+                    [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
+                    []),
+}
 
 
-def test_generate_body_and_result(server: Scripted) -> None:
-    server.add(json_reply(completion("Hello", reasoning_content="hmm")))
-    result = server.client().generate("hi", stream_options={"include_usage": True})
-    body = server.bodies()[0]
-    # Issue #14: streamed underneath; a server may still answer with one document.
-    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
-    assert result.text == "Hello" and result.reasoning == "hmm"
-    assert result.usage == oc.Usage(3, 2, 5) and result.finish_reason == "stop"
+@pytest.mark.parametrize("name", list(TOOL_CALL_STREAMS))
+def test_tool_call_assembly_survives_every_server(server: Scripted, name: str) -> None:
+    deltas, expected, quirks = TOOL_CALL_STREAMS[name]
+    events = [delta(tool_calls=d) for d in deltas]
+    if name == "name-repeated":
+        events = [delta(tool_calls=d, function_call=d[0]["function"]) for d in deltas]
+    client = server.client()
+    for attempt in range(2):
+        server.add(Reply(sse(*events, delta("tool_calls"), "data: [DONE]\n\n")),
+                   Reply(text_stream("done")))
+        chunks, result = run(client.stream("hi", tools=[{"add": _add}]))
+        calls = [c.tool_call for c in chunks if c.type == "tool_call"]
+        assert [(c.name, c.arguments) for c in calls if c] == expected
+        assert [r.value for r in result.tool_results] == [a["a"] + a["b"] for _, a in expected]
+        ids = [c.id for c in calls if c]
+        assert all(ids) and len(set(ids)) == len(ids)
+        sent = server.bodies()[2 * attempt + 1]["messages"]
+        assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
+        assert [c["id"] for c in sent[-len(ids) - 1]["tool_calls"]] == ids
+        assert result.text == "done"
+        assert client.quirks == [*quirks, NO_USAGE]
 
 
-def test_generate_tolerates_null_content_and_missing_fields(server: Scripted) -> None:
-    server.add(json_reply({"choices": [{"message": {"content": None}}]}))
-    result = server.client().generate("hi")
-    assert result.text == "" and result.usage is None and result.finish_reason == "stop"
+def test_tool_calls_without_ids_get_unique_ones_and_empty_arguments_mean_none(
+    server: Scripted
+) -> None:
+    def now() -> str:
+        """The time of day."""
+        return "noon"
+
+    # id "" on one call, no id on the other; arguments "" and absent.
+    server.add(Reply(sse(delta(tool_calls=[_call(0, "", "now", "")]),
+                         delta(tool_calls=[_call(1, None, "now", None)]),
+                         delta("tool_calls"), "data: [DONE]\n\n")),
+               Reply(text_stream("ok")))
+    _, result = run(server.client().stream("hi", tools=[now]))
+    ids = [r.call.id for r in result.tool_results]
+    assert len(ids) == 2 and all(ids) and ids[0] != ids[1]
+    assert [(r.call.arguments, r.error, r.value) for r in result.tool_results] == [
+        ({}, None, "noon"), ({}, None, "noon")]
+    sent = server.bodies()[1]["messages"]
+    calls = next(m for m in sent if m.get("tool_calls"))["tool_calls"]
+    assert [(c["id"], c["function"]["arguments"]) for c in calls] == [(i, "{}") for i in ids]
+    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
 
 
-@pytest.mark.parametrize(
-    ("payload", "expected", "quirks"),
-    [
-        ({"error": "Unexpected endpoint or method. (POST /chat/completions)"},
-         oc.BadRequestError, ['error bodies as {"error": "text"}',
-                              "errors with status 200"]),  # LM Studio, 200
-        ({"error": {"message": "request exceeds the available context size"}},
-         oc.ContextLengthError, ["errors with status 200"]),
-        ({"choices": None}, oc.APIError, []),  # vLLM via RunPod
-    ],
-)
-def test_generate_200_with_an_error_body(server: Scripted, payload: Any,
-                                         expected: type, quirks: list[str]) -> None:
+@pytest.mark.parametrize("raw, parsed, error, quirks", [
+    ('{"a": 1}', {"a": 1}, None, []),
+    ("", {}, None, []),
+    ('{"text": "two\nlines"}', {"text": "two\nlines"}, None,
+     ["raw newlines in tool arguments"]),  # llama-cpp-python, raw newline
+    ('{"a": 1}<|eot_id|>', {"a": 1}, None,
+     ["special token after tool arguments"]),  # TGI < 3.2, special token left in
+    ('{"t": "a\tb"}</s>', {"t": "a\tb"}, None,
+     ["special token after tool arguments", "raw newlines in tool arguments"]),
+    ('"{\\"a\\": 1}"', {"a": 1}, None, ["tool arguments encoded twice"]),
+    ('{"a": 1', {}, "not valid JSON", []),
+    ("[1, 2]", {}, "must be a JSON object", []),
+])
+def test_tool_arguments_are_parsed_leniently_but_never_guessed(
+    raw: str, parsed: dict[str, Any], error: str | None, quirks: list[str]
+) -> None:
+    noted: list[str] = []
+    value, problem = oc._parse_arguments(raw, noted.append)
+    assert value == parsed
+    assert (problem is None) if error is None else (error in (problem or ""))
+    assert noted == quirks
+
+
+@pytest.mark.parametrize(("message", "finish", "quirks"), [
+    # TGI < 3.2: one call object, no name, the grammar's output as an object.
+    ({"content": None, "tool_calls": {"id": "0", "type": "function", "function": {
+        "name": None, "arguments": {"function": {"_name": "_add", "a": 1, "b": 2}}}}},
+     "eos_token", [WHOLE, "tool_calls as one object, not a list",
+                   "tool arguments as an object, not a string",
+                   "tool name inside the arguments (_name)", "finish_reason 'eos_token' for stop"]),
+    # The legacy form alone.
+    ({"content": None, "function_call": {"name": "_add", "arguments": '{"a": 1, "b": 2}'}},
+     "function_call", [WHOLE, "legacy function_call instead of tool_calls",
+                       "tool calls without ids: ids made up"]),
+    ({"content": "", "reasoning": "1 + 2", "tool_calls": [{"id": "r1", "type": "function",
+                                                           "function": {"name": "_add",
+                                                           "arguments": '{"a": 1, "b": 2}'}}]},
+     "tool_calls", [WHOLE, "reasoning in reasoning"]),
+])
+def test_whole_answers_name_their_quirks_too(server: Scripted, message: dict[str, Any],
+                                             finish: str, quirks: list[str]) -> None:
+    answer = {"choices": [{"index": 0, "message": message, "finish_reason": finish}]}
     client = server.client()
     for _ in range(2):
-        server.add(json_reply(payload))
-        with pytest.raises(expected) as caught:
-            client.generate("hi")
-        assert type(caught.value) is expected  # the class itself, not any subclass
-        assert caught.value.status_code in (200, None)
+        server.add(json_reply(answer), json_reply(completion("3")))
+        result = client.generate("1+2?", tools=[_add])
+        assert result.tool_results[0].value == 3 and result.text == "3"
         assert client.quirks == quirks
 
 
-def test_generate_continues_a_conversation(server: Scripted) -> None:
-    server.add(json_reply(completion("Paris")), json_reply(completion("About 2 million.")))
+def test_a_streamed_legacy_function_call_is_one_call(server: Scripted) -> None:
+    server.add(Reply(sse(delta(function_call={"name": "_add", "arguments": '{"a": 1,'}),
+                         delta(function_call={"arguments": ' "b": 2}'}),
+                         delta("function_call"), "data: [DONE]\n\n")),
+               Reply(text_stream("3")))
     client = server.client()
-    first = client.generate("Capital of France?")
-    second = client.generate("And its population?", messages=first.messages)
-    assert second.text == "About 2 million."
-    roles = [m["role"] for m in server.bodies()[1]["messages"]]
-    assert roles == ["user", "assistant", "user"]
+    result = client.generate("1+2?", tools=[_add])
+    assert [r.value for r in result.tool_results] == [3] and result.text == "3"
+    assert client.quirks == ["legacy function_call instead of tool_calls",
+                             "tool calls without ids: ids made up", NO_USAGE]
 
 
-def test_generate_needs_something_to_send(server: Scripted) -> None:
-    with pytest.raises(oc.ConfigError):
-        server.client().generate()
-    assert server.requests == []
-
-
-# ==== HTTP plumbing: retries, timeouts, connections ====
+# ==== HTTP plumbing ====
 
 
 def test_retry_429_then_200(server: Scripted) -> None:
@@ -1356,36 +2317,6 @@ def test_a_server_loading_past_timeout_fails_with_its_classified_error(
     assert caught.value.status_code == 503 and "Loading model" in caught.value.message
     # No gap over 2 s: a dozen asks at most in 1.5 s, and more than two.
     assert 3 <= len(server.requests) < 12
-
-
-def test_wait_ready_waits_for_refusals_then_loading_then_returns_the_models(
-        late_server: tuple[Scripted, str], caplog: pytest.LogCaptureFixture) -> None:
-    # Issue #14: a script that starts a server had no way to wait for it.
-    caplog.set_level(logging.INFO)
-    script, base_url = late_server
-    script.add(LOADING, LOADING, json_reply({"data": [{"id": "smollm2"}]}))
-    client = oc.Client(base_url)
-    started = time.monotonic()
-    assert client.wait_ready(timeout=30) == ["smollm2"]
-    assert 2.0 <= time.monotonic() - started < 12
-    assert [r["path"] for r in script.requests] == ["/v1/models"] * 3
-    assert client.model == "smollm2" and len(script.requests) == 3  # discovery reused it
-    assert "waiting for" in caplog.text
-
-
-def test_wait_ready_gives_up_after_timeout_and_raises_other_errors_at_once(
-        server: Scripted) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    started = time.monotonic()
-    with pytest.raises(oc.EndpointUnavailableError):
-        oc.Client(f"http://127.0.0.1:{port}/v1").wait_ready(timeout=1)
-    assert 1 <= time.monotonic() - started < 4
-    server.add(json_reply({"error": {"message": "Invalid API Key"}}, status=401))
-    with pytest.raises(oc.AuthenticationError):
-        oc.Client(server.base_url).wait_ready(timeout=30)
-    assert len(server.requests) == 1
 
 
 def test_retry_5xx_spends_the_budget(server: Scripted) -> None:
@@ -1530,792 +2461,6 @@ def test_stale_keep_alive_connection_is_resent_once(hang_up: str) -> None:
         listener.close()
 
 
-# ==== Tools ====
-
-
-class Colour(enum.Enum):
-    RED = "red"
-    BLUE = "blue"
-
-
-def _f_basic(city: str, days: int, metric: bool = True, scale: float = 1.0) -> str:
-    """Look up the weather.
-
-    Args:
-        city: the city name,
-            with its country.
-        days (int): how many days ahead.
-    """
-    return city
-
-
-def _f_containers(tags: list[str], meta: dict[str, int], anything: Any,
-                  note: str | None = None) -> None:
-    pass
-
-
-def _f_choices(mode: Literal["fast", "slow"], colour: Colour,
-               level: Annotated[int, "from 1 to 5"] = 3) -> None:
-    pass
-
-
-@pytest.mark.parametrize(
-    ("func", "properties", "required"),
-    [
-        (_f_basic, {"city": {"type": "string", "description": "the city name, with its country."},
-                    "days": {"type": "integer", "description": "how many days ahead."},
-                    "metric": {"type": "boolean"}, "scale": {"type": "number"}},
-         ["city", "days"]),
-        (_f_containers, {"tags": {"type": "array", "items": {"type": "string"}},
-                         "meta": {"type": "object"}, "anything": {},
-                         "note": {"type": "string"}}, ["tags", "meta", "anything"]),
-        (_f_choices, {"mode": {"enum": ["fast", "slow"], "type": "string"},
-                      "colour": {"enum": ["red", "blue"], "type": "string"},
-                      "level": {"type": "integer", "description": "from 1 to 5"}},
-         ["mode", "colour"]),
-    ],
-)
-def test_tool_schema_from_function(func: Callable[..., Any], properties: dict[str, Any],
-                                   required: list[str]) -> None:
-    (t,) = oc._as_tools([func])
-    assert t.parameters == {"type": "object", "properties": properties, "required": required}
-    spec = oc._tool_spec(t)
-    assert spec["type"] == "function" and spec["function"]["name"] == func.__name__
-
-
-def test_tool_description_and_decorator_forms() -> None:
-    @oc.tool
-    def plain(x: int) -> int:
-        """Double it.
-
-        Args:
-            x: a number.
-        """
-        return 2 * x
-
-    @oc.tool(name="renamed", description="Custom.")
-    def other() -> None:
-        pass
-
-    a, b = oc._as_tools([plain, other])
-    assert (a.name, a.description) == ("plain", "Double it.")
-    assert (b.name, b.description, b.parameters["required"]) == ("renamed", "Custom.", [])
-    assert plain(4) == 8, "the decorated function stays callable"
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [lambda: None, "not a tool", 3],
-)
-def test_tool_bad_definitions_are_config_errors(bad: Any) -> None:
-    with pytest.raises(oc.ConfigError):
-        oc._as_tools([bad])
-
-
-def test_tool_unsupported_annotation_names_tool_and_parameter() -> None:
-    def takes_callback(callback: Callable[[], None]) -> None:
-        pass
-
-    with pytest.raises(oc.ConfigError, match="takes_callback.*callback"):
-        oc._as_tools([takes_callback])
-
-
-def test_tool_dict_forms_and_duplicates() -> None:
-    def run(query: str) -> str:
-        return query
-
-    tools = oc._as_tools([{"search": {"description": "Find things.",
-                                      "parameters": {"type": "object", "properties": {}},
-                                      "execute": run}},
-                          {"echo": oc.Tool("echo", "Echo.", {"type": "object"}, run)}])
-    assert [t.name for t in tools] == ["search", "echo"]
-    with pytest.raises(oc.ConfigError, match="two tools"):
-        oc._as_tools([run, run])
-    with pytest.raises(oc.ConfigError):
-        oc._as_tools({"x": {"description": "no execute"}})
-
-
-def test_run_tool_checks_arguments_and_converts_enums() -> None:
-    seen: list[Any] = []
-
-    def paint(colour: Colour, coats: int = 1) -> str:
-        seen.append(colour)
-        return colour.value
-
-    (t,) = oc._as_tools([paint])
-    assert oc._run_tool(t, {"colour": "red"}) == "red" and seen == [Colour.RED]
-    with pytest.raises(TypeError, match="missing"):
-        oc._run_tool(t, {})
-    with pytest.raises(TypeError, match="unexpected"):
-        oc._run_tool(t, {"colour": "red", "brush": "wide"})
-    with pytest.raises(ValueError, match="must be one of"):
-        oc._run_tool(t, {"colour": "green"})
-
-
-# Nested objects, as _schema writes them for dataclasses (Price and Order, below).
-PRICE_SCHEMA = {"type": "object",
-                "properties": {"amount": {"type": "number"},
-                               "currency": {"enum": ["EUR", "USD"], "type": "string"}},
-                "required": ["amount"], "additionalProperties": False}
-ORDER_SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "price": PRICE_SCHEMA,
-                   "size": {"anyOf": [{"enum": ["s", "l"], "type": "string"}, {"type": "null"}]},
-                   "tags": {"type": "array", "items": {"type": "string"}}},
-    "required": ["name", "price"], "additionalProperties": False}},
-    "express": {"type": "boolean"}}, "required": ["items"], "additionalProperties": False}
-
-
-OBJECT = {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
-          "required": ["city"]}
-CLOSED = {**OBJECT, "additionalProperties": False}
-OPTIONAL_MODE = {"anyOf": [{"enum": ["fast", "slow"], "type": "string"}, {"type": "null"}]}
-
-
-@pytest.mark.parametrize("value, schema, problem", [
-    # type, also a list of types; an int is a number, a bool is neither
-    ("x", {"type": "string"}, None),
-    (3, {"type": "number"}, None),
-    (3.5, {"type": "integer"}, "$: expected integer, got number 3.5"),
-    (True, {"type": "integer"}, "$: expected integer, got boolean true"),
-    (False, {"type": "number"}, "$: expected number, got boolean false"),
-    ("3", {"type": "integer"}, '$: expected integer, got string "3"'),
-    (None, {"type": "string"}, "$: expected string, got null"),
-    ({}, {"type": "array"}, "$: expected array, got object {}"),
-    (None, {"type": ["string", "null"]}, None),
-    (1, {"type": ["string", "null"]}, "$: expected string or null, got integer 1"),
-    # enum and const, where true is not 1
-    ("slow", {"enum": ["fast", "slow"]}, None),
-    ("quick", {"enum": ["fast", "slow"]}, '$: must be one of "fast", "slow", got "quick"'),
-    (True, {"enum": [1, 2]}, "$: must be one of 1, 2, got true"),
-    ("a", {"const": "a"}, None),
-    ("b", {"const": "a"}, '$: must be "a", got "b"'),
-    # properties, required, additionalProperties
-    ({"city": "Oslo"}, OBJECT, None),
-    ({"n": 1}, OBJECT, '$: missing required field "city"'),
-    ({"city": 5}, OBJECT, "$.city: expected string, got integer 5"),
-    ({"city": "Oslo", "extra": 1}, OBJECT, None),
-    ({"city": "Oslo", "extra": 1}, CLOSED, "$.extra: unexpected field"),
-    ({"odd key": 1}, {"additionalProperties": {"type": "string"}},
-     '$["odd key"]: expected string, got integer 1'),
-    # items
-    ([1, 2], {"type": "array", "items": {"type": "integer"}}, None),
-    ([1, 2, "3"], {"type": "array", "items": {"type": "integer"}},
-     '$[2]: expected integer, got string "3"'),
-    # anyOf (Optional): the option whose type fits tells what is wrong
-    (None, OPTIONAL_MODE, None),
-    ("quick", OPTIONAL_MODE, '$: must be one of "fast", "slow", got "quick"'),
-    (5, OPTIONAL_MODE, "$: expected string or null, got integer 5"),
-    ({"n": 1}, {"anyOf": [OBJECT, {"type": "null"}]}, '$: missing required field "city"'),
-    # nested objects and arrays
-    ({"items": [{"name": "a", "price": {"amount": 1}}, {"name": "b", "price": {"amount": 2.5}},
-                {"name": "c", "price": {"amount": "12.5"}}]}, ORDER_SCHEMA,
-     '$.items[2].price.amount: expected number, got string "12.5"'),
-    ({"items": [{"name": "a", "price": {"amount": 1, "currency": "GBP"}}]}, ORDER_SCHEMA,
-     '$.items[0].price.currency: must be one of "EUR", "USD", got "GBP"'),
-    ({"items": [{"name": "a", "price": {"amount": 1}, "size": "m"}]}, ORDER_SCHEMA,
-     '$.items[0].size: must be one of "s", "l", got "m"'),
-    ({"items": [{"name": "a"}]}, ORDER_SCHEMA, '$.items[0]: missing required field "price"'),
-    ({"items": [], "rush": True}, ORDER_SCHEMA, "$.rush: unexpected field"),
-    # keywords outside the subset are ignored; so are schemas that are not dicts
-    ("abc", {"type": "string", "maxLength": 1, "pattern": "^z"}, None),
-    ("abc", True, None),
-])
-def test_check_table(value: Any, schema: Any, problem: str | None) -> None:
-    assert oc._check(value, schema) == problem
-
-
-def test_check_messages_stay_short() -> None:
-    problem = oc._check({"text": "x" * 10_000}, {"properties": {"text": {"type": "integer"}}})
-    assert problem is not None and problem.startswith('$.text: expected integer, got string "xxx')
-    assert len(problem) < 100
-    problem = oc._check("z", {"enum": [f"option{i}" for i in range(50)]})
-    assert problem is not None and ", ..., got" in problem and len(problem) < 200
-
-
-@pytest.mark.parametrize("text, value", [
-    ('{"a": 1}', {"a": 1}),
-    ('"just text"', "just text"),
-    ("42", 42),
-    ('Here you go:\n{"a": 1}\nHope that helps!', {"a": 1}),
-    ('```json\n{"a": [1, 2]}\n```', {"a": [1, 2]}),
-    ('Sure.\n```JSON\n{"a": "} and {"}\n```\nThe braces are in a string.', {"a": "} and {"}),
-    ('I thought of {"a": 0}, but:\n```\n{"a": 1}\n```', {"a": 1}),
-    ('```json\n{"a": 1}', {"a": 1}),  # the closing fence cut off
-    ("Use {placeholders} like {this}: [1, 2] and {\"a\": 1}", [1, 2]),
-    ('<think>Maybe {"a": 0}?</think>\n\n{"a": 1}', {"a": 1}),
-])
-def test_json_from_text_finds_the_first_complete_value(text: str, value: Any) -> None:
-    assert oc._json_from_text(text) == value
-
-
-@pytest.mark.parametrize("text, reason", [
-    ("", "empty"),
-    ("No JSON here, sorry.", "no JSON object or array"),
-    ('{"a": 1, "b": ', "no complete JSON value"),
-])
-def test_json_from_text_says_why_it_found_none(text: str, reason: str) -> None:
-    with pytest.raises(ValueError, match=reason):
-        oc._json_from_text(text)
-
-
-class Size(enum.Enum):
-    SMALL = "s"
-    LARGE = "l"
-
-
-@dataclass
-class Price:
-    amount: float
-    currency: Literal["EUR", "USD"] = "EUR"
-
-
-@dataclass
-class LineItem:
-    name: str
-    price: Price
-    size: Size | None = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Order:
-    items: list[LineItem]
-    express: bool = False
-
-
-class Address(TypedDict):
-    city: str
-    zip: int
-
-
-class Delivery(Address, total=False):
-    floor: int
-    size: Size
-
-
-@dataclass
-class Chain:
-    name: str
-    next: Chain | None = None
-
-
-def test_schema_of_dataclasses_and_typeddicts_nests_objects() -> None:
-    assert oc._schema(Order, "answer") == ORDER_SCHEMA
-    assert oc._schema(Delivery, "answer") == {
-        "type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "integer"},
-                                         "floor": {"type": "integer"},
-                                         "size": {"enum": ["s", "l"], "type": "string"}},
-        "required": ["city", "zip"], "additionalProperties": False}
-    assert oc._schema(list[Literal["a", "b"]], "answer") == {
-        "type": "array", "items": {"enum": ["a", "b"], "type": "string"}}
-
-
-def test_schema_optional_is_null_except_for_a_tool_parameter() -> None:
-    def quote(price: Price | None = None, note: str | None = None) -> None:
-        pass
-
-    (t,) = oc._as_tools([quote])
-    assert t.parameters["properties"] == {"price": PRICE_SCHEMA, "note": {"type": "string"}}
-    assert oc._schema(str | None, "answer") == {"anyOf": [{"type": "string"},
-                                                             {"type": "null"}]}
-
-
-def test_schema_refuses_self_reference_and_unknown_names() -> None:
-    with pytest.raises(oc.ConfigError, match="'next'.*Chain contains itself"):
-        oc._schema(Chain, "answer")
-    broken = make_dataclass("Broken", [("part", "NoSuchType")])
-    with pytest.raises(oc.ConfigError, match="Broken.*NoSuchType"):
-        oc._schema(broken, "answer")
-
-
-_type_names = itertools.count()
-_SCALAR_TYPES = st.sampled_from([
-    (str, st.text(max_size=5)),
-    (int, st.integers()),
-    (float, st.floats(allow_nan=False, allow_infinity=False) | st.integers()),
-    (bool, st.booleans()),
-    (Any, st.none() | st.integers() | st.text(max_size=3)),
-])
-_CHOICES = st.lists(st.text(max_size=3) | st.integers(-5, 5), min_size=1, max_size=4, unique=True)
-
-
-def _enum_type(values: list[Any]) -> tuple[Any, Any]:
-    members = [(f"M{i}", v) for i, v in enumerate(values)]
-    return enum.Enum(f"E{next(_type_names)}", members), st.sampled_from(values)
-
-
-def _record_type(fields: list[tuple[tuple[Any, Any], bool]], kind: str) -> tuple[Any, Any]:
-    """A dataclass or TypedDict with a field per (type, values) pair; the flag: optional."""
-    name = f"R{next(_type_names)}"
-    fields = sorted(fields, key=lambda f: f[1])  # dataclass fields with defaults come last
-    required = {f"f{i}": values for i, ((_, values), optional) in enumerate(fields) if not optional}
-    optional = {f"f{i}": values for i, ((_, values), opt) in enumerate(fields) if opt}
-    if kind == "dataclass":
-        cls = make_dataclass(name, [(f"f{i}", hint, field(default=None)) if opt else
-                                    (f"f{i}", hint) for i, ((hint, _), opt) in enumerate(fields)])
-        return cls, st.fixed_dictionaries(required, optional=optional)
-    total = not any(opt for _, opt in fields)
-    cls = TypedDict(name, {f"f{i}": hint for i, ((hint, _), _) in enumerate(fields)},  # type: ignore[misc]
-                    total=total)
-    if total:
-        return cls, st.fixed_dictionaries({**required, **optional})
-    return cls, st.fixed_dictionaries({}, optional={**required, **optional})
-
-
-def _nest(inner: Any) -> Any:
-    fields = st.lists(st.tuples(inner, st.booleans()), max_size=3)
-    return st.one_of(
-        inner.map(lambda p: (list[p[0]], st.lists(p[1], max_size=3))),
-        inner.map(lambda p: (p[0] | None, st.none() | p[1])),
-        st.tuples(inner, inner).map(lambda ps: (ps[0][0] | ps[1][0], ps[0][1] | ps[1][1])),
-        fields.map(lambda fs: _record_type(fs, "dataclass")),
-        fields.map(lambda fs: _record_type(fs, "typeddict")),
-    )
-
-
-_TYPES = st.recursive(_SCALAR_TYPES | _CHOICES.map(lambda vs: (Literal[tuple(vs)],
-                                                             st.sampled_from(vs)))
-                      | _CHOICES.map(_enum_type), _nest, max_leaves=8)
-
-
-@settings(max_examples=300, deadline=None)
-@given(data=st.data())
-def test_check_accepts_every_value_of_the_type_a_schema_was_built_from(data: Any) -> None:
-    annotation, values = data.draw(_TYPES)
-    schema = oc._schema(annotation, "answer")
-    json.dumps(schema)  # sendable as it is
-    value = data.draw(values)
-    assert oc._check(value, schema) is None
-    built = oc._build(value, annotation)
-    if is_dataclass(annotation) or isinstance(annotation, enum.EnumMeta):
-        assert isinstance(built, annotation)
-
-
-def test_build_makes_the_values_the_hints_ask_for() -> None:
-    raw = {"items": [{"name": "tea", "price": {"amount": 3, "currency": "USD"}, "size": "l"},
-                     {"name": "cup", "price": {"amount": 1.5}, "tags": ["blue"]}]}
-    assert oc._build(raw, Order) == Order([
-        LineItem("tea", Price(3, "USD"), Size.LARGE),
-        LineItem("cup", Price(1.5), None, ["blue"])])
-    assert oc._build({"city": "Oslo", "zip": 150, "size": "s"}, Delivery) == {
-        "city": "Oslo", "zip": 150, "size": Size.SMALL}
-    assert oc._build(["a", "b"], list[Literal["a", "b"]]) == ["a", "b"]
-    assert oc._build(["s", "l"], list[Size]) == [Size.SMALL, Size.LARGE]
-    assert oc._build(None, Price | None) is None
-    assert oc._build({"amount": 2}, Price | None) == Price(2)
-    assert oc._build({"city": "Oslo", "zip": 1}, Price | Address) == {"city": "Oslo",
-                                                                          "zip": 1}
-    assert oc._build({"a": [1]}, dict[str, Any]) == {"a": [1]}
-
-
-def test_run_tool_reads_the_signature_once_and_takes_null_for_optional(
-    monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def note(text: str, price: Price | None = None, **more: Any) -> Any:
-        return text, price, more
-
-    def hand_made(size: str) -> str:
-        return size
-
-    tools = oc._as_tools([note, oc.Tool("raw", "", {"type": "object", "properties": {
-        "size": {"enum": ["s", "l"]}}, "required": ["size"]}, hand_made)])
-    monkeypatch.setattr(oc.inspect, "signature", None)  # a call that read it would fail
-    note_tool, raw_tool = tools
-    assert oc._run_tool(note_tool, {"text": "a", "price": None, "x": 1}) == ("a", None, {"x": 1})
-    assert oc._run_tool(note_tool, {"text": "a", "price": {"amount": 2}}) == ("a", Price(2), {})
-    assert oc._run_tool(raw_tool, {"size": "s"}) == "s", "no hints: checked, passed as it came"
-    with pytest.raises(TypeError, match="unexpected argument"):
-        oc._run_tool(raw_tool, {"size": "s", "colour": "red"})
-    with pytest.raises(ValueError, match='^\\$.size: must be one of "s", "l", got "m"$'):
-        oc._run_tool(raw_tool, {"size": "m"})
-
-
-GOOD_ORDER = {"items": [{"name": "tea", "price": {"amount": 3}}]}
-
-
-@pytest.mark.parametrize("arguments, error", [
-    pytest.param({"city": "Oslo", "days": "3", "size": "s", "order": GOOD_ORDER},
-                 '$.days: expected integer, got string "3"', id="string-for-int"),
-    pytest.param({"days": 3, "size": "s", "order": GOOD_ORDER},
-                 "missing required argument(s): city", id="missing-argument"),
-    pytest.param({"city": "Oslo", "days": 3, "size": "s", "order": {"express": True}},
-                 '$.order: missing required field "items"', id="missing-nested-field"),
-    pytest.param({"city": "Oslo", "days": 3, "size": "medium", "order": GOOD_ORDER},
-                 '$.size: must be one of "s", "l", got "medium"', id="unknown-enum-value"),
-    pytest.param({"city": "Oslo", "days": 3, "size": "s",
-                  "order": {"items": [{"name": "tea", "price": {"amount": "12.5"}}]}},
-                 '$.order.items[0].price.amount: expected number, got string "12.5"',
-                 id="nested-wrong-field"),
-])
-def test_tool_arguments_that_break_the_schema_go_back_and_the_repaired_call_runs(
-    server: Scripted, arguments: dict[str, Any], error: str
-) -> None:
-    shipped: list[tuple[Any, ...]] = []
-
-    def ship(city: str, days: int, size: Size, order: Order) -> str:
-        """Ship an order."""
-        shipped.append((city, days, size, order))
-        return "shipped"
-
-    repaired = {"city": "Oslo", "days": 3, "size": "l", "order": GOOD_ORDER}
-    server.add(_calls_then_text(_call(0, "bad", "ship", json.dumps(arguments))),
-               _calls_then_text(_call(0, "good", "ship", json.dumps(repaired))),
-               Reply(text_stream("On its way.")))
-    _, result = run(server.client().stream("ship it", tools=[ship]))
-    first, second = result.tool_results
-    assert first.value is None and first.error is not None and first.error.endswith(error)
-    assert shipped == [("Oslo", 3, Size.LARGE, Order([LineItem("tea", Price(3))]))]
-    assert (second.error, second.value) == (None, "shipped")
-    sent = [m for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
-    assert error in json.loads(sent[0]["content"])["error"]
-    assert result.text == "On its way." and len(result.steps) == 3
-
-
-
-def _call(index: Any = 0, id: Any = None, name: Any = None, arguments: Any = None,
-          **extra: Any) -> dict[str, Any]:
-    entry: dict[str, Any] = {**extra}
-    if index is not None:
-        entry["index"] = index
-    if id is not None:
-        entry["id"] = id
-    function: dict[str, Any] = {}
-    if name is not None:
-        function["name"] = name
-    if arguments is not None:
-        function["arguments"] = arguments
-    entry["function"] = function
-    return entry
-
-
-# name -> (the tool_calls of each delta, the calls assembled, Client.quirks after it)
-TOOL_CALL_STREAMS: dict[str, tuple[list[Any], list[tuple[str, dict[str, Any]]],
-                                   list[str]]] = {
-    # OpenAI / vLLM / llama.cpp: id and name first, then argument fragments by index.
-    "openai": ([[_call(0, "call_1", "add", '{"a"')], [_call(0, arguments=": 1, ")],
-                [_call(0, arguments='"b": 2}')]], [("add", {"a": 1, "b": 2})],
-               []),
-    # TGI >= 3.2: id "0", type and index repeated on every delta; name null after the first.
-    "tgi-id-repeated": ([[_call(0, "0", "add", '{"a":', type="function")],
-                         [_call(0, "0", None, " 1, ", type="function")],
-                         [_call(0, "0", None, '"b": 2}', type="function")]],
-                        [("add", {"a": 1, "b": 2})],
-                        ["tool call id repeated on later deltas"]),
-    # llama-cpp-python / LiteLLM: id and full name in every chunk, legacy function_call too.
-    "name-repeated": ([[_call(0, "c1", "add", '{"a": 1,')], [_call(0, "c1", "add", ' "b": 2}')],
-                       [_call(0, "c1", "add", "")]], [("add", {"a": 1, "b": 2})],
-                      ["legacy function_call beside tool_calls",
-                       "tool call id repeated on later deltas", "tool call name repeated"]),
-    # LM Studio: later deltas carry "name": "" which must not erase the name.
-    "lmstudio-empty-name": ([[_call(0, "7", "add", "")], [_call(0, None, "", '{"a": 1, "b": 2}',
-                                                              type="function")]],
-                            [("add", {"a": 1, "b": 2})],
-                            []),
-    # Gemini: no index; two calls with distinct ids, each whole.
-    "gemini-no-index": ([[_call(None, "g1", "add", '{"a": 1, "b": 2}'),
-                          _call(None, "g2", "add", '{"a": 3, "b": 4}')]],
-                        [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
-                        ["tool calls streamed without index"]),
-    # A proxy that sends index 0 for every call, with distinct ids.
-    "same-index-distinct-ids": ([[_call(0, "p1", "add", '{"a": 1, "b": 2}')],
-                                 [_call(0, "p2", "add", '{"a": 5, "b": 6}')]],
-                                [("add", {"a": 1, "b": 2}), ("add", {"a": 5, "b": 6})],
-                                ["tool call index reused for another call"]),
-    # Anthropic-compat / LiteLLM -> Bedrock: index starts at 1.
-    "index-starts-at-1": ([[_call(1, "t1", "add", "")], [_call(1, arguments='{"a": 1, "b": 2}')]],
-                          [("add", {"a": 1, "b": 2})],
-                          ["tool call index starting at 1"]),
-    # Mistral incremental: second delta has neither id nor index.
-    "no-id-no-index-continues": ([[_call(None, "abcdefghi", "add", '{"a": 1')],
-                                  [_call(None, None, "", ', "b": 2}')]],
-                                 [("add", {"a": 1, "b": 2})],
-                                 ["tool calls streamed without index"]),
-    # grok: the name arrives after the first delta.
-    "name-late": ([[_call(0, "call_late", None, "")], [_call(0, None, "add", '{"a": 1, "b": 2}')]],
-                  [("add", {"a": 1, "b": 2})],
-                  []),
-    # TGI < 3.2: tool_calls is one object; arguments as an object.
-    "object-not-list": ([_call(0, "x", "add", {"a": 1, "b": 2})], [("add", {"a": 1, "b": 2})],
-                        ["tool_calls as one object, not a list",
-                         "tool arguments as an object, not a string"]),
-    # function: null on a continuation, and empty trailing arguments (vLLM-based).
-    "null-function-and-trailing-empty": ([[_call(0, "v1", "add", '{"a": 1, "b": 2}')],
-                                          [{"index": 0, "function": None}],
-                                          [_call(0, arguments="")]], [("add", {"a": 1, "b": 2})],
-                                         []),
-    # Issue #11: parallel calls with "id": "" and no index, listed in one delta (LM Studio,
-    # Gemini through proxies), or one whole call per delta: two calls, not one merged.
-    "empty-ids-one-delta": ([[_call(None, "", "add", '{"a": 1, "b": 2}'),
-                              _call(None, "", "add", '{"a": 3, "b": 4}')]],
-                            [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
-                            ["tool calls streamed without index",
-                             "tool calls without ids: ids made up"]),
-    "empty-ids-a-delta-each": ([[_call(None, "", "add", '{"a": 1, "b": 2}')],
-                                [_call(None, "", "add", '{"a": 3, "b": 4}')]],
-                               [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
-                               ["tool calls streamed without index",
-                                "tool calls without ids: ids made up"]),
-    # Interleaved parallel calls by index.
-    "interleaved": ([[_call(0, "i0", "add", '{"a": 1,'), _call(1, "i1", "add", '{"a": 3,')],
-                     [_call(1, arguments=' "b": 4}'), _call(0, arguments=' "b": 2}')]],
-                    [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})],
-                    []),
-}
-
-
-def _add(a: int, b: int) -> int:
-    """Add two integers."""
-    return a + b
-
-
-@pytest.mark.parametrize("name", list(TOOL_CALL_STREAMS))
-def test_tool_call_assembly_survives_every_server(server: Scripted, name: str) -> None:
-    deltas, expected, quirks = TOOL_CALL_STREAMS[name]
-    events = [delta(tool_calls=d) for d in deltas]
-    if name == "name-repeated":
-        events = [delta(tool_calls=d, function_call=d[0]["function"]) for d in deltas]
-    client = server.client()
-    for attempt in range(2):
-        server.add(Reply(sse(*events, delta("tool_calls"), "data: [DONE]\n\n")),
-                   Reply(text_stream("done")))
-        chunks, result = run(client.stream("hi", tools=[{"add": _add}]))
-        calls = [c.tool_call for c in chunks if c.type == "tool_call"]
-        assert [(c.name, c.arguments) for c in calls if c] == expected
-        assert [r.value for r in result.tool_results] == [a["a"] + a["b"] for _, a in expected]
-        ids = [c.id for c in calls if c]
-        assert all(ids) and len(set(ids)) == len(ids)
-        sent = server.bodies()[2 * attempt + 1]["messages"]
-        assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
-        assert [c["id"] for c in sent[-len(ids) - 1]["tool_calls"]] == ids
-        assert result.text == "done"
-        assert client.quirks == [*quirks, NO_USAGE]
-
-
-def test_tool_calls_without_ids_get_unique_ones_and_empty_arguments_mean_none(
-    server: Scripted
-) -> None:
-    def now() -> str:
-        """The time of day."""
-        return "noon"
-
-    # id "" on one call, no id on the other; arguments "" and absent.
-    server.add(Reply(sse(delta(tool_calls=[_call(0, "", "now", "")]),
-                         delta(tool_calls=[_call(1, None, "now", None)]),
-                         delta("tool_calls"), "data: [DONE]\n\n")),
-               Reply(text_stream("ok")))
-    _, result = run(server.client().stream("hi", tools=[now]))
-    ids = [r.call.id for r in result.tool_results]
-    assert len(ids) == 2 and all(ids) and ids[0] != ids[1]
-    assert [(r.call.arguments, r.error, r.value) for r in result.tool_results] == [
-        ({}, None, "noon"), ({}, None, "noon")]
-    sent = server.bodies()[1]["messages"]
-    calls = next(m for m in sent if m.get("tool_calls"))["tool_calls"]
-    assert [(c["id"], c["function"]["arguments"]) for c in calls] == [(i, "{}") for i in ids]
-    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
-
-
-def test_unstreamed_parallel_calls_with_empty_ids_each_run_under_their_own_id(
-    server: Scripted
-) -> None:
-    # Issue #11: message.tool_calls with two calls, each "id": "", were merged into one.
-    calls = [{"id": "", "type": "function", "function": {"name": "add", "arguments": args}}
-             for args in ('{"a": 1, "b": 2}', '{"a": 3, "b": 4}')]
-    server.add(json_reply(completion(None, "tool_calls", tool_calls=calls)),
-               json_reply(completion("3 and 7")))
-    client = server.client()
-    client._tools_unstreamed = True  # as after a server's empty tool stream: asked whole
-    result = client.generate("hi", tools=[{"add": _add}])
-    assert [(r.call.arguments, r.value) for r in result.tool_results] == [
-        ({"a": 1, "b": 2}, 3), ({"a": 3, "b": 4}, 7)]
-    ids = [r.call.id for r in result.tool_results]
-    assert all(ids) and ids[0] != ids[1]
-    sent = server.bodies()[1]["messages"]
-    assert [c["id"] for c in sent[-3]["tool_calls"]] == ids
-    assert [(m["tool_call_id"], m["content"]) for m in sent[-2:]] == [(ids[0], "3"), (ids[1], "7")]
-
-
-def test_tool_loop_second_request_and_chunk_order(server: Scripted) -> None:
-    server.add(Reply(sse(delta(content="Let me add. "),
-                         delta(tool_calls=[_call(0, "c1", "_add", '{"a": 2, "b": 40}')]),
-                         delta("tool_calls"), "data: [DONE]\n\n")),
-               Reply(text_stream("It is 42.")))
-    chunks, result = run(server.client().stream("2+40?", tools=[_add]))
-    assert [c.type for c in chunks] == ["text", "finish", "tool_call", "tool_result", "text",
-                                        "finish"]
-    assert [c.step for c in chunks] == [1, 1, 1, 1, 2, 2]
-    first, second = server.bodies()
-    assert first["tool_choice"] == "auto" and first["tools"][0]["function"]["name"] == "_add"
-    assistant, tool_turn = second["messages"][-2:]
-    assert assistant == {"role": "assistant", "content": "Let me add. ", "tool_calls": [
-        {"id": "c1", "type": "function",
-         "function": {"name": "_add", "arguments": '{"a": 2, "b": 40}'}}]}
-    assert tool_turn == {"role": "tool", "tool_call_id": "c1", "content": "42"}
-    assert result.text == "It is 42." and result.finish_reason == "stop"
-    assert len(result.steps) == 2 and result.tool_results[0].value == 42
-
-
-def _calls_then_text(*calls: dict[str, Any], finish: str = "tool_calls") -> Reply:
-    return Reply(sse(delta(tool_calls=list(calls)), delta(finish), "data: [DONE]\n\n"))
-
-
-@pytest.mark.parametrize("raw, parsed, error, quirks", [
-    ('{"a": 1}', {"a": 1}, None, []),
-    ("", {}, None, []),
-    ('{"text": "two\nlines"}', {"text": "two\nlines"}, None,
-     ["raw newlines in tool arguments"]),  # llama-cpp-python, raw newline
-    ('{"a": 1}<|eot_id|>', {"a": 1}, None,
-     ["special token after tool arguments"]),  # TGI < 3.2, special token left in
-    ('{"t": "a\tb"}</s>', {"t": "a\tb"}, None,
-     ["special token after tool arguments", "raw newlines in tool arguments"]),
-    ('"{\\"a\\": 1}"', {"a": 1}, None, ["tool arguments encoded twice"]),
-    ('{"a": 1', {}, "not valid JSON", []),
-    ("[1, 2]", {}, "must be a JSON object", []),
-])
-def test_tool_arguments_are_parsed_leniently_but_never_guessed(
-    raw: str, parsed: dict[str, Any], error: str | None, quirks: list[str]
-) -> None:
-    noted: list[str] = []
-    value, problem = oc._parse_arguments(raw, noted.append)
-    assert value == parsed
-    assert (problem is None) if error is None else (error in (problem or ""))
-    assert noted == quirks
-
-
-def test_tool_failures_go_back_to_the_model(server: Scripted) -> None:
-    def boom(x: int) -> None:
-        """Always fails."""
-        raise RuntimeError("disk on fire")
-
-    server.add(_calls_then_text(_call(0, "a", "boom", '{"x": 1}'),
-                                _call(1, "b", "nosuch", "{}"),
-                                _call(2, "c", "_add", '{"a": 1, "b": '),
-                                _call(3, "d", "_add", '{"a": 1}')),
-               Reply(text_stream("sorry")))
-    _, result = run(server.client().stream("hi", tools=[boom, _add]))
-    errors = [r.error or "" for r in result.tool_results]
-    assert "disk on fire" in errors[0] and "nosuch" in errors[1]
-    assert "not valid JSON" in errors[2] and "missing" in errors[3]
-    tool_turns = [m for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
-    assert all(json.loads(m["content"])["error"] for m in tool_turns)
-    assert result.text == "sorry"
-
-
-def test_tool_results_are_sent_as_text_or_json() -> None:
-    tools = {n: oc.Tool(n, "", {"type": "object"}, f) for n, f in
-             [("s", lambda: "plain"), ("d", lambda: {"k": [1]}), ("o", lambda: object)]}
-    done = {n: oc._execute(oc.ToolCall("i", n), tools) for n in tools}
-    assert (done["s"].value, done["s"].content) == ("plain", "plain")  # a str as it is
-    assert json.loads(done["d"].content) == {"k": [1]}  # anything else as JSON
-    assert "object" in done["o"].content  # what JSON cannot encode, as its str()
-    assert all(r.error is None for r in done.values())
-
-
-def test_tool_calls_run_whatever_the_finish_reason(server: Scripted) -> None:
-    # Gemini streaming, vLLM named tool_choice, TGI and old Ollama say "stop".
-    server.add(_calls_then_text(_call(0, "s1", "_add", '{"a": 1, "b": 1}'), finish="stop"),
-               Reply(text_stream("two")))
-    _, result = run(server.client().stream("hi", tools=[_add]))
-    assert result.tool_results[0].value == 2 and result.text == "two"
-
-
-def test_tool_calls_cut_by_length_are_reported_not_run(server: Scripted) -> None:
-    server.add(_calls_then_text(_call(0, "l1", "_add", '{"a": 1, "b"'), finish="length"))
-    chunks, result = run(server.client().stream("hi", tools=[_add]))
-    assert [c.type for c in chunks] == ["finish", "tool_call"]
-    assert result.tool_results == [] and result.finish_reason == "length"
-    assert len(server.requests) == 1
-
-
-def test_tool_loop_stops_at_max_steps(server: Scripted) -> None:
-    for i in range(2):
-        server.add(_calls_then_text(_call(0, f"m{i}", "_add", '{"a": 1, "b": 1}')))
-    chunks, result = run(server.client().stream("hi", tools=[_add], max_steps=2))
-    assert result.finish_reason == "max_steps" and len(result.steps) == 2
-    assert len(result.tool_results) == 1 and [c.type for c in chunks].count("tool_call") == 2
-    assert "tool_calls" not in result.messages[-1], "unrun calls stay out of the history"
-
-
-def test_generate_runs_the_same_loop(server: Scripted) -> None:
-    call = {"id": "g1", "type": "function",
-            "function": {"name": "_add", "arguments": {"a": 20, "b": 22}}}  # TGI < 3.2 object
-    server.add(json_reply(completion(None, "tool_calls", tool_calls=[call])),
-               json_reply(completion("42")))
-    result = server.client().generate("hi", tools=[_add])
-    assert result.text == "42" and result.tool_results[0].value == 42
-    assert result.usage == oc.Usage(6, 4, 10)
-    assert all(b["stream"] is True for b in server.bodies())
-
-
-WHOLE = "one JSON document for a stream request"
-
-
-@pytest.mark.parametrize(("message", "finish", "quirks"), [
-    # TGI < 3.2: one call object, no name, the grammar's output as an object.
-    ({"content": None, "tool_calls": {"id": "0", "type": "function", "function": {
-        "name": None, "arguments": {"function": {"_name": "_add", "a": 1, "b": 2}}}}},
-     "eos_token", [WHOLE, "tool_calls as one object, not a list",
-                   "tool arguments as an object, not a string",
-                   "tool name inside the arguments (_name)", "finish_reason 'eos_token' for stop"]),
-    # The legacy form alone.
-    ({"content": None, "function_call": {"name": "_add", "arguments": '{"a": 1, "b": 2}'}},
-     "function_call", [WHOLE, "legacy function_call instead of tool_calls",
-                       "tool calls without ids: ids made up"]),
-    ({"content": "", "reasoning": "1 + 2", "tool_calls": [{"id": "r1", "type": "function",
-                                                           "function": {"name": "_add",
-                                                           "arguments": '{"a": 1, "b": 2}'}}]},
-     "tool_calls", [WHOLE, "reasoning in reasoning"]),
-])
-def test_whole_answers_name_their_quirks_too(server: Scripted, message: dict[str, Any],
-                                             finish: str, quirks: list[str]) -> None:
-    answer = {"choices": [{"index": 0, "message": message, "finish_reason": finish}]}
-    client = server.client()
-    for _ in range(2):
-        server.add(json_reply(answer), json_reply(completion("3")))
-        result = client.generate("1+2?", tools=[_add])
-        assert result.tool_results[0].value == 3 and result.text == "3"
-        assert client.quirks == quirks
-
-
-def test_a_streamed_legacy_function_call_is_one_call(server: Scripted) -> None:
-    server.add(Reply(sse(delta(function_call={"name": "_add", "arguments": '{"a": 1,'}),
-                         delta(function_call={"arguments": ' "b": 2}'}),
-                         delta("function_call"), "data: [DONE]\n\n")),
-               Reply(text_stream("3")))
-    client = server.client()
-    result = client.generate("1+2?", tools=[_add])
-    assert [r.value for r in result.tool_results] == [3] and result.text == "3"
-    assert client.quirks == ["legacy function_call instead of tool_calls",
-                             "tool calls without ids: ids made up", NO_USAGE]
-
-
-def test_tool_choice_is_never_sent_without_tools(server: Scripted) -> None:
-    server.add(Reply(text_stream("x")))
-    run(server.client().stream("hi", tool_choice="required"))
-    assert "tool_choice" not in server.bodies()[0]
-
-
-@pytest.mark.parametrize(
-    "message",
-    ["registry.ollama.ai/library/gemma:2b does not support tools",  # Ollama
-     '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'],
-)
-def test_server_without_tools_gets_the_request_without_them(
-    server: Scripted, message: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    server.add(json_reply({"error": {"message": message}}, status=400),
-               Reply(text_stream("plain")), Reply(text_stream("again")))
-    client = server.client()
-    with caplog.at_level(logging.WARNING, logger="openai_compat"):
-        _, result = run(client.stream("hi", tools=[_add]))
-    assert result.text == "plain" and "tools" in caplog.text
-    run(client.stream("hi", tools=[_add]))
-    first, second, third = server.bodies()
-    assert "tools" in first and "tools" not in second and "tool_choice" not in second
-    assert "tools" not in third, "the Client remembers"
-    assert client.quirks == ["tools rejected: resent without them", NO_USAGE]
-
-
 @pytest.mark.parametrize(("message", "field", "quirk"), [
     ("tool_choice 'required' is not supported", "tool_choice", "tool_choice rejected: dropped"),
     ("Unrecognized request argument supplied: stream_options", "stream_options",
@@ -2333,136 +2478,265 @@ def test_a_rejected_field_is_dropped_and_listed(server: Scripted, message: str, 
     expected = [quirk] if field == "stream_options" else [quirk, NO_USAGE]
     assert client.quirks == expected, "no usage is no quirk when it was not asked for"
 
-# ---- structured answers (schema=) ----
+
+# ==== Command line ====
 
 
-@dataclasses.dataclass
-class City:
-    name: str
-    population: int
+def cli(server: Scripted | None, *args: str, stdin: str | None = None,
+        env: dict[str, str] | None = None, timeout: float = 30
+        ) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    if server is not None:
+        environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m",
+                       OPENAI_COMPATIBLE_MAX_RETRIES="0")
+    environ.update(env or {})
+    return subprocess.run([sys.executable, "-m", "openai_compat", *args], input=stdin or "",
+                          capture_output=True, text=True, env=environ, timeout=timeout,
+                          check=False, cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
-@dataclasses.dataclass
-class Trip:
-    cities: list[City]
-    mode: Literal["train", "car"]
-    note: str | None = None
+def test_cli_streams_the_answer(server: Scripted) -> None:
+    server.add(Reply(text_stream("Hel", "lo")))
+    done = cli(server, "-s", "be brief", "--temperature", "0.5", "--max-tokens", "7", "Say", "hi")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "Hello\n", "")
+    body = server.bodies()[0]
+    assert body["messages"] == [{"role": "system", "content": "be brief"},
+                                {"role": "user", "content": "Say hi"}]
+    assert body["temperature"] == 0.5 and body["max_tokens"] == 7
 
 
-class Point(TypedDict):
-    x: float
-    y: float
+def test_cli_appends_stdin_to_the_prompt(server: Scripted) -> None:
+    server.add(Reply(text_stream("ok")))
+    done = cli(server, "Summarize:", stdin="notes line\n")
+    assert done.returncode == 0
+    assert server.bodies()[0]["messages"][-1]["content"] == "Summarize:\n\nnotes line\n"
 
 
-def _answer(text: str) -> Reply:
-    return Reply(text_stream(text))
+def test_cli_json_prints_one_object_per_chunk(server: Scripted) -> None:
+    server.add(Reply(text_stream("a", "b", usage={"prompt_tokens": 1, "completion_tokens": 2})))
+    done = cli(server, "--json", "hi")
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(x["type"], x.get("content")) for x in lines] == [("text", "a"), ("text", "b"),
+                                                              ("finish", None)]
+    assert lines[-1]["usage"]["total_tokens"] == 3 and lines[-1]["finish_reason"] == "stop"
 
 
-def test_schema_json_schema_first_and_data_built_from_a_dataclass(server: Scripted) -> None:
-    server.add(_answer('{"cities": [{"name": "Lyon", "population": 522250}], "mode": "train"}'))
-    result = server.client().generate("Plan a trip", schema=Trip)
-    assert result.data == Trip([City("Lyon", 522250)], "train")
-    sent = server.bodies()[0]
-    assert sent["response_format"]["type"] == "json_schema"
-    schema = sent["response_format"]["json_schema"]["schema"]
-    assert schema["required"] == ["cities", "mode"]
-    assert schema["properties"]["cities"]["items"]["properties"]["population"] == {
-        "type": "integer"}
-    assert [m["role"] for m in sent["messages"]] == ["user"]  # no schema message yet
+def test_cli_base_url_flag_beats_the_environment(server: Scripted) -> None:
+    # Issue #12: errors mentioned base_url= but the CLI had no way to pass it.
+    server.add(json_reply({"data": [{"id": "from-flag"}]}))
+    done = cli(None, "--base-url", server.base_url, "models",
+               env={"OPENAI_COMPATIBLE_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert (done.returncode, done.stdout) == (0, "from-flag\n"), done.stderr
 
 
-@pytest.mark.parametrize(("schema", "answer", "data"), [
-    (Point, '{"x": 1, "y": 2.5}', {"x": 1, "y": 2.5}),
-    (list[Literal["red", "green"]], '["red", "green", "red"]', ["red", "green", "red"]),
-    ({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
-     '{"ok": true}', {"ok": True}),
-    (int, "42", 42),
-], ids=["typeddict", "list-literal", "raw-dict", "int"])
-def test_schema_of_every_kind_gives_plain_json_data(server: Scripted, schema: Any, answer: str,
-                                                    data: Any) -> None:
-    server.add(_answer(answer))
-    assert server.client().generate("hi", schema=schema).data == data
+def test_cli_help_json_example_prints_the_answer_as_text(server: Scripted) -> None:
+    # Issue #12: the help's `--json "Hi" | jq -r .content` printed a token per line and null.
+    if shutil.which("jq") is None:
+        pytest.skip("jq is not installed (apt-get install jq)")
+    help_text = cli(None, "--help").stdout
+    line = next(x.strip() for x in help_text.splitlines() if "--json" in x and "| jq" in x)
+    server.add(Reply(text_stream("Hel", "lo", " world")))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
+    command = line.replace("openai-compat", f"{shlex.quote(sys.executable)} -m openai_compat", 1)
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, env=environ,
+                          timeout=30, check=False, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert (done.returncode, done.stdout) == (0, "Hello world"), done.stderr
 
 
-def test_schema_degrades_one_rung_per_refusal_and_remembers_it(
-        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+def test_cli_check_says_what_answered(server: Scripted) -> None:
+    # Issue #12: `check` printed "reachable ok" with an empty detail.
+    server.add(json_reply({"error": {"message": "Invalid API Key"}}, status=401,
+                          headers={"Server": "llama.cpp"}))
+    done = cli(server, "check", env={"OPENAI_COMPATIBLE_MODEL": ""})
+    reachable = next(x for x in done.stdout.splitlines() if x.startswith("reachable"))
+    assert re.fullmatch(r"reachable\s+ok\s+GET /models: HTTP 401 from .*llama\.cpp in "
+                        r"\d+\.\d\d s", reachable), done.stdout
+    assert done.returncode == 1
+
+
+def _check_lines(stdout: str, name: str) -> list[str]:
+    """The details of `openai-compat check`'s lines named `name`."""
+    return [line[19:] for line in stdout.splitlines() if line[:12].strip() == name]
+
+
+def test_cli_check_lists_the_quirks_it_met(server: Scripted) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    call = delta(tool_calls=[_call(1, "c1", "add", '{"a": 2, "b": 3}')])
+    server.add(json_reply({"models": [{"name": "m"}]}), Reply(text_stream("Hello")),
+               Reply(text_stream("1", "2", usage=usage)),
+               Reply(sse(call, delta("tool_calls"), {"choices": [], "usage": usage},
+                         "data: [DONE]\n\n")), Reply(text_stream("5", usage=usage)),
+               Reply(text_stream('{"city": "Paris", "country": "France"}', usage=usage)))
+    done = cli(server, "check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _check_lines(done.stdout, "quirk") == [
+        '/models as {"models": [...]}', '/models entries without "id"', NO_USAGE,
+        "tool call index starting at 1"], done.stdout
+    assert re.search(r"^quirk        --    no usage in streams$", done.stdout, re.MULTILINE)
+    assert done.stdout.splitlines()[-1].startswith("quirk "), "after the capability lines"
+    assert _check_lines(done.stdout, "quirks") == []
+
+
+def test_cli_check_says_when_no_quirk_was_absorbed(server: Scripted) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    server.add(json_reply({"object": "list", "data": [{"id": "m", "object": "model"}]}),
+               *[Reply(text_stream(t, usage=usage)) for t in (
+                   "Hello", "1 2", "5", '{"city": "Paris", "country": "France"}')])
+    done = cli(server, "check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r'^structured   ok    response_format json_schema honoured: '
+                     r'\{"city": "Paris", "country": "France"\}$', done.stdout, re.MULTILINE)
+    assert done.stdout.splitlines()[-1] == "quirks       ok    none absorbed", done.stdout
+
+
+def test_model_answered_by_another_is_warned_once(server: Scripted,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #12: model="qwen2.5" was answered by another model without a word.
+    def answer(model: str) -> Reply:
+        return Reply(sse({**delta(content="x"), "model": model}, delta("stop"),
+                         "data: [DONE]\n\n"))
+
+    server.add(answer("smollm2"), answer("smollm2"), answer("gpt-4o-2024-08-06"),
+               json_reply({**completion("y"), "model": "smollm2"}))
     caplog.set_level(logging.WARNING)
-    # llama-cpp-python refuses json_schema; a stricter server refuses json_object too.
-    server.add(json_reply({"detail": [{"loc": ["body", "response_format", "type"],
-                                       "msg": "Input should be 'text' or 'json_object'"}]},
-                          status=422),
-               json_reply({"error": {"message": "response_format json_object is not "
-                                                "supported"}}, status=400),
-               _answer('{"name": "Nice", "population": 342669}'),
-               _answer('{"name": "Metz", "population": 116581}'))
-    client = server.client(max_retries=0)
-    result = client.generate("A city", schema=City, system="Be brief.")
-    assert result.data == City("Nice", 342669)
-    first, second, third = server.bodies()[:3]
-    assert first["response_format"]["type"] == "json_schema"
-    assert second["response_format"] == {"type": "json_object",
-                                         "schema": first["response_format"]["json_schema"][
-                                             "schema"]}
-    assert "response_format" not in third
-    for body in (second, third):
-        system = body["messages"][0]
-        assert body["messages"][0]["role"] == "system" and len(body["messages"]) == 2
-        assert system["content"].startswith("Be brief.\n\nAnswer with one JSON value")
-        assert '"population": {"type": "integer"}' in system["content"]
-    assert caplog.text.count("refused response_format") == 2
-    # Remembered: the next call asks the way that worked, at once.
-    assert client.generate("Another", schema=City).data == City("Metz", 116581)
-    fourth = server.bodies()[3]
-    assert "response_format" not in fourth and fourth["messages"][0]["role"] == "system"
+    client = oc.Client(server.base_url, model="qwen2.5")
+    assert client.stream("hi").text == client.stream("hi").text == "x"
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "answered with" in r.getMessage()]
+
+    assert warnings() == [(f"asked for model 'qwen2.5', {server.base_url} answered with "
+                          "'smollm2': it may not serve 'qwen2.5'")]
+    assert client.quirks == [ANOTHER_MODEL, NO_USAGE]
+    # A dated version of the model asked for is the same model.
+    assert oc.Client(server.base_url, model="gpt-4o").stream("hi").text == "x"
+    assert len(warnings()) == 1
+    # A whole answer is checked too.
+    assert oc.Client(server.base_url, model="llama3.2").generate("hi").text == "y"
+    assert len(warnings()) == 2 and "'llama3.2'" in warnings()[1]
 
 
-def test_schema_answer_in_prose_and_a_fence_is_read(server: Scripted) -> None:
-    # A server that ignores response_format: the model wraps its JSON in prose.
-    server.add(_answer('Sure! Here it is:\n```json\n{"name": "Caen", "population": 105403}'
-                       '\n```\nAnything else?'))
-    assert server.client().generate("hi", schema=City).data == City("Caen", 105403)
+def test_cli_check_wait_waits_for_a_starting_server(late_server: tuple[Scripted, str]) -> None:
+    script, base_url = late_server
+    script.add(LOADING, json_reply({"data": [{"id": "m"}]}), json_reply(completion("Hi")))
+    done = cli(None, "--base-url", base_url, "check", "--wait", "30",
+               env={"OPENAI_COMPATIBLE_MAX_RETRIES": "0"})
+    ready = next(x for x in done.stdout.splitlines() if x.startswith("ready"))
+    assert re.fullmatch(r"ready\s+ok\s+after \d+\.\d s", ready), done.stdout
+    assert float(ready.split()[-2]) >= 2.0
+    chat = next(x for x in done.stdout.splitlines() if x.startswith("chat"))
+    assert "ok" in chat and "'Hi'" in chat, done.stdout + done.stderr
 
 
-def test_schema_wrong_answer_is_repaired_with_what_was_wrong(server: Scripted) -> None:
-    server.add(_answer('{"name": "Pau", "population": "77000"}'),
-               _answer('{"name": "Pau", "population": 77000}'))
-    result = server.client().generate("hi", schema=City)
-    assert result.data == City("Pau", 77000) and len(result.steps) == 2
-    repair = server.bodies()[1]["messages"][-1]
-    assert repair["role"] == "user"
-    assert '$.population: expected integer, got string "77000"' in repair["content"]
-    assert server.bodies()[1]["messages"][-2] == {
-        "role": "assistant", "content": '{"name": "Pau", "population": "77000"}'}
+def test_cli_schema_prints_the_checked_json(server: Scripted, tmp_path: Any) -> None:
+    schema = tmp_path / "city.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["name"],
+                                  "properties": {"name": {"type": "string"}}}))
+    server.add(Reply(text_stream('Here: {"name": 3}')), Reply(text_stream('{"name": "Dax"}')))
+    done = cli(server, "--schema", str(schema), "A town")
+    assert (done.returncode, done.stdout) == (0, '{"name": "Dax"}\n'), done.stderr
+    assert server.bodies()[0]["response_format"]["json_schema"]["schema"] == json.loads(
+        schema.read_text())
+    missing = cli(server, "--schema", str(tmp_path / "nope.json"), "A town")
+    assert missing.returncode == 2 and "--schema" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
-def test_schema_three_wrong_answers_are_an_output_error(server: Scripted) -> None:
-    server.add(_answer("no idea"), _answer('{"name": "Pau"}'), _answer('{"population": 1}'))
-    with pytest.raises(oc.OutputError) as caught:
-        server.client().generate("hi", schema=City)
-    assert caught.value.partial_text == '{"population": 1}'
-    assert 'missing required field "name"' in str(caught.value)
-    assert len(server.bodies()) == 3  # the answer and two repairs
-    assert isinstance(caught.value, oc.APIError) and not caught.value.retryable
+def test_cli_refusal_is_one_line_on_stderr_and_exit_1(server: Scripted) -> None:
+    refusal = sse(delta(refusal="I can't"), delta(refusal=" help\nwith that."), delta("stop"),
+                  "data: [DONE]\n\n")
+    server.add(Reply(refusal), Reply(refusal))
+    done = cli(server, "hi")
+    assert done.returncode == 1 and done.stdout == "\n"
+    assert done.stderr == "openai-compat: the model refused: I can't help with that.\n"
+    as_json = cli(server, "--json", "hi")
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [(x["type"], x.get("content")) for x in lines] == [
+        ("refusal", "I can't"), ("refusal", " help\nwith that."), ("finish", None)]
+    assert as_json.returncode == 1
 
 
-def test_schema_streaming_yields_text_and_sets_the_data(server: Scripted) -> None:
-    server.add(Reply(text_stream('{"name": ', '"Albi", ', '"population": 49000}')))
-    chunks, result = run(server.client().stream("hi", schema=City))
-    assert [c.content for c in chunks if c.type == "text"] == [
-        '{"name": ', '"Albi", ', '"population": 49000}']
-    assert result.data == City("Albi", 49000)
+def test_cli_models(server: Scripted) -> None:
+    server.add(json_reply({"data": [{"id": "a"}, {"id": "b"}]}))
+    done = cli(server, "models")
+    assert (done.returncode, done.stdout) == (0, "a\nb\n")
+    server.add(json_reply({"detail": "Not Found"}, status=404))
+    failed = cli(server, "models")
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.count("\n") == 1 and "could not list models" in failed.stderr
 
 
-def test_schema_bad_uses_are_config_errors(server: Scripted) -> None:
-    client = server.client()
-    with pytest.raises(oc.ConfigError, match="not both"):
-        client.stream("hi", schema=City, response_format={"type": "json_object"})
-    with pytest.raises(oc.ConfigError, match="schema="):
-        client.stream("hi", schema=object)
-    assert server.requests == []
+def test_cli_errors_are_one_line_with_exit_codes(server: Scripted) -> None:
+    server.add(json_reply({"error": {"message": f"Invalid API key {KEY}"}}, status=401))
+    api = cli(server, "hi", env={"OPENAI_COMPATIBLE_API_KEY": KEY})
+    assert api.returncode == 1 and api.stderr.count("\n") == 1
+    assert "AuthenticationError" in api.stderr and KEY not in api.stderr + api.stdout
+    config = cli(None, "hi")
+    assert config.returncode == 2 and "OPENAI_COMPATIBLE_BASE_URL" in config.stderr
+    assert "Traceback" not in config.stderr and config.stderr.count("\n") == 1
+    usage = cli(server, "--temperature", "warm", "hi")
+    assert usage.returncode == 2
+
+
+def test_cli_ctrl_c_exits_130_without_traceback(server: Scripted) -> None:
+    server.add(Reply(*[sse(delta(content=f"{i} ")) for i in range(100)], pause=0.1))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
+    process = subprocess.Popen([sys.executable, "-m", "openai_compat", "count"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=environ, stdin=subprocess.DEVNULL,
+                               cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert process.stdout is not None
+    assert process.stdout.read(2) == "0 "  # streaming has begun
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=10)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert server.closed.wait(3), "the connection is closed on Ctrl-C"
+
+
+def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
+    env = {"OPENAI_COMPATIBLE_BASE_URL": real.base_url, "OPENAI_COMPATIBLE_TIMEOUT": "120"}
+    if real.api_key:
+        env["OPENAI_COMPATIBLE_API_KEY"] = real.api_key
+    done = cli(None, "check", env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    marks = {line[:12].strip(): (line[13:18].strip(), line[19:])
+             for line in done.stdout.splitlines() if not line.startswith("endpoint")}
+    for name in ("reachable", "models", "auth", "chat", "streaming"):
+        assert marks[name][0] == "ok", done.stdout
+    assert "smollm2" in marks["models"][1]
+    # llama-cpp-python ignores include_usage; the check says so instead of failing.
+    assert marks["usage"][0] == ("--" if real.name == "llama-cpp-python" else "ok"), done.stdout
+    assert marks["tool calls"][0] in ("ok", "--"), done.stdout
+    # Issue #15: each server answers the schema, on the rung it takes.
+    assert marks["structured"][0] == "ok", done.stdout
+    rung = "json_object" if real.name == "llama-cpp-python" else "json_schema honoured"
+    assert rung in marks["structured"][1], done.stdout
+    called = marks["tool calls"][0] == "ok"
+    if real.name == "llama-cpp-python" and called:
+        assert "not streamed" in marks["tool calls"][1]
+    assert real.api_key is None or real.api_key not in done.stdout + done.stderr
+    # What each server really needed absorbed (issue #14), one line each, after the rest.
+    quirks = _check_lines(done.stdout, "quirk")
+    assert len(set(quirks)) == len(quirks), done.stdout
+    if real.name == "llama-server":
+        assert quirks == [] and _check_lines(done.stdout, "quirks") == ["none absorbed"], (
+            done.stdout)
+    elif real.name == "llama-cpp-python":
+        # Its whole answers with a call carry the legacy function_call too.
+        assert quirks == [NO_USAGE, "tool calls only unstreamed"] + (
+            ["legacy function_call beside tool_calls"] if called else []), done.stdout
+    else:
+        # LiteLLM puts usage on a chunk that still has a choice; a call streamed through
+        # it may add the repeated id and name, so only the text run is known exactly.
+        assert quirks[:1] == ["usage chunk with choices"], done.stdout
+        assert called or quirks == ["usage chunk with choices"], done.stdout
 
 
 # ==== Cases from other projects ====
+
+
 # Inputs and expected outcomes taken from other projects' published test suites and
 # recorded streams (the facts only; the test code is ours). Each row names its
 # source. Where a peer expects something DESIGN.md does not, DESIGN.md wins and the
@@ -2888,11 +3162,16 @@ def _args_stream(call_id: str, name: str, pieces: list[str], **extra: Any) -> li
 
 _FILES_CALL = {"index": 1, "id": "call_files", "type": "function",
                "function": {"name": "list_files"}}
+
+
 _OTHER_CALL = {"index": 0, "id": "call_other", "type": "function",
                "function": {"name": "other", "arguments": "{}"}}
+
+
 _FILES_REST = [_choice({"tool_calls": [{"index": 1, "function": {"arguments": ": "}},
                                        {"index": 1, "function": {"arguments": '"."}'}}]}),
                _choice({}, "tool_calls")]
+
 
 # name -> (reply, expected [(name, arguments)], usage of the tool step or None,
 #          Client.quirks after it, before the NO_USAGE of the text stream that follows)
@@ -3367,6 +3646,8 @@ def test_peer_messages_classify_without_a_status(message: str, expected: type) -
 
 
 # ==== Real servers ====
+
+
 # These talk to real server code running SmolLM2-135M-Instruct on 127.0.0.1
 # (scripts/local_server.py builds and caches everything):
 # - llama.cpp's llama-server, always;
@@ -3375,7 +3656,10 @@ def test_peer_messages_classify_without_a_status(message: str, expected: type) -
 # A 135M model is fragile with tools, so the tool tests use prompts seen to produce
 # calls, at temperature 0 with a fixed seed, and assert on structure, not on wording.
 
+
 _SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
+
+
 _REQUIRED = bool(os.environ.get("OPENAI_COMPAT_REQUIRE_SERVER"))
 
 
@@ -3450,6 +3734,8 @@ def litellm(llama: Any) -> Iterator[Any]:
 
 
 REAL_SERVERS = ["llama-server", "llama-cpp-python", "litellm"]
+
+
 _FIXTURES = {"llama-server": "llama", "llama-cpp-python": "llama_cpp_python",
              "litellm": "litellm"}
 
@@ -3848,258 +4134,3 @@ def test_real_litellm_backend_killed_mid_stream_is_a_classified_error_with_the_p
     error, received = _kill_mid_stream(client, backend, within=60)
     assert isinstance(error, oc.StreamError) and "Connection error" in error.message
     assert error.partial_text == received and received
-
-
-# ==== Command line ====
-
-
-def cli(server: Scripted | None, *args: str, stdin: str | None = None,
-        env: dict[str, str] | None = None, timeout: float = 30
-        ) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
-    if server is not None:
-        environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m",
-                       OPENAI_COMPATIBLE_MAX_RETRIES="0")
-    environ.update(env or {})
-    return subprocess.run([sys.executable, "-m", "openai_compat", *args], input=stdin or "",
-                          capture_output=True, text=True, env=environ, timeout=timeout,
-                          check=False, cwd=os.path.dirname(os.path.abspath(__file__)))
-
-
-def test_cli_streams_the_answer(server: Scripted) -> None:
-    server.add(Reply(text_stream("Hel", "lo")))
-    done = cli(server, "-s", "be brief", "--temperature", "0.5", "--max-tokens", "7", "Say", "hi")
-    assert (done.returncode, done.stdout, done.stderr) == (0, "Hello\n", "")
-    body = server.bodies()[0]
-    assert body["messages"] == [{"role": "system", "content": "be brief"},
-                                {"role": "user", "content": "Say hi"}]
-    assert body["temperature"] == 0.5 and body["max_tokens"] == 7
-
-
-def test_cli_appends_stdin_to_the_prompt(server: Scripted) -> None:
-    server.add(Reply(text_stream("ok")))
-    done = cli(server, "Summarize:", stdin="notes line\n")
-    assert done.returncode == 0
-    assert server.bodies()[0]["messages"][-1]["content"] == "Summarize:\n\nnotes line\n"
-
-
-def test_cli_json_prints_one_object_per_chunk(server: Scripted) -> None:
-    server.add(Reply(text_stream("a", "b", usage={"prompt_tokens": 1, "completion_tokens": 2})))
-    done = cli(server, "--json", "hi")
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [(x["type"], x.get("content")) for x in lines] == [("text", "a"), ("text", "b"),
-                                                              ("finish", None)]
-    assert lines[-1]["usage"]["total_tokens"] == 3 and lines[-1]["finish_reason"] == "stop"
-
-
-def test_cli_base_url_flag_beats_the_environment(server: Scripted) -> None:
-    # Issue #12: errors mentioned base_url= but the CLI had no way to pass it.
-    server.add(json_reply({"data": [{"id": "from-flag"}]}))
-    done = cli(None, "--base-url", server.base_url, "models",
-               env={"OPENAI_COMPATIBLE_BASE_URL": "http://127.0.0.1:9/v1"})
-    assert (done.returncode, done.stdout) == (0, "from-flag\n"), done.stderr
-
-
-def test_cli_help_json_example_prints_the_answer_as_text(server: Scripted) -> None:
-    # Issue #12: the help's `--json "Hi" | jq -r .content` printed a token per line and null.
-    if shutil.which("jq") is None:
-        pytest.skip("jq is not installed (apt-get install jq)")
-    help_text = cli(None, "--help").stdout
-    line = next(x.strip() for x in help_text.splitlines() if "--json" in x and "| jq" in x)
-    server.add(Reply(text_stream("Hel", "lo", " world")))
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
-    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
-    command = line.replace("openai-compat", f"{shlex.quote(sys.executable)} -m openai_compat", 1)
-    done = subprocess.run(command, shell=True, capture_output=True, text=True, env=environ,
-                          timeout=30, check=False, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert (done.returncode, done.stdout) == (0, "Hello world"), done.stderr
-
-
-def test_cli_check_says_what_answered(server: Scripted) -> None:
-    # Issue #12: `check` printed "reachable ok" with an empty detail.
-    server.add(json_reply({"error": {"message": "Invalid API Key"}}, status=401,
-                          headers={"Server": "llama.cpp"}))
-    done = cli(server, "check", env={"OPENAI_COMPATIBLE_MODEL": ""})
-    reachable = next(x for x in done.stdout.splitlines() if x.startswith("reachable"))
-    assert re.fullmatch(r"reachable\s+ok\s+GET /models: HTTP 401 from .*llama\.cpp in "
-                        r"\d+\.\d\d s", reachable), done.stdout
-    assert done.returncode == 1
-
-
-def _check_lines(stdout: str, name: str) -> list[str]:
-    """The details of `openai-compat check`'s lines named `name`."""
-    return [line[19:] for line in stdout.splitlines() if line[:12].strip() == name]
-
-
-def test_cli_check_lists_the_quirks_it_met(server: Scripted) -> None:
-    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
-    call = delta(tool_calls=[_call(1, "c1", "add", '{"a": 2, "b": 3}')])
-    server.add(json_reply({"models": [{"name": "m"}]}), Reply(text_stream("Hello")),
-               Reply(text_stream("1", "2", usage=usage)),
-               Reply(sse(call, delta("tool_calls"), {"choices": [], "usage": usage},
-                         "data: [DONE]\n\n")), Reply(text_stream("5", usage=usage)),
-               Reply(text_stream('{"city": "Paris", "country": "France"}', usage=usage)))
-    done = cli(server, "check")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert _check_lines(done.stdout, "quirk") == [
-        '/models as {"models": [...]}', '/models entries without "id"', NO_USAGE,
-        "tool call index starting at 1"], done.stdout
-    assert re.search(r"^quirk        --    no usage in streams$", done.stdout, re.MULTILINE)
-    assert done.stdout.splitlines()[-1].startswith("quirk "), "after the capability lines"
-    assert _check_lines(done.stdout, "quirks") == []
-
-
-def test_cli_check_says_when_no_quirk_was_absorbed(server: Scripted) -> None:
-    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
-    server.add(json_reply({"object": "list", "data": [{"id": "m", "object": "model"}]}),
-               *[Reply(text_stream(t, usage=usage)) for t in (
-                   "Hello", "1 2", "5", '{"city": "Paris", "country": "France"}')])
-    done = cli(server, "check")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r'^structured   ok    response_format json_schema honoured: '
-                     r'\{"city": "Paris", "country": "France"\}$', done.stdout, re.MULTILINE)
-    assert done.stdout.splitlines()[-1] == "quirks       ok    none absorbed", done.stdout
-
-
-def test_model_answered_by_another_is_warned_once(server: Scripted,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
-    # Issue #12: model="qwen2.5" was answered by another model without a word.
-    def answer(model: str) -> Reply:
-        return Reply(sse({**delta(content="x"), "model": model}, delta("stop"),
-                         "data: [DONE]\n\n"))
-
-    server.add(answer("smollm2"), answer("smollm2"), answer("gpt-4o-2024-08-06"),
-               json_reply({**completion("y"), "model": "smollm2"}))
-    caplog.set_level(logging.WARNING)
-    client = oc.Client(server.base_url, model="qwen2.5")
-    assert client.stream("hi").text == client.stream("hi").text == "x"
-
-    def warnings() -> list[str]:
-        return [r.getMessage() for r in caplog.records if "answered with" in r.getMessage()]
-
-    assert warnings() == [(f"asked for model 'qwen2.5', {server.base_url} answered with "
-                          "'smollm2': it may not serve 'qwen2.5'")]
-    assert client.quirks == [ANOTHER_MODEL, NO_USAGE]
-    # A dated version of the model asked for is the same model.
-    assert oc.Client(server.base_url, model="gpt-4o").stream("hi").text == "x"
-    assert len(warnings()) == 1
-    # A whole answer is checked too.
-    assert oc.Client(server.base_url, model="llama3.2").generate("hi").text == "y"
-    assert len(warnings()) == 2 and "'llama3.2'" in warnings()[1]
-
-
-def test_cli_check_wait_waits_for_a_starting_server(late_server: tuple[Scripted, str]) -> None:
-    script, base_url = late_server
-    script.add(LOADING, json_reply({"data": [{"id": "m"}]}), json_reply(completion("Hi")))
-    done = cli(None, "--base-url", base_url, "check", "--wait", "30",
-               env={"OPENAI_COMPATIBLE_MAX_RETRIES": "0"})
-    ready = next(x for x in done.stdout.splitlines() if x.startswith("ready"))
-    assert re.fullmatch(r"ready\s+ok\s+after \d+\.\d s", ready), done.stdout
-    assert float(ready.split()[-2]) >= 2.0
-    chat = next(x for x in done.stdout.splitlines() if x.startswith("chat"))
-    assert "ok" in chat and "'Hi'" in chat, done.stdout + done.stderr
-
-
-def test_cli_schema_prints_the_checked_json(server: Scripted, tmp_path: Any) -> None:
-    schema = tmp_path / "city.json"
-    schema.write_text(json.dumps({"type": "object", "required": ["name"],
-                                  "properties": {"name": {"type": "string"}}}))
-    server.add(Reply(text_stream('Here: {"name": 3}')), Reply(text_stream('{"name": "Dax"}')))
-    done = cli(server, "--schema", str(schema), "A town")
-    assert (done.returncode, done.stdout) == (0, '{"name": "Dax"}\n'), done.stderr
-    assert server.bodies()[0]["response_format"]["json_schema"]["schema"] == json.loads(
-        schema.read_text())
-    missing = cli(server, "--schema", str(tmp_path / "nope.json"), "A town")
-    assert missing.returncode == 2 and "--schema" in missing.stderr
-    assert "Traceback" not in missing.stderr
-
-
-def test_cli_refusal_is_one_line_on_stderr_and_exit_1(server: Scripted) -> None:
-    refusal = sse(delta(refusal="I can't"), delta(refusal=" help\nwith that."), delta("stop"),
-                  "data: [DONE]\n\n")
-    server.add(Reply(refusal), Reply(refusal))
-    done = cli(server, "hi")
-    assert done.returncode == 1 and done.stdout == "\n"
-    assert done.stderr == "openai-compat: the model refused: I can't help with that.\n"
-    as_json = cli(server, "--json", "hi")
-    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
-    assert [(x["type"], x.get("content")) for x in lines] == [
-        ("refusal", "I can't"), ("refusal", " help\nwith that."), ("finish", None)]
-    assert as_json.returncode == 1
-
-
-def test_cli_models(server: Scripted) -> None:
-    server.add(json_reply({"data": [{"id": "a"}, {"id": "b"}]}))
-    done = cli(server, "models")
-    assert (done.returncode, done.stdout) == (0, "a\nb\n")
-    server.add(json_reply({"detail": "Not Found"}, status=404))
-    failed = cli(server, "models")
-    assert failed.returncode == 1 and failed.stdout == ""
-    assert failed.stderr.count("\n") == 1 and "could not list models" in failed.stderr
-
-
-def test_cli_errors_are_one_line_with_exit_codes(server: Scripted) -> None:
-    server.add(json_reply({"error": {"message": f"Invalid API key {KEY}"}}, status=401))
-    api = cli(server, "hi", env={"OPENAI_COMPATIBLE_API_KEY": KEY})
-    assert api.returncode == 1 and api.stderr.count("\n") == 1
-    assert "AuthenticationError" in api.stderr and KEY not in api.stderr + api.stdout
-    config = cli(None, "hi")
-    assert config.returncode == 2 and "OPENAI_COMPATIBLE_BASE_URL" in config.stderr
-    assert "Traceback" not in config.stderr and config.stderr.count("\n") == 1
-    usage = cli(server, "--temperature", "warm", "hi")
-    assert usage.returncode == 2
-
-
-def test_cli_ctrl_c_exits_130_without_traceback(server: Scripted) -> None:
-    server.add(Reply(*[sse(delta(content=f"{i} ")) for i in range(100)], pause=0.1))
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
-    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
-    process = subprocess.Popen([sys.executable, "-m", "openai_compat", "count"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=environ, stdin=subprocess.DEVNULL,
-                               cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert process.stdout is not None
-    assert process.stdout.read(2) == "0 "  # streaming has begun
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=10)
-    assert process.returncode == 130 and "Traceback" not in err
-    assert server.closed.wait(3), "the connection is closed on Ctrl-C"
-
-
-def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
-    env = {"OPENAI_COMPATIBLE_BASE_URL": real.base_url, "OPENAI_COMPATIBLE_TIMEOUT": "120"}
-    if real.api_key:
-        env["OPENAI_COMPATIBLE_API_KEY"] = real.api_key
-    done = cli(None, "check", env=env, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    marks = {line[:12].strip(): (line[13:18].strip(), line[19:])
-             for line in done.stdout.splitlines() if not line.startswith("endpoint")}
-    for name in ("reachable", "models", "auth", "chat", "streaming"):
-        assert marks[name][0] == "ok", done.stdout
-    assert "smollm2" in marks["models"][1]
-    # llama-cpp-python ignores include_usage; the check says so instead of failing.
-    assert marks["usage"][0] == ("--" if real.name == "llama-cpp-python" else "ok"), done.stdout
-    assert marks["tool calls"][0] in ("ok", "--"), done.stdout
-    # Issue #15: each server answers the schema, on the rung it takes.
-    assert marks["structured"][0] == "ok", done.stdout
-    rung = "json_object" if real.name == "llama-cpp-python" else "json_schema honoured"
-    assert rung in marks["structured"][1], done.stdout
-    called = marks["tool calls"][0] == "ok"
-    if real.name == "llama-cpp-python" and called:
-        assert "not streamed" in marks["tool calls"][1]
-    assert real.api_key is None or real.api_key not in done.stdout + done.stderr
-    # What each server really needed absorbed (issue #14), one line each, after the rest.
-    quirks = _check_lines(done.stdout, "quirk")
-    assert len(set(quirks)) == len(quirks), done.stdout
-    if real.name == "llama-server":
-        assert quirks == [] and _check_lines(done.stdout, "quirks") == ["none absorbed"], (
-            done.stdout)
-    elif real.name == "llama-cpp-python":
-        # Its whole answers with a call carry the legacy function_call too.
-        assert quirks == [NO_USAGE, "tool calls only unstreamed"] + (
-            ["legacy function_call beside tool_calls"] if called else []), done.stdout
-    else:
-        # LiteLLM puts usage on a chunk that still has a choice; a call streamed through
-        # it may add the repeated id and name, so only the text run is known exactly.
-        assert quirks[:1] == ["usage chunk with choices"], done.stdout
-        assert called or quirks == ["usage chunk with choices"], done.stdout
