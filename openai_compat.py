@@ -2892,6 +2892,8 @@ class _Connection:
         _log.warning("%s refused response_format %r (%s); asking %s from now on",
                      self.config.base_url, body["response_format"].get("type"), error.message,
                      "with json_object" if rung == 1 else "in a system message only")
+        self.quirk("json_schema refused: json_object with the schema" if rung == 1
+                   else "response_format refused: the schema in the system message")
         self.ask_for_schema(body, schema)
         return True
 

@@ -1161,6 +1161,9 @@ def test_schema_degrades_one_rung_per_refusal_and_remembers_it(
         assert system["content"].startswith("Be brief.\n\nAnswer with one JSON value")
         assert '"population": {"type": "integer"}' in system["content"]
     assert caplog.text.count("refused response_format") == 2
+    assert [q for q in client.quirks if "refused" in q] == [
+        "json_schema refused: json_object with the schema",
+        "response_format refused: the schema in the system message"]
     # Remembered: the next call asks the way that worked, at once.
     assert client.generate("Another", schema=City).data == City("Metz", 116581)
     fourth = server.bodies()[3]
@@ -2724,9 +2727,12 @@ def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
         assert quirks == [] and _check_lines(done.stdout, "quirks") == ["none absorbed"], (
             done.stdout)
     elif real.name == "llama-cpp-python":
-        # Its whole answers with a call carry the legacy function_call too.
+        # Its whole answers with a call carry the legacy function_call too; it refuses
+        # json_schema with a 500 validation error that carries a Python traceback.
         assert quirks == [NO_USAGE, "tool calls only unstreamed"] + (
-            ["legacy function_call beside tool_calls"] if called else []), done.stdout
+            ["legacy function_call beside tool_calls"] if called else []) + [
+            "Python tracebacks in error messages", "validation errors as HTTP 500",
+            "json_schema refused: json_object with the schema"], done.stdout
     else:
         # LiteLLM puts usage on a chunk that still has a choice; a call streamed through
         # it may add the repeated id and name, so only the text run is known exactly.
