@@ -1922,13 +1922,13 @@ def test_stream_event_larger_than_the_bound_is_stream_error(server: Scripted) ->
 @pytest.mark.parametrize("framing", ["chunked", "close", "gzip", "length"])
 def test_stream_first_event_is_not_held_back(server: Scripted, framing: str) -> None:
     first, rest = sse(delta(content="early")), text_stream("late")
-    server.add(Reply(first, rest, framing=framing, pause=1.5))
+    server.add(Reply(first, rest, framing=framing, pause=1.0))
     started = time.monotonic()
     stream = server.client().stream("hi")
     chunk = next(stream)
     elapsed = time.monotonic() - started
     assert chunk.content == "early"
-    assert elapsed < 0.75, f"first event arrived after {elapsed:.2f} s on {framing}"
+    assert elapsed < 0.5, f"first event arrived after {elapsed:.2f} s on {framing}"
     assert text_of(list(stream)) == "late"
 
 
