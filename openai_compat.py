@@ -68,7 +68,6 @@ Source and documentation: https://github.com/openai-compat/openai-compat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import email.utils
 import enum
@@ -87,7 +86,7 @@ import time
 import types
 import typing
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Any, ClassVar, Final, Literal, Union
 
 import requests
@@ -1302,7 +1301,7 @@ class Client:
         if self._tools_unstreamed and "tools" in body:
             return (yield from self._plain_call(body, step, request))
         body["stream"] = True
-        if "stream_options" not in body and self._http.may_send("stream_options"):
+        if "stream_options" not in body and "stream_options" not in self._http.refused:
             # Ask for usage; servers that reject the field lose it once.
             body["stream_options"] = {"include_usage": True}
         record = yield from self._streamed_call(body, step, request)
@@ -1344,7 +1343,7 @@ class Client:
                 payload = self._http.read_json(response, request.timeout)
                 if isinstance(payload, dict) and payload.get("choices"):
                     quirk("one JSON document for a stream request")
-                return (yield from self._whole_answer(payload, body, step))
+                return (yield from self._deliver_whole(payload, body, step))
             try:
                 yield from _iter_chunks(_iter_sse(_iter_raw(response), quirk), acc)
                 if acc.done:
@@ -1380,11 +1379,12 @@ class Client:
         response = self._http.post(body, request.timeout, request.schema)
         with response:
             payload = self._http.read_json(response, request.timeout)
-        return (yield from self._whole_answer(payload, body, step))
+        return (yield from self._deliver_whole(payload, body, step))
 
-    def _whole_answer(
+    def _deliver_whole(
         self, payload: Any, body: dict[str, Any], step: int
     ) -> Generator[Chunk, None, Step]:
+        """The Chunks of a whole (non-streamed) answer, then its Step."""
         if isinstance(payload, dict):
             self._note_model(body.get("model"), payload.get("model"))
         try:
@@ -1619,7 +1619,7 @@ def _read_answer(text: str, request: _Request) -> tuple[str | None, Any]:
     problem = _check(value, request.schema)
     if problem is not None:
         return problem, None
-    if dataclasses.is_dataclass(request.schema_type):
+    if is_dataclass(request.schema_type):
         return None, _build(value, request.schema_type)
     return None, value
 
@@ -1924,7 +1924,7 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
 
 def _is_record(annotation: Any) -> bool:
     """A dataclass or TypedDict class: a JSON object with named fields."""
-    return isinstance(annotation, type) and (dataclasses.is_dataclass(annotation)
+    return isinstance(annotation, type) and (is_dataclass(annotation)
                                              or typing.is_typeddict(annotation))
 
 
@@ -1951,10 +1951,10 @@ def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
     module; cached, as that evaluates them anew on every call.
     """
     hints = typing.get_type_hints(cls, include_extras=True)
-    if dataclasses.is_dataclass(cls):
+    if is_dataclass(cls):
         return tuple((f.name, hints.get(f.name, Any),
-                      f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-                     for f in dataclasses.fields(cls) if f.init)
+                      f.default is MISSING and f.default_factory is MISSING)
+                     for f in fields(cls) if f.init)
     required = getattr(cls, "__required_keys__", frozenset(hints))
     # NOTE: under string annotations (from __future__ import annotations) Python puts
     # NotRequired keys in __required_keys__ too (3.11-3.13); the hint itself tells.
@@ -2900,9 +2900,6 @@ class _Connection:
     def drop_refused_fields(self, body: dict[str, Any]) -> None:
         for name in tuple(self.refused):
             body.pop(name, None)
-
-    def may_send(self, name: str) -> bool:
-        return name not in self.refused
 
     def _drop_rejected_field(self, body: dict[str, Any], error: APIError) -> bool:
         """Drop a request field the server refused, remember it, and say so."""
