@@ -20,8 +20,8 @@
 # SOFTWARE.
 """Stream chat completions and run tool calls against any OpenAI-compatible server.
 
-One file, two dependencies (requests, sseclient-py); copy it into a project or
-install it with pip from a clone::
+One file, two dependencies (requests, sseclient-py); copy it into a project (keep
+this header) or install it with pip from a clone::
 
     import openai_compat as oc
 
@@ -48,21 +48,23 @@ Works with vLLM, Ollama, llama.cpp's llama-server, LM Studio, TGI, Groq, Togethe
 Fireworks, OpenRouter, DeepSeek, Mistral, Gemini's OpenAI endpoint, Azure, LiteLLM
 and OpenAI, including their deviations from OpenAI's wire format.
 
-The file, top to bottom (each section starts with a "# ==== Name ====" line):
+The file reads top-down. First what a user calls, receives or catches; then the
+jobs the Client hands work to, in the order a call reaches them; each section's
+entry point comes first and its helpers after it, in call order. Each section starts
+with a "# ==== Name ====" line:
 
     Constants
-    Error classification   the exceptions, the ordered regex table, classify_error()
+    Errors                 the exceptions, the ordered regex table, classify_error(), error bodies
     Data types             Usage, ToolCall, ToolResult, Chunk, Step, Result, Stream
     Configuration          Config.from_env(): arguments, then OPENAI_COMPATIBLE_*, then defaults
     Client                 Client, and the module-level stream(), generate(), ...
-    Model discovery        GET /models within 5 s, whatever shape the answer has
-    Tool-call loop         model call, tools run, results sent back, until text or max_steps
-    Tools                  tool definitions from functions, their JSON Schemas, running them
-    Streaming              response bytes -> lines -> SSE events -> payloads -> Chunks
-    HTTP plumbing          one pool of connections, retries, refused fields, draining
+    Model discovery        GET /models within 5 s, once per Client; the fallback list; wait_ready()
+    Tool-call loop         a call's options checked; model calls, tools run, results sent back
+    Tools                  Tool, @tool; JSON Schemas from type hints; values built from JSON
+    Checking JSON          the JSON Schema checker (draft 2020-12) for tool arguments and schema=
+    Streaming              one model call: response bytes -> lines -> SSE events -> Chunks
+    HTTP plumbing          the connection pool, retries, redirects, refused fields, draining
     Command line           python -m openai_compat, or the openai-compat script
-
-Source and documentation: https://github.com/openai-compat/openai-compat
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ import enum
 import functools
 import http.client
 import inspect
+import itertools
 import json
 import logging
+import math
+import operator
 import os
 import random
 import re
@@ -85,8 +90,10 @@ import threading
 import time
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from decimal import Decimal
 from typing import Any, ClassVar, Final, Literal, Union
 
 import requests
@@ -94,7 +101,7 @@ import requests.adapters
 import sseclient
 import urllib3.exceptions
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -120,27 +127,21 @@ __all__ = [
     "Chunk",
     "Step",
     "Result",
-    "Tool",
-    "tool",
+    "Stream",
     "Config",
     "Client",
-    "Stream",
     "stream",
     "generate",
     "available_models",
     "first_available_model",
+    "Tool",
+    "tool",
     "main",
 ]
 
 _log = logging.getLogger("openai_compat")
 # Silent unless the application configures logging (as requests does).
 _log.addHandler(logging.NullHandler())
-
-
-def _no_quirk(line: str) -> None:
-    """Where the pure pieces note an absorbed deviation when no Client listens (see
-    _Quirks: a Client passes its own)."""
-
 
 # ==== Constants ====
 
@@ -163,23 +164,19 @@ _ENV_TIMEOUT: Final = "OPENAI_COMPATIBLE_TIMEOUT"
 _ENV_MAX_RETRIES: Final = "OPENAI_COMPATIBLE_MAX_RETRIES"
 _DEFAULT_TIMEOUT: Final = 30.0
 _DEFAULT_MAX_RETRIES: Final = 2
-_DISCOVERY_SECONDS: Final = 5.0
-_MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
+# The longest silence limit accepted: about 11.5 days. Far larger values (and inf) overflow
+# the platform's socket timeouts at the first request.
+_MAX_TIMEOUT: Final = 1_000_000.0
 _MAX_ERROR_BODY: Final = 64 * 1024
-_DRAIN_SECONDS: Final = 0.1
-_MAX_RETRY_AFTER: Final = 60.0
-_BACKOFF_BASE: Final = 0.5
-_BACKOFF_MAX: Final = 8.0
-_READ_SIZE: Final = 65536
-_POOL_SIZE: Final = 128  # kept-alive connections per host; opened only when needed
-_ID_ALPHABET: Final = string.ascii_letters + string.digits
-_LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1", "[::1]")
+# The longest wait between two asks to a server that is starting or loading its model
+# (wait_ready, a 503 "Loading model"); tests lower it.
+_WAIT_GAP: Final = 1.0
 # What requests, urllib3 and the socket layer raise on the network path; each place
 # that catches them turns them into the module's own errors.
 _TRANSPORT_ERRORS: Final = (requests.RequestException, urllib3.exceptions.HTTPError,
                             http.client.HTTPException, OSError)
 
-# ==== Error classification ====
+# ==== Errors ====
 
 
 class OpenAICompatError(Exception):
@@ -187,7 +184,8 @@ class OpenAICompatError(Exception):
 
 
 class ConfigError(OpenAICompatError, ValueError):
-    """Bad or missing configuration (an environment variable, an argument, a tool).
+    """Bad or missing configuration (an environment variable, an argument, a tool, a
+    schema, text that cannot be sent).
 
     Raised before anything is sent. Retrying does not help: fix what the message names.
     """
@@ -197,28 +195,22 @@ class APIError(OpenAICompatError):
     """The server could not be reached, or answered with an error.
 
     Attributes:
-        message: the server's own message (or the transport's), with the API key redacted.
+        message: the server's own message (or the transport's), with secrets redacted.
         status_code: the HTTP status, or None (no response, or an error inside a stream).
         body: the response body as text (trimmed), or None.
-        base_url: the endpoint the request went to.
+        base_url: the endpoint the request went to (secrets in it redacted).
         retryable: True when sending the same request again may succeed.
         partial_text: answer text the interrupted model call had already yielded ("" if none).
     """
 
     retryable: ClassVar[bool] = False
-    # Where the base URL came from, for hints: the variable, or "base_url=" when the
-    # Client was given one (set by the Client that raises the error).
+    # Where the base URL came from, for hints: the variable, "base_url=" or the CLI's
+    # --base-url (set by the Client that raises the error).
     _url_source: str = _ENV_BASE_URL
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status_code: int | None = None,
-        body: str | None = None,
-        base_url: str | None = None,
-        partial_text: str = "",
-    ) -> None:
+    def __init__(self, message: str, *, status_code: int | None = None,
+                 body: str | None = None, base_url: str | None = None,
+                 partial_text: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
@@ -282,14 +274,12 @@ class AuthenticationError(APIError):
 
 class RateLimitError(APIError):
     """HTTP 429 or a rate-limit message. `retry_after` holds the server's Retry-After
-    in seconds when it sent one. Retried automatically up to 60 s of Retry-After.
+    in seconds when it sent one (else None). Retried automatically up to 60 s of
+    Retry-After.
     """
 
     retryable = True
-
-    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after = retry_after
+    retry_after: float | None = None
 
     def _hint(self) -> str:
         if self.retry_after is not None:
@@ -316,7 +306,8 @@ class BadRequestError(APIError):
     """Any other 4xx: the server rejected the request as sent. Not retryable."""
 
     def _hint(self) -> str:
-        if self.status_code in (404, 405) and self.base_url and not _has_version(self.base_url):
+        if (self.status_code in (404, 405) and self.base_url and "?" not in self.base_url
+                and not re.search(r"/v\d+[a-z0-9]*(?:/|$)", self.base_url)):
             return f"The server may expect /v1: try {self._url_source}={self.base_url}/v1"
         if self.status_code in (404, 405):
             return f"Check {self._url_source}: the server has no chat-completions route there"
@@ -399,7 +390,8 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
     (
         RateLimitError,
         re.compile(
-            r"rate[ _-]?limit|too many requests|overloaded|resource[ _]exhausted|exceeded your current quota",
+            r"rate[ _-]?limit|too many requests|overloaded|resource[ _]exhausted"
+            r"|exceeded your current quota",
             re.IGNORECASE,
         ),
     ),
@@ -455,190 +447,83 @@ def classify_error(message: str, status: int | None = None) -> type[APIError]:
     return ServerError if status >= 500 else BadRequestError
 
 
-# Quirks of requests a server refuses because of one field, and the field to drop
-# (see _Connection.drop_rejected_field). Ollama: "registry.ollama.ai/library/x does
-# not support tools"; vLLM: '"auto" tool choice requires --enable-auto-tool-choice and
-# --tool-call-parser to be set'; llama.cpp: "tools param requires --jinja flag";
-# others: "tools are not supported", "tool_choice ... not supported"; servers that do
-# not know stream_options name it.
-_REJECTED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
-    ("tools", re.compile(
-        r"does not support tools|enable-auto-tool-choice|tools param requires"
-        r"|tools? (?:are |is )?not supported|tool (?:use|calling) is not supported",
-        re.IGNORECASE)),
-    ("tool_choice", re.compile(
-        r"tool_choice.{0,60}(?:not supported|unsupported|not allowed|invalid)", re.IGNORECASE)),
-    ("stream_options", re.compile(r"stream_options", re.IGNORECASE)),
-)
-
-# A server that refuses how a schema was asked for: llama-cpp-python's 500 "1
-# validation error ... response_format.type Input should be 'text' or 'json_object'",
-# and others naming the field or its type.
-_SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
-                                    re.IGNORECASE)
-
-# A server still loading its model: llama-server's 503 "Loading model", and 503s that
-# say they are loading or warming up (see _Connection.post and Client.wait_ready).
-_LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
-_LOADING_GAP: Final = 1.0  # the longest wait between two asks to a loading server
-
-
-def _is_loading(error: APIError) -> bool:
-    return error.status_code == 503 and _LOADING.search(error.message) is not None
-
-
-# What the socket layer says, shortened for messages (see _transport_reason).
-_TRANSPORT_REASON: Final = re.compile(
-    r"Connection refused|Name or service not known|nodename nor servname provided"
-    r"|Temporary failure in name resolution|No route to host|Network is unreachable"
-    r"|Connection reset by peer|Remote end closed connection without response"
-    r"|certificate verify failed[^)'\"]*|Connection aborted|IncompleteRead[^)]*\)"
-    r"|Response ended prematurely|Connection broken"
-)
-# A kept-alive connection the server had closed: the request met an EOF or a reset
-# before any byte of an answer (see _stale_connection).
-_STALE_CONNECTION: Final = re.compile(
-    r"Remote end closed connection|reset by peer|Broken pipe|BrokenPipeError"
-    r"|ConnectionResetError"
-)
-
-
-def _error_from_body(status: int, text: str, message: str | None = None,
-                     retry_after: float | None = None,
-                     quirk: Callable[[str], None] = _no_quirk) -> APIError:
-    """The classified error for an error body of any shape (`message` overrides the
-    body's own). A 2xx status means an error the server sent with a success status.
-    `quirk` hears of the body's deviations from OpenAI's."""
-    message = message or _error_message(text, quirk) or f"HTTP {status}"
-    tags = _error_tags(text)
+def _error_from_body(status: int, text: str, note: Callable[[str], None],
+                     retry_after: float | None = None, decoded: Any = None) -> APIError:
+    """The classified error for an error body of any shape; a 2xx `status` is an error
+    sent with a success status. `decoded`: the body's JSON when the caller has it.
+    `note` hears of the body's deviations from OpenAI's."""
+    text = text.strip()
+    body = decoded
+    try:
+        if body is None and text[:1] in ("{", "["):
+            body = json.loads(text)
+    except (ValueError, RecursionError):
+        pass
+    message, tags = _error_fields(body, note) if body is not None else (None, "")
+    if message is None and text[:1] == "<":
+        note("error bodies as HTML pages")
+        match = re.search(r"<title[^>]*>(.*?)</title>|<h1[^>]*>(.*?)</h1>", text,
+                          re.IGNORECASE | re.DOTALL)
+        message = "HTML error page: " + " ".join(re.sub(
+            r"<[^>]+>", " ", (match.group(1) or match.group(2)) if match else text).split())
+    elif message is None and text:
+        if body is None:
+            note("error bodies as plain text")
+        message = text
+    if message and _TRACEBACK.search(message):
+        note("Python tracebacks in error messages")
+    message = _trim_message(message) if message else f"HTTP {status}"
     if status < 400:
         # Quirk(LM Studio): 200 with {"error": "Unexpected endpoint or method."}.
-        quirk(f"errors with status {status}")
-        cls = classify_error(message + " " + tags)
-        if cls is APIError or cls in _TRANSPORT_CLASSES:
-            cls = BadRequestError
+        note(f"errors with status {status}")
+        cls = classify_error(f"{message} {tags}")
+        cls = BadRequestError if cls is APIError or cls in _TRANSPORT_CLASSES else cls
     else:
-        cls = classify_error(message + " " + tags, status)
+        cls = classify_error(f"{message} {tags}", status)
         if cls is BadRequestError and status >= 500:
             # Only the validation row makes a 5xx a BadRequestError (see _ERROR_PATTERNS).
-            quirk("validation errors as HTTP 500")
-    body = text[:_MAX_ERROR_BODY]
-    if cls is RateLimitError:
-        return RateLimitError(message, retry_after=retry_after, status_code=status, body=body)
-    return cls(message, status_code=status, body=body)
+            note("validation errors as HTTP 500")
+    error = cls(message, status_code=status, body=text[:_MAX_ERROR_BODY])
+    if isinstance(error, RateLimitError):
+        error.retry_after = retry_after
+    return error
 
 
-def _stream_error(payload: dict[str, Any], data: str, error_event: bool,
-                  quirk: Callable[[str], None] = _no_quirk) -> APIError | None:
-    """The classified error an event inside a 200 stream carries, or None.
-
-    Forms: {"error": {...}} (OpenAI, vLLM, LiteLLM, TGI), {"object": "error", ...}
-    (vLLM < 0.10.1, Mistral), `event: error` (Groq), and llama.cpp's legacy `error:
-    {...}` line (made an `event: error` by _iter_lines), whose JSON is the error itself.
-    A transport word in the message (LiteLLM's "Connection error") is still a stream
-    cut short here: the connection to this client is fine.
-    """
-    err = payload.get("error")
-    if err is None and payload.get("object") != "error" and not error_event:
-        return None
-    if payload.get("object") == "error":
-        quirk("errors in streams as object: error")
-    if err is None and error_event:
-        # A legacy `error:` line, already noted by _iter_lines.
-        err = payload
-    elif error_event:
-        quirk("errors in streams as event: error")
-    message = _error_message(data) or "error event without a message"
-    cls = classify_error(message + " " + _error_tags(data))
-    if cls is APIError or cls in _TRANSPORT_CLASSES:
-        cls = StreamError
-    status = None
-    if isinstance(err, dict):
-        # Quirk(TGI): http_status_code; Groq: status_code; LiteLLM: code "503" as a string.
-        for key in ("status_code", "http_status_code", "code", "status"):
-            value = err.get(key)
-            if isinstance(value, str) and value.isdigit():
-                quirk("error codes as strings of digits")
-            if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-                status = int(value)
-                break
-    return cls(message, status_code=status, body=data[:_MAX_ERROR_BODY])
-
-
-def _has_version(base_url: str) -> bool:
-    return re.search(r"/v\d+[a-z0-9]*(?:/|$)", base_url) is not None
-
-
-def _error_message(text: str, quirk: Callable[[str], None] = _no_quirk) -> str:
-    """The human message inside an error body of any shape, trimmed to a readable line.
-
-    Shapes: {"error": {"message"}}, {"error": "..."}, {"message"} (vLLM < 0.10.1,
-    Mistral), {"detail": str | [{"msg"}]} (FastAPI), [{"error": {...}}] (Gemini),
-    HTML pages (proxies), plain text. Never raises. `quirk` hears of a shape that is
-    not OpenAI's.
-    """
-    text = text.strip()
-    if not text:
-        return ""
-    message: str | None = None
-    parsed = False
-    if text[:1] in "{[":
-        try:
-            body = json.loads(text)
-        except ValueError:
-            pass
-        else:
-            parsed = True
-            message = _message_from(body, quirk)
-    if message is None:
-        if text[:1] == "<":
-            quirk("error bodies as HTML pages")
-            message = _html_title(text)
-        else:
-            if not parsed:
-                quirk("error bodies as plain text")
-            message = text
-    if _TRACEBACK.search(message):
-        quirk("Python tracebacks in error messages")
-    return _trim_message(message)
-
-
-def _message_from(body: object, quirk: Callable[[str], None] = _no_quirk) -> str | None:
+def _error_fields(body: Any, note: Callable[[str], None]) -> tuple[str | None, str]:
+    """The message of a decoded error body and its classification tags (type, code,
+    status). Shapes: {"error": {"message"}} (OpenAI), {"error": "text"} (TGI, Ollama,
+    LM Studio, xAI), a top-level "message" (vLLM < 0.10.1, Mistral), {"detail": str or
+    [{"loc", "msg"}]} (FastAPI servers), [{"error": {...}}] (Gemini)."""
     if isinstance(body, list):
-        quirk("error bodies as a JSON array")
-        return _message_from(body[0], quirk) if body else None
+        note("error bodies as a JSON array")
+        body = body[0] if body else None
     if not isinstance(body, dict):
-        return body if isinstance(body, str) and body else None
+        return (body if isinstance(body, str) and body else None), ""
     err = body.get("error")
+    inner = err if isinstance(err, dict) else body
+    tags = " ".join(str(inner[k]) for k in ("type", "code", "status")
+                    if isinstance(inner.get(k), (str, int)))
     if isinstance(err, dict):
-        code = err.get("code")
-        if isinstance(code, str) and code.isdigit():
+        if isinstance(err.get("code"), str) and err["code"].isdigit():
             # Quirk(LiteLLM): the HTTP status again, as a string ("400").
-            quirk("error codes as strings of digits")
-        for key in ("message", "msg", "detail"):
-            if isinstance(err.get(key), str) and err[key]:
-                return str(err[key])
-        nested = _message_from(err.get("error"), quirk)
-        if nested:
-            return nested
+            note("error codes as strings of digits")
+        found = next((err[k] for k in ("message", "msg", "detail")
+                      if isinstance(err.get(k), str) and err[k]), None)
+        return found or _error_fields(err.get("error"), note)[0], tags
     if isinstance(err, str) and err:
-        # Quirk(TGI, Ollama, LM Studio, xAI).
-        quirk('error bodies as {"error": "text"}')
-        return err
+        note('error bodies as {"error": "text"}')
+        return err, tags
     if isinstance(body.get("message"), str) and body["message"]:
-        # Quirk(vLLM < 0.10.1, Mistral).
-        quirk('error bodies with a top-level "message"')
-        return str(body["message"])
+        note('error bodies with a top-level "message"')
+        return body["message"], tags
     detail = body.get("detail")
-    if isinstance(detail, str) and detail:
-        # Quirk(llama-cpp-python and other FastAPI servers).
-        quirk('error bodies as {"detail": ...}')
-        return detail
-    if isinstance(detail, list):
-        quirk('error bodies as {"detail": ...}')
-        parts = [_detail_item(item) for item in detail]
-        return "; ".join(p for p in parts if p) or None
-    return None
+    if not detail or not isinstance(detail, (str, list)):
+        return None, tags
+    note('error bodies as {"detail": ...}')
+    if isinstance(detail, str):
+        return detail, tags
+    parts = [_detail_item(item) for item in detail]
+    return "; ".join(p for p in parts if p) or None, tags
 
 
 def _detail_item(item: object) -> str:
@@ -650,14 +535,6 @@ def _detail_item(item: object) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-def _html_title(text: str) -> str:
-    match = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL) or re.search(
-        r"<h1[^>]*>(.*?)</h1>", text, re.IGNORECASE | re.DOTALL
-    )
-    inner = match.group(1) if match else re.sub(r"<[^>]+>", " ", text)
-    return "HTML error page: " + re.sub(r"\s+", " ", inner).strip()
-
-
 _TRACEBACK: Final = re.compile(r"\n\s*File \"")
 
 
@@ -665,35 +542,15 @@ def _trim_message(message: str) -> str:
     # Quirk(llama-cpp-python): 500s carry a Python traceback with the server's own
     # file paths; LiteLLM appends paragraphs about its routing. The first paragraph
     # holds what the user needs.
-    message = re.split(r"\n\s*\n|\n\s*File \"", message, maxsplit=1)[0]
-    message = re.sub(r"\s+", " ", message).strip()
+    message = " ".join(re.split(r"\n\s*\n|\n\s*File \"", message, maxsplit=1)[0].split())
     return message if len(message) <= 600 else message[:597] + "..."
 
 
-def _error_tags(text: str) -> str:
-    """The `type` and `code` fields of an error body, for classification only."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return ""
-    if isinstance(body, list) and body:
-        body = body[0]
-    if not isinstance(body, dict):
-        return ""
-    err: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else body
-    return " ".join(
-        str(err.get(k)) for k in ("type", "code", "status") if isinstance(err.get(k), (str, int))
-    )
-
-
-def _transport_reason(text: str) -> str:
-    match = _TRANSPORT_REASON.search(text)
-    return match.group(0) if match else text[:200]
-
-
-def _redact(text: str, secret: str | None) -> str:
-    if secret and secret in text:
-        text = text.replace(secret, "[redacted]")
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret (and any bearer token) replaced by [redacted]."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "[redacted]")
     return re.sub(r"(?i)(bearer\s+)[^\s\"',]+", r"\1[redacted]", text)
 
 
@@ -789,26 +646,24 @@ class Chunk:
     raw: Any = field(default=None, repr=False, compare=False)
 
 
-# Every field's default, for building Chunks the fast way (see _delta_chunk).
-_CHUNK_DEFAULTS: Final[dict[str, Any]] = {f.name: f.default for f in fields(Chunk)}
-
-
 def _delta_chunk(kind: ChunkType, text: str, step: int, raw: Any) -> Chunk:
     """A "text", "reasoning" or "refusal" Chunk, built the fast way.
 
     NOTE: the hot path of every stream. A frozen dataclass's __init__ sets each of
-    its nine fields through object.__setattr__ (about 1 us per event); filling the
-    instance dict directly costs a quarter of that and gives an equal, equally
-    frozen Chunk.
+    its nine fields through object.__setattr__; here the instance dict gets only the
+    four fields that differ from the defaults, which the class itself holds. The
+    Chunk is equal, and equally frozen, at a third of the cost.
     """
-    chunk = object.__new__(Chunk)
-    fields = _CHUNK_DEFAULTS.copy()
-    fields["type"] = kind
-    fields["reasoning" if kind == "reasoning" else "content"] = text
-    fields["step"] = step
-    fields["raw"] = raw
-    object.__setattr__(chunk, "__dict__", fields)
+    chunk = _new_object(Chunk)
+    values = chunk.__dict__
+    values["type"] = kind
+    values["reasoning" if kind == "reasoning" else "content"] = text
+    values["step"] = step
+    values["raw"] = raw
     return chunk
+
+
+_new_object: Final = object.__new__
 
 
 @dataclass(frozen=True)
@@ -835,7 +690,8 @@ class Result:
         refusal: the final model call's refusal text (OpenAI's structured refusal,
             kept apart from text), "" when the model did not refuse.
         data: the answer parsed and checked against schema= (a dataclass instance
-            for a dataclass), or None without schema=.
+            for a dataclass, a model instance for a pydantic model), or None without
+            schema=.
         steps: one Step per model call.
         tool_calls, tool_results: over all steps.
         finish_reason: the last model call's, or "max_steps" when the budget ran out
@@ -865,23 +721,29 @@ class Stream:
     holds the Result (None before).
     """
 
-    def __init__(self, steps: Generator[Chunk, None, Result]) -> None:
-        self._steps = steps
-        self.result: Result | None = None
+    def __init__(self, chunks: Generator[Chunk, None, None], outcome: list[Result]) -> None:
+        # The tool-call loop appends the Result to `outcome` when it ends: the loop's
+        # generator must not hold the Stream itself, or a plain `break` would leave the
+        # two in a reference cycle and the response open until garbage collection.
+        self._chunks = chunks
+        self._outcome = outcome
 
-    def __iter__(self) -> Stream:
-        return self
+    @property
+    def result(self) -> Result | None:
+        """The Result, once the stream is exhausted; None before."""
+        return self._outcome[0] if self._outcome else None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        # NOTE: the generator itself, so that a for-loop resumes it directly, without a
+        # frame of ours between the caller and each Chunk.
+        return self._chunks
 
     def __next__(self) -> Chunk:
-        try:
-            return next(self._steps)
-        except StopIteration as stop:
-            self.result = stop.value
-            raise
+        return next(self._chunks)
 
     def close(self) -> None:
         """Stop the stream and close its HTTP response."""
-        self._steps.close()
+        self._chunks.close()
 
     def __enter__(self) -> Stream:
         return self
@@ -892,16 +754,17 @@ class Stream:
     @property
     def text(self) -> str:
         """The final answer text (reads the stream to its end if needed)."""
-        for _ in self:
+        for _ in self._chunks:
             pass
-        return self.result.text if self.result else ""
+        return self._outcome[0].text if self._outcome else ""
 
 # ==== Configuration ====
 
 
 @dataclass(frozen=True)
 class Config:
-    """Resolved settings of a Client (see Config.from_env)."""
+    """Resolved settings of a Client (see Config.from_env). base_url keeps its query
+    string (Azure's ?api-version=...); repr() hides the key and the URL's secrets."""
 
     base_url: str
     api_key: str | None = None
@@ -912,8 +775,8 @@ class Config:
     def __repr__(self) -> str:
         key = "'[redacted]'" if self.api_key else "None"
         return (
-            f"Config(base_url={self.base_url!r}, api_key={key}, model={self.model!r}, "
-            f"timeout={self.timeout!r}, max_retries={self.max_retries!r})"
+            f"Config(base_url={_shown_url(self.base_url)!r}, api_key={key}, "
+            f"model={self.model!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r})"
         )
 
     @classmethod
@@ -946,131 +809,149 @@ class Config:
                 f"No endpoint configured: set {_ENV_BASE_URL} (for example "
                 "http://localhost:11434/v1 for Ollama) or pass base_url= to Client()"
             )
+        key = pick(api_key, _ENV_API_KEY)
+        if key is not None:
+            _check_header_value(key, f"the API key ({_ENV_API_KEY} or api_key=)")
         return cls(
-            base_url=_check_url(url),
-            api_key=pick(api_key, _ENV_API_KEY),
+            base_url=_base_url(url),
+            api_key=key,
             model=pick(model, _ENV_MODEL),
-            timeout=_parse_number(pick(timeout, _ENV_TIMEOUT), _ENV_TIMEOUT, _DEFAULT_TIMEOUT),
-            max_retries=int(
-                _parse_number(
-                    pick(max_retries, _ENV_MAX_RETRIES), _ENV_MAX_RETRIES, _DEFAULT_MAX_RETRIES,
-                    integer=True,
-                )
-            ),
+            timeout=_parse_seconds(pick(timeout, _ENV_TIMEOUT), _ENV_TIMEOUT, _DEFAULT_TIMEOUT),
+            max_retries=_parse_count(pick(max_retries, _ENV_MAX_RETRIES), _ENV_MAX_RETRIES),
         )
 
 
-def _check_url(url: str) -> str:
-    match = re.match(r"(?i)^https?://([^/?#]+)", url)
-    if not match or match.group(1).startswith(":"):
+_warned_urls: set[str] = set()
+
+
+def _base_url(url: str) -> str:
+    """The base URL to send to: an http(s) URL without a fragment or a trailing slash,
+    its query string kept; a pasted endpoint (.../chat/completions, .../models) is cut
+    back to its base, with a warning."""
+    problem = "add the scheme" if "://" not in url else "it must be an http(s) URL with a host"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        valid = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+        valid = valid and (parts.port or 0) >= 0 and bool(url.encode("utf-8"))
+    except (ValueError, UnicodeError):  # a port that is no number, a lone surrogate
+        valid = False
+    if not valid or re.search(r"[\x00-\x20\x7f]", url):
         raise ConfigError(
             f"{_ENV_BASE_URL} must be an http:// or https:// URL such as "
-            f"http://localhost:8000/v1 (got {url!r}); add the scheme"
+            f"http://localhost:8000/v1 (got {_shown_url(url)!r}); {problem}"
         )
-    return url.rstrip("/")
+    path = parts.path.rstrip("/")
+    # A user who pastes the whole endpoint means its base: say which, and go on.
+    for endpoint in ("/chat/completions", "/models"):
+        if path.endswith(endpoint):
+            path = path[: -len(endpoint)]
+            base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+            if url not in _warned_urls:
+                _warned_urls.add(url)
+                _log.warning("the base URL ends in %s: using %s (set that as the base URL)",
+                             endpoint, _shown_url(base))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
-def _parse_number(raw: str | None, name: str, default: float, *, integer: bool = False) -> float:
+# Query parameters whose values are secrets (Azure SAS "sig", "key=", "token=", ...).
+_SECRET_NAME: Final = re.compile(r"key|token|secret|sig|password", re.IGNORECASE)
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The secrets a URL holds, as written and decoded: the userinfo password and the
+    values of query parameters named like secrets."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    raw = [userinfo.partition(":")[2]] if ":" in userinfo else []
+    for pair in parts.query.split("&"):
+        name, _, value = pair.partition("=")
+        if _SECRET_NAME.search(name):
+            raw.append(value)
+    return [s for r in raw for s in {r, urllib.parse.unquote(r)} if s]
+
+
+def _shown_url(url: str) -> str:
+    """The URL with its secrets (see _url_secrets) replaced by [redacted]."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "(a URL that cannot be parsed)"
+    netloc = parts.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:[redacted]{at}{host}"
+    query = "&".join(
+        f"{name}=[redacted]" if _SECRET_NAME.search(name) and sep else f"{name}{sep}{value}"
+        for name, sep, value in (pair.partition("=") for pair in parts.query.split("&"))
+    ) if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# An HTTP header name is a "token" (RFC 9110, 5.6.2); a value we send is printable ASCII.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
+
+
+def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """`headers` as a dict, or ConfigError naming a header HTTP cannot carry."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ConfigError("headers= must be a dict of header names to values")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(f"header name {name!r} is not an HTTP token: use letters, "
+                              "digits and !#$%&'*+-.^_`|~ only, no spaces or colons")
+        if not isinstance(value, str):
+            raise ConfigError(f"header {name!r}: its value must be a str, not "
+                              f"{type(value).__name__}")
+        _check_header_value(value, f"header {name!r}")
+    return dict(headers)
+
+
+def _check_header_value(value: str, what: str) -> None:
+    """ConfigError when `value` holds a character an HTTP header cannot carry; the
+    message names where it is, never the value (a key is a secret)."""
+    bad = _UNPRINTABLE.search(value)
+    if bad is None:
+        return
+    char = bad.group()
+    kind = ("a line break" if char in "\r\n" else "a control character" if ord(char) < 32
+            or ord(char) == 127 else "a non-ASCII character")
+    raise ConfigError(f"{what} holds {kind} at position {bad.start()}: HTTP headers carry "
+                      "printable ASCII only (was it pasted with a newline, or from a "
+                      "rich-text editor?)")
+
+
+def _parse_seconds(raw: str | None, name: str, default: float) -> float:
+    """A positive number of seconds, at most _MAX_TIMEOUT; ConfigError naming `name`."""
     if raw is None:
         return default
     try:
-        value = int(raw) if integer else float(raw)
+        value = float(raw)
     except ValueError:
-        kind = "a whole number" if integer else "a number of seconds"
-        raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
-    if not value >= 0 or (not integer and value == 0):  # also rejects nan
-        raise ConfigError(f"{name} must be positive (got {raw!r})")
+        raise ConfigError(f"{name} must be a number of seconds (got {raw!r})") from None
+    if not value > 0:  # also rejects nan
+        raise ConfigError(f"{name} must be a positive number of seconds (got {raw!r})")
+    if value > _MAX_TIMEOUT:
+        raise ConfigError(f"{name} must be at most {_MAX_TIMEOUT:.0f} seconds, the silence "
+                          f"allowed between bytes (got {raw!r}); a dead server would "
+                          "otherwise hang the program")
     return value
 
 
-# The chat-completions request parameters of OpenAI's API, accepted by name and sent
-# when not None; the library's own options; anything else is a ConfigError, so that
-# a misspelt option never travels silently to a server that ignores it.
-_OPENAI_PARAMETERS: Final = frozenset({
-    "temperature", "max_tokens", "top_p", "seed", "stop", "response_format", "n",
-    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user",
-    "parallel_tool_calls", "reasoning_effort", "max_completion_tokens", "stream_options",
-    "metadata", "store", "service_tier", "modalities", "prediction", "audio",
-    "web_search_options",
-})
-_OWN_OPTIONS: Final = frozenset({
-    "messages", "system", "model", "tools", "tool_choice", "max_steps", "timeout", "extra_body",
-    "schema",
-})
-
-
-def _check_options(options: Mapping[str, Any]) -> None:
-    """Raise ConfigError for a keyword that is neither the library's nor OpenAI's."""
-    for name in options:
-        if name in _OWN_OPTIONS or name in _OPENAI_PARAMETERS:
-            continue
-        if name == "stream":
-            raise ConfigError("stream= is not an option: call stream() to stream, generate() "
-                              "for the whole answer")
-        close = difflib.get_close_matches(name, sorted(_OWN_OPTIONS | _OPENAI_PARAMETERS), 1)
-        hint = f"did you mean {close[0]}=? " if close else ""
-        raise ConfigError(f"unknown option {name}=: {hint}Fields a server adds to OpenAI's "
-                          f"go in extra_body={{{name!r}: ...}}")
-
-
-def _answer_schema(schema: Any) -> dict[str, Any]:
-    """The JSON Schema of schema=: a dict as given, or one made from a type hint."""
-    if isinstance(schema, dict):
-        return schema
-    if isinstance(schema, (Mapping, str, bytes)):
-        raise ConfigError("schema= must be a JSON Schema dict or a type such as a dataclass")
-    return _schema(schema, "schema=")
-
-
-def _conversation(system: object, messages: object, prompt: str | None) -> list[dict[str, Any]]:
-    """The request's turns: `system`, then `messages`, then `prompt` as a user turn."""
-    turns: list[dict[str, Any]] = []
-    if system is not None:
-        turns.append({"role": "system", "content": system})
-    if messages is not None:
-        if not isinstance(messages, (list, tuple)) or not all(
-            isinstance(m, dict) for m in messages
-        ):
-            raise ConfigError("messages= must be a list of dicts like "
-                              "{'role': 'user', 'content': '...'}")
-        turns.extend(dict(m) for m in messages)
-    if prompt is not None:
-        turns.append({"role": "user", "content": prompt})
-    if not turns:
-        raise ConfigError("Nothing to send: pass a prompt or messages=")
-    return turns
-
+def _parse_count(raw: str | None, name: str) -> int:
+    if raw is None:
+        return _DEFAULT_MAX_RETRIES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number (got {raw!r})") from None
+    if value < 0:
+        raise ConfigError(f"{name} must be 0 or more (got {raw!r})")
+    return value
 
 # ==== Client ====
-
-
-class _Quirks:
-    """The deviations from OpenAI's behaviour that one Client has absorbed (see
-    Client.quirks): one short line each, in the order first seen, each logged once at
-    INFO. Thread-safe.
-
-    NOTE: note() runs inside a stream's loop for a server that deviates on every event
-    (CR line endings, reasoning fields); a line already noted costs one set lookup,
-    without the lock.
-    """
-
-    __slots__ = ("base_url", "lines", "lock", "seen")
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.lines: list[str] = []
-        self.seen: set[str] = set()
-        self.lock = threading.Lock()
-
-    def note(self, line: str) -> None:
-        if line in self.seen:
-            return
-        with self.lock:
-            if line in self.seen:
-                return
-            self.seen.add(line)
-            self.lines.append(line)
-        _log.info("%s deviates from OpenAI's behaviour (absorbed): %s", self.base_url, line)
 
 
 class Client:
@@ -1080,7 +961,8 @@ class Client:
     headers=None): each None argument is read from its OPENAI_COMPATIBLE_* variable
     (see the module docstring) when the Client is made. `timeout` is the silence
     allowed between bytes (connecting included), not a bound on total time.
-    `headers` are added to every request. Raises ConfigError on bad settings.
+    `headers` are added to every request (Azure's api-key, for instance). Raises
+    ConfigError on bad settings, a key or header HTTP cannot carry included.
 
     One Client keeps one connection pool: sequential calls reuse a TCP connection,
     and it may be shared by threads. Model discovery runs at most once per Client.
@@ -1105,22 +987,19 @@ class Client:
             max_retries=max_retries,
         )
         given = base_url is not None and str(base_url).strip()
-        self._quirks = _Quirks(self.config.base_url)
-        self._http = _Connection(self.config, headers, "base_url=" if given else _ENV_BASE_URL,
-                                 self._quirks.note)
-        self._lock = threading.Lock()
-        self._discovered: list[str] | APIError | None = None
+        self._quirks = _Quirks(_shown_url(self.config.base_url))
+        self._http = _Connection(self.config, _check_headers(headers),
+                                 "base_url=" if given else _ENV_BASE_URL, self._quirks.note)
+        self._discovery = _Discovery(self._http)
         # Set when a streamed request with tools came back as an empty 200 stream:
         # later calls with tools are asked for without streaming (see _model_call).
         self._tools_unstreamed = False
         # Models asked for and answered by another (warned once each, see _note_model).
         self._models_warned: set[str] = set()
-        self._warn_plain_http()
-
-    _warned_hosts: ClassVar[set[str]] = set()
 
     def __repr__(self) -> str:
-        return f"Client(base_url={self.config.base_url!r}, model={self.config.model!r})"
+        return (f"Client(base_url={_shown_url(self.config.base_url)!r}, "
+                f"model={self.config.model!r})")
 
     def __enter__(self) -> Client:
         return self
@@ -1132,37 +1011,11 @@ class Client:
         """Close the connection pool."""
         self._http.close()
 
-    def wait_ready(self, timeout: float | None = None) -> list[str]:
-        """Wait until the server answers GET {base_url}/models; return its model ids.
-
-        Asks at least once a second. Refused connections, silence and a server that says
-        it is loading (or a gateway's 502/503/504) count as not ready yet; progress
-        is logged. Past `timeout` seconds in all (default: the Client's timeout)
-        raises the last classified error; any other error (a wrong key, no /models
-        route) is raised at once, since waiting cannot mend it.
-        """
-        limit = self.config.timeout if timeout is None else _parse_number(
-            str(timeout), "timeout=", self.config.timeout)
-        started = time.monotonic()
-        logged = started
-        asks = 0
-        while True:
-            found = _fetch_models(self._http)
-            if not isinstance(found, APIError):
-                with self._lock:
-                    if not isinstance(self._discovered, list):
-                        self._discovered = found
-                return list(found)
-            self._http.stamp(found)
-            now = time.monotonic()
-            if not _not_ready(found) or now - started >= limit:
-                raise found
-            if asks == 0 or now - logged >= 10:
-                logged = now
-                _log.info("waiting for %s (%.0f s of %g): %s", self.config.base_url,
-                          now - started, limit, found.message)
-            asks += 1
-            time.sleep(min(_LOADING_GAP, 0.1 * 2 ** asks, started + limit - now))
+    @property
+    def model(self) -> str:
+        """The model id requests use: model= → OPENAI_COMPATIBLE_MODEL → the first id
+        GET /models lists → DEFAULT_MODEL (discovery runs at most once)."""
+        return self.config.model or self._discovery.first()
 
     @property
     def quirks(self) -> list[str]:
@@ -1173,12 +1026,6 @@ class Client:
         with self._quirks.lock:
             return list(self._quirks.lines)
 
-    @property
-    def model(self) -> str:
-        """The model id requests use: model= → OPENAI_COMPATIBLE_MODEL → the first id
-        GET /models lists → DEFAULT_MODEL (discovery runs at most once)."""
-        return self.config.model or self.first_available_model()
-
     def available_models(self, *, fallback: bool = True) -> list[str]:
         """Model ids from GET {base_url}/models, asked at most once per Client (5 s limit).
 
@@ -1186,31 +1033,38 @@ class Client:
         returns FALLBACK_MODELS and logs why; with fallback=False it raises the
         classified APIError instead.
         """
-        found = self._discover()
-        if isinstance(found, APIError):
-            if not fallback:
-                raise found
-            return list(FALLBACK_MODELS)
-        return list(found)
+        return self._discovery.models(fallback)
 
     def first_available_model(self) -> str:
         """The first id the server listed, or DEFAULT_MODEL when discovery failed
         (never an entry of FALLBACK_MODELS that no server confirmed)."""
-        found = self._discover()
-        return DEFAULT_MODEL if isinstance(found, APIError) else found[0]
+        return self._discovery.first()
+
+    def wait_ready(self, timeout: float | None = None) -> list[str]:
+        """Wait until the server answers GET {base_url}/models; return its model ids.
+
+        Asks at least once a second. Refused connections, silence and a server that says
+        it is loading (or a gateway's 502/503/504) count as not ready yet; progress
+        is logged. Past `timeout` seconds in all (default: the Client's timeout)
+        raises the last classified error; any other error (a wrong key, no /models
+        route) is raised at once, since waiting cannot mend it.
+        """
+        limit = self.config.timeout if timeout is None else _parse_seconds(
+            str(timeout), "timeout=", self.config.timeout)
+        return self._discovery.wait_ready(limit)
 
     def stream(self, prompt: str | None = None, **options: Any) -> Stream:
         """Stream a chat completion (and any tool calls) as Chunks.
 
         Options (keyword-only): messages, system, model, tools, tool_choice (default
         "auto" with tools, never sent without), max_steps, schema (a JSON Schema
-        dict or a type the answer must match: Result.data holds it parsed, see
-        OutputError), timeout (this call's silence limit), the chat-completions
-        parameters of OpenAI's API by name
-        (temperature, max_tokens, top_p, seed, stop, response_format, n, ...: sent
-        when not None), and extra_body={...} for server-specific fields, merged into
-        the request last. The request is `system`, then `messages`, then `prompt` as
-        the last user turn.
+        dict, a dataclass, TypedDict, pydantic model or other type hint the answer
+        must match: Result.data holds it parsed, see OutputError), timeout (this
+        call's silence limit), the chat-completions parameters of OpenAI's API by
+        name (temperature, max_tokens, top_p, seed, stop, response_format, n, ...:
+        sent when not None), and extra_body={...} for server-specific fields, merged
+        into the request last. The request is `system`, then `messages`, then
+        `prompt` as the last user turn.
 
         Returns a Stream: iterate it with a plain for-loop; each event is yielded as
         soon as its bytes arrive. Leaving the loop (or close(), or a with-block)
@@ -1218,7 +1072,8 @@ class Client:
         Raises ConfigError at once for an unknown keyword (naming the closest valid
         one) or a bad value, and APIError subclasses while iterating.
         """
-        return Stream(_iter_steps(self, self._prepare(prompt, options)))
+        outcome: list[Result] = []
+        return Stream(_iter_steps(self, _prepare(self, prompt, options), outcome), outcome)
 
     def generate(self, prompt: str | None = None, **options: Any) -> Result:
         """Run stream() to its end and return the Result.
@@ -1227,193 +1082,37 @@ class Client:
         from a slow server never times out while tokens flow, a dead one fails within
         `timeout`, and an error keeps the text that had arrived in .partial_text.
         """
-        run = Stream(_iter_steps(self, self._prepare(prompt, options)))
-        for _ in run:
+        outcome: list[Result] = []
+        for _ in _iter_steps(self, _prepare(self, prompt, options), outcome):
             pass
-        assert run.result is not None
-        return run.result
+        return outcome[0]
 
-    def _warn_plain_http(self) -> None:
-        host = re.sub(r"(?i)^http://([^/:]+|\[[^\]]+\]).*$", r"\1", self.config.base_url)
-        if (
-            self.config.api_key
-            and self.config.base_url.lower().startswith("http://")
-            and host.lower() not in _LOOPBACK_HOSTS
-            and not host.startswith("127.")
-            and host not in Client._warned_hosts
-        ):
-            Client._warned_hosts.add(host)
-            _log.warning(
-                "the API key is sent over plain http to %s; use https for remote servers", host
-            )
 
-    def _discover(self) -> list[str] | APIError:
-        with self._lock:
-            if self._discovered is None:
-                found = _fetch_models(self._http)
-                if isinstance(found, APIError):
-                    self._http.stamp(found)
-                    _log.warning("model discovery at %s/models failed (%s); using fallbacks",
-                                 self.config.base_url, found.message)
-                self._discovered = found
-            return self._discovered
+class _Quirks:
+    """The deviations from OpenAI's behaviour that one Client has absorbed (see
+    Client.quirks): one short line each, in the order first seen, each logged once at
+    INFO. Thread-safe.
 
-    def _prepare(self, prompt: str | None, options: dict[str, Any]) -> _Request:
-        """Check the options and build the request (raises ConfigError, sends nothing)."""
-        _check_options(options)
-        opts = dict(options)
-        turns = _conversation(opts.pop("system", None), opts.pop("messages", None), prompt)
-        model = opts.pop("model", None)
-        tools = _as_tools(opts.pop("tools", None))
-        tool_choice = opts.pop("tool_choice", None)
-        max_steps = opts.pop("max_steps", None)
-        if max_steps is None:
-            max_steps = DEFAULT_MAX_STEPS
-        if not isinstance(max_steps, int) or max_steps < 1:
-            raise ConfigError(f"max_steps must be a whole number of at least 1 (got {max_steps!r})")
-        timeout = opts.pop("timeout", None)
-        timeout = self.config.timeout if timeout is None else _parse_number(
-            str(timeout), "timeout=", self.config.timeout)
-        extra_body = opts.pop("extra_body", None)
-        if extra_body is not None and not isinstance(extra_body, Mapping):
-            raise ConfigError("extra_body= must be a dict of fields to add to the request body")
-        schema_type = opts.pop("schema", None)
-        schema = None if schema_type is None else _answer_schema(schema_type)
-        if schema is not None and opts.get("response_format") is not None:
-            raise ConfigError("give schema= or response_format=, not both")
-        body: dict[str, Any] = {"model": model or self.model, "messages": turns}
-        body.update((k, v) for k, v in opts.items() if v is not None)
-        if tools:
-            body["tools"] = [_tool_spec(t) for t in tools]
-            body["tool_choice"] = "auto" if tool_choice is None else tool_choice
-        body.update(extra_body or {})
-        return _Request(body, {t.name: t for t in tools}, max_steps, timeout, schema,
-                        schema_type)
+    NOTE: note() runs inside a stream's loop for a server that deviates on every event
+    (CR line endings, reasoning fields); a line already noted costs one set lookup,
+    without the lock.
+    """
 
-    def _model_call(
-        self, body: dict[str, Any], step: int, request: _Request
-    ) -> Generator[Chunk, None, Step]:
-        """One model call, streamed unless the server cannot; its Chunks (the
-        "finish" one last) and its Step (without tool results)."""
-        self._http.drop_refused_fields(body)
-        if request.schema is not None:
-            self._http.ask_for_schema(body, request.schema)
-        if self._tools_unstreamed and "tools" in body:
-            return (yield from self._plain_call(body, step, request))
-        body["stream"] = True
-        if "stream_options" not in body and "stream_options" not in self._http.refused:
-            # Ask for usage; servers that reject the field lose it once.
-            body["stream_options"] = {"include_usage": True}
-        record = yield from self._streamed_call(body, step, request)
-        if record is None:
-            # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure
-            # after the headers), for instance for streamed tool_choice "auto" or a
-            # prompt beyond the context. Nothing was yielded: ask once more without
-            # streaming, which answers or raises the classified error. With tools,
-            # assume the server cannot stream them and stop trying.
-            if "tools" in body and not self._tools_unstreamed:
-                self._tools_unstreamed = True
-                self._quirks.note("tool calls only unstreamed")
-                _log.warning("the server ended a stream with tools without any event; asking"
-                             " without streaming, for calls with tools from now on")
-            else:
-                self._quirks.note("empty 200 stream: asked again without streaming")
-                _log.warning("the server ended a stream without any event; asking again"
-                             " without streaming")
-            record = yield from self._plain_call(body, step, request)
-        return record
+    def __init__(self, shown_url: str) -> None:
+        self.shown_url = shown_url
+        self.lines: list[str] = []
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
 
-    def _streamed_call(
-        self, body: dict[str, Any], step: int, request: _Request
-    ) -> Generator[Chunk, None, Step | None]:
-        """Send, hand the body to the streaming chain, close. None when the stream
-        ended without any event (see _model_call)."""
-        response = self._http.post(body, request.timeout, request.schema)
-        quirk = self._quirks.note
-        acc = _Accumulator(step, quirk)
-        with response:
-            content_type = response.headers.get("content-type", "").lower()
-            if "text/html" in content_type:
-                # A proxy's or a web server's page, not the API.
-                raise self._http.error_from_body(response.status_code,
-                                                 self._http.read_text(response))
-            if "json" in content_type and "event-stream" not in content_type:
-                # Quirk(LM Studio, proxies): one JSON document for a stream request
-                # (LM Studio's 200 error for an unknown route, servers ignoring stream).
-                payload = self._http.read_json(response, request.timeout)
-                if isinstance(payload, dict) and payload.get("choices"):
-                    quirk("one JSON document for a stream request")
-                return (yield from self._deliver_whole(payload, body, step))
-            try:
-                yield from _iter_chunks(_iter_sse(_iter_raw(response), quirk), acc)
-                if acc.done:
-                    _drain(response)
-            except APIError as exc:
-                exc.partial_text = acc.text.getvalue()
-                self._http.stamp(exc)
-                raise
-        self._note_model(body.get("model"), acc.model)
-        if not acc.seen:
-            return None
-        if not acc.done and acc.finish_reason is None:
-            raise self._http.stamp(StreamError(
-                "the stream ended before the answer was finished (no finish_reason, no [DONE])",
-                partial_text=acc.text.getvalue()))
-        if not acc.done:
-            quirk("no [DONE] at the end of streams")
-        record = acc.finish()
-        options = body.get("stream_options")
-        if record.usage is None and isinstance(options, dict) and options.get("include_usage"):
-            # Quirk(llama-cpp-python): include_usage is ignored.
-            quirk("no usage in streams")
-        yield _finish_chunk(record, step)
-        return record
-
-    def _plain_call(
-        self, body: dict[str, Any], step: int, request: _Request
-    ) -> Generator[Chunk, None, Step]:
-        """One model call without streaming (servers send the answer once complete)."""
-        body.pop("stream", None)
-        # vLLM answers 400 to stream_options without stream: true.
-        body.pop("stream_options", None)
-        response = self._http.post(body, request.timeout, request.schema)
-        with response:
-            payload = self._http.read_json(response, request.timeout)
-        return (yield from self._deliver_whole(payload, body, step))
-
-    def _deliver_whole(
-        self, payload: Any, body: dict[str, Any], step: int
-    ) -> Generator[Chunk, None, Step]:
-        """The Chunks of a whole (non-streamed) answer, then its Step."""
-        if isinstance(payload, dict):
-            self._note_model(body.get("model"), payload.get("model"))
-        try:
-            chunks, record = _whole_answer(payload, step, self._quirks.note)
-        except APIError as exc:
-            self._http.stamp(exc)
-            raise
-        yield from chunks
-        yield _finish_chunk(record, step)
-        return record
-
-    def _note_model(self, asked: object, answered: object) -> None:
-        """Warn once per model when the server answers with another model than asked.
-
-        Quirk(llama.cpp, TGI, llama-cpp-python): an unknown model is answered by the
-        one they have loaded. A name inside the other (a dated version, a provider
-        prefix) is the same model.
-        """
-        if not (isinstance(asked, str) and isinstance(answered, str) and asked and answered):
+    def note(self, line: str) -> None:
+        if line in self.seen:
             return
-        if asked.lower() in answered.lower() or answered.lower() in asked.lower():
-            return
-        self._quirks.note("answers with another model than asked")
-        with self._lock:
-            if asked in self._models_warned:
+        with self.lock:
+            if line in self.seen:
                 return
-            self._models_warned.add(asked)
-        _log.warning("asked for model %r, %s answered with %r: it may not serve %r",
-                     asked, self.config.base_url, answered, asked)
+            self.seen.add(line)
+            self.lines.append(line)
+        _log.info("%s deviates from OpenAI's behaviour (absorbed): %s", self.shown_url, line)
 
 
 _default: Client | None = None
@@ -1452,27 +1151,60 @@ def first_available_model() -> str:
 
 # ==== Model discovery ====
 
+_DISCOVERY_SECONDS: Final = 5.0
 
-def _fetch_models(conn: _Connection) -> list[str] | APIError:
-    """The model ids GET {base_url}/models lists, or why not (returned, not raised),
-    within _DISCOVERY_SECONDS in all."""
-    # In a thread, so that the bound holds even for a server that accepts the
-    # connection and then trickles or says nothing (a read timeout alone would
-    # allow 5 s per read).
-    answers: list[list[str] | APIError] = []
 
-    def ask() -> None:
-        try:
-            answers.append(_models_request(conn))
-        except Exception as exc:  # noqa: BLE001 - a bug here must not cost 5 s
-            answers.append(APIError(f"model discovery failed: {exc!r}"))
+class _Discovery:
+    """GET {base_url}/models for one Client: asked at most once, even from many threads
+    at once (a failure is remembered too), with FALLBACK_MODELS when it fails; and
+    the wait for a server that is still starting."""
 
-    worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
-    worker.start()
-    worker.join(_DISCOVERY_SECONDS)
-    if answers:
-        return answers[0]
-    return RequestTimeoutError(f"GET /models did not answer within {_DISCOVERY_SECONDS:g} s")
+    def __init__(self, http: _Connection) -> None:
+        self.http = http
+        self.lock = threading.Lock()
+        self.found: list[str] | APIError | None = None
+
+    def models(self, fallback: bool) -> list[str]:
+        found = self.once()
+        if isinstance(found, APIError):
+            if not fallback:
+                raise found
+            return list(FALLBACK_MODELS)
+        return list(found)
+
+    def first(self) -> str:
+        found = self.once()
+        return DEFAULT_MODEL if isinstance(found, APIError) else found[0]
+
+    def once(self) -> list[str] | APIError:
+        with self.lock:
+            if self.found is None:
+                self.found = _fetch_models(self.http)
+                if isinstance(self.found, APIError):
+                    _log.warning("model discovery at %s/models failed (%s); using fallbacks",
+                                 self.http.shown_url, self.found.message)
+            return self.found
+
+    def wait_ready(self, limit: float) -> list[str]:
+        """The model ids, once GET /models answers; see Client.wait_ready."""
+        started = logged = time.monotonic()
+        asks = 0
+        while True:
+            found = _fetch_models(self.http)
+            if not isinstance(found, APIError):
+                with self.lock:
+                    if not isinstance(self.found, list):
+                        self.found = found
+                return list(found)
+            now = time.monotonic()
+            if not _not_ready(found) or now - started >= limit:
+                raise found
+            if asks == 0 or now - logged >= 10:
+                logged = now
+                _log.info("waiting for %s (%.0f s of %g): %s", self.http.shown_url,
+                          now - started, limit, found.message)
+            asks += 1
+            time.sleep(min(_WAIT_GAP, 0.1 * 2 ** min(asks, 10), started + limit - now))
 
 
 def _not_ready(error: APIError) -> bool:
@@ -1481,100 +1213,202 @@ def _not_ready(error: APIError) -> bool:
         isinstance(error, ServerError) and error.status_code in (502, 503, 504))
 
 
-def _models_request(conn: _Connection) -> list[str] | APIError:
+def _fetch_models(http: _Connection) -> list[str] | APIError:
+    """The model ids GET {base_url}/models lists, or why not (returned, not raised,
+    stamped), within _DISCOVERY_SECONDS in all."""
+    # In a thread, so that the bound holds even for a server that accepts the
+    # connection and then trickles or says nothing (a read timeout alone would
+    # allow 5 s per read).
+    answers: list[list[str] | APIError] = []
+
+    def ask() -> None:
+        try:
+            answers.append(_ask_models(http))
+        except Exception as exc:  # noqa: BLE001 - a bug here must not cost 5 s
+            answers.append(http.stamp(APIError(f"model discovery failed: {exc!r}")))
+
+    worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
+    worker.start()
+    worker.join(_DISCOVERY_SECONDS)
+    if answers:
+        return answers[0]
+    return http.stamp(RequestTimeoutError(
+        f"GET /models did not answer within {_DISCOVERY_SECONDS:g} s"))
+
+
+def _ask_models(http: _Connection) -> list[str] | APIError:
     try:
-        status, text, retry_after = conn.get_text("/models", _DISCOVERY_SECONDS)
+        status, text, retry_after = http.get_text("/models", _DISCOVERY_SECONDS)
     except APIError as exc:
         return exc
-    if status >= 300:
-        return conn.error_from_body(status, text, retry_after=retry_after)
     try:
-        ids = _model_ids(json.loads(text), conn.quirk)
+        payload = json.loads(text) if status < 300 else None
     except ValueError:
-        return APIError(f"GET /models answered with something that is not JSON: "
-                        f"{_error_message(text)!r}")
-    if isinstance(ids, str):
-        return conn.error_from_body(200, text, message=ids)
-    if not ids:
-        return APIError("GET /models listed no models")
-    return ids
+        return http.stamp(APIError("GET /models answered with something that is not JSON: "
+                                   + repr(_trim_message(text))))
+    if status >= 300 or (isinstance(payload, dict) and payload.get("error")):
+        return http.error_from_body(status, text, retry_after)
+    ids = _model_ids(payload, http.note)
+    return ids or http.stamp(APIError("GET /models listed no models"))
 
 
-def _model_ids(payload: Any, quirk: Callable[[str], None] = _no_quirk) -> list[str] | str:
-    """Model ids from any /models shape, or the error message a 200 body carried.
-
-    Shapes: {"data": [...]} (OpenAI), {"data": null} (Ollama with no models),
-    {"models": [...], "data": [...]} (llama.cpp), {"models": [{"name"}]}, a bare list;
-    entries are {"id"} or {"name"}/{"model"} or plain strings. `quirk` hears of a
-    shape that is not OpenAI's.
-    """
+def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
+    """Model ids from any /models shape: {"data": [...]} (OpenAI), {"data": null}
+    (Ollama with no models), {"models": [...], "data": [...]} (llama.cpp),
+    {"models": [{"name"}]}, a bare list; entries {"id"}, {"name"}/{"model"} or plain
+    strings. `note` hears of a shape that is not OpenAI's."""
     if isinstance(payload, dict):
-        if payload.get("error"):
-            return _message_from(payload, quirk) or "GET /models answered with an error"
         entries = payload.get("data")
         if entries is None and "data" in payload:
-            quirk("/models data: null")
+            note("/models data: null")
         if not entries and payload.get("models") is not None:
-            quirk('/models as {"models": [...]}')
+            note('/models as {"models": [...]}')
             entries = payload.get("models")
     else:
         if isinstance(payload, list):
-            quirk("/models as a bare list")
+            note("/models as a bare list")
         entries = payload
     ids: list[str] = []
     for entry in entries if isinstance(entries, list) else ():
         if isinstance(entry, dict):
             if not entry.get("id"):
-                quirk('/models entries without "id"')
+                note('/models entries without "id"')
             entry = entry.get("id") or entry.get("name") or entry.get("model")
         elif isinstance(entry, str):
-            quirk("/models entries as plain strings")
+            note("/models entries as plain strings")
         if isinstance(entry, str) and entry.strip() and entry not in ids:
             ids.append(entry)
     return ids
 
-
 # ==== Tool-call loop ====
 
-
-class _Request:
-    """One stream() or generate() call, prepared: the request body, the tools by
-    name, the budget of model calls, the silence limit, and the answer's schema
-    (JSON Schema, and the type it came from, when schema= was given)."""
-
-    __slots__ = ("body", "max_steps", "schema", "schema_type", "timeout", "tools")
-
-    def __init__(self, body: dict[str, Any], tools: dict[str, Tool], max_steps: int,
-                 timeout: float, schema: dict[str, Any] | None = None,
-                 schema_type: Any = None) -> None:
-        self.body = body
-        self.tools = tools
-        self.max_steps = max_steps
-        self.timeout = timeout
-        self.schema = schema
-        self.schema_type = schema_type
-
-
+# The request parameters of OpenAI's chat completions, accepted by name and sent when not
+# None: the properties of CreateChatCompletionRequest in OpenAI's published OpenAPI spec
+# (with those of ModelResponseProperties and CreateModelResponseProperties it includes),
+# as of 2026-09, 37 in all. "messages", "model", "tools" and "tool_choice" are the
+# library's own options below, and "stream" is how the library asks, not an option.
+_OPENAI_PARAMETERS: Final = frozenset({
+    "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation", "n",
+    "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
+    "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "response_format",
+    "safety_identifier", "seed", "service_tier", "stop", "store", "stream_options",
+    "temperature", "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+})
+_OWN_OPTIONS: Final = frozenset({
+    "messages", "system", "model", "tools", "tool_choice", "max_steps", "timeout", "extra_body",
+    "schema",
+})
 _REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks schema=
 
 
-def _iter_steps(client: Client, request: _Request) -> Generator[Chunk, None, Result]:
+@dataclass
+class _Request:
+    """One stream() or generate() call, prepared: the request body, the tools by
+    name, the budget of model calls, the silence limit, and with schema= the answer's
+    JSON Schema and the class `data` is built as (a dataclass or pydantic model)."""
+
+    body: dict[str, Any]
+    tools: dict[str, Tool]
+    max_steps: int
+    timeout: float
+    schema: dict[str, Any] | None = None
+    answer_type: Any = None
+
+
+def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Request:
+    """Check the options and build the request (raises ConfigError, sends nothing)."""
+    _check_options(options)
+    opts = dict(options)
+    turns = _conversation(opts.pop("system", None), opts.pop("messages", None), prompt)
+    model = opts.pop("model", None)
+    tools = _as_tools(opts.pop("tools", None))
+    tool_choice = opts.pop("tool_choice", None)
+    max_steps = opts.pop("max_steps", None)
+    max_steps = DEFAULT_MAX_STEPS if max_steps is None else max_steps
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ConfigError(f"max_steps must be a whole number of at least 1 (got {max_steps!r})")
+    timeout = opts.pop("timeout", None)
+    timeout = client.config.timeout if timeout is None else _parse_seconds(
+        str(timeout), "timeout=", client.config.timeout)
+    extra_body = opts.pop("extra_body", None)
+    if extra_body is not None and not isinstance(extra_body, Mapping):
+        raise ConfigError("extra_body= must be a dict of fields to add to the request body")
+    schema, answer_type = _answer_schema(opts.pop("schema", None))
+    if schema is not None and opts.get("response_format") is not None:
+        raise ConfigError("give schema= or response_format=, not both")
+    body: dict[str, Any] = {"model": model or client.model, "messages": turns}
+    body.update((k, v) for k, v in opts.items() if v is not None)
+    if tools:
+        body["tools"] = [_tool_spec(t) for t in tools]
+        body["tool_choice"] = "auto" if tool_choice is None else tool_choice
+    body.update(extra_body or {})
+    return _Request(body, {t.name: t for t in tools}, max_steps, timeout, schema, answer_type)
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    """Raise ConfigError for a keyword that is neither the library's nor OpenAI's."""
+    for name in options:
+        if name in _OWN_OPTIONS or name in _OPENAI_PARAMETERS:
+            continue
+        if name == "stream":
+            raise ConfigError("stream= is not an option: call stream() to stream, generate() "
+                              "for the whole answer")
+        close = difflib.get_close_matches(name, sorted(_OWN_OPTIONS | _OPENAI_PARAMETERS), 1)
+        hint = f"did you mean {close[0]}=? " if close else ""
+        raise ConfigError(f"unknown option {name}=: {hint}Fields a server adds to OpenAI's "
+                          f"go in extra_body={{{name!r}: ...}}")
+
+
+def _conversation(system: object, messages: object, prompt: str | None) -> list[dict[str, Any]]:
+    """The request's turns: `system`, then `messages`, then `prompt` as a user turn."""
+    turns: list[dict[str, Any]] = []
+    if system is not None:
+        turns.append({"role": "system", "content": system})
+    if messages is not None:
+        if not isinstance(messages, (list, tuple)) or not all(
+            isinstance(m, dict) for m in messages
+        ):
+            raise ConfigError("messages= must be a list of dicts like "
+                              "{'role': 'user', 'content': '...'}")
+        turns.extend(dict(m) for m in messages)
+    if prompt is not None:
+        turns.append({"role": "user", "content": prompt})
+    if not turns:
+        raise ConfigError("Nothing to send: pass a prompt or messages=")
+    return turns
+
+
+def _answer_schema(schema: Any) -> tuple[dict[str, Any] | None, Any]:
+    """The JSON Schema of schema= (a dict as given, or made from a type hint), checked
+    for keywords the checker cannot check; and the class data is built as, if any."""
+    if schema is None:
+        return None, None
+    if isinstance(schema, (Mapping, str, bytes)) and not isinstance(schema, dict):
+        raise ConfigError("schema= must be a JSON Schema dict or a type such as a dataclass")
+    built = _root_schema(schema, "schema=") if not isinstance(schema, dict) else schema
+    _vet_schema(built, "schema=")
+    return built, schema if is_dataclass(schema) or _is_model(schema) else None
+
+
+def _iter_steps(client: Client, request: _Request,
+                outcome: list[Result]) -> Generator[Chunk, None, None]:
     """The loop: a model call; the tools it asked for, run one after another and
     their results sent back; again, until the model answers in text or max_steps
     model calls are spent. With schema=, an answer that does not match goes back
-    to the model with what was wrong, twice at most. Yields every Chunk; returns
-    the Result."""
+    to the model with what was wrong, twice at most. Yields every Chunk; appends
+    the Result to `outcome`."""
+    _check_async_tools(request.tools)
+    note = client._quirks.note
     messages: list[dict[str, Any]] = request.body["messages"]
     steps: list[Step] = []
     finish: str | None = None
-    data = None
-    repairs = 0
+    data, repairs = None, 0
     for step in range(1, request.max_steps + 1):
-        record = yield from client._model_call(
-            {**request.body, "messages": list(messages)}, step, request
-        )
-        finish = record.finish_reason
-        calls = record.tool_calls
+        record = yield from _model_call(client, {**request.body, "messages": list(messages)},
+                                        step, request)
+        yield Chunk("finish", finish_reason=record.finish_reason, usage=record.usage, step=step)
+        calls, finish = record.tool_calls, record.finish_reason
         run_calls = bool(calls and request.tools and finish != "length"
                          and step < request.max_steps)
         # Calls that are not run stay out of the history: a conversation whose
@@ -1584,19 +1418,17 @@ def _iter_steps(client: Client, request: _Request) -> Generator[Chunk, None, Res
         for call in calls:
             yield Chunk("tool_call", tool_call=call, step=step)
             if run_calls:
-                result = _execute(call, request.tools)
-                results.append(result)
-                messages.append(
-                    {"role": "tool", "tool_call_id": call.id, "content": result.content}
-                )
-                yield Chunk("tool_result", tool_call=call, tool_result=result, step=step)
+                results.append(_execute(call, request.tools, note))
+                messages.append({"role": "tool", "tool_call_id": call.id,
+                                 "content": results[-1].content})
+                yield Chunk("tool_result", tool_call=call, tool_result=results[-1], step=step)
         steps.append(replace(record, tool_results=results))
         if run_calls:
             continue
         if calls and request.tools and step >= request.max_steps and finish != "length":
             finish = "max_steps"
         elif request.schema is not None and not record.refusal:
-            problem, data = _read_answer(record.text, request)
+            problem, data = _read_answer(record.text, request, note)
             if problem is not None:
                 if repairs == _REPAIRS or step == request.max_steps:
                     raise client._http.stamp(OutputError(
@@ -1606,22 +1438,82 @@ def _iter_steps(client: Client, request: _Request) -> Generator[Chunk, None, Res
                 messages.append({"role": "user", "content": _repair_prompt(problem)})
                 continue
         break
-    return _result(steps, finish, messages, data)
+    outcome.append(_result(steps, finish, messages, data))
 
 
-def _read_answer(text: str, request: _Request) -> tuple[str | None, Any]:
+def _check_async_tools(tools: Mapping[str, Tool]) -> None:
+    """ConfigError naming a coroutine-function tool when this thread runs an event
+    loop: asyncio.run() cannot run it there, and nothing must be sent in vain."""
+    names = [t.name for t in tools.values() if t._is_async]
+    if not names:
+        return
+    import asyncio  # here, not at the top: only coroutine tools need it (it is slow to import)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise ConfigError(f"tool {names[0]!r} is an async def function and this thread runs an "
+                      "event loop, where the synchronous tool loop cannot await it: call "
+                      "generate() from a worker thread (asyncio.to_thread), or give a plain "
+                      "function")
+
+
+def _read_answer(text: str, request: _Request, note: Callable[[str], None]
+                 ) -> tuple[str | None, Any]:
     """(what is wrong, None) or (None, the data) for an answer to schema=."""
     assert request.schema is not None
     try:
         value = _json_from_text(text)
     except ValueError as exc:
         return f"no JSON value in the answer ({exc})", None
-    problem = _check(value, request.schema)
+    value, dropped = _prune_nulls(value, request.schema)
+    if dropped:
+        note("null for optional fields: left out")
+    problem = _validate(value, request.schema)
     if problem is not None:
         return problem, None
-    if is_dataclass(request.schema_type):
-        return None, _build(value, request.schema_type)
-    return None, value
+    if request.answer_type is None:
+        return None, value
+    try:
+        return None, _build(value, request.answer_type)
+    except (ValueError, TypeError) as exc:  # a pydantic model's own validators
+        return f"$: {_trim_message(str(exc))}", None
+
+
+_THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+_FENCE: Final = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.DOTALL)
+_JSON_START: Final = re.compile(r"[{\[]")
+
+
+def _json_from_text(text: str) -> Any:
+    """The first complete JSON value in a model's answer.
+
+    The whole answer when it is JSON (a bare string or number too); else the content
+    of the first fenced code block that holds an object or array; else the first
+    object or array that parses, wherever it stands among the prose. Raises ValueError
+    with a short reason when there is none.
+    """
+    # Quirk(vLLM without --reasoning-parser, llama.cpp with reasoning_format none): the
+    # model's thinking comes inline, before the answer, and may hold drafts of it.
+    text = _THINK.sub("", text).strip()
+    if not text:
+        raise ValueError("the answer is empty")
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    decoder = json.JSONDecoder()
+    first_error: json.JSONDecodeError | None = None
+    for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
+        for start in _JSON_START.finditer(piece):
+            try:
+                return decoder.raw_decode(piece, start.start())[0]
+            except json.JSONDecodeError as exc:
+                first_error = first_error or exc
+    if first_error is None:
+        raise ValueError("the answer holds no JSON object or array")
+    raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
 
 
 def _repair_prompt(problem: str) -> str:
@@ -1647,7 +1539,166 @@ def _assistant_message(record: Step, *, with_calls: bool) -> dict[str, Any]:
     return message
 
 
-def _execute(call: ToolCall, tools: Mapping[str, Tool]) -> ToolResult:
+@dataclass
+class _PartialCall:
+    """A tool call while its fragments arrive."""
+
+    id: str
+    name: str = ""
+    parts: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
+                    note: Callable[[str], None]) -> list[ToolCall]:
+    """The tool calls of one model call, from its fragments (position in their delta's
+    list, fragment) in arrival order, whatever the server.
+
+    A fragment with a new non-empty id starts a call (even when its index is reused);
+    a known id continues its call (TGI and llama-cpp-python repeat it); without an id,
+    the call with the same index continues; with neither, the latest call. The index
+    is a key, never a list position (it may start at 1 or be missing). Names are set
+    once, from the first non-empty value (TGI repeats it, LM Studio later sends "").
+    Arguments are only appended, and parsed once the model call has ended.
+    `streamed`: False for a whole answer, whose calls have no index.
+    """
+    calls: list[_PartialCall] = []
+    by_id: dict[str, _PartialCall] = {}
+    by_index: dict[Any, _PartialCall] = {}
+    for position, fragment in fragments:
+        call_id = "" if fragment.get("id") in (None, "") else str(fragment["id"])
+        index = fragment.get("index")
+        index = index if isinstance(index, (int, str)) else None
+        call = by_id.get(call_id) if call_id else None
+        if call is not None:
+            # Quirk(TGI, llama-cpp-python, LiteLLM): OpenAI sends the id once.
+            note("tool call id repeated on later deltas")
+        else:
+            if index is None and streamed:
+                note("tool calls streamed without index")  # Quirk(Gemini, Mistral, LM Studio)
+            if not call_id and index in by_index:
+                call = by_index[index]
+            elif not call_id and index is None and calls and not (
+                    position or _names_another_call(calls[-1], fragment)):
+                call = calls[-1]
+            else:
+                if index in by_index:
+                    # Quirk(proxies): index 0 for every call, each with its own id.
+                    note("tool call index reused for another call")
+                call = _PartialCall(call_id)
+                calls.append(call)
+                if call_id:
+                    by_id[call_id] = call
+            if index is not None:
+                by_index[index] = call
+        _add_fragment(call, fragment, note)
+    indexes = [i for i in by_index if isinstance(i, int)]
+    if streamed and indexes and min(indexes) > 0:
+        # Quirk(Anthropic-compat, LiteLLM -> Bedrock): the index is a key, not a position.
+        note(f"tool call index starting at {min(indexes)}")
+    return _finish_calls(calls, note)
+
+
+def _names_another_call(latest: _PartialCall, fragment: dict[str, Any]) -> bool:
+    # Quirk(LM Studio, Gemini through proxies): calls with "id": "" and no index.
+    # A name where the latest call already has one starts the next call; servers
+    # that repeat a name on every delta also repeat an id or an index.
+    function = fragment.get("function")
+    return bool(latest.name and isinstance(function, dict) and function.get("name"))
+
+
+def _add_fragment(call: _PartialCall, fragment: dict[str, Any],
+                  note: Callable[[str], None]) -> None:
+    function = fragment.get("function")
+    if isinstance(function, dict):
+        name = function.get("name")
+        if name and isinstance(name, str):
+            if not call.name:
+                call.name = name
+            else:
+                # Quirk(llama-cpp-python, LiteLLM): the whole name on every delta.
+                note("tool call name repeated")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            call.parts.append(arguments)
+        elif isinstance(arguments, (dict, list)):
+            # Quirk(TGI < 3.2): arguments as a JSON object, not a string.
+            note("tool arguments as an object, not a string")
+            call.parts.append(json.dumps(arguments))
+    for key, value in fragment.items():
+        if key not in ("index", "id", "type", "function") and value is not None:
+            call.extra.setdefault(key, value)
+
+
+_ID_ALPHABET: Final = string.ascii_letters + string.digits
+
+
+def _finish_calls(calls: list[_PartialCall], note: Callable[[str], None]) -> list[ToolCall]:
+    """The ToolCalls, their arguments parsed, made-up ids where the server sent none."""
+    taken = {call.id for call in calls if call.id}
+    done = []
+    for call in calls:
+        if not call.id:
+            # Quirk(LM Studio, Gemini through proxies, TGI < 3.2). Each result goes back
+            # under its call's id, so made-up ids are unique too; nine letters and digits
+            # is the form Mistral requires of ids sent back to it.
+            note("tool calls without ids: ids made up")
+            while not call.id or call.id in taken:
+                call.id = "".join(random.choices(_ID_ALPHABET, k=9))
+            taken.add(call.id)
+        raw = "".join(call.parts)
+        name = call.name
+        arguments, error = _parse_arguments(raw, note)
+        if not name and isinstance(arguments.get("function"), dict):
+            # Quirk(TGI < 3.2): no name; the raw grammar output wraps the arguments as
+            # {"function": {"_name": "get_weather", ...}} (plus a special token).
+            note("tool name inside the arguments (_name)")
+            arguments = dict(arguments["function"])
+            name = str(arguments.pop("_name", ""))
+        done.append(ToolCall(call.id, name, arguments, raw, error, call.extra))
+    return done
+
+
+def _parse_arguments(raw: str, note: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
+    """A call's arguments as a dict, and why they could not be read (or None)."""
+    text = raw.strip()
+    if not text:
+        return {}, None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        # Quirk(llama-cpp-python, small models): a raw newline or tab inside a string,
+        # which strict JSON forbids but whose meaning is plain. Quirk(TGI < 3.2): the
+        # raw output ends in a special token such as <|eot_id|>.
+        trimmed = re.sub(r"(?:<\|[^|>]*\|>|</s>)+\s*$", "", text)
+        try:
+            value = json.loads(trimmed, strict=False)
+        except ValueError:
+            return {}, f"arguments are not valid JSON ({exc})"
+        if trimmed != text:
+            note("special token after tool arguments")
+        if trimmed == text or not _is_json(trimmed):
+            note("raw newlines in tool arguments")
+    if isinstance(value, str) and _is_json(value):
+        # Quirk(gateways that re-encode a provider's call): the arguments string is
+        # itself a JSON string.
+        note("tool arguments encoded twice")
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        return {}, f"arguments must be a JSON object, got {type(value).__name__}"
+    return value, None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _execute(call: ToolCall, tools: Mapping[str, Tool], note: Callable[[str], None]
+             ) -> ToolResult:
     """Run one call; any failure becomes the error the model reads, never an exception."""
     found = tools.get(call.name)
     if call.error:
@@ -1656,13 +1707,50 @@ def _execute(call: ToolCall, tools: Mapping[str, Tool]) -> ToolResult:
         error = f"unknown tool {call.name!r}; available tools: {', '.join(tools) or 'none'}"
     else:
         try:
-            value = _run_tool(found, call.arguments)
+            value = _run_tool(found, call.arguments, note)
         except Exception as exc:  # noqa: BLE001 - any tool failure goes back to the model
             _log.debug("tool %s raised %r", call.name, exc)
             error = f"{type(exc).__name__}: {exc}"
         else:
             return ToolResult(call, value, None, _tool_content(value))
     return ToolResult(call, None, error, json.dumps({"error": error}, ensure_ascii=False))
+
+
+def _run_tool(t: Tool, arguments: dict[str, Any], note: Callable[[str], None]) -> Any:
+    """Check the model's arguments, build them as the function's type hints ask, and
+    call the function with them as keywords (a coroutine function runs to its end).
+
+    null for an optional parameter means "left out" (its default applies; `note`
+    hears of it). Raises TypeError naming a missing required argument or an
+    unexpected one, and ValueError naming the field, what was expected and what came
+    for a value that does not match the tool's schema; the function is not called then.
+    """
+    if t.function is None:
+        raise TypeError(f"tool {t.name!r} has no function to run")
+    arguments, dropped = _prune_nulls(arguments, t.parameters)
+    if dropped:
+        note("null for optional fields: left out")
+    properties = t.parameters.get("properties") or {}
+    missing = [n for n in t.parameters.get("required") or () if n not in arguments]
+    if missing:
+        raise TypeError(f"missing required argument(s): {', '.join(missing)}")
+    unknown = [n for n in arguments if properties and n not in properties]
+    if unknown and not t._takes_any:
+        raise TypeError(f"unexpected argument(s): {', '.join(unknown)}")
+    problem = _validate(arguments, t.parameters)
+    if problem:
+        raise ValueError(problem)
+    value = t.function(**{n: _build(v, t.hints[n]) if n in t.hints else v
+                          for n, v in arguments.items()})
+    if t._is_async:
+        import asyncio  # see _check_async_tools
+
+        return asyncio.run(value)
+    if inspect.isawaitable(value):
+        getattr(value, "close", lambda: None)()  # no "never awaited" warning
+        raise TypeError(f"tool {t.name!r} returned {type(value).__name__} object, which "
+                        "must be awaited: make the tool an async def function")
+    return value
 
 
 def _tool_content(value: Any) -> str:
@@ -1694,50 +1782,44 @@ def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]
         messages=messages,
     )
 
-
 # ==== Tools ====
 
 _TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _JSON_TYPES: Final[dict[type, str]] = {str: "string", int: "integer", float: "number",
                                        bool: "boolean"}
-_KIND_TYPES: Final[dict[str, type]] = {"string": str, "boolean": bool, "array": list,
-                                       "object": dict, "null": type(None)}
 # TypedDict's Required[...], NotRequired[...] (3.11+) and ReadOnly[...] (3.13+) wrap a key's type.
 _KEY_MARKS: Final = tuple(getattr(typing, name) for name in ("Required", "NotRequired", "ReadOnly")
                           if hasattr(typing, name))
-_PLAIN_KEY: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MAX_SHOWN: Final = 40  # characters of a value quoted in a message sent back to the model
-_MAX_OPTIONS: Final = 10  # enum values listed in such a message
-_THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
-_FENCE: Final = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.DOTALL)
-_JSON_START: Final = re.compile(r"[{\[]")
 
 
 @dataclass(frozen=True)
 class Tool:
     """A tool the model may call: its name, description, JSON Schema of its
     arguments (an object), and the function that runs it (called with the
-    arguments as keywords, once they match that schema). hints: the type hint of
-    each parameter, from which its argument is built; filled for a function given
-    as a tool."""
+    arguments as keywords, once they match that schema; an async def function is
+    run to its end). hints: the type hint of each parameter, from which its
+    argument is built; filled for a function given as a tool. Raises ConfigError
+    for a bad name, or a schema the module's checker cannot check."""
 
     name: str
     description: str
     parameters: dict[str, Any]
     function: Callable[..., Any] | None = None
     # The function's type hint per parameter, from which each argument is built (an Enum
-    # member, a dataclass instance). Empty for a Tool made by hand: its arguments are
-    # checked against its schema and passed as they came.
+    # member, a dataclass or pydantic instance, an int). Empty for a Tool made by hand: its
+    # arguments are checked against its schema and passed as they came.
     hints: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    # Whether the function takes **kwargs, so that names its schema lacks may pass;
-    # read from the signature once, here, not on every call.
+    # Read from the function once, here, not on every call: whether it takes **kwargs
+    # (so that names its schema lacks may pass), and whether it is a coroutine function.
     _takes_any: bool = field(default=True, init=False, repr=False, compare=False)
+    _is_async: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _TOOL_NAME.match(self.name):
             raise ConfigError(f"tool name {self.name!r} must be 1-64 letters, digits, _ or -")
         if not isinstance(self.parameters, dict):
             raise ConfigError(f"tool {self.name!r}: parameters must be a JSON Schema dict")
+        _vet_schema(self.parameters, f"tool {self.name!r}")
         if self.function is not None:
             try:
                 takes_any = any(p.kind is p.VAR_KEYWORD
@@ -1745,6 +1827,7 @@ class Tool:
             except (TypeError, ValueError):
                 takes_any = True
             object.__setattr__(self, "_takes_any", takes_any)
+            object.__setattr__(self, "_is_async", inspect.iscoroutinefunction(self.function))
 
 
 def tool(func: Callable[..., Any] | None = None, *, name: str | None = None,
@@ -1823,6 +1906,7 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
     properties: dict[str, Any] = {}
     required: list[str] = []
     annotations: dict[str, Any] = {}
+    defs: dict[str, Any] = {}
     for param in signature.parameters.values():
         if param.kind is param.VAR_KEYWORD:
             continue  # **kwargs accepts whatever else the model sends
@@ -1831,54 +1915,61 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
                               "by keyword")
         where = f"tool {tool_name!r}, parameter {param.name!r}"
         annotation = annotations[param.name] = hints.get(param.name, Any)
-        schema = _schema(annotation, where, parameter=True)
+        schema = _schema(annotation, where, parameter=True, defs=defs)
         if "description" not in schema and param.name in arg_docs:
             schema["description"] = arg_docs[param.name]
         if param.default is param.empty:
             required.append(param.name)
         properties[param.name] = schema
     parameters = {"type": "object", "properties": properties, "required": required}
+    if defs:
+        parameters["$defs"] = defs
     return Tool(tool_name, marked_description or summary, parameters, func, annotations)
 
 
+def _root_schema(annotation: Any, where: str) -> dict[str, Any]:
+    """The JSON Schema of a type hint, as a whole document: the $defs that pydantic
+    models bring, wherever they are nested, gathered at its root."""
+    defs: dict[str, Any] = {}
+    schema = _schema(annotation, where, defs=defs)
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
 def _schema(annotation: Any, where: str, *, parameter: bool = False,
-            seen: tuple[type, ...] = ()) -> dict[str, Any]:
+            seen: tuple[type, ...] = (), defs: dict[str, Any] | None = None) -> dict[str, Any]:
     """JSON Schema for one annotation; ConfigError naming `where` for one it cannot describe.
 
     parameter: the annotation is a tool parameter's own, where Optional[X] means the
     argument may be left out and the schema is X's alone; anywhere else (a field, an
     item, an answer) it is X or null. seen: the classes being described, as a
-    dataclass or TypedDict that contains itself cannot be written out.
+    dataclass or TypedDict that contains itself cannot be written out. defs: where a
+    pydantic model's $defs go, so that its "#/$defs/..." references resolve at the
+    document's root (None: left in the model's own schema).
     """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Annotated:
-        inner = _schema(args[0], where, parameter=parameter, seen=seen)
+        inner = _schema(args[0], where, parameter=parameter, seen=seen, defs=defs)
         notes = [a for a in args[1:] if isinstance(a, str)]
         if notes:
             inner["description"] = notes[0]
         return inner
     if origin in _KEY_MARKS:
-        return _schema(args[0], where, seen=seen)
+        return _schema(args[0], where, seen=seen, defs=defs)
     if annotation is Any or annotation is inspect.Parameter.empty:
         return {}
     if origin in (Union, types.UnionType):
-        options = [_schema(a, where, parameter=parameter, seen=seen)
+        options = [_schema(a, where, parameter=parameter, seen=seen, defs=defs)
                    for a in args if a is not type(None)]
         if len(options) < len(args) and not parameter:
             options.append({"type": "null"})
         return options[0] if len(options) == 1 else {"anyOf": options}
-    schema: dict[str, Any]
-    if origin is Literal:
-        kinds = {_JSON_TYPES.get(type(v)) for v in args}
-        schema = {"enum": list(args)}
-        if len(kinds) == 1 and None not in kinds:
-            schema["type"] = kinds.pop()
-        return schema
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        values = [m.value for m in annotation]
+    if origin is Literal or isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        values = list(args) if origin is Literal else [m.value for m in annotation]
         kinds = {_JSON_TYPES.get(type(v)) for v in values}
-        schema = {"enum": values}
+        schema: dict[str, Any] = {"enum": values}
         if len(kinds) == 1 and None not in kinds:
             schema["type"] = kinds.pop()
         return schema
@@ -1888,15 +1979,37 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
         items = [a for a in args if a is not Ellipsis]
         schema = {"type": "array"}
         if len(items) == 1:
-            schema["items"] = _schema(items[0], where, seen=seen)
+            schema["items"] = _schema(items[0], where, seen=seen, defs=defs)
         return schema
     if annotation is dict or origin is dict:
         return {"type": "object"}
+    if _is_model(annotation):
+        return _model_schema(annotation, where, defs)
     if _is_record(annotation):
-        return _object_schema(annotation, where, seen)
+        return _record_schema(annotation, where, seen, defs)
     raise ConfigError(f"{where}: cannot describe {annotation!r} as JSON Schema; use str, int, "
-                      "float, bool, list, dict, Optional, Literal, an Enum, a dataclass or "
-                      "a TypedDict")
+                      "float, bool, list, dict, Optional, Literal, an Enum, a dataclass, "
+                      "a TypedDict or a pydantic model")
+
+
+def _is_model(annotation: Any) -> bool:
+    """A pydantic (v2) model class, known by its methods: pydantic is never imported."""
+    return (isinstance(annotation, type) and callable(getattr(annotation, "model_json_schema",
+                                                              None))
+            and callable(getattr(annotation, "model_validate", None)))
+
+
+def _model_schema(model: Any, where: str, defs: dict[str, Any] | None) -> dict[str, Any]:
+    try:
+        schema = dict(model.model_json_schema())
+    except Exception as exc:  # noqa: BLE001 - whatever pydantic raises, name the model
+        raise ConfigError(f"{where}: {model.__name__}.model_json_schema() failed "
+                          f"({exc})") from None
+    if defs is not None:
+        for name, sub in schema.pop("$defs", {}).items():
+            if defs.setdefault(name, sub) != sub:
+                raise ConfigError(f"{where}: two different models are named {name!r}")
+    return schema
 
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
@@ -1928,18 +2041,19 @@ def _is_record(annotation: Any) -> bool:
                                              or typing.is_typeddict(annotation))
 
 
-def _object_schema(cls: type, where: str, seen: tuple[type, ...]) -> dict[str, Any]:
+def _record_schema(cls: type, where: str, seen: tuple[type, ...],
+                   defs: dict[str, Any] | None) -> dict[str, Any]:
     if cls in seen:
         raise ConfigError(f"{where}: {cls.__name__} contains itself, which JSON Schema "
                           "without references cannot describe")
     try:
-        fields = _fields(cls)
+        record = _fields(cls)
     except (NameError, TypeError) as exc:
         raise ConfigError(f"{where}: cannot read the fields of {cls.__name__} ({exc})") from None
-    properties = {name: _schema(hint, f"{where}, field {name!r}", seen=(*seen, cls))
-                  for name, hint, _ in fields}
+    properties = {name: _schema(hint, f"{where}, field {name!r}", seen=(*seen, cls), defs=defs)
+                  for name, hint, _ in record}
     return {"type": "object", "properties": properties,
-            "required": [name for name, _, required in fields if required],
+            "required": [name for name, _, required in record if required],
             "additionalProperties": False}
 
 
@@ -1964,145 +2078,27 @@ def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
                  for name, hint in hints.items())
 
 
-def _check(value: Any, schema: Any, path: str = "$") -> str | None:
-    """The first way `value` breaks `schema`, as a short message naming its path, or None.
-
-    The subset of JSON Schema the module's own schemas use: type (a name or a list),
-    enum, const, anyOf, properties, required, additionalProperties, items; other
-    keywords are ignored. An int passes as a number; a bool is neither an integer nor
-    a number; nothing is coerced. E.g. '$.items[2].price: expected number, got string
-    "12.5"', '$: missing required field "city"', '$.extra: unexpected field'.
-    """
-    if schema is False:
-        return f"{path}: unexpected value"
-    if not isinstance(schema, dict):
-        return None
-    if isinstance(schema.get("enum"), list) and not any(_same(value, v) for v in schema["enum"]):
-        options = ", ".join(_short(v) for v in schema["enum"][:_MAX_OPTIONS])
-        more = ", ..." if len(schema["enum"]) > _MAX_OPTIONS else ""
-        return f"{path}: must be one of {options}{more}, got {_short(value)}"
-    if "const" in schema and not _same(value, schema["const"]):
-        return f"{path}: must be {_short(schema['const'])}, got {_short(value)}"
-    kinds = _kinds(schema)
-    if kinds and not any(_is_kind(value, kind) for kind in kinds):
-        return f"{path}: expected {' or '.join(kinds)}, got {_describe(value)}"
-    if isinstance(schema.get("anyOf"), list):
-        problem = _check_any(value, schema["anyOf"], path)
-        if problem:
-            return problem
-    if isinstance(value, dict):
-        return _check_object(value, schema, path)
-    if isinstance(value, list) and isinstance(schema.get("items"), (dict, bool)):
-        for index, item in enumerate(value):
-            problem = _check(item, schema["items"], f"{path}[{index}]")
-            if problem:
-                return problem
-    return None
-
-
-def _check_any(value: Any, options: list[Any], path: str) -> str | None:
-    problems = []
-    for option in options:
-        problem = _check(value, option, path)
-        if problem is None:
-            return None
-        problems.append(problem)
-    # The option whose type fits failed deeper in (a field, an enum): its problem says
-    # most. When none fits, name every type allowed.
-    for option, problem in zip(options, problems):
-        kinds = _kinds(option)
-        if kinds and any(_is_kind(value, kind) for kind in kinds):
-            return problem
-    kinds = [kind for option in options for kind in _kinds(option)]
-    if kinds and all(_kinds(option) for option in options):
-        return f"{path}: expected {' or '.join(kinds)}, got {_describe(value)}"
-    return problems[0]
-
-
-def _check_object(value: dict[str, Any], schema: dict[str, Any], path: str) -> str | None:
-    properties = schema.get("properties")
-    properties = properties if isinstance(properties, dict) else {}
-    for name in schema.get("required") or ():
-        if name not in value:
-            return f"{path}: missing required field {_short(name)}"
-    others = schema.get("additionalProperties", True)
-    for key, item in value.items():
-        plain = isinstance(key, str) and _PLAIN_KEY.match(key)
-        where = f"{path}.{key}" if plain else f"{path}[{_short(key)}]"
-        if key in properties:
-            problem = _check(item, properties[key], where)
-        elif others is False:
-            problem = f"{where}: unexpected field"
-        else:
-            problem = _check(item, others, where)
-        if problem:
-            return problem
-    return None
-
-
-def _kinds(schema: Any) -> list[str]:
-    """The type names a schema allows, [] when it does not say."""
-    kinds = schema.get("type") if isinstance(schema, dict) else None
-    if isinstance(kinds, str):
-        return [kinds]
-    return [k for k in kinds if isinstance(k, str)] if isinstance(kinds, list) else []
-
-
-def _is_kind(value: Any, kind: str) -> bool:
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    expected = _KIND_TYPES.get(kind)
-    return True if expected is None else isinstance(value, expected)  # unknown: not checked
-
-
-def _kind(value: Any) -> str:
-    """The JSON type name of a value."""
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "integer" if isinstance(value, int) else "number"
-    return next((k for k, t in _KIND_TYPES.items() if isinstance(value, t)), type(value).__name__)
-
-
-def _same(a: Any, b: Any) -> bool:
-    """JSON equality: as ==, but true is not 1 and false is not 0 (also inside arrays
-    and objects)."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(map(_same, a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return bool(a == b)
-
-
-def _describe(value: Any) -> str:
-    """What came, for a message: 'string "12.5"', 'integer 3', 'null'."""
-    return "null" if value is None else f"{_kind(value)} {_short(value)}"
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=repr)
-    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
-
-
 def _build(value: Any, annotation: Any) -> Any:
-    """The Python value a type hint asks for, made from JSON that _check accepted.
+    """The Python value a type hint asks for, made from JSON that the checker accepted.
 
-    A dataclass becomes an instance (nested ones too), an Enum its member; lists and
-    TypedDicts have their items built likewise; anything else is returned as it is.
+    A dataclass becomes an instance (nested ones too), a pydantic model its
+    model_validate() instance, an Enum its member, an int hint's 3.0 the int 3; lists
+    and TypedDicts have their items built likewise; anything else is returned as it is.
     """
-    annotation = _unwrap(annotation)
+    while typing.get_origin(annotation) in (typing.Annotated, *_KEY_MARKS):
+        annotation = typing.get_args(annotation)[0]
     origin = typing.get_origin(annotation)
     if value is None:
         return None
     if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(options) > 1:  # the first option the value fits
-            options = [a for a in options if _check(value, _schema(a, "")) is None] or [Any]
+            options = [a for a in options if _validate(value, _schema(a, "")) is None] or [Any]
         return _build(value, options[0])
+    if annotation is int and isinstance(value, float):
+        return int(value)  # JSON Schema counts 3.0 as an integer; the function wants 3
+    if _is_model(annotation):
+        return annotation.model_validate(value)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return annotation(value)
     if _is_record(annotation) and isinstance(value, dict):
@@ -2114,187 +2110,852 @@ def _build(value: Any, annotation: Any) -> Any:
         return [_build(v, items[0]) for v in value]
     return value
 
+# ==== Checking JSON against a schema ====
 
-def _unwrap(annotation: Any) -> Any:
-    """The type inside Annotated[...] and TypedDict's Required[...] and NotRequired[...]."""
-    while typing.get_origin(annotation) in (typing.Annotated, *_KEY_MARKS):
-        annotation = typing.get_args(annotation)[0]
-    return annotation
+# Spec: JSON Schema draft 2020-12 (json-schema.org/draft/2020-12, Core and Validation).
+# The vendored JSON-Schema-Test-Suite (testdata/) asserts this checker case by case.
+
+_TYPES: Final[dict[str, Callable[[Any], bool]]] = {
+    "null": lambda v: v is None, "boolean": lambda v: isinstance(v, bool),
+    # Spec: a number with a zero fractional part is an integer (3.0 is); a bool is no number.
+    "integer": lambda v: _TYPES["number"](v) and (isinstance(v, int) or v.is_integer()),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str), "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+# What a keyword's value must be (the shape in _KEYWORDS): a JSON type or one of these.
+_SHAPES: Final[dict[str, Callable[[Any], bool]]] = {
+    **_TYPES,
+    "schema": lambda a: isinstance(a, (dict, bool)), "any": lambda a: True,
+    "schemas": lambda a: isinstance(a, list) and bool(a) and all(map(_SHAPES["schema"], a)),
+    "map": lambda a: isinstance(a, dict) and all(map(_SHAPES["schema"], a.values())),
+    "names": lambda a: isinstance(a, list) and all(isinstance(name, str) for name in a),
+    "deps": lambda a: isinstance(a, dict) and all(map(_SHAPES["names"], a.values())),
+    "types": lambda a: all(isinstance(name, str) and name in _TYPES
+                           for name in (a if isinstance(a, list) else [a])),
+}
+# Keywords whose meaning needs what this checker does not track (which keys and items
+# the other keywords evaluated, dynamic scopes, anchors): refused, never ignored.
+_REFUSED: Final = frozenset({"unevaluatedProperties", "unevaluatedItems", "$dynamicRef",
+                             "$dynamicAnchor", "$anchor"})
+_PLAIN_KEY: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Spec: patterns are ECMA-262, where $ is the very end (Python's $ also matches before a
+# final newline): each $ outside an escape or a [class] becomes \Z.
+_DOLLAR: Final = re.compile(r"\\.|\[(?:\\.|[^\]\\])*\]|\$", re.DOTALL)
+_MAX_SHOWN: Final = 40  # characters of a value quoted in a message sent back to the model
+_MAX_OPTIONS: Final = 10  # enum values listed in such a message
 
 
-def _nullable(annotation: Any) -> bool:
-    """Whether a type hint lets None in."""
-    annotation = _unwrap(annotation)
-    if annotation is None or annotation is type(None) or annotation is Any:
-        return True
-    return (typing.get_origin(annotation) in (Union, types.UnionType)
-            and any(_nullable(a) for a in typing.get_args(annotation)))
+def _validate(value: Any, schema: Any) -> str | None:
+    """The first way `value` breaks `schema` (JSON Schema 2020-12, vetted by _vet_schema),
+    as one short message naming the path, what was expected and what came; None when
+    it conforms.
 
-
-def _json_from_text(text: str) -> Any:
-    """The first complete JSON value in a model's answer.
-
-    The whole answer when it is JSON (a bare string or number too); else the content
-    of the first fenced code block that holds an object or array; else the first
-    object or array that parses, wherever it stands among the prose. Raises ValueError
-    with a short reason when there is none.
+    E.g. '$.items[2].price: expected number, got string "12.5"', '$: missing required
+    field "city"', '$.extra: unexpected field', '$.age: must be at most 150, got 400'.
+    Never raises: a value nested too deeply to check is a mismatch, and so is a $ref
+    loop that never ends.
     """
-    # Quirk(vLLM without --reasoning-parser, llama.cpp with reasoning_format none): the
-    # model's thinking comes inline, before the answer, and may hold drafts of it.
-    text = _THINK.sub("", text).strip()
-    if not text:
-        raise ValueError("the answer is empty")
     try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    decoder = json.JSONDecoder()
-    first_error: json.JSONDecodeError | None = None
-    for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
-        for start in _JSON_START.finditer(piece):
-            try:
-                return decoder.raw_decode(piece, start.start())[0]
-            except json.JSONDecodeError as exc:
-                first_error = first_error or exc
-    if first_error is None:
-        raise ValueError("the answer holds no JSON object or array")
-    raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
+        return _Run(schema).check(value, schema, "$")
+    except (RecursionError, LookupError):  # LookupError: a $ref _vet_schema refuses
+        return "$: nested too deeply to check"
 
 
-def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:
-    """Check the model's arguments, build them as the function's type hints ask, and
-    call the function with them as keywords.
+def _vet_schema(schema: Any, where: str) -> None:
+    """Raise ConfigError(f"{where}: ...") naming the first keyword of `schema` that this
+    checker would not check exactly as JSON Schema 2020-12 says: a refused one (_REFUSED,
+    $id below the root, a $ref that is not a pointer into the schema or does not
+    resolve), a regex Python cannot compile, a value of the wrong shape. Walks every
+    subschema, $defs and $ref targets included; raises nothing else."""
+    todo, seen = [schema], set()
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, bool) and id(node) not in seen:
+            seen.add(id(node))
+            todo.extend(reversed(_vet_node(node, schema, where)))
 
-    Raises TypeError naming a missing required argument or an unexpected one, and
-    ValueError naming the field, what was expected and what came for a value that does
-    not match the tool's schema; the function is not called then.
+
+def _vet_node(node: Any, root: Any, where: str) -> list[Any]:
+    """Vet one schema's own keywords; return its subschemas (and $ref target)."""
+    if not isinstance(node, dict):
+        raise ConfigError(f"{where}: a JSON Schema is an object or a boolean, got {_describe(node)}")
+    inner: list[Any] = []
+    for keyword, arg in node.items():
+        shape = _KEYWORDS.get(keyword, _ANNOTATION)[0]
+        try:
+            if keyword in _REFUSED or keyword == "$id" and node is not root:
+                raise LookupError(f"{'below the root ' * (keyword == '$id')}is not supported "
+                                  "by this module's checker; leave it out")
+            if not _SHAPES[shape](arg):
+                raise LookupError(f"cannot be {_short(arg)} (see JSON Schema 2020-12)")
+            for pattern in {"pattern": [arg], "patternProperties": arg}.get(keyword, ()):
+                _regex(pattern)
+            inner += [_pointer(root, arg)] if keyword == "$ref" else []
+        except (LookupError, re.error, OverflowError, RecursionError, ValueError) as exc:
+            why = exc if isinstance(exc, LookupError) else f"holds a regex Python cannot use ({exc})"
+            raise ConfigError(f"{where}: JSON Schema keyword {keyword!r} {why}") from None
+        inner += ([arg] if shape == "schema" else arg if shape == "schemas"
+                  else list(arg.values()) if shape == "map" else [])
+    return inner
+
+
+def _pointer(root: Any, ref: str) -> Any:
+    """The schema a '#' or '#/...' $ref names in `root`; LookupError saying why not.
+
+    Spec: RFC 6901 in a URI fragment: percent-decoded, split at '/', then in each token
+    '~1' is '/' and '~0' is '~'; an array is indexed by a decimal number.
     """
-    if t.function is None:
-        raise TypeError(f"tool {t.name!r} has no function to run")
-    properties = t.parameters.get("properties") or {}
-    missing = [n for n in t.parameters.get("required") or () if n not in arguments]
-    if missing:
-        raise TypeError(f"missing required argument(s): {', '.join(missing)}")
-    unknown = [n for n in arguments if properties and n not in properties]
-    if unknown and not t._takes_any:
-        raise TypeError(f"unexpected argument(s): {', '.join(unknown)}")
-    # An Optional parameter's schema leaves null out (see _schema): a model that sends
-    # null for it anyway means None, which the function takes.
-    checked = {n: v for n, v in arguments.items()
-               if v is not None or n not in t.hints or not _nullable(t.hints[n])}
-    problem = _check(checked, t.parameters)
-    if problem:
-        raise ValueError(problem)
-    return t.function(**{n: _build(v, t.hints[n]) if n in t.hints else v
-                         for n, v in arguments.items()})
+    if ref != "#" and not ref.startswith("#/"):
+        raise LookupError(f"to {ref!r} is not supported by this module's checker; only '#' "
+                          "and '#/...' pointers are (no remote document, anchor, relative URI)")
+    target = root
+    for token in urllib.parse.unquote(ref[2:]).split("/") if ref != "#" else ():
+        token = token.replace("~1", "/").replace("~0", "~")
+        index = int(token) if token.isascii() and token.isdigit() else -1
+        target = (target.get(token, ...) if isinstance(target, dict) else target[index]
+                  if isinstance(target, list) and 0 <= index < len(target) else ...)
+    if isinstance(target, (dict, bool)):
+        return target
+    raise LookupError(f"{ref!r} does not point at a schema in the same document")
+
+
+@functools.lru_cache(maxsize=256)
+def _regex(pattern: str) -> re.Pattern[str]:
+    """A schema's pattern compiled for re.search, with ECMA-262's meaning where Python's
+    differs: $ only at the very end, and \\d, \\w, \\b ASCII only (\\s then misses the
+    rarer Unicode spaces ECMA-262 counts)."""
+    return re.compile(_DOLLAR.sub(lambda m: r"\Z" if m.group() == "$" else m.group(),
+                                  pattern), re.ASCII)
+
+
+class _Run:
+    """One check against one schema: the root its $ref pointers resolve in, and the
+    ($ref target, value) pairs being checked, as meeting one again inside itself is a
+    loop that would never end."""
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.active: set[tuple[int, int]] = set()
+
+    def check(self, value: Any, schema: Any, path: str) -> str | None:
+        """The first problem of `value` (found at `path`) against a subschema, or None:
+        each keyword's step, for the values of the type it applies to."""
+        if not isinstance(schema, dict):
+            return f"{path}: unexpected value" if schema is False else None
+        return _first(step(self, value, arg, schema, path) for keyword, arg in schema.items()
+                      for _, kind, step in [_KEYWORDS.get(keyword, _ANNOTATION)]
+                      if step and (not kind or _TYPES[kind](value)))
+
+
+def _first(problems: Iterable[str | None]) -> str | None:
+    """The first problem (the iterable is lazy, so checking stops there)."""
+    return next((problem for problem in problems if problem is not None), None)
+
+
+def _kinds(schema: Any) -> list[str]:
+    """The type names a schema allows, [] when it does not say."""
+    kinds = schema.get("type") if isinstance(schema, dict) else None
+    return [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+
+
+def _type(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """type: a name or a list of names, one of which the value must be."""
+    if any(_TYPES[kind](value) for kind in _kinds(schema)):
+        return None
+    return f"{path}: expected {' or '.join(_kinds(schema))}, got {_describe(value)}"
+
+
+def _options(arg: list[Any]) -> str:
+    """An enum's values for a message: the first _MAX_OPTIONS of them."""
+    more = ", ..." if len(arg) > _MAX_OPTIONS else ""
+    return ", ".join(map(_short, arg[:_MAX_OPTIONS])) + more
+
+
+def _required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """required: the fields an object must have (the first missing one is named)."""
+    missing = next((name for name in arg if name not in value), None)
+    return None if missing is None else f"{path}: missing required field {_short(missing)}"
+
+
+def _dependent_required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """dependentRequired: the fields an object must have when it has a given one."""
+    return _first(f"{problem} (required with {_short(key)})" for key, names in arg.items()
+                  if key in value and (problem := _required(run, value, names, schema, path)))
+
+
+def _properties(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """properties: each field it names matches that field's schema."""
+    return _first(run.check(item, arg[key], _at(path, key))
+                  for key, item in value.items() if key in arg)
+
+
+def _pattern_properties(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """patternProperties: each field matches the schema of every regex its name matches."""
+    return _first(run.check(item, sub, _at(path, key)) for key, item in value.items()
+                  for pattern, sub in arg.items() if _regex(pattern).search(key))
+
+
+def _additional(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """Spec: additionalProperties applies to the keys that properties and
+    patternProperties (of the same schema) do not name."""
+    return _first(f"{_at(path, key)}: unexpected field" if arg is False else
+                  run.check(value[key], arg, _at(path, key))
+                  for key in value if not _named(schema, key))
+
+
+def _property_names(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """propertyNames: each field name, a string, matches the schema."""
+    return _first(run.check(key, arg, f"{_at(path, key)}: field name") for key in value)
+
+
+def _dependent_schemas(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """dependentSchemas: an object that has a given field matches that field's schema."""
+    return _first(run.check(value, sub, path) for key, sub in arg.items() if key in value)
+
+
+def _items(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """Spec (2020-12): prefixItems (arg a list) describes the first elements one by one,
+    items the elements after those."""
+    start = 0 if isinstance(arg, list) else len(schema.get("prefixItems", ()))
+    subs = arg if isinstance(arg, list) else [arg] * len(value)
+    return _first(run.check(item, sub, f"{path}[{index}]")
+                  for index, (item, sub) in enumerate(zip(value[start:], subs), start))
+
+
+def _contains(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """Spec: minContains (1 when not given) and maxContains bound how many items match."""
+    found = sum(run.check(item, arg, path) is None for item in value)
+    least, most = schema.get("minContains", 1), schema.get("maxContains", found)
+    if least <= found <= most:
+        return None
+    bound = f"at least {_short(least)}" if found < least else f"at most {_short(most)}"
+    return f"{path}: must hold {bound} items that match contains, got {found}"
+
+
+def _is_multiple(value: Any, step: Any) -> bool:
+    """Whether value / step is a whole number, exactly: each number taken as the decimal
+    it is written as (0.01 is 1/100, not the binary float nearest to it), as a ratio of
+    integers. One that cannot be decided (inf, nan, a step of 0) is no multiple."""
+    try:
+        (top, bottom), (step_top, step_bottom) = [
+            Decimal(x if isinstance(x, int) else repr(x)).as_integer_ratio() for x in (value, step)]
+        return top * step_bottom % (bottom * step_top) == 0
+    except (ValueError, OverflowError, ZeroDivisionError):
+        return False
+
+
+def _rule(holds: Callable[[Any, Any], Any], words: str, measure: Callable[[Any], Any] | None = None,
+          show: Callable[[Any], str] | None = None) -> _Keyword:
+    """The step of a keyword that is met when holds(value, its argument) (or the value's
+    measure: minLength's len); `words` say what must hold, in a message, and `show`
+    how the argument reads there."""
+    def step(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+        got = value if measure is None else measure(value)
+        return None if holds(got, arg) else (
+            f"{path}: must {words.format((show or _short)(arg))}, got {_short(got)}")
+    return step
+
+
+def _all_of(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """allOf: the value matches every schema."""
+    return _first(run.check(value, option, path) for option in arg)
+
+
+def _any_of(run: _Run, value: Any, arg: Any, schema: Any, path: str, one: bool = False
+            ) -> str | None:
+    """anyOf, and oneOf when `one`: checking stops at the first option that matches
+    (the second, for oneOf). When none does, the problem of the option whose type fits
+    (it failed deeper in: a field, an enum) says most; else every type allowed."""
+    problems: list[str | None] = []
+    for option in arg:
+        problems.append(run.check(value, option, path))
+        if problems.count(None) > one:
+            break
+    matched = [str(index) for index, problem in enumerate(problems) if problem is None]
+    if matched:
+        return None if len(matched) == 1 else (
+            f"{path}: must match one schema of oneOf, matched {' and '.join(matched)}")
+    fits = [p for option, p in zip(arg, problems)
+            if _kinds(option) and _type(run, value, None, option, path) is None]
+    if fits or not all(map(_kinds, arg)):
+        return (fits or problems)[0]
+    allowed = [*dict.fromkeys(kind for option in arg for kind in _kinds(option))]
+    return _type(run, value, None, {"type": allowed}, path)
+
+
+def _not(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """not: the value does not match the schema."""
+    return None if run.check(value, arg, path) is not None else (
+        f"{path}: must not match {_short(arg)}, got {_short(value)}")
+
+
+def _if(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """if: a value that matches it must match then, one that does not must match else."""
+    branch = "then" if run.check(value, arg, path) is None else "else"
+    return run.check(value, schema.get(branch, True), path)
+
+
+def _ref(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """Spec (2020-12): $ref applies beside its sibling keywords, not instead of them.
+    The same target on the same value again, inside itself, is a loop without end."""
+    key = (id(target := _pointer(run.root, arg)), id(value))
+    if key in run.active:
+        return f"{path}: the schema loops through $ref {_short(arg)} without end"
+    run.active.add(key)
+    problem = run.check(value, target, path)
+    run.active.discard(key)
+    return problem
+
+
+_Keyword = Callable[[_Run, Any, Any, Any, str], "str | None"]
+
+# Every keyword this checker knows: (the shape its value must have, see _SHAPES; the
+# JSON type it applies to, "" for any; the step that checks it, None for one that only
+# holds schemas or is read by another step). Any other keyword is an annotation
+# (format, title, description, default, ...): not asserted, as the spec says.
+_KEYWORDS: Final[dict[str, tuple[str, str, _Keyword | None]]] = {
+    "type": ("types", "", _type),
+    "enum": ("array", "", _rule(lambda value, arg: _key(value) in map(_key, arg),
+                                "be one of {}", show=_options)),
+    "const": ("any", "", _rule(lambda value, arg: _key(value) == _key(arg), "be {}")),
+    "required": ("names", "object", _required), "properties": ("map", "object", _properties),
+    "dependentRequired": ("deps", "object", _dependent_required),
+    "minProperties": ("integer", "object", _rule(operator.ge, "have at least {} fields", len)),
+    "maxProperties": ("integer", "object", _rule(operator.le, "have at most {} fields", len)),
+    "patternProperties": ("map", "object", _pattern_properties),
+    "additionalProperties": ("schema", "object", _additional),
+    "propertyNames": ("schema", "object", _property_names),
+    "dependentSchemas": ("map", "object", _dependent_schemas),
+    "minItems": ("integer", "array", _rule(operator.ge, "have at least {} items", len)),
+    "maxItems": ("integer", "array", _rule(operator.le, "have at most {} items", len)),
+    "uniqueItems": ("boolean", "array", _rule(
+        lambda value, arg: not arg or len(set(map(_key, value))) == len(value), "hold unique items")),
+    "prefixItems": ("schemas", "array", _items), "items": ("schema", "array", _items),
+    "contains": ("schema", "array", _contains),
+    "minLength": ("integer", "string", _rule(operator.ge, "have at least {} characters", len)),
+    "maxLength": ("integer", "string", _rule(operator.le, "have at most {} characters", len)),
+    "pattern": ("string", "string", _rule(lambda value, arg: _regex(arg).search(value),
+                                          "match the pattern {}")),
+    "minimum": ("number", "number", _rule(operator.ge, "be at least {}")),
+    "maximum": ("number", "number", _rule(operator.le, "be at most {}")),
+    "exclusiveMinimum": ("number", "number", _rule(operator.gt, "be greater than {}")),
+    "exclusiveMaximum": ("number", "number", _rule(operator.lt, "be less than {}")),
+    "multipleOf": ("number", "number", _rule(_is_multiple, "be a multiple of {}")),
+    "allOf": ("schemas", "", _all_of), "anyOf": ("schemas", "", _any_of),
+    "oneOf": ("schemas", "", functools.partial(_any_of, one=True)),
+    "not": ("schema", "", _not), "if": ("schema", "", _if), "$ref": ("string", "", _ref),
+    "then": ("schema", "", None), "else": ("schema", "", None),
+    "minContains": ("integer", "", None), "maxContains": ("integer", "", None),
+    # definitions: draft 7's $defs, which many generators still write.
+    "$defs": ("map", "", None), "definitions": ("map", "", None),
+}
+_ANNOTATION: Final = ("any", "", None)
+
+
+def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
+    """`value` without the nulls that mean "left out", and whether there were any.
+
+    At any depth, a key that a schema describing its object lists in properties and no
+    such schema requires, whose value is null where that property's schema rejects null,
+    is removed (models send null for an argument they leave out). The schemas describing
+    a value are followed through $ref, allOf/anyOf/oneOf, properties,
+    additionalProperties, prefixItems and items. `value` itself is not changed.
+    """
+    try:
+        return _prune(value, [schema], _Run(schema))
+    except (LookupError, RecursionError):
+        return value, False
+
+
+def _prune(value: Any, schemas: list[Any], run: _Run) -> tuple[Any, bool]:
+    """_prune_nulls below the root: `value` and the schemas that describe it."""
+    if not isinstance(value, (list, dict)):
+        return value, False
+    found = list(_described(schemas, run, {}).values())
+    keys = range(len(value)) if isinstance(value, list) else [
+        key for key, item in value.items() if item is not None or not _left_out(key, found, run)]
+    inner = {key: _prune(value[key], [_inner(s, key) for s in found], run) for key in keys}
+    pruned = [item for item, _ in inner.values()] if isinstance(value, list) else {
+        key: item for key, (item, _) in inner.items()}
+    return pruned, len(inner) < len(value) or any(changed for _, changed in inner.values())
+
+
+def _described(schemas: list[Any], run: _Run, found: dict[int, Any]) -> dict[int, Any]:
+    """The schemas that apply to a value in place: these, their $ref targets and the
+    branches of their allOf, anyOf and oneOf, each once (by id)."""
+    for schema in schemas:
+        if isinstance(schema, dict) and id(schema) not in found:
+            found[id(schema)] = schema
+            refs = [_pointer(run.root, schema["$ref"])] if "$ref" in schema else []
+            _described([*schema.get("allOf", ()), *schema.get("anyOf", ()),
+                        *schema.get("oneOf", ()), *refs], run, found)
+    return found
+
+
+def _left_out(key: str, found: list[dict[str, Any]], run: _Run) -> bool:
+    """Whether null for `key` means "left out": a schema lists it as a property whose
+    schema rejects null, and none requires it."""
+    optional = any(key in s.get("properties", {}) and run.check(None, s["properties"][key], "$")
+                   for s in found)
+    return optional and not any(key in s.get("required", ()) for s in found)
+
+
+def _inner(schema: dict[str, Any], key: Any) -> Any:
+    """The schema of an item (`key` an index: prefixItems, items) or of a field
+    (properties; patternProperties, as True; additionalProperties); None if none."""
+    if isinstance(key, int):
+        before = schema.get("prefixItems", ())
+        return before[key] if key < len(before) else schema.get("items")
+    named = schema.get("properties", {}).get(key, _named(schema, key) or None)
+    return schema.get("additionalProperties") if named is None else named
+
+
+def _named(schema: dict[str, Any], key: str) -> bool:
+    """Whether properties or patternProperties of `schema` name the field `key`."""
+    return key in schema.get("properties", {}) or any(
+        _regex(pattern).search(key) for pattern in schema.get("patternProperties", ()))
+
+
+def _at(path: str, key: Any) -> str:
+    """The path of a field: $.name for a plain key, $["odd key"] for any other."""
+    plain = isinstance(key, str) and _PLAIN_KEY.match(key)
+    return f"{path}.{key}" if plain else f"{path}[{_short(key)}]"
+
+
+def _key(value: Any) -> Any:
+    """A hashable stand-in that is equal for JSON-equal values: 1 and 1.0 alike, true
+    and 1 not, arrays and objects item by item."""
+    if isinstance(value, dict):
+        return dict, frozenset((key, _key(item)) for key, item in value.items())
+    return (list, tuple(map(_key, value))) if isinstance(value, list) else (
+        (bool, value) if isinstance(value, bool) else value)
+
+
+def _describe(value: Any) -> str:
+    """What came, for a message: 'string "12.5"', 'integer 3', 'null'."""
+    kind = next((name for name, test in _TYPES.items() if test(value)), type(value).__name__)
+    return "null" if value is None else f"{kind} {_short(value)}"
+
+
+def _short(value: Any) -> str:
+    """A value as JSON, cut to _MAX_SHOWN characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+    except (ValueError, RecursionError):  # an int of over 4300 digits; a value nested deeply
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
+
 
 
 # ==== Streaming ====
-# A model call's answer is read as a chain, each link a small generator or function
-# with no I/O but the first: _iter_raw (response bytes as they arrive) -> _iter_lines
-# (whole, LF-terminated lines) -> _iter_sse (sseclient-py's events) -> _iter_chunks
-# (payload dicts, [DONE], in-stream errors) -> _Accumulator.add (the Chunks).
-# A non-streamed answer goes through _whole_answer and the same _Accumulator.
-# Each link that absorbs a deviation from OpenAI's behaviour tells the Client's quirk
-# sink (a `quirk` argument, or the _Accumulator's), only in the branch that absorbs it.
+# One model call reads its answer through few frames between the socket and the caller:
+# _model_call (JSON payloads -> Chunks, in-stream errors, [DONE]) <- sseclient-py's
+# events() <- _Lines.feed (whole, LF-terminated lines, as the bytes arrive) <- the body's
+# chunks. _Answer gathers the call's text, reasoning, refusal, tool-call fragments and
+# usage; the tool-call loop's _assemble_calls makes the calls of the fragments.
+
+_MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
+_READ_SIZE: Final = 65536
+_DRAIN_SECONDS: Final = 0.1
+# Spec (WHATWG server-sent events): the stream is UTF-8, and a raw control character
+# inside a JSON string (which strict JSON forbids) still means itself.
+_CHUNK_JSON: Final = json.JSONDecoder(strict=False)
 
 
-def _iter_chunks(events: Iterable[sseclient.Event], acc: _Accumulator) -> Iterator[Chunk]:
-    """The Chunks of one model call from its SSE events; `acc` keeps its state.
+def _model_call(client: Client, body: dict[str, Any], step: int,
+                request: _Request) -> Generator[Chunk, None, Step]:
+    """One model call: its text, reasoning and refusal Chunks as they arrive; returns
+    its Step (without tool results). Streamed, unless the server cannot: a 200 stream with no event at all,
+    or tools on a server whose tool streams are empty, is asked for whole instead.
 
-    Raises StreamError for malformed JSON, and the classified error for an error
-    the server sent inside the stream. Stops at [DONE] (acc.done).
+    NOTE: the per-event loop stays in this one frame (no helper generator between the
+    events and the caller): every frame a Chunk passes costs time on every event.
     """
-    add = acc.add
-    for event in events:
-        acc.seen = True
-        data = event.data
-        if data[:1] != "{":
-            stripped = data.strip()
-            if stripped.startswith("[DONE]"):
-                if data != "[DONE]":
-                    # Quirk(several servers): a space before [DONE], or padding after it.
-                    acc.quirk("spaces around [DONE]")
-                acc.done = True
-                return
-            if not stripped.startswith("{"):
-                # Quirk(gateways): data lines of their own that are not JSON are skipped.
-                acc.quirk("non-JSON data in streams skipped")
-                _log.debug("skipping a stream event that is not JSON: %.80r", stripped)
-                continue
-            data = stripped
+    http, note = client._http, client._quirks.note
+    http.prepare(body, request.schema)
+    answer = _Answer(step, note)
+    if client._tools_unstreamed and "tools" in body:
+        yield from _ask_whole(client, body, request, answer)
+        return answer.finish()
+    response = _open_stream(http, body, request)
+    seen = False
+    with response:
+        payload = _not_an_event_stream(http, response, request.timeout)
+        if payload is not None:
+            yield from _whole_chunks(client, answer, payload, body.get("model"))
+            return answer.finish()
+        add = answer.add
+        chunks = _body_chunks(response)
         try:
-            payload = json.loads(data)
-        except ValueError:
-            raise StreamError("the stream was cut short or sent malformed JSON") from None
-        if event.event == "error" or "error" in payload or payload.get("object") == "error":
-            error = _stream_error(payload, data, event.event == "error", acc.quirk)
-            if error is not None:
-                raise error
-        if acc.model is None:
-            acc.model = payload.get("model") or ""
-        got = add(payload)
-        if got is not None:
-            if isinstance(got, list):
-                yield from got
-            else:
-                yield got
+            for event in _iter_events(chunks, note):
+                seen = True
+                data = event.data
+                if data[:1] != "{":
+                    data = answer.odd_data(data)
+                    if not data:
+                        if answer.done:
+                            break
+                        continue
+                payload = _CHUNK_JSON.decode(data)
+                # Every error form lacks "choices" or has "error" (see _raise_stream_error).
+                if "error" in payload or "choices" not in payload:
+                    _raise_stream_error(payload, data, event.event, note)
+                got = add(payload)
+                if got is not None:
+                    if isinstance(got, list):
+                        yield from got
+                    else:
+                        yield got
+        except (APIError, ValueError, RecursionError, *_TRANSPORT_ERRORS) as exc:
+            raise http.stamp(_broken_stream(exc, answer)) from None
+        if answer.done:
+            _drain(response, chunks)
+    _note_model(client, body.get("model"), answer.model)
+    if seen:
+        return _ended(answer, body, http)
+    _note_empty_stream(client, body)
+    yield from _ask_whole(client, body, request, answer)
+    return answer.finish()
 
 
-def _whole_answer(payload: Any, step: int, quirk: Callable[[str], None] = _no_quirk
-                  ) -> tuple[list[Chunk], Step]:
-    """The Chunks and the Step of a non-streamed answer (pure)."""
-    if not isinstance(payload, dict) or payload.get("error") or payload.get("object") == "error":
-        raise _error_from_body(200, json.dumps(payload), quirk=quirk)
-    choices = payload.get("choices")
-    choice = _choice_zero(choices) if isinstance(choices, list) else None
-    if choice is None:
-        raise APIError("the server answered without choices: " + _trim_message(
-            json.dumps(payload)))
-    acc = _Accumulator(step, quirk, streamed=False)
-    got = acc.delta(choice.get("message") or choice.get("delta") or {}, payload)
-    acc.usage = payload.get("usage") or acc.usage
-    acc.finish_reason = choice.get("finish_reason") or "stop"
-    chunks = got if isinstance(got, list) else [got] if got is not None else []
-    return chunks, acc.finish()
+def _open_stream(http: _Connection, body: dict[str, Any], request: _Request
+                 ) -> requests.Response:
+    body["stream"] = True
+    if "stream_options" not in body and "stream_options" not in http.refused:
+        # Ask for usage; servers that reject the field lose it once.
+        body["stream_options"] = {"include_usage": True}
+    return http.post(body, request.timeout, request.schema)
 
 
-def _finish_chunk(record: Step, step: int) -> Chunk:
-    return Chunk("finish", finish_reason=record.finish_reason, usage=record.usage, step=step)
+def _not_an_event_stream(http: _Connection, response: requests.Response,
+                         timeout: float) -> Any:
+    """None for an event stream; the JSON document a server sent instead of one; or
+    the classified error an HTML page (a proxy's, a web server's) stands for."""
+    content_type = response.headers.get("content-type", "").lower()
+    if "text/html" in content_type:
+        raise http.error_from_body(response.status_code, http.read_text(response))
+    if "json" not in content_type or "event-stream" in content_type:
+        return None
+    # Quirk(LM Studio, proxies): one JSON document for a stream request (LM Studio's
+    # 200 error for an unknown route, servers ignoring stream).
+    payload = http.read_json(response, timeout)
+    if isinstance(payload, dict) and payload.get("choices"):
+        http.note("one JSON document for a stream request")
+    return {} if payload is None else payload
+
+
+def _body_chunks(response: requests.Response) -> Iterable[bytes]:
+    """The body's bytes as soon as the socket has them, whatever the framing.
+
+    A chunked body is read one HTTP chunk at a time (urllib3's read_chunked, which
+    waits for nothing more); any other body with read1, which returns what has
+    arrived (decoded when gzip) instead of waiting for a full buffer as iter_content
+    does. NOTE: read1 costs a few microseconds per call more than read_chunked costs
+    per chunk, and servers that stream chunk every event.
+    """
+    raw = response.raw
+    if raw.chunked and raw.supports_chunked_reads():
+        return raw.read_chunked(decode_content=True)
+    read1 = getattr(raw, "read1", None)
+    if read1 is None:  # urllib3 < 2.2: one byte at a time is slow but never late
+        return response.iter_content(1)
+    return iter(functools.partial(read1, _READ_SIZE, decode_content=True), b"")
+
+
+def _iter_events(chunks: Iterable[bytes], note: Callable[[str], None]
+                 ) -> Iterator[sseclient.Event]:
+    """The SSE events in body bytes: sseclient-py's parser, fed whole lines.
+
+    NOTE: map() and iter() are C iterators: the lines cost a call per chunk, not a
+    generator frame between the socket and sseclient-py.
+    """
+    lines = _Lines(note)
+    return sseclient.SSEClient(itertools.chain(map(lines.feed, chunks),
+                                               iter(lines.flush, b""))).events()
+
+
+_BOM: Final = b"\xef\xbb\xbf"
+_LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
+
+
+class _Lines:
+    """Regroups body bytes into blocks of whole, LF-terminated lines for sseclient-py.
+
+    Drops a leading BOM (also when split; Spec: WHATWG server-sent events), normalises
+    CRLF and lone CR to LF as bytes arrive (also when a CRLF is split), replaces
+    invalid UTF-8 with U+FFFD as the spec's decoder does, turns llama.cpp's legacy
+    `error: {...}` line into an `event: error` with data, and raises StreamError when
+    one event grows past `limit` bytes. A partial last line at EOF is passed on
+    terminated, so a truncated event reaches the JSON parser and fails there, loudly.
+    `note` hears of each of these deviations (OpenAI sends none of them).
+    """
+
+    __slots__ = ("head", "limit", "note", "open_size", "plain", "skip_lf", "tail", "tail_size")
+
+    def __init__(self, note: Callable[[str], None], limit: int = _MAX_EVENT_BYTES) -> None:
+        self.note = note
+        self.limit = limit
+        self.tail: list[bytes] = []  # the unfinished last line, in pieces (no quadratic joins)
+        self.tail_size = 0
+        self.open_size = 0  # bytes of the event under way, before the tail
+        self.skip_lf = False  # the last chunk ended in a CR
+        self.head: bytes | None = b""  # the first bytes, until they tell whether a BOM came
+        self.plain = False  # nothing pending: the next chunk may take the short way
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The whole lines `chunk` completes (b"" when none).
+
+        NOTE: every event passes here. The common chunk, whole events in ASCII ending in
+        LF with nothing pending, costs a few scans of its bytes and no copy.
+        """
+        last = len(chunk) - 1
+        if (self.plain and chunk.find(b"\n") == last - 1 and chunk[last] == 10
+                and last < self.limit and chunk.isascii() and chunk.startswith(b"data")):
+            return chunk  # one data line and its blank line: nothing to mend
+        self.plain = False
+        if self.head is not None:
+            chunk = self._without_bom(self.head + chunk)
+        if self.skip_lf and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self.skip_lf = False
+        if b"\r" in chunk:
+            # Quirk(sse-starlette, Azure, proxies): OpenAI ends lines with LF alone.
+            self.note("CR or CRLF line endings in streams")
+            # A CR at the end may be half of a CRLF: emit it as LF now (no delay for
+            # CR-only servers) and drop an LF that starts the next chunk.
+            self.skip_lf = chunk[-1:] == b"\r"
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        cut = chunk.rfind(b"\n") + 1
+        if not cut:
+            self.tail.append(chunk)
+            self.tail_size += len(chunk)
+            if self.open_size + self.tail_size > self.limit:
+                raise self._too_large()
+            return b""
+        tail = self.tail
+        block = b"".join([*tail, chunk[:cut]]) if tail else chunk[:cut]
+        self.tail = [chunk[cut:]] if cut < len(chunk) else []
+        self.tail_size = len(chunk) - cut
+        end = block.rfind(b"\n\n")
+        if end >= 0:
+            if self.open_size + block.find(b"\n\n") > self.limit:
+                raise self._too_large()  # the event that ends in this block
+            self.open_size = len(block) - end - 2
+        elif block[:1] == b"\n":  # the blank line that ends an event opens this block
+            self.open_size = len(block) - 1
+        else:
+            self.open_size += len(block)
+        if self.open_size + self.tail_size > self.limit:
+            raise self._too_large()
+        self.plain = not (self.tail or self.open_size or self.skip_lf)
+        return block if block.isascii() and b"error:" not in block else self._odd(block)
+
+    def flush(self) -> bytes:
+        """At EOF: the partial last line, terminated (once); then b""."""
+        if self.head:
+            self.tail.append(self.head)  # fewer bytes than a BOM came in all
+        self.head = None
+        if not self.tail:
+            return b""
+        block, self.tail = b"".join(self.tail) + b"\n", []
+        return self._odd(block)
+
+    def _too_large(self) -> StreamError:
+        return StreamError(f"one stream event is larger than {self.limit} bytes")
+
+    def _without_bom(self, head: bytes) -> bytes:
+        if len(head) < len(_BOM) and _BOM.startswith(head):
+            self.head = head  # cannot tell yet
+            return b""
+        self.head = None
+        if head.startswith(_BOM):
+            self.note("BOM before the first event")
+            return head[len(_BOM):]
+        return head
+
+    def _odd(self, block: bytes) -> bytes:
+        """A block that is not plain ASCII, or may hold a legacy error line, made into
+        what sseclient-py can read."""
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError:
+            # Quirk(llama.cpp): a token that splits a multibyte character, streamed alone.
+            self.note("invalid UTF-8 in streams (read as U+FFFD)")
+            block = block.decode("utf-8", "replace").encode("utf-8")
+        if b"error:" in block:
+            # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line.
+            block, count = _LEGACY_ERROR_LINE.subn(b"event: error\ndata:", block)
+            if count:
+                self.note("legacy `error:` lines in streams")
+        return block
+
+
+def _raise_stream_error(payload: Any, data: str, event: str,
+                        note: Callable[[str], None]) -> None:
+    """Raise the classified error an event inside a 200 stream carries, if any.
+
+    Forms: {"error": {...}} (OpenAI, vLLM, LiteLLM, TGI), {"object": "error", ...}
+    (vLLM < 0.10.1, Mistral), `event: error` (Groq), and llama.cpp's legacy `error:
+    {...}` line (made an `event: error` by _Lines), whose JSON is the error itself.
+    A transport word in the message (LiteLLM's "Connection error") is still a stream
+    cut short here: the connection to this client is fine.
+    """
+    err = payload.get("error")
+    if err is None and payload.get("object") != "error" and event != "error":
+        return
+    if payload.get("object") == "error":
+        note("errors in streams as object: error")
+    if err is None and event == "error":
+        err = payload  # a legacy `error:` line (noted by _Lines): the JSON is the error
+    elif event == "error":
+        note("errors in streams as event: error")
+    # The form of the body was noted above, as a whole: not each of its fields.
+    message, tags = _error_fields({"error": err} if isinstance(err, dict) else payload,
+                                  _unnoted)
+    message = _trim_message(message or "error event without a message")
+    cls = classify_error(f"{message} {tags}")
+    if cls is APIError or cls in _TRANSPORT_CLASSES:
+        cls = StreamError
+    status = None
+    for key in ("status_code", "http_status_code", "code", "status"):
+        # Quirk(TGI): http_status_code; Groq: status_code; LiteLLM: code "503" as a string.
+        value = err.get(key) if isinstance(err, dict) else None
+        if isinstance(value, str) and value.isdigit():
+            note("error codes as strings of digits")
+            value = int(value)
+        if isinstance(value, int):
+            status = value
+            break
+    raise cls(message, status_code=status, body=data[:_MAX_ERROR_BODY])
+
+
+def _unnoted(line: str) -> None:
+    """A quirk sink for error bodies inside streams: their form is noted as a whole."""
+
+
+def _broken_stream(exc: BaseException, answer: _Answer) -> APIError:
+    """The module's error for a stream that failed after its answer began (never
+    retried: the caller has seen part of it), keeping the text that had arrived."""
+    if isinstance(exc, APIError):
+        error = exc
+    elif isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError, requests.Timeout)):
+        error = RequestTimeoutError("the server went silent in the middle of the stream")
+    elif isinstance(exc, ValueError):
+        error = StreamError("the stream was cut short or sent malformed JSON")
+    else:
+        error = StreamError("the connection broke in the middle of the stream "
+                            f"({_transport_reason(str(exc))})")
+    error.partial_text = "".join(answer.text)
+    return error
+
+
+def _ended(answer: _Answer, body: dict[str, Any], http: _Connection) -> Step:
+    """The Step of a stream that has ended; a StreamError when it was cut short."""
+    if not answer.done and answer.finish_reason is None:
+        raise http.stamp(StreamError(
+            "the stream ended before the answer was finished (no finish_reason, no [DONE])",
+            partial_text="".join(answer.text)))
+    if not answer.done:
+        http.note("no [DONE] at the end of streams")
+    record = answer.finish()
+    options = body.get("stream_options")
+    if record.usage is None and isinstance(options, dict) and options.get("include_usage"):
+        http.note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
+    return record
+
+
+def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
+    # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure after the
+    # headers), for instance for streamed tool_choice "auto" or a prompt beyond the
+    # context. Nothing was yielded: ask once more without streaming, which answers or
+    # raises the classified error. With tools, assume the server cannot stream them
+    # and stop trying.
+    if "tools" in body and not client._tools_unstreamed:
+        client._tools_unstreamed = True
+        client._quirks.note("tool calls only unstreamed")
+        _log.warning("the server ended a stream with tools without any event; asking"
+                     " without streaming, for calls with tools from now on")
+    else:
+        client._quirks.note("empty 200 stream: asked again without streaming")
+        _log.warning("the server ended a stream without any event; asking again"
+                     " without streaming")
+
+
+def _ask_whole(client: Client, body: dict[str, Any], request: _Request,
+               answer: _Answer) -> list[Chunk]:
+    """The Chunks of one model call asked for without streaming (servers send such an
+    answer only once it is complete)."""
+    body.pop("stream", None)
+    body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
+    response = client._http.post(body, request.timeout, request.schema)
+    with response:
+        payload = client._http.read_json(response, request.timeout)
+    return _whole_chunks(client, answer, payload, body.get("model"))
+
+
+def _whole_chunks(client: Client, answer: _Answer, payload: Any, asked: Any) -> list[Chunk]:
+    if isinstance(payload, dict):
+        _note_model(client, asked, payload.get("model"))
+    try:
+        return answer.whole(payload)
+    except APIError as exc:
+        raise client._http.stamp(exc) from None
+
+
+def _note_model(client: Client, asked: object, answered: object) -> None:
+    """Warn once per model when the server answers with another model than asked.
+
+    Quirk(llama.cpp, TGI, llama-cpp-python): an unknown model is answered by the one
+    they have loaded. A name inside the other (a dated version, a provider prefix) is
+    the same model.
+    """
+    if not (isinstance(asked, str) and isinstance(answered, str) and asked and answered):
+        return
+    if asked.lower() in answered.lower() or answered.lower() in asked.lower():
+        return
+    client._quirks.note("answers with another model than asked")
+    with client._quirks.lock:
+        if asked in client._models_warned:
+            return
+        client._models_warned.add(asked)
+    _log.warning("asked for model %r, %s answered with %r: it may not serve %r",
+                 asked, client._http.shown_url, answered, asked)
 
 
 # Quirk(TGI < 2.3, TGI stop strings, Anthropic-compat): other names for a normal stop.
 _STOP_ALIASES: Final = frozenset({"eos_token", "eos", "stop_sequence", "end_turn", "end"})
+# The keys of a delta that is just text: the common case, taken without more lookups.
+_TEXT_DELTA: Final = frozenset({"content", "role"})
 
 
-class _Accumulator:
-    """One model call while its events arrive: text, reasoning, refusal, tool calls,
-    usage, finish_reason, the model that answered, and how the stream ended.
+@dataclass(slots=True)
+class _Answer:
+    """One model call while its events arrive: text, reasoning and refusal (as lists
+    of pieces), tool-call fragments, usage, finish_reason, the model that answered,
+    and whether [DONE] came. `note` hears of each deviation absorbed."""
 
-    NOTE: add() runs once per event. Its common case (one text delta) costs a few
-    dict lookups and one Chunk; anything rarer goes through _mixed_delta.
-    `quirk` hears of each deviation absorbed; `streamed`: False for a whole answer.
-    """
-
-    __slots__ = ("calls", "done", "finish_reason", "model", "quirk", "reasoning", "refusal",
-                 "seen", "step", "text", "usage")
-
-    def __init__(self, step: int, quirk: Callable[[str], None] = _no_quirk,
-                 streamed: bool = True) -> None:
-        self.step = step
-        self.quirk = quirk
-        self.text = _TextBuffer()
-        self.reasoning = _TextBuffer()
-        self.refusal = _TextBuffer()
-        self.calls = _CallAssembler(quirk, streamed)
-        self.usage: Any = None
-        self.finish_reason: str | None = None
-        self.model: str | None = None  # the "model" of the first event, "" if none
-        self.seen = False  # any event at all
-        self.done = False  # [DONE] arrived
+    step: int
+    note: Callable[[str], None]
+    streamed: bool = True
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    # (position in its delta's tool_calls list, fragment), in arrival order
+    fragments: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    usage: Any = None
+    finish_reason: str | None = None
+    model: str | None = None  # the "model" of the first event, "" if none
+    done: bool = False  # [DONE] arrived
 
     def add(self, payload: dict[str, Any]) -> Chunk | list[Chunk] | None:
-        """Take one decoded event; return its Chunk, a list of them, or None."""
+        """Take one decoded event; return its Chunk, a list of them, or None.
+
+        NOTE: runs once per event; its common case (one text delta) costs a few dict
+        lookups and one Chunk; anything rarer goes through _mixed_delta.
+        """
+        if self.model is None:
+            self.model = payload.get("model") or ""
         usage = payload.get("usage")
         choices = payload.get("choices")
         if usage:
@@ -2302,79 +2963,72 @@ class _Accumulator:
             if choices:
                 # Quirk(vLLM continuous usage, LiteLLM, Groq, Mistral): OpenAI sends usage
                 # alone, in a last chunk whose choices are [].
-                self.quirk("usage chunk with choices")
-        if not choices:
+                self.note("usage chunk with choices")
+        if not choices or choices.__class__ is not list:
             return None
         choice = choices[0]
-        if len(choices) > 1 or not isinstance(choice, dict) or choice.get("index"):
+        if len(choices) > 1 or choice.__class__ is not dict or choice.get("index"):
             # Quirk(OpenAI and vLLM with n > 1): choices interleave; follow index 0.
             choice = _choice_zero(choices)
             if choice is None:
                 return None
         delta = choice.get("delta") or choice.get("message")
-        got = self.delta(delta, payload) if delta else None
+        content = delta.get("content") if delta.__class__ is dict else None
+        if content.__class__ is str and (len(delta) == 1 or _TEXT_DELTA.issuperset(delta)):
+            got: Chunk | list[Chunk] | None = None
+            if content:
+                self.text.append(content)
+                got = _delta_chunk("text", content, self.step, payload)
+        else:
+            got = self._mixed_delta(delta, content, payload) if delta.__class__ is dict else None
         reason = choice.get("finish_reason")
-        if reason:
+        if reason and isinstance(reason, str):
             if reason == "error":
                 # Quirk(OpenRouter): finish_reason "error" with the error at top level.
-                self.quirk("finish_reason 'error' for an error")
+                self.note("finish_reason 'error' for an error")
                 raise StreamError("the server ended the answer with an error")
             self.finish_reason = reason
         return got
-
-    def delta(self, delta: Any, raw: Any) -> Chunk | list[Chunk] | None:
-        """The Chunks of one delta (or a whole message)."""
-        if not isinstance(delta, dict):
-            return None
-        content = delta.get("content")
-        if content.__class__ is str and not (
-            delta.get("reasoning_content") or delta.get("reasoning") or delta.get("refusal")
-            or delta.get("tool_calls") or delta.get("function_call")
-        ):
-            if not content:
-                return None
-            self.text.write(content)
-            return _delta_chunk("text", content, self.step, raw)
-        return self._mixed_delta(delta, content, raw)
 
     def _mixed_delta(self, delta: dict[str, Any], content: Any, raw: Any) -> list[Chunk]:
         chunks = self._content_parts(content, raw) if content else []
         # Quirk(DeepSeek, vLLM, llama.cpp: reasoning_content; Ollama, Groq, OpenRouter:
         # reasoning): OpenAI streams no reasoning text.
-        reasoning = delta.get("reasoning_content")
-        where = "reasoning in reasoning_content"
-        if not reasoning:
-            reasoning = delta.get("reasoning")
-            where = "reasoning in reasoning"
-        if reasoning and isinstance(reasoning, str):
-            self.quirk(where)
-            self.reasoning.write(reasoning)
-            chunks.append(_delta_chunk("reasoning", reasoning, self.step, raw))
+        for key in ("reasoning_content", "reasoning"):
+            reasoning = delta.get(key)
+            if reasoning and isinstance(reasoning, str):
+                self.note(f"reasoning in {key}")
+                self.reasoning.append(reasoning)
+                chunks.append(_delta_chunk("reasoning", reasoning, self.step, raw))
+                break
         refusal = delta.get("refusal")
         if refusal and isinstance(refusal, str):
             # OpenAI's structured refusal: shown like text, kept apart from the answer.
-            self.refusal.write(refusal)
+            self.refusal.append(refusal)
             chunks.append(_delta_chunk("refusal", refusal, self.step, raw))
         # Quirk(llama-cpp-python): a legacy function_call beside tool_calls with the
         # same content; used only when no tool_calls come with it (as the one call).
         calls = delta.get("tool_calls")
         if calls:
-            self.calls.add(calls)
+            if not isinstance(calls, list):
+                self.note("tool_calls as one object, not a list")  # Quirk(TGI < 3.2)
+                calls = [calls]
+            self.fragments += [(i, c) for i, c in enumerate(calls) if isinstance(c, dict)]
             if delta.get("function_call"):
-                self.quirk("legacy function_call beside tool_calls")
-        elif delta.get("function_call"):
-            self.quirk("legacy function_call instead of tool_calls")
-            self.calls.add([{"index": 0, "function": delta["function_call"]}])
+                self.note("legacy function_call beside tool_calls")
+        elif isinstance(delta.get("function_call"), dict):
+            self.note("legacy function_call instead of tool_calls")
+            self.fragments.append((0, {"index": 0, "function": delta["function_call"]}))
         return chunks
 
     def _content_parts(self, content: Any, raw: Any) -> list[Chunk]:
         if isinstance(content, str):
-            self.text.write(content)
+            self.text.append(content)
             return [_delta_chunk("text", content, self.step, raw)]
         chunks = []
         # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
         # parts hold reasoning as a nested list of text parts.
-        self.quirk("content as a list of parts")
+        self.note("content as a list of parts")
         for part in content if isinstance(content, list) else [content]:
             if isinstance(part, str):
                 text, kind = part, "text"
@@ -2387,54 +3041,60 @@ class _Accumulator:
             else:
                 continue
             if text:
-                (self.text if kind == "text" else self.reasoning).write(text)
+                (self.text if kind == "text" else self.reasoning).append(text)
                 chunks.append(_delta_chunk("text" if kind == "text" else "reasoning", text,
                                            self.step, raw))
         return chunks
 
+    def odd_data(self, data: str) -> str:
+        """An event's data that does not start with "{": "" for [DONE] (then `done`)
+        and for data to skip; else the JSON text, its padding stripped."""
+        stripped = data.strip()
+        if stripped.startswith("[DONE]"):
+            if data != "[DONE]":
+                # Quirk(several servers): a space before [DONE], or padding after it.
+                self.note("spaces around [DONE]")
+            self.done = True
+            return ""
+        if not stripped.startswith("{"):
+            # Quirk(gateways): data lines of their own that are not JSON are skipped.
+            self.note("non-JSON data in streams skipped")
+            _log.debug("skipping a stream event that is not JSON: %.80r", stripped)
+            return ""
+        return stripped
+
+    def whole(self, payload: Any) -> list[Chunk]:
+        """The Chunks of a non-streamed answer, whose parts fill this _Answer."""
+        self.streamed = False
+        if not isinstance(payload, dict) or payload.get("error") or payload.get(
+                "object") == "error":
+            text = json.dumps(payload, ensure_ascii=False)
+            raise _error_from_body(200, text, self.note, decoded=payload)
+        choices = payload.get("choices")
+        choice = _choice_zero(choices) if isinstance(choices, list) else None
+        if choice is None:
+            raise APIError("the server answered without choices: " + _trim_message(
+                json.dumps(payload, ensure_ascii=False)))
+        self.model = self.model or payload.get("model") or ""
+        message = choice.get("message") or choice.get("delta")
+        self.usage = payload.get("usage") or self.usage
+        reason = choice.get("finish_reason")
+        self.finish_reason = reason if reason and isinstance(reason, str) else "stop"
+        if not isinstance(message, dict):
+            return []
+        return self._mixed_delta(message, message.get("content"), payload)
+
     def finish(self) -> Step:
-        """The model call's Step (its tool results are added by the loop)."""
-        calls = self.calls.finish()
+        """The model call's Step, its tool calls assembled (their results come later)."""
+        calls = _assemble_calls(self.fragments, self.streamed, self.note)
         reason = self.finish_reason
         if reason in _STOP_ALIASES:
-            self.quirk(f"finish_reason {reason!r} for stop")
+            self.note(f"finish_reason {reason!r} for stop")
             reason = "stop"
         elif reason is None:
             reason = "tool_calls" if calls else "stop"
-        return Step(self.text.getvalue(), self.reasoning.getvalue(), calls, [], reason,
-                    _usage(self.usage), self.refusal.getvalue())
-
-
-class _TextBuffer:
-    """Appends text deltas; memory stays about the size of the text itself.
-
-    A plain list (or StringIO, which keeps one internally) holds one str object
-    per event, about ten times the text for short deltas: 6.7 MB for 100,000
-    events here. Every 1,024 pieces are joined into one block instead.
-    """
-
-    __slots__ = ("blocks", "pieces")
-
-    def __init__(self) -> None:
-        self.blocks: list[str] = []
-        self.pieces: list[str] = []
-
-    def write(self, text: str) -> None:
-        pieces = self.pieces
-        pieces.append(text)
-        if len(pieces) >= 1024:
-            self.blocks.append("".join(pieces))
-            pieces.clear()
-
-    def getvalue(self) -> str:
-        # One join, kept as the only block: `a + b` over two joins held three copies
-        # of the text at the peak.
-        if self.pieces:
-            self.blocks.append("".join(self.pieces))
-            self.pieces.clear()
-        if len(self.blocks) > 1:
-            self.blocks[:] = ["".join(self.blocks)]
-        return self.blocks[0] if self.blocks else ""
+        return Step("".join(self.text), "".join(self.reasoning), calls, [], reason,
+                    _usage(self.usage), "".join(self.refusal))
 
 
 def _choice_zero(choices: list[Any]) -> dict[str, Any] | None:
@@ -2449,329 +3109,84 @@ def _choice_zero(choices: list[Any]) -> dict[str, Any] | None:
 def _usage(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
-
-    def count(key: str) -> int:
-        value = raw.get(key)
-        return value if isinstance(value, int) else 0
-
-    prompt, completion = count("prompt_tokens"), count("completion_tokens")
-    return Usage(prompt, completion, count("total_tokens") or prompt + completion, raw)
-
-
-class _CallAssembler:
-    """Builds tool calls from streamed fragments, whatever the server.
-
-    A delta with a new non-empty id starts a call (even when its index is reused);
-    a known id continues its call (TGI and llama-cpp-python repeat it); without an
-    id, the call with the same index continues; with neither, the latest call. The
-    index is a key, never a list position (it may start at 1 or be missing). Names
-    are set once, from the first non-empty value (TGI repeats it, LM Studio later
-    sends ""). Arguments are only appended; calls are finished when the model call
-    ends, never early because a prefix happens to parse. `quirk` hears of each
-    deviation; `streamed`: False for a whole answer, whose calls have no index.
-    """
-
-    def __init__(self, quirk: Callable[[str], None] = _no_quirk, streamed: bool = True) -> None:
-        self.quirk = quirk
-        self.streamed = streamed
-        self.calls: list[_PartialCall] = []
-        self.by_id: dict[str, _PartialCall] = {}
-        self.by_index: dict[Any, _PartialCall] = {}
-
-    def add(self, deltas: Any) -> None:
-        # Quirk(TGI < 3.2): tool_calls is one object, not a list.
-        if not isinstance(deltas, list):
-            self.quirk("tool_calls as one object, not a list")
-            deltas = [deltas]
-        for position, delta in enumerate(deltas):
-            if isinstance(delta, dict):
-                self._add_one(delta, position)
-
-    def _add_one(self, delta: dict[str, Any], position: int) -> None:
-        call_id = delta.get("id")
-        call_id = str(call_id) if call_id not in (None, "") else ""
-        index = delta.get("index")
-        call = self.by_id.get(call_id) if call_id else None
-        if call is None:
-            if index is None and self.streamed:
-                # Quirk(Gemini, Mistral, LM Studio).
-                self.quirk("tool calls streamed without index")
-            if not call_id and index in self.by_index:
-                call = self.by_index[index]
-            elif not call_id and index is None and self.calls and not (
-                position or self._names_another_call(delta)
-            ):
-                call = self.calls[-1]
-            else:
-                if index is not None and index in self.by_index:
-                    # Quirk(proxies): index 0 for every call, each with its own id.
-                    self.quirk("tool call index reused for another call")
-                call = _PartialCall(call_id)
-                self.calls.append(call)
-                if call_id:
-                    self.by_id[call_id] = call
-            if index is not None:
-                self.by_index[index] = call
-        else:
-            # Quirk(TGI, llama-cpp-python, LiteLLM): OpenAI sends the id once.
-            self.quirk("tool call id repeated on later deltas")
-        function = delta.get("function")
-        if isinstance(function, dict):
-            name = function.get("name")
-            if name and isinstance(name, str):
-                if not call.name:
-                    call.name = name
-                else:
-                    # Quirk(llama-cpp-python, LiteLLM): the whole name on every delta.
-                    self.quirk("tool call name repeated")
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                call.parts.append(arguments)
-            elif isinstance(arguments, (dict, list)):
-                # Quirk(TGI < 3.2): arguments as a JSON object, not a string.
-                self.quirk("tool arguments as an object, not a string")
-                call.parts.append(json.dumps(arguments))
-        for key, value in delta.items():
-            if key not in ("index", "id", "type", "function") and value is not None:
-                call.extra.setdefault(key, value)
-
-    def _names_another_call(self, delta: dict[str, Any]) -> bool:
-        # Quirk(LM Studio, Gemini through proxies): calls with "id": "" and no index.
-        # A name where the latest call already has one starts the next call; servers
-        # that repeat a name on every delta also repeat an id or an index.
-        function = delta.get("function")
-        return bool(self.calls[-1].name and isinstance(function, dict) and function.get("name"))
-
-    def finish(self) -> list[ToolCall]:
-        # Each result goes back under its call's id: made-up ids must be unique too.
-        taken = set(self.by_id)
-        for call in self.calls:
-            if not call.id:
-                # Quirk(LM Studio, Gemini through proxies, TGI < 3.2).
-                self.quirk("tool calls without ids: ids made up")
-                call.id = _new_call_id()
-                while call.id in taken:
-                    call.id = _new_call_id()
-                taken.add(call.id)
-        indexes = [i for i in self.by_index if isinstance(i, int)]
-        if self.streamed and indexes and min(indexes) > 0:
-            # Quirk(Anthropic-compat, LiteLLM -> Bedrock): the index is a key, not a position.
-            self.quirk(f"tool call index starting at {min(indexes)}")
-        return [_finish_call(call, self.quirk) for call in self.calls]
-
-
-class _PartialCall:
-    __slots__ = ("extra", "id", "name", "parts")
-
-    def __init__(self, call_id: str) -> None:
-        self.id = call_id
-        self.name = ""
-        self.parts: list[str] = []
-        self.extra: dict[str, Any] = {}
-
-
-def _finish_call(call: _PartialCall, quirk: Callable[[str], None] = _no_quirk) -> ToolCall:
-    raw = "".join(call.parts)
-    name = call.name
-    arguments, error = _parse_arguments(raw, quirk)
-    if not name and isinstance(arguments, dict) and isinstance(arguments.get("function"), dict):
-        # Quirk(TGI < 3.2): no name; the raw grammar output wraps the arguments as
-        # {"function": {"_name": "get_weather", ...}} (plus a special token).
-        quirk("tool name inside the arguments (_name)")
-        inner = dict(arguments["function"])
-        name = str(inner.pop("_name", ""))
-        arguments = inner
-    return ToolCall(call.id, name, arguments or {}, raw, error, call.extra)
-
-
-def _new_call_id() -> str:
-    # Nine letters and digits: the form Mistral requires of ids sent back to it.
-    return "".join(random.choices(_ID_ALPHABET, k=9))
-
-
-def _parse_arguments(raw: str, quirk: Callable[[str], None] = _no_quirk
-                     ) -> tuple[dict[str, Any], str | None]:
-    text = raw.strip()
-    if not text:
-        return {}, None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        # Quirk(llama-cpp-python, small models): a raw newline or tab inside a string,
-        # which strict JSON forbids but whose meaning is plain. Quirk(TGI < 3.2): the
-        # raw output ends in a special token such as <|eot_id|>.
-        trimmed = re.sub(r"(?:<\|[^|>]*\|>|</s>)+\s*$", "", text)
-        try:
-            value = json.loads(trimmed, strict=False)
-        except ValueError:
-            return {}, f"arguments are not valid JSON ({exc})"
-        raw_newlines = trimmed == text
-        if not raw_newlines:
-            quirk("special token after tool arguments")
-            try:
-                json.loads(trimmed)
-            except ValueError:
-                raw_newlines = True
-        if raw_newlines:
-            quirk("raw newlines in tool arguments")
-    if isinstance(value, str):
-        # Quirk(gateways that re-encode a provider's call): the arguments string is
-        # itself a JSON string.
-        try:
-            value = json.loads(value)
-        except ValueError:
-            pass
-        else:
-            quirk("tool arguments encoded twice")
-    if not isinstance(value, dict):
-        return {}, f"arguments must be a JSON object, got {type(value).__name__}"
-    return value, None
-
-
-def _iter_sse(chunks: Iterable[bytes], quirk: Callable[[str], None] = _no_quirk
-              ) -> Iterator[sseclient.Event]:
-    """The SSE events in body bytes, parsed by sseclient-py from whole lines."""
-    return sseclient.SSEClient(_iter_lines(chunks, quirk=quirk)).events()
-
-
-_BOM: Final = b"\xef\xbb\xbf"
-_LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
-
-
-def _iter_lines(chunks: Iterable[bytes], limit: int = _MAX_EVENT_BYTES,
-                quirk: Callable[[str], None] = _no_quirk) -> Iterator[bytes]:
-    """Regroup body bytes into blocks of whole, LF-terminated lines for sseclient-py.
-
-    Normalises CRLF and lone CR to LF as bytes arrive (also when a CRLF is split),
-    drops a leading BOM (also when split), turns llama.cpp's legacy `error: {...}`
-    line into an `event: error` with data, and raises StreamError when one event
-    grows past `limit` bytes. A partial last line at EOF is passed on terminated,
-    so a truncated event reaches the JSON parser and fails there, loudly. `quirk`
-    hears of CR line endings, a BOM and legacy error lines.
-    """
-    tail: list[bytes] = []  # the unfinished last line, in pieces (no quadratic joins)
-    tail_size = 0
-    open_size = 0  # bytes of the event under way, before the tail
-    skip_lf = False
-    for chunk in _without_bom(chunks, quirk):
-        if skip_lf and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-        skip_lf = False
-        if b"\r" in chunk:
-            # Quirk(sse-starlette, Azure, proxies): OpenAI ends lines with LF alone.
-            quirk("CR or CRLF line endings in streams")
-            # A CR at the end may be half of a CRLF: emit it as LF now (no delay for
-            # CR-only servers) and drop an LF that starts the next chunk.
-            skip_lf = chunk[-1:] == b"\r"
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        cut = chunk.rfind(b"\n") + 1
-        if cut:
-            block = b"".join([*tail, chunk[:cut]]) if tail else chunk[:cut]
-            rest = chunk[cut:]
-            tail = [rest] if rest else []
-            tail_size = len(rest)
-            open_size = _open_event_size(block, open_size, limit)
-            if b"error:" in block:
-                # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line.
-                block, count = _LEGACY_ERROR_LINE.subn(b"event: error\ndata:", block)
-                if count:
-                    quirk("legacy `error:` lines in streams")
-            yield block
-        else:
-            tail.append(chunk)
-            tail_size += len(chunk)
-        if open_size + tail_size > limit:
-            raise _event_too_large(limit)
-    if tail:
-        yield b"".join(tail) + b"\n"
-
-
-def _without_bom(chunks: Iterable[bytes], quirk: Callable[[str], None] = _no_quirk
-                 ) -> Iterator[bytes]:
-    # Spec (WHATWG server-sent events): a UTF-8 BOM before the first event is
-    # skipped, also when split across reads; sseclient-py would drop that event.
-    # OpenAI sends none, so it is noted.
-    chunks = iter(chunks)
-    head = b""
-    for chunk in chunks:
-        head += chunk
-        if len(head) < len(_BOM) and _BOM.startswith(head):
-            continue
-        if head.startswith(_BOM):
-            quirk("BOM before the first event")
-            head = head[len(_BOM):]
-        yield head
-        break
-    yield from chunks
-
-
-def _open_event_size(block: bytes, open_size: int, limit: int) -> int:
-    """Bytes of the event still open after `block` (whole lines), given those before
-    it; raises StreamError when an event that ends in it was larger than `limit`."""
-    first = block.find(b"\n\n")
-    if first >= 0 and open_size + first > limit:
-        raise _event_too_large(limit)
-    last = block.rfind(b"\n\n")
-    if last >= 0:
-        return len(block) - last - 2
-    if block[:1] == b"\n":  # the blank line that ends an event opens this block
-        return len(block) - 1
-    return open_size + len(block)
-
-
-def _event_too_large(limit: int) -> StreamError:
-    return StreamError(f"one stream event is larger than {limit} bytes")
-
-
-def _iter_raw(response: requests.Response) -> Iterator[bytes]:
-    """Yield body bytes as soon as the socket has them, whatever the framing.
-
-    urllib3's read1 returns what has arrived (decoded when gzip) instead of waiting
-    for a full buffer, which iter_content does on bodies that are not chunked.
-    Transport failures become the module's errors here: a stream that breaks after
-    its answer began is a StreamError (retrying would repeat what the caller has
-    already seen), silence is a RequestTimeoutError.
-    """
-    raw = response.raw
-    read1 = getattr(raw, "read1", None)
-    try:
-        if read1 is None:  # urllib3 < 2.2: one byte at a time is slow but never late
-            yield from response.iter_content(1)
-            return
-        while True:
-            data = read1(_READ_SIZE, decode_content=True)
-            if not data:
-                return
-            yield data
-    except (urllib3.exceptions.ReadTimeoutError, TimeoutError, requests.Timeout):
-        raise RequestTimeoutError("the server went silent in the middle of the stream") from None
-    except _TRANSPORT_ERRORS as exc:
-        raise StreamError(
-            f"the connection broke in the middle of the stream ({_transport_reason(str(exc))})"
-        ) from None
+    counts = [raw.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
+    prompt, completion, total = (c if type(c) is int else 0 for c in counts)
+    return Usage(prompt, completion, total or prompt + completion, raw)
 
 # ==== HTTP plumbing ====
+
+_POOL_SIZE: Final = 128  # kept-alive connections per host; opened only when needed
+_LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1", "[::1]")
+_MAX_RETRY_AFTER: Final = 60.0
+_BACKOFF_BASE: Final = 0.5
+_BACKOFF_MAX: Final = 8.0
+_MAX_REDIRECTS: Final = 5
+_REDIRECTS: Final = (301, 302, 303, 307, 308)
+# Requests a server refuses because of one field, and the field to drop (see
+# _Connection.drop_rejected_field). Ollama: "registry.ollama.ai/library/x does not
+# support tools"; vLLM: '"auto" tool choice requires --enable-auto-tool-choice and
+# --tool-call-parser to be set'; llama.cpp: "tools param requires --jinja flag";
+# others: "tools are not supported", "tool_choice ... not supported"; servers that do
+# not know stream_options name it.
+_REJECTED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
+    ("tools", re.compile(
+        r"does not support tools|enable-auto-tool-choice|tools param requires"
+        r"|tools? (?:are |is )?not supported|tool (?:use|calling) is not supported",
+        re.IGNORECASE)),
+    ("tool_choice", re.compile(
+        r"tool_choice.{0,60}(?:not supported|unsupported|not allowed|invalid)", re.IGNORECASE)),
+    ("stream_options", re.compile(r"stream_options", re.IGNORECASE)),
+)
+# A server that refuses how a schema was asked for: llama-cpp-python's 500 "1
+# validation error ... response_format.type Input should be 'text' or 'json_object'",
+# and others naming the field or its type.
+_SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
+                                    re.IGNORECASE)
+# A server still loading its model: llama-server's 503 "Loading model", and 503s that
+# say they are loading or warming up.
+_LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
+# What the socket layer says, shortened for messages (see _transport_reason).
+_TRANSPORT_REASON: Final = re.compile(
+    r"Connection refused|Name or service not known|nodename nor servname provided"
+    r"|Temporary failure in name resolution|No route to host|Network is unreachable"
+    r"|Connection reset by peer|Remote end closed connection without response"
+    r"|certificate verify failed[^)'\"]*|Connection aborted|IncompleteRead[^)]*\)"
+    r"|Response ended prematurely|Connection broken"
+)
+# A kept-alive connection the server had closed: the request met an EOF or a reset
+# before any byte of an answer (see _stale_connection).
+_STALE_CONNECTION: Final = re.compile(
+    r"Remote end closed connection|reset by peer|Broken pipe|BrokenPipeError"
+    r"|ConnectionResetError"
+)
 
 
 class _Connection:
     """One endpoint over HTTP: a pool of kept-alive connections, the headers,
-    retries with backoff, the request fields the server refused, and the stamp
-    (where from, key redacted) on every error a Client raises. `quirk` hears of the
-    deviations absorbed here (the Client's quirk sink).
-    """
+    retries with backoff, redirects, the request fields the server refused, how it
+    takes a schema, and the stamp (where from, secrets redacted) on every error a
+    Client raises. `note` hears of the deviations absorbed here."""
 
-    def __init__(self, config: Config, headers: Mapping[str, str] | None,
-                 url_source: str, quirk: Callable[[str], None] = _no_quirk) -> None:
+    _warned_hosts: ClassVar[set[str]] = set()
+
+    def __init__(self, config: Config, headers: dict[str, str], url_source: str,
+                 note: Callable[[str], None]) -> None:
         self.config = config
         self.url_source = url_source
-        self.quirk = quirk
+        self.note = note
+        self.shown_url = _shown_url(config.base_url)
+        self.secrets = tuple(s for s in (config.api_key, *_url_secrets(config.base_url)) if s)
+        parts = urllib.parse.urlsplit(config.base_url)
+        self.base = urllib.parse.urlunsplit((*parts[:3], "", ""))
+        self.query = f"?{parts.query}" if parts.query else ""
         self.session = requests.Session()
         # requests keeps 10 connections per host and discards (with a warning) any
         # more that threads return; a Client shared by many threads keeps them all.
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=_POOL_SIZE)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self.headers = {"User-Agent": f"openai-compat/{__version__}", **(headers or {})}
+        self.extra_headers = headers
+        self.headers = {"User-Agent": f"openai-compat/{__version__}", **headers}
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
         self.lock = threading.Lock()
@@ -2782,6 +3197,12 @@ class _Connection:
         # Stepped down, once per Client, when the server refuses the field.
         self.schema_rung = 0
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
+        host = (parts.hostname or "").lower()
+        if (config.api_key and parts.scheme.lower() == "http" and host not in _LOOPBACK_HOSTS
+                and not host.startswith("127.") and host not in self._warned_hosts):
+            self._warned_hosts.add(host)
+            _log.warning("the API key is sent over plain http to %s; use https for remote "
+                         "servers", host)
 
     def close(self) -> None:
         self.session.close()
@@ -2791,17 +3212,16 @@ class _Connection:
         """POST body to /chat/completions; return a 2xx response (body not yet read).
 
         Retries connection failures and 408/409/429/5xx up to max_retries times with
-        backoff; resends once, outside that budget, a request that failed because a
-        kept-alive connection had been closed by the server; drops a field the server
-        refused (tools, tool_choice, stream_options) once, and resends.
+        backoff, honouring Retry-After up to 60 s; waits for a server loading its model
+        (up to `timeout` in all); resends once a request that met a kept-alive
+        connection the server had closed; drops a field the server refused (tools,
+        tool_choice, stream_options) or steps down how the schema is asked for, and
+        resends. The last three do not spend max_retries.
         """
-        attempt = 0
-        stale_resent = False
-        loading_until: float | None = None
-        loading_asks = 0
+        attempt, stale_resent, loading_since = 0, False, 0.0
         while True:
             try:
-                response = self._post_once(body, timeout)
+                response = self.request("POST", "/chat/completions", timeout, body)
             except _TRANSPORT_ERRORS as exc:
                 if not stale_resent and _stale_connection(exc):
                     stale_resent = True
@@ -2810,65 +3230,97 @@ class _Connection:
                 error = self.transport_error(exc, timeout, unstreamed=not body.get("stream"))
                 # Connection failures (a connect timeout included) happened before the
                 # server saw the request: safe to resend. A read timeout did not.
-                if attempt < self.config.max_retries and isinstance(
-                    exc, (requests.ConnectionError, ConnectionError)
-                ):
-                    attempt += 1
-                    time.sleep(_backoff(attempt))
-                    continue
-                raise error from None
+                if attempt >= self.config.max_retries or not isinstance(
+                        exc, (requests.ConnectionError, ConnectionError)):
+                    raise error from None
+                attempt += 1
+                time.sleep(_backoff(attempt))
+                continue
             if response.status_code < 300:
                 return response
-            with response:
-                text = self.read_text(response)
             retry_after = _retry_after(response.headers)
-            error = self.error_from_body(response.status_code, text, retry_after=retry_after)
+            error = self.error_of(response, retry_after)
             if self._drop_rejected_field(body, error) or (
                     schema is not None and self._step_down_schema(body, error, schema)):
                 continue
-            if _is_loading(error):
-                # Waited for up to `timeout` in all, outside the retry budget.
-                now = time.monotonic()
-                if loading_until is None:
-                    # Quirk(llama-server): 503 "Loading model" until the model is loaded.
-                    self.quirk("waited for the model to load (503)")
-                    loading_until = now + timeout
-                    _log.warning("%s is loading its model (%s); waiting up to %g s",
-                                 self.config.base_url, error.message, timeout)
-                if now < loading_until:
-                    loading_asks += 1
-                    time.sleep(min(_LOADING_GAP, loading_until - now,
-                                   _backoff(loading_asks) if retry_after is None else retry_after))
-                    continue
-            if not self._may_retry(error, attempt, retry_after):
+            wait, loading_since = self._loading_wait(error, timeout, loading_since)
+            if wait is None and self._may_retry(error, attempt, retry_after):
+                attempt += 1
+                wait = _backoff(attempt) if retry_after is None else retry_after
+            if wait is None:
                 raise error
-            attempt += 1
-            _log.debug("HTTP %s; retry %d of %d", response.status_code, attempt,
-                       self.config.max_retries)
-            time.sleep(_backoff(attempt) if retry_after is None else retry_after)
+            time.sleep(wait)
 
-    def _post_once(self, body: dict[str, Any], timeout: float) -> requests.Response:
-        headers = {**self.headers, "Content-Type": "application/json"}
-        if body.get("stream"):
-            # A compressing proxy would batch the deltas; ask for none.
-            headers["Accept-Encoding"] = "identity"
-        return self.session.post(
-            self.config.base_url + "/chat/completions",
-            data=json.dumps(body, ensure_ascii=False).encode("utf-8"), headers=headers,
-            timeout=(timeout, timeout), stream=True,
-        )
+    def request(self, method: str, path: str, timeout: float,
+                body: dict[str, Any] | None = None) -> requests.Response:
+        """One request to base_url + path (the base's query string last), its body
+        JSON. Redirects are followed here, not by requests (which turns a redirected
+        POST into a GET): on the same scheme, host and port, with the same method and
+        body, noted once; elsewhere they are an error, so that the key goes nowhere
+        else."""
+        url = self.base + path + self.query
+        headers = self.headers
+        data = None
+        if body is not None:
+            data = _encode(body)
+            headers = {**headers, "Content-Type": "application/json"}
+            if body.get("stream"):
+                # A compressing proxy would batch the deltas; ask for none.
+                headers["Accept-Encoding"] = "identity"
+        for _ in range(_MAX_REDIRECTS):
+            response = self.session.request(method, url, data=data, headers=headers,
+                                            timeout=(timeout, timeout), stream=True,
+                                            allow_redirects=False)
+            location = response.headers.get("location")
+            if response.status_code not in _REDIRECTS or not location:
+                return response
+            response.close()
+            target = urllib.parse.urljoin(url, location)
+            if _origin(target) != _origin(url):
+                raise self.stamp(APIError(
+                    f"{method} {path} was redirected to {_shown_url(target)}, another server:"
+                    " not followed, so that the key is not sent there; if it is the right "
+                    "server, use it as the base URL", status_code=response.status_code))
+            self.note(f"redirected to {_shown_url(target)}: use it as base_url")
+            url = target
+        raise self.stamp(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
+
+    def error_of(self, response: requests.Response, retry_after: float | None) -> APIError:
+        """The classified error of a response with an error status (its body read)."""
+        with response:
+            text = self.read_text(response)
+        return self.error_from_body(response.status_code, text, retry_after)
+
+    def _loading_wait(self, error: APIError, timeout: float,
+                      since: float) -> tuple[float | None, float]:
+        """How long to wait before asking a server that is loading its model again (None:
+        not loading, or loading for longer than `timeout`), and since when it has been."""
+        if error.status_code != 503 or not _LOADING.search(error.message):
+            return None, since
+        now = time.monotonic()
+        if not since:
+            # Quirk(llama-server): 503 "Loading model" until the model is loaded.
+            self.note("waited for the model to load (503)")
+            _log.warning("%s is loading its model (%s); waiting up to %g s",
+                         self.shown_url, error.message, timeout)
+            since = now
+        if now - since >= timeout:
+            return None, since
+        # A gap that grows with the time waited, up to _WAIT_GAP.
+        return min(_WAIT_GAP, since + timeout - now, 0.1 + (now - since) / 2), since
 
     def _may_retry(self, error: APIError, attempt: int, retry_after: float | None) -> bool:
         status = error.status_code or 0
-        return (
-            (status in (408, 409, 429) or status >= 500)
-            and error.retryable
-            and attempt < self.config.max_retries
-            and (retry_after is None or retry_after <= _MAX_RETRY_AFTER)
-        )
+        return ((status in (408, 409, 429) or status >= 500) and error.retryable
+                and attempt < self.config.max_retries
+                and (retry_after is None or retry_after <= _MAX_RETRY_AFTER))
 
-    def ask_for_schema(self, body: dict[str, Any], schema: dict[str, Any]) -> None:
-        """Ask for an answer shaped by `schema` the way this server takes it."""
+    def prepare(self, body: dict[str, Any], schema: dict[str, Any] | None) -> None:
+        """Drop the fields this server refused; ask for `schema` the way it takes it."""
+        for name in tuple(self.refused):
+            body.pop(name, None)
+        if schema is None:
+            return
         if self.schema_rung == 0:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "answer", "schema": schema}}
@@ -2890,16 +3342,12 @@ class _Connection:
         with self.lock:
             self.schema_rung = max(self.schema_rung, rung)
         _log.warning("%s refused response_format %r (%s); asking %s from now on",
-                     self.config.base_url, body["response_format"].get("type"), error.message,
+                     self.shown_url, body["response_format"].get("type"), error.message,
                      "with json_object" if rung == 1 else "in a system message only")
-        self.quirk("json_schema refused: json_object with the schema" if rung == 1
-                   else "response_format refused: the schema in the system message")
-        self.ask_for_schema(body, schema)
+        self.note("json_schema refused: json_object with the schema" if rung == 1
+                  else "response_format refused: the schema in the system message")
+        self.prepare(body, schema)
         return True
-
-    def drop_refused_fields(self, body: dict[str, Any]) -> None:
-        for name in tuple(self.refused):
-            body.pop(name, None)
 
     def _drop_rejected_field(self, body: dict[str, Any], error: APIError) -> bool:
         """Drop a request field the server refused, remember it, and say so."""
@@ -2910,9 +3358,9 @@ class _Connection:
         if name is None:
             return False
         _log.warning("%s rejected %s (%s); resending without it and not sending it again",
-                     self.config.base_url, name, error.message)
-        self.quirk("tools rejected: resent without them" if name == "tools"
-                   else f"{name} rejected: dropped")
+                     self.shown_url, name, error.message)
+        self.note("tools rejected: resent without them" if name == "tools"
+                  else f"{name} rejected: dropped")
         dropped = ("tools", "tool_choice") if name == "tools" else (name,)
         with self.lock:
             self.refused.update(dropped)
@@ -2924,8 +3372,7 @@ class _Connection:
         """GET base_url + path within `seconds` in all: status, body text, Retry-After."""
         started = time.monotonic()
         try:
-            with self.session.get(self.config.base_url + path, headers=self.headers,
-                                  timeout=seconds, stream=True) as response:
+            with self.request("GET", path, seconds) as response:
                 server = response.headers.get("server")
                 self.models_answer = (f"GET {path}: HTTP {response.status_code}"
                                       + (f" from {server}" if server else "")
@@ -2954,16 +3401,16 @@ class _Connection:
         except _TRANSPORT_ERRORS as exc:
             raise self.transport_error(exc, timeout, unstreamed=True) from None
         try:
-            return json.loads(raw.decode("utf-8", "replace"))
-        except ValueError:
+            return _CHUNK_JSON.decode(raw.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
             raise self.stamp(APIError(
-                "the server's answer is not JSON: " + _error_message(raw[:2000].decode(
-                    "utf-8", "replace")), status_code=response.status_code,
+                "the server's answer is not JSON: " + _trim_message(
+                    raw[:2000].decode("utf-8", "replace")), status_code=response.status_code,
             )) from None
 
-    def error_from_body(self, status: int, text: str, message: str | None = None,
+    def error_from_body(self, status: int, text: str,
                         retry_after: float | None = None) -> APIError:
-        return self.stamp(_error_from_body(status, text, message, retry_after, self.quirk))
+        return self.stamp(_error_from_body(status, text, self.note, retry_after))
 
     def transport_error(self, exc: BaseException, timeout: float | None = None,
                         unstreamed: bool = False) -> APIError:
@@ -2988,16 +3435,52 @@ class _Connection:
         return self.stamp(StreamError(f"the connection failed while reading: {reason}"))
 
     def stamp(self, exc: APIError) -> APIError:
-        """Say where an error came from, and redact the key: every APIError a Client
-        raises or returns passes here (the server may echo the key in its text)."""
-        secret = self.config.api_key
-        exc.message = _redact(exc.message, secret)
+        """Say where an error came from, and redact the secrets: every APIError a Client
+        raises or returns passes here (a server may echo the key in its text)."""
+        exc.message = _redact(exc.message, self.secrets)
         exc.args = (exc.message,)
         if exc.body:
-            exc.body = _redact(exc.body, secret)
-        exc.base_url = exc.base_url or self.config.base_url
+            exc.body = _redact(exc.body, self.secrets)
+        exc.base_url = self.shown_url
         exc._url_source = self.url_source
         return exc
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    """The request body as UTF-8 JSON, or ConfigError naming what cannot be sent."""
+    try:
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        where, position = _lone_surrogate(body)
+        raise ConfigError(f"{where}: the text has a lone surrogate at position {position}, "
+                          "which UTF-8 cannot carry (was it read with errors="
+                          "'surrogateescape', or cut from a broken file?)") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"the request cannot be sent as JSON: {exc}") from None
+
+
+def _lone_surrogate(value: Any, path: str = "") -> tuple[str, int]:
+    """Where the first string that UTF-8 cannot encode is ("messages[2].content", and
+    the position in it); ("", -1) when there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path or "the request", exc.start
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
+        value, (list, tuple)) else ()
+    for key, item in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        for found in (_lone_surrogate(key, f"{where} (its name)"), _lone_surrogate(item, where)):
+            if found[1] >= 0:
+                return found
+    return "", -1
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or (
+        443 if parts.scheme.lower() == "https" else 80)
 
 
 def _with_schema_message(messages: list[dict[str, Any]],
@@ -3015,6 +3498,11 @@ def _with_schema_message(messages: list[dict[str, Any]],
             return messages
         return [{**first, "content": f"{first['content']}\n\n{text}"}, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
+
+
+def _transport_reason(text: str) -> str:
+    match = _TRANSPORT_REASON.search(text)
+    return match.group(0) if match else text[:200]
 
 
 def _stale_connection(exc: BaseException) -> bool:
@@ -3036,48 +3524,41 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return None if math.isnan(seconds) else max(0.0, seconds)
 
 
 def _backoff(attempt: int) -> float:
     """Seconds to wait before retry number `attempt`: exponential, with jitter."""
-    delay: float = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (attempt - 1))
+    delay: float = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** min(attempt - 1, 16))
     return delay * random.uniform(0.5, 1.0)
 
 
-def _drain(response: requests.Response) -> None:
-    """Read what follows [DONE] for up to ~100 ms so the connection can be reused.
+def _drain(response: requests.Response, chunks: Iterable[bytes]) -> None:
+    """Read what follows [DONE] in `chunks` (the body's, see _body_chunks) for up to
+    ~100 ms, so that the connection can be reused.
 
     Stopping at [DONE] without reading the rest of the body would cost a new TCP
     (and TLS) connection for the next request.
     """
-    sock = _socket_of(response)
+    connection = getattr(response.raw, "_connection", None) or getattr(
+        response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
     if sock is None:
         return
     try:
         sock.settimeout(_DRAIN_SECONDS)
         deadline = time.monotonic() + _DRAIN_SECONDS
-        # decode_content=True as in _iter_raw: urllib3 refuses to mix the two on one
-        # gzip body (RuntimeError), and the drain must never fail the answer.
-        while time.monotonic() < deadline and response.raw.read1(_READ_SIZE, decode_content=True):
-            pass
+        for _ in chunks:
+            if time.monotonic() > deadline:
+                break
     except Exception as exc:  # noqa: BLE001 - best effort: at worst the connection is not reused
         _log.debug("draining the end of a stream failed: %r", exc)
-
-
-def _socket_of(response: requests.Response) -> Any:
-    connection = getattr(response.raw, "_connection", None) or getattr(
-        response.raw, "connection", None
-    )
-    return getattr(connection, "sock", None)
-
 
 # ==== Command line ====
 
@@ -3088,14 +3569,15 @@ _CLI_EXAMPLES: Final = """examples:
   openai-compat -m llama3.2 -s "Answer in French" "What is SSE?"
   openai-compat --json "Hi" | jq -j 'select(.type == "text") | .content'
   openai-compat --base-url http://localhost:11434/v1 models
-  openai-compat --schema person.json "Invent a person"
+  openai-compat --schema person.json "Invent a person"   # person.json: a JSON Schema
   openai-compat models
   openai-compat check
   openai-compat check --wait 120     # a server that is still starting
 
-The endpoint comes from OPENAI_COMPATIBLE_BASE_URL (and OPENAI_COMPATIBLE_API_KEY,
-OPENAI_COMPATIBLE_MODEL, OPENAI_COMPATIBLE_TIMEOUT, OPENAI_COMPATIBLE_MAX_RETRIES).
-To send the word "models" or "check" as a prompt, put -- before it.
+The endpoint comes from --base-url or OPENAI_COMPATIBLE_BASE_URL (and
+OPENAI_COMPATIBLE_API_KEY, OPENAI_COMPATIBLE_MODEL, OPENAI_COMPATIBLE_TIMEOUT,
+OPENAI_COMPATIBLE_MAX_RETRIES). To send the word "models" or "check" as a prompt, put
+-- before it.
 exit status: 0 ok, 1 API error, 2 usage or configuration error, 130 interrupted"""
 
 
@@ -3108,16 +3590,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = _cli_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    args.literal = "--" in argv
+    literal = "--" in argv
     words: list[str] = args.words
     try:
-        client = Client(args.base_url, model=args.model, timeout=args.timeout)
-        if words[:1] == ["models"] and len(words) == 1 and not args.literal:
+        client = _cli_client(args)
+        if words[:1] == ["models"] and len(words) == 1 and not literal:
             return _cli_models(client)
-        if words[:1] == ["check"] and len(words) == 1 and not args.literal:
+        if words[:1] == ["check"] and len(words) == 1 and not literal:
             return _cli_check(client, args.wait)
-        prompt = _cli_prompt(words)
-        return _cli_chat(client, prompt, args)
+        return _cli_chat(client, _cli_prompt(words), args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -3163,6 +3644,17 @@ def _cli_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cli_client(args: argparse.Namespace) -> Client:
+    """The Client the command line asks for; its hints name --base-url, not base_url=."""
+    if not (args.base_url or "").strip() and not os.environ.get(_ENV_BASE_URL, "").strip():
+        raise ConfigError(f"No endpoint configured: set {_ENV_BASE_URL} (for example "
+                          "http://localhost:11434/v1 for Ollama) or pass --base-url")
+    client = Client(args.base_url, model=args.model, timeout=args.timeout)
+    if (args.base_url or "").strip():
+        client._http.url_source = "--base-url"
+    return client
+
+
 def _cli_prompt(words: list[str]) -> str:
     prompt = " ".join(words)
     if not sys.stdin.isatty():
@@ -3191,12 +3683,15 @@ def _cli_chat(client: Client, prompt: str, args: argparse.Namespace) -> int:
         refusal = chunks.result.refusal if chunks.result else ""
     if not args.json:
         out.write("\n")
-    if refusal:
-        # A refusal is not an answer: scripts see it on stderr and in the exit status.
-        print(f"openai-compat: the model refused: {' '.join(refusal.split())}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return _cli_refused(refusal)
+
+
+def _cli_refused(refusal: str) -> int:
+    """A refusal is not an answer: scripts see it on stderr and in the exit status."""
+    if not refusal:
+        return 0
+    print(f"openai-compat: the model refused: {' '.join(refusal.split())}", file=sys.stderr)
+    return 1
 
 
 def _cli_structured(client: Client, prompt: str, args: argparse.Namespace) -> int:
@@ -3211,9 +3706,7 @@ def _cli_structured(client: Client, prompt: str, args: argparse.Namespace) -> in
     result = client.generate(prompt, system=args.system, temperature=args.temperature,
                              max_tokens=args.max_tokens, schema=schema)
     if result.refusal:
-        print(f"openai-compat: the model refused: {' '.join(result.refusal.split())}",
-              file=sys.stderr)
-        return 1
+        return _cli_refused(result.refusal)
     print(json.dumps(result.data, ensure_ascii=False))
     return 0
 
@@ -3254,67 +3747,77 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
     """Probe the endpoint: one line per capability, then one per deviation from
     OpenAI's behaviour that the probes met and absorbed; exit 0 when chat works.
     `wait`: seconds to wait first for a server that is starting or loading its model."""
-    def report(name: str, ok: bool | None, detail: str) -> None:
-        mark = {True: "ok", False: "FAIL", None: "--"}[ok]
-        print(f"{name:<12} {mark:<5} {detail}", flush=True)
-
-    print(f"endpoint     {client.config.base_url}")
+    print(f"endpoint     {client._http.shown_url}")
     if wait is not None:
         started = time.monotonic()
         try:
             client.wait_ready(timeout=wait)
         except APIError as exc:
-            report("ready", False, f"not within {wait:g} s: {type(exc).__name__}: {exc}")
+            _report("ready", False, f"not within {wait:g} s: {type(exc).__name__}: {exc}")
             return 1
-        report("ready", True, f"after {time.monotonic() - started:.1f} s")
-    try:
-        models = client.available_models(fallback=False)
-    except (AuthenticationError, EndpointUnavailableError, RequestTimeoutError) as exc:
-        ok_reach = not isinstance(exc, (EndpointUnavailableError, RequestTimeoutError))
-        report("reachable", ok_reach, client._http.models_answer if ok_reach else str(exc))
-        if ok_reach:
-            report("auth", False, str(exc))
-            _check_quirks(report, client)
+        _report("ready", True, f"after {time.monotonic() - started:.1f} s")
+    if not _probe_models(client):
         return 1
-    except APIError as exc:
-        report("reachable", True, client._http.models_answer or "the server answered")
-        report("models", None, f"not listed ({exc.message})")
-    else:
-        report("reachable", True, client._http.models_answer)
-        report("models", True, f"{len(models)} listed: {', '.join(models[:8])}"
-               + (" ..." if len(models) > 8 else ""))
-    checker = Client(client.config.base_url, client.config.api_key, client.model,
-                     timeout=client.config.timeout, max_retries=0)
+    probe = Client(client.config.base_url, client.config.api_key, client.model,
+                   timeout=client.config.timeout, max_retries=0,
+                   headers=client._http.extra_headers)
     try:
         started = time.monotonic()
-        answer = checker.generate("Say hello in one word.", max_tokens=16)
-        report("auth", True, "accepted" if client.config.api_key else "no key sent")
-        report("chat", True, f"{answer.text.strip()[:60]!r} ({time.monotonic() - started:.1f} s)")
+        answer = probe.generate("Say hello in one word.", max_tokens=16)
+        _report("auth", True, "accepted" if client.config.api_key else "no key sent")
+        _report("chat", True, f"{answer.text.strip()[:60]!r} "
+                f"({time.monotonic() - started:.1f} s)")
     except APIError as exc:
         if isinstance(exc, AuthenticationError):
-            report("auth", False, str(exc))
-        report("chat", False, f"{type(exc).__name__}: {exc}")
-        _check_quirks(report, client, checker)
+            _report("auth", False, str(exc))
+        _report("chat", False, f"{type(exc).__name__}: {exc}")
+        _probe_quirks(client, probe)
         return 1
-    _check_stream(checker, report)
-    _check_tools(checker, report)
-    _check_structured(checker, report)
-    _check_quirks(report, client, checker)
+    _probe_stream(probe)
+    _probe_tools(probe)
+    _probe_structured(probe)
+    _probe_quirks(client, probe)
     return 0
 
 
-def _check_quirks(report: Callable[[str, bool | None, str], None], *clients: Client) -> None:
+def _report(name: str, ok: bool | None, detail: str) -> None:
+    mark = {True: "ok", False: "FAIL", None: "--"}[ok]
+    print(f"{name:<12} {mark:<5} {detail}", flush=True)
+
+
+def _probe_models(client: Client) -> bool:
+    """Report reachable and models; False when nothing more can be probed."""
+    try:
+        models = client.available_models(fallback=False)
+    except (AuthenticationError, EndpointUnavailableError, RequestTimeoutError) as exc:
+        reached = not isinstance(exc, (EndpointUnavailableError, RequestTimeoutError))
+        _report("reachable", reached, client._http.models_answer if reached else str(exc))
+        if reached:
+            _report("auth", False, str(exc))
+            _probe_quirks(client)
+        return False
+    except APIError as exc:
+        _report("reachable", True, client._http.models_answer or "the server answered")
+        _report("models", None, f"not listed ({exc.message})")
+        return True
+    _report("reachable", True, client._http.models_answer)
+    _report("models", True, f"{len(models)} listed: {', '.join(models[:8])}"
+            + (" ..." if len(models) > 8 else ""))
+    return True
+
+
+def _probe_quirks(*clients: Client) -> None:
     """One line per deviation the probes' Clients absorbed, in the order met."""
     lines: list[str] = []
     for probe in clients:
         lines += [line for line in probe.quirks if line not in lines]
     for line in lines:
-        report("quirk", None, line)
+        _report("quirk", None, line)
     if not lines:
-        report("quirks", True, "none absorbed")
+        _report("quirks", True, "none absorbed")
 
 
-def _check_stream(client: Client, report: Callable[[str, bool | None, str], None]) -> None:
+def _probe_stream(client: Client) -> None:
     try:
         started = time.monotonic()
         first = None
@@ -3325,37 +3828,49 @@ def _check_stream(client: Client, report: Callable[[str, bool | None, str], None
                     count += 1
                     first = first if first is not None else time.monotonic() - started
             result = chunks.result
-        report("streaming", count > 0, f"{count} text chunks, first after {first or 0:.2f} s")
+        _report("streaming", count > 0, f"{count} text chunks, first after {first or 0:.2f} s")
         usage = result.usage if result else None
-        report("usage", True if usage else None, f"prompt {usage.prompt_tokens}, completion "
-               f"{usage.completion_tokens}" if usage else "not reported in streams")
+        _report("usage", True if usage else None, f"prompt {usage.prompt_tokens}, completion "
+                f"{usage.completion_tokens}" if usage else "not reported in streams")
     except APIError as exc:
-        report("streaming", False, f"{type(exc).__name__}: {exc}")
+        _report("streaming", False, f"{type(exc).__name__}: {exc}")
 
 
-def _check_tools(client: Client, report: Callable[[str, bool | None, str], None]) -> None:
+# One worked example before the tool probe's question, as for any small model: the probe
+# asks whether the endpoint carries tool calls, not whether a model volunteers one.
+_PROBE_EXAMPLE: Final = [
+    {"role": "system", "content": "For any sum you must call the add tool."},
+    {"role": "user", "content": "Use the add tool to add 12 and 30."},
+    {"role": "assistant", "content": "", "tool_calls": [{
+        "id": "call_1", "type": "function",
+        "function": {"name": "add", "arguments": '{"a": 12, "b": 30}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    {"role": "assistant", "content": "12 + 30 is 42."},
+]
+
+
+def _probe_tools(client: Client) -> None:
     def add(a: int, b: int) -> int:
         """Add two integers."""
         return a + b
 
     try:
         result = client.stream("Use the add tool to add 2 and 3.", tools=[add], max_steps=2,
-                               temperature=0, max_tokens=128)
+                               messages=_PROBE_EXAMPLE, temperature=0, max_tokens=128)
         calls = [c.tool_call for c in result if c.type == "tool_call" and c.tool_call]
-        if calls:
-            call = calls[0]
-            how = ("call (not streamed: the server's tool streams are empty, so they are"
-                   " asked for without streaming)" if client._tools_unstreamed
-                   else "streamed call")
-            report("tool calls", True, f"{how} {call.name}({call.raw_arguments})")
-        else:
-            report("tool calls", None, "no tool call: the model answered in text")
     except APIError as exc:
-        report("tool calls", False, f"{type(exc).__name__}: {exc}")
+        _report("tool calls", False, f"{type(exc).__name__}: {exc}")
+        return
+    if not calls:
+        _report("tool calls", None, "no tool call, even after a worked example: the model "
+                "answered in text")
+        return
+    how = ("call (not streamed: the server's tool streams are empty, so they are asked for"
+           " without streaming)" if client._tools_unstreamed else "streamed call")
+    _report("tool calls", True, f"{how} {calls[0].name}({calls[0].raw_arguments})")
 
 
-def _check_structured(client: Client,
-                      report: Callable[[str, bool | None, str], None]) -> None:
+def _probe_structured(client: Client) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string"},
                                                "country": {"type": "string"}},
               "required": ["city", "country"]}
@@ -3363,14 +3878,14 @@ def _check_structured(client: Client,
         result = client.generate("Name a city in France as JSON with city and country.",
                                  schema=schema, temperature=0, max_tokens=64)
     except APIError as exc:
-        report("structured", False, f"{type(exc).__name__}: {exc}")
+        _report("structured", False, f"{type(exc).__name__}: {exc}")
         return
     how = ("response_format json_schema honoured",
            "json_schema refused; json_object with the schema honoured",
            "response_format refused; the schema is asked for in a system message")
     repairs = f" after {len(result.steps) - 1} repair(s)" if len(result.steps) > 1 else ""
-    report("structured", True, f"{how[client._http.schema_rung]}: {json.dumps(result.data)}"
-           + repairs)
+    _report("structured", True, f"{how[client._http.schema_rung]}: {json.dumps(result.data)}"
+            + repairs)
 
 
 if __name__ == "__main__":
