@@ -76,6 +76,7 @@ import http.client
 import inspect
 import json
 import logging
+import operator
 import os
 import random
 import re
@@ -85,8 +86,10 @@ import threading
 import time
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from decimal import Decimal
 from typing import Any, ClassVar, Final, Literal, Union
 
 import requests
@@ -1015,11 +1018,11 @@ def _check_options(options: Mapping[str, Any]) -> None:
 
 def _answer_schema(schema: Any) -> dict[str, Any]:
     """The JSON Schema of schema=: a dict as given, or one made from a type hint."""
-    if isinstance(schema, dict):
-        return schema
-    if isinstance(schema, (Mapping, str, bytes)):
+    if isinstance(schema, (Mapping, str, bytes)) and not isinstance(schema, dict):
         raise ConfigError("schema= must be a JSON Schema dict or a type such as a dataclass")
-    return _schema(schema, "schema=")
+    answer: dict[str, Any] = schema if isinstance(schema, dict) else _schema(schema, "schema=")
+    _vet_schema(answer, "schema=")
+    return answer
 
 
 def _conversation(system: object, messages: object, prompt: str | None) -> list[dict[str, Any]]:
@@ -1616,7 +1619,8 @@ def _read_answer(text: str, request: _Request) -> tuple[str | None, Any]:
         value = _json_from_text(text)
     except ValueError as exc:
         return f"no JSON value in the answer ({exc})", None
-    problem = _check(value, request.schema)
+    value, _ = _prune_nulls(value, request.schema)
+    problem = _validate(value, request.schema)
     if problem is not None:
         return problem, None
     if is_dataclass(request.schema_type):
@@ -1700,14 +1704,9 @@ def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]
 _TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _JSON_TYPES: Final[dict[type, str]] = {str: "string", int: "integer", float: "number",
                                        bool: "boolean"}
-_KIND_TYPES: Final[dict[str, type]] = {"string": str, "boolean": bool, "array": list,
-                                       "object": dict, "null": type(None)}
 # TypedDict's Required[...], NotRequired[...] (3.11+) and ReadOnly[...] (3.13+) wrap a key's type.
 _KEY_MARKS: Final = tuple(getattr(typing, name) for name in ("Required", "NotRequired", "ReadOnly")
                           if hasattr(typing, name))
-_PLAIN_KEY: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MAX_SHOWN: Final = 40  # characters of a value quoted in a message sent back to the model
-_MAX_OPTIONS: Final = 10  # enum values listed in such a message
 _THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
 _FENCE: Final = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.DOTALL)
 _JSON_START: Final = re.compile(r"[{\[]")
@@ -1738,6 +1737,7 @@ class Tool:
             raise ConfigError(f"tool name {self.name!r} must be 1-64 letters, digits, _ or -")
         if not isinstance(self.parameters, dict):
             raise ConfigError(f"tool {self.name!r}: parameters must be a JSON Schema dict")
+        _vet_schema(self.parameters, f"tool {self.name!r} parameters")
         if self.function is not None:
             try:
                 takes_any = any(p.kind is p.VAR_KEYWORD
@@ -1964,130 +1964,6 @@ def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
                  for name, hint in hints.items())
 
 
-def _check(value: Any, schema: Any, path: str = "$") -> str | None:
-    """The first way `value` breaks `schema`, as a short message naming its path, or None.
-
-    The subset of JSON Schema the module's own schemas use: type (a name or a list),
-    enum, const, anyOf, properties, required, additionalProperties, items; other
-    keywords are ignored. An int passes as a number; a bool is neither an integer nor
-    a number; nothing is coerced. E.g. '$.items[2].price: expected number, got string
-    "12.5"', '$: missing required field "city"', '$.extra: unexpected field'.
-    """
-    if schema is False:
-        return f"{path}: unexpected value"
-    if not isinstance(schema, dict):
-        return None
-    if isinstance(schema.get("enum"), list) and not any(_same(value, v) for v in schema["enum"]):
-        options = ", ".join(_short(v) for v in schema["enum"][:_MAX_OPTIONS])
-        more = ", ..." if len(schema["enum"]) > _MAX_OPTIONS else ""
-        return f"{path}: must be one of {options}{more}, got {_short(value)}"
-    if "const" in schema and not _same(value, schema["const"]):
-        return f"{path}: must be {_short(schema['const'])}, got {_short(value)}"
-    kinds = _kinds(schema)
-    if kinds and not any(_is_kind(value, kind) for kind in kinds):
-        return f"{path}: expected {' or '.join(kinds)}, got {_describe(value)}"
-    if isinstance(schema.get("anyOf"), list):
-        problem = _check_any(value, schema["anyOf"], path)
-        if problem:
-            return problem
-    if isinstance(value, dict):
-        return _check_object(value, schema, path)
-    if isinstance(value, list) and isinstance(schema.get("items"), (dict, bool)):
-        for index, item in enumerate(value):
-            problem = _check(item, schema["items"], f"{path}[{index}]")
-            if problem:
-                return problem
-    return None
-
-
-def _check_any(value: Any, options: list[Any], path: str) -> str | None:
-    problems = []
-    for option in options:
-        problem = _check(value, option, path)
-        if problem is None:
-            return None
-        problems.append(problem)
-    # The option whose type fits failed deeper in (a field, an enum): its problem says
-    # most. When none fits, name every type allowed.
-    for option, problem in zip(options, problems):
-        kinds = _kinds(option)
-        if kinds and any(_is_kind(value, kind) for kind in kinds):
-            return problem
-    kinds = [kind for option in options for kind in _kinds(option)]
-    if kinds and all(_kinds(option) for option in options):
-        return f"{path}: expected {' or '.join(kinds)}, got {_describe(value)}"
-    return problems[0]
-
-
-def _check_object(value: dict[str, Any], schema: dict[str, Any], path: str) -> str | None:
-    properties = schema.get("properties")
-    properties = properties if isinstance(properties, dict) else {}
-    for name in schema.get("required") or ():
-        if name not in value:
-            return f"{path}: missing required field {_short(name)}"
-    others = schema.get("additionalProperties", True)
-    for key, item in value.items():
-        plain = isinstance(key, str) and _PLAIN_KEY.match(key)
-        where = f"{path}.{key}" if plain else f"{path}[{_short(key)}]"
-        if key in properties:
-            problem = _check(item, properties[key], where)
-        elif others is False:
-            problem = f"{where}: unexpected field"
-        else:
-            problem = _check(item, others, where)
-        if problem:
-            return problem
-    return None
-
-
-def _kinds(schema: Any) -> list[str]:
-    """The type names a schema allows, [] when it does not say."""
-    kinds = schema.get("type") if isinstance(schema, dict) else None
-    if isinstance(kinds, str):
-        return [kinds]
-    return [k for k in kinds if isinstance(k, str)] if isinstance(kinds, list) else []
-
-
-def _is_kind(value: Any, kind: str) -> bool:
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    expected = _KIND_TYPES.get(kind)
-    return True if expected is None else isinstance(value, expected)  # unknown: not checked
-
-
-def _kind(value: Any) -> str:
-    """The JSON type name of a value."""
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "integer" if isinstance(value, int) else "number"
-    return next((k for k, t in _KIND_TYPES.items() if isinstance(value, t)), type(value).__name__)
-
-
-def _same(a: Any, b: Any) -> bool:
-    """JSON equality: as ==, but true is not 1 and false is not 0 (also inside arrays
-    and objects)."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(map(_same, a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return bool(a == b)
-
-
-def _describe(value: Any) -> str:
-    """What came, for a message: 'string "12.5"', 'integer 3', 'null'."""
-    return "null" if value is None else f"{_kind(value)} {_short(value)}"
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=repr)
-    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
-
-
 def _build(value: Any, annotation: Any) -> Any:
     """The Python value a type hint asks for, made from JSON that _check accepted.
 
@@ -2101,10 +1977,12 @@ def _build(value: Any, annotation: Any) -> Any:
     if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(options) > 1:  # the first option the value fits
-            options = [a for a in options if _check(value, _schema(a, "")) is None] or [Any]
+            options = [a for a in options if _validate(value, _schema(a, "")) is None] or [Any]
         return _build(value, options[0])
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return annotation(value)
+    if annotation is int and isinstance(value, float):  # JSON Schema's integer 3.0
+        return int(value)
     if _is_record(annotation) and isinstance(value, dict):
         hints = {name: hint for name, hint, _ in _fields(annotation)}
         built = {k: _build(v, hints[k]) if k in hints else v for k, v in value.items()}
@@ -2120,15 +1998,6 @@ def _unwrap(annotation: Any) -> Any:
     while typing.get_origin(annotation) in (typing.Annotated, *_KEY_MARKS):
         annotation = typing.get_args(annotation)[0]
     return annotation
-
-
-def _nullable(annotation: Any) -> bool:
-    """Whether a type hint lets None in."""
-    annotation = _unwrap(annotation)
-    if annotation is None or annotation is type(None) or annotation is Any:
-        return True
-    return (typing.get_origin(annotation) in (Union, types.UnionType)
-            and any(_nullable(a) for a in typing.get_args(annotation)))
 
 
 def _json_from_text(text: str) -> Any:
@@ -2171,6 +2040,9 @@ def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:
     """
     if t.function is None:
         raise TypeError(f"tool {t.name!r} has no function to run")
+    # Null for an argument that is not required, where its schema rejects null, means the
+    # model left it out: the function's default applies (DESIGN.md, Tools).
+    arguments, _ = _prune_nulls(arguments, t.parameters)
     properties = t.parameters.get("properties") or {}
     missing = [n for n in t.parameters.get("required") or () if n not in arguments]
     if missing:
@@ -2178,15 +2050,471 @@ def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:
     unknown = [n for n in arguments if properties and n not in properties]
     if unknown and not t._takes_any:
         raise TypeError(f"unexpected argument(s): {', '.join(unknown)}")
-    # An Optional parameter's schema leaves null out (see _schema): a model that sends
-    # null for it anyway means None, which the function takes.
-    checked = {n: v for n, v in arguments.items()
-               if v is not None or n not in t.hints or not _nullable(t.hints[n])}
-    problem = _check(checked, t.parameters)
+    problem = _validate(arguments, t.parameters)
     if problem:
         raise ValueError(problem)
     return t.function(**{n: _build(v, t.hints[n]) if n in t.hints else v
                          for n, v in arguments.items()})
+
+
+# ==== Checking JSON against a schema ====
+
+# Spec: JSON Schema draft 2020-12 (json-schema.org/draft/2020-12, Core and Validation).
+# The vendored JSON-Schema-Test-Suite (testdata/) asserts this checker case by case.
+
+_TYPES: Final[dict[str, Callable[[Any], bool]]] = {
+    "null": lambda v: v is None,
+    "boolean": lambda v: isinstance(v, bool),
+    # Spec: a number with a zero fractional part is an integer (3.0 is); a bool is no number.
+    "integer": lambda v: not isinstance(v, bool) and (
+        isinstance(v, int) or isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+# What a keyword's value must be (the shape in _KEYWORDS): a JSON type or one of these.
+# The schemas in "schema", "schemas" and "map" are vetted when the walk reaches them.
+_SHAPES: Final[dict[str, Callable[[Any], bool]]] = {
+    **_TYPES,
+    "schema": lambda a: True,
+    "schemas": lambda a: isinstance(a, list) and bool(a),
+    "map": _TYPES["object"],
+    "names": lambda a: isinstance(a, list) and all(isinstance(name, str) for name in a),
+    "deps": lambda a: isinstance(a, dict) and all(map(_SHAPES["names"], a.values())),
+    "types": lambda a: all(t in _TYPES for t in ([a] if isinstance(a, str) else a))
+    if isinstance(a, (str, list)) and all(isinstance(t, str) for t in a) else False,
+    "any": lambda a: True,
+}
+# Keywords whose meaning needs what this checker does not track (which keys and items
+# the other keywords evaluated, dynamic scopes, anchors): refused, never ignored.
+_REFUSED: Final = frozenset({"unevaluatedProperties", "unevaluatedItems", "$dynamicRef",
+                             "$dynamicAnchor", "$anchor"})
+_PLAIN_KEY: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Spec: patterns are ECMA-262, where $ is the very end (Python's $ also matches before a
+# final newline): each $ outside an escape or a [class] becomes \Z.
+_DOLLAR: Final = re.compile(r"\\.|\[(?:\\.|[^\]\\])*\]|\$", re.DOTALL)
+_MAX_SHOWN: Final = 40  # characters of a value quoted in a message sent back to the model
+_MAX_OPTIONS: Final = 10  # enum values listed in such a message
+
+
+def _validate(value: Any, schema: Any) -> str | None:
+    """The first way `value` breaks `schema` (JSON Schema 2020-12, vetted by _vet_schema),
+    as one short message naming the path, what was expected and what came; None when
+    it conforms.
+
+    E.g. '$.items[2].price: expected number, got string "12.5"', '$: missing required
+    field "city"', '$.extra: unexpected field', '$.age: must be at most 150, got 400'.
+    Never raises: a value nested too deeply to check is a mismatch, and so is a $ref
+    loop that never ends.
+    """
+    try:
+        return _Run(schema).check(value, schema, "$")
+    except (RecursionError, LookupError):  # LookupError: a $ref _vet_schema refuses
+        return "$: nested too deeply to check"
+
+
+def _vet_schema(schema: Any, where: str) -> None:
+    """Raise ConfigError(f"{where}: ...") naming the first keyword of `schema` that this
+    checker would not check exactly as JSON Schema 2020-12 says: a refused one (_REFUSED,
+    $id below the root, a $ref that is not a pointer into the schema or does not
+    resolve), a regex Python cannot compile, a value of the wrong shape. Walks every
+    subschema, $defs and $ref targets included; raises nothing else."""
+    todo, seen = [schema], set()
+    try:
+        while todo:
+            node = todo.pop()
+            if not isinstance(node, bool) and id(node) not in seen:
+                seen.add(id(node))
+                todo.extend(reversed(_vet_node(node, schema, where)))
+    except RecursionError:
+        raise ConfigError(f"{where}: the schema is nested too deeply to check") from None
+
+
+def _vet_node(node: Any, root: Any, where: str) -> list[Any]:
+    """Vet one schema's own keywords; return its subschemas (and $ref target)."""
+    if not isinstance(node, dict):
+        raise ConfigError(f"{where}: a JSON Schema is an object or a boolean, "
+                          f"got {_describe(node)}")
+    inner: list[Any] = []
+    for keyword, arg in node.items():
+        shape = _KEYWORDS.get(keyword, _ANNOTATION)[0]
+        try:
+            if keyword in _REFUSED or keyword == "$id" and node is not root:
+                raise LookupError(f"{'below the root ' * (keyword == '$id')}is not supported "
+                                  "by this module's checker; leave it out")
+            if not _SHAPES[shape](arg):
+                raise LookupError(f"cannot be {_short(arg)} (see JSON Schema 2020-12)")
+            for pattern in {"pattern": [arg], "patternProperties": arg}.get(keyword, ()):
+                _regex(pattern)
+            inner += [_pointer(root, arg)] if keyword == "$ref" else []
+        except LookupError as exc:
+            raise ConfigError(f"{where}: JSON Schema keyword {keyword!r} {exc}") from None
+        except (re.error, OverflowError, RecursionError, ValueError) as exc:
+            raise ConfigError(f"{where}: JSON Schema keyword {keyword!r} holds a regular "
+                              f"expression Python cannot compile ({exc})") from None
+        inner += ([arg] if shape == "schema" else arg if shape == "schemas"
+                  else list(arg.values()) if shape == "map" else [])
+    return inner
+
+
+def _pointer(root: Any, ref: str) -> Any:
+    """The schema a '#' or '#/...' $ref names in `root`; LookupError saying why not.
+
+    Spec: RFC 6901 in a URI fragment: percent-decoded, split at '/', then in each token
+    '~1' is '/' and '~0' is '~'; an array is indexed by a decimal number.
+    """
+    if ref != "#" and not ref.startswith("#/"):
+        raise LookupError(f"to {ref!r} is not supported by this module's checker; only '#' "
+                          "and '#/...' pointers are (no remote document, anchor, relative URI)")
+    target = root
+    for token in urllib.parse.unquote(ref[2:]).split("/") if ref != "#" else ():
+        token = token.replace("~1", "/").replace("~0", "~")
+        index = int(token) if token.isascii() and token.isdigit() else -1
+        target = (target.get(token, ...) if isinstance(target, dict) else target[index]
+                  if isinstance(target, list) and 0 <= index < len(target) else ...)
+    if isinstance(target, (dict, bool)):
+        return target
+    raise LookupError(f"{ref!r} does not point at a schema in the same document")
+
+
+@functools.lru_cache(maxsize=256)
+def _regex(pattern: str) -> re.Pattern[str]:
+    """A schema's pattern compiled for re.search, with ECMA-262's meaning where Python's
+    differs: $ only at the very end, and \\d, \\w, \\b ASCII only (\\s then misses the
+    rarer Unicode spaces ECMA-262 counts)."""
+    return re.compile(_DOLLAR.sub(lambda m: r"\Z" if m.group() == "$" else m.group(),
+                                  pattern), re.ASCII)
+
+
+class _Run:
+    """One check against one schema: the root its $ref pointers resolve in, and the
+    ($ref target, value) pairs being checked, as meeting one again inside itself is a
+    loop that would never end."""
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.active: set[tuple[int, int]] = set()
+
+    def check(self, value: Any, schema: Any, path: str) -> str | None:
+        """The first problem of `value` (found at `path`) against a subschema, or None."""
+        if not isinstance(schema, dict):
+            return f"{path}: unexpected value" if schema is False else None
+        for keyword, arg in schema.items():
+            _, kind, step = _KEYWORDS.get(keyword, _ANNOTATION)
+            problem = step(self, value, arg, schema, path) if step and (
+                not kind or _TYPES[kind](value)) else None
+            if problem is not None:
+                return problem
+        return None
+
+
+def _first(problems: Iterable[str | None]) -> str | None:
+    """The first problem (the iterable is lazy, so checking stops there)."""
+    return next((problem for problem in problems if problem is not None), None)
+
+
+def _kinds(schema: Any) -> list[str]:
+    """The type names a schema allows, [] when it does not say."""
+    kinds = schema.get("type") if isinstance(schema, dict) else None
+    return [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+
+
+def _type(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    if any(_TYPES[kind](value) for kind in _kinds(schema)):
+        return None
+    return f"{path}: expected {' or '.join(_kinds(schema))}, got {_describe(value)}"
+
+
+def _enum(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    if _key(value) in map(_key, arg):
+        return None
+    more = ", ..." if len(arg) > _MAX_OPTIONS else ""
+    return (f"{path}: must be one of {', '.join(map(_short, arg[:_MAX_OPTIONS]))}{more}, "
+            f"got {_short(value)}")
+
+
+def _const(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    return None if _key(value) == _key(arg) else f"{path}: must be {_short(arg)}, got {_short(value)}"
+
+
+def _required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    missing = next((name for name in arg if name not in value), None)
+    return None if missing is None else f"{path}: missing required field {_short(missing)}"
+
+
+def _dependent_required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    return _first(f"{problem} (required with {_short(key)})" for key, names in arg.items()
+                  if key in value and (problem := _required(run, value, names, schema, path)))
+
+
+def _properties(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    return _first(run.check(item, arg[key], _at(path, key))
+                  for key, item in value.items() if key in arg)
+
+
+def _pattern_properties(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    return _first(run.check(item, sub, _at(path, key)) for key, item in value.items()
+                  for pattern, sub in arg.items() if _regex(pattern).search(key))
+
+
+def _additional(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """Spec: additionalProperties applies to the keys that properties and
+    patternProperties (of the same schema) do not match."""
+    others = (key for key in value if _field_schema(schema, key, None) is None)
+    if arg is False:
+        return next((f"{_at(path, key)}: unexpected field" for key in others), None)
+    return _first(run.check(value[key], arg, _at(path, key)) for key in others)
+
+
+def _property_names(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    return _first(run.check(key, arg, f"{_at(path, key)}: field name") for key in value)
+
+
+def _dependent_schemas(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    return _first(run.check(value, sub, path) for key, sub in arg.items() if key in value)
+
+
+def _items(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """Spec (2020-12): prefixItems (arg a list) describes the first elements one by one,
+    items the elements after those."""
+    start = 0 if isinstance(arg, list) else len(schema.get("prefixItems", ()))
+    subs = arg if isinstance(arg, list) else [arg] * len(value)
+    return _first(run.check(item, sub, f"{path}[{index}]")
+                  for index, (item, sub) in enumerate(zip(value[start:], subs), start))
+
+
+def _unique(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    if arg is False or len(set(map(_key, value))) == len(value):
+        return None
+    return f"{path}: items must be unique, got {_short(value)}"
+
+
+def _contains(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """Spec: minContains (1 when not given) and maxContains bound how many items match."""
+    found = sum(run.check(item, arg, path) is None for item in value)
+    least, most = schema.get("minContains", 1), schema.get("maxContains", found)
+    if least <= found <= most:
+        return None
+    bound = f"at least {_short(least)}" if found < least else f"at most {_short(most)}"
+    return f"{path}: must hold {bound} items that match contains, got {found}"
+
+
+def _pattern(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    if _regex(arg).search(value):
+        return None
+    return f"{path}: must match the pattern {_short(arg)}, got {_short(value)}"
+
+
+def _multiple_of(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """Exact: each number is taken as the decimal it is written as (0.01 is 1/100, not
+    the binary float nearest to it), as a ratio of integers; a value that cannot be
+    decided (inf, nan, or a multipleOf of 0) is no multiple."""
+    try:
+        (top, bottom), (step_top, step_bottom) = [
+            Decimal(x if isinstance(x, int) else repr(x)).as_integer_ratio() for x in (value, arg)]
+        if top * step_bottom % (bottom * step_top) == 0:
+            return None
+    except (ValueError, OverflowError, ZeroDivisionError):
+        pass
+    return f"{path}: must be a multiple of {_short(arg)}, got {_short(value)}"
+
+
+def _limit(measure: Callable[[Any], Any], within: Callable[[Any, Any], bool], words: str
+           ) -> _Keyword:
+    """The step of a keyword that bounds a measure (minLength: the length, at least);
+    `words` says the bound in a message."""
+    def step(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+        if within(measure(value), arg):
+            return None
+        return f"{path}: must {words.format(_short(arg))}, got {_short(measure(value))}"
+    return step
+
+
+def _all_of(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    return _first(run.check(value, option, path) for option in arg)
+
+
+def _any_of(run: _Run, value: Any, arg: Any, schema: Any, path: str, one: bool = False
+            ) -> str | None:
+    """anyOf, and oneOf when `one`: checking stops at the first option that matches
+    (the second, for oneOf)."""
+    problems: list[str | None] = []
+    for option in arg:
+        problems.append(run.check(value, option, path))
+        if problems.count(None) > one:
+            break
+    matched = [str(index) for index, problem in enumerate(problems) if problem is None]
+    if matched and len(matched) < 2:
+        return None
+    if matched:
+        return f"{path}: must match one schema of oneOf, matched {' and '.join(matched)}"
+    kinds = [_kinds(option) for option in arg]
+    fits = [p for k, p in zip(kinds, problems) if any(_TYPES[kind](value) for kind in k)]
+    if fits or not all(kinds):  # the option whose type fits failed deeper in: say that
+        return (fits or problems)[0]
+    allowed = dict.fromkeys(kind for k in kinds for kind in k)
+    return f"{path}: expected {' or '.join(allowed)}, got {_describe(value)}"
+
+
+def _not(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    if run.check(value, arg, path) is not None:
+        return None
+    return f"{path}: must not match {_short(arg)}, got {_short(value)}"
+
+
+def _if(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    branch = "then" if run.check(value, arg, path) is None else "else"
+    return run.check(value, schema.get(branch, True), path)
+
+
+def _ref(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """Spec (2020-12): $ref applies beside its sibling keywords, not instead of them.
+    The same target on the same value again, inside itself, is a loop without end."""
+    key = (id(target := _pointer(run.root, arg)), id(value))
+    if key in run.active:
+        return f"{path}: the schema loops through $ref {_short(arg)} without end"
+    run.active.add(key)
+    problem = run.check(value, target, path)
+    run.active.discard(key)
+    return problem
+
+
+_Keyword = Callable[[_Run, Any, Any, Any, str], "str | None"]
+
+# Every keyword this checker knows: (the shape its value must have, see _SHAPES; the
+# JSON type it applies to, "" for any; the step that checks it, None for one that only
+# holds schemas or is read by another step). Any other keyword is an annotation
+# (format, title, description, default, ...): not asserted, as the spec says.
+_KEYWORDS: Final[dict[str, tuple[str, str, _Keyword | None]]] = {
+    "type": ("types", "", _type), "enum": ("array", "", _enum), "const": ("any", "", _const),
+    "required": ("names", "object", _required),
+    "dependentRequired": ("deps", "object", _dependent_required),
+    "minProperties": ("integer", "object", _limit(len, operator.ge, "have at least {} fields")),
+    "maxProperties": ("integer", "object", _limit(len, operator.le, "have at most {} fields")),
+    "properties": ("map", "object", _properties),
+    "patternProperties": ("map", "object", _pattern_properties),
+    "additionalProperties": ("schema", "object", _additional),
+    "propertyNames": ("schema", "object", _property_names),
+    "dependentSchemas": ("map", "object", _dependent_schemas),
+    "minItems": ("integer", "array", _limit(len, operator.ge, "have at least {} items")),
+    "maxItems": ("integer", "array", _limit(len, operator.le, "have at most {} items")),
+    "uniqueItems": ("boolean", "array", _unique),
+    "prefixItems": ("schemas", "array", _items), "items": ("schema", "array", _items),
+    "contains": ("schema", "array", _contains),
+    "minLength": ("integer", "string", _limit(len, operator.ge, "have at least {} characters")),
+    "maxLength": ("integer", "string", _limit(len, operator.le, "have at most {} characters")),
+    "pattern": ("string", "string", _pattern),
+    # operator.pos: a number itself (bools, which +x would turn into ints, do not apply).
+    "minimum": ("number", "number", _limit(operator.pos, operator.ge, "be at least {}")),
+    "maximum": ("number", "number", _limit(operator.pos, operator.le, "be at most {}")),
+    "exclusiveMinimum": ("number", "number", _limit(operator.pos, operator.gt, "be greater than {}")),
+    "exclusiveMaximum": ("number", "number", _limit(operator.pos, operator.lt, "be less than {}")),
+    "multipleOf": ("number", "number", _multiple_of),
+    "allOf": ("schemas", "", _all_of), "anyOf": ("schemas", "", _any_of),
+    "oneOf": ("schemas", "", functools.partial(_any_of, one=True)), "not": ("schema", "", _not), "if": ("schema", "", _if),
+    "$ref": ("string", "", _ref), "then": ("schema", "", None), "else": ("schema", "", None),
+    "minContains": ("integer", "", None), "maxContains": ("integer", "", None),
+    # definitions: draft 7's $defs, which many generators still write.
+    "$defs": ("map", "", None), "definitions": ("map", "", None),
+}
+_ANNOTATION: Final = ("any", "", None)
+
+
+def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
+    """`value` without the nulls that mean "left out", and whether there were any.
+
+    At any depth, a key that a schema describing its object lists in properties and no
+    such schema requires, whose value is null where that property's schema rejects null,
+    is removed (models send null for an argument they leave out). The schemas describing
+    a value are followed through $ref, allOf/anyOf/oneOf, properties,
+    additionalProperties, prefixItems and items. `value` itself is not changed.
+    """
+    try:
+        return _prune(value, [schema], _Run(schema))
+    except (LookupError, RecursionError):
+        return value, False
+
+
+def _prune(value: Any, schemas: list[Any], run: _Run) -> tuple[Any, bool]:
+    if not isinstance(value, (list, dict)):
+        return value, False
+    found = _described(schemas, run)
+    if isinstance(value, list):
+        items = [_prune(item, [_item_schema(s, index) for s in found], run)
+                 for index, item in enumerate(value)]
+        return [item for item, _ in items], any(pruned for _, pruned in items)
+    gone = {key for key, item in value.items() if item is None and _left_out(key, found, run)}
+    fields = {key: _prune(item, [_field_schema(s, key, s.get("additionalProperties"))
+                                 for s in found], run)
+              for key, item in value.items() if key not in gone}
+    return ({key: item for key, (item, _) in fields.items()},
+            bool(gone) or any(pruned for _, pruned in fields.values()))
+
+
+def _described(schemas: list[Any], run: _Run) -> list[dict[str, Any]]:
+    """The schemas that apply to a value in place: these, their $ref targets and the
+    branches of their allOf, anyOf and oneOf, each once."""
+    found: dict[int, dict[str, Any]] = {}
+    todo = list(schemas)
+    while todo:
+        schema = todo.pop()
+        if isinstance(schema, dict) and id(schema) not in found:
+            found[id(schema)] = schema
+            todo += [*schema.get("allOf", ()), *schema.get("anyOf", ()), *schema.get("oneOf", ())]
+            todo += [_pointer(run.root, schema["$ref"])] if "$ref" in schema else []
+    return list(found.values())
+
+
+def _left_out(key: str, found: list[dict[str, Any]], run: _Run) -> bool:
+    """Whether null for `key` means "left out": a schema lists it as a property whose
+    schema rejects null, and none requires it."""
+    optional = any(key in s.get("properties", {}) and run.check(None, s["properties"][key], "$")
+                   for s in found)
+    return optional and not any(key in s.get("required", ()) for s in found)
+
+
+def _field_schema(schema: dict[str, Any], key: str, other: Any) -> Any:
+    """The schema of field `key` by properties, else True when a patternProperties
+    matches it, else `other`."""
+    if key in schema.get("properties", {}):
+        return schema["properties"][key]
+    return True if any(_regex(p).search(key) for p in schema.get("patternProperties", ())) else other
+
+
+def _item_schema(schema: dict[str, Any], index: int) -> Any:
+    before = schema.get("prefixItems", ())
+    return before[index] if index < len(before) else schema.get("items")
+
+
+def _at(path: str, key: Any) -> str:
+    """The path of a field: $.name for a plain key, $["odd key"] for any other."""
+    plain = isinstance(key, str) and _PLAIN_KEY.match(key)
+    return f"{path}.{key}" if plain else f"{path}[{_short(key)}]"
+
+
+def _key(value: Any) -> Any:
+    """A hashable stand-in that is equal for JSON-equal values: 1 and 1.0 alike, true
+    and 1 not, arrays and objects item by item."""
+    if isinstance(value, dict):
+        return dict, frozenset((key, _key(item)) for key, item in value.items())
+    return (list, tuple(map(_key, value))) if isinstance(value, list) else (
+        (bool, value) if isinstance(value, bool) else value)
+
+
+def _describe(value: Any) -> str:
+    """What came, for a message: 'string "12.5"', 'integer 3', 'null'."""
+    kind = next((name for name, test in _TYPES.items() if test(value)), type(value).__name__)
+    return "null" if value is None else f"{kind} {_short(value)}"
+
+
+def _short(value: Any) -> str:
+    """A value as JSON, cut to _MAX_SHOWN characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+    except (ValueError, RecursionError):  # an int of over 4300 digits; a value nested deeply
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
 
 
 # ==== Streaming ====

@@ -1409,19 +1409,24 @@ OPTIONAL_MODE = {"anyOf": [{"enum": ["fast", "slow"], "type": "string"}, {"type"
      '$.items[0].size: must be one of "s", "l", got "m"'),
     ({"items": [{"name": "a"}]}, ORDER_SCHEMA, '$.items[0]: missing required field "price"'),
     ({"items": [], "rush": True}, ORDER_SCHEMA, "$.rush: unexpected field"),
-    # keywords outside the subset are ignored; so are schemas that are not dicts
-    ("abc", {"type": "string", "maxLength": 1, "pattern": "^z"}, None),
+    # every other assertion keyword is checked too; annotations are not asserted
+    ("abc", {"type": "string", "maxLength": 1, "pattern": "^z"},
+     "$: must have at most 1 characters, got 3"),
+    ("abc", {"type": "string", "pattern": "^z"}, '$: must match the pattern "^z", got "abc"'),
+    ({"age": 400}, {"properties": {"age": {"maximum": 150}}}, "$.age: must be at most 150, got 400"),
+    ("abc", {"type": "string", "format": "email", "x-ui": 1, "discriminator": {}}, None),
     ("abc", True, None),
+    ("abc", False, "$: unexpected value"),
 ])
 def test_check_table(value: Any, schema: Any, problem: str | None) -> None:
-    assert oc._check(value, schema) == problem
+    assert oc._validate(value, schema) == problem
 
 
 def test_check_messages_stay_short() -> None:
-    problem = oc._check({"text": "x" * 10_000}, {"properties": {"text": {"type": "integer"}}})
+    problem = oc._validate({"text": "x" * 10_000}, {"properties": {"text": {"type": "integer"}}})
     assert problem is not None and problem.startswith('$.text: expected integer, got string "xxx')
     assert len(problem) < 100
-    problem = oc._check("z", {"enum": [f"option{i}" for i in range(50)]})
+    problem = oc._validate("z", {"enum": [f"option{i}" for i in range(50)]})
     assert problem is not None and ", ..., got" in problem and len(problem) < 200
 
 
@@ -1582,7 +1587,7 @@ def test_check_accepts_every_value_of_the_type_a_schema_was_built_from(data: Any
     schema = oc._schema(annotation, "answer")
     json.dumps(schema)  # sendable as it is
     value = data.draw(values)
-    assert oc._check(value, schema) is None
+    assert oc._validate(value, schema) is None
     built = oc._build(value, annotation)
     if is_dataclass(annotation) or isinstance(annotation, enum.EnumMeta):
         assert isinstance(built, annotation)
