@@ -2074,12 +2074,11 @@ _TYPES: Final[dict[str, Callable[[Any], bool]]] = {
     "object": lambda v: isinstance(v, dict),
 }
 # What a keyword's value must be (the shape in _KEYWORDS): a JSON type or one of these.
-# The schemas in "schema", "schemas" and "map" are vetted when the walk reaches them.
 _SHAPES: Final[dict[str, Callable[[Any], bool]]] = {
     **_TYPES,
-    "schema": lambda a: True,
-    "schemas": lambda a: isinstance(a, list) and bool(a),
-    "map": _TYPES["object"],
+    "schema": lambda a: isinstance(a, (dict, bool)),
+    "schemas": lambda a: isinstance(a, list) and bool(a) and all(map(_SHAPES["schema"], a)),
+    "map": lambda a: isinstance(a, dict) and all(map(_SHAPES["schema"], a.values())),
     "names": lambda a: isinstance(a, list) and all(isinstance(name, str) for name in a),
     "deps": lambda a: isinstance(a, dict) and all(map(_SHAPES["names"], a.values())),
     "types": lambda a: all(t in _TYPES for t in ([a] if isinstance(a, str) else a))
