@@ -2063,27 +2063,23 @@ def _run_tool(t: Tool, arguments: dict[str, Any]) -> Any:
 # The vendored JSON-Schema-Test-Suite (testdata/) asserts this checker case by case.
 
 _TYPES: Final[dict[str, Callable[[Any], bool]]] = {
-    "null": lambda v: v is None,
-    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None, "boolean": lambda v: isinstance(v, bool),
     # Spec: a number with a zero fractional part is an integer (3.0 is); a bool is no number.
-    "integer": lambda v: not isinstance(v, bool) and (
-        isinstance(v, int) or isinstance(v, float) and v.is_integer()),
+    "integer": lambda v: _TYPES["number"](v) and (isinstance(v, int) or v.is_integer()),
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "string": lambda v: isinstance(v, str),
-    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str), "array": lambda v: isinstance(v, list),
     "object": lambda v: isinstance(v, dict),
 }
 # What a keyword's value must be (the shape in _KEYWORDS): a JSON type or one of these.
 _SHAPES: Final[dict[str, Callable[[Any], bool]]] = {
     **_TYPES,
-    "schema": lambda a: isinstance(a, (dict, bool)),
+    "schema": lambda a: isinstance(a, (dict, bool)), "any": lambda a: True,
     "schemas": lambda a: isinstance(a, list) and bool(a) and all(map(_SHAPES["schema"], a)),
     "map": lambda a: isinstance(a, dict) and all(map(_SHAPES["schema"], a.values())),
     "names": lambda a: isinstance(a, list) and all(isinstance(name, str) for name in a),
     "deps": lambda a: isinstance(a, dict) and all(map(_SHAPES["names"], a.values())),
-    "types": lambda a: all(t in _TYPES for t in ([a] if isinstance(a, str) else a))
-    if isinstance(a, (str, list)) and all(isinstance(t, str) for t in a) else False,
-    "any": lambda a: True,
+    "types": lambda a: all(isinstance(name, str) and name in _TYPES
+                           for name in (a if isinstance(a, list) else [a])),
 }
 # Keywords whose meaning needs what this checker does not track (which keys and items
 # the other keywords evaluated, dynamic scopes, anchors): refused, never ignored.
@@ -2120,21 +2116,17 @@ def _vet_schema(schema: Any, where: str) -> None:
     resolve), a regex Python cannot compile, a value of the wrong shape. Walks every
     subschema, $defs and $ref targets included; raises nothing else."""
     todo, seen = [schema], set()
-    try:
-        while todo:
-            node = todo.pop()
-            if not isinstance(node, bool) and id(node) not in seen:
-                seen.add(id(node))
-                todo.extend(reversed(_vet_node(node, schema, where)))
-    except RecursionError:
-        raise ConfigError(f"{where}: the schema is nested too deeply to check") from None
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, bool) and id(node) not in seen:
+            seen.add(id(node))
+            todo.extend(reversed(_vet_node(node, schema, where)))
 
 
 def _vet_node(node: Any, root: Any, where: str) -> list[Any]:
     """Vet one schema's own keywords; return its subschemas (and $ref target)."""
     if not isinstance(node, dict):
-        raise ConfigError(f"{where}: a JSON Schema is an object or a boolean, "
-                          f"got {_describe(node)}")
+        raise ConfigError(f"{where}: a JSON Schema is an object or a boolean, got {_describe(node)}")
     inner: list[Any] = []
     for keyword, arg in node.items():
         shape = _KEYWORDS.get(keyword, _ANNOTATION)[0]
@@ -2147,11 +2139,9 @@ def _vet_node(node: Any, root: Any, where: str) -> list[Any]:
             for pattern in {"pattern": [arg], "patternProperties": arg}.get(keyword, ()):
                 _regex(pattern)
             inner += [_pointer(root, arg)] if keyword == "$ref" else []
-        except LookupError as exc:
-            raise ConfigError(f"{where}: JSON Schema keyword {keyword!r} {exc}") from None
-        except (re.error, OverflowError, RecursionError, ValueError) as exc:
-            raise ConfigError(f"{where}: JSON Schema keyword {keyword!r} holds a regular "
-                              f"expression Python cannot compile ({exc})") from None
+        except (LookupError, re.error, OverflowError, RecursionError, ValueError) as exc:
+            why = exc if isinstance(exc, LookupError) else f"holds a regex Python cannot use ({exc})"
+            raise ConfigError(f"{where}: JSON Schema keyword {keyword!r} {why}") from None
         inner += ([arg] if shape == "schema" else arg if shape == "schemas"
                   else list(arg.values()) if shape == "map" else [])
     return inner
@@ -2196,16 +2186,13 @@ class _Run:
         self.active: set[tuple[int, int]] = set()
 
     def check(self, value: Any, schema: Any, path: str) -> str | None:
-        """The first problem of `value` (found at `path`) against a subschema, or None."""
+        """The first problem of `value` (found at `path`) against a subschema, or None:
+        each keyword's step, for the values of the type it applies to."""
         if not isinstance(schema, dict):
             return f"{path}: unexpected value" if schema is False else None
-        for keyword, arg in schema.items():
-            _, kind, step = _KEYWORDS.get(keyword, _ANNOTATION)
-            problem = step(self, value, arg, schema, path) if step and (
-                not kind or _TYPES[kind](value)) else None
-            if problem is not None:
-                return problem
-        return None
+        return _first(step(self, value, arg, schema, path) for keyword, arg in schema.items()
+                      for _, kind, step in [_KEYWORDS.get(keyword, _ANNOTATION)]
+                      if step and (not kind or _TYPES[kind](value)))
 
 
 def _first(problems: Iterable[str | None]) -> str | None:
@@ -2225,16 +2212,10 @@ def _type(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None
     return f"{path}: expected {' or '.join(_kinds(schema))}, got {_describe(value)}"
 
 
-def _enum(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
-    if _key(value) in map(_key, arg):
-        return None
+def _options(arg: list[Any]) -> str:
+    """An enum's values for a message: the first _MAX_OPTIONS of them."""
     more = ", ..." if len(arg) > _MAX_OPTIONS else ""
-    return (f"{path}: must be one of {', '.join(map(_short, arg[:_MAX_OPTIONS]))}{more}, "
-            f"got {_short(value)}")
-
-
-def _const(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
-    return None if _key(value) == _key(arg) else f"{path}: must be {_short(arg)}, got {_short(value)}"
+    return ", ".join(map(_short, arg[:_MAX_OPTIONS])) + more
 
 
 def _required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
@@ -2259,11 +2240,10 @@ def _pattern_properties(run: _Run, value: Any, arg: Any, schema: Any, path: str)
 
 def _additional(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec: additionalProperties applies to the keys that properties and
-    patternProperties (of the same schema) do not match."""
-    others = (key for key in value if _field_schema(schema, key, None) is None)
-    if arg is False:
-        return next((f"{_at(path, key)}: unexpected field" for key in others), None)
-    return _first(run.check(value[key], arg, _at(path, key)) for key in others)
+    patternProperties (of the same schema) do not name."""
+    return _first(f"{_at(path, key)}: unexpected field" if arg is False else
+                  run.check(value[key], arg, _at(path, key))
+                  for key in value if not _named(schema, key))
 
 
 def _property_names(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
@@ -2283,12 +2263,6 @@ def _items(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | Non
                   for index, (item, sub) in enumerate(zip(value[start:], subs), start))
 
 
-def _unique(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
-    if arg is False or len(set(map(_key, value))) == len(value):
-        return None
-    return f"{path}: items must be unique, got {_short(value)}"
-
-
 def _contains(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec: minContains (1 when not given) and maxContains bound how many items match."""
     found = sum(run.check(item, arg, path) is None for item in value)
@@ -2299,34 +2273,27 @@ def _contains(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | 
     return f"{path}: must hold {bound} items that match contains, got {found}"
 
 
-def _pattern(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
-    if _regex(arg).search(value):
-        return None
-    return f"{path}: must match the pattern {_short(arg)}, got {_short(value)}"
-
-
-def _multiple_of(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
-    """Exact: each number is taken as the decimal it is written as (0.01 is 1/100, not
-    the binary float nearest to it), as a ratio of integers; a value that cannot be
-    decided (inf, nan, or a multipleOf of 0) is no multiple."""
+def _is_multiple(value: Any, step: Any) -> bool:
+    """Whether value / step is a whole number, exactly: each number taken as the decimal
+    it is written as (0.01 is 1/100, not the binary float nearest to it), as a ratio of
+    integers. One that cannot be decided (inf, nan, a step of 0) is no multiple."""
     try:
         (top, bottom), (step_top, step_bottom) = [
-            Decimal(x if isinstance(x, int) else repr(x)).as_integer_ratio() for x in (value, arg)]
-        if top * step_bottom % (bottom * step_top) == 0:
-            return None
+            Decimal(x if isinstance(x, int) else repr(x)).as_integer_ratio() for x in (value, step)]
+        return top * step_bottom % (bottom * step_top) == 0
     except (ValueError, OverflowError, ZeroDivisionError):
-        pass
-    return f"{path}: must be a multiple of {_short(arg)}, got {_short(value)}"
+        return False
 
 
-def _limit(measure: Callable[[Any], Any], within: Callable[[Any, Any], bool], words: str
-           ) -> _Keyword:
-    """The step of a keyword that bounds a measure (minLength: the length, at least);
-    `words` says the bound in a message."""
+def _rule(holds: Callable[[Any, Any], Any], words: str, measure: Callable[[Any], Any] | None = None,
+          show: Callable[[Any], str] | None = None) -> _Keyword:
+    """The step of a keyword that is met when holds(value, its argument) (or the value's
+    measure: minLength's len); `words` say what must hold, in a message, and `show`
+    how the argument reads there."""
     def step(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
-        if within(measure(value), arg):
-            return None
-        return f"{path}: must {words.format(_short(arg))}, got {_short(measure(value))}"
+        got = value if measure is None else measure(value)
+        return None if holds(got, arg) else (
+            f"{path}: must {words.format((show or _short)(arg))}, got {_short(got)}")
     return step
 
 
@@ -2337,29 +2304,28 @@ def _all_of(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | No
 def _any_of(run: _Run, value: Any, arg: Any, schema: Any, path: str, one: bool = False
             ) -> str | None:
     """anyOf, and oneOf when `one`: checking stops at the first option that matches
-    (the second, for oneOf)."""
+    (the second, for oneOf). When none does, the problem of the option whose type fits
+    (it failed deeper in: a field, an enum) says most; else every type allowed."""
     problems: list[str | None] = []
     for option in arg:
         problems.append(run.check(value, option, path))
         if problems.count(None) > one:
             break
     matched = [str(index) for index, problem in enumerate(problems) if problem is None]
-    if matched and len(matched) < 2:
-        return None
     if matched:
-        return f"{path}: must match one schema of oneOf, matched {' and '.join(matched)}"
-    kinds = [_kinds(option) for option in arg]
-    fits = [p for k, p in zip(kinds, problems) if any(_TYPES[kind](value) for kind in k)]
-    if fits or not all(kinds):  # the option whose type fits failed deeper in: say that
+        return None if len(matched) == 1 else (
+            f"{path}: must match one schema of oneOf, matched {' and '.join(matched)}")
+    fits = [p for option, p in zip(arg, problems)
+            if _kinds(option) and _type(run, value, None, option, path) is None]
+    if fits or not all(map(_kinds, arg)):
         return (fits or problems)[0]
-    allowed = dict.fromkeys(kind for k in kinds for kind in k)
-    return f"{path}: expected {' or '.join(allowed)}, got {_describe(value)}"
+    allowed = [*dict.fromkeys(kind for option in arg for kind in _kinds(option))]
+    return _type(run, value, None, {"type": allowed}, path)
 
 
 def _not(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
-    if run.check(value, arg, path) is not None:
-        return None
-    return f"{path}: must not match {_short(arg)}, got {_short(value)}"
+    return None if run.check(value, arg, path) is not None else (
+        f"{path}: must not match {_short(arg)}, got {_short(value)}")
 
 
 def _if(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
@@ -2386,33 +2352,37 @@ _Keyword = Callable[[_Run, Any, Any, Any, str], "str | None"]
 # holds schemas or is read by another step). Any other keyword is an annotation
 # (format, title, description, default, ...): not asserted, as the spec says.
 _KEYWORDS: Final[dict[str, tuple[str, str, _Keyword | None]]] = {
-    "type": ("types", "", _type), "enum": ("array", "", _enum), "const": ("any", "", _const),
-    "required": ("names", "object", _required),
+    "type": ("types", "", _type),
+    "enum": ("array", "", _rule(lambda value, arg: _key(value) in map(_key, arg),
+                                "be one of {}", show=_options)),
+    "const": ("any", "", _rule(lambda value, arg: _key(value) == _key(arg), "be {}")),
+    "required": ("names", "object", _required), "properties": ("map", "object", _properties),
     "dependentRequired": ("deps", "object", _dependent_required),
-    "minProperties": ("integer", "object", _limit(len, operator.ge, "have at least {} fields")),
-    "maxProperties": ("integer", "object", _limit(len, operator.le, "have at most {} fields")),
-    "properties": ("map", "object", _properties),
+    "minProperties": ("integer", "object", _rule(operator.ge, "have at least {} fields", len)),
+    "maxProperties": ("integer", "object", _rule(operator.le, "have at most {} fields", len)),
     "patternProperties": ("map", "object", _pattern_properties),
     "additionalProperties": ("schema", "object", _additional),
     "propertyNames": ("schema", "object", _property_names),
     "dependentSchemas": ("map", "object", _dependent_schemas),
-    "minItems": ("integer", "array", _limit(len, operator.ge, "have at least {} items")),
-    "maxItems": ("integer", "array", _limit(len, operator.le, "have at most {} items")),
-    "uniqueItems": ("boolean", "array", _unique),
+    "minItems": ("integer", "array", _rule(operator.ge, "have at least {} items", len)),
+    "maxItems": ("integer", "array", _rule(operator.le, "have at most {} items", len)),
+    "uniqueItems": ("boolean", "array", _rule(
+        lambda value, arg: not arg or len(set(map(_key, value))) == len(value), "hold unique items")),
     "prefixItems": ("schemas", "array", _items), "items": ("schema", "array", _items),
     "contains": ("schema", "array", _contains),
-    "minLength": ("integer", "string", _limit(len, operator.ge, "have at least {} characters")),
-    "maxLength": ("integer", "string", _limit(len, operator.le, "have at most {} characters")),
-    "pattern": ("string", "string", _pattern),
-    # operator.pos: a number itself (bools, which +x would turn into ints, do not apply).
-    "minimum": ("number", "number", _limit(operator.pos, operator.ge, "be at least {}")),
-    "maximum": ("number", "number", _limit(operator.pos, operator.le, "be at most {}")),
-    "exclusiveMinimum": ("number", "number", _limit(operator.pos, operator.gt, "be greater than {}")),
-    "exclusiveMaximum": ("number", "number", _limit(operator.pos, operator.lt, "be less than {}")),
-    "multipleOf": ("number", "number", _multiple_of),
+    "minLength": ("integer", "string", _rule(operator.ge, "have at least {} characters", len)),
+    "maxLength": ("integer", "string", _rule(operator.le, "have at most {} characters", len)),
+    "pattern": ("string", "string", _rule(lambda value, arg: _regex(arg).search(value),
+                                          "match the pattern {}")),
+    "minimum": ("number", "number", _rule(operator.ge, "be at least {}")),
+    "maximum": ("number", "number", _rule(operator.le, "be at most {}")),
+    "exclusiveMinimum": ("number", "number", _rule(operator.gt, "be greater than {}")),
+    "exclusiveMaximum": ("number", "number", _rule(operator.lt, "be less than {}")),
+    "multipleOf": ("number", "number", _rule(_is_multiple, "be a multiple of {}")),
     "allOf": ("schemas", "", _all_of), "anyOf": ("schemas", "", _any_of),
-    "oneOf": ("schemas", "", functools.partial(_any_of, one=True)), "not": ("schema", "", _not), "if": ("schema", "", _if),
-    "$ref": ("string", "", _ref), "then": ("schema", "", None), "else": ("schema", "", None),
+    "oneOf": ("schemas", "", functools.partial(_any_of, one=True)),
+    "not": ("schema", "", _not), "if": ("schema", "", _if), "$ref": ("string", "", _ref),
+    "then": ("schema", "", None), "else": ("schema", "", None),
     "minContains": ("integer", "", None), "maxContains": ("integer", "", None),
     # definitions: draft 7's $defs, which many generators still write.
     "$defs": ("map", "", None), "definitions": ("map", "", None),
@@ -2438,31 +2408,25 @@ def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
 def _prune(value: Any, schemas: list[Any], run: _Run) -> tuple[Any, bool]:
     if not isinstance(value, (list, dict)):
         return value, False
-    found = _described(schemas, run)
-    if isinstance(value, list):
-        items = [_prune(item, [_item_schema(s, index) for s in found], run)
-                 for index, item in enumerate(value)]
-        return [item for item, _ in items], any(pruned for _, pruned in items)
-    gone = {key for key, item in value.items() if item is None and _left_out(key, found, run)}
-    fields = {key: _prune(item, [_field_schema(s, key, s.get("additionalProperties"))
-                                 for s in found], run)
-              for key, item in value.items() if key not in gone}
-    return ({key: item for key, (item, _) in fields.items()},
-            bool(gone) or any(pruned for _, pruned in fields.values()))
+    found = list(_described(schemas, run, {}).values())
+    keys = range(len(value)) if isinstance(value, list) else [
+        key for key, item in value.items() if item is not None or not _left_out(key, found, run)]
+    inner = {key: _prune(value[key], [_inner(s, key) for s in found], run) for key in keys}
+    pruned = [item for item, _ in inner.values()] if isinstance(value, list) else {
+        key: item for key, (item, _) in inner.items()}
+    return pruned, len(inner) < len(value) or any(changed for _, changed in inner.values())
 
 
-def _described(schemas: list[Any], run: _Run) -> list[dict[str, Any]]:
+def _described(schemas: list[Any], run: _Run, found: dict[int, Any]) -> dict[int, Any]:
     """The schemas that apply to a value in place: these, their $ref targets and the
-    branches of their allOf, anyOf and oneOf, each once."""
-    found: dict[int, dict[str, Any]] = {}
-    todo = list(schemas)
-    while todo:
-        schema = todo.pop()
+    branches of their allOf, anyOf and oneOf, each once (by id)."""
+    for schema in schemas:
         if isinstance(schema, dict) and id(schema) not in found:
             found[id(schema)] = schema
-            todo += [*schema.get("allOf", ()), *schema.get("anyOf", ()), *schema.get("oneOf", ())]
-            todo += [_pointer(run.root, schema["$ref"])] if "$ref" in schema else []
-    return list(found.values())
+            refs = [_pointer(run.root, schema["$ref"])] if "$ref" in schema else []
+            _described([*schema.get("allOf", ()), *schema.get("anyOf", ()),
+                        *schema.get("oneOf", ()), *refs], run, found)
+    return found
 
 
 def _left_out(key: str, found: list[dict[str, Any]], run: _Run) -> bool:
@@ -2473,17 +2437,20 @@ def _left_out(key: str, found: list[dict[str, Any]], run: _Run) -> bool:
     return optional and not any(key in s.get("required", ()) for s in found)
 
 
-def _field_schema(schema: dict[str, Any], key: str, other: Any) -> Any:
-    """The schema of field `key` by properties, else True when a patternProperties
-    matches it, else `other`."""
-    if key in schema.get("properties", {}):
-        return schema["properties"][key]
-    return True if any(_regex(p).search(key) for p in schema.get("patternProperties", ())) else other
+def _inner(schema: dict[str, Any], key: Any) -> Any:
+    """The schema of an item (`key` an index: prefixItems, items) or of a field
+    (properties; patternProperties, as True; additionalProperties); None if none."""
+    if isinstance(key, int):
+        before = schema.get("prefixItems", ())
+        return before[key] if key < len(before) else schema.get("items")
+    named = schema.get("properties", {}).get(key, _named(schema, key) or None)
+    return schema.get("additionalProperties") if named is None else named
 
 
-def _item_schema(schema: dict[str, Any], index: int) -> Any:
-    before = schema.get("prefixItems", ())
-    return before[index] if index < len(before) else schema.get("items")
+def _named(schema: dict[str, Any], key: str) -> bool:
+    """Whether properties or patternProperties of `schema` name the field `key`."""
+    return key in schema.get("properties", {}) or any(
+        _regex(pattern).search(key) for pattern in schema.get("patternProperties", ()))
 
 
 def _at(path: str, key: Any) -> str:

@@ -1802,7 +1802,7 @@ def test_json_schema_suite_sample_through_generate(server: Scripted, schema: dic
     ("abc$", {"pattern": "^abc[$]$"}, None),
     ("\u0663", {"pattern": "^\\d$"}, '$: must match the pattern "^\\\\d$", got "\u0663"'),
     # messages of the other keywords name the path, what was expected and what came
-    ([1, 1], {"uniqueItems": True}, "$: items must be unique, got [1, 1]"),
+    ([1, 1], {"uniqueItems": True}, "$: must hold unique items, got [1, 1]"),
     ([1, True], {"uniqueItems": True}, None),
     ([2], {"contains": {"type": "string"}},
      "$: must hold at least 1 items that match contains, got 0"),
