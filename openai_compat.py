@@ -1965,10 +1965,11 @@ def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
 
 
 def _build(value: Any, annotation: Any) -> Any:
-    """The Python value a type hint asks for, made from JSON that _check accepted.
+    """The Python value a type hint asks for, made from JSON that _validate accepted.
 
-    A dataclass becomes an instance (nested ones too), an Enum its member; lists and
-    TypedDicts have their items built likewise; anything else is returned as it is.
+    A dataclass becomes an instance (nested ones too), an Enum its member, an int's 3.0
+    (an integer to JSON Schema) 3; lists and TypedDicts have their items built likewise;
+    anything else is returned as it is.
     """
     annotation = _unwrap(annotation)
     origin = typing.get_origin(annotation)
@@ -2207,6 +2208,7 @@ def _kinds(schema: Any) -> list[str]:
 
 
 def _type(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """type: a name or a list of names, one of which the value must be."""
     if any(_TYPES[kind](value) for kind in _kinds(schema)):
         return None
     return f"{path}: expected {' or '.join(_kinds(schema))}, got {_describe(value)}"
@@ -2219,21 +2221,25 @@ def _options(arg: list[Any]) -> str:
 
 
 def _required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """required: the fields an object must have (the first missing one is named)."""
     missing = next((name for name in arg if name not in value), None)
     return None if missing is None else f"{path}: missing required field {_short(missing)}"
 
 
 def _dependent_required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """dependentRequired: the fields an object must have when it has a given one."""
     return _first(f"{problem} (required with {_short(key)})" for key, names in arg.items()
                   if key in value and (problem := _required(run, value, names, schema, path)))
 
 
 def _properties(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """properties: each field it names matches that field's schema."""
     return _first(run.check(item, arg[key], _at(path, key))
                   for key, item in value.items() if key in arg)
 
 
 def _pattern_properties(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """patternProperties: each field matches the schema of every regex its name matches."""
     return _first(run.check(item, sub, _at(path, key)) for key, item in value.items()
                   for pattern, sub in arg.items() if _regex(pattern).search(key))
 
@@ -2247,10 +2253,12 @@ def _additional(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str 
 
 
 def _property_names(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """propertyNames: each field name, a string, matches the schema."""
     return _first(run.check(key, arg, f"{_at(path, key)}: field name") for key in value)
 
 
 def _dependent_schemas(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """dependentSchemas: an object that has a given field matches that field's schema."""
     return _first(run.check(value, sub, path) for key, sub in arg.items() if key in value)
 
 
@@ -2298,6 +2306,7 @@ def _rule(holds: Callable[[Any, Any], Any], words: str, measure: Callable[[Any],
 
 
 def _all_of(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """allOf: the value matches every schema."""
     return _first(run.check(value, option, path) for option in arg)
 
 
@@ -2324,11 +2333,13 @@ def _any_of(run: _Run, value: Any, arg: Any, schema: Any, path: str, one: bool =
 
 
 def _not(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """not: the value does not match the schema."""
     return None if run.check(value, arg, path) is not None else (
         f"{path}: must not match {_short(arg)}, got {_short(value)}")
 
 
 def _if(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    """if: a value that matches it must match then, one that does not must match else."""
     branch = "then" if run.check(value, arg, path) is None else "else"
     return run.check(value, schema.get(branch, True), path)
 
@@ -2406,6 +2417,7 @@ def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
 
 
 def _prune(value: Any, schemas: list[Any], run: _Run) -> tuple[Any, bool]:
+    """_prune_nulls below the root: `value` and the schemas that describe it."""
     if not isinstance(value, (list, dict)):
         return value, False
     found = list(_described(schemas, run, {}).values())
