@@ -1819,7 +1819,7 @@ class Tool:
             raise ConfigError(f"tool name {self.name!r} must be 1-64 letters, digits, _ or -")
         if not isinstance(self.parameters, dict):
             raise ConfigError(f"tool {self.name!r}: parameters must be a JSON Schema dict")
-        _vet_schema(self.parameters, f"tool {self.name!r}")
+        _vet_schema(self.parameters, f"tool {self.name!r} parameters")
         if self.function is not None:
             try:
                 takes_any = any(p.kind is p.VAR_KEYWORD
