@@ -103,40 +103,13 @@ import urllib3.exceptions
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "FALLBACK_MODELS",
-    "DEFAULT_MAX_STEPS",
-    "OpenAICompatError",
-    "ConfigError",
-    "APIError",
-    "EndpointUnavailableError",
-    "RequestTimeoutError",
-    "AuthenticationError",
-    "RateLimitError",
-    "ModelNotFoundError",
-    "ContextLengthError",
-    "BadRequestError",
-    "ServerError",
-    "StreamError",
-    "OutputError",
-    "classify_error",
-    "Usage",
-    "ToolCall",
-    "ToolResult",
-    "Chunk",
-    "Step",
-    "Result",
-    "Stream",
-    "Config",
-    "Client",
-    "stream",
-    "generate",
-    "available_models",
-    "first_available_model",
-    "Tool",
-    "tool",
-    "main",
+__all__ = [  # everything a user calls, receives or catches, in file order
+    "DEFAULT_MODEL", "FALLBACK_MODELS", "DEFAULT_MAX_STEPS", "OpenAICompatError",
+    "ConfigError", "APIError", "EndpointUnavailableError", "RequestTimeoutError",
+    "AuthenticationError", "RateLimitError", "ModelNotFoundError", "ContextLengthError",
+    "BadRequestError", "ServerError", "StreamError", "OutputError", "classify_error", "Usage",
+    "ToolCall", "ToolResult", "Chunk", "Step", "Result", "Stream", "Config", "Client",
+    "stream", "generate", "available_models", "first_available_model", "Tool", "tool", "main",
 ]
 
 _log = logging.getLogger("openai_compat")
@@ -146,15 +119,8 @@ _log.addHandler(logging.NullHandler())
 # ==== Constants ====
 
 DEFAULT_MODEL: Final = "gpt-3.5-turbo"
-FALLBACK_MODELS: Final = (
-    "gpt-4o",
-    "gpt-4o-mini",
-    "gpt-4-turbo",
-    "gpt-3.5-turbo",
-    "claude-3-5-sonnet",
-    "claude-3-haiku",
-    "gemini-pro",
-)
+FALLBACK_MODELS: Final = ("gpt-4o", "gpt-4o-mini", "gpt-4-turbo", "gpt-3.5-turbo",
+                          "claude-3-5-sonnet", "claude-3-haiku", "gemini-pro")
 DEFAULT_MAX_STEPS: Final = 10
 
 _ENV_BASE_URL: Final = "OPENAI_COMPATIBLE_BASE_URL"
@@ -235,7 +201,9 @@ class APIError(OpenAICompatError):
 
     def _hint(self) -> str:
         """What to do next, appended to the message."""
-        return ""
+        return self._HINT
+
+    _HINT: ClassVar[str] = ""
 
 
 class EndpointUnavailableError(APIError, ConnectionError):
@@ -257,9 +225,7 @@ class RequestTimeoutError(APIError, TimeoutError):
     """
 
     retryable = True
-
-    def _hint(self) -> str:
-        return f"Raise the timeout ({_ENV_TIMEOUT} or timeout=) for slow or cold servers"
+    _HINT = f"Raise the timeout ({_ENV_TIMEOUT} or timeout=) for slow or cold servers"
 
 
 class AuthenticationError(APIError):
@@ -268,8 +234,7 @@ class AuthenticationError(APIError):
     Not retryable: fix the key.
     """
 
-    def _hint(self) -> str:
-        return f"Check the API key ({_ENV_API_KEY} or api_key=)"
+    _HINT = f"Check the API key ({_ENV_API_KEY} or api_key=)"
 
 
 class RateLimitError(APIError):
@@ -290,16 +255,13 @@ class RateLimitError(APIError):
 class ModelNotFoundError(APIError):
     """The server does not know the model. Not retryable: pick a listed model."""
 
-    def _hint(self) -> str:
-        return (f"List the server's models with `openai-compat models`; set {_ENV_MODEL} "
-                "or pass model=")
+    _HINT = f"List the server's models with `openai-compat models`; set {_ENV_MODEL} or pass model="
 
 
 class ContextLengthError(APIError):
     """The prompt (plus max_tokens) does not fit the model's context window."""
 
-    def _hint(self) -> str:
-        return "Shorten the messages or lower max_tokens, or use a model with a larger context"
+    _HINT = "Shorten the messages or lower max_tokens, or use a model with a larger context"
 
 
 class BadRequestError(APIError):
@@ -318,9 +280,7 @@ class ServerError(APIError):
     """HTTP 5xx: the server failed. Retried automatically; safe to retry later."""
 
     retryable = True
-
-    def _hint(self) -> str:
-        return "The server failed; retry later or look at the server's log"
+    _HINT = "The server failed; retry later or look at the server's log"
 
 
 class StreamError(APIError):
@@ -329,9 +289,7 @@ class StreamError(APIError):
     """
 
     retryable = True
-
-    def _hint(self) -> str:
-        return "The answer was cut short; .partial_text holds what arrived"
+    _HINT = "The answer was cut short; .partial_text holds what arrived"
 
 
 class OutputError(APIError):
@@ -339,8 +297,7 @@ class OutputError(APIError):
     (twice at most). `partial_text` holds the last answer. Retrying the same request
     rarely helps: a simpler schema or a model that follows instructions does."""
 
-    def _hint(self) -> str:
-        return "The model's answer did not match schema=; .partial_text holds the last one"
+    _HINT = "The model's answer did not match schema=; .partial_text holds the last one"
 
 
 # Ordered: the first row whose pattern matches the message wins. Statuses that
@@ -352,49 +309,30 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
     # Gemini "models/x is not found for API version v1beta". First, so that nothing an id holds
     # (a "context" or "rate-limit" in its name) can outrank it; the gap after "model"
     # takes any character but a newline: ids hold dots, colons, slashes, @ and quotes.
-    (
-        ModelNotFoundError,
-        re.compile(
-            r"\bmodels?\b[^\n]{0,200}?\b(?:not found|does not exist|not exist|is not available)"
-            r"|model_not_found|invalid model name|unknown model|no such model"
-            r"|unable to access model",
-            re.IGNORECASE,
-        ),
-    ),
+    (ModelNotFoundError, re.compile(
+        r"\bmodels?\b[^\n]{0,200}?\b(?:not found|does not exist|not exist|is not available)"
+        r"|model_not_found|invalid model name|unknown model|no such model|unable to access model",
+        re.IGNORECASE)),
     # vLLM/OpenAI/llama-cpp-python "maximum context length is N tokens", llama.cpp
     # exceed_context_size_error "exceeds the available context size", LiteLLM
     # ContextWindowExceededError, Anthropic-compat "prompt is too long".
-    (
-        ContextLengthError,
-        re.compile(
-            r"context[ _-]?(?:length|size|window)|maximum context|exceed_context"
-            r"|too many tokens|prompt is too long|reduce the length of the (?:messages|input)",
-            re.IGNORECASE,
-        ),
-    ),
+    (ContextLengthError, re.compile(
+        r"context[ _-]?(?:length|size|window)|maximum context|exceed_context"
+        r"|too many tokens|prompt is too long|reduce the length of the (?:messages|input)",
+        re.IGNORECASE)),
     # LiteLLM answers a wrong key with 400 "No connected db." when it has no database.
     (AuthenticationError, re.compile(r"\bno connected db\b", re.IGNORECASE)),
     # llama.cpp "Invalid API Key", llama-cpp-python "Invalid API key", OpenAI
     # "Incorrect API key provided", LiteLLM "Authentication Error, No api key passed in",
     # Gemini "API key not valid" with reason API_KEY_INVALID.
-    (
-        AuthenticationError,
-        re.compile(
-            r"(?:invalid|incorrect|missing|no) api[ _-]?key"
-            r"|api[ _-]?key[ _-](?:is[ _-])?(?:invalid|not valid|missing|required)"
-            r"|unauthori[sz]ed|authentication[ _]error|\bauthentication\b",
-            re.IGNORECASE,
-        ),
-    ),
+    (AuthenticationError, re.compile(
+        r"(?:invalid|incorrect|missing|no) api[ _-]?key"
+        r"|api[ _-]?key[ _-](?:is[ _-])?(?:invalid|not valid|missing|required)"
+        r"|unauthori[sz]ed|authentication[ _]error|\bauthentication\b", re.IGNORECASE)),
     # OpenAI "Rate limit reached", TGI 429 "Model is overloaded", Gemini RESOURCE_EXHAUSTED.
-    (
-        RateLimitError,
-        re.compile(
-            r"rate[ _-]?limit|too many requests|overloaded|resource[ _]exhausted"
-            r"|exceeded your current quota",
-            re.IGNORECASE,
-        ),
-    ),
+    (RateLimitError, re.compile(r"rate[ _-]?limit|too many requests|overloaded"
+                                r"|resource[ _]exhausted|exceeded your current quota",
+                                re.IGNORECASE)),
     # The seed's table: a bare "does not exist" is a model that does not.
     (ModelNotFoundError, re.compile(r"does not exist", re.IGNORECASE)),
     # Quirk(llama-cpp-python): a request its schema rejects ("messages" not a list,
@@ -403,19 +341,12 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
     # Transport words (no HTTP status): the seed's table ("ECONNREFUSED", the browser's
     # "Failed to fetch", Node's "fetch failed", "TimeoutError: The operation was aborted
     # due to timeout"), and what Python's socket layer says.
-    (
-        EndpointUnavailableError,
-        re.compile(
-            r"ECONNREFUSED|connection refused|ECONNRESET|connection reset|name or service not known"
-            r"|nodename nor servname|temporary failure in name resolution|no route to host"
-            r"|failed to fetch|fetch failed",
-            re.IGNORECASE,
-        ),
-    ),
-    (
-        RequestTimeoutError,
-        re.compile(r"TimeoutError|timed out|ETIMEDOUT|aborted due to timeout", re.IGNORECASE),
-    ),
+    (EndpointUnavailableError, re.compile(
+        r"ECONNREFUSED|connection refused|ECONNRESET|connection reset|name or service not known"
+        r"|nodename nor servname|temporary failure in name resolution|no route to host"
+        r"|failed to fetch|fetch failed", re.IGNORECASE)),
+    (RequestTimeoutError, re.compile(r"TimeoutError|timed out|ETIMEDOUT|aborted due to timeout",
+                                     re.IGNORECASE)),
 )
 _TRANSPORT_CLASSES: Final = (EndpointUnavailableError, RequestTimeoutError)
 
@@ -816,8 +747,9 @@ class Config:
             base_url=_base_url(url),
             api_key=key,
             model=pick(model, _ENV_MODEL),
-            timeout=_parse_seconds(pick(timeout, _ENV_TIMEOUT), _ENV_TIMEOUT, _DEFAULT_TIMEOUT),
-            max_retries=_parse_count(pick(max_retries, _ENV_MAX_RETRIES), _ENV_MAX_RETRIES),
+            timeout=_parse_number(pick(timeout, _ENV_TIMEOUT), _ENV_TIMEOUT, _DEFAULT_TIMEOUT),
+            max_retries=_parse_number(pick(max_retries, _ENV_MAX_RETRIES), _ENV_MAX_RETRIES,
+                                      _DEFAULT_MAX_RETRIES, integer=True),
         )
 
 
@@ -853,38 +785,22 @@ def _base_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
-# Query parameters whose values are secrets (Azure SAS "sig", "key=", "token=", ...).
-_SECRET_NAME: Final = re.compile(r"key|token|secret|sig|password", re.IGNORECASE)
+# The secrets a URL may hold: the userinfo password (groups 1-2), and the values of
+# query parameters named like secrets, as Azure's SAS "sig" or a "key=" (groups 3-4).
+_URL_SECRET: Final = re.compile(r"(//[^/?#@:]*:)([^/?#@]*)(?=@)"
+                                r"|([?&][^=&#]*(?:key|token|secret|sig|password)[^=&#]*=)([^&#]*)",
+                                re.IGNORECASE)
 
 
 def _url_secrets(url: str) -> list[str]:
-    """The secrets a URL holds, as written and decoded: the userinfo password and the
-    values of query parameters named like secrets."""
-    parts = urllib.parse.urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    raw = [userinfo.partition(":")[2]] if ":" in userinfo else []
-    for pair in parts.query.split("&"):
-        name, _, value = pair.partition("=")
-        if _SECRET_NAME.search(name):
-            raw.append(value)
-    return [s for r in raw for s in {r, urllib.parse.unquote(r)} if s]
+    """The secrets a URL holds, as written and percent-decoded."""
+    found = [password or value for _, password, _, value in _URL_SECRET.findall(url)]
+    return [secret for raw in found for secret in {raw, urllib.parse.unquote(raw)} if secret]
 
 
 def _shown_url(url: str) -> str:
-    """The URL with its secrets (see _url_secrets) replaced by [redacted]."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "(a URL that cannot be parsed)"
-    netloc = parts.netloc
-    userinfo, at, host = netloc.rpartition("@")
-    if ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:[redacted]{at}{host}"
-    query = "&".join(
-        f"{name}=[redacted]" if _SECRET_NAME.search(name) and sep else f"{name}{sep}{value}"
-        for name, sep, value in (pair.partition("=") for pair in parts.query.split("&"))
-    ) if parts.query else ""
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """The URL with its secrets replaced by [redacted]; the rest stays readable."""
+    return _URL_SECRET.sub(lambda m: (m.group(1) or m.group(3)) + "[redacted]", url)
 
 
 # An HTTP header name is a "token" (RFC 9110, 5.6.2); a value we send is printable ASCII.
@@ -913,42 +829,32 @@ def _check_header_value(value: str, what: str) -> None:
     """ConfigError when `value` holds a character an HTTP header cannot carry; the
     message names where it is, never the value (a key is a secret)."""
     bad = _UNPRINTABLE.search(value)
-    if bad is None:
-        return
-    char = bad.group()
-    kind = ("a line break" if char in "\r\n" else "a control character" if ord(char) < 32
-            or ord(char) == 127 else "a non-ASCII character")
-    raise ConfigError(f"{what} holds {kind} at position {bad.start()}: HTTP headers carry "
-                      "printable ASCII only (was it pasted with a newline, or from a "
-                      "rich-text editor?)")
+    if bad is not None:
+        char = bad.group()
+        kind = ("a line break" if char in "\r\n" else "a control character"
+                if char < " " or char == "\x7f" else "a non-ASCII character")
+        raise ConfigError(f"{what} holds {kind} at position {bad.start()}: HTTP headers "
+                          "carry printable ASCII only (was it pasted with a newline, or from "
+                          "a rich-text editor?)")
 
 
-def _parse_seconds(raw: str | None, name: str, default: float) -> float:
-    """A positive number of seconds, at most _MAX_TIMEOUT; ConfigError naming `name`."""
+def _parse_number(raw: str | None, name: str, default: float, *, integer: bool = False) -> Any:
+    """A silence limit from a setting: seconds above 0, at most _MAX_TIMEOUT (larger
+    ones, inf included, overflow the platform's socket timeouts); with `integer`, a count
+    of 0 or more. ConfigError naming `name` for anything else."""
     if raw is None:
         return default
     try:
-        value = float(raw)
+        value = int(raw) if integer else float(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds (got {raw!r})") from None
-    if not value > 0:  # also rejects nan
-        raise ConfigError(f"{name} must be a positive number of seconds (got {raw!r})")
-    if value > _MAX_TIMEOUT:
-        raise ConfigError(f"{name} must be at most {_MAX_TIMEOUT:.0f} seconds, the silence "
-                          f"allowed between bytes (got {raw!r}); a dead server would "
-                          "otherwise hang the program")
-    return value
-
-
-def _parse_count(raw: str | None, name: str) -> int:
-    if raw is None:
-        return _DEFAULT_MAX_RETRIES
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number (got {raw!r})") from None
-    if value < 0:
+        kind = "a whole number" if integer else "a number of seconds"
+        raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
+    if integer and value < 0:
         raise ConfigError(f"{name} must be 0 or more (got {raw!r})")
+    if not integer and not 0 < value <= _MAX_TIMEOUT:  # nan too
+        raise ConfigError(f"{name} must be a number of seconds above 0 and at most "
+                          f"{_MAX_TIMEOUT:.0f} (got {raw!r}): the silence allowed between "
+                          "bytes, so that a dead server cannot hang the program")
     return value
 
 # ==== Client ====
@@ -987,9 +893,10 @@ class Client:
             max_retries=max_retries,
         )
         given = base_url is not None and str(base_url).strip()
-        self._quirks = _Quirks(_shown_url(self.config.base_url))
+        self._lock = threading.Lock()
+        self._quirks: dict[str, None] = {}  # an ordered set: see quirks and _note
         self._http = _Connection(self.config, _check_headers(headers),
-                                 "base_url=" if given else _ENV_BASE_URL, self._quirks.note)
+                                 "base_url=" if given else _ENV_BASE_URL, self._note)
         self._discovery = _Discovery(self._http)
         # Set when a streamed request with tools came back as an empty 200 stream:
         # later calls with tools are asked for without streaming (see _model_call).
@@ -1023,8 +930,21 @@ class Client:
         so far: one short line each ("no usage in streams", "tool calls streamed
         without index", "stream_options rejected: dropped", ...), in the order first
         seen, each also logged once at INFO. A copy; `openai-compat check` prints it."""
-        with self._quirks.lock:
-            return list(self._quirks.lines)
+        with self._lock:
+            return list(self._quirks)
+
+    def _note(self, line: str) -> None:
+        """Add a line to quirks (once; logged once at INFO). NOTE: runs inside a stream's
+        loop for a server that deviates on every event; a line already noted costs one
+        dict lookup, without the lock."""
+        if line in self._quirks:
+            return
+        with self._lock:
+            if line in self._quirks:
+                return
+            self._quirks[line] = None
+        _log.info("%s deviates from OpenAI's behaviour (absorbed): %s", self._http.shown_url,
+                  line)
 
     def available_models(self, *, fallback: bool = True) -> list[str]:
         """Model ids from GET {base_url}/models, asked at most once per Client (5 s limit).
@@ -1049,7 +969,7 @@ class Client:
         raises the last classified error; any other error (a wrong key, no /models
         route) is raised at once, since waiting cannot mend it.
         """
-        limit = self.config.timeout if timeout is None else _parse_seconds(
+        limit = self.config.timeout if timeout is None else _parse_number(
             str(timeout), "timeout=", self.config.timeout)
         return self._discovery.wait_ready(limit)
 
@@ -1086,33 +1006,6 @@ class Client:
         for _ in _iter_steps(self, _prepare(self, prompt, options), outcome):
             pass
         return outcome[0]
-
-
-class _Quirks:
-    """The deviations from OpenAI's behaviour that one Client has absorbed (see
-    Client.quirks): one short line each, in the order first seen, each logged once at
-    INFO. Thread-safe.
-
-    NOTE: note() runs inside a stream's loop for a server that deviates on every event
-    (CR line endings, reasoning fields); a line already noted costs one set lookup,
-    without the lock.
-    """
-
-    def __init__(self, shown_url: str) -> None:
-        self.shown_url = shown_url
-        self.lines: list[str] = []
-        self.seen: set[str] = set()
-        self.lock = threading.Lock()
-
-    def note(self, line: str) -> None:
-        if line in self.seen:
-            return
-        with self.lock:
-            if line in self.seen:
-                return
-            self.seen.add(line)
-            self.lines.append(line)
-        _log.info("%s deviates from OpenAI's behaviour (absorbed): %s", self.shown_url, line)
 
 
 _default: Client | None = None
@@ -1329,7 +1222,7 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ConfigError(f"max_steps must be a whole number of at least 1 (got {max_steps!r})")
     timeout = opts.pop("timeout", None)
-    timeout = client.config.timeout if timeout is None else _parse_seconds(
+    timeout = client.config.timeout if timeout is None else _parse_number(
         str(timeout), "timeout=", client.config.timeout)
     extra_body = opts.pop("extra_body", None)
     if extra_body is not None and not isinstance(extra_body, Mapping):
@@ -1399,36 +1292,24 @@ def _iter_steps(client: Client, request: _Request,
     to the model with what was wrong, twice at most. Yields every Chunk; appends
     the Result to `outcome`."""
     _check_async_tools(request.tools)
-    note = client._quirks.note
     messages: list[dict[str, Any]] = request.body["messages"]
     steps: list[Step] = []
-    finish: str | None = None
-    data, repairs = None, 0
+    finish, data, repairs = None, None, 0
     for step in range(1, request.max_steps + 1):
         record = yield from _model_call(client, {**request.body, "messages": list(messages)},
                                         step, request)
         yield Chunk("finish", finish_reason=record.finish_reason, usage=record.usage, step=step)
-        calls, finish = record.tool_calls, record.finish_reason
-        run_calls = bool(calls and request.tools and finish != "length"
-                         and step < request.max_steps)
-        # Calls that are not run stay out of the history: a conversation whose
-        # assistant turn asks for tools must be followed by their results.
-        messages.append(_assistant_message(record, with_calls=run_calls))
-        results: list[ToolResult] = []
-        for call in calls:
-            yield Chunk("tool_call", tool_call=call, step=step)
-            if run_calls:
-                results.append(_execute(call, request.tools, note))
-                messages.append({"role": "tool", "tool_call_id": call.id,
-                                 "content": results[-1].content})
-                yield Chunk("tool_result", tool_call=call, tool_result=results[-1], step=step)
+        finish = record.finish_reason
+        run = bool(record.tool_calls and request.tools and finish != "length"
+                   and step < request.max_steps)
+        results = yield from _iter_tool_calls(record, step, run, request, messages, client._note)
         steps.append(replace(record, tool_results=results))
-        if run_calls:
+        if run:
             continue
-        if calls and request.tools and step >= request.max_steps and finish != "length":
+        if record.tool_calls and request.tools and step >= request.max_steps and finish != "length":
             finish = "max_steps"
         elif request.schema is not None and not record.refusal:
-            problem, data = _read_answer(record.text, request, note)
+            problem, data = _read_answer(record.text, request, client._note)
             if problem is not None:
                 if repairs == _REPAIRS or step == request.max_steps:
                     raise client._http.stamp(OutputError(
@@ -1439,6 +1320,25 @@ def _iter_steps(client: Client, request: _Request,
                 continue
         break
     outcome.append(_result(steps, finish, messages, data))
+
+
+def _iter_tool_calls(record: Step, step: int, run: bool, request: _Request,
+                     messages: list[dict[str, Any]], note: Callable[[str], None]
+                     ) -> Generator[Chunk, None, list[ToolResult]]:
+    """A step's calls as Chunks, each run when `run` is set (a "tool_result" Chunk
+    after its "tool_call" one), the conversation extended; returns the results."""
+    # Calls that are not run stay out of the history: a conversation whose assistant
+    # turn asks for tools must be followed by their results.
+    messages.append(_assistant_message(record, with_calls=run))
+    results: list[ToolResult] = []
+    for call in record.tool_calls:
+        yield Chunk("tool_call", tool_call=call, step=step)
+        if run:
+            results.append(_execute(call, request.tools, note))
+            messages.append({"role": "tool", "tool_call_id": call.id,
+                             "content": results[-1].content})
+            yield Chunk("tool_result", tool_call=call, tool_result=results[-1], step=step)
+    return results
 
 
 def _check_async_tools(tools: Mapping[str, Tool]) -> None:
@@ -1765,22 +1665,11 @@ def _tool_content(value: Any) -> str:
 def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]],
             data: Any = None) -> Result:
     usages = [s.usage for s in steps if s.usage is not None]
-    total = None
-    for usage in usages:
-        total = usage if total is None else total + usage
     last = steps[-1] if steps else Step()
-    return Result(
-        text=last.text,
-        reasoning=last.reasoning,
-        refusal=last.refusal,
-        data=data,
-        steps=steps,
-        tool_calls=[c for s in steps for c in s.tool_calls],
-        tool_results=[r for s in steps for r in s.tool_results],
-        finish_reason=finish,
-        usage=total,
-        messages=messages,
-    )
+    return Result(last.text, last.reasoning, last.refusal, data, steps,
+                  [c for s in steps for c in s.tool_calls],
+                  [r for s in steps for r in s.tool_results], finish,
+                  functools.reduce(operator.add, usages) if usages else None, messages)
 
 # ==== Tools ====
 
@@ -2572,7 +2461,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     NOTE: the per-event loop stays in this one frame (no helper generator between the
     events and the caller): every frame a Chunk passes costs time on every event.
     """
-    http, note = client._http, client._quirks.note
+    http, note = client._http, client._note
     http.prepare(body, request.schema)
     answer = _Answer(step, note)
     if client._tools_unstreamed and "tools" in body:
@@ -2608,7 +2497,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
                     else:
                         yield got
         except (APIError, ValueError, RecursionError, *_TRANSPORT_ERRORS) as exc:
-            raise http.stamp(_broken_stream(exc, answer)) from None
+            raise _cut_short(exc, answer, http, request.timeout) from None
         if answer.done:
             _drain(response, chunks)
     _note_model(client, body.get("model"), answer.model)
@@ -2834,20 +2723,18 @@ def _unnoted(line: str) -> None:
     """A quirk sink for error bodies inside streams: their form is noted as a whole."""
 
 
-def _broken_stream(exc: BaseException, answer: _Answer) -> APIError:
-    """The module's error for a stream that failed after its answer began (never
-    retried: the caller has seen part of it), keeping the text that had arrived."""
+def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
+               timeout: float) -> APIError:
+    """The error of a stream that failed after its answer began (never retried: the
+    caller has seen part of it), keeping the text that had arrived."""
     if isinstance(exc, APIError):
         error = exc
-    elif isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError, requests.Timeout)):
-        error = RequestTimeoutError("the server went silent in the middle of the stream")
-    elif isinstance(exc, ValueError):
+    elif isinstance(exc, (ValueError, RecursionError)):
         error = StreamError("the stream was cut short or sent malformed JSON")
     else:
-        error = StreamError("the connection broke in the middle of the stream "
-                            f"({_transport_reason(str(exc))})")
+        error = http.transport_error(exc, timeout, "stream")
     error.partial_text = "".join(answer.text)
-    return error
+    return http.stamp(error)
 
 
 def _ended(answer: _Answer, body: dict[str, Any], http: _Connection) -> Step:
@@ -2871,15 +2758,13 @@ def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
     # context. Nothing was yielded: ask once more without streaming, which answers or
     # raises the classified error. With tools, assume the server cannot stream them
     # and stop trying.
-    if "tools" in body and not client._tools_unstreamed:
+    tools = "tools" in body and not client._tools_unstreamed
+    if tools:
         client._tools_unstreamed = True
-        client._quirks.note("tool calls only unstreamed")
-        _log.warning("the server ended a stream with tools without any event; asking"
-                     " without streaming, for calls with tools from now on")
-    else:
-        client._quirks.note("empty 200 stream: asked again without streaming")
-        _log.warning("the server ended a stream without any event; asking again"
-                     " without streaming")
+    client._note("tool calls only unstreamed" if tools
+                 else "empty 200 stream: asked again without streaming")
+    _log.warning("the server ended a stream without any event; asking again without "
+                 "streaming%s", " (and for calls with tools from now on)" if tools else "")
 
 
 def _ask_whole(client: Client, body: dict[str, Any], request: _Request,
@@ -2914,8 +2799,8 @@ def _note_model(client: Client, asked: object, answered: object) -> None:
         return
     if asked.lower() in answered.lower() or answered.lower() in asked.lower():
         return
-    client._quirks.note("answers with another model than asked")
-    with client._quirks.lock:
+    client._note("answers with another model than asked")
+    with client._lock:
         if asked in client._models_warned:
             return
         client._models_warned.add(asked)
@@ -3030,19 +2915,14 @@ class _Answer:
         # parts hold reasoning as a nested list of text parts.
         self.note("content as a list of parts")
         for part in content if isinstance(content, list) else [content]:
-            if isinstance(part, str):
-                text, kind = part, "text"
-            elif isinstance(part, dict):
-                kind = "reasoning" if part.get("type") in ("thinking", "reasoning") else "text"
-                inner = part.get("thinking") if kind == "reasoning" else part.get("text")
-                if isinstance(inner, list):
-                    inner = "".join(p.get("text", "") for p in inner if isinstance(p, dict))
-                text = inner if isinstance(inner, str) else ""
-            else:
-                continue
-            if text:
-                (self.text if kind == "text" else self.reasoning).append(text)
-                chunks.append(_delta_chunk("text" if kind == "text" else "reasoning", text,
+            part = {"text": part} if isinstance(part, str) else part
+            thinking = isinstance(part, dict) and part.get("type") in ("thinking", "reasoning")
+            text = part.get("thinking" if thinking else "text") if isinstance(part, dict) else ""
+            if isinstance(text, list):
+                text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+            if text and isinstance(text, str):
+                (self.reasoning if thinking else self.text).append(text)
+                chunks.append(_delta_chunk("reasoning" if thinking else "text", text,
                                            self.step, raw))
         return chunks
 
@@ -3227,7 +3107,7 @@ class _Connection:
                     stale_resent = True
                     _log.debug("kept-alive connection was closed by the server; resending")
                     continue
-                error = self.transport_error(exc, timeout, unstreamed=not body.get("stream"))
+                error = self.transport_error(exc, timeout, "" if body.get("stream") else "whole")
                 # Connection failures (a connect timeout included) happened before the
                 # server saw the request: safe to resend. A read timeout did not.
                 if attempt >= self.config.max_retries or not isinstance(
@@ -3361,15 +3241,14 @@ class _Connection:
                      self.shown_url, name, error.message)
         self.note("tools rejected: resent without them" if name == "tools"
                   else f"{name} rejected: dropped")
-        dropped = ("tools", "tool_choice") if name == "tools" else (name,)
         with self.lock:
-            self.refused.update(dropped)
-        for field_name in dropped:
-            body.pop(field_name, None)
+            self.refused.update(("tools", "tool_choice") if name == "tools" else (name,))
+        self.prepare(body, None)
         return True
 
     def get_text(self, path: str, seconds: float) -> tuple[int, str, float | None]:
-        """GET base_url + path within `seconds` in all: status, body text, Retry-After."""
+        """GET base_url + path: status, body text (8 MiB at most), Retry-After. Each
+        read waits `seconds` at most; the caller bounds the whole (see _fetch_models)."""
         started = time.monotonic()
         try:
             with self.request("GET", path, seconds) as response:
@@ -3377,11 +3256,7 @@ class _Connection:
                 self.models_answer = (f"GET {path}: HTTP {response.status_code}"
                                       + (f" from {server}" if server else "")
                                       + f" in {time.monotonic() - started:.2f} s")
-                body = bytearray()
-                for piece in response.iter_content(8192):
-                    body += piece
-                    if time.monotonic() - started > seconds or len(body) > 8 * 1024 * 1024:
-                        raise self.stamp(RequestTimeoutError(f"GET {path} took too long"))
+                body = response.raw.read(8 * 1024 * 1024, decode_content=True) or b""
                 return (response.status_code, body.decode("utf-8", "replace"),
                         _retry_after(response.headers))
         except _TRANSPORT_ERRORS as exc:
@@ -3399,7 +3274,7 @@ class _Connection:
         try:
             raw = response.content
         except _TRANSPORT_ERRORS as exc:
-            raise self.transport_error(exc, timeout, unstreamed=True) from None
+            raise self.transport_error(exc, timeout, "whole") from None
         try:
             return _CHUNK_JSON.decode(raw.decode("utf-8", "replace"))
         except (ValueError, RecursionError):
@@ -3413,26 +3288,30 @@ class _Connection:
         return self.stamp(_error_from_body(status, text, self.note, retry_after))
 
     def transport_error(self, exc: BaseException, timeout: float | None = None,
-                        unstreamed: bool = False) -> APIError:
-        """The classified error for a transport failure. `timeout`: the silence limit the
-        request had. `unstreamed`: the request asked for a whole answer, which servers
-        send only once it is complete."""
+                        when: str = "") -> APIError:
+        """The module's error for a transport failure, stamped. `timeout`: the request's
+        silence limit. `when`: "whole" for a request that asked for a whole answer
+        (servers send it only once it is complete); "stream" once a stream's answer
+        had begun (never retried then: the caller has seen part of it)."""
         timeout = self.config.timeout if timeout is None else timeout
-        if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
-            return self.stamp(RequestTimeoutError(f"could not connect within {timeout:g} s"))
-        if isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-            return self.stamp(RequestTimeoutError(
-                f"the server sent nothing for {timeout:g} s"
-                + (" while composing a whole answer (non-streamed answers arrive only when"
-                   " complete; stream() shows progress)" if unstreamed else "")))
         reason = _transport_reason(str(exc))
-        # A broken chunked body is a connection that failed while reading, not one
-        # that could not be made: the server had answered.
-        if isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
-            exc, requests.exceptions.ChunkedEncodingError
-        ):
-            return self.stamp(EndpointUnavailableError(f"cannot connect: {reason}"))
-        return self.stamp(StreamError(f"the connection failed while reading: {reason}"))
+        error: APIError
+        if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
+            error = RequestTimeoutError(f"could not connect within {timeout:g} s")
+        elif isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError,
+                              TimeoutError)):
+            error = RequestTimeoutError(f"the server sent nothing for {timeout:g} s" + {
+                "whole": " while composing a whole answer (non-streamed answers arrive only"
+                         " when complete; stream() shows progress)",
+                "stream": " in the middle of the stream"}.get(when, ""))
+        # A broken chunked body is a connection that failed while reading, not one that
+        # could not be made: the server had answered.
+        elif isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
+                exc, requests.exceptions.ChunkedEncodingError) and when != "stream":
+            error = EndpointUnavailableError(f"cannot connect: {reason}")
+        else:
+            error = StreamError(f"the connection broke while reading the answer: {reason}")
+        return self.stamp(error)
 
     def stamp(self, exc: APIError) -> APIError:
         """Say where an error came from, and redact the secrets: every APIError a Client

@@ -2054,15 +2054,15 @@ def test_a_quirk_is_logged_once_at_info_and_quirks_is_a_copy(
 
 
 def test_quirks_from_many_threads_are_listed_once(server: Scripted) -> None:
-    sink = oc._Quirks("http://example")
+    client = server.client()
     lines = [f"quirk {i % 7}" for i in range(700)]
-    threads = [threading.Thread(target=lambda part=part: [sink.note(x) for x in part])
+    threads = [threading.Thread(target=lambda part=part: [client._note(x) for x in part])
                for part in (lines[i::8] for i in range(8))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(10)
-    assert sorted(sink.lines) == [f"quirk {i}" for i in range(7)]
+    assert sorted(client.quirks) == [f"quirk {i}" for i in range(7)]
 
 
 def test_stream_reasoning_chunks(server: Scripted) -> None:
