@@ -501,11 +501,9 @@ class Usage:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-            self.total_tokens + other.total_tokens,
-        )
+        return Usage(self.prompt_tokens + other.prompt_tokens,
+                     self.completion_tokens + other.completion_tokens,
+                     self.total_tokens + other.total_tokens)
 
 
 @dataclass(frozen=True)
@@ -705,22 +703,14 @@ class Config:
 
     def __repr__(self) -> str:
         key = "'[redacted]'" if self.api_key else "None"
-        return (
-            f"Config(base_url={_shown_url(self.base_url)!r}, api_key={key}, "
-            f"model={self.model!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r})"
-        )
+        return (f"Config(base_url={_shown_url(self.base_url)!r}, api_key={key}, model="
+                f"{self.model!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r})")
 
     @classmethod
-    def from_env(
-        cls,
-        environ: Mapping[str, str] | None = None,
-        *,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        model: str | None = None,
-        timeout: float | str | None = None,
-        max_retries: int | str | None = None,
-    ) -> Config:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, base_url: str | None = None,
+                 api_key: str | None = None, model: str | None = None,
+                 timeout: float | str | None = None, max_retries: int | str | None = None
+                 ) -> Config:
         """Merge explicit arguments over OPENAI_COMPATIBLE_* variables over defaults.
 
         Blank (empty or whitespace-only) values count as unset. Raises ConfigError
@@ -736,21 +726,15 @@ class Config:
 
         url = pick(base_url, _ENV_BASE_URL)
         if url is None:
-            raise ConfigError(
-                f"No endpoint configured: set {_ENV_BASE_URL} (for example "
-                "http://localhost:11434/v1 for Ollama) or pass base_url= to Client()"
-            )
+            raise ConfigError(f"No endpoint configured: set {_ENV_BASE_URL} (for example "
+                              "http://localhost:11434/v1 for Ollama) or pass base_url= to Client()")
         key = pick(api_key, _ENV_API_KEY)
         if key is not None:
             _check_header_value(key, f"the API key ({_ENV_API_KEY} or api_key=)")
-        return cls(
-            base_url=_base_url(url),
-            api_key=key,
-            model=pick(model, _ENV_MODEL),
-            timeout=_parse_number(pick(timeout, _ENV_TIMEOUT), _ENV_TIMEOUT, _DEFAULT_TIMEOUT),
-            max_retries=_parse_number(pick(max_retries, _ENV_MAX_RETRIES), _ENV_MAX_RETRIES,
-                                      _DEFAULT_MAX_RETRIES, integer=True),
-        )
+        return cls(_base_url(url), key, pick(model, _ENV_MODEL),
+                   _parse_number(pick(timeout, _ENV_TIMEOUT), _ENV_TIMEOUT, _DEFAULT_TIMEOUT),
+                   _parse_number(pick(max_retries, _ENV_MAX_RETRIES), _ENV_MAX_RETRIES,
+                                 _DEFAULT_MAX_RETRIES, integer=True))
 
 
 _warned_urls: set[str] = set()
@@ -759,30 +743,26 @@ _warned_urls: set[str] = set()
 def _base_url(url: str) -> str:
     """The base URL to send to: an http(s) URL without a fragment or a trailing slash,
     its query string kept; a pasted endpoint (.../chat/completions, .../models) is cut
-    back to its base, with a warning."""
-    problem = "add the scheme" if "://" not in url else "it must be an http(s) URL with a host"
+    back to its base, with a warning (its meaning is plain: scripts keep working)."""
     try:
         parts = urllib.parse.urlsplit(url)
-        valid = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-        valid = valid and (parts.port or 0) >= 0 and bool(url.encode("utf-8"))
-    except (ValueError, UnicodeError):  # a port that is no number, a lone surrogate
+        valid = parts.port is None or parts.port > 0  # ValueError: a port that is no number
+    except ValueError:
         valid = False
-    if not valid or re.search(r"[\x00-\x20\x7f]", url):
-        raise ConfigError(
-            f"{_ENV_BASE_URL} must be an http:// or https:// URL such as "
-            f"http://localhost:8000/v1 (got {_shown_url(url)!r}); {problem}"
-        )
-    path = parts.path.rstrip("/")
-    # A user who pastes the whole endpoint means its base: say which, and go on.
-    for endpoint in ("/chat/completions", "/models"):
-        if path.endswith(endpoint):
-            path = path[: -len(endpoint)]
-            base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
-            if url not in _warned_urls:
-                _warned_urls.add(url)
-                _log.warning("the base URL ends in %s: using %s (set that as the base URL)",
-                             endpoint, _shown_url(base))
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+    # No spaces, no control characters, no lone surrogates (which UTF-8 cannot carry).
+    if (not valid or parts.scheme.lower() not in ("http", "https") or not parts.hostname
+            or re.search(r"[\x00-\x20\x7f\ud800-\udfff]", url)):
+        problem = ("add the scheme" if "://" not in url else
+                   "it needs a host, a port from 1 to 65535 if any, and no spaces")
+        raise ConfigError(f"{_ENV_BASE_URL} must be an http:// or https:// URL such as "
+                          f"http://localhost:8000/v1 (got {_shown_url(url)!r}); {problem}")
+    path = re.sub(r"/(?:chat/completions|models)$", "", parts.path.rstrip("/"))
+    base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+    if path != parts.path.rstrip("/") and url not in _warned_urls:
+        _warned_urls.add(url)
+        _log.warning("the base URL %s ends in an endpoint's path: using %s (set that as the "
+                     "base URL)", _shown_url(url), _shown_url(base))
+    return base
 
 
 # The secrets a URL may hold: the userinfo password (groups 1-2), and the values of
@@ -878,20 +858,12 @@ class Client:
     to production on an endpoint.
     """
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        model: str | None = None,
-        *,
-        timeout: float | None = None,
-        max_retries: int | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self.config = Config.from_env(
-            base_url=base_url, api_key=api_key, model=model, timeout=timeout,
-            max_retries=max_retries,
-        )
+    def __init__(self, base_url: str | None = None, api_key: str | None = None,
+                 model: str | None = None, *, timeout: float | None = None,
+                 max_retries: int | None = None, headers: Mapping[str, str] | None = None
+                 ) -> None:
+        self.config = Config.from_env(base_url=base_url, api_key=api_key, model=model,
+                                      timeout=timeout, max_retries=max_retries)
         given = base_url is not None and str(base_url).strip()
         self._lock = threading.Lock()
         self._quirks: dict[str, None] = {}  # an ordered set: see quirks and _note
@@ -1759,9 +1731,7 @@ def _as_tools(tools: object) -> list[Tool]:
 
 def _tool_from_entry(name: object, value: object) -> Tool:
     if isinstance(value, Tool):
-        return value if value.name == name else Tool(str(name), value.description,
-                                                     value.parameters, value.function,
-                                                     value.hints)
+        return value if value.name == name else replace(value, name=str(name))
     if callable(value):
         return _tool_from_function(value, name=str(name))
     if not isinstance(value, dict):
@@ -2568,6 +2538,7 @@ _BOM: Final = b"\xef\xbb\xbf"
 _LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
 
 
+@dataclass(slots=True)
 class _Lines:
     """Regroups body bytes into blocks of whole, LF-terminated lines for sseclient-py.
 
@@ -2580,17 +2551,14 @@ class _Lines:
     `note` hears of each of these deviations (OpenAI sends none of them).
     """
 
-    __slots__ = ("head", "limit", "note", "open_size", "plain", "skip_lf", "tail", "tail_size")
-
-    def __init__(self, note: Callable[[str], None], limit: int = _MAX_EVENT_BYTES) -> None:
-        self.note = note
-        self.limit = limit
-        self.tail: list[bytes] = []  # the unfinished last line, in pieces (no quadratic joins)
-        self.tail_size = 0
-        self.open_size = 0  # bytes of the event under way, before the tail
-        self.skip_lf = False  # the last chunk ended in a CR
-        self.head: bytes | None = b""  # the first bytes, until they tell whether a BOM came
-        self.plain = False  # nothing pending: the next chunk may take the short way
+    note: Callable[[str], None]
+    limit: int = _MAX_EVENT_BYTES
+    tail: list[bytes] = field(default_factory=list)  # the unfinished last line, in pieces
+    tail_size: int = 0
+    open_size: int = 0  # bytes of the event under way, before the tail
+    skip_lf: bool = False  # the last chunk ended in a CR
+    head: bytes | None = b""  # the first bytes, until they tell whether a BOM came
+    plain: bool = False  # nothing pending: the next chunk may take the short way
 
     def feed(self, chunk: bytes) -> bytes:
         """The whole lines `chunk` completes (b"" when none).
@@ -2604,7 +2572,12 @@ class _Lines:
             return chunk  # one data line and its blank line: nothing to mend
         self.plain = False
         if self.head is not None:
-            chunk = self._without_bom(self.head + chunk)
+            chunk, self.head = self.head + chunk, None
+            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+                self.head, chunk = chunk, b""  # too few bytes yet to tell
+            elif chunk.startswith(_BOM):
+                self.note("BOM before the first event")
+                chunk = chunk[len(_BOM):]
         if self.skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self.skip_lf = False
@@ -2653,16 +2626,6 @@ class _Lines:
     def _too_large(self) -> StreamError:
         return StreamError(f"one stream event is larger than {self.limit} bytes")
 
-    def _without_bom(self, head: bytes) -> bytes:
-        if len(head) < len(_BOM) and _BOM.startswith(head):
-            self.head = head  # cannot tell yet
-            return b""
-        self.head = None
-        if head.startswith(_BOM):
-            self.note("BOM before the first event")
-            return head[len(_BOM):]
-        return head
-
     def _odd(self, block: bytes) -> bytes:
         """A block that is not plain ASCII, or may hold a legacy error line, made into
         what sseclient-py can read."""
@@ -2706,17 +2669,14 @@ def _raise_stream_error(payload: Any, data: str, event: str,
     cls = classify_error(f"{message} {tags}")
     if cls is APIError or cls in _TRANSPORT_CLASSES:
         cls = StreamError
-    status = None
-    for key in ("status_code", "http_status_code", "code", "status"):
-        # Quirk(TGI): http_status_code; Groq: status_code; LiteLLM: code "503" as a string.
-        value = err.get(key) if isinstance(err, dict) else None
-        if isinstance(value, str) and value.isdigit():
-            note("error codes as strings of digits")
-            value = int(value)
-        if isinstance(value, int):
-            status = value
-            break
-    raise cls(message, status_code=status, body=data[:_MAX_ERROR_BODY])
+    # Quirk(TGI): http_status_code; Groq: status_code; LiteLLM: code "503" as a string.
+    fields: dict[str, Any] = err if isinstance(err, dict) else {}
+    code = next((fields[key] for key in ("status_code", "http_status_code", "code", "status")
+                 if isinstance(fields.get(key), int) or str(fields.get(key)).isdigit()), None)
+    if isinstance(code, str):
+        note("error codes as strings of digits")
+    raise cls(message, status_code=None if code is None else int(code),
+              body=data[:_MAX_ERROR_BODY])
 
 
 def _unnoted(line: str) -> None:
@@ -2845,7 +2805,7 @@ class _Answer:
         choices = payload.get("choices")
         if usage:
             self.usage = usage
-            if choices:
+            if choices and self.streamed:
                 # Quirk(vLLM continuous usage, LiteLLM, Groq, Mistral): OpenAI sends usage
                 # alone, in a last chunk whose choices are [].
                 self.note("usage chunk with choices")
@@ -2944,25 +2904,19 @@ class _Answer:
         return stripped
 
     def whole(self, payload: Any) -> list[Chunk]:
-        """The Chunks of a non-streamed answer, whose parts fill this _Answer."""
+        """The Chunks of a non-streamed answer, read as one event whose choice holds a
+        whole message."""
         self.streamed = False
         if not isinstance(payload, dict) or payload.get("error") or payload.get(
                 "object") == "error":
             text = json.dumps(payload, ensure_ascii=False)
             raise _error_from_body(200, text, self.note, decoded=payload)
-        choices = payload.get("choices")
-        choice = _choice_zero(choices) if isinstance(choices, list) else None
-        if choice is None:
+        if _choice_zero(payload.get("choices")) is None:
             raise APIError("the server answered without choices: " + _trim_message(
                 json.dumps(payload, ensure_ascii=False)))
-        self.model = self.model or payload.get("model") or ""
-        message = choice.get("message") or choice.get("delta")
-        self.usage = payload.get("usage") or self.usage
-        reason = choice.get("finish_reason")
-        self.finish_reason = reason if reason and isinstance(reason, str) else "stop"
-        if not isinstance(message, dict):
-            return []
-        return self._mixed_delta(message, message.get("content"), payload)
+        got = self.add(payload)
+        self.finish_reason = self.finish_reason or "stop"
+        return got if isinstance(got, list) else [got] if got is not None else []
 
     def finish(self) -> Step:
         """The model call's Step, its tool calls assembled (their results come later)."""
@@ -2977,10 +2931,10 @@ class _Answer:
                     _usage(self.usage), "".join(self.refusal))
 
 
-def _choice_zero(choices: list[Any]) -> dict[str, Any] | None:
+def _choice_zero(choices: Any) -> dict[str, Any] | None:
     """The choice with index 0 (or none): with n > 1 (OpenAI, vLLM) chunks of several
     choices interleave, and only the first answer is followed, never braided."""
-    for choice in choices:
+    for choice in choices if isinstance(choices, list) else ():
         if isinstance(choice, dict) and choice.get("index") in (None, 0, "0"):
             return choice
     return None
@@ -3139,14 +3093,11 @@ class _Connection:
         body, noted once; elsewhere they are an error, so that the key goes nowhere
         else."""
         url = self.base + path + self.query
-        headers = self.headers
-        data = None
-        if body is not None:
-            data = _encode(body)
-            headers = {**headers, "Content-Type": "application/json"}
-            if body.get("stream"):
-                # A compressing proxy would batch the deltas; ask for none.
-                headers["Accept-Encoding"] = "identity"
+        data = None if body is None else _encode(body)
+        # A compressing proxy would batch a stream's deltas: ask for none.
+        headers = self.headers if body is None else {
+            **self.headers, "Content-Type": "application/json",
+            **({"Accept-Encoding": "identity"} if body.get("stream") else {})}
         for _ in range(_MAX_REDIRECTS):
             response = self.session.request(method, url, data=data, headers=headers,
                                             timeout=(timeout, timeout), stream=True,
@@ -3398,10 +3349,8 @@ def _stale_connection(exc: BaseException) -> bool:
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    value = value.strip()
+    """Retry-After in seconds (a number, or an HTTP date), or None."""
+    value = (headers.get("retry-after") or "").strip()
     try:
         seconds = float(value)
     except ValueError:
@@ -3495,31 +3444,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="openai-compat",
-        description="Stream an answer from any OpenAI-compatible server.",
-        epilog=_CLI_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("words", nargs="*", metavar="PROMPT | models | check",
-                        help="the prompt (stdin, if any, is appended), or a command")
-    parser.add_argument("--base-url", help="the server, e.g. http://localhost:11434/v1 "
-                        "(default: OPENAI_COMPATIBLE_BASE_URL)")
-    parser.add_argument("-m", "--model", help="model id (default: OPENAI_COMPATIBLE_MODEL, "
-                        "else the first listed by the server)")
-    parser.add_argument("-s", "--system", help="system message")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--max-tokens", type=int)
-    parser.add_argument("--timeout", type=float,
-                        help="seconds of silence allowed between bytes (default 30)")
-    parser.add_argument("--wait", type=float, metavar="SECONDS",
-                        help="with check: first wait up to SECONDS for a server that is "
-                        "starting or loading its model")
-    parser.add_argument("--schema", metavar="FILE.json",
-                        help="answer with JSON that matches this JSON Schema, printed on "
-                        "one line (the model is asked to mend a wrong answer twice)")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per chunk, one per line")
-    parser.add_argument("--version", action="version", version=f"openai-compat {__version__}")
+        prog="openai-compat", description="Stream an answer from any OpenAI-compatible server.",
+        epilog=_CLI_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("words", nargs="*", metavar="PROMPT | models | check",
+        help="the prompt (stdin, if any, is appended), or a command")
+    add("--base-url", help="the server, e.g. http://localhost:11434/v1 (default: "
+        "OPENAI_COMPATIBLE_BASE_URL)")
+    add("-m", "--model", help="model id (default: OPENAI_COMPATIBLE_MODEL, else the first "
+        "listed by the server)")
+    add("-s", "--system", help="system message")
+    add("--temperature", type=float)
+    add("--max-tokens", type=int)
+    add("--timeout", type=float, help="seconds of silence allowed between bytes (default 30)")
+    add("--wait", type=float, metavar="SECONDS", help="with check: first wait up to SECONDS "
+        "for a server that is starting or loading its model")
+    add("--schema", metavar="FILE.json", help="answer with JSON that matches this JSON Schema, "
+        "printed on one line (the model is asked to mend a wrong answer twice)")
+    add("--json", action="store_true", help="print one JSON object per chunk, one per line")
+    add("--version", action="version", version=f"openai-compat {__version__}")
     return parser
 
 
@@ -3591,23 +3534,18 @@ def _cli_structured(client: Client, prompt: str, args: argparse.Namespace) -> in
 
 
 def _chunk_json(chunk: Chunk) -> dict[str, Any]:
-    data: dict[str, Any] = {"type": chunk.type, "step": chunk.step}
-    if chunk.content:
-        data["content"] = chunk.content
-    if chunk.reasoning:
-        data["reasoning"] = chunk.reasoning
-    if chunk.tool_call is not None:
-        call = chunk.tool_call
-        data["tool_call"] = {"id": call.id, "name": call.name, "arguments": call.arguments}
-    if chunk.tool_result is not None:
-        data["tool_result"] = {"content": chunk.tool_result.content,
-                               "error": chunk.tool_result.error}
+    """One --json line: the chunk's type and step, and its fields that are set."""
+    call, done, usage = chunk.tool_call, chunk.tool_result, chunk.usage
+    data: dict[str, Any] = {
+        "type": chunk.type, "step": chunk.step, "content": chunk.content or None,
+        "reasoning": chunk.reasoning or None,
+        "tool_call": call and {"id": call.id, "name": call.name, "arguments": call.arguments},
+        "tool_result": done and {"content": done.content, "error": done.error}}
+    data = {key: value for key, value in data.items() if value is not None}
     if chunk.type == "finish":
         data["finish_reason"] = chunk.finish_reason
-        usage = chunk.usage
-        data["usage"] = None if usage is None else {
-            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+        data["usage"] = usage and {key: getattr(usage, key) for key in (
+            "prompt_tokens", "completion_tokens", "total_tokens")}
     return data
 
 
@@ -3697,22 +3635,20 @@ def _probe_quirks(*clients: Client) -> None:
 
 
 def _probe_stream(client: Client) -> None:
+    started, first, count = time.monotonic(), 0.0, 0
     try:
-        started = time.monotonic()
-        first = None
-        count = 0
         with client.stream("Count from 1 to 5.", max_tokens=32) as chunks:
             for chunk in chunks:
                 if chunk.type == "text":
                     count += 1
-                    first = first if first is not None else time.monotonic() - started
-            result = chunks.result
-        _report("streaming", count > 0, f"{count} text chunks, first after {first or 0:.2f} s")
-        usage = result.usage if result else None
-        _report("usage", True if usage else None, f"prompt {usage.prompt_tokens}, completion "
-                f"{usage.completion_tokens}" if usage else "not reported in streams")
+                    first = first or time.monotonic() - started
+            usage = chunks.result.usage if chunks.result else None
     except APIError as exc:
         _report("streaming", False, f"{type(exc).__name__}: {exc}")
+        return
+    _report("streaming", count > 0, f"{count} text chunks, first after {first:.2f} s")
+    _report("usage", True if usage else None, f"prompt {usage.prompt_tokens}, completion "
+            f"{usage.completion_tokens}" if usage else "not reported in streams")
 
 
 # One worked example before the tool probe's question, as for any small model: the probe
@@ -3720,12 +3656,10 @@ def _probe_stream(client: Client) -> None:
 _PROBE_EXAMPLE: Final = [
     {"role": "system", "content": "For any sum you must call the add tool."},
     {"role": "user", "content": "Use the add tool to add 12 and 30."},
-    {"role": "assistant", "content": "", "tool_calls": [{
-        "id": "call_1", "type": "function",
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function",
         "function": {"name": "add", "arguments": '{"a": 12, "b": 30}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "42"},
-    {"role": "assistant", "content": "12 + 30 is 42."},
-]
+    {"role": "assistant", "content": "12 + 30 is 42."}]
 
 
 def _probe_tools(client: Client) -> None:
