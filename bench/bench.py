@@ -1,12 +1,28 @@
 """Streaming benchmark: openai_compat beside the official openai SDK, requests +
-sseclient-py fed the Response (what tutorials do), and a raw-socket floor.
+sseclient-py fed the Response (the bare recipe tutorials use), and a raw-socket floor.
 
     python bench/bench.py            # full run (about a minute)
     python bench/bench.py --quick    # smoke run
 
 One process measures every client in turn, in alternating rounds, against a
 loopback SSE server running in a child process (so its CPU time is not the
-client's). Printed as a markdown table with ratios to the floor and to the SDK.
+client's). The cases:
+
+- throughput, one event per HTTP chunk (the main row): a burst of events, each
+  `data: {...}` event its own chunk of a chunked body, written with one sendall as
+  fast as the socket takes them: what llama-server and vLLM send;
+- throughput, 64 events per HTTP chunk: the same burst batched, which shows the
+  parsing cost without the per-chunk cost;
+- latency per HTTP framing (chunked, Connection: close, gzip): events paced 20 ms
+  apart, each stamped with its send time, p50 / p99 of the delay to the caller;
+- peak traced memory over a long batched stream, import time, and the TCP
+  connections opened by 10 sequential calls and by a three-step tool loop;
+- the module's JSON Schema checker on a 10,000-element answer array.
+
+Printed as a markdown table with ratios to the floor, to the SDK and to the bare
+recipe, then the machine's load during the run (load average at start and end;
+CPU use of this process, of the server child and the machine's idle share during
+the throughput rounds) so a quiet run can be told from a busy one.
 """
 
 from __future__ import annotations
@@ -45,8 +61,10 @@ def _event(sent: float | None = None) -> bytes:
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
-_FINISH = (b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,'
-           b'"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+# The finish chunk and [DONE], sent as two events (two HTTP chunks when chunked).
+_FINISH = ((b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,'
+            b'"delta":{},"finish_reason":"stop"}]}\n\n'),
+           b"data: [DONE]\n\n")
 
 
 def _serve(port_file: str) -> None:
@@ -102,9 +120,12 @@ def _connection(conn: socket.socket, accepted: list[int]) -> None:
 
 
 def _stream(conn: socket.socket, mode: str, body: dict[str, Any]) -> bool:
+    """Answer one request; `mode` (the request's model) is "kind-count", the kinds being
+    "flush" (a burst, one event per HTTP chunk), "burst" (64 events per HTTP chunk),
+    "tool" (a tool call twice, then text), or an HTTP framing for paced events."""
     kind, _, count_text = mode.partition("-")
     count = int(count_text or 30)
-    framing = "chunked" if kind in ("burst", "chunked", "tool") else kind
+    framing = "chunked" if kind in ("flush", "burst", "chunked", "tool") else kind
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
     if framing == "chunked":
         head += b"Transfer-Encoding: chunked\r\n\r\n"
@@ -115,14 +136,18 @@ def _stream(conn: socket.socket, mode: str, body: dict[str, Any]) -> bool:
     conn.sendall(head)
     packer = zlib.compressobj(wbits=31) if framing == "gzip" else None
 
-    def send(data: bytes) -> None:
+    def send(data: bytes) -> None:  # one HTTP chunk when chunked, in one sendall
         if packer is not None:
             data = packer.compress(data) + packer.flush(zlib.Z_SYNC_FLUSH)
         if framing == "chunked":
             data = b"%x\r\n%s\r\n" % (len(data), data)
         conn.sendall(data)
 
-    if kind == "burst":
+    if kind == "flush":
+        event = _event()
+        for _ in range(count):
+            send(event)
+    elif kind == "burst":
         event = _event()
         batch = event * 64
         for _ in range(count // 64):
@@ -145,7 +170,8 @@ def _stream(conn: socket.socket, mode: str, body: dict[str, Any]) -> bool:
         for _ in range(count):
             send(_event(time.time()))
             time.sleep(0.02)
-    send(_FINISH)
+    for event in _FINISH:
+        send(event)
     if packer is not None:
         conn.sendall(packer.flush())
     if framing == "chunked":
@@ -248,10 +274,13 @@ CLIENTS = {
 
 # ---- measurements ----
 
+# The throughput cases: server kind -> column heading. The first is the main row.
+CASES = {"flush": "one event per HTTP chunk", "burst": "64 events per HTTP chunk"}
 
-def throughput(run: Callable[[str], Iterator[str]], n: int) -> tuple[float, float]:
+
+def throughput(run: Callable[[str], Iterator[str]], kind: str, n: int) -> tuple[float, float]:
     started, cpu = time.perf_counter(), time.process_time()
-    count = sum(1 for _ in run(f"burst-{n}"))
+    count = sum(1 for _ in run(f"{kind}-{n}"))
     assert count == n, (count, n)
     return n / (time.perf_counter() - started), (time.process_time() - cpu) / n * 1e6
 
@@ -278,6 +307,58 @@ def import_time(module: str, runs: int) -> float:
     return max(0.0, statistics.median(once(f"import {module}") for _ in range(runs)) - base) * 1000
 
 
+SCHEMA_ITEMS = 10000  # elements of the answer array the JSON Schema checker is timed on
+
+
+def schema_check(elements: int, runs: int) -> tuple[str, float, Any]:
+    """The checker's name, the median ms it takes over an answer array, and its verdict."""
+    import openai_compat as oc
+
+    name = "_validate" if hasattr(oc, "_validate") else "_check"
+    checker = getattr(oc, name)
+    schema = {"type": "array", "items": {"type": "object", "properties": {
+        "id": {"type": "integer", "minimum": 0},
+        "name": {"type": "string", "maxLength": 50},
+        "price": {"type": "number", "multipleOf": 0.01}}, "required": ["id", "name"]}}
+    value = [{"id": i, "name": f"item {i}", "price": 12.5} for i in range(elements)]
+    times, verdict = [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        verdict = checker(value, schema)
+        times.append((time.perf_counter() - started) * 1000)
+    return f"oc.{name}", statistics.median(times), verdict
+
+
+def cpu_sample(server_pid: int) -> tuple[float, float, tuple[int, int] | None, float | None]:
+    """Wall and CPU seconds of this process, (idle, total) ticks of the machine from
+    /proc/stat and CPU seconds of the server child, the last two None without /proc."""
+    machine: tuple[int, int] | None = None
+    server: float | None = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/stat") as handle:
+            ticks = [int(field) for field in handle.readline().split()[1:9]]
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        machine = (ticks[3] + ticks[4], sum(ticks))
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(f"/proc/{server_pid}/stat") as handle:
+            fields = handle.read().rpartition(")")[2].split()
+        server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime+stime
+    return time.perf_counter(), time.process_time(), machine, server
+
+
+def cpu_use(before: tuple[Any, ...], after: tuple[Any, ...]) -> dict[str, float | None]:
+    """Between two cpu_sample()s: seconds of wall time, the share of one core this process
+    and the server child used, and the share of all the machine's cores left idle."""
+    wall = after[0] - before[0]
+    out: dict[str, float | None] = {"wall": wall, "process": (after[1] - before[1]) / wall,
+                                    "server": None, "idle": None}
+    if before[2] and after[2] and after[2][1] > before[2][1]:
+        out["idle"] = (after[2][0] - before[2][0]) / (after[2][1] - before[2][1])
+    if before[3] is not None and after[3] is not None:
+        out["server"] = (after[3] - before[3]) / wall
+    return out
+
+
 def connections(base: str) -> int:
     import urllib.request
     with urllib.request.urlopen(base + "/connections") as response:
@@ -290,6 +371,7 @@ def main() -> int:
     args = parser.parse_args()
     burst, paced, memory_n, rounds = ((2000, 10, 10000, 1) if args.quick
                                       else (20000, 40, 100000, 3))
+    load = [os.getloadavg()]
     port_file = os.path.join(ROOT, ".bench-port")
     if os.path.exists(port_file):
         os.remove(port_file)  # left by an interrupted run
@@ -298,11 +380,13 @@ def main() -> int:
         while not _read(port_file):
             time.sleep(0.05)
         base = f"http://127.0.0.1:{_read(port_file)}/v1"
-        results = measure(base, burst, paced, memory_n, rounds)
+        results, busy = measure(base, burst, paced, memory_n, rounds, server.pid)
     finally:
         server.kill()
         os.remove(port_file)
-    report(results, burst, paced, memory_n, args.quick)
+    load.append(os.getloadavg())
+    machine = {"load": load, "busy": busy, "schema": schema_check(SCHEMA_ITEMS, 5)}
+    report(results, machine, burst, memory_n, rounds, args.quick)
     return 0
 
 
@@ -314,16 +398,22 @@ def _read(path: str) -> str:
         return ""
 
 
-def measure(base: str, burst: int, paced: int, memory_n: int,
-            rounds: int) -> dict[str, dict[str, Any]]:
+def measure(base: str, burst: int, paced: int, memory_n: int, rounds: int,
+            server_pid: int) -> tuple[dict[str, dict[str, Any]], dict[str, float | None]]:
+    """Per client, the figures of the table; and the CPU use during the throughput rounds."""
     runs = {name: factory(base) for name, (_, factory) in CLIENTS.items()}
-    out: dict[str, dict[str, Any]] = {name: {"tput": [], "cpu": [], "lat": {}} for name in runs}
+    out: dict[str, dict[str, Any]] = {
+        name: {"tput": {kind: [] for kind in CASES}, "cpu": {kind: [] for kind in CASES},
+               "lat": {}} for name in runs}
+    sampled = cpu_sample(server_pid)
     for round_number in range(rounds):
         order = list(runs) if round_number % 2 == 0 else list(reversed(runs))
-        for name in order:
-            rate, cpu = throughput(runs[name], burst)
-            out[name]["tput"].append(rate)
-            out[name]["cpu"].append(cpu)
+        for kind in CASES:
+            for name in order:
+                rate, cpu = throughput(runs[name], kind, burst)
+                out[name]["tput"][kind].append(rate)
+                out[name]["cpu"][kind].append(cpu)
+    busy = cpu_use(sampled, cpu_sample(server_pid))
     for framing in ("chunked", "close", "gzip"):
         for name, run in runs.items():
             out[name]["lat"][framing] = latency(run, framing, paced)
@@ -348,38 +438,69 @@ def measure(base: str, burst: int, paced: int, memory_n: int,
     stream = client.stream("hi", model="tool-1", tools=[noop], max_steps=5)
     steps = sum(1 for c in stream if c.type == "finish")
     out["openai_compat"]["tool_conns"] = (connections(base) - before - 1, steps)
-    return out
+    return out, busy
 
 
-def report(out: dict[str, dict[str, Any]], burst: int, paced: int, memory_n: int,
-           quick: bool) -> None:
+def report(out: dict[str, dict[str, Any]], machine: dict[str, Any], burst: int,
+           memory_n: int, rounds: int, quick: bool) -> None:
     import openai
     import requests
     import sseclient  # noqa: F401
 
     import openai_compat as oc
 
-    floor, sdk = "floor (raw socket)", "openai SDK"
-    best = {name: max(v["tput"]) for name, v in out.items()}
+    floor, sdk, bare = "floor (raw socket)", "openai SDK", "requests+sseclient"
+    best = {kind: {name: max(v["tput"][kind]) for name, v in out.items()} for kind in CASES}
     print(f"# Streaming benchmark, {time.strftime('%Y-%m-%d')}{' (quick)' if quick else ''}\n")
     print(f"{os.cpu_count()} cores, Python {platform.python_version()}, openai_compat "
           f"{oc.__version__}, openai {openai.__version__}, requests {requests.__version__}; "
-          f"loopback. Command: `python bench/bench.py{' --quick' if quick else ''}`\n")
-    print(f"| client | chunks/s ({burst} burst) | x floor | x SDK | CPU us/event | "
-          "p50 / p99 ms chunked | p50 / p99 ms close | p50 / p99 ms gzip | "
-          f"peak KiB ({memory_n} chunks) | import ms | TCP conns, 10 calls |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"loopback. Command: `python bench/bench.py{' --quick' if quick else ''}`. "
+          f"Throughput: a {burst:,}-event burst, best of {rounds} round(s).\n")
+    heads = [f"chunks/s, {title} | x floor | x SDK | x bare recipe | CPU us/event"
+             for title in CASES.values()]
+    print(f"| client | {' | '.join(heads)} | p50 / p99 ms chunked | p50 / p99 ms close | "
+          f"p50 / p99 ms gzip | peak KiB ({memory_n:,} chunks) | import ms | "
+          "TCP conns, 10 calls |")
+    print("|---" * (2 + 5 * len(CASES) + 5) + "|")
     for name, v in out.items():
-        lat = []
+        cells = [name]
+        for kind in CASES:
+            rate = best[kind][name]
+            cells += [f"{rate:,.0f}", f"{rate / best[kind][floor]:.2f}",
+                      f"{rate / best[kind][sdk]:.2f}", f"{rate / best[kind][bare]:.2f}",
+                      f"{min(v['cpu'][kind]):.1f}"]
         for framing in ("chunked", "close", "gzip"):
             values = sorted(v["lat"][framing])
             p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
-            lat.append(f"{statistics.median(values):.2f} / {p99:.2f}")
-        print(f"| {name} | {best[name]:,.0f} | {best[name] / best[floor]:.2f} | "
-              f"{best[name] / best[sdk]:.2f} | {min(v['cpu']):.1f} | {' | '.join(lat)} | "
-              f"{v['mem']:,.0f} | {v['import']:.0f} | {v.get('conns', '-')} |")
+            cells.append(f"{statistics.median(values):.2f} / {p99:.2f}")
+        cells += [f"{v['mem']:,.0f}", f"{v['import']:.0f}", str(v.get("conns", "-"))]
+        print(f"| {' | '.join(cells)} |")
     conns, steps = out["openai_compat"]["tool_conns"]
     print(f"\nopenai_compat tool loop: {steps} model calls over {conns} new TCP connection(s).")
+    checker, ms, verdict = machine["schema"]
+    print(f"JSON Schema check: {checker} over a {SCHEMA_ITEMS:,}-element answer array: "
+          f"{ms:.1f} ms (median of 5 runs; returned {verdict!r}).")
+    if rounds > 1:  # how far apart the rounds were: a busy machine shows here first
+        for kind, title in CASES.items():
+            spreads = []
+            for name, v in out.items():
+                rates = v["tput"][kind]
+                spreads.append(f"{name} {(max(rates) - min(rates)) / max(rates):.0%}")
+            print(f"Spread between rounds, (best - worst) / best, {title}: "
+                  f"{', '.join(spreads)}.")
+
+    print("\nLoad average (1 / 5 / 15 min): "
+          + " at start, ".join(" / ".join(f"{x:.2f}" for x in avg) for avg in machine["load"])
+          + " at end.")
+    busy = machine["busy"]
+
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
+    print(f"During the throughput rounds ({busy['wall']:.1f} s): this process used "
+          f"{share(busy['process'])} of one core, the server child {share(busy['server'])}; "
+          f"the machine's {os.cpu_count()} cores were {share(busy['idle'])} idle "
+          "(/proc/stat).")
 
 
 if __name__ == "__main__":
