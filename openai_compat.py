@@ -348,7 +348,7 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
     (RequestTimeoutError, re.compile(r"TimeoutError|timed out|ETIMEDOUT|aborted due to timeout",
                                      re.IGNORECASE)),
 )
-_TRANSPORT_CLASSES: Final = (EndpointUnavailableError, RequestTimeoutError)
+_NO_RESPONSE_CLASSES: Final = (EndpointUnavailableError, RequestTimeoutError)
 
 
 def classify_error(message: str, status: int | None = None) -> type[APIError]:
@@ -367,7 +367,7 @@ def classify_error(message: str, status: int | None = None) -> type[APIError]:
     if status == 413:
         return ContextLengthError
     for cls, pattern in _ERROR_PATTERNS:
-        if status is not None and cls in _TRANSPORT_CLASSES:
+        if status is not None and cls in _NO_RESPONSE_CLASSES:
             continue
         if pattern.search(message):
             return cls
@@ -408,7 +408,7 @@ def _error_from_body(status: int, text: str, note: Callable[[str], None],
         # Quirk(LM Studio): 200 with {"error": "Unexpected endpoint or method."}.
         note(f"errors with status {status}")
         cls = classify_error(f"{message} {tags}")
-        cls = BadRequestError if cls is APIError or cls in _TRANSPORT_CLASSES else cls
+        cls = BadRequestError if cls is APIError or cls in _NO_RESPONSE_CLASSES else cls
     else:
         cls = classify_error(f"{message} {tags}", status)
         if cls is BadRequestError and status >= 500:
@@ -1080,7 +1080,7 @@ def _not_ready(error: APIError) -> bool:
 
 def _fetch_models(http: _Connection) -> list[str] | APIError:
     """The model ids GET {base_url}/models lists, or why not (returned, not raised,
-    stamped), within _DISCOVERY_SECONDS in all."""
+    redacted), within _DISCOVERY_SECONDS in all."""
     # In a thread, so that the bound holds even for a server that accepts the
     # connection and then trickles or says nothing (a read timeout alone would
     # allow 5 s per read).
@@ -1090,14 +1090,14 @@ def _fetch_models(http: _Connection) -> list[str] | APIError:
         try:
             answers.append(_ask_models(http))
         except Exception as exc:  # noqa: BLE001 - a bug here must not cost 5 s
-            answers.append(http.stamp(APIError(f"model discovery failed: {exc!r}")))
+            answers.append(http.redacted(APIError(f"model discovery failed: {exc!r}")))
 
     worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
     worker.start()
     worker.join(_DISCOVERY_SECONDS)
     if answers:
         return answers[0]
-    return http.stamp(RequestTimeoutError(
+    return http.redacted(RequestTimeoutError(
         f"GET /models did not answer within {_DISCOVERY_SECONDS:g} s"))
 
 
@@ -1109,12 +1109,12 @@ def _ask_models(http: _Connection) -> list[str] | APIError:
     try:
         payload = json.loads(text) if status < 300 else None
     except ValueError:
-        return http.stamp(APIError("GET /models answered with something that is not JSON: "
+        return http.redacted(APIError("GET /models answered with something that is not JSON: "
                                    + repr(_trim_message(text))))
     if status >= 300 or (isinstance(payload, dict) and payload.get("error")):
         return http.error_from_body(status, text, retry_after)
     ids = _model_ids(payload, http.note)
-    return ids or http.stamp(APIError("GET /models listed no models"))
+    return ids or http.redacted(APIError("GET /models listed no models"))
 
 
 def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
@@ -1284,7 +1284,7 @@ def _iter_steps(client: Client, request: _Request,
             problem, data = _read_answer(record.text, request, client._note)
             if problem is not None:
                 if repairs == _REPAIRS or step == request.max_steps:
-                    raise client._http.stamp(OutputError(
+                    raise client._http.redacted(OutputError(
                         f"the answer does not match the schema: {problem}",
                         partial_text=record.text))
                 repairs += 1
@@ -2667,7 +2667,7 @@ def _raise_stream_error(payload: Any, data: str, event: str,
                                   _unnoted)
     message = _trim_message(message or "error event without a message")
     cls = classify_error(f"{message} {tags}")
-    if cls is APIError or cls in _TRANSPORT_CLASSES:
+    if cls is APIError or cls in _NO_RESPONSE_CLASSES:
         cls = StreamError
     # Quirk(TGI): http_status_code; Groq: status_code; LiteLLM: code "503" as a string.
     fields: dict[str, Any] = err if isinstance(err, dict) else {}
@@ -2694,13 +2694,13 @@ def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
     else:
         error = http.transport_error(exc, timeout, "stream")
     error.partial_text = "".join(answer.text)
-    return http.stamp(error)
+    return http.redacted(error)
 
 
 def _ended(answer: _Answer, body: dict[str, Any], http: _Connection) -> Step:
     """The Step of a stream that has ended; a StreamError when it was cut short."""
     if not answer.done and answer.finish_reason is None:
-        raise http.stamp(StreamError(
+        raise http.redacted(StreamError(
             "the stream ended before the answer was finished (no finish_reason, no [DONE])",
             partial_text="".join(answer.text)))
     if not answer.done:
@@ -2745,7 +2745,7 @@ def _whole_chunks(client: Client, answer: _Answer, payload: Any, asked: Any) -> 
     try:
         return answer.whole(payload)
     except APIError as exc:
-        raise client._http.stamp(exc) from None
+        raise client._http.redacted(exc) from None
 
 
 def _note_model(client: Client, asked: object, answered: object) -> None:
@@ -2962,7 +2962,7 @@ _REDIRECTS: Final = (301, 302, 303, 307, 308)
 # --tool-call-parser to be set'; llama.cpp: "tools param requires --jinja flag";
 # others: "tools are not supported", "tool_choice ... not supported"; servers that do
 # not know stream_options name it.
-_REJECTED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
+_REFUSED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
     ("tools", re.compile(
         r"does not support tools|enable-auto-tool-choice|tools param requires"
         r"|tools? (?:are |is )?not supported|tool (?:use|calling) is not supported",
@@ -2979,8 +2979,8 @@ _SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
 # A server still loading its model: llama-server's 503 "Loading model", and 503s that
 # say they are loading or warming up.
 _LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
-# What the socket layer says, shortened for messages (see _transport_reason).
-_TRANSPORT_REASON: Final = re.compile(
+# What the socket layer says, shortened for messages (see _socket_reason).
+_SOCKET_REASON: Final = re.compile(
     r"Connection refused|Name or service not known|nodename nor servname provided"
     r"|Temporary failure in name resolution|No route to host|Network is unreachable"
     r"|Connection reset by peer|Remote end closed connection without response"
@@ -2998,8 +2998,8 @@ _STALE_CONNECTION: Final = re.compile(
 class _Connection:
     """One endpoint over HTTP: a pool of kept-alive connections, the headers,
     retries with backoff, redirects, the request fields the server refused, how it
-    takes a schema, and the stamp (where from, secrets redacted) on every error a
-    Client raises. `note` hears of the deviations absorbed here."""
+    takes a schema, and what every error a Client raises says of where it came from,
+    its secrets redacted. `note` hears of the deviations absorbed here."""
 
     _warned_hosts: ClassVar[set[str]] = set()
 
@@ -3029,7 +3029,7 @@ class _Connection:
         # "Structured answers"): 0 response_format json_schema; 1 json_object with the
         # schema, and the schema in a system message; 2 the system message only.
         # Stepped down, once per Client, when the server refuses the field.
-        self.schema_rung = 0
+        self.schema_form = 0
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
         host = (parts.hostname or "").lower()
         if (config.api_key and parts.scheme.lower() == "http" and host not in _LOOPBACK_HOSTS
@@ -3074,7 +3074,7 @@ class _Connection:
                 return response
             retry_after = _retry_after(response.headers)
             error = self.error_of(response, retry_after)
-            if self._drop_rejected_field(body, error) or (
+            if self._drop_refused_field(body, error) or (
                     schema is not None and self._step_down_schema(body, error, schema)):
                 continue
             wait, loading_since = self._loading_wait(error, timeout, loading_since)
@@ -3108,13 +3108,13 @@ class _Connection:
             response.close()
             target = urllib.parse.urljoin(url, location)
             if _origin(target) != _origin(url):
-                raise self.stamp(APIError(
+                raise self.redacted(APIError(
                     f"{method} {path} was redirected to {_shown_url(target)}, another server:"
                     " not followed, so that the key is not sent there; if it is the right "
                     "server, use it as the base URL", status_code=response.status_code))
             self.note(f"redirected to {_shown_url(target)}: use it as base_url")
             url = target
-        raise self.stamp(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
+        raise self.redacted(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
 
     def error_of(self, response: requests.Response, retry_after: float | None) -> APIError:
         """The classified error of a response with an error status (its body read)."""
@@ -3152,12 +3152,12 @@ class _Connection:
             body.pop(name, None)
         if schema is None:
             return
-        if self.schema_rung == 0:
+        if self.schema_form == 0:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "answer", "schema": schema}}
             return
         body["messages"] = _with_schema_message(body["messages"], schema)
-        if self.schema_rung == 1:
+        if self.schema_form == 1:
             # Quirk(llama.cpp, llama-cpp-python): a schema beside json_object is
             # enforced with a grammar.
             body["response_format"] = {"type": "json_object", "schema": schema}
@@ -3166,25 +3166,25 @@ class _Connection:
 
     def _step_down_schema(self, body: dict[str, Any], error: APIError,
                           schema: dict[str, Any]) -> bool:
-        """One rung down when the server refused how the schema was asked for."""
+        """The next form down when the server refused how the schema was asked for."""
         if "response_format" not in body or not _SCHEMA_REFUSED.search(error.message):
             return False
-        rung = 1 if body["response_format"].get("type") == "json_schema" else 2
+        form = 1 if body["response_format"].get("type") == "json_schema" else 2
         with self.lock:
-            self.schema_rung = max(self.schema_rung, rung)
+            self.schema_form = max(self.schema_form, form)
         _log.warning("%s refused response_format %r (%s); asking %s from now on",
                      self.shown_url, body["response_format"].get("type"), error.message,
-                     "with json_object" if rung == 1 else "in a system message only")
-        self.note("json_schema refused: json_object with the schema" if rung == 1
+                     "with json_object" if form == 1 else "in a system message only")
+        self.note("json_schema refused: json_object with the schema" if form == 1
                   else "response_format refused: the schema in the system message")
         self.prepare(body, schema)
         return True
 
-    def _drop_rejected_field(self, body: dict[str, Any], error: APIError) -> bool:
+    def _drop_refused_field(self, body: dict[str, Any], error: APIError) -> bool:
         """Drop a request field the server refused, remember it, and say so."""
         if error.status_code is None or (error.status_code >= 500 and "tools" not in body):
             return False
-        name = next((field for field, pattern in _REJECTED_FIELDS
+        name = next((field for field, pattern in _REFUSED_FIELDS
                      if field in body and pattern.search(error.message)), None)
         if name is None:
             return False
@@ -3229,23 +3229,23 @@ class _Connection:
         try:
             return _CHUNK_JSON.decode(raw.decode("utf-8", "replace"))
         except (ValueError, RecursionError):
-            raise self.stamp(APIError(
+            raise self.redacted(APIError(
                 "the server's answer is not JSON: " + _trim_message(
                     raw[:2000].decode("utf-8", "replace")), status_code=response.status_code,
             )) from None
 
     def error_from_body(self, status: int, text: str,
                         retry_after: float | None = None) -> APIError:
-        return self.stamp(_error_from_body(status, text, self.note, retry_after))
+        return self.redacted(_error_from_body(status, text, self.note, retry_after))
 
     def transport_error(self, exc: BaseException, timeout: float | None = None,
                         when: str = "") -> APIError:
-        """The module's error for a transport failure, stamped. `timeout`: the request's
+        """The module's error for a transport failure, redacted. `timeout`: the request's
         silence limit. `when`: "whole" for a request that asked for a whole answer
         (servers send it only once it is complete); "stream" once a stream's answer
         had begun (never retried then: the caller has seen part of it)."""
         timeout = self.config.timeout if timeout is None else timeout
-        reason = _transport_reason(str(exc))
+        reason = _socket_reason(str(exc))
         error: APIError
         if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
             error = RequestTimeoutError(f"could not connect within {timeout:g} s")
@@ -3262,11 +3262,11 @@ class _Connection:
             error = EndpointUnavailableError(f"cannot connect: {reason}")
         else:
             error = StreamError(f"the connection broke while reading the answer: {reason}")
-        return self.stamp(error)
+        return self.redacted(error)
 
-    def stamp(self, exc: APIError) -> APIError:
-        """Say where an error came from, and redact the secrets: every APIError a Client
-        raises or returns passes here (a server may echo the key in its text)."""
+    def redacted(self, exc: APIError) -> APIError:
+        """`exc` with its secrets redacted (a server may echo the key in its text) and
+        saying where it came from: every APIError a Client raises or returns passes here."""
         exc.message = _redact(exc.message, self.secrets)
         exc.args = (exc.message,)
         if exc.body:
@@ -3330,8 +3330,8 @@ def _with_schema_message(messages: list[dict[str, Any]],
     return [{"role": "system", "content": text}, *messages]
 
 
-def _transport_reason(text: str) -> str:
-    match = _TRANSPORT_REASON.search(text)
+def _socket_reason(text: str) -> str:
+    match = _SOCKET_REASON.search(text)
     return match.group(0) if match else text[:200]
 
 
@@ -3697,7 +3697,7 @@ def _probe_structured(client: Client) -> None:
            "json_schema refused; json_object with the schema honoured",
            "response_format refused; the schema is asked for in a system message")
     repairs = f" after {len(result.steps) - 1} repair(s)" if len(result.steps) > 1 else ""
-    _report("structured", True, f"{how[client._http.schema_rung]}: {json.dumps(result.data)}"
+    _report("structured", True, f"{how[client._http.schema_form]}: {json.dumps(result.data)}"
             + repairs)
 
 

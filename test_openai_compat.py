@@ -4204,7 +4204,7 @@ def test_real_structured_answer_is_valid_data_on_each_rung(real: Any) -> None:
                              temperature=0, seed=1, max_tokens=60)
     assert isinstance(result.data, Capital), result.text
     assert result.data.city.strip() and result.data.country.strip()
-    rung = client._http.schema_rung
+    rung = client._http.schema_form
     print(f"{real.name}: rung {rung}, {len(result.steps)} model call(s), {result.data}")
     assert rung == (1 if real.name == "llama-cpp-python" else 0)
 
