@@ -1926,6 +1926,390 @@ def test_schema_answer_null_is_the_field_default_and_3_0_an_int(server: Scripted
     assert len(server.bodies()) == 1
 
 
+# ---- pydantic, null for optional, integral floats (issue 18) ----
+
+
+try:
+    import pydantic
+except ImportError:  # a test dependency: the pydantic tests below skip without it
+    pydantic = None
+
+
+def _needs_pydantic() -> Any:
+    return pytest.importorskip(
+        "pydantic", reason="pydantic is a test dependency: pip install -e '.[test]'")
+
+
+if pydantic is not None:
+    class Home(pydantic.BaseModel):
+        city: str
+        zip: int
+        floor: int = 0
+
+    class Resident(pydantic.BaseModel):
+        name: str
+        age: int
+        home: Home
+        nickname: str | None = None
+        score: int = 5
+
+    class Signed(pydantic.BaseModel):
+        name: str
+
+        @pydantic.field_validator("name")
+        @classmethod
+        def capitalised(cls, name: str) -> str:
+            if not name[:1].isupper():
+                raise ValueError("name must start with a capital letter")
+            return name
+
+    OtherHome = pydantic.create_model("Home", street=(str, ...))  # a second model named Home
+
+    class Flat(pydantic.BaseModel):
+        home: OtherHome  # type: ignore[valid-type]
+
+    @dataclass
+    class Household:
+        head: Resident
+        others: list[Resident]
+        spare: Resident | None = None
+
+    class Register(TypedDict):
+        first: Resident
+        homes: list[Home]
+
+    @dataclass
+    class Clash:
+        resident: Resident
+        flat: Flat
+
+    @dataclass
+    class Either:
+        household: Household | str
+        resident: Resident | str
+
+
+_ANN = {"name": "Ann", "age": 30, "home": {"city": "Paris", "zip": 75001}}
+
+
+def _defs_below_the_root(schema: Any, top: bool = True) -> list[Any]:
+    """Every $defs found anywhere but at the root of `schema`."""
+    if isinstance(schema, list):
+        return [d for item in schema for d in _defs_below_the_root(item, False)]
+    if not isinstance(schema, dict):
+        return []
+    found = [] if top or "$defs" not in schema else [schema["$defs"]]
+    return found + [d for key, item in schema.items() if not (top and key == "$defs")
+                    for d in _defs_below_the_root(item, False)]
+
+
+def test_pydantic_model_schema_is_sent_with_its_defs_and_data_is_an_instance(
+        server: Scripted) -> None:
+    _needs_pydantic()
+    server.add(_answer(json.dumps({**_ANN, "age": 30.0})))
+    result = server.client().generate("Invent a person.", schema=Resident)
+    assert isinstance(result.data, Resident) and isinstance(result.data.home, Home)
+    assert result.data == Resident(name="Ann", age=30, home=Home(city="Paris", zip=75001))
+    assert type(result.data.age) is int
+    (sent,) = server.bodies()
+    assert sent["response_format"]["type"] == "json_schema"
+    schema = sent["response_format"]["json_schema"]["schema"]
+    assert schema == Resident.model_json_schema()
+    assert schema["properties"]["home"] == {"$ref": "#/$defs/Home"} and "Home" in schema["$defs"]
+
+
+def test_pydantic_mismatch_is_repaired_naming_the_path(server: Scripted) -> None:
+    _needs_pydantic()
+    server.add(_answer(json.dumps({**_ANN, "home": {"city": "Paris", "zip": "x"}})),
+               _answer(json.dumps(_ANN)))
+    result = server.client().generate("Invent a person.", schema=Resident)
+    assert result.data == Resident.model_validate(_ANN) and len(result.steps) == 2
+    repair = server.bodies()[1]["messages"][-1]
+    assert repair["role"] == "user"
+    assert '$.home.zip: expected integer, got string "x"' in repair["content"]
+
+
+def test_pydantic_validator_failure_is_repaired_like_any_mismatch(server: Scripted) -> None:
+    _needs_pydantic()
+    server.add(_answer('{"name": "ann"}'), _answer('{"name": "Ann"}'))
+    result = server.client().generate("A name.", schema=Signed)
+    assert result.data == Signed(name="Ann") and len(result.steps) == 2
+    repair = server.bodies()[1]["messages"][-1]["content"]
+    assert "name must start with a capital letter" in repair
+    assert server.bodies()[1]["messages"][-2] == {"role": "assistant", "content": '{"name": "ann"}'}
+
+
+def test_pydantic_validator_failing_three_times_is_an_output_error(server: Scripted) -> None:
+    _needs_pydantic()
+    server.add(_answer('{"name": "ann"}'), _answer('{"name": "bob"}'), _answer('{"name": "cy"}'))
+    with pytest.raises(oc.OutputError) as caught:
+        server.client().generate("A name.", schema=Signed)
+    assert caught.value.partial_text == '{"name": "cy"}'
+    assert "name must start with a capital letter" in str(caught.value)
+    assert len(server.bodies()) == 3  # the answer and two repairs
+
+
+def test_pydantic_tool_parameter_receives_an_instance_and_the_defs_sit_at_the_root(
+        server: Scripted) -> None:
+    _needs_pydantic()
+    registered: list[Any] = []
+
+    def register(resident: Resident, guest: Resident | None = None, note: str = "-") -> str:
+        """Register a resident."""
+        registered.append((resident, guest, note))
+        return "ok"
+
+    bad = {"resident": {**_ANN, "home": {"city": "Paris", "zip": "x"}}}
+    unsigned = {"resident": _ANN, "guest": {**_ANN, "age": "old"}}
+    server.add(_calls_then_text(_call(0, "c1", "register", json.dumps(bad))),
+               _calls_then_text(_call(0, "c2", "register", json.dumps(unsigned))),
+               _calls_then_text(_call(0, "c3", "register", json.dumps(
+                   {"resident": {**_ANN, "age": 30.0, "home": {"city": "Paris", "zip": 75001,
+                                                               "floor": None}},
+                    "guest": None, "note": None}))),
+               Reply(text_stream("Done.")))
+    result = server.client().generate("Register Ann.", tools=[register])
+    parameters = server.bodies()[0]["tools"][0]["function"]["parameters"]
+    assert parameters["$defs"] == {"Home": Home.model_json_schema()}
+    assert _defs_below_the_root(parameters) == []
+    assert parameters["properties"]["resident"]["properties"]["home"] == {
+        "$ref": "#/$defs/Home"}
+    first, second, third = result.tool_results
+    assert first.error is not None
+    assert first.error.endswith('$.resident.home.zip: expected integer, got string "x"')
+    assert second.error is not None and second.error.endswith(
+        '$.guest.age: expected integer, got string "old"')
+    assert third.error is None and third.value == "ok"
+    (resident, guest, note), = registered
+    assert isinstance(resident, Resident) and isinstance(resident.home, Home)
+    assert resident == Resident.model_validate(_ANN) and (guest, note) == (None, "-")
+
+
+def test_pydantic_tool_parameter_whose_validator_fails_goes_back_to_the_model(
+        server: Scripted) -> None:
+    _needs_pydantic()
+    seen: list[Signed] = []
+
+    def sign(signer: Signed) -> str:
+        """Sign."""
+        seen.append(signer)
+        return "signed"
+
+    server.add(_calls_then_text(_call(0, "c1", "sign", '{"signer": {"name": "ann"}}')),
+               _calls_then_text(_call(0, "c2", "sign", '{"signer": {"name": "Ann"}}')),
+               Reply(text_stream("Done.")))
+    result = server.client().generate("Sign.", tools=[sign])
+    first, second = result.tool_results
+    assert first.error is not None and "name must start with a capital letter" in first.error
+    assert second.value == "signed" and seen == [Signed(name="Ann")]
+
+
+def test_pydantic_models_inside_a_dataclass_and_a_typeddict_parameter(
+        server: Scripted) -> None:
+    _needs_pydantic()
+    bob = {"name": "Bob", "age": 40, "home": {"city": "Lyon", "zip": 69001}}
+    cy = {**bob, "name": "Cy"}
+    seen: list[Register] = []
+
+    def enrol(register: Register) -> str:
+        """Enrol."""
+        seen.append(register)
+        return "enrolled"
+
+    server.add(_answer(json.dumps({"head": _ANN, "others": [bob, cy], "spare": None})),
+               _calls_then_text(_call(0, "c1", "enrol", json.dumps({"register": {
+                   "first": _ANN, "homes": [{"city": "Nice", "zip": 6000.0}]}}))),
+               Reply(text_stream("Enrolled.")))
+    client = server.client()
+    household = client.generate("A household.", schema=Household).data
+    assert household == Household(Resident.model_validate(_ANN), [
+        Resident.model_validate(bob), Resident.model_validate(cy)])
+    assert isinstance(household.head, Resident) and isinstance(household.others[1].home, Home)
+    client.generate("Enrol Ann.", tools=[enrol])
+    assert seen == [{"first": Resident.model_validate(_ANN),
+                     "homes": [Home(city="Nice", zip=6000)]}]
+    assert isinstance(seen[0]["first"], Resident) and isinstance(seen[0]["homes"][0], Home)
+    first, second = server.bodies()[:2]
+    for schema in (first["response_format"]["json_schema"]["schema"],
+                   second["tools"][0]["function"]["parameters"]):
+        assert schema["$defs"] == {"Home": Home.model_json_schema()}
+        assert _defs_below_the_root(schema) == []
+        oc._vet_schema(schema, "schema=")  # every "#/$defs/..." resolves
+
+
+def test_pydantic_models_inside_a_typeddict_answer_are_instances(server: Scripted) -> None:
+    # As for a TypedDict field or parameter: built, not left as the plain JSON.
+    _needs_pydantic()
+    server.add(_answer(json.dumps({"first": _ANN, "homes": [{"city": "Nice", "zip": 6000}]})),
+               _answer('{"city": "Oslo", "zip": 150.0}'))
+    client = server.client()
+    register = client.generate("A register.", schema=Register).data
+    sent = server.bodies()[0]["response_format"]["json_schema"]["schema"]
+    assert sent["$defs"] == {"Home": Home.model_json_schema()}
+    assert _defs_below_the_root(sent) == []
+    assert register == {"first": Resident.model_validate(_ANN),
+                        "homes": [Home(city="Nice", zip=6000)]}
+    address = client.generate("An address.", schema=Address).data
+    assert address == {"city": "Oslo", "zip": 150} and type(address["zip"]) is int
+
+
+def test_pydantic_models_in_a_union_are_built_whatever_holds_them(server: Scripted) -> None:
+    # The option of a union that fits is found by checking the value against the
+    # option's schema: a model nested in a dataclass option must resolve its $refs too.
+    _needs_pydantic()
+    server.add(_answer(json.dumps({"household": {"head": _ANN, "others": []},
+                                   "resident": _ANN})))
+    data = server.client().generate("Either.", schema=Either).data
+    assert isinstance(data.resident, Resident)
+    assert data.household == Household(Resident.model_validate(_ANN), [])
+
+
+def test_pydantic_two_models_with_one_name_are_a_config_error(server: Scripted) -> None:
+    _needs_pydantic()
+    client = server.client()
+    with pytest.raises(oc.ConfigError, match="two different models are named 'Home'"):
+        client.generate("hi", schema=Clash)
+
+    def move(resident: Resident, flat: Flat) -> None:
+        """Move."""
+
+    with pytest.raises(oc.ConfigError, match="tool 'move'.*two different models are named"):
+        client.generate("hi", tools=[move])
+    assert server.requests == []
+
+
+def test_pydantic_optional_allows_null_and_null_for_a_default_is_the_default(
+        server: Scripted) -> None:
+    _needs_pydantic()
+    server.add(_answer(json.dumps({**_ANN, "nickname": None})),
+               _answer(json.dumps({**_ANN, "score": None, "home": {
+                   "city": "Paris", "zip": 75001, "floor": None}})))
+    client = server.client()
+    first = client.generate("Invent a person.", schema=Resident)
+    assert first.data.nickname is None and len(first.steps) == 1
+    assert "null for optional fields: left out" not in client.quirks, (
+        "null where the schema allows it is a value, not a left-out field")
+    second = client.generate("Invent a person.", schema=Resident)
+    assert (second.data.score, second.data.home.floor) == (5, 0) and len(second.steps) == 1
+    assert client.quirks.count("null for optional fields: left out") == 1
+
+
+@dataclass
+class Stay:
+    nights: int
+    note: str = "none"
+
+
+@dataclass
+class Booking:
+    guest: str
+    stay: Stay
+    extras: list[Stay] = field(default_factory=list)
+    count: int | None = None
+
+
+def test_null_for_optional_tool_parameters_is_the_default_and_noted_once(
+        server: Scripted) -> None:
+    booked: list[tuple[Any, ...]] = []
+
+    def book(city: str, nights: int = 1, note: str = "none", stay: Stay | None = None,
+             count: int | None = 7) -> str:
+        """Book a room."""
+        booked.append((city, nights, note, stay, count))
+        return "booked"
+
+    server.add(_calls_then_text(
+                   _call(0, "c1", "book", '{"city": "Oslo", "nights": null, "note": null}'),
+                   _call(1, "c2", "book", '{"city": "Rome", "stay": {"nights": 2, "note": null},'
+                                          ' "count": null}')),
+               _calls_then_text(_call(0, "c3", "book", '{"city": "Pau", "stay": null}')),
+               Reply(text_stream("All booked.")),
+               _answer('{"guest": "Ann", "stay": {"nights": 1, "note": null}, "count": null}'))
+    client = server.client()
+    result = client.generate("Book three.", tools=[book])
+    assert [r.error for r in result.tool_results] == [None, None, None]
+    assert booked == [("Oslo", 1, "none", None, 7), ("Rome", 1, "none", Stay(2), 7),
+                      ("Pau", 1, "none", None, 7)]
+    assert client.generate("A booking.", schema=Booking).data == Booking("Ann", Stay(1))
+    assert client.quirks.count("null for optional fields: left out") == 1
+
+
+def test_null_for_a_nested_optional_field_is_its_dataclass_default(server: Scripted) -> None:
+    server.add(_answer(json.dumps({"guest": "Ann", "stay": {"nights": 2, "note": None},
+                                   "extras": [{"nights": 1, "note": None},
+                                              {"nights": 3, "note": "late"}]})))
+    result = server.client().generate("A booking.", schema=Booking)
+    assert result.data == Booking("Ann", Stay(2), [Stay(1), Stay(3, "late")])
+    assert len(result.steps) == 1
+
+
+def test_null_for_a_required_field_stays_an_error(server: Scripted) -> None:
+    booked: list[Any] = []
+
+    def book(city: str, nights: int, stay: Stay | None = None) -> str:
+        """Book a room."""
+        booked.append((city, nights, stay))
+        return "booked"
+
+    server.add(_calls_then_text(_call(0, "c1", "book", '{"city": "Oslo", "nights": null}'),
+                                _call(1, "c2", "book", '{"city": "Oslo", "nights": 1, '
+                                                       '"stay": {"nights": null}}')),
+               Reply(text_stream("Sorry.")),
+               _answer('{"guest": "Ann", "stay": {"nights": null}}'),
+               _answer('{"guest": "Ann", "stay": {"nights": 2}}'))
+    client = server.client()
+    first, second = client.generate("Book.", tools=[book]).tool_results
+    assert first.error is not None and first.error.endswith("$.nights: expected integer, got null")
+    assert second.error is not None and second.error.endswith(
+        "$.stay.nights: expected integer, got null")
+    assert booked == []
+    sent = [json.loads(m["content"])["error"] for m in server.bodies()[1]["messages"]
+            if m["role"] == "tool"]
+    assert sent == [first.error, second.error]
+    result = client.generate("A booking.", schema=Booking)
+    assert result.data == Booking("Ann", Stay(2)) and len(result.steps) == 2
+    assert "$.stay.nights: expected integer, got null" in server.bodies()[-1]["messages"][-1][
+        "content"]
+    assert "null for optional fields: left out" not in client.quirks
+
+
+def test_integral_float_for_an_int_parameter_is_an_int(server: Scripted) -> None:
+    received: list[dict[str, Any]] = []
+
+    def repeat(times: int, width: Annotated[int, "columns"], limit: int | None = None,
+               counts: list[int] | None = None, stay: Stay | None = None) -> str:
+        """Repeat."""
+        received.append({"times": times, "width": width, "limit": limit, "counts": counts,
+                         "nights": stay.nights if stay else None})
+        return "done"
+
+    server.add(_calls_then_text(
+                   _call(0, "c1", "repeat", '{"times": 3.0, "width": 80.0, "limit": 1e2, '
+                                            '"counts": [1.0, 2], "stay": {"nights": 4.0}}'),
+                   _call(1, "c2", "repeat", '{"times": 3.5, "width": 80}')),
+               Reply(text_stream("Done.")))
+    first, second = server.client().generate("Repeat.", tools=[repeat]).tool_results
+    assert first.error is None
+    (got,) = received
+    assert got == {"times": 3, "width": 80, "limit": 100, "counts": [1, 2], "nights": 4}
+    assert all(type(got[k]) is int for k in ("times", "width", "limit", "nights"))
+    assert [type(c) for c in got["counts"]] == [int, int]
+    assert second.error is not None and second.error.endswith(
+        "$.times: expected integer, got number 3.5")
+
+
+def test_integral_float_for_a_dataclass_field_through_schema_is_an_int(server: Scripted) -> None:
+    server.add(_answer('{"guest": "Ann", "stay": {"nights": 2.0}, "extras": [{"nights": 1.0}],'
+                       ' "count": 5.0}'),
+               _answer('{"x": 1.0, "y": 2.0}'))
+    client = server.client()
+    data = client.generate("A booking.", schema=Booking).data
+    assert data == Booking("Ann", Stay(2), [Stay(1)], 5)
+    assert [type(v) for v in (data.stay.nights, data.extras[0].nights, data.count)] == [int] * 3
+    point = client.generate("A point.", schema=Point).data  # float fields keep their floats
+    assert point == {"x": 1.0, "y": 2.0} and type(point["x"]) is float
+
+
 # ==== Streaming ====
 
 WHOLE = "one JSON document for a stream request"
@@ -4426,3 +4810,59 @@ def test_real_litellm_backend_killed_mid_stream_is_a_classified_error_with_the_p
     error, received = _kill_mid_stream(client, backend, within=60)
     assert isinstance(error, oc.StreamError) and "Connection error" in error.message
     assert error.partial_text == received and received
+
+
+# Issue 18 on real servers: a pydantic model (nested model, Optional field) and a JSON
+# Schema dict with integer bounds; llama-server gets json_schema, llama-cpp-python
+# refuses it and gets json_object with the schema, LiteLLM passes json_schema on.
+
+
+if pydantic is not None:
+    class PostalAddress(pydantic.BaseModel):
+        city: str
+        zip: str
+
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int
+        address: PostalAddress
+        nickname: str | None = None
+
+
+def test_real_pydantic_model_with_a_nested_model_and_an_optional_field(real: Any) -> None:
+    _needs_pydantic()
+    client = _client(real)
+    result = client.generate("Invent a person who lives in Paris.", schema=Person,
+                             temperature=0, seed=1, max_tokens=120)
+    person = result.data
+    assert isinstance(person, Person) and isinstance(person.address, PostalAddress), result.text
+    assert person.name.strip() and person.address.city.strip() and type(person.age) is int
+    assert person.nickname is None or isinstance(person.nickname, str)
+    rung = client._http.schema_rung
+    print(f"{real.name}: rung {rung}, {len(result.steps)} model call(s), {person!r}")
+    assert rung == (1 if real.name == "llama-cpp-python" else 0)
+
+
+RETIRED = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer", "minimum": 70, "maximum": 99}},
+    "required": ["name", "age"]}
+
+
+@pytest.mark.parametrize("prompt", ["Invent a retired person.",
+                                    "Invent a person who works in an office."])
+def test_real_schema_minimum_maximum_keeps_the_integer_within_bounds(real: Any,
+                                                                      prompt: str) -> None:
+    client = _client(real)
+    try:
+        result = client.generate(prompt, schema=RETIRED, temperature=0, seed=1, max_tokens=60)
+    except oc.OutputError as exc:
+        # llama-cpp-python's grammar ignores minimum/maximum (seen: the office worker is
+        # 30, three times): the checker holds the bound, and no data comes out of range.
+        assert real.name == "llama-cpp-python", str(exc)
+        assert re.search(r"\$\.age: must be at (least 70|most 99), got \d+", str(exc)), str(exc)
+        return
+    age = result.data["age"]
+    print(f"{real.name}: rung {client._http.schema_rung}, {len(result.steps)} model call(s), "
+          f"{result.data}")
+    assert type(age) is int and 70 <= age <= 99, result.text
+    assert client._http.schema_rung == (1 if real.name == "llama-cpp-python" else 0)
