@@ -1253,7 +1253,10 @@ def _answer_schema(schema: Any) -> tuple[dict[str, Any] | None, Any]:
         raise ConfigError("schema= must be a JSON Schema dict or a type such as a dataclass")
     built = _root_schema(schema, "schema=") if not isinstance(schema, dict) else schema
     _vet_schema(built, "schema=")
-    return built, schema if is_dataclass(schema) or _is_model(schema) else None
+    # Data is built as the type asks (records and models, nested ones too; 3.0 as an int),
+    # but a bare Enum or JSON Schema dict gives the plain JSON value.
+    plain = isinstance(schema, dict) or isinstance(schema, type) and issubclass(schema, enum.Enum)
+    return built, None if plain else schema
 
 
 def _iter_steps(client: Client, request: _Request,
@@ -1952,7 +1955,8 @@ def _build(value: Any, annotation: Any) -> Any:
     if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(options) > 1:  # the first option the value fits
-            options = [a for a in options if _validate(value, _schema(a, "")) is None] or [Any]
+            options = [a for a in options if _validate(value, _root_schema(a, "")) is None] or [
+                Any]
         return _build(value, options[0])
     if annotation is int and isinstance(value, float):
         return int(value)  # JSON Schema counts 3.0 as an integer; the function wants 3
