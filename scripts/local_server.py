@@ -658,43 +658,87 @@ def _stop_all() -> None:
         _RUNNING[-1].stop()
 
 
-def _started(server: _Server) -> _Server:
+def _started(server: _Server, note: str = "") -> _Server:
     """`server` started, saying what is being waited for and how long it took."""
     server.port = server.port or free_port()
-    _log(f"starting {server.name} on 127.0.0.1:{server.port}")
+    _log(f"starting {server.name} on 127.0.0.1:{server.port}{note}")
     began = time.monotonic()
     server.start()
     _log(f"{server.name} ready in {time.monotonic() - began:.1f} s")
     return server
 
 
-def idle_cores() -> int:
-    """The cores that nothing else keeps busy (at least 1), by the load average.
+IDLE_WINDOW = 0.5  # seconds over which idle_cores() measures the idle CPU
 
+
+def idle_share(before: str, after: str) -> tuple[float, int]:
+    """The share of CPU time spent idle (idle + iowait) between two readings of
+    /proc/stat, and the cores they cover (the "cpuN" lines).
+
+    The first line adds up every core: user nice system idle iowait irq softirq steal,
+    then guest and guest_nice, which user and nice already include.
+    """
+    def times(text: str) -> list[int]:
+        fields = text.split("\n", 1)[0].split()
+        if not fields or fields[0] != "cpu":
+            raise ValueError(f"not /proc/stat: {text[:40]!r}")
+        return [int(f) for f in fields[1:9]]
+
+    first, second = times(before), times(after)
+    spent = [b - a for a, b in zip(first, second)]
+    total = sum(spent)
+    cores = len(re.findall(r"^cpu\d+ ", after, re.MULTILINE)) or os.cpu_count() or 1
+    return (spent[3] + spent[4]) / total if total > 0 else 1.0, cores
+
+
+def measure_idle_cores(window: float = IDLE_WINDOW, stat: str = "/proc/stat") -> tuple[int, str]:
+    """The cores that nothing else keeps busy (at least 1), and what was measured.
+
+    Idle CPU over the last `window` seconds, from /proc/stat; where there is none,
+    the load average (which lags: just after a compile it still counts the compile).
     llama.cpp's threads meet at a barrier for every step of every token, so one thread
     more than the cores that are free makes them wait for each other: seen here, two
     threads beside another busy process generated 5 to 17 tokens/s, one thread 55.
     """
     cores = os.cpu_count() or 1
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    try:
+        with open(stat) as readings:
+            before = readings.read()
+        time.sleep(window)
+        with open(stat) as readings:
+            after = readings.read()
+        share, counted = idle_share(before, after)
+    except (OSError, ValueError):
+        load = os.getloadavg()[0]
+        idle = max(1, min(cores, round(cores - load)))
+        return idle, f"load average {load:.1f} on {cores} cores"
+    cores = min(cores, counted)
+    # Rounded down, but a tenth of a core of noise (this process's own start, a
+    # shell's) does not take a thread away from an otherwise idle machine.
+    idle = max(1, min(cores, int(share * cores + 0.1)))
+    return idle, f"{share * cores:.1f} of {cores} cores idle over {window:g} s"
+
+
+def idle_cores() -> int:
+    """The cores that nothing else keeps busy, at least 1 (see measure_idle_cores)."""
+    return measure_idle_cores()[0]
 
 
 def _start(kind: str, api_key: str | None, ctx: int, port: int = 0,
            threads: int = 0) -> list[_Server]:
     """The servers for `kind`, started; the one to talk to is last."""
     ensure()  # first, so that a build shows its progress before any server is named
-    if not threads:
-        threads = idle_cores()
-        if threads < (os.cpu_count() or 1):
-            _log(f"the machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):"
-                 f" llama-server gets {threads} thread{'s' * (threads > 1)}")
+    how = "--threads"
+    if not threads and kind != "llama-cpp-python":  # (that one sets its own threads)
+        threads, how = measure_idle_cores()
+    note = f" with {threads} thread{'s' * (threads > 1)} ({how})" if threads else ""
     if kind == "litellm":
-        backend = _started(LocalServer(ctx=ctx, threads=threads))
+        backend = _started(LocalServer(ctx=ctx, threads=threads), note)
         return [backend, _started(LiteLLMProxy({"smollm2": backend.base_url},
                                                api_key=api_key or MASTER_KEY, port=port))]
     if kind == "llama-cpp-python":
         return [_started(LlamaCppPythonServer(api_key=api_key, ctx=ctx, port=port))]
-    return [_started(LocalServer(api_key=api_key, ctx=ctx, threads=threads, port=port))]
+    return [_started(LocalServer(api_key=api_key, ctx=ctx, threads=threads, port=port), note)]
 
 
 def _serve(server: _Server) -> int:
