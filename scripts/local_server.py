@@ -75,7 +75,13 @@ def _use_the_venv() -> None:
     python = os.path.join(VENV, "bin", "python")
     if os.path.exists(python):
         if os.path.realpath(sys.prefix) != os.path.realpath(VENV):
-            os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])
+            try:
+                os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])
+            except OSError as exc:
+                print(f"[local_server] error: cannot run {python} ({exc}); delete {VENV} and"
+                      " run `bash scripts/run.sh` or `bash scripts/test.sh`, which make it",
+                      file=sys.stderr)
+                sys.exit(2)
         return
     try:
         import requests  # noqa: F401
