@@ -152,15 +152,17 @@ def _call_turns(call_id: str, expression: str, value: str, answer: str,
 
 
 # The few-shot history that makes SmolLM2-135M call the calculator (temperature 0).
-# The answers start with "So": with answers like "12*7 is 84.", the model's answer to
-# "What is 85.50*0.15?" depended on llama-server's threads (1: "85.50*0.15 is 12.825.";
-# 2: "12.825*0.15 is 12.825."; elsewhere "12.825 is 12.825."); with "So", it was
-# "So 85.50*0.15 is 12.825." on 1 to 4 threads, with the prompt cache cold or warm.
+# The answers say "The answer is N.": with answers like "12*7 is 84.", the model's
+# answer to "What is 85.50*0.15?" depended on llama-server's threads and prompt cache
+# ("85.50*0.15 is 12.825.", "12.825*0.15 is 12.825.", "12.825 is 12.825."); with these,
+# "The answer is 12.825." on 1 to 4 threads, cache cold or warm. ("So 12*7 is 84."
+# did as well on llama-server, but made llama-cpp-python's server call again and
+# again until its context was full.)
 CALCULATOR_FEW_SHOT: list[dict[str, Any]] = [
     {"role": "system", "content": "You are a calculator assistant. For any arithmetic you "
                                   "must call the calculate tool."},
-    *_call_turns("call1", "12*7", "84", "So 12*7 is 84.", "What is 12*7?"),
-    *_call_turns("call2", "100-37", "63", "So 100-37 is 63.", "What is 100-37?"),
+    *_call_turns("call1", "12*7", "84", "The answer is 84.", "What is 12*7?"),
+    *_call_turns("call2", "100-37", "63", "The answer is 63.", "What is 100-37?"),
 ]
 TOOL_PROMPTS = ("What is 3+5?", "What is 85.50*0.15?")
 
