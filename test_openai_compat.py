@@ -4866,3 +4866,121 @@ def test_real_schema_minimum_maximum_keeps_the_integer_within_bounds(real: Any,
           f"{result.data}")
     assert type(age) is int and 70 <= age <= 99, result.text
     assert client._http.schema_rung == (1 if real.name == "llama-cpp-python" else 0)
+
+
+# ---- scripts (issue 20) ----
+
+
+def _system_python3() -> tuple[str, str]:
+    """The python3 a newcomer's shell finds outside any venv, and that PATH."""
+    repo = os.path.dirname(_SCRIPTS)
+    venv_bins = {os.path.realpath(os.path.join(repo, ".venv", "bin"))}
+    for prefix in (os.environ.get("VIRTUAL_ENV"),
+                   sys.prefix if sys.prefix != sys.base_prefix else None):
+        if prefix:
+            venv_bins.add(os.path.realpath(os.path.join(prefix, "bin")))
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and os.path.realpath(d) not in venv_bins)
+    python = shutil.which("python3", path=path)
+    if python is None:
+        pytest.skip("no python3 on PATH outside a venv")
+    return python, path
+
+
+def _clean_env(path: str) -> dict[str, str]:
+    """A newcomer's environment: PATH and HOME, and where the server's cache is."""
+    env = {"PATH": path, "HOME": os.path.expanduser("~")}
+    for name in ("OPENAI_COMPAT_DEV_CACHE", "OPENAI_COMPAT_DEV_LOCK_WAIT", "PYENV_ROOT"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def test_local_server_without_venv_or_dependencies_says_how_to_get_them(tmp_path: Any) -> None:
+    python, path = _system_python3()
+    lacks = subprocess.run([python, "-c", "import sseclient"], env=_clean_env(path),
+                           capture_output=True, check=False)
+    if lacks.returncode == 0:
+        pytest.skip(f"{python} has sseclient: nothing to say")
+    # A clone without .venv yet (the copies do not see this checkout's .venv).
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(os.path.join(_SCRIPTS, "local_server.py"), tmp_path / "scripts")
+    shutil.copy(oc.__file__, tmp_path)
+    done = subprocess.run([python, "scripts/local_server.py", "serve"], cwd=tmp_path,
+                          env=_clean_env(path), capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert "sseclient" in done.stderr and "bash scripts/run.sh" in done.stderr
+
+
+def test_real_local_server_run_from_the_system_python_runs_in_the_venv() -> None:
+    # "python3 scripts/local_server.py run -- python example.py" from a newcomer's shell:
+    # the script goes on in .venv, and `python` in the command is .venv's.
+    local_server = _local_server_module()
+    try:
+        local_server.ensure(build=False)
+    except OSError as exc:
+        _missing(f"no local llama-server ({exc}); `bash scripts/test.sh` builds it")
+    venv = os.path.join(os.path.dirname(_SCRIPTS), ".venv")
+    if not os.path.exists(os.path.join(venv, "bin", "python")):
+        _missing(f"no {venv}: `bash scripts/test.sh` makes it")
+    python, path = _system_python3()
+    code = "import openai_compat, sseclient, sys; print(sys.prefix)"
+    done = subprocess.run([python, "scripts/local_server.py", "run", "--", "python", "-c", code],
+                          cwd=os.path.dirname(_SCRIPTS), env=_clean_env(path),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert os.path.realpath(done.stdout.strip()) == os.path.realpath(venv), done.stdout
+
+
+_STAT_BEFORE = """cpu  1000 20 300 8000 100 0 10 0 0 0
+cpu0 500 10 150 4000 50 0 5 0 0 0
+cpu1 500 10 150 4000 50 0 5 0 0 0
+intr 123 0 0
+"""
+# 100 jiffies later on 2 cores (200 in all): 45 idle, 5 iowait, the rest at work;
+# the guest columns (already counted in user) move too and must not count twice.
+_STAT_AFTER = """cpu  1130 20 320 8045 105 0 10 0 30 0
+cpu0 1000 10 150 4000 50 0 5 0 0 0
+cpu1 630 10 170 4045 55 0 5 0 30 0
+intr 456 0 0
+"""
+
+
+def test_local_server_idle_share_from_two_proc_stat_readings() -> None:
+    idle_share = _local_server_module().idle_share
+    assert idle_share(_STAT_BEFORE, _STAT_AFTER) == (50 / 200, 2)
+    assert idle_share(_STAT_BEFORE, _STAT_BEFORE) == (1.0, 2)  # no time passed: idle
+    with pytest.raises(ValueError):
+        idle_share("intr 1 2\n", _STAT_AFTER)
+
+
+@pytest.mark.parametrize(("after", "idle", "said"), [
+    (_STAT_AFTER, 1, "0.5 of 2 cores idle over 0.5 s"),  # at least one thread
+    # 1.5 idle cores: rounded down; 1.92 (the measuring's own noise): 2.
+    ("cpu  1030 20 320 8145 105 0 10 0 0 0\ncpu0 1\ncpu1 1\n", 1,
+     "1.5 of 2 cores idle over 0.5 s"),
+    ("cpu  1000 20 308 8187 105 0 10 0 0 0\ncpu0 1\ncpu1 1\n", 2,
+     "1.9 of 2 cores idle over 0.5 s"),
+])
+def test_local_server_idle_cores_round_down_and_say_what_was_measured(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, after: str, idle: int, said: str
+) -> None:
+    local_server = _local_server_module()
+    stat = tmp_path / "stat"
+    stat.write_text(_STAT_BEFORE)
+    monkeypatch.setattr(local_server.os, "cpu_count", lambda: 2)
+    # The pause between the two readings is when the counters move.
+    monkeypatch.setattr(local_server.time, "sleep", lambda seconds: stat.write_text(after))
+    assert local_server.measure_idle_cores(0.5, str(stat)) == (idle, said)
+
+
+def test_local_server_idle_cores_fall_back_to_the_load_average(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local_server = _local_server_module()
+    monkeypatch.setattr(local_server.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(local_server.os, "getloadavg", lambda: (0.6, 1.0, 1.0))
+    assert local_server.measure_idle_cores(0.5, str(tmp_path / "none")) == (
+        1, "load average 0.6 on 2 cores")

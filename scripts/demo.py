@@ -51,13 +51,21 @@ def _evaluate(node: ast.expr) -> float:
     raise ValueError(f"not arithmetic: {ast.unparse(node)}")
 
 
+SYSTEM = "You are a helpful assistant. Answer in two or three sentences."
+
+
 def main() -> int:
     local = "--local" in sys.argv[1:]
     client = oc.Client()
     print(f"endpoint {client.config.base_url}, model {client.model}\n", flush=True)
 
-    print("== Streaming: Explain distributed computing ==", flush=True)
-    for chunk in client.stream("Explain distributed computing", max_tokens=200):
+    prompt = "Explain distributed computing in simple terms."
+    print(f"== Streaming: {prompt} ==", flush=True)
+    # Temperature 0 and a seed: the same answer every run. The system line keeps a
+    # small model short: left to ramble for 200 tokens, SmolLM2-135M's answer (at the
+    # server's default sampling) ended in one line repeated twenty times.
+    for chunk in client.stream(prompt, system=SYSTEM, temperature=0, seed=42,
+                               max_tokens=120):
         print(chunk.content, end="", flush=True)
     print("\n")
 
@@ -86,7 +94,8 @@ def main() -> int:
         result = chunks.result
     print()
     if result is not None:
-        print(f"\n[{len(result.steps)} model calls, {len(result.tool_calls)} tool calls, "
+        calls = len(result.tool_calls)
+        print(f"\n[{len(result.steps)} model calls, {calls} tool call{'s' * (calls != 1)}, "
               f"finish_reason {result.finish_reason}]")
     return 0
 

