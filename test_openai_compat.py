@@ -3,8 +3,10 @@ llama.cpp server for the integration section. No mocks."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
+import gc
 import itertools
 import json
 import logging
@@ -21,6 +23,8 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, is_dataclass, make_dataclass
@@ -28,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Annotated, Any, Literal, TypedDict
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import openai_compat as oc
@@ -3408,6 +3412,672 @@ def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
         # it may add the repeated id and name, so only the text run is known exactly.
         assert quirks[:1] == ["usage chunk with choices"], done.stdout
         assert called or quirks == ["usage chunk with choices"], done.stdout
+
+
+# ==== Inputs people really produce (issue 21) ====
+
+
+# Issue #21: what people paste, read from files and set in their environment, and what
+# servers send back (DESIGN.md, "Input that HTTP or JSON cannot carry"): a ConfigError
+# naming what to fix before anything is sent; secrets in a base URL redacted like the
+# key; a query string kept last; bad bytes read as U+FFFD; redirects followed only on
+# the same server; coroutine tools run.
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def other_server() -> Iterator[Scripted]:
+    """A second scripted server: another origin (same host, another port)."""
+    script = Scripted()
+    httpd = _serve(script)
+    yield script
+    httpd.shutdown()
+    httpd.server_close()
+
+
+# Usage in every scripted stream that checks quirks: "no usage in streams" stays out.
+_USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def _leaks(secret: str, *texts: str) -> list[str]:
+    """The texts that show `secret`, as written or escaped by repr()/ascii()."""
+    forms = {secret, repr(secret)[1:-1], ascii(secret)[1:-1]}
+    return [t for t in texts if any(f in t for f in forms)]
+
+
+@pytest.mark.parametrize(("options", "names", "secret"), [
+    ({"api_key": "sk-ключ-0123"}, "api_key=", "ключ"),  # a key typed in another layout
+    ({"api_key": "sk-abc123\nX-Evil: 1"}, "api_key=", "X-Evil"),  # header injection
+    ({"api_key": "sk-abc123\r\nX-Evil: 1"}, "api_key=", "X-Evil"),
+    ({"api_key": "sk-abc123\x00tail"}, "api_key=", "tail"),
+    ({"api_key": "sk-abc123\ttail"}, "api_key=", "tail"),
+    ({"api_key": "sk-abc123\u200btail"}, "api_key=", "tail"),  # a zero-width space from a web page
+    ({"api_key": "sk-abc123\u00a0tail"}, "api_key=", "tail"),  # a no-break space from a PDF
+    ({"headers": {"api-key": "clé-0123"}}, "'api-key'", "clé"),
+    ({"headers": {"api-key": "abc123\r\nX-Evil: 1"}}, "'api-key'", "X-Evil"),
+    ({"headers": {"X-Team": "blue\x00tail"}}, "'X-Team'", "tail"),
+    # A bad name: its value (a key, maybe) is not shown either.
+    ({"headers": {"X A": "sk-hdr-0123"}}, "'X A'", "sk-hdr-0123"),
+    ({"headers": {"X:A": "sk-hdr-0123"}}, "'X:A'", "sk-hdr-0123"),
+    ({"headers": {"": "sk-hdr-0123"}}, "''", "sk-hdr-0123"),
+    ({"headers": {"X-Tëam": "sk-hdr-0123"}}, "'X-Tëam'", "sk-hdr-0123"),
+    ({"headers": {"X-Team\n": "sk-hdr-0123"}}, "X-Team", "sk-hdr-0123"),
+])
+def test_client_refuses_a_key_or_header_http_cannot_carry(server: Scripted, options: dict[str, Any],
+                                                          names: str, secret: str) -> None:
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client(**options)
+    message = str(caught.value)
+    assert names in message
+    assert _leaks(secret, message, repr(caught.value)) == []
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("key", ["sk-ключ-0123", "sk-abc123\nX-Evil: 1", "sk-abc123\u200btail"])
+def test_client_refuses_a_key_from_the_environment_http_cannot_carry(
+        server: Scripted, monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", server.base_url)
+    monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", key)
+    for make in (lambda: oc.Client(model="m"), lambda: oc.generate("hi", model="m")):
+        with pytest.raises(oc.ConfigError) as caught:
+            make()
+        assert "OPENAI_COMPATIBLE_API_KEY" in str(caught.value)
+        assert _leaks(key, str(caught.value), repr(caught.value)) == []
+        assert _leaks(key[3:9], str(caught.value)) == []
+    assert server.requests == []
+
+
+def test_client_header_value_pasted_with_a_leading_space_is_sent_and_never_shown(
+        server: Scripted) -> None:
+    # `name, value = "api-key: sk-azure-0123".split(":", 1)` leaves " sk-azure-0123":
+    # printable ASCII, which the door lets through, so it must travel (HTTP drops the
+    # space anyway); Azure's key header is a key, never shown in an error.
+    server.add(Reply(text_stream("ok")))
+    client = server.client(headers={"api-key": " sk-azure-0123"})
+    try:
+        result = client.generate("hi")
+    except oc.OpenAICompatError as exc:
+        assert _leaks("sk-azure-0123", str(exc), repr(exc)) == []
+        raise
+    assert result.text == "ok"
+    assert server.requests[0]["headers"]["api-key"] == "sk-azure-0123"
+
+
+# What open(path, errors="surrogateescape") gives for a file with a stray 0xff byte.
+_BROKEN = b"abc\xff def".decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize(("options", "where"), [
+    ({"prompt": _BROKEN}, "messages[0].content"),
+    ({"prompt": "hi", "system": _BROKEN}, "messages[0].content"),
+    ({"prompt": "hi", "system": "be brief", "messages": [{"role": "user", "content": _BROKEN}]},
+     "messages[1].content"),
+    ({"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": _BROKEN}]},
+     "messages[1].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": _BROKEN}]}]},
+     "messages[0].content[0].text"),
+])
+def test_text_with_a_lone_surrogate_is_refused_naming_the_message_and_position(
+        server: Scripted, options: dict[str, Any], where: str) -> None:
+    client = server.client()
+    for call in (lambda: run(client.stream(**options)), lambda: client.generate(**options)):
+        with pytest.raises(oc.ConfigError) as caught:
+            call()
+        assert where in str(caught.value) and "position 3" in str(caught.value)
+    assert server.requests == []
+
+
+def test_text_with_a_lone_surrogate_from_a_tool_is_refused_before_the_next_request(
+        server: Scripted) -> None:
+    def read_notes(path: str) -> str:
+        """Read a text file."""
+        return _BROKEN
+
+    server.add(_calls_then_text(_call(0, "c1", "read_notes", '{"path": "notes.txt"}')),
+               Reply(text_stream("never asked")))
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client().generate("hi", tools=[read_notes])
+    # The user turn, the assistant's call, then the tool's result.
+    assert "messages[2].content" in str(caught.value) and "position 3" in str(caught.value)
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(("template", "secret", "readable"), [
+    ("http://user:s3cretpw@{host}/v1", "s3cretpw", ["user", "/v1"]),
+    ("http://{host}/v1?api-version=2024-10-21&key=SECRETKEY123", "SECRETKEY123",
+     ["/v1", "api-version=2024-10-21"]),
+    ("http://{host}/v1?api-version=2024-10-21&sig=SECRETSIG%2B456", "SECRETSIG",
+     ["/v1", "api-version=2024-10-21"]),
+    ("http://{host}/v1?token=SECRETTOKEN789&api-version=2024-10-21", "SECRETTOKEN789",
+     ["/v1", "api-version=2024-10-21"]),
+    ("http://{host}/v1?api-version=2024-10-21&password=SECRETPW000", "SECRETPW000",
+     ["/v1", "api-version=2024-10-21"]),
+    # A pasted endpoint: the warning that names the base to use shows it redacted too.
+    ("http://{host}/v1/chat/completions?api-version=2024-10-21&api_key=SECRETAPIKEY",
+     "SECRETAPIKEY", ["/v1", "api-version=2024-10-21"]),
+])
+def test_base_url_secrets_are_redacted_in_errors_reprs_logs_and_quirks(
+        server: Scripted, caplog: pytest.LogCaptureFixture, template: str, secret: str,
+        readable: list[str]) -> None:
+    caplog.set_level(logging.DEBUG)
+    host = f"127.0.0.1:{server.httpd.server_address[1]}"  # type: ignore[union-attr]
+    url = template.format(host=host)
+    # A proxy that echoes the URL it was asked for, in plain text (a quirk, logged).
+    server.add(Reply(f"upstream failed for {url}", status=500, framing="length",
+                     content_type="text/plain"))
+    client = oc.Client(url, model="m", max_retries=0)
+    with pytest.raises(oc.ServerError) as caught:
+        client.generate("hi")
+    err = caught.value
+    assert client.quirks  # the plain-text body was noted, and logged with the URL
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("openai_compat")]
+    assert logged
+    assert _leaks(secret, repr(client), repr(client.config), str(err), repr(err), err.message,
+                  err.body or "", err.base_url or "", *logged, *client.quirks) == []
+    for text in (str(err), err.base_url or ""):
+        assert host in text and all(part in text for part in readable), text
+
+
+def test_base_url_secrets_stay_out_of_the_http_library_s_debug_log(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # logging.basicConfig(level=logging.DEBUG) is how many scripts debug: urllib3 then
+    # logs every request line, query string included.
+    caplog.set_level(logging.DEBUG)
+    url = f"{server.base_url}?api-version=2024-10-21&sig=SECRETSIG456"
+    server.add(Reply(text_stream("ok", usage=_USAGE)))
+    assert oc.Client(url, model="m").generate("hi").text == "ok"
+    assert server.requests[0]["path"].endswith("&sig=SECRETSIG456")  # it was sent
+    assert [r.name for r in caplog.records if "SECRETSIG456" in r.getMessage()] == []
+
+
+def test_base_url_secrets_are_redacted_when_the_server_cannot_be_reached(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    host = f"127.0.0.1:{_free_port()}"
+    url = f"http://user:s3cretpw@{host}/v1?api-version=2024-10-21&key=SECRETKEY123"
+    client = oc.Client(url, api_key=KEY, max_retries=0)
+    assert client.available_models() == list(oc.FALLBACK_MODELS)  # and logs why
+    errors = []
+    for call in (lambda: client.available_models(fallback=False), lambda: client.generate("hi")):
+        with pytest.raises(oc.EndpointUnavailableError) as caught:
+            call()
+        errors.append(caught.value)
+    for err in errors:
+        shown = [str(err), repr(err), err.message, err.base_url or "",
+                 "".join(traceback.format_exception(err))]
+        for secret in ("s3cretpw", "SECRETKEY123", KEY):
+            assert _leaks(secret, *shown, caplog.text, repr(client), *client.quirks) == []
+        assert host in str(err) and "api-version=2024-10-21" in str(err)
+        assert err.base_url is not None and host in err.base_url
+
+
+def test_base_url_userinfo_never_replaces_the_key(server: Scripted) -> None:
+    # DESIGN.md: the key is sent as Authorization: Bearer when set. requests turns a
+    # URL's user:password into Basic auth, which silently took the key's place.
+    server.add(Reply(text_stream("ok")))
+    port = server.httpd.server_address[1]  # type: ignore[union-attr]
+    client = oc.Client(f"http://user:pw@127.0.0.1:{port}/v1", api_key=KEY, model="m")
+    assert client.generate("hi").text == "ok"
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+def test_base_url_query_string_stays_at_the_end_of_every_request_url(server: Scripted) -> None:
+    port = server.httpd.server_address[1]  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{port}/openai/deployments/NAME?api-version=2024-10-21"
+    server.add(json_reply({"data": [{"id": "gpt-4o"}]}), Reply(text_stream("ok")))
+    client = oc.Client(base, headers={"api-key": KEY})  # Azure's key header
+    assert client.generate("hi").text == "ok"
+    assert [(r["method"], r["path"]) for r in server.requests] == [
+        ("GET", "/openai/deployments/NAME/models?api-version=2024-10-21"),
+        ("POST", "/openai/deployments/NAME/chat/completions?api-version=2024-10-21")]
+    assert [r["headers"].get("api-key") for r in server.requests] == [KEY, KEY]
+    assert server.bodies()[0]["model"] == "gpt-4o"
+
+
+@pytest.mark.parametrize(("suffix", "path", "named"), [
+    ("#x", "/v1/chat/completions", ""),
+    ("/#section", "/v1/chat/completions", ""),
+    ("/chat/completions", "/v1/chat/completions", "/v1"),
+    ("/chat/completions/", "/v1/chat/completions", "/v1"),
+    ("/models", "/v1/chat/completions", "/v1"),
+    ("/models/", "/v1/chat/completions", "/v1"),
+    ("/chat/completions?api-version=2024-10-21",
+     "/v1/chat/completions?api-version=2024-10-21", "/v1?api-version=2024-10-21"),
+])
+def test_base_url_fragment_is_dropped_and_a_pasted_endpoint_cut_back_with_one_warning(
+        server: Scripted, caplog: pytest.LogCaptureFixture, suffix: str, path: str,
+        named: str) -> None:
+    root = server.base_url[: -len("/v1")]
+    server.add(Reply(text_stream("ok")), Reply(text_stream("ok")))
+    with caplog.at_level(logging.WARNING, logger="openai_compat"):
+        for _ in range(2):
+            assert oc.Client(server.base_url + suffix, model="m").generate("hi").text == "ok"
+    assert [r["path"] for r in server.requests] == [path, path]
+    warnings_seen = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings_seen) == bool(named)  # once for the two Clients
+    assert all(f"using {root}{named}" in w for w in warnings_seen)
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("inf", "1000000"), ("Infinity", "1000000"), ("1e309", "1000000"),
+    ("999999999999", "1000000"), ("1000001", "1000000"),
+    ("nan", "positive"), ("-1", "positive"), ("0", "positive"), ("-inf", "positive"),
+])
+def test_timeout_must_be_a_positive_number_of_seconds_at_most_a_million(
+        server: Scripted, monkeypatch: pytest.MonkeyPatch, value: str, says: str) -> None:
+    monkeypatch.setenv("OPENAI_COMPATIBLE_TIMEOUT", value)
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client()
+    assert "OPENAI_COMPATIBLE_TIMEOUT" in str(caught.value) and says in str(caught.value)
+    monkeypatch.delenv("OPENAI_COMPATIBLE_TIMEOUT")
+    with pytest.raises(oc.ConfigError, match=says):
+        server.client(timeout=float(value))
+    client = server.client()
+    for given_value in (float(value), value):
+        for call in (client.stream, client.generate):
+            with pytest.raises(oc.ConfigError) as caught:
+                call("hi", timeout=given_value)
+            assert "timeout=" in str(caught.value) and says in str(caught.value)
+    assert server.requests == []
+
+
+def test_timeout_of_a_million_seconds_is_the_largest_accepted(server: Scripted) -> None:
+    server.add(Reply(text_stream("ok")), Reply(text_stream("ok")))
+    client = server.client(timeout=1_000_000)
+    assert client.config.timeout == 1_000_000
+    assert client.generate("hi", timeout=1e6).text == "ok"
+    assert client.generate("hi").text == "ok"
+
+
+def test_max_retries_must_be_0_or_more(server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_COMPATIBLE_MAX_RETRIES", "-1")
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client()
+    assert "OPENAI_COMPATIBLE_MAX_RETRIES" in str(caught.value)
+    assert "0 or more" in str(caught.value)
+    monkeypatch.delenv("OPENAI_COMPATIBLE_MAX_RETRIES")
+    with pytest.raises(oc.ConfigError, match="0 or more"):
+        server.client(max_retries=-1)
+
+
+@pytest.mark.parametrize(("options", "names"), [
+    ({"timeout": float("inf")}, "timeout="),
+    ({"timeout": -1}, "timeout="),
+    ({"max_retries": -1}, "max_retries="),
+])
+def test_client_arguments_out_of_range_are_named_as_the_arguments(
+        server: Scripted, options: dict[str, Any], names: str) -> None:
+    # The variable is not set: a message naming it sends the user to the wrong place
+    # (as issue #12 found for base_url=).
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client(**options)
+    assert names in str(caught.value)
+
+
+# The 37 properties of CreateChatCompletionRequest in OpenAI's published OpenAPI spec
+# (with ModelResponseProperties and CreateModelResponseProperties), as of 2026-09.
+OPENAI_SPEC_PARAMETERS = frozenset({
+    "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "messages", "metadata", "modalities", "model",
+    "moderation", "n", "parallel_tool_calls", "prediction", "presence_penalty",
+    "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "reasoning_effort",
+    "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
+    "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user",
+    "verbosity", "web_search_options",
+})
+_LIBRARY_OWN = frozenset({"messages", "model", "tools", "tool_choice", "stream"})
+# A value of each parameter's shape; the library sends it as given (its meaning is the
+# server's business).
+_PARAMETER_VALUES: dict[str, Any] = {
+    "audio": {"voice": "alloy", "format": "wav"}, "frequency_penalty": 0.25,
+    "function_call": "none",
+    "functions": [{"name": "f", "parameters": {"type": "object", "properties": {}}}],
+    "logit_bias": {"50256": -100}, "logprobs": True, "max_completion_tokens": 9,
+    "max_tokens": 7, "metadata": {"run": "t1"}, "modalities": ["text"],
+    "moderation": {"mode": "default"}, "n": 2, "parallel_tool_calls": False,
+    "prediction": {"type": "content", "content": "x"}, "presence_penalty": 0.5,
+    "prompt_cache_key": "k1", "prompt_cache_options": {"ttl": "1h"},
+    "prompt_cache_retention": "24h", "reasoning_effort": "minimal",
+    "response_format": {"type": "json_object"}, "safety_identifier": "user-1", "seed": 3,
+    "service_tier": "flex", "stop": ["\n\n"], "store": False,
+    "stream_options": {"include_usage": False}, "temperature": 0.2, "top_logprobs": 2,
+    "top_p": 0.9, "user": "u1", "verbosity": "low",
+    "web_search_options": {"search_context_size": "low"},
+}
+
+
+def test_options_the_module_s_parameter_list_is_openai_s_published_one() -> None:
+    assert len(OPENAI_SPEC_PARAMETERS) == 37
+    assert oc._OPENAI_PARAMETERS | _LIBRARY_OWN == OPENAI_SPEC_PARAMETERS
+
+
+@pytest.mark.parametrize("name", sorted(OPENAI_SPEC_PARAMETERS - _LIBRARY_OWN))
+def test_options_every_openai_parameter_reaches_the_server_by_name(server: Scripted,
+                                                                  name: str) -> None:
+    value = _PARAMETER_VALUES[name]
+    server.add(Reply(text_stream("ok")))
+    _, result = run(server.client().stream("hi", **{name: value}))
+    assert result.text == "ok"
+    assert server.bodies()[0][name] == value
+
+
+def test_options_messages_model_tools_and_tool_choice_are_the_library_s_own(
+        server: Scripted) -> None:
+    server.add(Reply(text_stream("ok")))
+    turns = [{"role": "user", "content": "hi"}]
+    run(server.client().stream(messages=turns, model="x", tools=[_add], tool_choice="required"))
+    body = server.bodies()[0]
+    assert body["model"] == "x" and body["messages"] == turns
+    assert [t["function"]["name"] for t in body["tools"]] == ["_add"]
+    assert body["tool_choice"] == "required"
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_options_stream_is_not_an_option(server: Scripted, value: bool) -> None:
+    client = server.client()
+    for call in (client.stream, client.generate):
+        with pytest.raises(oc.ConfigError) as caught:
+            call("hi", stream=value)
+        assert "stream()" in str(caught.value) and "generate()" in str(caught.value)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(("typo", "closest"), [
+    ("max_token", "max_tokens"), ("moderations", "moderation"),
+    ("prompt_cache_keys", "prompt_cache_key"), ("safety_identifer", "safety_identifier"),
+    ("web_search_option", "web_search_options"),
+])
+def test_options_a_typo_of_a_spec_parameter_names_the_closest(server: Scripted, typo: str,
+                                                               closest: str) -> None:
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client().stream("hi", **{typo: 1})
+    assert f"did you mean {closest}=?" in str(caught.value)
+    assert server.requests == []
+
+
+def _event_with_content(raw: bytes) -> bytes:
+    return b'data: {"choices":[{"index":0,"delta":{"content":"' + raw + b'"}}]}\n\n'
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close", "gzip"])
+@pytest.mark.parametrize(("raw", "text"), [
+    (b"caf\xc3", "caf\ufffd"),  # a token that cut a character in two, sent alone
+    (b"\xff", "\ufffd"),
+    (b"ok\xed\xa0\x80", "ok\ufffd\ufffd\ufffd"),  # UTF-8 of a surrogate: invalid
+])
+def test_stream_invalid_utf8_reads_as_replacement_and_the_answer_goes_on(
+        server: Scripted, framing: str, raw: bytes, text: str) -> None:
+    for _ in range(2):
+        server.add(Reply(sse(delta(role="assistant", content="")), _event_with_content(raw),
+                         _event_with_content(raw), text_stream(" au lait", usage=_USAGE),
+                         framing=framing))
+    client = server.client()
+    for _ in range(2):
+        chunks, result = run(client.stream("hi"))
+        assert result.text == text_of(chunks) == text + text + " au lait"
+    assert [q for q in client.quirks if "UTF-8" in q] == [client.quirks[0]]
+    assert len(client.quirks) == 1
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close", "gzip"])
+def test_stream_a_character_split_across_reads_is_not_replaced(server: Scripted,
+                                                               framing: str) -> None:
+    event = _event_with_content("café".encode())
+    cut = event.index(b"\xc3") + 1
+    server.add(Reply(event[:cut], event[cut:], text_stream("!", usage=_USAGE), framing=framing,
+                     pause=0.05))
+    client = server.client()
+    assert client.generate("hi").text == "café!"
+    assert client.quirks == []
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close", "gzip"])
+def test_stream_raw_control_characters_inside_json_strings_are_text(server: Scripted,
+                                                                    framing: str) -> None:
+    server.add(Reply(_event_with_content(b"a\tb\x01c\x1fd"), text_stream("."), framing=framing))
+    assert server.client().generate("hi").text == "a\tb\x01c\x1fd."
+
+
+def test_whole_answers_and_error_bodies_with_invalid_utf8_never_raise_a_decode_error(
+        server: Scripted) -> None:
+    whole = (b'{"choices":[{"index":0,"message":{"role":"assistant","content":"caf\xc3"},'
+             b'"finish_reason":"stop"}]}')
+    server.add(Reply(whole, framing="length", content_type="application/json"),
+               Reply(b'{"error":{"message":"bad \xff byte"}}', status=400, framing="length",
+                     content_type="application/json"))
+    client = server.client(max_retries=0)
+    assert client.generate("hi").text == "caf\ufffd"
+    with pytest.raises(oc.BadRequestError) as caught:
+        client.generate("hi")
+    assert "bad \ufffd byte" in caught.value.message
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_on_the_same_server_resends_the_post_and_names_the_url_once(
+        server: Scripted, status: int) -> None:
+    moved = {"Location": "/v1/chat/completions/"}
+    for answer in ("ok", "again"):
+        server.add(Reply("", status=status, framing="length", content_type="text/plain",
+                         headers=moved), Reply(text_stream(answer, usage=_USAGE)))
+    client = server.client(api_key=KEY)
+    assert client.generate("hi", temperature=0.5).text == "ok"
+    assert client.generate("hi", temperature=0.5).text == "again"
+    assert [(r["method"], r["path"]) for r in server.requests] == [
+        ("POST", "/v1/chat/completions"), ("POST", "/v1/chat/completions/")] * 2
+    assert server.requests[1]["json"] == server.requests[0]["json"]
+    assert server.requests[1]["json"]["temperature"] == 0.5
+    assert server.requests[1]["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert len(client.quirks) == 1
+    assert f"{server.base_url}/chat/completions/" in client.quirks[0]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_to_another_server_is_an_error_naming_it_and_sends_it_nothing(
+        server: Scripted, other_server: Scripted, status: int) -> None:
+    location = f"{other_server.base_url}/chat/completions"
+    server.add(Reply("", status=status, framing="length", content_type="text/plain",
+                     headers={"Location": location}))
+    other_server.add(Reply(text_stream("stolen")))
+    client = server.client(api_key=KEY, max_retries=0)
+    with pytest.raises(oc.APIError) as caught:
+        client.generate("hi")
+    assert location in str(caught.value)
+    assert _leaks(KEY, str(caught.value), repr(caught.value)) == []
+    assert other_server.requests == [] and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_of_discovery_is_followed_on_the_same_server_only(
+        server: Scripted, other_server: Scripted, status: int) -> None:
+    server.add(Reply("", status=status, framing="length", content_type="text/plain",
+                     headers={"Location": "/v1/models/"}),
+               json_reply({"data": [{"id": "m1"}]}))
+    client = oc.Client(server.base_url, api_key=KEY)
+    assert client.available_models(fallback=False) == ["m1"]
+    assert [(r["method"], r["path"]) for r in server.requests] == [
+        ("GET", "/v1/models"), ("GET", "/v1/models/")]
+    assert len(client.quirks) == 1 and f"{server.base_url}/models/" in client.quirks[0]
+    location = f"{other_server.base_url}/models"
+    server.add(Reply("", status=status, framing="length", content_type="text/plain",
+                     headers={"Location": location}))
+    other_server.add(json_reply({"data": [{"id": "elsewhere"}]}))
+    elsewhere = oc.Client(server.base_url, api_key=KEY, max_retries=0)
+    with pytest.raises(oc.APIError) as caught:
+        elsewhere.available_models(fallback=False)
+    assert location in str(caught.value)
+    assert other_server.requests == []
+
+
+async def _double(x: int) -> int:
+    """Double x."""
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+def _forgot_await(x: int) -> Any:
+    """Double x (but returns the coroutine unawaited)."""
+    return _double(x)
+
+
+_DOUBLE_SCHEMA = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+
+
+@pytest.mark.parametrize("given_tool", [
+    _double,
+    oc.tool(_double),
+    oc.Tool("_double", "Double x.", _DOUBLE_SCHEMA, _double),
+    {"_double": {"description": "Double x.", "parameters": _DOUBLE_SCHEMA, "execute": _double}},
+], ids=["function", "marked", "Tool", "dict"])
+def test_tools_a_coroutine_function_is_run_and_the_model_gets_its_result(
+        server: Scripted, given_tool: Any) -> None:
+    server.add(_calls_then_text(_call(0, "c1", "_double", '{"x": 21}')),
+               Reply(text_stream("42 it is")))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = server.client().generate("hi", tools=[given_tool])
+        gc.collect()
+    assert [(r.value, r.error) for r in result.tool_results] == [(42, None)]
+    assert server.bodies()[1]["messages"][-1] == {"role": "tool", "tool_call_id": "c1",
+                                                  "content": "42"}
+    assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
+
+
+def test_tools_a_coroutine_function_inside_a_running_event_loop_is_refused_before_sending(
+        server: Scripted) -> None:
+    server.add(Reply(text_stream("never asked")))
+    client = server.client()
+
+    async def main() -> None:
+        client.generate("hi", tools=[_add, _double])
+
+    async def main_streaming() -> None:
+        run(client.stream("hi", tools=[_add, _double]))
+
+    for entry in (main, main_streaming):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with pytest.raises(oc.ConfigError) as caught:
+                asyncio.run(entry())
+            gc.collect()
+        assert "'_double'" in str(caught.value)
+        assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
+    assert server.requests == []
+
+
+def test_tools_a_plain_function_returning_a_coroutine_is_that_call_s_error(
+        server: Scripted) -> None:
+    server.add(_calls_then_text(_call(0, "c1", "_forgot_await", '{"x": 21}')),
+               Reply(text_stream("ok")))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = server.client().generate("hi", tools=[_forgot_await])
+        gc.collect()
+    error = result.tool_results[0].error
+    assert error is not None and "_forgot_await" in error and "await" in error
+    sent = server.bodies()[1]["messages"][-1]["content"]
+    assert "_forgot_await" in sent and "<coroutine object" not in sent
+    assert result.text == "ok"
+    assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
+
+
+# Any character at all, lone surrogates, NUL and line breaks often among them.
+_ANY_CHAR = st.characters(codec=None, exclude_categories=()) | st.sampled_from(
+    "\udcff\ud800\x00\n\r\t\x7f\u2028\u200b\u00a0é ")
+
+
+def _any_text(min_size: int = 0, max_size: int = 12) -> st.SearchStrategy[str]:
+    # st.text() rarely draws a surrogate even when allowed; a list of characters does.
+    return st.lists(_ANY_CHAR, min_size=min_size, max_size=max_size).map("".join)
+
+
+# A silence limit under a second against loopback is a timing test (and a connect
+# timeout is retried with backoff), not an input test: such values are left out.
+_TIMEOUTS = st.one_of(
+    st.none(),
+    st.floats().filter(lambda t: not 0 < t < 1),
+    st.integers(-10, 10**13),
+    st.sampled_from(["inf", "-inf", "nan", "1e309", "999999999999", "30", " 5 ", "", " ",
+                     "soon", "0x10", "1_000", "0", "-1"]),
+    _any_text(max_size=4).filter(lambda t: not re.fullmatch(r"\s*[0-9.e+-]*\s*", t)),
+)
+_RETRIES = st.one_of(st.none(), st.integers(-5, 1),
+                     st.sampled_from(["-1", "2.5", "two", "", " ", " 1 ", "1e3", "0"]),
+                     _any_text(max_size=3).filter(lambda t: not t.strip().isdigit()))
+# "sk-" first: a bare random key ("1000", "acte") can be a word every message holds.
+_KEYS = st.one_of(st.none(),
+                  st.text(string.ascii_letters + string.digits + "-_.", min_size=4).map(
+                      lambda k: "sk-" + k),
+                  _any_text(min_size=4).map(lambda k: "sk-" + k))
+# Header values are secrets too when the name says so (Azure's api-key).
+_SECRET_HEADER = re.compile(r"key|token|secret|auth", re.IGNORECASE)
+_HEADERS = st.one_of(
+    st.none(),
+    # Azure's key header, as pasted: "api-key: sk-..." split at the colon keeps a space.
+    st.fixed_dictionaries({"api-key": st.builds(str.__add__, st.sampled_from(["", " ", "\t"]),
+                                                _KEYS.filter(bool))}),
+    st.dictionaries(st.sampled_from(["X-Team", "api-key"]) | _any_text(max_size=6),
+                    st.sampled_from(["blue", "a b", ""]) | _any_text(max_size=8), max_size=2))
+
+
+def _env_can_carry(value: str) -> bool:
+    try:
+        return b"\x00" not in os.fsencode(value)
+    except UnicodeError:
+        return False
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=_KEYS, headers=_HEADERS, prompt=_any_text(max_size=20), timeout=_TIMEOUTS,
+       call_timeout=_TIMEOUTS, retries=_RETRIES, via_env=st.booleans())
+# Found by this test: requests refuses the pasted space, and its message shows the key.
+@example(key=None, headers={"api-key": " sk-0000"}, prompt="", timeout=None,
+         call_timeout=None, retries=None, via_env=False)
+def test_inputs_any_configuration_and_text_succeed_or_fail_as_the_module_s_own_errors(
+        server: Scripted, caplog: pytest.LogCaptureFixture, key: str | None,
+        headers: dict[str, str] | None, prompt: str, timeout: Any, call_timeout: Any,
+        retries: Any, via_env: bool) -> None:
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    server.replies[:] = [Reply(text_stream("ok")) for _ in range(3)]
+    asked = len(server.requests)
+    settings_given = {"OPENAI_COMPATIBLE_API_KEY": key, "OPENAI_COMPATIBLE_TIMEOUT": timeout,
+                      "OPENAI_COMPATIBLE_MAX_RETRIES": retries}
+    # The environment carries what the OS can: no NUL, no surrogate but an escaped byte.
+    via_env = via_env and all(_env_can_carry(str(v)) for v in settings_given.values())
+    arguments: dict[str, Any] = {}
+    if via_env:
+        os.environ.update({k: str(v) for k, v in settings_given.items() if v is not None})
+    else:
+        arguments = {"api_key": key, "timeout": timeout, "max_retries": retries}
+    shown: list[str] = []
+    client = None
+    try:
+        client = oc.Client(server.base_url, model="m", headers=headers, **arguments)
+        result = client.generate(prompt, timeout=call_timeout)
+        assert result.text == "ok"
+        assert server.bodies()[-1]["messages"] == [{"role": "user", "content": prompt}]
+    except oc.OpenAICompatError as exc:
+        shown += [str(exc), repr(exc), getattr(exc, "body", None) or ""]
+        if isinstance(exc, oc.ConfigError):
+            assert len(server.requests) == asked  # nothing was sent
+    finally:
+        for name in settings_given:
+            os.environ.pop(name, None)
+        if client is not None:
+            shown += [repr(client), repr(client.config), *client.quirks]
+            client.close()
+    secrets = [(key or "").strip(), *(v.strip() for n, v in (headers or {}).items()
+                                      if _SECRET_HEADER.search(n))]
+    for secret in secrets:
+        if len(secret) >= 4 and secret.startswith("sk-"):
+            assert _leaks(secret, *shown, caplog.text) == []
 
 
 # ==== Cases from other projects ====
