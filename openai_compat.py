@@ -731,9 +731,14 @@ class Config:
         key = pick(api_key, _ENV_API_KEY)
         if key is not None:
             _check_header_value(key, f"the API key ({_ENV_API_KEY} or api_key=)")
+        def named(value: object, name: str, argument: str) -> str:  # where a value came from
+            return argument if value is not None and str(value).strip() else name
+
         return cls(_base_url(url), key, pick(model, _ENV_MODEL),
-                   _parse_number(pick(timeout, _ENV_TIMEOUT), _ENV_TIMEOUT, _DEFAULT_TIMEOUT),
-                   _parse_number(pick(max_retries, _ENV_MAX_RETRIES), _ENV_MAX_RETRIES,
+                   _parse_number(pick(timeout, _ENV_TIMEOUT),
+                                 named(timeout, _ENV_TIMEOUT, "timeout="), _DEFAULT_TIMEOUT),
+                   _parse_number(pick(max_retries, _ENV_MAX_RETRIES),
+                                 named(max_retries, _ENV_MAX_RETRIES, "max_retries="),
                                  _DEFAULT_MAX_RETRIES, integer=True))
 
 
@@ -802,7 +807,9 @@ def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
             raise ConfigError(f"header {name!r}: its value must be a str, not "
                               f"{type(value).__name__}")
         _check_header_value(value, f"header {name!r}")
-    return dict(headers)
+    # Surrounding spaces are no part of a value (RFC 9110), and requests refuses them:
+    # "api-key: x".split(":", 1) leaves one.
+    return {name: value.strip() for name, value in headers.items()}
 
 
 def _check_header_value(value: str, what: str) -> None:
@@ -832,7 +839,7 @@ def _parse_number(raw: str | None, name: str, default: float, *, integer: bool =
     if integer and value < 0:
         raise ConfigError(f"{name} must be 0 or more (got {raw!r})")
     if not integer and not 0 < value <= _MAX_TIMEOUT:  # nan too
-        raise ConfigError(f"{name} must be a number of seconds above 0 and at most "
+        raise ConfigError(f"{name} must be a positive number of seconds, at most "
                           f"{_MAX_TIMEOUT:.0f} (got {raw!r}): the silence allowed between "
                           "bytes, so that a dead server cannot hang the program")
     return value
@@ -2999,6 +3006,25 @@ _STALE_CONNECTION: Final = re.compile(
 )
 
 
+class _RedactedURLs(logging.Filter):
+    """Redacts the secrets of base URLs in urllib3's DEBUG lines, which show each request's
+    URL as it is; on its logger from the first Client whose URL holds a secret."""
+
+    secrets: ClassVar[set[str]] = set()
+
+    @classmethod
+    def add(cls, secrets: list[str]) -> None:
+        if not cls.secrets:
+            logging.getLogger("urllib3.connectionpool").addFilter(cls())
+        cls.secrets.update(secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact(arg, self.secrets) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        return True
+
+
 class _Connection:
     """One endpoint over HTTP: a pool of kept-alive connections, the headers,
     retries with backoff, redirects, the request fields the server refused, how it
@@ -3013,7 +3039,10 @@ class _Connection:
         self.url_source = url_source
         self.note = note
         self.shown_url = _shown_url(config.base_url)
-        self.secrets = tuple(s for s in (config.api_key, *_url_secrets(config.base_url)) if s)
+        url_secrets = _url_secrets(config.base_url)
+        self.secrets = tuple(s for s in (config.api_key, *url_secrets) if s)
+        if url_secrets:
+            _RedactedURLs.add(url_secrets)
         parts = urllib.parse.urlsplit(config.base_url)
         self.base = urllib.parse.urlunsplit((*parts[:3], "", ""))
         self.query = f"?{parts.query}" if parts.query else ""
@@ -3023,6 +3052,9 @@ class _Connection:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=_POOL_SIZE)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        # requests makes Basic auth of a URL's user:password, which would replace the key's
+        # header: with a key, an auth that changes nothing takes its place.
+        self.auth = _keep_auth if config.api_key else None
         self.extra_headers = headers
         self.headers = {"User-Agent": f"openai-compat/{__version__}", **headers}
         if config.api_key:
@@ -3105,7 +3137,7 @@ class _Connection:
         for _ in range(_MAX_REDIRECTS):
             response = self.session.request(method, url, data=data, headers=headers,
                                             timeout=(timeout, timeout), stream=True,
-                                            allow_redirects=False)
+                                            allow_redirects=False, auth=self.auth)
             location = response.headers.get("location")
             if response.status_code not in _REDIRECTS or not location:
                 return response
@@ -3278,6 +3310,10 @@ class _Connection:
         exc.base_url = self.shown_url
         exc._url_source = self.url_source
         return exc
+
+
+def _keep_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    return request
 
 
 def _encode(body: dict[str, Any]) -> bytes:
