@@ -2436,8 +2436,9 @@ _CHUNK_JSON: Final = json.JSONDecoder(strict=False)
 def _model_call(client: Client, body: dict[str, Any], step: int,
                 request: _Request) -> Generator[Chunk, None, Step]:
     """One model call: its text, reasoning and refusal Chunks as they arrive; returns
-    its Step (without tool results). Streamed, unless the server cannot: a 200 stream with no event at all,
-    or tools on a server whose tool streams are empty, is asked for whole instead.
+    its Step (without tool results). Streamed, unless the server cannot: a 200 stream
+    with no event at all, or tools on a server whose tool streams are empty, is asked
+    for whole instead.
 
     NOTE: the per-event loop stays in this one frame (no helper generator between the
     events and the caller): every frame a Chunk passes costs time on every event.
@@ -3691,15 +3692,20 @@ def _probe_stream(client: Client) -> None:
             f"{usage.completion_tokens}" if usage else "not reported in streams")
 
 
-# One worked example before the tool probe's question, as for any small model: the probe
-# asks whether the endpoint carries tool calls, not whether a model volunteers one.
-_PROBE_EXAMPLE: Final = [
-    {"role": "system", "content": "For any sum you must call the add tool."},
-    {"role": "user", "content": "Use the add tool to add 12 and 30."},
-    {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function",
-        "function": {"name": "add", "arguments": '{"a": 12, "b": 30}'}}]},
-    {"role": "tool", "tool_call_id": "call_1", "content": "42"},
-    {"role": "assistant", "content": "12 + 30 is 42."}]
+def _probe_examples() -> list[dict[str, Any]]:
+    """Two worked examples before the tool probe's question, as a small model needs (the
+    README's too): the probe asks whether the endpoint carries tool calls, not whether
+    a model volunteers one."""
+    turns: list[dict[str, Any]] = [{"role": "system", "content": "You are a calculator "
+                                    "assistant. For any sum you must call the add tool."}]
+    for number, (a, b) in enumerate(((12, 30), (100, 37)), 1):
+        call = {"id": f"call_{number}", "type": "function",
+                "function": {"name": "add", "arguments": json.dumps({"a": a, "b": b})}}
+        turns += [{"role": "user", "content": f"Use the add tool to add {a} and {b}."},
+                  {"role": "assistant", "content": "", "tool_calls": [call]},
+                  {"role": "tool", "tool_call_id": call["id"], "content": str(a + b)},
+                  {"role": "assistant", "content": f"The answer is {a + b}."}]
+    return turns
 
 
 def _probe_tools(client: Client) -> None:
@@ -3709,13 +3715,13 @@ def _probe_tools(client: Client) -> None:
 
     try:
         result = client.stream("Use the add tool to add 2 and 3.", tools=[add], max_steps=2,
-                               messages=_PROBE_EXAMPLE, temperature=0, max_tokens=128)
+                               messages=_probe_examples(), temperature=0, max_tokens=128)
         calls = [c.tool_call for c in result if c.type == "tool_call" and c.tool_call]
     except APIError as exc:
         _report("tool calls", False, f"{type(exc).__name__}: {exc}")
         return
     if not calls:
-        _report("tool calls", None, "no tool call, even after a worked example: the model "
+        _report("tool calls", None, "no tool call, even after two worked examples: the model "
                 "answered in text")
         return
     how = ("call (not streamed: the server's tool streams are empty, so they are asked for"
