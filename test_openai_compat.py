@@ -5339,6 +5339,7 @@ _README_EXAMPLES = {  # name: a line only that block has
     "client-and-options": "oc.Client(BASE_URL",
     "conversation": "messages=first.messages",
     "json-answer": "schema=Place",
+    "pydantic-answer": "schema=Person",
     "tool-call": "def calculate(",
     "two-tool-steps": "def search_places(",
     "errors": "except oc.ConfigError",
@@ -5408,6 +5409,13 @@ def test_real_readme_examples_run_as_written(llama_short: Any, name: str, code: 
         # A dataclass instance, checked (the case of a word is the model's).
         place = re.fullmatch(r"Place\(city='(\w+)', country='(\w+)'\)", lines[0])
         assert place and [w.lower() for w in place.groups()] == ["lyon", "france"], lines
+    elif name == "pydantic-answer":
+        # A Person holding an Address, both pydantic instances, checked (issue 18).
+        person = re.fullmatch(r"Person\(name='[^']+', age=(\d+), address=Address\(city="
+                              r"'(\w+)', zip='[^']*'\), nickname=.*\)", lines[0])
+        assert person and person.group(2) == "Paris", lines
+        assert lines[1] == "Paris Address", lines
+        assert re.fullmatch(person.re, shown.splitlines()[0]), shown
     elif name == "tool-call":
         # One call and its result, as the README shows them, then the model's answer.
         calls = [line for line in lines if line.startswith(("-> ", "<- "))]
@@ -5433,6 +5441,30 @@ def test_real_readme_examples_run_as_written(llama_short: Any, name: str, code: 
         closed = f"http://127.0.0.1:{_local_server_module().free_port()}/v1"
         failed = _run_example(code, closed)
         assert len(failed) == 1 and failed[0].startswith("EndpointUnavailableError: "), failed
+
+
+def test_real_readme_command_line_block_runs_as_written(llama_short: Any,
+                                                       tmp_path: pathlib.Path) -> None:
+    # Issue #20: the README's command-line block, run as written with bash in an empty
+    # folder (it makes its own notes.txt and person.json), the .venv's openai-compat
+    # first on the PATH, the bundled server as the endpoint.
+    with open(os.path.join(os.path.dirname(_SCRIPTS), "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    block = re.search(r"## Command line\n.*?```sh\n(.*?)```", readme, re.DOTALL)
+    assert block, "the README has no command-line block"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    env.update(OPENAI_COMPATIBLE_BASE_URL=llama_short.base_url,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+               PYTHONPATH=os.path.dirname(_SCRIPTS))  # this checkout's module
+    done = subprocess.run(["bash", "-e", "-c", block.group(1)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    person = next(json.loads(line) for line in done.stdout.splitlines()
+                  if line.startswith('{"name"'))
+    assert isinstance(person["name"], str) and 0 <= person["age"] <= 120, done.stdout
+    assert '{"type": "finish", "step": 1' in done.stdout  # the --json chunks
+    assert "\nsmollm2\n" in done.stdout  # models
+    assert re.search(r"^tool calls\s+ok", done.stdout, re.MULTILINE), done.stdout  # check
 
 
 def test_real_llama_cpp_python_streams_tools_without_streaming_after_an_empty_stream(
