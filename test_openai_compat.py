@@ -112,6 +112,9 @@ class Scripted:
 def _handler(script: Scripted) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Each write goes out at once, as from a real server: with Nagle's algorithm a
+        # second small write waits for the client's delayed ACK (~40 ms a request).
+        disable_nagle_algorithm = True
 
         def setup(self) -> None:
             with script.lock:
