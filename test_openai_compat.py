@@ -170,6 +170,10 @@ def _handler(script: Scripted) -> type[BaseHTTPRequestHandler]:
                     if i and reply.pause:
                         time.sleep(reply.pause)
                     if reply.framing == "chunked":
+                        if not part:
+                            # An empty chunk is the end of the body: Reply("") sends
+                            # the terminator once, below, as a server does.
+                            continue
                         part = b"%x\r\n%s\r\n" % (len(part), part)
                     self.wfile.write(part)
                     self.wfile.flush()
