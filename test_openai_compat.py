@@ -223,16 +223,19 @@ def server() -> Iterator[Scripted]:
     httpd.server_close()
 
 
+LATE = 0.5  # seconds the late_server's port refuses connections
+
+
 @pytest.fixture
 def late_server() -> Iterator[tuple[Scripted, str]]:
-    """A scripted server whose port refuses connections for 2 s, then listens; and
-    the base URL it will have."""
+    """A scripted server whose port refuses connections for LATE seconds, then
+    listens; and the base URL it will have."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     script = Scripted()
     started: list[_Loopback] = []
-    timer = threading.Timer(2.0, lambda: started.append(_serve(script, port)))
+    timer = threading.Timer(LATE, lambda: started.append(_serve(script, port)))
     timer.start()
     yield script, f"http://127.0.0.1:{port}/v1"
     timer.cancel()
@@ -663,8 +666,8 @@ def test_options_timeout_is_this_calls_silence_limit(server: Scripted) -> None:
     client = server.client(timeout=60)
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError) as caught:
-        run(client.stream("hi", timeout=0.5))
-    assert time.monotonic() - started < 2.5
+        run(client.stream("hi", timeout=0.25))
+    assert time.monotonic() - started < 1.25
     assert caught.value.partial_text == "a"
     assert client.stream("hi", timeout=5).text == "c"
     assert "timeout" not in server.bodies()[1]
@@ -704,12 +707,12 @@ def test_module_level_functions_use_a_client_from_the_environment(
 def test_generate_never_times_out_while_tokens_flow(server: Scripted) -> None:
     # Issue #14: generate() sent a non-streamed request, so a long answer was one
     # silence and failed past `timeout` although the server was working.
-    tokens = [sse(delta(content=f"{i} ")) for i in range(8)]
-    server.add(Reply(*tokens, sse(delta("stop"), "data: [DONE]\n\n"), pause=0.2))
+    tokens = [sse(delta(content=f"{i} ")) for i in range(10)]
+    server.add(Reply(*tokens, sse(delta("stop"), "data: [DONE]\n\n"), pause=0.1))
     started = time.monotonic()
-    result = server.client(timeout=0.5, max_retries=0).generate("hi")
-    assert time.monotonic() - started > 1.5  # three times the timeout, in all
-    assert result.text == "".join(f"{i} " for i in range(8))
+    result = server.client(timeout=0.3, max_retries=0).generate("hi")
+    assert time.monotonic() - started > 3 * 0.3  # three times the timeout, in all
+    assert result.text == "".join(f"{i} " for i in range(10))
     assert server.bodies()[0]["stream"] is True
 
 
@@ -718,8 +721,8 @@ def test_generate_fails_within_timeout_of_silence_keeping_the_partial_text(
     server.add(Reply(sse(delta(content="half an ")), sse(delta(content="answer")), pause=3))
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError) as caught:
-        server.client(timeout=0.5, max_retries=0).generate("hi")
-    assert time.monotonic() - started < 2.5
+        server.client(timeout=0.25, max_retries=0).generate("hi")
+    assert time.monotonic() - started < 1.25
     assert caught.value.partial_text == "half an "
     assert "OPENAI_COMPATIBLE_TIMEOUT" in str(caught.value)  # the hint: raise it
 
@@ -728,12 +731,12 @@ def test_unstreamed_fallback_silence_says_whole_answers_take_longer(server: Scri
     # A server whose tool streams are empty is asked for whole answers, which come
     # only when complete: a long one is silence, not a fault.
     server.add(json_reply(completion("late"), delay=3))
-    client = server.client(timeout=0.5, max_retries=0)
+    client = server.client(timeout=0.25, max_retries=0)
     client._tools_unstreamed = True
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError) as caught:
         client.generate("hi", tools=[_add])
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 1.25
     assert "whole answer" in str(caught.value) and "stream()" in str(caught.value)
 
 
@@ -793,15 +796,18 @@ def test_generate_needs_something_to_send(server: Scripted) -> None:
 
 
 def test_wait_ready_waits_for_refusals_then_loading_then_returns_the_models(
-        late_server: tuple[Scripted, str], caplog: pytest.LogCaptureFixture) -> None:
+        late_server: tuple[Scripted, str], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # Issue #14: a script that starts a server had no way to wait for it.
+    assert oc._WAIT_GAP == 1.0  # the longest gap between asks; shortened for speed, with
+    monkeypatch.setattr(oc, "_WAIT_GAP", 0.1)  # the server's delay (LATE: 2 s -> 0.5 s)
     caplog.set_level(logging.INFO)
     script, base_url = late_server
     script.add(LOADING, LOADING, json_reply({"data": [{"id": "smollm2"}]}))
     client = oc.Client(base_url)
     started = time.monotonic()
     assert client.wait_ready(timeout=30) == ["smollm2"]
-    assert 2.0 <= time.monotonic() - started < 12
+    assert LATE <= time.monotonic() - started < 6 * LATE
     assert [r["path"] for r in script.requests] == ["/v1/models"] * 3
     assert client.model == "smollm2" and len(script.requests) == 3  # discovery reused it
     assert "waiting for" in caplog.text
@@ -814,8 +820,8 @@ def test_wait_ready_gives_up_after_timeout_and_raises_other_errors_at_once(
         port = sock.getsockname()[1]
     started = time.monotonic()
     with pytest.raises(oc.EndpointUnavailableError):
-        oc.Client(f"http://127.0.0.1:{port}/v1").wait_ready(timeout=1)
-    assert 1 <= time.monotonic() - started < 4
+        oc.Client(f"http://127.0.0.1:{port}/v1").wait_ready(timeout=0.25)
+    assert 0.25 <= time.monotonic() - started < 1
     server.add(json_reply({"error": {"message": "Invalid API Key"}}, status=401))
     with pytest.raises(oc.AuthenticationError):
         oc.Client(server.base_url).wait_ready(timeout=30)
@@ -884,12 +890,12 @@ def test_discovery_failure_falls_back_and_logs_why(
 def test_discovery_is_bounded_when_the_server_never_answers(
         server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
     assert oc._DISCOVERY_SECONDS == 5  # DESIGN.md; the bound is shortened below for speed
-    monkeypatch.setattr(oc, "_DISCOVERY_SECONDS", 1.0)
+    monkeypatch.setattr(oc, "_DISCOVERY_SECONDS", 0.3)
     server.add(Reply(status=200, framing="length", delay=9))
     client = oc.Client(server.base_url)
     started = time.monotonic()
     assert client.first_available_model() == oc.DEFAULT_MODEL
-    assert 0.9 < time.monotonic() - started < 3
+    assert 0.27 < time.monotonic() - started < 0.9
     with pytest.raises(oc.RequestTimeoutError):
         client.available_models(fallback=False)
 
@@ -2611,13 +2617,13 @@ def test_stream_event_larger_than_the_bound_is_stream_error(server: Scripted) ->
 @pytest.mark.parametrize("framing", ["chunked", "close", "gzip", "length"])
 def test_stream_first_event_is_not_held_back(server: Scripted, framing: str) -> None:
     first, rest = sse(delta(content="early")), text_stream("late")
-    server.add(Reply(first, rest, framing=framing, pause=1.0))
+    server.add(Reply(first, rest, framing=framing, pause=0.5))
     started = time.monotonic()
     stream = server.client().stream("hi")
     chunk = next(stream)
     elapsed = time.monotonic() - started
     assert chunk.content == "early"
-    assert elapsed < 0.5, f"first event arrived after {elapsed:.2f} s on {framing}"
+    assert elapsed < 0.25, f"first event arrived after {elapsed:.2f} s on {framing}"
     assert text_of(list(stream)) == "late"
 
 
@@ -2645,8 +2651,8 @@ def test_stream_silence_past_timeout_is_request_timeout(server: Scripted) -> Non
     server.add(Reply(sse(delta(content="a")), stall=3))
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError) as caught:
-        list(server.client(timeout=0.5, max_retries=0).stream("hi"))
-    assert time.monotonic() - started < 2.5
+        list(server.client(timeout=0.25, max_retries=0).stream("hi"))
+    assert time.monotonic() - started < 1.25
     assert caught.value.partial_text == "a" and isinstance(caught.value, TimeoutError)
 
 
@@ -2954,10 +2960,10 @@ def test_retry_429_then_200(server: Scripted) -> None:
 
 def test_retry_after_is_honoured(server: Scripted) -> None:
     server.add(json_reply({"error": {"message": "busy"}}, status=503,
-                          headers={"Retry-After": "1"}), json_reply(completion("ok")))
+                          headers={"Retry-After": "0.25"}), json_reply(completion("ok")))
     started = time.monotonic()
     assert server.client().generate("hi").text == "ok"
-    assert time.monotonic() - started >= 0.9
+    assert time.monotonic() - started >= 0.225
 
 
 def test_retry_after_too_long_fails_at_once(server: Scripted) -> None:
@@ -2975,8 +2981,10 @@ LOADING = json_reply({"error": {"code": 503, "message": "Loading model",
 
 
 def test_a_loading_server_is_waited_for_outside_the_retry_budget(
-        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+        server: Scripted, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # Issue #14: a server loading its model spent the retry budget in 3 s and failed.
+    monkeypatch.setattr(oc, "_WAIT_GAP", 0.1)  # 1.0: shortened for speed
     caplog.set_level(logging.WARNING)
     server.add(*[LOADING] * 3, Reply(text_stream("ready")))
     client = server.client(max_retries=0, timeout=10)
@@ -2987,19 +2995,24 @@ def test_a_loading_server_is_waited_for_outside_the_retry_budget(
 
 
 def test_a_server_loading_past_timeout_fails_with_its_classified_error(
-        server: Scripted) -> None:
+        server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Shortened for speed: the timeout 1.5 s -> 0.5 s; then the retries' backoff.
+    assert oc._BACKOFF_BASE == 0.5
+    monkeypatch.setattr(oc, "_BACKOFF_BASE", 0.1)
     server.add(*[LOADING] * 30)
     started = time.monotonic()
     with pytest.raises(oc.ServerError) as caught:
-        server.client(max_retries=2, timeout=1.5).generate("hi")
+        server.client(max_retries=2, timeout=0.5).generate("hi")
     elapsed = time.monotonic() - started
-    assert 1.5 <= elapsed < 4, elapsed
+    assert 0.5 <= elapsed < 1.33, elapsed
     assert caught.value.status_code == 503 and "Loading model" in caught.value.message
-    # No gap over 2 s: a dozen asks at most in 1.5 s, and more than two.
+    # No gap over 2 s: a dozen asks at most in 0.5 s, and more than two.
     assert 3 <= len(server.requests) < 12
 
 
-def test_retry_5xx_spends_the_budget(server: Scripted) -> None:
+def test_retry_5xx_spends_the_budget(server: Scripted,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oc, "_BACKOFF_BASE", 0.1)  # 0.5: shortened for speed
     server.add(*[json_reply({"error": {"message": "down"}}, status=503) for _ in range(3)])
     with pytest.raises(oc.ServerError):
         server.client(max_retries=2).generate("hi")
@@ -3018,14 +3031,17 @@ def test_no_retry_for_a_request_the_server_rejects(server: Scripted, status: int
     assert len(server.requests) == 1
 
 
-def test_connection_refused_is_retried_then_classified() -> None:
+def test_connection_refused_is_retried_then_classified(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert oc._BACKOFF_BASE == 0.5
+    monkeypatch.setattr(oc, "_BACKOFF_BASE", 0.1)  # shortened for speed, and the bound below
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     started = time.monotonic()
     with pytest.raises(oc.EndpointUnavailableError):
         oc.Client(f"http://127.0.0.1:{port}/v1", model="m", max_retries=2).generate("hi")
-    assert time.monotonic() - started > 0.3, "two retries with backoff"
+    assert time.monotonic() - started > 0.06, "two retries with backoff"
 
 
 def test_sequential_calls_reuse_one_connection(server: Scripted) -> None:
