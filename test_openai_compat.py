@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import io
 import itertools
 import json
 import logging
@@ -3191,6 +3192,39 @@ def cli(server: Scripted | None, *args: str, stdin: str | None = None,
                           check=False, cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
+CLI = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli_main(capsys: pytest.CaptureFixture[str]) -> CLI:
+    """cli() in this process: oc.main(args) with the same environment, stdin (a pipe
+    with `stdin` or nothing in it) and exit status, its stdout and stderr captured.
+    A few tests keep the real subprocess: the entry point, Ctrl-C, a pipe into jq."""
+
+    def run_main(server: Scripted | None, *args: str, stdin: str | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in list(os.environ):
+                if name.startswith("OPENAI_COMPATIBLE_"):
+                    mp.delenv(name)
+            if server is not None:
+                mp.setenv("OPENAI_COMPATIBLE_BASE_URL", server.base_url)
+                mp.setenv("OPENAI_COMPATIBLE_MODEL", "m")
+                mp.setenv("OPENAI_COMPATIBLE_MAX_RETRIES", "0")
+            for name, value in (env or {}).items():
+                mp.setenv(name, value)
+            mp.setattr(sys, "stdin", io.StringIO(stdin or ""))  # isatty() is False
+            capsys.readouterr()
+            try:
+                status = oc.main(list(args))
+            except SystemExit as exc:  # argparse: --help, a usage error
+                status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["openai-compat", *args], status, out, err)
+
+    return run_main
+
+
 def test_cli_streams_the_answer(server: Scripted) -> None:
     server.add(Reply(text_stream("Hel", "lo")))
     done = cli(server, "-s", "be brief", "--temperature", "0.5", "--max-tokens", "7", "Say", "hi")
@@ -3201,35 +3235,36 @@ def test_cli_streams_the_answer(server: Scripted) -> None:
     assert body["temperature"] == 0.5 and body["max_tokens"] == 7
 
 
-def test_cli_appends_stdin_to_the_prompt(server: Scripted) -> None:
+def test_cli_appends_stdin_to_the_prompt(server: Scripted, cli_main: CLI) -> None:
     server.add(Reply(text_stream("ok")))
-    done = cli(server, "Summarize:", stdin="notes line\n")
+    done = cli_main(server, "Summarize:", stdin="notes line\n")
     assert done.returncode == 0
     assert server.bodies()[0]["messages"][-1]["content"] == "Summarize:\n\nnotes line\n"
 
 
-def test_cli_json_prints_one_object_per_chunk(server: Scripted) -> None:
+def test_cli_json_prints_one_object_per_chunk(server: Scripted, cli_main: CLI) -> None:
     server.add(Reply(text_stream("a", "b", usage={"prompt_tokens": 1, "completion_tokens": 2})))
-    done = cli(server, "--json", "hi")
+    done = cli_main(server, "--json", "hi")
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(x["type"], x.get("content")) for x in lines] == [("text", "a"), ("text", "b"),
                                                               ("finish", None)]
     assert lines[-1]["usage"]["total_tokens"] == 3 and lines[-1]["finish_reason"] == "stop"
 
 
-def test_cli_base_url_flag_beats_the_environment(server: Scripted) -> None:
+def test_cli_base_url_flag_beats_the_environment(server: Scripted, cli_main: CLI) -> None:
     # Issue #12: errors mentioned base_url= but the CLI had no way to pass it.
     server.add(json_reply({"data": [{"id": "from-flag"}]}))
-    done = cli(None, "--base-url", server.base_url, "models",
-               env={"OPENAI_COMPATIBLE_BASE_URL": "http://127.0.0.1:9/v1"})
+    done = cli_main(None, "--base-url", server.base_url, "models",
+                    env={"OPENAI_COMPATIBLE_BASE_URL": "http://127.0.0.1:9/v1"})
     assert (done.returncode, done.stdout) == (0, "from-flag\n"), done.stderr
 
 
-def test_cli_help_json_example_prints_the_answer_as_text(server: Scripted) -> None:
+def test_cli_help_json_example_prints_the_answer_as_text(server: Scripted,
+                                                        cli_main: CLI) -> None:
     # Issue #12: the help's `--json "Hi" | jq -r .content` printed a token per line and null.
     if shutil.which("jq") is None:
         pytest.skip("jq is not installed (apt-get install jq)")
-    help_text = cli(None, "--help").stdout
+    help_text = cli_main(None, "--help").stdout
     line = next(x.strip() for x in help_text.splitlines() if "--json" in x and "| jq" in x)
     server.add(Reply(text_stream("Hel", "lo", " world")))
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
@@ -3240,11 +3275,11 @@ def test_cli_help_json_example_prints_the_answer_as_text(server: Scripted) -> No
     assert (done.returncode, done.stdout) == (0, "Hello world"), done.stderr
 
 
-def test_cli_check_says_what_answered(server: Scripted) -> None:
+def test_cli_check_says_what_answered(server: Scripted, cli_main: CLI) -> None:
     # Issue #12: `check` printed "reachable ok" with an empty detail.
     server.add(json_reply({"error": {"message": "Invalid API Key"}}, status=401,
                           headers={"Server": "llama.cpp"}))
-    done = cli(server, "check", env={"OPENAI_COMPATIBLE_MODEL": ""})
+    done = cli_main(server, "check", env={"OPENAI_COMPATIBLE_MODEL": ""})
     reachable = next(x for x in done.stdout.splitlines() if x.startswith("reachable"))
     assert re.fullmatch(r"reachable\s+ok\s+GET /models: HTTP 401 from .*llama\.cpp in "
                         r"\d+\.\d\d s", reachable), done.stdout
@@ -3256,7 +3291,7 @@ def _check_lines(stdout: str, name: str) -> list[str]:
     return [line[19:] for line in stdout.splitlines() if line[:12].strip() == name]
 
 
-def test_cli_check_lists_the_quirks_it_met(server: Scripted) -> None:
+def test_cli_check_lists_the_quirks_it_met(server: Scripted, cli_main: CLI) -> None:
     usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
     call = delta(tool_calls=[_call(1, "c1", "add", '{"a": 2, "b": 3}')])
     server.add(json_reply({"models": [{"name": "m"}]}), Reply(text_stream("Hello")),
@@ -3264,7 +3299,7 @@ def test_cli_check_lists_the_quirks_it_met(server: Scripted) -> None:
                Reply(sse(call, delta("tool_calls"), {"choices": [], "usage": usage},
                          "data: [DONE]\n\n")), Reply(text_stream("5", usage=usage)),
                Reply(text_stream('{"city": "Paris", "country": "France"}', usage=usage)))
-    done = cli(server, "check")
+    done = cli_main(server, "check")
     assert done.returncode == 0, done.stdout + done.stderr
     assert _check_lines(done.stdout, "quirk") == [
         '/models as {"models": [...]}', '/models entries without "id"', NO_USAGE,
@@ -3274,12 +3309,12 @@ def test_cli_check_lists_the_quirks_it_met(server: Scripted) -> None:
     assert _check_lines(done.stdout, "quirks") == []
 
 
-def test_cli_check_says_when_no_quirk_was_absorbed(server: Scripted) -> None:
+def test_cli_check_says_when_no_quirk_was_absorbed(server: Scripted, cli_main: CLI) -> None:
     usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
     server.add(json_reply({"object": "list", "data": [{"id": "m", "object": "model"}]}),
                *[Reply(text_stream(t, usage=usage)) for t in (
                    "Hello", "1 2", "5", '{"city": "Paris", "country": "France"}')])
-    done = cli(server, "check")
+    done = cli_main(server, "check")
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r'^structured   ok    response_format json_schema honoured: '
                      r'\{"city": "Paris", "country": "France"\}$', done.stdout, re.MULTILINE)
@@ -3313,65 +3348,69 @@ def test_model_answered_by_another_is_warned_once(server: Scripted,
     assert len(warnings()) == 2 and "'llama3.2'" in warnings()[1]
 
 
-def test_cli_check_wait_waits_for_a_starting_server(late_server: tuple[Scripted, str]) -> None:
+def test_cli_check_wait_waits_for_a_starting_server(
+        late_server: tuple[Scripted, str], cli_main: CLI,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oc, "_WAIT_GAP", 0.1)  # 1.0; and LATE 2 s -> 0.5 s, for speed
     script, base_url = late_server
     script.add(LOADING, json_reply({"data": [{"id": "m"}]}), json_reply(completion("Hi")))
-    done = cli(None, "--base-url", base_url, "check", "--wait", "30",
-               env={"OPENAI_COMPATIBLE_MAX_RETRIES": "0"})
+    done = cli_main(None, "--base-url", base_url, "check", "--wait", "30",
+                    env={"OPENAI_COMPATIBLE_MAX_RETRIES": "0"})
     ready = next(x for x in done.stdout.splitlines() if x.startswith("ready"))
     assert re.fullmatch(r"ready\s+ok\s+after \d+\.\d s", ready), done.stdout
-    assert float(ready.split()[-2]) >= 2.0
+    assert float(ready.split()[-2]) >= LATE
     chat = next(x for x in done.stdout.splitlines() if x.startswith("chat"))
     assert "ok" in chat and "'Hi'" in chat, done.stdout + done.stderr
 
 
-def test_cli_schema_prints_the_checked_json(server: Scripted, tmp_path: Any) -> None:
+def test_cli_schema_prints_the_checked_json(server: Scripted, tmp_path: Any,
+                                           cli_main: CLI) -> None:
     schema = tmp_path / "city.json"
     schema.write_text(json.dumps({"type": "object", "required": ["name"],
                                   "properties": {"name": {"type": "string"}}}))
     server.add(Reply(text_stream('Here: {"name": 3}')), Reply(text_stream('{"name": "Dax"}')))
-    done = cli(server, "--schema", str(schema), "A town")
+    done = cli_main(server, "--schema", str(schema), "A town")
     assert (done.returncode, done.stdout) == (0, '{"name": "Dax"}\n'), done.stderr
     assert server.bodies()[0]["response_format"]["json_schema"]["schema"] == json.loads(
         schema.read_text())
-    missing = cli(server, "--schema", str(tmp_path / "nope.json"), "A town")
+    missing = cli_main(server, "--schema", str(tmp_path / "nope.json"), "A town")
     assert missing.returncode == 2 and "--schema" in missing.stderr
     assert "Traceback" not in missing.stderr
 
 
-def test_cli_refusal_is_one_line_on_stderr_and_exit_1(server: Scripted) -> None:
+def test_cli_refusal_is_one_line_on_stderr_and_exit_1(server: Scripted, cli_main: CLI) -> None:
     refusal = sse(delta(refusal="I can't"), delta(refusal=" help\nwith that."), delta("stop"),
                   "data: [DONE]\n\n")
     server.add(Reply(refusal), Reply(refusal))
-    done = cli(server, "hi")
+    done = cli_main(server, "hi")
     assert done.returncode == 1 and done.stdout == "\n"
     assert done.stderr == "openai-compat: the model refused: I can't help with that.\n"
-    as_json = cli(server, "--json", "hi")
+    as_json = cli_main(server, "--json", "hi")
     lines = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [(x["type"], x.get("content")) for x in lines] == [
         ("refusal", "I can't"), ("refusal", " help\nwith that."), ("finish", None)]
     assert as_json.returncode == 1
 
 
-def test_cli_models(server: Scripted) -> None:
+def test_cli_models(server: Scripted, cli_main: CLI) -> None:
     server.add(json_reply({"data": [{"id": "a"}, {"id": "b"}]}))
-    done = cli(server, "models")
+    done = cli_main(server, "models")
     assert (done.returncode, done.stdout) == (0, "a\nb\n")
     server.add(json_reply({"detail": "Not Found"}, status=404))
-    failed = cli(server, "models")
+    failed = cli_main(server, "models")
     assert failed.returncode == 1 and failed.stdout == ""
     assert failed.stderr.count("\n") == 1 and "could not list models" in failed.stderr
 
 
-def test_cli_errors_are_one_line_with_exit_codes(server: Scripted) -> None:
+def test_cli_errors_are_one_line_with_exit_codes(server: Scripted, cli_main: CLI) -> None:
     server.add(json_reply({"error": {"message": f"Invalid API key {KEY}"}}, status=401))
-    api = cli(server, "hi", env={"OPENAI_COMPATIBLE_API_KEY": KEY})
+    api = cli_main(server, "hi", env={"OPENAI_COMPATIBLE_API_KEY": KEY})
     assert api.returncode == 1 and api.stderr.count("\n") == 1
     assert "AuthenticationError" in api.stderr and KEY not in api.stderr + api.stdout
-    config = cli(None, "hi")
+    config = cli_main(None, "hi")
     assert config.returncode == 2 and "OPENAI_COMPATIBLE_BASE_URL" in config.stderr
     assert "Traceback" not in config.stderr and config.stderr.count("\n") == 1
-    usage = cli(server, "--temperature", "warm", "hi")
+    usage = cli_main(server, "--temperature", "warm", "hi")
     assert usage.returncode == 2
 
 
