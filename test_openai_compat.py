@@ -530,8 +530,10 @@ def test_chunks_are_frozen_and_their_content_always_prints(server: Scripted) -> 
                                         "tool_result"}
     for chunk in chunks:  # print(chunk.content, end="") works for every type
         assert isinstance(chunk.content, str)
-        assert chunk.content == {"text": chunk.content, "refusal": chunk.content}.get(
-            chunk.type, "")
+    # A text chunk's content is its text, a refusal's the refusal; any other is "".
+    assert sorted((c.type, c.content) for c in chunks) == sorted([
+        ("text", "a"), ("reasoning", ""), ("refusal", "no"), ("tool_call", ""),
+        ("finish", ""), ("tool_result", ""), ("text", "3"), ("finish", "")])
     with pytest.raises(dataclasses.FrozenInstanceError):
         chunks[0].content = "changed"  # type: ignore[misc]
     # The fast-built text chunk equals one built the ordinary way.
@@ -1309,11 +1311,13 @@ def test_tool_description_and_decorator_forms() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
-    [lambda: None, "not a tool", 3],
+    ("bad", "says"),
+    [(lambda: None, r"^a lambda needs a name: use oc\.tool\(name=\.\.\.\)\(fn\) or oc\.Tool"),
+     ("not a tool", r"^tools\[0\] is a str: give a function, an oc\.Tool, or a dict"),
+     (3, r"^tools\[0\] is an? int: give a function, an oc\.Tool, or a dict")],
 )
-def test_tool_bad_definitions_are_config_errors(bad: Any) -> None:
-    with pytest.raises(oc.ConfigError):
+def test_tool_bad_definitions_are_config_errors(bad: Any, says: str) -> None:
+    with pytest.raises(oc.ConfigError, match=says):
         oc._as_tools([bad])
 
 
@@ -2722,8 +2726,12 @@ def test_stream_empty_200_with_tools_stops_streaming_tool_calls(server: Scripted
 def test_stream_empty_200_then_error_is_classified(server: Scripted) -> None:
     server.add(Reply(""), json_reply({"error": {"message": "This model's maximum context "
                                                 "length is 2048 tokens."}}, status=400))
-    with pytest.raises(oc.ContextLengthError):
+    with pytest.raises(oc.ContextLengthError) as caught:
         list(server.client().stream("hi"))
+    assert caught.value.status_code == 400
+    assert caught.value.message == "This model's maximum context length is 2048 tokens."
+    first, second = server.bodies()  # the stream, then once more without streaming
+    assert first["stream"] is True and "stream" not in second and len(server.requests) == 2
 
 
 def events_of(chunks: list[bytes]) -> list[tuple[str, str]]:
