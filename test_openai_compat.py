@@ -208,8 +208,9 @@ def _serve(script: Scripted, port: int = 0) -> _Loopback:
     httpd = _Loopback(("127.0.0.1", port), _handler(script))
     httpd.daemon_threads = True
     script.httpd = httpd
-    # A short poll: shutdown() waits for the loop to notice, 0.5 s by default per test.
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01},
+    # A short poll: shutdown() waits for the loop to notice, half a poll on average (0.5
+    # s by default): 2 ms keeps ~600 teardowns near 0 s (10 ms cost ~3 s in all).
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.002},
                               daemon=True)
     thread.start()
     return httpd
