@@ -55,12 +55,14 @@ class Reply:
     gzip: compress the body, flushed per part, in any framing. pause: seconds before
     each part after the first. stall: seconds to sleep after the parts, then the
     connection is cut without finishing the body. delay: seconds before the status line.
+    gate: a barrier the reply waits at after its first part, so that replies sharing it
+    are all under way at once.
     """
 
     def __init__(self, *parts: bytes | str, status: int = 200, framing: str = "chunked",
                  content_type: str = "text/event-stream", headers: dict[str, str] | None = None,
                  pause: float = 0.0, stall: float | None = None, delay: float = 0.0,
-                 gzip: bool = False) -> None:
+                 gzip: bool = False, gate: threading.Barrier | None = None) -> None:
         self.parts = [p.encode() if isinstance(p, str) else p for p in parts]
         self.status = status
         self.gzip = gzip or framing == "gzip"
@@ -77,6 +79,7 @@ class Reply:
         self.pause = pause
         self.stall = stall
         self.delay = delay
+        self.gate = gate
 
 
 def json_reply(obj: Any, status: int = 200, **kwargs: Any) -> Reply:
@@ -168,6 +171,8 @@ def _handler(script: Scripted) -> type[BaseHTTPRequestHandler]:
                 parts = parts[:-1]
             try:
                 for i, part in enumerate(parts):
+                    if i == 1 and reply.gate is not None:
+                        reply.gate.wait(30)
                     if i and reply.pause:
                         time.sleep(reply.pause)
                     if reply.framing == "chunked":
@@ -3110,10 +3115,12 @@ def test_64_concurrent_streams_share_one_client_and_keep_their_connections(
     threads_at_once = 64
     client = server.client()
     for round_ in range(2):
+        # Every stream is open at the same time: each reply waits after its first event
+        # until all have come this far (a pause of 0.3 s was too short on a loaded machine).
+        everyone = threading.Barrier(threads_at_once)
         for i in range(threads_at_once):
-            # Paused, so that every stream is open at the same time.
             server.add(Reply(sse(delta(content=f"{round_}-{i % 10}")), text_stream("!"),
-                             pause=0.3))
+                             gate=everyone))
         texts: list[str] = []
         errors: list[BaseException] = []
 
