@@ -55,14 +55,16 @@ class Reply:
     gzip: compress the body, flushed per part, in any framing. pause: seconds before
     each part after the first. stall: seconds to sleep after the parts, then the
     connection is cut without finishing the body. delay: seconds before the status line.
-    gate: a barrier the reply waits at after its first part, so that replies sharing it
-    are all under way at once.
+    gate, hold: after its first part the reply waits at gate (a threading.Event the test
+    sets, or a Barrier replies share so that all are under way at once) for at most
+    hold seconds.
     """
 
     def __init__(self, *parts: bytes | str, status: int = 200, framing: str = "chunked",
                  content_type: str = "text/event-stream", headers: dict[str, str] | None = None,
                  pause: float = 0.0, stall: float | None = None, delay: float = 0.0,
-                 gzip: bool = False, gate: threading.Barrier | None = None) -> None:
+                 gzip: bool = False, gate: threading.Event | threading.Barrier | None = None,
+                 hold: float = 30.0) -> None:
         self.parts = [p.encode() if isinstance(p, str) else p for p in parts]
         self.status = status
         self.gzip = gzip or framing == "gzip"
@@ -80,6 +82,7 @@ class Reply:
         self.stall = stall
         self.delay = delay
         self.gate = gate
+        self.hold = hold
 
 
 def json_reply(obj: Any, status: int = 200, **kwargs: Any) -> Reply:
@@ -172,7 +175,10 @@ def _handler(script: Scripted) -> type[BaseHTTPRequestHandler]:
             try:
                 for i, part in enumerate(parts):
                     if i == 1 and reply.gate is not None:
-                        reply.gate.wait(30)
+                        try:
+                            reply.gate.wait(reply.hold)
+                        except threading.BrokenBarrierError:
+                            pass  # not all came: the test's assertions say what happened
                     if i and reply.pause:
                         time.sleep(reply.pause)
                     if reply.framing == "chunked":
@@ -2648,11 +2654,15 @@ def test_stream_event_larger_than_the_bound_is_stream_error(server: Scripted) ->
 @pytest.mark.parametrize("framing", ["chunked", "close", "gzip", "length"])
 def test_stream_first_event_is_not_held_back(server: Scripted, framing: str) -> None:
     first, rest = sse(delta(content="early")), text_stream("late")
-    server.add(Reply(first, rest, framing=framing, pause=0.5))
+    # The rest is held back for 0.5 s, or until the first event has been read: an event
+    # held back by the client would arrive after 0.5 s, twice the bound below.
+    read = threading.Event()
+    server.add(Reply(first, rest, framing=framing, gate=read, hold=0.5))
     started = time.monotonic()
     stream = server.client().stream("hi")
     chunk = next(stream)
     elapsed = time.monotonic() - started
+    read.set()
     assert chunk.content == "early"
     assert elapsed < 0.25, f"first event arrived after {elapsed:.2f} s on {framing}"
     assert text_of(list(stream)) == "late"
