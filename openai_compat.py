@@ -42,7 +42,7 @@ arguments win; blank values count as unset):
     OPENAI_COMPATIBLE_API_KEY       sent as "Authorization: Bearer ..." when set
     OPENAI_COMPATIBLE_MODEL         model id; when unset, the first one GET /models lists
     OPENAI_COMPATIBLE_TIMEOUT       seconds of silence allowed between bytes (default 30)
-    OPENAI_COMPATIBLE_MAX_RETRIES   extra attempts for failed connections, 408/409/429/5xx (default 2)
+    OPENAI_COMPATIBLE_MAX_RETRIES   retries of failed connections, 408/409/429/5xx (default 2)
 
 Works with vLLM, Ollama, llama.cpp's llama-server, LM Studio, TGI, Groq, Together,
 Fireworks, OpenRouter, DeepSeek, Mistral, Gemini's OpenAI endpoint, Azure, LiteLLM
@@ -2049,7 +2049,8 @@ def _vet_schema(schema: Any, where: str) -> None:
 def _vet_node(node: Any, root: Any, where: str) -> list[Any]:
     """Vet one schema's own keywords; return its subschemas (and $ref target)."""
     if not isinstance(node, dict):
-        raise ConfigError(f"{where}: a JSON Schema is an object or a boolean, got {_describe(node)}")
+        raise ConfigError(f"{where}: a JSON Schema is an object or a boolean, got "
+                          f"{_describe(node)}")
     inner: list[Any] = []
     for keyword, arg in node.items():
         shape = _KEYWORDS.get(keyword, _ANNOTATION)[0]
@@ -2063,7 +2064,8 @@ def _vet_node(node: Any, root: Any, where: str) -> list[Any]:
                 _regex(pattern)
             inner += [_pointer(root, arg)] if keyword == "$ref" else []
         except (LookupError, re.error, OverflowError, RecursionError, ValueError) as exc:
-            why = exc if isinstance(exc, LookupError) else f"holds a regex Python cannot use ({exc})"
+            why = exc if isinstance(exc, LookupError) else (
+                f"holds a regex Python cannot use ({exc})")
             raise ConfigError(f"{where}: JSON Schema keyword {keyword!r} {why}") from None
         inner += ([arg] if shape == "schema" else arg if shape == "schemas"
                   else list(arg.values()) if shape == "map" else [])
@@ -2300,7 +2302,8 @@ _KEYWORDS: Final[dict[str, tuple[str, str, _Keyword | None]]] = {
     "minItems": ("integer", "array", _rule(operator.ge, "have at least {} items", len)),
     "maxItems": ("integer", "array", _rule(operator.le, "have at most {} items", len)),
     "uniqueItems": ("boolean", "array", _rule(
-        lambda value, arg: not arg or len(set(map(_key, value))) == len(value), "hold unique items")),
+        lambda value, arg: not arg or len(set(map(_key, value))) == len(value),
+        "hold unique items")),
     "prefixItems": ("schemas", "array", _items), "items": ("schema", "array", _items),
     "contains": ("schema", "array", _contains),
     "minLength": ("integer", "string", _rule(operator.ge, "have at least {} characters", len)),
