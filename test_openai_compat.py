@@ -5665,7 +5665,7 @@ def test_real_pydantic_model_with_a_nested_model_and_an_optional_field(real: Any
     assert isinstance(person, Person) and isinstance(person.address, PostalAddress), result.text
     assert person.name.strip() and person.address.city.strip() and type(person.age) is int
     assert person.nickname is None or isinstance(person.nickname, str)
-    rung = client._http.schema_rung
+    rung = client._http.schema_form
     print(f"{real.name}: rung {rung}, {len(result.steps)} model call(s), {person!r}")
     assert rung == (1 if real.name == "llama-cpp-python" else 0)
 
@@ -5689,10 +5689,10 @@ def test_real_schema_minimum_maximum_keeps_the_integer_within_bounds(real: Any,
         assert re.search(r"\$\.age: must be at (least 70|most 99), got \d+", str(exc)), str(exc)
         return
     age = result.data["age"]
-    print(f"{real.name}: rung {client._http.schema_rung}, {len(result.steps)} model call(s), "
+    print(f"{real.name}: rung {client._http.schema_form}, {len(result.steps)} model call(s), "
           f"{result.data}")
     assert type(age) is int and 70 <= age <= 99, result.text
-    assert client._http.schema_rung == (1 if real.name == "llama-cpp-python" else 0)
+    assert client._http.schema_form == (1 if real.name == "llama-cpp-python" else 0)
 
 
 # ---- scripts (issue 20) ----
