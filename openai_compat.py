@@ -1442,7 +1442,8 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
     is a key, never a list position (it may start at 1 or be missing). Names are set
     once, from the first non-empty value (TGI repeats it, LM Studio later sends "").
     Arguments are only appended, and parsed once the model call has ended.
-    `streamed`: False for a whole answer, whose calls have no index.
+    `streamed`: False for a whole answer, whose calls have no index. (Over 40 lines
+    with this docstring: the three ways a fragment finds its call are one decision.)
     """
     calls: list[_PartialCall] = []
     by_id: dict[str, _PartialCall] = {}
@@ -1816,6 +1817,9 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
     dataclass or TypedDict that contains itself cannot be written out. defs: where a
     pydantic model's $defs go, so that its "#/$defs/..." references resolve at the
     document's root (None: left in the model's own schema).
+
+    NOTE: over 40 lines: one branch per kind of hint, in the order typing needs them
+    tested (Annotated and Union before classes); split, the table would be scattered.
     """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -2579,7 +2583,8 @@ class _Lines:
         """The whole lines `chunk` completes (b"" when none).
 
         NOTE: every event passes here. The common chunk, whole events in ASCII ending in
-        LF with nothing pending, costs a few scans of its bytes and no copy.
+        LF with nothing pending, costs a few scans of its bytes and no copy. Over 40
+        lines: a call per step would cost on every chunk.
         """
         last = len(chunk) - 1
         if (self.plain and chunk.find(b"\n") == last - 1 and chunk[last] == 10
@@ -2812,7 +2817,8 @@ class _Answer:
         """Take one decoded event; return its Chunk, a list of them, or None.
 
         NOTE: runs once per event; its common case (one text delta) costs a few dict
-        lookups and one Chunk; anything rarer goes through _mixed_delta.
+        lookups and one Chunk, inline (over 40 lines: a call costs on every event);
+        anything rarer goes through _mixed_delta.
         """
         if self.model is None:
             self.model = payload.get("model") or ""
@@ -3090,7 +3096,8 @@ class _Connection:
         (up to `timeout` in all); resends once a request that met a kept-alive
         connection the server had closed; drops a field the server refused (tools,
         tool_choice, stream_options) or steps down how the schema is asked for, and
-        resends. The last three do not spend max_retries.
+        resends. The last three do not spend max_retries. (Over 40 lines with this
+        docstring: the retry policy reads best as one loop.)
         """
         attempt, stale_resent, loading_since = 0, False, 0.0
         while True:
