@@ -231,13 +231,25 @@ def _serve(script: Scripted, port: int = 0) -> _Loopback:
     return httpd
 
 
-@pytest.fixture
-def server() -> Iterator[Scripted]:
+def _scripted() -> Iterator[Scripted]:
+    """A scripted server for the length of a test."""
     script = Scripted()
     httpd = _serve(script)
     yield script
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[Scripted]:
+    yield from _scripted()
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 LATE = 0.5  # seconds the late_server's port refuses connections
@@ -247,9 +259,7 @@ LATE = 0.5  # seconds the late_server's port refuses connections
 def late_server() -> Iterator[tuple[Scripted, str]]:
     """A scripted server whose port refuses connections for LATE seconds, then
     listens; and the base URL it will have."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     script = Scripted()
     started: list[_Loopback] = []
     timer = threading.Timer(LATE, lambda: started.append(_serve(script, port)))
@@ -502,9 +512,7 @@ def test_error_404_without_v1_suggests_adding_it(server: Scripted) -> None:
 
 
 def test_error_connection_refused_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     url = f"http://127.0.0.1:{port}/v1"
     client = oc.Client(url, model="m", max_retries=0)
     with pytest.raises(oc.EndpointUnavailableError) as caught:
@@ -834,9 +842,7 @@ def test_wait_ready_waits_for_refusals_then_loading_then_returns_the_models(
 
 def test_wait_ready_gives_up_after_timeout_and_raises_other_errors_at_once(
         server: Scripted) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     started = time.monotonic()
     with pytest.raises(oc.EndpointUnavailableError):
         oc.Client(f"http://127.0.0.1:{port}/v1").wait_ready(timeout=0.25)
@@ -3084,9 +3090,7 @@ def test_connection_refused_is_retried_then_classified(
         monkeypatch: pytest.MonkeyPatch) -> None:
     assert oc._BACKOFF_BASE == 0.5
     monkeypatch.setattr(oc, "_BACKOFF_BASE", 0.1)  # shortened for speed, and the bound below
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     started = time.monotonic()
     with pytest.raises(oc.EndpointUnavailableError):
         oc.Client(f"http://127.0.0.1:{port}/v1", model="m", max_retries=2).generate("hi")
@@ -3549,21 +3553,10 @@ def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
 # the same server; coroutine tools run.
 
 
-def _free_port() -> int:
-    """A loopback port nothing listens on (bound, then closed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def other_server() -> Iterator[Scripted]:
     """A second scripted server: another origin (same host, another port)."""
-    script = Scripted()
-    httpd = _serve(script)
-    yield script
-    httpd.shutdown()
-    httpd.server_close()
+    yield from _scripted()
 
 
 # Usage in every scripted stream that checks quirks: "no usage in streams" stays out.
