@@ -1349,9 +1349,7 @@ def _read_answer(text: str, request: _Request, note: Callable[[str], None]
         value = _json_from_text(text)
     except ValueError as exc:
         return f"no JSON value in the answer ({exc})", None
-    value, dropped = _prune_nulls(value, request.schema)
-    if dropped:
-        note("null for optional fields: left out")
+    value = _left_out_nulls(value, request.schema, note)
     problem = _validate(value, request.schema)
     if problem is not None:
         return problem, None
@@ -1361,6 +1359,14 @@ def _read_answer(text: str, request: _Request, note: Callable[[str], None]
         return None, _build(value, request.answer_type)
     except (ValueError, TypeError) as exc:  # a pydantic model's own validators
         return f"$: {_trim_message(str(exc))}", None
+
+
+def _left_out_nulls(value: Any, schema: Any, note: Callable[[str], None]) -> Any:
+    """`value` without the nulls that mean "left out" (see _prune_nulls), noted once."""
+    value, dropped = _prune_nulls(value, schema)
+    if dropped:
+        note("null for optional fields: left out")
+    return value
 
 
 _THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
@@ -1610,9 +1616,7 @@ def _run_tool(t: Tool, arguments: dict[str, Any], note: Callable[[str], None]) -
     """
     if t.function is None:
         raise TypeError(f"tool {t.name!r} has no function to run")
-    arguments, dropped = _prune_nulls(arguments, t.parameters)
-    if dropped:
-        note("null for optional fields: left out")
+    arguments = _left_out_nulls(arguments, t.parameters, note)
     properties = t.parameters.get("properties") or {}
     missing = [n for n in t.parameters.get("required") or () if n not in arguments]
     if missing:
