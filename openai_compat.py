@@ -185,16 +185,11 @@ class APIError(OpenAICompatError):
         self.partial_text = partial_text
 
     def __str__(self) -> str:
-        where = []
-        if self.status_code is not None:
-            where.append(f"HTTP {self.status_code}")
-        if self.base_url:
-            where.append(f"from {self.base_url}")
+        where = [f"HTTP {self.status_code}"] if self.status_code is not None else []
+        where += [f"from {self.base_url}"] if self.base_url else []
         text = self.message or "no message from the server"
-        if where:
-            text += f" ({' '.join(where)})"
-        hint = self._hint()
-        return f"{text}. {hint}" if hint else text
+        text += f" ({' '.join(where)})" if where else ""
+        return ". ".join(filter(None, (text, self._hint())))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, status_code={self.status_code!r})"
@@ -301,7 +296,7 @@ class OutputError(APIError):
 
 
 # Ordered: the first row whose pattern matches the message wins. Statuses that
-# decide on their own (401, 403, 413, 429) are checked before this table.
+# decide on their own (_STATUS_ERRORS: 401, 403, 413, 429) are checked before this table.
 _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
     # vLLM "The model `qwen2.5-7b` does not exist.", Ollama "model "llama3.2" not found,
     # try pulling it first", OpenAI model_not_found, LiteLLM "Invalid model name passed",
@@ -320,13 +315,12 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
         r"context[ _-]?(?:length|size|window)|maximum context|exceed_context"
         r"|too many tokens|prompt is too long|reduce the length of the (?:messages|input)",
         re.IGNORECASE)),
-    # LiteLLM answers a wrong key with 400 "No connected db." when it has no database.
-    (AuthenticationError, re.compile(r"\bno connected db\b", re.IGNORECASE)),
     # llama.cpp "Invalid API Key", llama-cpp-python "Invalid API key", OpenAI
     # "Incorrect API key provided", LiteLLM "Authentication Error, No api key passed in",
-    # Gemini "API key not valid" with reason API_KEY_INVALID.
+    # Gemini "API key not valid" with reason API_KEY_INVALID; and LiteLLM answers a wrong
+    # key with 400 "No connected db." when it has no database.
     (AuthenticationError, re.compile(
-        r"(?:invalid|incorrect|missing|no) api[ _-]?key"
+        r"(?:invalid|incorrect|missing|no) api[ _-]?key|\bno connected db\b"
         r"|api[ _-]?key[ _-](?:is[ _-])?(?:invalid|not valid|missing|required)"
         r"|unauthori[sz]ed|authentication[ _]error|\bauthentication\b", re.IGNORECASE)),
     # OpenAI "Rate limit reached", TGI 429 "Model is overloaded", Gemini RESOURCE_EXHAUSTED.
@@ -349,6 +343,10 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
                                      re.IGNORECASE)),
 )
 _NO_RESPONSE_CLASSES: Final = (EndpointUnavailableError, RequestTimeoutError)
+# The statuses that decide on their own, before the table is read.
+_STATUS_ERRORS: Final[dict[int | None, type[APIError]]] = {
+    401: AuthenticationError, 403: AuthenticationError, 413: ContextLengthError,
+    429: RateLimitError}
 
 
 def classify_error(message: str, status: int | None = None) -> type[APIError]:
@@ -360,16 +358,10 @@ def classify_error(message: str, status: int | None = None) -> type[APIError]:
     transport rows (connection refused, timed out) apply only without a status.
     Returns APIError itself when nothing matches and there is no status.
     """
-    if status in (401, 403):
-        return AuthenticationError
-    if status == 429:
-        return RateLimitError
-    if status == 413:
-        return ContextLengthError
+    if status in _STATUS_ERRORS:
+        return _STATUS_ERRORS[status]
     for cls, pattern in _ERROR_PATTERNS:
-        if status is not None and cls in _NO_RESPONSE_CLASSES:
-            continue
-        if pattern.search(message):
+        if (status is None or cls not in _NO_RESPONSE_CLASSES) and pattern.search(message):
             return cls
     if status is None or status < 400:
         return APIError
@@ -451,10 +443,9 @@ def _error_fields(body: Any, note: Callable[[str], None]) -> tuple[str | None, s
     if not detail or not isinstance(detail, (str, list)):
         return None, tags
     note('error bodies as {"detail": ...}')
-    if isinstance(detail, str):
-        return detail, tags
-    parts = [_detail_item(item) for item in detail]
-    return "; ".join(p for p in parts if p) or None, tags
+    if isinstance(detail, list):
+        detail = "; ".join(filter(None, map(_detail_item, detail)))
+    return detail or None, tags
 
 
 def _detail_item(item: object) -> str:
@@ -479,9 +470,8 @@ def _trim_message(message: str) -> str:
 
 def _redact(text: str, secrets: Iterable[str]) -> str:
     """`text` with every secret (and any bearer token) replaced by [redacted]."""
-    for secret in secrets:
-        if secret and secret in text:
-            text = text.replace(secret, "[redacted]")
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "[redacted]")
     return re.sub(r"(?i)(bearer\s+)[^\s\"',]+", r"\1[redacted]", text)
 
 
