@@ -708,28 +708,24 @@ class Config:
         """
         env = os.environ if environ is None else environ
 
-        def pick(value: object, name: str) -> str | None:
+        def pick(value: object, name: str) -> tuple[str | None, str]:
+            # The value, blank counting as unset, and where it came from (for messages):
+            # the argument, named as its variable is without the prefix, or the variable.
             if value is not None and str(value).strip():
-                return str(value).strip()
-            raw = env.get(name)
-            return raw.strip() if raw and raw.strip() else None
+                return str(value).strip(), name.removeprefix("OPENAI_COMPATIBLE_").lower() + "="
+            return (env.get(name) or "").strip() or None, name
 
-        url = pick(base_url, _ENV_BASE_URL)
+        url, _ = pick(base_url, _ENV_BASE_URL)
         if url is None:
             raise ConfigError(f"No endpoint configured: set {_ENV_BASE_URL} (for example "
                               "http://localhost:11434/v1 for Ollama) or pass base_url= to Client()")
-        key = pick(api_key, _ENV_API_KEY)
+        key, _ = pick(api_key, _ENV_API_KEY)
         if key is not None:
             _check_header_value(key, f"the API key ({_ENV_API_KEY} or api_key=)")
-        def named(value: object, name: str, argument: str) -> str:  # where a value came from
-            return argument if value is not None and str(value).strip() else name
-
-        return cls(_base_url(url), key, pick(model, _ENV_MODEL),
-                   _parse_number(pick(timeout, _ENV_TIMEOUT),
-                                 named(timeout, _ENV_TIMEOUT, "timeout="), _DEFAULT_TIMEOUT),
-                   _parse_number(pick(max_retries, _ENV_MAX_RETRIES),
-                                 named(max_retries, _ENV_MAX_RETRIES, "max_retries="),
-                                 _DEFAULT_MAX_RETRIES, integer=True))
+        return cls(_base_url(url), key, pick(model, _ENV_MODEL)[0],
+                   _parse_number(*pick(timeout, _ENV_TIMEOUT), _DEFAULT_TIMEOUT),
+                   _parse_number(*pick(max_retries, _ENV_MAX_RETRIES), _DEFAULT_MAX_RETRIES,
+                                 integer=True))
 
 
 _warned_urls: set[str] = set()
