@@ -1024,11 +1024,9 @@ class _Discovery:
 
     def models(self, fallback: bool) -> list[str]:
         found = self.once()
-        if isinstance(found, APIError):
-            if not fallback:
-                raise found
-            return list(FALLBACK_MODELS)
-        return list(found)
+        if isinstance(found, APIError) and not fallback:
+            raise found
+        return list(FALLBACK_MODELS if isinstance(found, APIError) else found)
 
     def first(self) -> str:
         found = self.once()
@@ -1083,7 +1081,8 @@ def _fetch_models(http: _Connection) -> list[str] | APIError:
         try:
             answers.append(_ask_models(http))
         except Exception as exc:  # noqa: BLE001 - a bug here must not cost 5 s
-            answers.append(http.redacted(APIError(f"model discovery failed: {exc!r}")))
+            answers.append(exc if isinstance(exc, APIError) else http.redacted(
+                APIError(f"model discovery failed: {exc!r}")))
 
     worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
     worker.start()
@@ -1094,20 +1093,20 @@ def _fetch_models(http: _Connection) -> list[str] | APIError:
         f"GET /models did not answer within {_DISCOVERY_SECONDS:g} s"))
 
 
-def _ask_models(http: _Connection) -> list[str] | APIError:
-    try:
-        status, text, retry_after = http.get_text("/models", _DISCOVERY_SECONDS)
-    except APIError as exc:
-        return exc
+def _ask_models(http: _Connection) -> list[str]:
+    """The model ids GET /models lists; the APIError saying why not is raised."""
+    status, text, retry_after = http.get_text("/models", _DISCOVERY_SECONDS)
     try:
         payload = json.loads(text) if status < 300 else None
     except ValueError:
-        return http.redacted(APIError("GET /models answered with something that is not JSON: "
-                                   + repr(_trim_message(text))))
+        raise http.redacted(APIError("GET /models answered with something that is not JSON: "
+                                     + repr(_trim_message(text)))) from None
     if status >= 300 or (isinstance(payload, dict) and payload.get("error")):
-        return http.error_from_body(status, text, retry_after)
+        raise http.error_from_body(status, text, retry_after)
     ids = _model_ids(payload, http.note)
-    return ids or http.redacted(APIError("GET /models listed no models"))
+    if not ids:
+        raise http.redacted(APIError("GET /models listed no models"))
+    return ids
 
 
 def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
@@ -1115,6 +1114,7 @@ def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
     (Ollama with no models), {"models": [...], "data": [...]} (llama.cpp),
     {"models": [{"name"}]}, a bare list; entries {"id"}, {"name"}/{"model"} or plain
     strings. `note` hears of a shape that is not OpenAI's."""
+    entries = payload
     if isinstance(payload, dict):
         entries = payload.get("data")
         if entries is None and "data" in payload:
@@ -1122,10 +1122,8 @@ def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
         if not entries and payload.get("models") is not None:
             note('/models as {"models": [...]}')
             entries = payload.get("models")
-    else:
-        if isinstance(payload, list):
-            note("/models as a bare list")
-        entries = payload
+    elif isinstance(payload, list):
+        note("/models as a bare list")
     ids: list[str] = []
     for entry in entries if isinstance(entries, list) else ():
         if isinstance(entry, dict):
