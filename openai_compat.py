@@ -70,6 +70,7 @@ with a "# ==== Name ====" line:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import email.utils
 import enum
@@ -263,12 +264,12 @@ class BadRequestError(APIError):
     """Any other 4xx: the server rejected the request as sent. Not retryable."""
 
     def _hint(self) -> str:
-        if (self.status_code in (404, 405) and self.base_url and "?" not in self.base_url
-                and not re.search(r"/v\d+[a-z0-9]*(?:/|$)", self.base_url)):
+        if self.status_code not in (404, 405):
+            return "Check the request's options against what this server supports"
+        # No route there: a URL without a version segment (and no query string) lacks /v1.
+        if self.base_url and not re.search(r"\?|/v\d+[a-z0-9]*(?:/|$)", self.base_url):
             return f"The server may expect /v1: try {self._url_source}={self.base_url}/v1"
-        if self.status_code in (404, 405):
-            return f"Check {self._url_source}: the server has no chat-completions route there"
-        return "Check the request's options against what this server supports"
+        return f"Check {self._url_source}: the server has no chat-completions route there"
 
 
 class ServerError(APIError):
@@ -377,12 +378,10 @@ def _error_from_body(status: int, text: str, note: Callable[[str], None],
     `note` hears of the body's deviations from OpenAI's."""
     text = text.strip()
     body = decoded
-    try:
-        if body is None and text[:1] in ("{", "["):
+    if body is None and text[:1] in ("{", "["):
+        with contextlib.suppress(ValueError, RecursionError):
             body = json.loads(text)
-    except (ValueError, RecursionError):
-        pass
-    message, tags = _error_fields(body, note) if body is not None else (None, "")
+    message, tags = _error_fields(body, note)
     if message is None and text[:1] == "<":
         note("error bodies as HTML pages")
         match = re.search(r"<title[^>]*>(.*?)</title>|<h1[^>]*>(.*?)</h1>", text,
