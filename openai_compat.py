@@ -631,7 +631,7 @@ class Result:
     messages: list[dict[str, Any]] = field(default_factory=list)
 
 
-class Stream:
+class Stream(contextlib.AbstractContextManager["Stream", None]):
     """An iterator of Chunks from stream(); also a context manager.
 
     Breaking out of the loop (when nothing else holds the Stream), close(), or
@@ -662,9 +662,6 @@ class Stream:
     def close(self) -> None:
         """Stop the stream and close its HTTP response."""
         self._chunks.close()
-
-    def __enter__(self) -> Stream:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -832,7 +829,7 @@ def _parse_number(raw: str | None, name: str, default: float, *, integer: bool =
 # ==== Client ====
 
 
-class Client:
+class Client(contextlib.AbstractContextManager["Client", None]):
     """A connection to one OpenAI-compatible server.
 
     Client(base_url=None, api_key=None, model=None, *, timeout=None, max_retries=None,
@@ -871,9 +868,6 @@ class Client:
     def __repr__(self) -> str:
         return (f"Client(base_url={_shown_url(self.config.base_url)!r}, "
                 f"model={self.config.model!r})")
-
-    def __enter__(self) -> Client:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
