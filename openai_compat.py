@@ -743,9 +743,9 @@ def _base_url(url: str) -> str:
                    "it needs a host, a port from 1 to 65535 if any, and no spaces")
         raise ConfigError(f"{_ENV_BASE_URL} must be an http:// or https:// URL such as "
                           f"http://localhost:8000/v1 (got {_shown_url(url)!r}); {problem}")
-    path = re.sub(r"/(?:chat/completions|models)$", "", parts.path.rstrip("/"))
+    path, cut = re.subn(r"/(?:chat/completions|models)$", "", parts.path.rstrip("/"))
     base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
-    if path != parts.path.rstrip("/") and url not in _warned_urls:
+    if cut and url not in _warned_urls:
         _warned_urls.add(url)
         _log.warning("the base URL %s ends in an endpoint's path: using %s (set that as the "
                      "base URL)", _shown_url(url), _shown_url(base))
@@ -1080,9 +1080,7 @@ def _fetch_models(http: _Connection) -> list[str] | APIError:
     worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
     worker.start()
     worker.join(_DISCOVERY_SECONDS)
-    if answers:
-        return answers[0]
-    return http.redacted(RequestTimeoutError(
+    return answers[0] if answers else http.redacted(RequestTimeoutError(
         f"GET /models did not answer within {_DISCOVERY_SECONDS:g} s"))
 
 
