@@ -1038,13 +1038,7 @@ class _Discovery:
         """The model ids, once GET /models answers; see Client.wait_ready."""
         started = logged = time.monotonic()
         asks = 0
-        while True:
-            found = _fetch_models(self.http)
-            if not isinstance(found, APIError):
-                with self.lock:
-                    if not isinstance(self.found, list):
-                        self.found = found
-                return list(found)
+        while isinstance(found := _fetch_models(self.http), APIError):
             now = time.monotonic()
             if not _not_ready(found) or now - started >= limit:
                 raise found
@@ -1054,6 +1048,10 @@ class _Discovery:
                           now - started, limit, found.message)
             asks += 1
             time.sleep(min(_WAIT_GAP, 0.1 * 2 ** min(asks, 10), started + limit - now))
+        with self.lock:
+            if not isinstance(self.found, list):
+                self.found = found
+        return list(found)
 
 
 def _not_ready(error: APIError) -> bool:
