@@ -384,10 +384,9 @@ def _error_from_body(status: int, text: str, note: Callable[[str], None],
     message, tags = _error_fields(body, note)
     if message is None and text[:1] == "<":
         note("error bodies as HTML pages")
-        match = re.search(r"<title[^>]*>(.*?)</title>|<h1[^>]*>(.*?)</h1>", text,
-                          re.IGNORECASE | re.DOTALL)
+        match = re.search(r"(?is)<(title|h1)[^>]*>(.+?)</\1>", text)
         message = "HTML error page: " + " ".join(re.sub(
-            r"<[^>]+>", " ", (match.group(1) or match.group(2)) if match else text).split())
+            r"<[^>]+>", " ", match.group(2) if match else text).split())
     elif message is None and text:
         if body is None:
             note("error bodies as plain text")
