@@ -1192,37 +1192,32 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
     """Check the options and build the request (raises ConfigError, sends nothing)."""
     _check_options(options)
     opts = dict(options)
-    turns = _conversation(opts.pop("system", None), opts.pop("messages", None), prompt)
-    model = opts.pop("model", None)
-    tools = _as_tools(opts.pop("tools", None))
-    tool_choice = opts.pop("tool_choice", None)
-    max_steps = opts.pop("max_steps", None)
-    max_steps = DEFAULT_MAX_STEPS if max_steps is None else max_steps
+    # The library's own options leave `opts`; what stays are OpenAI's parameters.
+    own = {name: opts.pop(name, None) for name in _OWN_OPTIONS}
+    turns = _conversation(own["system"], own["messages"], prompt)
+    tools = _as_tools(own["tools"])
+    max_steps = DEFAULT_MAX_STEPS if own["max_steps"] is None else own["max_steps"]
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ConfigError(f"max_steps must be a whole number of at least 1 (got {max_steps!r})")
-    timeout = opts.pop("timeout", None)
-    timeout = client.config.timeout if timeout is None else _parse_number(
-        str(timeout), "timeout=", client.config.timeout)
-    extra_body = opts.pop("extra_body", None)
-    if extra_body is not None and not isinstance(extra_body, Mapping):
+    timeout = client.config.timeout if own["timeout"] is None else _parse_number(
+        str(own["timeout"]), "timeout=", client.config.timeout)
+    if own["extra_body"] is not None and not isinstance(own["extra_body"], Mapping):
         raise ConfigError("extra_body= must be a dict of fields to add to the request body")
-    schema, answer_type = _answer_schema(opts.pop("schema", None))
+    schema, answer_type = _answer_schema(own["schema"])
     if schema is not None and opts.get("response_format") is not None:
         raise ConfigError("give schema= or response_format=, not both")
-    body: dict[str, Any] = {"model": model or client.model, "messages": turns}
+    body: dict[str, Any] = {"model": own["model"] or client.model, "messages": turns}
     body.update((k, v) for k, v in opts.items() if v is not None)
     if tools:
         body["tools"] = [_tool_spec(t) for t in tools]
-        body["tool_choice"] = "auto" if tool_choice is None else tool_choice
-    body.update(extra_body or {})
+        body["tool_choice"] = "auto" if own["tool_choice"] is None else own["tool_choice"]
+    body.update(own["extra_body"] or {})
     return _Request(body, {t.name: t for t in tools}, max_steps, timeout, schema, answer_type)
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
     """Raise ConfigError for a keyword that is neither the library's nor OpenAI's."""
-    for name in options:
-        if name in _OWN_OPTIONS or name in _OPENAI_PARAMETERS:
-            continue
+    for name in [n for n in options if n not in _OWN_OPTIONS and n not in _OPENAI_PARAMETERS]:
         if name == "stream":
             raise ConfigError("stream= is not an option: call stream() to stream, generate() "
                               "for the whole answer")
@@ -1238,9 +1233,7 @@ def _conversation(system: object, messages: object, prompt: str | None) -> list[
     if system is not None:
         turns.append({"role": "system", "content": system})
     if messages is not None:
-        if not isinstance(messages, (list, tuple)) or not all(
-            isinstance(m, dict) for m in messages
-        ):
+        if not (isinstance(messages, (list, tuple)) and all(isinstance(m, dict) for m in messages)):
             raise ConfigError("messages= must be a list of dicts like "
                               "{'role': 'user', 'content': '...'}")
         turns.extend(dict(m) for m in messages)
@@ -1282,13 +1275,13 @@ def _iter_steps(client: Client, request: _Request,
                                         step, request)
         yield Chunk("finish", finish_reason=record.finish_reason, usage=record.usage, step=step)
         finish = record.finish_reason
-        run = bool(record.tool_calls and request.tools and finish != "length"
-                   and step < request.max_steps)
+        wanted = bool(record.tool_calls and request.tools and finish != "length")
+        run = wanted and step < request.max_steps
         results = yield from _iter_tool_calls(record, step, run, request, messages, client._note)
         steps.append(replace(record, tool_results=results))
         if run:
             continue
-        if record.tool_calls and request.tools and step >= request.max_steps and finish != "length":
+        if wanted:  # and the budget is spent
             finish = "max_steps"
         elif request.schema is not None and not record.refusal:
             problem, data = _read_answer(record.text, request, client._note)
@@ -1415,13 +1408,9 @@ def _assistant_message(record: Step, *, with_calls: bool) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": record.text}
     if with_calls and record.tool_calls:
         message["tool_calls"] = [
-            {
-                **call.raw,
-                "id": call.id,
-                "type": "function",
-                # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
-                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
-            }
+            {**call.raw, "id": call.id, "type": "function",
+             # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
+             "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
             for call in record.tool_calls
         ]
     return message
