@@ -1178,7 +1178,7 @@ _REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks sche
 class _Request:
     """One stream() or generate() call, prepared: the request body, the tools by
     name, the budget of model calls, the silence limit, and with schema= the answer's
-    JSON Schema and the class `data` is built as (a dataclass or pydantic model)."""
+    JSON Schema and the type hint `data` is built as (Any: the JSON value as it is)."""
 
     body: dict[str, Any]
     tools: dict[str, Tool]
@@ -1246,7 +1246,7 @@ def _conversation(system: object, messages: object, prompt: str | None) -> list[
 
 def _answer_schema(schema: Any) -> tuple[dict[str, Any] | None, Any]:
     """The JSON Schema of schema= (a dict as given, or made from a type hint), checked
-    for keywords the checker cannot check; and the class data is built as, if any."""
+    for keywords the checker cannot check; and the type hint data is built as."""
     if schema is None:
         return None, None
     if isinstance(schema, (Mapping, str, bytes)) and not isinstance(schema, dict):
@@ -1256,7 +1256,7 @@ def _answer_schema(schema: Any) -> tuple[dict[str, Any] | None, Any]:
     # Data is built as the type asks (records and models, nested ones too; 3.0 as an int),
     # but a bare Enum or JSON Schema dict gives the plain JSON value.
     plain = isinstance(schema, dict) or isinstance(schema, type) and issubclass(schema, enum.Enum)
-    return built, None if plain else schema
+    return built, Any if plain else schema
 
 
 def _iter_steps(client: Client, request: _Request,
@@ -1346,8 +1346,6 @@ def _read_answer(text: str, request: _Request, note: Callable[[str], None]
     problem = _validate(value, request.schema)
     if problem is not None:
         return problem, None
-    if request.answer_type is None:
-        return None, value
     try:
         return None, _build(value, request.answer_type)
     except (ValueError, TypeError) as exc:  # a pydantic model's own validators
@@ -1616,8 +1614,7 @@ def _run_tool(t: Tool, arguments: dict[str, Any], note: Callable[[str], None]) -
     problem = _validate(arguments, t.parameters)
     if problem:
         raise ValueError(problem)
-    value = t.function(**{n: _build(v, t.hints[n]) if n in t.hints else v
-                          for n, v in arguments.items()})
+    value = t.function(**{n: _build(v, t.hints.get(n, Any)) for n, v in arguments.items()})
     if t._is_async:
         import asyncio  # see _check_async_tools
 
