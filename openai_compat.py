@@ -1319,7 +1319,7 @@ def _iter_tool_calls(record: Step, step: int, run: bool, request: _Request,
 def _check_async_tools(tools: Mapping[str, Tool]) -> None:
     """ConfigError naming a coroutine-function tool when this thread runs an event
     loop: asyncio.run() cannot run it there, and nothing must be sent in vain."""
-    names = [t.name for t in tools.values() if t._is_async]
+    names = [t.name for t in tools.values() if inspect.iscoroutinefunction(t.function)]
     if not names:
         return
     import asyncio  # here, not at the top: only coroutine tools need it (it is slow to import)
@@ -1523,15 +1523,14 @@ def _finish_calls(calls: list[_PartialCall], note: Callable[[str], None]) -> lis
                 call.id = "".join(random.choices(_ID_ALPHABET, k=9))
             taken.add(call.id)
         raw = "".join(call.parts)
-        name = call.name
         arguments, error = _parse_arguments(raw, note)
-        if not name and isinstance(arguments.get("function"), dict):
+        if not call.name and isinstance(arguments.get("function"), dict):
             # Quirk(TGI < 3.2): no name; the raw grammar output wraps the arguments as
             # {"function": {"_name": "get_weather", ...}} (plus a special token).
             note("tool name inside the arguments (_name)")
             arguments = dict(arguments["function"])
-            name = str(arguments.pop("_name", ""))
-        done.append(ToolCall(call.id, name, arguments, raw, error, call.extra))
+            call.name = str(arguments.pop("_name", ""))
+        done.append(ToolCall(call.id, call.name, arguments, raw, error, call.extra))
     return done
 
 
@@ -1615,7 +1614,7 @@ def _run_tool(t: Tool, arguments: dict[str, Any], note: Callable[[str], None]) -
     if problem:
         raise ValueError(problem)
     value = t.function(**{n: _build(v, t.hints.get(n, Any)) for n, v in arguments.items()})
-    if t._is_async:
+    if inspect.iscoroutinefunction(t.function):
         import asyncio  # see _check_async_tools
 
         return asyncio.run(value)
@@ -1671,10 +1670,9 @@ class Tool:
     # member, a dataclass or pydantic instance, an int). Empty for a Tool made by hand: its
     # arguments are checked against its schema and passed as they came.
     hints: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    # Read from the function once, here, not on every call: whether it takes **kwargs
-    # (so that names its schema lacks may pass), and whether it is a coroutine function.
+    # Read from the function's signature once, here, not on every call (it is slow):
+    # whether it takes **kwargs, so that names its schema lacks may pass.
     _takes_any: bool = field(default=True, init=False, repr=False, compare=False)
-    _is_async: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _TOOL_NAME.match(self.name):
@@ -1689,7 +1687,6 @@ class Tool:
             except (TypeError, ValueError):
                 takes_any = True
             object.__setattr__(self, "_takes_any", takes_any)
-            object.__setattr__(self, "_is_async", inspect.iscoroutinefunction(self.function))
 
 
 def tool(func: Callable[..., Any] | None = None, *, name: str | None = None,
