@@ -1810,14 +1810,12 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
     """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin is typing.Annotated:
+    if origin is typing.Annotated or origin in _KEY_MARKS:  # Required[T] etc. hold T alone
         inner = _schema(args[0], where, parameter=parameter, seen=seen, defs=defs)
         notes = [a for a in args[1:] if isinstance(a, str)]
         if notes:
             inner["description"] = notes[0]
         return inner
-    if origin in _KEY_MARKS:
-        return _schema(args[0], where, seen=seen, defs=defs)
     if annotation is Any or annotation is inspect.Parameter.empty:
         return {}
     if origin in (Union, types.UnionType):
@@ -1854,9 +1852,8 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
 
 def _is_model(annotation: Any) -> bool:
     """A pydantic (v2) model class, known by its methods: pydantic is never imported."""
-    return (isinstance(annotation, type) and callable(getattr(annotation, "model_json_schema",
-                                                              None))
-            and callable(getattr(annotation, "model_validate", None)))
+    return isinstance(annotation, type) and all(
+        callable(getattr(annotation, name, None)) for name in ("model_json_schema", "model_validate"))
 
 
 def _model_schema(model: Any, where: str, defs: dict[str, Any] | None) -> dict[str, Any]:
@@ -1952,9 +1949,8 @@ def _build(value: Any, annotation: Any) -> Any:
         return None
     if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(options) > 1:  # the first option the value fits
-            options = [a for a in options if _validate(value, _root_schema(a, "")) is None] or [
-                Any]
+        if len(options) > 1:  # the first option the value fits, else Any: the value as it is
+            options = [*(a for a in options if _validate(value, _root_schema(a, "")) is None), Any]
         return _build(value, options[0])
     if annotation is int and isinstance(value, float):
         return int(value)  # JSON Schema counts 3.0 as an integer; the function wants 3
