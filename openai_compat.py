@@ -1871,25 +1871,21 @@ def _model_schema(model: Any, where: str, defs: dict[str, Any] | None) -> dict[s
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
     """The summary (text before a blank line or Args:) and the Args: descriptions."""
-    summary_lines: list[str] = []
-    for line in doc.splitlines():
-        if not line.strip() or line.strip().rstrip(":") in ("Args", "Arguments", "Parameters"):
-            break
-        summary_lines.append(line.strip())
+    summary = itertools.takewhile(
+        lambda line: line and line.rstrip(":") not in ("Args", "Arguments", "Parameters"),
+        [line.strip() for line in doc.splitlines()])
     args: dict[str, str] = {}
     section = re.search(r"^(?:Args|Arguments|Parameters):\s*\n((?:[ \t]+.*\n?|\s*\n)*)", doc,
                         re.MULTILINE)
-    if section:
-        current: str | None = None
-        indent = 0
-        for line in section.group(1).splitlines():
-            match = re.match(r"^\s{1,8}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$", line)
-            if match and (current is None or len(line) - len(line.lstrip()) <= indent):
-                current, indent = match.group(1), len(line) - len(line.lstrip())
-                args[current] = match.group(2).strip()
-            elif current and line.strip():
-                args[current] = (args[current] + " " + line.strip()).strip()
-    return " ".join(summary_lines), args
+    current, indent = "", 0  # the argument being described ("": none yet), its line's indent
+    for line in section.group(1).splitlines() if section else []:
+        match = re.match(r"^\s{1,8}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$", line)
+        if match and (not current or len(line) - len(line.lstrip()) <= indent):
+            current, indent = match.group(1), len(line) - len(line.lstrip())
+            args[current] = match.group(2).strip()
+        elif current and line.strip():
+            args[current] = (args[current] + " " + line.strip()).strip()
+    return " ".join(summary), args
 
 
 def _is_record(annotation: Any) -> bool:
