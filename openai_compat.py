@@ -1760,25 +1760,21 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
         signature = inspect.signature(func)
     except (NameError, TypeError, ValueError) as exc:
         raise ConfigError(f"tool {tool_name!r}: cannot read its signature ({exc})") from None
-    properties: dict[str, Any] = {}
-    required: list[str] = []
-    annotations: dict[str, Any] = {}
-    defs: dict[str, Any] = {}
-    for param in signature.parameters.values():
-        if param.kind is param.VAR_KEYWORD:
-            continue  # **kwargs accepts whatever else the model sends
+    # **kwargs is left out: it accepts whatever else the model sends.
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    for param in params:
         if param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
             raise ConfigError(f"tool {tool_name!r}: parameter {param.name!r} cannot be passed "
                               "by keyword")
-        where = f"tool {tool_name!r}, parameter {param.name!r}"
-        annotation = annotations[param.name] = hints.get(param.name, Any)
-        schema = _schema(annotation, where, parameter=True, defs=defs)
-        if "description" not in schema and param.name in arg_docs:
-            schema["description"] = arg_docs[param.name]
-        if param.default is param.empty:
-            required.append(param.name)
-        properties[param.name] = schema
-    parameters = {"type": "object", "properties": properties, "required": required}
+    annotations = {p.name: hints.get(p.name, Any) for p in params}
+    defs: dict[str, Any] = {}
+    properties = {key: _schema(hint, f"tool {tool_name!r}, parameter {key!r}", parameter=True,
+                               defs=defs) for key, hint in annotations.items()}
+    for key, schema in properties.items():
+        if key in arg_docs:  # Annotated[T, "..."] wins over the docstring
+            schema.setdefault("description", arg_docs[key])
+    parameters = {"type": "object", "properties": properties,
+                  "required": [p.name for p in params if p.default is p.empty]}
     if defs:
         parameters["$defs"] = defs
     return Tool(tool_name, marked_description or summary, parameters, func, annotations)
