@@ -1167,10 +1167,8 @@ _OPENAI_PARAMETERS: Final = frozenset({
     "safety_identifier", "seed", "service_tier", "stop", "store", "stream_options",
     "temperature", "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
 })
-_OWN_OPTIONS: Final = frozenset({
-    "messages", "system", "model", "tools", "tool_choice", "max_steps", "timeout", "extra_body",
-    "schema",
-})
+_OWN_OPTIONS: Final = frozenset({"messages", "system", "model", "tools", "tool_choice",
+                                 "max_steps", "timeout", "extra_body", "schema"})
 _REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks schema=
 
 
@@ -1229,9 +1227,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
 
 def _conversation(system: object, messages: object, prompt: str | None) -> list[dict[str, Any]]:
     """The request's turns: `system`, then `messages`, then `prompt` as a user turn."""
-    turns: list[dict[str, Any]] = []
-    if system is not None:
-        turns.append({"role": "system", "content": system})
+    turns: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
     if messages is not None:
         if not (isinstance(messages, (list, tuple)) and all(isinstance(m, dict) for m in messages)):
             raise ConfigError("messages= must be a list of dicts like "
@@ -1291,7 +1287,8 @@ def _iter_steps(client: Client, request: _Request,
                         f"the answer does not match the schema: {problem}",
                         partial_text=record.text))
                 repairs += 1
-                messages.append({"role": "user", "content": _repair_prompt(problem)})
+                messages.append({"role": "user", "content": "That answer does not match the JSON "
+                                 f"Schema: {problem}. Answer again with the corrected JSON only."})
                 continue
         break
     outcome.append(_result(steps, finish, messages, data))
@@ -1395,11 +1392,6 @@ def _json_from_text(text: str) -> Any:
     raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
 
 
-def _repair_prompt(problem: str) -> str:
-    return (f"That answer does not match the JSON Schema: {problem}. Answer again with "
-            "the corrected JSON only.")
-
-
 def _assistant_message(record: Step, *, with_calls: bool) -> dict[str, Any]:
     # content "" rather than null: llama-cpp-python rejects null (500), Ollama takes
     # null only with tool_calls, llama.cpp/OpenAI/vLLM/LiteLLM take "".
@@ -1463,8 +1455,7 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
                     note("tool call index reused for another call")
                 call = _PartialCall(call_id)
                 calls.append(call)
-                if call_id:
-                    by_id[call_id] = call
+                by_id[call_id] = call  # by_id[""] is never looked up
             if index is not None:
                 by_index[index] = call
         _add_fragment(call, fragment, note)
@@ -1575,14 +1566,13 @@ def _is_json(text: str) -> bool:
 def _execute(call: ToolCall, tools: Mapping[str, Tool], note: Callable[[str], None]
              ) -> ToolResult:
     """Run one call; any failure becomes the error the model reads, never an exception."""
-    found = tools.get(call.name)
     if call.error:
         error = f"{call.error}; received: {call.raw_arguments[:500]!r}"
-    elif found is None:
+    elif call.name not in tools:
         error = f"unknown tool {call.name!r}; available tools: {', '.join(tools) or 'none'}"
     else:
         try:
-            value = _run_tool(found, call.arguments, note)
+            value = _run_tool(tools[call.name], call.arguments, note)
         except Exception as exc:  # noqa: BLE001 - any tool failure goes back to the model
             _log.debug("tool %s raised %r", call.name, exc)
             error = f"{type(exc).__name__}: {exc}"
