@@ -1325,10 +1325,9 @@ def _check_async_tools(tools: Mapping[str, Tool]) -> None:
         asyncio.get_running_loop()
     except RuntimeError:
         return
-    raise ConfigError(f"tool {names[0]!r} is an async def function and this thread runs an "
-                      "event loop, where the synchronous tool loop cannot await it: call "
-                      "generate() from a worker thread (asyncio.to_thread), or give a plain "
-                      "function")
+    raise ConfigError(f"tool {names[0]!r} is an async def function and this thread runs an event "
+                      "loop, where the synchronous tool loop cannot await it: call generate() "
+                      "from a worker thread (asyncio.to_thread), or give a plain function")
 
 
 def _read_answer(text: str, request: _Request, note: Callable[[str], None]
@@ -1459,10 +1458,10 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
             if index is not None:
                 by_index[index] = call
         _add_fragment(call, fragment, note)
-    indexes = [i for i in by_index if isinstance(i, int)]
-    if streamed and indexes and min(indexes) > 0:
+    first = min((i for i in by_index if isinstance(i, int)), default=0)
+    if streamed and first > 0:
         # Quirk(Anthropic-compat, LiteLLM -> Bedrock): the index is a key, not a position.
-        note(f"tool call index starting at {min(indexes)}")
+        note(f"tool call index starting at {first}")
     return _finish_calls(calls, note)
 
 
@@ -1627,7 +1626,7 @@ def _tool_content(value: Any) -> str:
 def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]],
             data: Any = None) -> Result:
     usages = [s.usage for s in steps if s.usage is not None]
-    last = steps[-1] if steps else Step()
+    last = steps[-1]  # _iter_steps makes one model call at least
     return Result(last.text, last.reasoning, last.refusal, data, steps,
                   [c for s in steps for c in s.tool_calls],
                   [r for s in steps for r in s.tool_results], finish,
@@ -1802,7 +1801,7 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
         if notes:
             inner["description"] = notes[0]
         return inner
-    if annotation is Any or annotation is inspect.Parameter.empty:
+    if annotation is Any:
         return {}
     if origin in (Union, types.UnionType):
         options = [_schema(a, where, parameter=parameter, seen=seen, defs=defs)
@@ -1846,8 +1845,7 @@ def _model_schema(model: Any, where: str, defs: dict[str, Any] | None) -> dict[s
     try:
         schema = dict(model.model_json_schema())
     except Exception as exc:  # noqa: BLE001 - whatever pydantic raises, name the model
-        raise ConfigError(f"{where}: {model.__name__}.model_json_schema() failed "
-                          f"({exc})") from None
+        raise ConfigError(f"{where}: {model.__name__}.model_json_schema() failed ({exc})") from None
     if defs is not None:
         for name, sub in schema.pop("$defs", {}).items():
             if defs.setdefault(name, sub) != sub:
