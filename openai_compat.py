@@ -1526,9 +1526,7 @@ def _finish_calls(calls: list[_PartialCall], note: Callable[[str], None]) -> lis
 
 def _parse_arguments(raw: str, note: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
     """A call's arguments as a dict, and why they could not be read (or None)."""
-    text = raw.strip()
-    if not text:
-        return {}, None
+    text = raw.strip() or "{}"  # no arguments at all: an empty object
     try:
         value = json.loads(text)
     except ValueError as exc:
@@ -1731,11 +1729,10 @@ def _tool_from_entry(name: object, value: object) -> Tool:
     return Tool(str(name), str(value.get("description") or ""), parameters, execute)
 
 
-def _tool_spec(definition: Tool) -> dict[str, Any]:
+def _tool_spec(t: Tool) -> dict[str, Any]:
     """The request form of a tool."""
-    return {"type": "function", "function": {"name": definition.name,
-                                             "description": definition.description,
-                                             "parameters": definition.parameters}}
+    return {"type": "function", "function": {"name": t.name, "description": t.description,
+                                             "parameters": t.parameters}}
 
 
 def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) -> Tool:
