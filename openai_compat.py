@@ -1695,9 +1695,8 @@ def _as_tools(tools: object) -> list[Tool]:
     {"description", "parameters", "execute"}, or a list mixing them."""
     if not tools:
         return []
-    items = tools if isinstance(tools, (list, tuple)) else [tools]
     out: list[Tool] = []
-    for position, item in enumerate(items):
+    for position, item in enumerate(tools if isinstance(tools, (list, tuple)) else [tools]):
         if isinstance(item, Tool):
             out.append(item)
         elif isinstance(item, dict):
