@@ -1139,10 +1139,8 @@ _OPENAI_PARAMETERS: Final = frozenset({
     "safety_identifier", "seed", "service_tier", "stop", "store", "stream_options",
     "temperature", "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
 })
-_OWN_OPTIONS: Final = frozenset({
-    "messages", "system", "model", "tools", "tool_choice", "max_steps", "timeout", "extra_body",
-    "schema",
-})
+_OWN_OPTIONS: Final = frozenset({"messages", "system", "model", "tools", "tool_choice",
+                                 "max_steps", "timeout", "extra_body", "schema"})
 _REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks schema=
 
 
@@ -1150,7 +1148,7 @@ _REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks sche
 class _Request:
     """One stream() or generate() call, prepared: the request body, the tools by
     name, the budget of model calls, the silence limit, and with schema= the answer's
-    JSON Schema and the class `data` is built as (a dataclass or pydantic model)."""
+    JSON Schema and the type hint `data` is built as (Any: the JSON value as it is)."""
 
     body: dict[str, Any]
     tools: dict[str, Tool]
@@ -1164,37 +1162,32 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
     """Check the options and build the request (raises ConfigError, sends nothing)."""
     _check_options(options)
     opts = dict(options)
-    turns = _conversation(opts.pop("system", None), opts.pop("messages", None), prompt)
-    model = opts.pop("model", None)
-    tools = _as_tools(opts.pop("tools", None))
-    tool_choice = opts.pop("tool_choice", None)
-    max_steps = opts.pop("max_steps", None)
-    max_steps = DEFAULT_MAX_STEPS if max_steps is None else max_steps
+    # The library's own options leave `opts`; what stays are OpenAI's parameters.
+    own = {name: opts.pop(name, None) for name in _OWN_OPTIONS}
+    turns = _conversation(own["system"], own["messages"], prompt)
+    tools = _as_tools(own["tools"])
+    max_steps = DEFAULT_MAX_STEPS if own["max_steps"] is None else own["max_steps"]
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ConfigError(f"max_steps must be a whole number of at least 1 (got {max_steps!r})")
-    timeout = opts.pop("timeout", None)
-    timeout = client.config.timeout if timeout is None else _parse_number(
-        str(timeout), "timeout=", client.config.timeout)
-    extra_body = opts.pop("extra_body", None)
-    if extra_body is not None and not isinstance(extra_body, Mapping):
+    timeout = client.config.timeout if own["timeout"] is None else _parse_number(
+        str(own["timeout"]), "timeout=", client.config.timeout)
+    if own["extra_body"] is not None and not isinstance(own["extra_body"], Mapping):
         raise ConfigError("extra_body= must be a dict of fields to add to the request body")
-    schema, answer_type = _answer_schema(opts.pop("schema", None))
+    schema, answer_type = _answer_schema(own["schema"])
     if schema is not None and opts.get("response_format") is not None:
         raise ConfigError("give schema= or response_format=, not both")
-    body: dict[str, Any] = {"model": model or client.model, "messages": turns}
+    body: dict[str, Any] = {"model": own["model"] or client.model, "messages": turns}
     body.update((k, v) for k, v in opts.items() if v is not None)
     if tools:
         body["tools"] = [_tool_spec(t) for t in tools]
-        body["tool_choice"] = "auto" if tool_choice is None else tool_choice
-    body.update(extra_body or {})
+        body["tool_choice"] = "auto" if own["tool_choice"] is None else own["tool_choice"]
+    body.update(own["extra_body"] or {})
     return _Request(body, {t.name: t for t in tools}, max_steps, timeout, schema, answer_type)
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
     """Raise ConfigError for a keyword that is neither the library's nor OpenAI's."""
-    for name in options:
-        if name in _OWN_OPTIONS or name in _OPENAI_PARAMETERS:
-            continue
+    for name in [n for n in options if n not in _OWN_OPTIONS and n not in _OPENAI_PARAMETERS]:
         if name == "stream":
             raise ConfigError("stream= is not an option: call stream() to stream, generate() "
                               "for the whole answer")
@@ -1206,13 +1199,9 @@ def _check_options(options: Mapping[str, Any]) -> None:
 
 def _conversation(system: object, messages: object, prompt: str | None) -> list[dict[str, Any]]:
     """The request's turns: `system`, then `messages`, then `prompt` as a user turn."""
-    turns: list[dict[str, Any]] = []
-    if system is not None:
-        turns.append({"role": "system", "content": system})
+    turns: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
     if messages is not None:
-        if not isinstance(messages, (list, tuple)) or not all(
-            isinstance(m, dict) for m in messages
-        ):
+        if not (isinstance(messages, (list, tuple)) and all(isinstance(m, dict) for m in messages)):
             raise ConfigError("messages= must be a list of dicts like "
                               "{'role': 'user', 'content': '...'}")
         turns.extend(dict(m) for m in messages)
@@ -1225,7 +1214,7 @@ def _conversation(system: object, messages: object, prompt: str | None) -> list[
 
 def _answer_schema(schema: Any) -> tuple[dict[str, Any] | None, Any]:
     """The JSON Schema of schema= (a dict as given, or made from a type hint), checked
-    for keywords the checker cannot check; and the class data is built as, if any."""
+    for keywords the checker cannot check; and the type hint data is built as."""
     if schema is None:
         return None, None
     if isinstance(schema, (Mapping, str, bytes)) and not isinstance(schema, dict):
@@ -1235,7 +1224,7 @@ def _answer_schema(schema: Any) -> tuple[dict[str, Any] | None, Any]:
     # Data is built as the type asks (records and models, nested ones too; 3.0 as an int),
     # but a bare Enum or JSON Schema dict gives the plain JSON value.
     plain = isinstance(schema, dict) or isinstance(schema, type) and issubclass(schema, enum.Enum)
-    return built, None if plain else schema
+    return built, Any if plain else schema
 
 
 def _iter_steps(client: Client, request: _Request,
@@ -1254,13 +1243,13 @@ def _iter_steps(client: Client, request: _Request,
                                         step, request)
         yield Chunk("finish", finish_reason=record.finish_reason, usage=record.usage, step=step)
         finish = record.finish_reason
-        run = bool(record.tool_calls and request.tools and finish != "length"
-                   and step < request.max_steps)
+        wanted = bool(record.tool_calls and request.tools and finish != "length")
+        run = wanted and step < request.max_steps
         results = yield from _iter_tool_calls(record, step, run, request, messages, client._note)
         steps.append(replace(record, tool_results=results))
         if run:
             continue
-        if record.tool_calls and request.tools and step >= request.max_steps and finish != "length":
+        if wanted:  # and the budget is spent
             finish = "max_steps"
         elif request.schema is not None and not record.refusal:
             problem, data = _read_answer(record.text, request, client._note)
@@ -1270,7 +1259,8 @@ def _iter_steps(client: Client, request: _Request,
                         f"the answer does not match the schema: {problem}",
                         partial_text=record.text))
                 repairs += 1
-                messages.append({"role": "user", "content": _repair_prompt(problem)})
+                messages.append({"role": "user", "content": "That answer does not match the JSON "
+                                 f"Schema: {problem}. Answer again with the corrected JSON only."})
                 continue
         break
     outcome.append(_result(steps, finish, messages, data))
@@ -1298,7 +1288,7 @@ def _iter_tool_calls(record: Step, step: int, run: bool, request: _Request,
 def _check_async_tools(tools: Mapping[str, Tool]) -> None:
     """ConfigError naming a coroutine-function tool when this thread runs an event
     loop: asyncio.run() cannot run it there, and nothing must be sent in vain."""
-    names = [t.name for t in tools.values() if t._is_async]
+    names = [t.name for t in tools.values() if inspect.iscoroutinefunction(t.function)]
     if not names:
         return
     import asyncio  # here, not at the top: only coroutine tools need it (it is slow to import)
@@ -1307,10 +1297,9 @@ def _check_async_tools(tools: Mapping[str, Tool]) -> None:
         asyncio.get_running_loop()
     except RuntimeError:
         return
-    raise ConfigError(f"tool {names[0]!r} is an async def function and this thread runs an "
-                      "event loop, where the synchronous tool loop cannot await it: call "
-                      "generate() from a worker thread (asyncio.to_thread), or give a plain "
-                      "function")
+    raise ConfigError(f"tool {names[0]!r} is an async def function and this thread runs an event "
+                      "loop, where the synchronous tool loop cannot await it: call generate() "
+                      "from a worker thread (asyncio.to_thread), or give a plain function")
 
 
 def _read_answer(text: str, request: _Request, note: Callable[[str], None]
@@ -1325,8 +1314,6 @@ def _read_answer(text: str, request: _Request, note: Callable[[str], None]
     problem = _validate(value, request.schema)
     if problem is not None:
         return problem, None
-    if request.answer_type is None:
-        return None, value
     try:
         return None, _build(value, request.answer_type)
     except (ValueError, TypeError) as exc:  # a pydantic model's own validators
@@ -1376,24 +1363,15 @@ def _json_from_text(text: str) -> Any:
     raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
 
 
-def _repair_prompt(problem: str) -> str:
-    return (f"That answer does not match the JSON Schema: {problem}. Answer again with "
-            "the corrected JSON only.")
-
-
 def _assistant_message(record: Step, *, with_calls: bool) -> dict[str, Any]:
     # content "" rather than null: llama-cpp-python rejects null (500), Ollama takes
     # null only with tool_calls, llama.cpp/OpenAI/vLLM/LiteLLM take "".
     message: dict[str, Any] = {"role": "assistant", "content": record.text}
     if with_calls and record.tool_calls:
         message["tool_calls"] = [
-            {
-                **call.raw,
-                "id": call.id,
-                "type": "function",
-                # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
-                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
-            }
+            {**call.raw, "id": call.id, "type": "function",
+             # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
+             "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
             for call in record.tool_calls
         ]
     return message
@@ -1448,15 +1426,14 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
                     note("tool call index reused for another call")
                 call = _PartialCall(call_id)
                 calls.append(call)
-                if call_id:
-                    by_id[call_id] = call
+                by_id[call_id] = call  # by_id[""] is never looked up
             if index is not None:
                 by_index[index] = call
         _add_fragment(call, fragment, note)
-    indexes = [i for i in by_index if isinstance(i, int)]
-    if streamed and indexes and min(indexes) > 0:
+    first = min((i for i in by_index if isinstance(i, int)), default=0)
+    if streamed and first > 0:
         # Quirk(Anthropic-compat, LiteLLM -> Bedrock): the index is a key, not a position.
-        note(f"tool call index starting at {min(indexes)}")
+        note(f"tool call index starting at {first}")
     return _finish_calls(calls, note)
 
 
@@ -1508,23 +1485,20 @@ def _finish_calls(calls: list[_PartialCall], note: Callable[[str], None]) -> lis
                 call.id = "".join(random.choices(_ID_ALPHABET, k=9))
             taken.add(call.id)
         raw = "".join(call.parts)
-        name = call.name
         arguments, error = _parse_arguments(raw, note)
-        if not name and isinstance(arguments.get("function"), dict):
+        if not call.name and isinstance(arguments.get("function"), dict):
             # Quirk(TGI < 3.2): no name; the raw grammar output wraps the arguments as
             # {"function": {"_name": "get_weather", ...}} (plus a special token).
             note("tool name inside the arguments (_name)")
             arguments = dict(arguments["function"])
-            name = str(arguments.pop("_name", ""))
-        done.append(ToolCall(call.id, name, arguments, raw, error, call.extra))
+            call.name = str(arguments.pop("_name", ""))
+        done.append(ToolCall(call.id, call.name, arguments, raw, error, call.extra))
     return done
 
 
 def _parse_arguments(raw: str, note: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
     """A call's arguments as a dict, and why they could not be read (or None)."""
-    text = raw.strip()
-    if not text:
-        return {}, None
+    text = raw.strip() or "{}"  # no arguments at all: an empty object
     try:
         value = json.loads(text)
     except ValueError as exc:
@@ -1561,14 +1535,13 @@ def _is_json(text: str) -> bool:
 def _execute(call: ToolCall, tools: Mapping[str, Tool], note: Callable[[str], None]
              ) -> ToolResult:
     """Run one call; any failure becomes the error the model reads, never an exception."""
-    found = tools.get(call.name)
     if call.error:
         error = f"{call.error}; received: {call.raw_arguments[:500]!r}"
-    elif found is None:
+    elif call.name not in tools:
         error = f"unknown tool {call.name!r}; available tools: {', '.join(tools) or 'none'}"
     else:
         try:
-            value = _run_tool(found, call.arguments, note)
+            value = _run_tool(tools[call.name], call.arguments, note)
         except Exception as exc:  # noqa: BLE001 - any tool failure goes back to the model
             _log.debug("tool %s raised %r", call.name, exc)
             error = f"{type(exc).__name__}: {exc}"
@@ -1599,9 +1572,8 @@ def _run_tool(t: Tool, arguments: dict[str, Any], note: Callable[[str], None]) -
     problem = _validate(arguments, t.parameters)
     if problem:
         raise ValueError(problem)
-    value = t.function(**{n: _build(v, t.hints[n]) if n in t.hints else v
-                          for n, v in arguments.items()})
-    if t._is_async:
+    value = t.function(**{n: _build(v, t.hints.get(n, Any)) for n, v in arguments.items()})
+    if inspect.iscoroutinefunction(t.function):
         import asyncio  # see _check_async_tools
 
         return asyncio.run(value)
@@ -1624,7 +1596,7 @@ def _tool_content(value: Any) -> str:
 def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]],
             data: Any = None) -> Result:
     usages = [s.usage for s in steps if s.usage is not None]
-    last = steps[-1] if steps else Step()
+    last = steps[-1]  # _iter_steps makes one model call at least
     return Result(last.text, last.reasoning, last.refusal, data, steps,
                   [c for s in steps for c in s.tool_calls],
                   [r for s in steps for r in s.tool_results], finish,
@@ -1657,10 +1629,9 @@ class Tool:
     # member, a dataclass or pydantic instance, an int). Empty for a Tool made by hand: its
     # arguments are checked against its schema and passed as they came.
     hints: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    # Read from the function once, here, not on every call: whether it takes **kwargs
-    # (so that names its schema lacks may pass), and whether it is a coroutine function.
+    # Read from the function's signature once, here, not on every call (it is slow):
+    # whether it takes **kwargs, so that names its schema lacks may pass.
     _takes_any: bool = field(default=True, init=False, repr=False, compare=False)
-    _is_async: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _TOOL_NAME.match(self.name):
@@ -1675,7 +1646,6 @@ class Tool:
             except (TypeError, ValueError):
                 takes_any = True
             object.__setattr__(self, "_takes_any", takes_any)
-            object.__setattr__(self, "_is_async", inspect.iscoroutinefunction(self.function))
 
 
 def tool(func: Callable[..., Any] | None = None, *, name: str | None = None,
@@ -1697,9 +1667,8 @@ def _as_tools(tools: object) -> list[Tool]:
     {"description", "parameters", "execute"}, or a list mixing them."""
     if not tools:
         return []
-    items = tools if isinstance(tools, (list, tuple)) else [tools]
     out: list[Tool] = []
-    for position, item in enumerate(items):
+    for position, item in enumerate(tools if isinstance(tools, (list, tuple)) else [tools]):
         if isinstance(item, Tool):
             out.append(item)
         elif isinstance(item, dict):
@@ -1731,11 +1700,10 @@ def _tool_from_entry(name: object, value: object) -> Tool:
     return Tool(str(name), str(value.get("description") or ""), parameters, execute)
 
 
-def _tool_spec(definition: Tool) -> dict[str, Any]:
+def _tool_spec(t: Tool) -> dict[str, Any]:
     """The request form of a tool."""
-    return {"type": "function", "function": {"name": definition.name,
-                                             "description": definition.description,
-                                             "parameters": definition.parameters}}
+    return {"type": "function", "function": {"name": t.name, "description": t.description,
+                                             "parameters": t.parameters}}
 
 
 def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) -> Tool:
@@ -1749,25 +1717,21 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
         signature = inspect.signature(func)
     except (NameError, TypeError, ValueError) as exc:
         raise ConfigError(f"tool {tool_name!r}: cannot read its signature ({exc})") from None
-    properties: dict[str, Any] = {}
-    required: list[str] = []
-    annotations: dict[str, Any] = {}
-    defs: dict[str, Any] = {}
-    for param in signature.parameters.values():
-        if param.kind is param.VAR_KEYWORD:
-            continue  # **kwargs accepts whatever else the model sends
+    # **kwargs is left out: it accepts whatever else the model sends.
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    for param in params:
         if param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
             raise ConfigError(f"tool {tool_name!r}: parameter {param.name!r} cannot be passed "
                               "by keyword")
-        where = f"tool {tool_name!r}, parameter {param.name!r}"
-        annotation = annotations[param.name] = hints.get(param.name, Any)
-        schema = _schema(annotation, where, parameter=True, defs=defs)
-        if "description" not in schema and param.name in arg_docs:
-            schema["description"] = arg_docs[param.name]
-        if param.default is param.empty:
-            required.append(param.name)
-        properties[param.name] = schema
-    parameters = {"type": "object", "properties": properties, "required": required}
+    annotations = {p.name: hints.get(p.name, Any) for p in params}
+    defs: dict[str, Any] = {}
+    properties = {key: _schema(hint, f"tool {tool_name!r}, parameter {key!r}", parameter=True,
+                               defs=defs) for key, hint in annotations.items()}
+    for key, schema in properties.items():
+        if key in arg_docs:  # Annotated[T, "..."] wins over the docstring
+            schema.setdefault("description", arg_docs[key])
+    parameters = {"type": "object", "properties": properties,
+                  "required": [p.name for p in params if p.default is p.empty]}
     if defs:
         parameters["$defs"] = defs
     return Tool(tool_name, marked_description or summary, parameters, func, annotations)
@@ -1799,15 +1763,13 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
     """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin is typing.Annotated:
+    if origin is typing.Annotated or origin in _KEY_MARKS:  # Required[T] etc. hold T alone
         inner = _schema(args[0], where, parameter=parameter, seen=seen, defs=defs)
         notes = [a for a in args[1:] if isinstance(a, str)]
         if notes:
             inner["description"] = notes[0]
         return inner
-    if origin in _KEY_MARKS:
-        return _schema(args[0], where, seen=seen, defs=defs)
-    if annotation is Any or annotation is inspect.Parameter.empty:
+    if annotation is Any:
         return {}
     if origin in (Union, types.UnionType):
         options = [_schema(a, where, parameter=parameter, seen=seen, defs=defs)
@@ -1843,17 +1805,15 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
 
 def _is_model(annotation: Any) -> bool:
     """A pydantic (v2) model class, known by its methods: pydantic is never imported."""
-    return (isinstance(annotation, type) and callable(getattr(annotation, "model_json_schema",
-                                                              None))
-            and callable(getattr(annotation, "model_validate", None)))
+    return isinstance(annotation, type) and all(
+        callable(getattr(annotation, name, None)) for name in ("model_json_schema", "model_validate"))
 
 
 def _model_schema(model: Any, where: str, defs: dict[str, Any] | None) -> dict[str, Any]:
     try:
         schema = dict(model.model_json_schema())
     except Exception as exc:  # noqa: BLE001 - whatever pydantic raises, name the model
-        raise ConfigError(f"{where}: {model.__name__}.model_json_schema() failed "
-                          f"({exc})") from None
+        raise ConfigError(f"{where}: {model.__name__}.model_json_schema() failed ({exc})") from None
     if defs is not None:
         for name, sub in schema.pop("$defs", {}).items():
             if defs.setdefault(name, sub) != sub:
@@ -1863,25 +1823,21 @@ def _model_schema(model: Any, where: str, defs: dict[str, Any] | None) -> dict[s
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
     """The summary (text before a blank line or Args:) and the Args: descriptions."""
-    summary_lines: list[str] = []
-    for line in doc.splitlines():
-        if not line.strip() or line.strip().rstrip(":") in ("Args", "Arguments", "Parameters"):
-            break
-        summary_lines.append(line.strip())
+    summary = itertools.takewhile(
+        lambda line: line and line.rstrip(":") not in ("Args", "Arguments", "Parameters"),
+        [line.strip() for line in doc.splitlines()])
     args: dict[str, str] = {}
     section = re.search(r"^(?:Args|Arguments|Parameters):\s*\n((?:[ \t]+.*\n?|\s*\n)*)", doc,
                         re.MULTILINE)
-    if section:
-        current: str | None = None
-        indent = 0
-        for line in section.group(1).splitlines():
-            match = re.match(r"^\s{1,8}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$", line)
-            if match and (current is None or len(line) - len(line.lstrip()) <= indent):
-                current, indent = match.group(1), len(line) - len(line.lstrip())
-                args[current] = match.group(2).strip()
-            elif current and line.strip():
-                args[current] = (args[current] + " " + line.strip()).strip()
-    return " ".join(summary_lines), args
+    current, indent = "", 0  # the argument being described ("": none yet), its line's indent
+    for line in section.group(1).splitlines() if section else []:
+        match = re.match(r"^\s{1,8}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$", line)
+        if match and (not current or len(line) - len(line.lstrip()) <= indent):
+            current, indent = match.group(1), len(line) - len(line.lstrip())
+            args[current] = match.group(2).strip()
+        elif current and line.strip():
+            args[current] = (args[current] + " " + line.strip()).strip()
+    return " ".join(summary), args
 
 
 def _is_record(annotation: Any) -> bool:
@@ -1941,9 +1897,8 @@ def _build(value: Any, annotation: Any) -> Any:
         return None
     if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(options) > 1:  # the first option the value fits
-            options = [a for a in options if _validate(value, _root_schema(a, "")) is None] or [
-                Any]
+        if len(options) > 1:  # the first option the value fits, else Any: the value as it is
+            options = [*(a for a in options if _validate(value, _root_schema(a, "")) is None), Any]
         return _build(value, options[0])
     if annotation is int and isinstance(value, float):
         return int(value)  # JSON Schema counts 3.0 as an integer; the function wants 3
