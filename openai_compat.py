@@ -2256,8 +2256,7 @@ def _any_of(run: _Run, value: Any, arg: Any, schema: Any, path: str, one: bool =
     if matched:
         return None if len(matched) == 1 else (
             f"{path}: must match one schema of oneOf, matched {' and '.join(matched)}")
-    fits = [p for option, p in zip(arg, problems)
-            if _kinds(option) and _type(run, value, None, option, path) is None]
+    fits = [p for option, p in zip(arg, problems) if _type(run, value, None, option, path) is None]
     if fits or not all(map(_kinds, arg)):
         return (fits or problems)[0]
     allowed = [*dict.fromkeys(kind for option in arg for kind in _kinds(option))]
