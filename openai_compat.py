@@ -2343,22 +2343,23 @@ def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
     additionalProperties, prefixItems and items. `value` itself is not changed.
     """
     try:
-        return _prune(value, [schema], _Run(schema))
+        pruned = _prune(value, [schema], _Run(schema))
+        # The copy differs from `value` if and only if a null was dropped (a NaN is no
+        # difference: == on containers compares by `is` first).
+        return pruned, pruned != value
     except (LookupError, RecursionError):
         return value, False
 
 
-def _prune(value: Any, schemas: list[Any], run: _Run) -> tuple[Any, bool]:
-    """_prune_nulls below the root: `value` and the schemas that describe it."""
+def _prune(value: Any, schemas: list[Any], run: _Run) -> Any:
+    """_prune_nulls below the root: `value` (a copy) and the schemas that describe it."""
     if not isinstance(value, (list, dict)):
-        return value, False
+        return value
     found = list(_described(schemas, run, {}).values())
     keys = range(len(value)) if isinstance(value, list) else [
         key for key, item in value.items() if item is not None or not _left_out(key, found, run)]
-    inner = {key: _prune(value[key], [_inner(s, key) for s in found], run) for key in keys}
-    pruned = [item for item, _ in inner.values()] if isinstance(value, list) else {
-        key: item for key, (item, _) in inner.items()}
-    return pruned, len(inner) < len(value) or any(changed for _, changed in inner.values())
+    pruned = {key: _prune(value[key], [_inner(s, key) for s in found], run) for key in keys}
+    return [*pruned.values()] if isinstance(value, list) else pruned
 
 
 def _described(schemas: list[Any], run: _Run, found: dict[int, Any]) -> dict[int, Any]:
