@@ -2148,8 +2148,7 @@ def _type(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None
 
 def _options(arg: list[Any]) -> str:
     """An enum's values for a message: the first _MAX_OPTIONS of them."""
-    more = ", ..." if len(arg) > _MAX_OPTIONS else ""
-    return ", ".join(map(_short, arg[:_MAX_OPTIONS])) + more
+    return ", ".join(map(_short, arg[:_MAX_OPTIONS])) + ", ..." * (len(arg) > _MAX_OPTIONS)
 
 
 def _required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
