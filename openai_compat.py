@@ -1973,20 +1973,29 @@ def _vet_schema(schema: Any, where: str) -> None:
     $id below the root, a $ref that is not a pointer into the schema or does not
     resolve), a regex Python cannot compile, a value of the wrong shape. Walks every
     subschema, $defs and $ref targets included; raises nothing else."""
-    todo, seen = [schema], set()
+    # Below the root, _SHAPES and _pointer let only objects and booleans through.
+    if not isinstance(schema, (dict, bool)):
+        raise ConfigError(f"{where}: a JSON Schema is an object or a boolean, got "
+                          f"{_describe(schema)}")
+    _walk([schema], functools.partial(_vet_node, root=schema, where=where))
+
+
+def _walk(schemas: list[Any], inner: Callable[[dict[str, Any]], Iterable[Any]]
+          ) -> list[dict[str, Any]]:
+    """The object schemas among `schemas` and those `inner` finds in them, each once (by
+    id), depth first in document order; a loop, not recursion, as a schema may nest
+    deeper than Python recurses."""
+    todo, found = [*reversed(schemas)], {}
     while todo:
         node = todo.pop()
-        if not isinstance(node, bool) and id(node) not in seen:
-            seen.add(id(node))
-            todo.extend(reversed(_vet_node(node, schema, where)))
+        if isinstance(node, dict) and id(node) not in found:
+            found[id(node)] = node
+            todo.extend(reversed([*inner(node)]))
+    return [*found.values()]
 
 
-def _vet_node(node: Any, root: Any, where: str) -> list[Any]:
-    """Vet one schema's own keywords; return its subschemas (and $ref target)."""
-    if not isinstance(node, dict):
-        raise ConfigError(f"{where}: a JSON Schema is an object or a boolean, got "
-                          f"{_describe(node)}")
-    inner: list[Any] = []
+def _vet_node(node: dict[str, Any], root: Any, where: str) -> Iterator[Any]:
+    """Vet one schema's own keywords, yielding its subschemas (and $ref target)."""
     for keyword, arg in node.items():
         shape = _KEYWORDS.get(keyword, _ANNOTATION)[0]
         try:
@@ -1997,14 +2006,14 @@ def _vet_node(node: Any, root: Any, where: str) -> list[Any]:
                 raise LookupError(f"cannot be {_short(arg)} (see JSON Schema 2020-12)")
             for pattern in {"pattern": [arg], "patternProperties": arg}.get(keyword, ()):
                 _regex(pattern)
-            inner += [_pointer(root, arg)] if keyword == "$ref" else []
+            if keyword == "$ref":
+                yield _pointer(root, arg)
         except (LookupError, re.error, OverflowError, RecursionError, ValueError) as exc:
             why = exc if isinstance(exc, LookupError) else (
                 f"holds a regex Python cannot use ({exc})")
             raise ConfigError(f"{where}: JSON Schema keyword {keyword!r} {why}") from None
-        inner += ([arg] if shape == "schema" else arg if shape == "schemas"
-                  else list(arg.values()) if shape == "map" else [])
-    return inner
+        yield from ([arg] if shape == "schema" else arg if shape == "schemas"
+                    else arg.values() if shape == "map" else ())
 
 
 def _pointer(root: Any, ref: str) -> Any:
@@ -2075,8 +2084,7 @@ def _type(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None
 
 def _options(arg: list[Any]) -> str:
     """An enum's values for a message: the first _MAX_OPTIONS of them."""
-    more = ", ..." if len(arg) > _MAX_OPTIONS else ""
-    return ", ".join(map(_short, arg[:_MAX_OPTIONS])) + more
+    return ", ".join(map(_short, arg[:_MAX_OPTIONS])) + ", ..." * (len(arg) > _MAX_OPTIONS)
 
 
 def _required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
@@ -2183,8 +2191,7 @@ def _any_of(run: _Run, value: Any, arg: Any, schema: Any, path: str, one: bool =
     if matched:
         return None if len(matched) == 1 else (
             f"{path}: must match one schema of oneOf, matched {' and '.join(matched)}")
-    fits = [p for option, p in zip(arg, problems)
-            if _kinds(option) and _type(run, value, None, option, path) is None]
+    fits = [p for option, p in zip(arg, problems) if _type(run, value, None, option, path) is None]
     if fits or not all(map(_kinds, arg)):
         return (fits or problems)[0]
     allowed = [*dict.fromkeys(kind for option in arg for kind in _kinds(option))]
@@ -2271,34 +2278,30 @@ def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
     additionalProperties, prefixItems and items. `value` itself is not changed.
     """
     try:
-        return _prune(value, [schema], _Run(schema))
+        pruned = _prune(value, [schema], _Run(schema))
+        # The copy differs from `value` if and only if a null was dropped (a NaN is no
+        # difference: == on containers compares by `is` first).
+        return pruned, pruned != value
     except (LookupError, RecursionError):
         return value, False
 
 
-def _prune(value: Any, schemas: list[Any], run: _Run) -> tuple[Any, bool]:
-    """_prune_nulls below the root: `value` and the schemas that describe it."""
+def _prune(value: Any, schemas: list[Any], run: _Run) -> Any:
+    """_prune_nulls below the root: `value` (a copy) and the schemas that describe it."""
     if not isinstance(value, (list, dict)):
-        return value, False
-    found = list(_described(schemas, run, {}).values())
+        return value
+    found = _walk(schemas, functools.partial(_in_place, root=run.root))
     keys = range(len(value)) if isinstance(value, list) else [
         key for key, item in value.items() if item is not None or not _left_out(key, found, run)]
-    inner = {key: _prune(value[key], [_inner(s, key) for s in found], run) for key in keys}
-    pruned = [item for item, _ in inner.values()] if isinstance(value, list) else {
-        key: item for key, (item, _) in inner.items()}
-    return pruned, len(inner) < len(value) or any(changed for _, changed in inner.values())
+    pruned = {key: _prune(value[key], [_inner(s, key) for s in found], run) for key in keys}
+    return [*pruned.values()] if isinstance(value, list) else pruned
 
 
-def _described(schemas: list[Any], run: _Run, found: dict[int, Any]) -> dict[int, Any]:
-    """The schemas that apply to a value in place: these, their $ref targets and the
-    branches of their allOf, anyOf and oneOf, each once (by id)."""
-    for schema in schemas:
-        if isinstance(schema, dict) and id(schema) not in found:
-            found[id(schema)] = schema
-            refs = [_pointer(run.root, schema["$ref"])] if "$ref" in schema else []
-            _described([*schema.get("allOf", ()), *schema.get("anyOf", ()),
-                        *schema.get("oneOf", ()), *refs], run, found)
-    return found
+def _in_place(schema: dict[str, Any], root: Any) -> list[Any]:
+    """The schemas that apply where `schema` does: its $ref target and the branches of
+    its allOf, anyOf and oneOf."""
+    refs = [_pointer(root, schema["$ref"])] if "$ref" in schema else []
+    return [*schema.get("allOf", ()), *schema.get("anyOf", ()), *schema.get("oneOf", ()), *refs]
 
 
 def _left_out(key: str, found: list[dict[str, Any]], run: _Run) -> bool:
