@@ -2576,8 +2576,7 @@ class _Lines:
 
     note: Callable[[str], None]
     limit: int = _MAX_EVENT_BYTES
-    tail: list[bytes] = field(default_factory=list)  # the unfinished last line, in pieces
-    tail_size: int = 0
+    tail: bytearray = field(default_factory=bytearray)  # the unfinished last line
     open_size: int = 0  # bytes of the event under way, before the tail
     skip_lf: bool = False  # the last chunk ended in a CR
     head: bytes | None = b""  # the first bytes, until they tell whether a BOM came
@@ -2594,58 +2593,50 @@ class _Lines:
         if (self.plain and chunk.find(b"\n") == last - 1 and chunk[last] == 10
                 and last < self.limit and chunk.isascii() and chunk.startswith(b"data")):
             return chunk  # one data line and its blank line: nothing to mend
-        self.plain = False
+        # The long way sets `plain` again at its end (False while the head is undecided).
         if self.head is not None:
             chunk, self.head = self.head + chunk, None
             if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
-                self.head, chunk = chunk, b""  # too few bytes yet to tell
-            elif chunk.startswith(_BOM):
+                self.head = chunk  # too few bytes yet to tell
+                return b""
+            if chunk.startswith(_BOM):
                 self.note("BOM before the first event")
                 chunk = chunk[len(_BOM):]
-        if self.skip_lf and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-        self.skip_lf = False
+        if self.skip_lf:
+            chunk = chunk.removeprefix(b"\n")
+        # A CR at the end may be half of a CRLF: emit it as LF now (no delay for CR-only
+        # servers) and drop an LF that starts the next chunk.
+        self.skip_lf = chunk[-1:] == b"\r"
         if b"\r" in chunk:
             # Quirk(sse-starlette, Azure, proxies): OpenAI ends lines with LF alone.
             self.note("CR or CRLF line endings in streams")
-            # A CR at the end may be half of a CRLF: emit it as LF now (no delay for
-            # CR-only servers) and drop an LF that starts the next chunk.
-            self.skip_lf = chunk[-1:] == b"\r"
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         cut = chunk.rfind(b"\n") + 1
-        if not cut:
-            self.tail.append(chunk)
-            self.tail_size += len(chunk)
-            if self.open_size + self.tail_size > self.limit:
-                raise self._too_large()
-            return b""
-        tail = self.tail
-        block = b"".join([*tail, chunk[:cut]]) if tail else chunk[:cut]
-        self.tail = [chunk[cut:]] if cut < len(chunk) else []
-        self.tail_size = len(chunk) - cut
-        end = block.rfind(b"\n\n")
-        if end >= 0:
-            if self.open_size + block.find(b"\n\n") > self.limit:
-                raise self._too_large()  # the event that ends in this block
-            self.open_size = len(block) - end - 2
-        elif block[:1] == b"\n":  # the blank line that ends an event opens this block
-            self.open_size = len(block) - 1
-        else:
-            self.open_size += len(block)
-        if self.open_size + self.tail_size > self.limit:
+        block = b""
+        if cut:
+            block = b"".join((self.tail, chunk[:cut])) if self.tail else chunk[:cut]
+            self.tail.clear()
+            # The last blank line in the block; one that opens the block (the line before
+            # ended the last block) is at -1, as rfind says when it finds none.
+            end = block.rfind(b"\n\n")
+            if end >= 0 or block[:1] == b"\n":
+                if self.open_size + block.find(b"\n\n") > self.limit:
+                    raise self._too_large()  # the event that ends in this block
+                self.open_size = len(block) - end - 2
+            else:
+                self.open_size += len(block)
+        self.tail += chunk[cut:]
+        if self.open_size + len(self.tail) > self.limit:
             raise self._too_large()
         self.plain = not (self.tail or self.open_size or self.skip_lf)
         return block if block.isascii() and b"error:" not in block else self._odd(block)
 
     def flush(self) -> bytes:
-        """At EOF: the partial last line, terminated (once); then b""."""
-        if self.head:
-            self.tail.append(self.head)  # fewer bytes than a BOM came in all
-        self.head = None
-        if not self.tail:
-            return b""
-        block, self.tail = b"".join(self.tail) + b"\n", []
-        return self._odd(block)
+        """At EOF: the partial last line (or fewer bytes than a BOM, all that came),
+        terminated (once); then b""."""
+        block = b"".join((self.head or b"", self.tail))
+        self.head, self.tail = None, bytearray()
+        return self._odd(block + b"\n") if block else b""
 
     def _too_large(self) -> StreamError:
         return StreamError(f"one stream event is larger than {self.limit} bytes")
