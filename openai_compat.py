@@ -2458,15 +2458,15 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     http.prepare(body, request.schema)
     answer = _Answer(step, note)
     if client._tools_unstreamed and "tools" in body:
-        yield from _ask_whole(client, body, request, answer)
-        return answer.finish()
-    response = _open_stream(http, body, request)
+        return (yield from _ask_whole(client, body, request, answer))
+    body["stream"] = True
+    if "stream_options" not in body and "stream_options" not in http.refused:
+        # Ask for usage; servers that reject the field lose it once.
+        body["stream_options"] = {"include_usage": True}
     seen = False
-    with response:
-        payload = _not_an_event_stream(http, response, request.timeout)
-        if payload is not None:
-            yield from _whole_chunks(client, answer, payload, body.get("model"))
-            return answer.finish()
+    with http.post(body, request.timeout, request.schema) as response:
+        if _not_an_event_stream(http, response):
+            return (yield from _ask_whole(client, body, request, answer, response))
         add = answer.add
         chunks = _body_chunks(response)
         try:
@@ -2493,38 +2493,21 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
             raise _cut_short(exc, answer, http, request.timeout) from None
         if answer.done:
             _drain(response, chunks)
-    _note_model(client, body.get("model"), answer.model)
-    if seen:
-        return _ended(answer, body, http)
-    _note_empty_stream(client, body)
-    yield from _ask_whole(client, body, request, answer)
-    return answer.finish()
+    if not seen:
+        _note_empty_stream(client, body)
+        return (yield from _ask_whole(client, body, request, answer))
+    return _ended(client, answer, body)
 
 
-def _open_stream(http: _Connection, body: dict[str, Any], request: _Request
-                 ) -> requests.Response:
-    body["stream"] = True
-    if "stream_options" not in body and "stream_options" not in http.refused:
-        # Ask for usage; servers that reject the field lose it once.
-        body["stream_options"] = {"include_usage": True}
-    return http.post(body, request.timeout, request.schema)
-
-
-def _not_an_event_stream(http: _Connection, response: requests.Response,
-                         timeout: float) -> Any:
-    """None for an event stream; the JSON document a server sent instead of one; or
-    the classified error an HTML page (a proxy's, a web server's) stands for."""
+def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool:
+    """Whether a stream request was answered with a JSON document instead of events;
+    raises the classified error an HTML page (a proxy's, a web server's) stands for."""
     content_type = response.headers.get("content-type", "").lower()
     if "text/html" in content_type:
         raise http.error_from_body(response.status_code, http.read_text(response))
-    if "json" not in content_type or "event-stream" in content_type:
-        return None
     # Quirk(LM Studio, proxies): one JSON document for a stream request (LM Studio's
     # 200 error for an unknown route, servers ignoring stream).
-    payload = http.read_json(response, timeout)
-    if isinstance(payload, dict) and payload.get("choices"):
-        http.note("one JSON document for a stream request")
-    return {} if payload is None else payload
+    return "json" in content_type and "event-stream" not in content_type
 
 
 def _body_chunks(response: requests.Response) -> Iterable[bytes]:
@@ -2712,8 +2695,10 @@ def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
     return http.redacted(error)
 
 
-def _ended(answer: _Answer, body: dict[str, Any], http: _Connection) -> Step:
+def _ended(client: Client, answer: _Answer, body: dict[str, Any]) -> Step:
     """The Step of a stream that has ended; a StreamError when it was cut short."""
+    http = client._http
+    _note_model(client, body.get("model"), answer.model)
     if not answer.done and answer.finish_reason is None:
         raise http.redacted(StreamError(
             "the stream ended before the answer was finished (no finish_reason, no [DONE])",
@@ -2742,25 +2727,28 @@ def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
                  "streaming%s", " (and for calls with tools from now on)" if tools else "")
 
 
-def _ask_whole(client: Client, body: dict[str, Any], request: _Request,
-               answer: _Answer) -> list[Chunk]:
-    """The Chunks of one model call asked for without streaming (servers send such an
-    answer only once it is complete)."""
-    body.pop("stream", None)
-    body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
-    response = client._http.post(body, request.timeout, request.schema)
+def _ask_whole(client: Client, body: dict[str, Any], request: _Request, answer: _Answer,
+               response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
+    """One model call answered whole: its Chunks, then its Step. Asked for without
+    streaming (servers send such an answer only once it is complete), unless `response`
+    is the JSON document a server sent to a stream request."""
+    http = client._http
+    if response is None:
+        body.pop("stream", None)
+        body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
+        response = http.post(body, request.timeout, request.schema)
     with response:
-        payload = client._http.read_json(response, request.timeout)
-    return _whole_chunks(client, answer, payload, body.get("model"))
-
-
-def _whole_chunks(client: Client, answer: _Answer, payload: Any, asked: Any) -> list[Chunk]:
+        payload = http.read_json(response, request.timeout)
     if isinstance(payload, dict):
-        _note_model(client, asked, payload.get("model"))
+        if "stream" in body and payload.get("choices"):
+            http.note("one JSON document for a stream request")
+        _note_model(client, body.get("model"), payload.get("model"))
     try:
-        return answer.whole(payload)
+        chunks = answer.whole(payload)
     except APIError as exc:
-        raise client._http.redacted(exc) from None
+        raise http.redacted(exc) from None
+    yield from chunks
+    return answer.finish()
 
 
 def _note_model(client: Client, asked: object, answered: object) -> None:
