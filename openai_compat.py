@@ -2576,13 +2576,11 @@ class _Lines:
         if (self.plain and chunk.find(b"\n") == last - 1 and chunk[last] == 10
                 and last < self.limit and chunk.isascii() and chunk.startswith(b"data")):
             return chunk  # one data line and its blank line: nothing to mend
-        # The long way sets `plain` again at its end (False while the head is undecided).
         if self.head is not None:
             chunk, self.head = self.head + chunk, None
             if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
-                self.head = chunk  # too few bytes yet to tell
-                return b""
-            if chunk.startswith(_BOM):
+                self.head, chunk = chunk, b""  # too few bytes yet to tell
+            elif chunk.startswith(_BOM):
                 self.note("BOM before the first event")
                 chunk = chunk[len(_BOM):]
         if self.skip_lf:
@@ -2596,6 +2594,7 @@ class _Lines:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         cut = chunk.rfind(b"\n") + 1
         block = b""
+        ended = 0  # the size of the first event that ends in this block, if one does
         if cut:
             block = b"".join((self.tail, chunk[:cut])) if self.tail else chunk[:cut]
             self.tail.clear()
@@ -2603,15 +2602,14 @@ class _Lines:
             # ended the last block) is at -1, as rfind says when it finds none.
             end = block.rfind(b"\n\n")
             if end >= 0 or block[:1] == b"\n":
-                if self.open_size + block.find(b"\n\n") > self.limit:
-                    raise self._too_large()  # the event that ends in this block
+                ended = self.open_size + block.find(b"\n\n")
                 self.open_size = len(block) - end - 2
             else:
                 self.open_size += len(block)
         self.tail += chunk[cut:]
-        if self.open_size + len(self.tail) > self.limit:
-            raise self._too_large()
-        self.plain = not (self.tail or self.open_size or self.skip_lf)
+        if ended > self.limit or self.open_size + len(self.tail) > self.limit:
+            raise StreamError(f"one stream event is larger than {self.limit} bytes")
+        self.plain = self.head is None and not (self.tail or self.open_size or self.skip_lf)
         return block if block.isascii() and b"error:" not in block else self._odd(block)
 
     def flush(self) -> bytes:
@@ -2620,9 +2618,6 @@ class _Lines:
         block = b"".join((self.head or b"", self.tail))
         self.head, self.tail = None, bytearray()
         return self._odd(block + b"\n") if block else b""
-
-    def _too_large(self) -> StreamError:
-        return StreamError(f"one stream event is larger than {self.limit} bytes")
 
     def _odd(self, block: bytes) -> bytes:
         """A block that is not plain ASCII, or may hold a legacy error line, made into
