@@ -2657,7 +2657,7 @@ def _raise_stream_error(payload: Any, data: str, event: str,
         note("errors in streams as event: error")
     # The form of the body was noted above, as a whole: not each of its fields.
     message, tags = _error_fields({"error": err} if isinstance(err, dict) else payload,
-                                  _unnoted)
+                                  lambda quirk: None)
     message = _trim_message(message or "error event without a message")
     cls = classify_error(f"{message} {tags}")
     if cls is APIError or cls in _NO_RESPONSE_CLASSES:
@@ -2670,10 +2670,6 @@ def _raise_stream_error(payload: Any, data: str, event: str,
         note("error codes as strings of digits")
     raise cls(message, status_code=None if code is None else int(code),
               body=data[:_MAX_ERROR_BODY])
-
-
-def _unnoted(line: str) -> None:
-    """A quirk sink for error bodies inside streams: their form is noted as a whole."""
 
 
 def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
