@@ -2688,18 +2688,17 @@ def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
 
 def _ended(client: Client, answer: _Answer, body: dict[str, Any]) -> Step:
     """The Step of a stream that has ended; a StreamError when it was cut short."""
-    http = client._http
     _note_model(client, body.get("model"), answer.model)
     if not answer.done and answer.finish_reason is None:
-        raise http.redacted(StreamError(
+        raise client._http.redacted(StreamError(
             "the stream ended before the answer was finished (no finish_reason, no [DONE])",
             partial_text="".join(answer.text)))
     if not answer.done:
-        http.note("no [DONE] at the end of streams")
+        client._note("no [DONE] at the end of streams")
     record = answer.finish()
     options = body.get("stream_options")
     if record.usage is None and isinstance(options, dict) and options.get("include_usage"):
-        http.note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
+        client._note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
     return record
 
 
