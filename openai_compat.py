@@ -2709,8 +2709,7 @@ def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
     # raises the classified error. With tools, assume the server cannot stream them
     # and stop trying.
     tools = "tools" in body and not client._tools_unstreamed
-    if tools:
-        client._tools_unstreamed = True
+    client._tools_unstreamed |= tools
     client._note("tool calls only unstreamed" if tools
                  else "empty 200 stream: asked again without streaming")
     _log.warning("the server ended a stream without any event; asking again without "
