@@ -2860,13 +2860,11 @@ class _Answer:
         return chunks
 
     def _content_parts(self, content: Any, raw: Any) -> list[Chunk]:
-        if isinstance(content, str):
-            self.text.append(content)
-            return [_delta_chunk("text", content, self.step, raw)]
+        if not isinstance(content, str):
+            # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
+            # parts hold reasoning as a nested list of text parts.
+            self.note("content as a list of parts")
         chunks = []
-        # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
-        # parts hold reasoning as a nested list of text parts.
-        self.note("content as a list of parts")
         for part in content if isinstance(content, list) else [content]:
             part = {"text": part} if isinstance(part, str) else part
             thinking = isinstance(part, dict) and part.get("type") in ("thinking", "reasoning")
