@@ -2806,10 +2806,9 @@ class _Answer:
             return None
         choice = choices[0]
         if len(choices) > 1 or choice.__class__ is not dict or choice.get("index"):
-            # Quirk(OpenAI and vLLM with n > 1): choices interleave; follow index 0.
-            choice = _choice_zero(choices)
-            if choice is None:
-                return None
+            # Quirk(OpenAI and vLLM with n > 1): choices interleave; follow index 0. None
+            # of them: an empty choice, which yields nothing.
+            choice = _choice_zero(choices) or {}
         delta = choice.get("delta") or choice.get("message")
         content = delta.get("content") if delta.__class__ is dict else None
         if content.__class__ is str and (len(delta) == 1 or _TEXT_DELTA.issuperset(delta)):
