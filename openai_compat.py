@@ -2835,14 +2835,12 @@ class _Answer:
             reasoning = delta.get(key)
             if reasoning and isinstance(reasoning, str):
                 self.note(f"reasoning in {key}")
-                self.reasoning.append(reasoning)
-                chunks.append(_delta_chunk("reasoning", reasoning, self.step, raw))
+                chunks.append(self._keep("reasoning", reasoning, raw))
                 break
         refusal = delta.get("refusal")
         if refusal and isinstance(refusal, str):
             # OpenAI's structured refusal: shown like text, kept apart from the answer.
-            self.refusal.append(refusal)
-            chunks.append(_delta_chunk("refusal", refusal, self.step, raw))
+            chunks.append(self._keep("refusal", refusal, raw))
         # Quirk(llama-cpp-python): a legacy function_call beside tool_calls with the
         # same content; used only when no tool_calls come with it (as the one call).
         calls = delta.get("tool_calls")
@@ -2871,10 +2869,14 @@ class _Answer:
             if isinstance(text, list):
                 text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
             if text and isinstance(text, str):
-                (self.reasoning if thinking else self.text).append(text)
-                chunks.append(_delta_chunk("reasoning" if thinking else "text", text,
-                                           self.step, raw))
+                chunks.append(self._keep("reasoning" if thinking else "text", text, raw))
         return chunks
+
+    def _keep(self, kind: ChunkType, text: str, raw: Any) -> Chunk:
+        """A piece of text, reasoning or refusal added to the list of that name; its
+        Chunk."""
+        getattr(self, kind).append(text)
+        return _delta_chunk(kind, text, self.step, raw)
 
     def odd_data(self, data: str) -> str:
         """An event's data that does not start with "{": "" for [DONE] (then `done`)
