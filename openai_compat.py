@@ -2673,9 +2673,10 @@ def _raise_stream_error(payload: Any, data: str, event: str,
 
 
 def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
-               timeout: float) -> APIError:
+               timeout: float | None = None) -> APIError:
     """The error of a stream that failed after its answer began (never retried: the
-    caller has seen part of it), keeping the text that had arrived."""
+    caller has seen part of it), keeping the text that had arrived. `timeout`: the
+    request's, for a transport error."""
     if isinstance(exc, APIError):
         error = exc
     elif isinstance(exc, (ValueError, RecursionError)):
@@ -2690,9 +2691,8 @@ def _ended(client: Client, answer: _Answer, body: dict[str, Any]) -> Step:
     """The Step of a stream that has ended; a StreamError when it was cut short."""
     _note_model(client, body.get("model"), answer.model)
     if not answer.done and answer.finish_reason is None:
-        raise client._http.redacted(StreamError(
-            "the stream ended before the answer was finished (no finish_reason, no [DONE])",
-            partial_text="".join(answer.text)))
+        raise _cut_short(StreamError("the stream ended before the answer was finished "
+                                     "(no finish_reason, no [DONE])"), answer, client._http)
     if not answer.done:
         client._note("no [DONE] at the end of streams")
     record = answer.finish()
