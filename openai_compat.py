@@ -2388,15 +2388,15 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     http.prepare(body, request.schema)
     answer = _Answer(step, note)
     if client._tools_unstreamed and "tools" in body:
-        yield from _ask_whole(client, body, request, answer)
-        return answer.finish()
-    response = _open_stream(http, body, request)
+        return (yield from _ask_whole(client, body, request, answer))
+    body["stream"] = True
+    if "stream_options" not in body and "stream_options" not in http.refused:
+        # Ask for usage; servers that reject the field lose it once.
+        body["stream_options"] = {"include_usage": True}
     seen = False
-    with response:
-        payload = _not_an_event_stream(http, response, request.timeout)
-        if payload is not None:
-            yield from _whole_chunks(client, answer, payload, body.get("model"))
-            return answer.finish()
+    with http.post(body, request.timeout, request.schema) as response:
+        if _not_an_event_stream(http, response):
+            return (yield from _ask_whole(client, body, request, answer, response))
         add = answer.add
         chunks = _body_chunks(response)
         try:
@@ -2423,38 +2423,21 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
             raise _cut_short(exc, answer, http, request.timeout) from None
         if answer.done:
             _drain(response, chunks)
-    _note_model(client, body.get("model"), answer.model)
-    if seen:
-        return _ended(answer, body, http)
-    _note_empty_stream(client, body)
-    yield from _ask_whole(client, body, request, answer)
-    return answer.finish()
+    if not seen:
+        _note_empty_stream(client, body)
+        return (yield from _ask_whole(client, body, request, answer))
+    return _ended(client, answer, body)
 
 
-def _open_stream(http: _Connection, body: dict[str, Any], request: _Request
-                 ) -> requests.Response:
-    body["stream"] = True
-    if "stream_options" not in body and "stream_options" not in http.refused:
-        # Ask for usage; servers that reject the field lose it once.
-        body["stream_options"] = {"include_usage": True}
-    return http.post(body, request.timeout, request.schema)
-
-
-def _not_an_event_stream(http: _Connection, response: requests.Response,
-                         timeout: float) -> Any:
-    """None for an event stream; the JSON document a server sent instead of one; or
-    the classified error an HTML page (a proxy's, a web server's) stands for."""
+def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool:
+    """Whether a stream request was answered with a JSON document instead of events;
+    raises the classified error an HTML page (a proxy's, a web server's) stands for."""
     content_type = response.headers.get("content-type", "").lower()
     if "text/html" in content_type:
         raise http.error_from_body(response.status_code, http.read_text(response))
-    if "json" not in content_type or "event-stream" in content_type:
-        return None
     # Quirk(LM Studio, proxies): one JSON document for a stream request (LM Studio's
     # 200 error for an unknown route, servers ignoring stream).
-    payload = http.read_json(response, timeout)
-    if isinstance(payload, dict) and payload.get("choices"):
-        http.note("one JSON document for a stream request")
-    return {} if payload is None else payload
+    return "json" in content_type and "event-stream" not in content_type
 
 
 def _body_chunks(response: requests.Response) -> Iterable[bytes]:
@@ -2506,8 +2489,7 @@ class _Lines:
 
     note: Callable[[str], None]
     limit: int = _MAX_EVENT_BYTES
-    tail: list[bytes] = field(default_factory=list)  # the unfinished last line, in pieces
-    tail_size: int = 0
+    tail: bytearray = field(default_factory=bytearray)  # the unfinished last line
     open_size: int = 0  # bytes of the event under way, before the tail
     skip_lf: bool = False  # the last chunk ended in a CR
     head: bytes | None = b""  # the first bytes, until they tell whether a BOM came
@@ -2524,7 +2506,6 @@ class _Lines:
         if (self.plain and chunk.find(b"\n") == last - 1 and chunk[last] == 10
                 and last < self.limit and chunk.isascii() and chunk.startswith(b"data")):
             return chunk  # one data line and its blank line: nothing to mend
-        self.plain = False
         if self.head is not None:
             chunk, self.head = self.head + chunk, None
             if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
@@ -2532,53 +2513,41 @@ class _Lines:
             elif chunk.startswith(_BOM):
                 self.note("BOM before the first event")
                 chunk = chunk[len(_BOM):]
-        if self.skip_lf and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-        self.skip_lf = False
+        if self.skip_lf:
+            chunk = chunk.removeprefix(b"\n")
+        # A CR at the end may be half of a CRLF: emit it as LF now (no delay for CR-only
+        # servers) and drop an LF that starts the next chunk.
+        self.skip_lf = chunk[-1:] == b"\r"
         if b"\r" in chunk:
             # Quirk(sse-starlette, Azure, proxies): OpenAI ends lines with LF alone.
             self.note("CR or CRLF line endings in streams")
-            # A CR at the end may be half of a CRLF: emit it as LF now (no delay for
-            # CR-only servers) and drop an LF that starts the next chunk.
-            self.skip_lf = chunk[-1:] == b"\r"
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         cut = chunk.rfind(b"\n") + 1
-        if not cut:
-            self.tail.append(chunk)
-            self.tail_size += len(chunk)
-            if self.open_size + self.tail_size > self.limit:
-                raise self._too_large()
-            return b""
-        tail = self.tail
-        block = b"".join([*tail, chunk[:cut]]) if tail else chunk[:cut]
-        self.tail = [chunk[cut:]] if cut < len(chunk) else []
-        self.tail_size = len(chunk) - cut
-        end = block.rfind(b"\n\n")
-        if end >= 0:
-            if self.open_size + block.find(b"\n\n") > self.limit:
-                raise self._too_large()  # the event that ends in this block
-            self.open_size = len(block) - end - 2
-        elif block[:1] == b"\n":  # the blank line that ends an event opens this block
-            self.open_size = len(block) - 1
-        else:
-            self.open_size += len(block)
-        if self.open_size + self.tail_size > self.limit:
-            raise self._too_large()
-        self.plain = not (self.tail or self.open_size or self.skip_lf)
+        block = b""
+        ended = 0  # the size of the first event that ends in this block, if one does
+        if cut:
+            block = b"".join((self.tail, chunk[:cut])) if self.tail else chunk[:cut]
+            self.tail.clear()
+            # The last blank line in the block; one that opens the block (the line before
+            # ended the last block) is at -1, as rfind says when it finds none.
+            end = block.rfind(b"\n\n")
+            if end >= 0 or block[:1] == b"\n":
+                ended = self.open_size + block.find(b"\n\n")
+                self.open_size = len(block) - end - 2
+            else:
+                self.open_size += len(block)
+        self.tail += chunk[cut:]
+        if ended > self.limit or self.open_size + len(self.tail) > self.limit:
+            raise StreamError(f"one stream event is larger than {self.limit} bytes")
+        self.plain = self.head is None and not (self.tail or self.open_size or self.skip_lf)
         return block if block.isascii() and b"error:" not in block else self._odd(block)
 
     def flush(self) -> bytes:
-        """At EOF: the partial last line, terminated (once); then b""."""
-        if self.head:
-            self.tail.append(self.head)  # fewer bytes than a BOM came in all
-        self.head = None
-        if not self.tail:
-            return b""
-        block, self.tail = b"".join(self.tail) + b"\n", []
-        return self._odd(block)
-
-    def _too_large(self) -> StreamError:
-        return StreamError(f"one stream event is larger than {self.limit} bytes")
+        """At EOF: the partial last line (or fewer bytes than a BOM, all that came),
+        terminated (once); then b""."""
+        block = b"".join((self.head or b"", self.tail))
+        self.head, self.tail = None, bytearray()
+        return self._odd(block + b"\n") if block else b""
 
     def _odd(self, block: bytes) -> bytes:
         """A block that is not plain ASCII, or may hold a legacy error line, made into
@@ -2618,7 +2587,7 @@ def _raise_stream_error(payload: Any, data: str, event: str,
         note("errors in streams as event: error")
     # The form of the body was noted above, as a whole: not each of its fields.
     message, tags = _error_fields({"error": err} if isinstance(err, dict) else payload,
-                                  _unnoted)
+                                  lambda quirk: None)
     message = _trim_message(message or "error event without a message")
     cls = classify_error(f"{message} {tags}")
     if cls is APIError or cls in _NO_RESPONSE_CLASSES:
@@ -2633,14 +2602,11 @@ def _raise_stream_error(payload: Any, data: str, event: str,
               body=data[:_MAX_ERROR_BODY])
 
 
-def _unnoted(line: str) -> None:
-    """A quirk sink for error bodies inside streams: their form is noted as a whole."""
-
-
 def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
-               timeout: float) -> APIError:
+               timeout: float | None = None) -> APIError:
     """The error of a stream that failed after its answer began (never retried: the
-    caller has seen part of it), keeping the text that had arrived."""
+    caller has seen part of it), keeping the text that had arrived. `timeout`: the
+    request's, for a transport error."""
     if isinstance(exc, APIError):
         error = exc
     elif isinstance(exc, (ValueError, RecursionError)):
@@ -2651,18 +2617,18 @@ def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
     return http.redacted(error)
 
 
-def _ended(answer: _Answer, body: dict[str, Any], http: _Connection) -> Step:
+def _ended(client: Client, answer: _Answer, body: dict[str, Any]) -> Step:
     """The Step of a stream that has ended; a StreamError when it was cut short."""
+    _note_model(client, body.get("model"), answer.model)
     if not answer.done and answer.finish_reason is None:
-        raise http.redacted(StreamError(
-            "the stream ended before the answer was finished (no finish_reason, no [DONE])",
-            partial_text="".join(answer.text)))
+        raise _cut_short(StreamError("the stream ended before the answer was finished "
+                                     "(no finish_reason, no [DONE])"), answer, client._http)
     if not answer.done:
-        http.note("no [DONE] at the end of streams")
+        client._note("no [DONE] at the end of streams")
     record = answer.finish()
     options = body.get("stream_options")
     if record.usage is None and isinstance(options, dict) and options.get("include_usage"):
-        http.note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
+        client._note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
     return record
 
 
@@ -2673,33 +2639,35 @@ def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
     # raises the classified error. With tools, assume the server cannot stream them
     # and stop trying.
     tools = "tools" in body and not client._tools_unstreamed
-    if tools:
-        client._tools_unstreamed = True
+    client._tools_unstreamed |= tools
     client._note("tool calls only unstreamed" if tools
                  else "empty 200 stream: asked again without streaming")
     _log.warning("the server ended a stream without any event; asking again without "
                  "streaming%s", " (and for calls with tools from now on)" if tools else "")
 
 
-def _ask_whole(client: Client, body: dict[str, Any], request: _Request,
-               answer: _Answer) -> list[Chunk]:
-    """The Chunks of one model call asked for without streaming (servers send such an
-    answer only once it is complete)."""
-    body.pop("stream", None)
-    body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
-    response = client._http.post(body, request.timeout, request.schema)
+def _ask_whole(client: Client, body: dict[str, Any], request: _Request, answer: _Answer,
+               response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
+    """One model call answered whole: its Chunks, then its Step. Asked for without
+    streaming (servers send such an answer only once it is complete), unless `response`
+    is the JSON document a server sent to a stream request."""
+    http = client._http
+    if response is None:
+        body.pop("stream", None)
+        body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
+        response = http.post(body, request.timeout, request.schema)
     with response:
-        payload = client._http.read_json(response, request.timeout)
-    return _whole_chunks(client, answer, payload, body.get("model"))
-
-
-def _whole_chunks(client: Client, answer: _Answer, payload: Any, asked: Any) -> list[Chunk]:
+        payload = http.read_json(response, request.timeout)
     if isinstance(payload, dict):
-        _note_model(client, asked, payload.get("model"))
+        if "stream" in body and payload.get("choices"):
+            http.note("one JSON document for a stream request")
+        _note_model(client, body.get("model"), payload.get("model"))
     try:
-        return answer.whole(payload)
+        chunks = answer.whole(payload)
     except APIError as exc:
-        raise client._http.redacted(exc) from None
+        raise http.redacted(exc) from None
+    yield from chunks
+    return answer.finish()
 
 
 def _note_model(client: Client, asked: object, answered: object) -> None:
@@ -2709,9 +2677,9 @@ def _note_model(client: Client, asked: object, answered: object) -> None:
     they have loaded. A name inside the other (a dated version, a provider prefix) is
     the same model.
     """
-    if not (isinstance(asked, str) and isinstance(answered, str) and asked and answered):
-        return
-    if asked.lower() in answered.lower() or answered.lower() in asked.lower():
+    # An empty name is inside any other: no warning.
+    if (not isinstance(asked, str) or not isinstance(answered, str)
+            or asked.lower() in answered.lower() or answered.lower() in asked.lower()):
         return
     client._note("answers with another model than asked")
     with client._lock:
@@ -2768,10 +2736,9 @@ class _Answer:
             return None
         choice = choices[0]
         if len(choices) > 1 or choice.__class__ is not dict or choice.get("index"):
-            # Quirk(OpenAI and vLLM with n > 1): choices interleave; follow index 0.
-            choice = _choice_zero(choices)
-            if choice is None:
-                return None
+            # Quirk(OpenAI and vLLM with n > 1): choices interleave; follow index 0. None
+            # of them: an empty choice, which yields nothing.
+            choice = _choice_zero(choices) or {}
         delta = choice.get("delta") or choice.get("message")
         content = delta.get("content") if delta.__class__ is dict else None
         if content.__class__ is str and (len(delta) == 1 or _TEXT_DELTA.issuperset(delta)):
@@ -2798,14 +2765,12 @@ class _Answer:
             reasoning = delta.get(key)
             if reasoning and isinstance(reasoning, str):
                 self.note(f"reasoning in {key}")
-                self.reasoning.append(reasoning)
-                chunks.append(_delta_chunk("reasoning", reasoning, self.step, raw))
+                chunks.append(self._keep("reasoning", reasoning, raw))
                 break
         refusal = delta.get("refusal")
         if refusal and isinstance(refusal, str):
             # OpenAI's structured refusal: shown like text, kept apart from the answer.
-            self.refusal.append(refusal)
-            chunks.append(_delta_chunk("refusal", refusal, self.step, raw))
+            chunks.append(self._keep("refusal", refusal, raw))
         # Quirk(llama-cpp-python): a legacy function_call beside tool_calls with the
         # same content; used only when no tool_calls come with it (as the one call).
         calls = delta.get("tool_calls")
@@ -2822,13 +2787,11 @@ class _Answer:
         return chunks
 
     def _content_parts(self, content: Any, raw: Any) -> list[Chunk]:
-        if isinstance(content, str):
-            self.text.append(content)
-            return [_delta_chunk("text", content, self.step, raw)]
+        if not isinstance(content, str):
+            # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
+            # parts hold reasoning as a nested list of text parts.
+            self.note("content as a list of parts")
         chunks = []
-        # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
-        # parts hold reasoning as a nested list of text parts.
-        self.note("content as a list of parts")
         for part in content if isinstance(content, list) else [content]:
             part = {"text": part} if isinstance(part, str) else part
             thinking = isinstance(part, dict) and part.get("type") in ("thinking", "reasoning")
@@ -2836,10 +2799,14 @@ class _Answer:
             if isinstance(text, list):
                 text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
             if text and isinstance(text, str):
-                (self.reasoning if thinking else self.text).append(text)
-                chunks.append(_delta_chunk("reasoning" if thinking else "text", text,
-                                           self.step, raw))
+                chunks.append(self._keep("reasoning" if thinking else "text", text, raw))
         return chunks
+
+    def _keep(self, kind: ChunkType, text: str, raw: Any) -> Chunk:
+        """A piece of text, reasoning or refusal added to the list of that name; its
+        Chunk."""
+        getattr(self, kind).append(text)
+        return _delta_chunk(kind, text, self.step, raw)
 
     def odd_data(self, data: str) -> str:
         """An event's data that does not start with "{": "" for [DONE] (then `done`)
