@@ -3069,7 +3069,6 @@ class _Connection:
         # requests makes Basic auth of a URL's user:password, which would replace the key's
         # header: with a key, an auth that changes nothing takes its place.
         self.auth = _keep_auth if config.api_key else None
-        self.extra_headers = headers
         self.headers = {"User-Agent": f"openai-compat/{__version__}", **headers}
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
@@ -3470,18 +3469,16 @@ def main(argv: list[str] | None = None) -> int:
     Returns the exit status: 0 ok, 1 API error, 2 usage or configuration error,
     130 interrupted (Ctrl-C). Errors are one line on stderr.
     """
-    parser = _cli_parser()
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    literal = "--" in argv
-    words: list[str] = args.words
+    args = _cli_parser().parse_args(argv)
+    command = [] if "--" in argv else args.words  # after --, every word is the prompt's
     try:
         client = _cli_client(args)
-        if words[:1] == ["models"] and len(words) == 1 and not literal:
+        if command == ["models"]:
             return _cli_models(client)
-        if words[:1] == ["check"] and len(words) == 1 and not literal:
+        if command == ["check"]:
             return _cli_check(client, args.wait)
-        return _cli_chat(client, _cli_prompt(words), args)
+        return _cli_chat(client, _cli_prompt(args.words), args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -3546,20 +3543,16 @@ def _cli_prompt(words: list[str]) -> str:
 def _cli_chat(client: Client, prompt: str, args: argparse.Namespace) -> int:
     if args.schema is not None:
         return _cli_structured(client, prompt, args)
-    out = sys.stdout
     with client.stream(prompt, system=args.system, temperature=args.temperature,
                        max_tokens=args.max_tokens) as chunks:
         for chunk in chunks:
             if args.json:
-                out.write(json.dumps(_chunk_json(chunk), ensure_ascii=False) + "\n")
+                print(json.dumps(_chunk_json(chunk), ensure_ascii=False), flush=True)
             elif chunk.content and chunk.type == "text":
-                out.write(chunk.content)
-            else:
-                continue
-            out.flush()
+                print(chunk.content, end="", flush=True)
         refusal = chunks.result.refusal if chunks.result else ""
     if not args.json:
-        out.write("\n")
+        print()
     return _cli_refused(refusal)
 
 
@@ -3582,10 +3575,9 @@ def _cli_structured(client: Client, prompt: str, args: argparse.Namespace) -> in
         raise ConfigError(f"--schema {args.schema}: a JSON Schema is a JSON object")
     result = client.generate(prompt, system=args.system, temperature=args.temperature,
                              max_tokens=args.max_tokens, schema=schema)
-    if result.refusal:
-        return _cli_refused(result.refusal)
-    print(json.dumps(result.data, ensure_ascii=False))
-    return 0
+    if not result.refusal:
+        print(json.dumps(result.data, ensure_ascii=False))
+    return _cli_refused(result.refusal)
 
 
 def _chunk_json(chunk: Chunk) -> dict[str, Any]:
@@ -3606,12 +3598,11 @@ def _chunk_json(chunk: Chunk) -> dict[str, Any]:
 
 def _cli_models(client: Client) -> int:
     try:
-        models = client.available_models(fallback=False)
+        print("\n".join(client.available_models(fallback=False)))
     except APIError as exc:
         print(f"openai-compat: could not list models: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return 1
-    print("\n".join(models))
     return 0
 
 
@@ -3631,8 +3622,7 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
     if not _probe_models(client):
         return 1
     probe = Client(client.config.base_url, client.config.api_key, client.model,
-                   timeout=client.config.timeout, max_retries=0,
-                   headers=client._http.extra_headers)
+                   timeout=client.config.timeout, max_retries=0)
     try:
         started = time.monotonic()
         answer = probe.generate("Say hello in one word.", max_tokens=16)
@@ -3645,9 +3635,12 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         _report("chat", False, f"{type(exc).__name__}: {exc}")
         _probe_quirks(client, probe)
         return 1
-    _probe_stream(probe)
-    _probe_tools(probe)
-    _probe_structured(probe)
+    for name, run in (("streaming", _probe_stream), ("tool calls", _probe_tools),
+                      ("structured", _probe_structured)):
+        try:
+            run(probe)
+        except APIError as exc:
+            _report(name, False, f"{type(exc).__name__}: {exc}")
     _probe_quirks(client, probe)
     return 0
 
@@ -3661,15 +3654,15 @@ def _probe_models(client: Client) -> bool:
     """Report reachable and models; False when nothing more can be probed."""
     try:
         models = client.available_models(fallback=False)
-    except (AuthenticationError, EndpointUnavailableError, RequestTimeoutError) as exc:
-        reached = not isinstance(exc, (EndpointUnavailableError, RequestTimeoutError))
-        _report("reachable", reached, client._http.models_answer if reached else str(exc))
-        if reached:
-            _report("auth", False, str(exc))
-            _probe_quirks(client)
+    except (EndpointUnavailableError, RequestTimeoutError) as exc:
+        _report("reachable", False, str(exc))
         return False
     except APIError as exc:
         _report("reachable", True, client._http.models_answer or "the server answered")
+        if isinstance(exc, AuthenticationError):
+            _report("auth", False, str(exc))
+            _probe_quirks(client)
+            return False
         _report("models", None, f"not listed ({exc.message})")
         return True
     _report("reachable", True, client._http.models_answer)
@@ -3680,27 +3673,22 @@ def _probe_models(client: Client) -> bool:
 
 def _probe_quirks(*clients: Client) -> None:
     """One line per deviation the probes' Clients absorbed, in the order met."""
-    lines: list[str] = []
-    for probe in clients:
-        lines += [line for line in probe.quirks if line not in lines]
+    lines = dict.fromkeys(line for probe in clients for line in probe.quirks)
     for line in lines:
         _report("quirk", None, line)
     if not lines:
         _report("quirks", True, "none absorbed")
 
 
+# The probes after chat: _cli_check reports the APIError they raise.
 def _probe_stream(client: Client) -> None:
     started, first, count = time.monotonic(), 0.0, 0
-    try:
-        with client.stream("Count from 1 to 5.", max_tokens=32) as chunks:
-            for chunk in chunks:
-                if chunk.type == "text":
-                    count += 1
-                    first = first or time.monotonic() - started
-            usage = chunks.result.usage if chunks.result else None
-    except APIError as exc:
-        _report("streaming", False, f"{type(exc).__name__}: {exc}")
-        return
+    with client.stream("Count from 1 to 5.", max_tokens=32) as chunks:
+        for chunk in chunks:
+            if chunk.type == "text":
+                count += 1
+                first = first or time.monotonic() - started
+        usage = chunks.result.usage if chunks.result else None
     _report("streaming", count > 0, f"{count} text chunks, first after {first:.2f} s")
     _report("usage", True if usage else None, f"prompt {usage.prompt_tokens}, completion "
             f"{usage.completion_tokens}" if usage else "not reported in streams")
@@ -3727,13 +3715,9 @@ def _probe_tools(client: Client) -> None:
         """Add two integers."""
         return a + b
 
-    try:
-        result = client.stream("Use the add tool to add 2 and 3.", tools=[add], max_steps=2,
-                               messages=_probe_examples(), temperature=0, max_tokens=128)
-        calls = [c.tool_call for c in result if c.type == "tool_call" and c.tool_call]
-    except APIError as exc:
-        _report("tool calls", False, f"{type(exc).__name__}: {exc}")
-        return
+    result = client.stream("Use the add tool to add 2 and 3.", tools=[add], max_steps=2,
+                           messages=_probe_examples(), temperature=0, max_tokens=128)
+    calls = [c.tool_call for c in result if c.type == "tool_call" and c.tool_call]
     if not calls:
         _report("tool calls", None, "no tool call, even after two worked examples: the model "
                 "answered in text")
@@ -3747,12 +3731,8 @@ def _probe_structured(client: Client) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string"},
                                                "country": {"type": "string"}},
               "required": ["city", "country"]}
-    try:
-        result = client.generate("Name a city in France as JSON with city and country.",
-                                 schema=schema, temperature=0, max_tokens=64)
-    except APIError as exc:
-        _report("structured", False, f"{type(exc).__name__}: {exc}")
-        return
+    result = client.generate("Name a city in France as JSON with city and country.",
+                             schema=schema, temperature=0, max_tokens=64)
     how = ("response_format json_schema honoured",
            "json_schema refused; json_object with the schema honoured",
            "response_format refused; the schema is asked for in a system message")
