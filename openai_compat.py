@@ -2982,7 +2982,7 @@ _BACKOFF_MAX: Final = 8.0
 _MAX_REDIRECTS: Final = 5
 _REDIRECTS: Final = (301, 302, 303, 307, 308)
 # Requests a server refuses because of one field, and the field to drop (see
-# _Connection.drop_rejected_field). Ollama: "registry.ollama.ai/library/x does not
+# _Connection._resend_changed). Ollama: "registry.ollama.ai/library/x does not
 # support tools"; vLLM: '"auto" tool choice requires --enable-auto-tool-choice and
 # --tool-call-parser to be set'; llama.cpp: "tools param requires --jinja flag";
 # others: "tools are not supported", "tool_choice ... not supported"; servers that do
@@ -3099,11 +3099,12 @@ class _Connection:
         (up to `timeout` in all); resends once a request that met a kept-alive
         connection the server had closed; drops a field the server refused (tools,
         tool_choice, stream_options) or steps down how the schema is asked for, and
-        resends. The last three do not spend max_retries. (Over 40 lines with this
-        docstring: the retry policy reads best as one loop.)
+        resends (see _resend_changed). The last three do not spend max_retries. (Over
+        40 lines with this docstring: the retry policy reads best as one loop.)
         """
         attempt, stale_resent, loading_since = 0, False, 0.0
         while True:
+            wait = retry_after = None
             try:
                 response = self.request("POST", "/chat/completions", timeout, body)
             except _TRANSPORT_ERRORS as exc:
@@ -3114,21 +3115,19 @@ class _Connection:
                 error = self.transport_error(exc, timeout, "" if body.get("stream") else "whole")
                 # Connection failures (a connect timeout included) happened before the
                 # server saw the request: safe to resend. A read timeout did not.
-                if attempt >= self.config.max_retries or not isinstance(
-                        exc, (requests.ConnectionError, ConnectionError)):
-                    raise error from None
-                attempt += 1
-                time.sleep(_backoff(attempt))
-                continue
-            if response.status_code < 300:
-                return response
-            retry_after = _retry_after(response.headers)
-            error = self.error_of(response, retry_after)
-            if self._drop_refused_field(body, error) or (
-                    schema is not None and self._step_down_schema(body, error, schema)):
-                continue
-            wait, loading_since = self._loading_wait(error, timeout, loading_since)
-            if wait is None and self._may_retry(error, attempt, retry_after):
+                retry = isinstance(exc, (requests.ConnectionError, ConnectionError))
+            else:
+                if response.status_code < 300:
+                    return response
+                retry_after = _retry_after(response.headers)
+                error = self.error_of(response, retry_after)
+                if self._resend_changed(body, error, schema):
+                    continue
+                wait, loading_since = self._loading_wait(error, timeout, loading_since)
+                status = error.status_code or 0
+                retry = (error.retryable and (status in (408, 409, 429) or status >= 500)
+                         and (retry_after is None or retry_after <= _MAX_RETRY_AFTER))
+            if wait is None and retry and attempt < self.config.max_retries:
                 attempt += 1
                 wait = _backoff(attempt) if retry_after is None else retry_after
             if wait is None:
@@ -3190,12 +3189,6 @@ class _Connection:
         # A gap that grows with the time waited, up to _WAIT_GAP.
         return min(_WAIT_GAP, since + timeout - now, 0.1 + (now - since) / 2), since
 
-    def _may_retry(self, error: APIError, attempt: int, retry_after: float | None) -> bool:
-        status = error.status_code or 0
-        return ((status in (408, 409, 429) or status >= 500) and error.retryable
-                and attempt < self.config.max_retries
-                and (retry_after is None or retry_after <= _MAX_RETRY_AFTER))
-
     def prepare(self, body: dict[str, Any], schema: dict[str, Any] | None) -> None:
         """Drop the fields this server refused; ask for `schema` the way it takes it."""
         for name in tuple(self.refused):
@@ -3214,37 +3207,33 @@ class _Connection:
         else:
             body.pop("response_format", None)
 
-    def _step_down_schema(self, body: dict[str, Any], error: APIError,
-                          schema: dict[str, Any]) -> bool:
-        """The next form down when the server refused how the schema was asked for."""
-        if "response_format" not in body or not _SCHEMA_REFUSED.search(error.message):
-            return False
-        form = 1 if body["response_format"].get("type") == "json_schema" else 2
-        with self.lock:
-            self.schema_form = max(self.schema_form, form)
-        _log.warning("%s refused response_format %r (%s); asking %s from now on",
-                     self.shown_url, body["response_format"].get("type"), error.message,
-                     "with json_object" if form == 1 else "in a system message only")
-        self.note("json_schema refused: json_object with the schema" if form == 1
-                  else "response_format refused: the schema in the system message")
-        self.prepare(body, schema)
-        return True
-
-    def _drop_refused_field(self, body: dict[str, Any], error: APIError) -> bool:
-        """Drop a request field the server refused, remember it, and say so."""
-        if error.status_code is None or (error.status_code >= 500 and "tools" not in body):
-            return False
+    def _resend_changed(self, body: dict[str, Any], error: APIError,
+                        schema: dict[str, Any] | None) -> bool:
+        """Whether `error` refused a request field (dropped) or how the schema was asked
+        for (the next form down): `body` is changed to be sent again, the change kept for
+        every later request, and said."""
         name = next((field for field, pattern in _REFUSED_FIELDS
                      if field in body and pattern.search(error.message)), None)
-        if name is None:
+        if name is not None and ((error.status_code or 0) < 500 or "tools" in body):
+            _log.warning("%s rejected %s (%s); resending without it and not sending it again",
+                         self.shown_url, name, error.message)
+            self.note("tools rejected: resent without them" if name == "tools"
+                      else f"{name} rejected: dropped")
+            with self.lock:
+                self.refused.update(("tools", "tool_choice") if name == "tools" else (name,))
+        elif (schema is not None and "response_format" in body
+              and _SCHEMA_REFUSED.search(error.message)):
+            form = 1 if body["response_format"].get("type") == "json_schema" else 2
+            with self.lock:
+                self.schema_form = max(self.schema_form, form)
+            _log.warning("%s refused response_format %r (%s); asking %s from now on",
+                         self.shown_url, body["response_format"].get("type"), error.message,
+                         "with json_object" if form == 1 else "in a system message only")
+            self.note("json_schema refused: json_object with the schema" if form == 1
+                      else "response_format refused: the schema in the system message")
+        else:
             return False
-        _log.warning("%s rejected %s (%s); resending without it and not sending it again",
-                     self.shown_url, name, error.message)
-        self.note("tools rejected: resent without them" if name == "tools"
-                  else f"{name} rejected: dropped")
-        with self.lock:
-            self.refused.update(("tools", "tool_choice") if name == "tools" else (name,))
-        self.prepare(body, None)
+        self.prepare(body, schema)
         return True
 
     def get_text(self, path: str, seconds: float) -> tuple[int, str, float | None]:
