@@ -895,7 +895,7 @@ class Client:
 
     def close(self) -> None:
         """Close the connection pool."""
-        self._http.close()
+        self._http.session.close()
 
     @property
     def model(self) -> str:
@@ -2516,7 +2516,7 @@ def _not_an_event_stream(http: _Connection, response: requests.Response,
     the classified error an HTML page (a proxy's, a web server's) stands for."""
     content_type = response.headers.get("content-type", "").lower()
     if "text/html" in content_type:
-        raise http.error_from_body(response.status_code, http.read_text(response))
+        raise http.error_of(response)
     if "json" not in content_type or "event-stream" in content_type:
         return None
     # Quirk(LM Studio, proxies): one JSON document for a stream request (LM Studio's
@@ -3087,9 +3087,6 @@ class _Connection:
             _log.warning("the API key is sent over plain http to %s; use https for remote "
                          "servers", host)
 
-    def close(self) -> None:
-        self.session.close()
-
     def post(self, body: dict[str, Any], timeout: float,
              schema: dict[str, Any] | None = None) -> requests.Response:
         """POST body to /chat/completions; return a 2xx response (body not yet read).
@@ -3165,11 +3162,17 @@ class _Connection:
             url = target
         raise self.redacted(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
 
-    def error_of(self, response: requests.Response, retry_after: float | None) -> APIError:
-        """The classified error of a response with an error status (its body read)."""
+    def error_of(self, response: requests.Response,
+                 retry_after: float | None = None) -> APIError:
+        """The classified error of a response with an error status or an HTML page: its
+        body read (bounded; "" when it cannot be read), and the response closed."""
         with response:
-            text = self.read_text(response)
-        return self.error_from_body(response.status_code, text, retry_after)
+            try:
+                raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
+            except _TRANSPORT_ERRORS:
+                raw = b""
+        return self.error_from_body(response.status_code, raw.decode("utf-8", "replace"),
+                                    retry_after)
 
     def _loading_wait(self, error: APIError, timeout: float,
                       since: float) -> tuple[float | None, float]:
@@ -3250,15 +3253,7 @@ class _Connection:
                 return (response.status_code, body.decode("utf-8", "replace"),
                         _retry_after(response.headers))
         except _TRANSPORT_ERRORS as exc:
-            raise self.transport_error(exc) from None
-
-    def read_text(self, response: requests.Response) -> str:
-        """An error body, decoded and bounded; "" when it cannot be read."""
-        try:
-            raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
-        except _TRANSPORT_ERRORS:
-            raw = b""
-        return raw.decode("utf-8", "replace")
+            raise self.transport_error(exc, seconds) from None
 
     def read_json(self, response: requests.Response, timeout: float) -> Any:
         try:
@@ -3277,13 +3272,11 @@ class _Connection:
                         retry_after: float | None = None) -> APIError:
         return self.redacted(_error_from_body(status, text, self.note, retry_after))
 
-    def transport_error(self, exc: BaseException, timeout: float | None = None,
-                        when: str = "") -> APIError:
+    def transport_error(self, exc: BaseException, timeout: float, when: str = "") -> APIError:
         """The module's error for a transport failure, redacted. `timeout`: the request's
         silence limit. `when`: "whole" for a request that asked for a whole answer
         (servers send it only once it is complete); "stream" once a stream's answer
         had begun (never retried then: the caller has seen part of it)."""
-        timeout = self.config.timeout if timeout is None else timeout
         reason = _socket_reason(str(exc))
         error: APIError
         if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
