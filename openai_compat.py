@@ -3020,23 +3020,14 @@ _STALE_CONNECTION: Final = re.compile(
 )
 
 
-class _RedactedURLs(logging.Filter):
-    """Redacts the secrets of base URLs in urllib3's DEBUG lines, which show each request's
-    URL as it is; on its logger from the first Client whose URL holds a secret."""
-
-    secrets: ClassVar[set[str]] = set()
-
-    @classmethod
-    def add(cls, secrets: list[str]) -> None:
-        if not cls.secrets:
-            logging.getLogger("urllib3.connectionpool").addFilter(cls())
-        cls.secrets.update(secrets)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(_redact(arg, self.secrets) if isinstance(arg, str) else arg
-                                for arg in record.args)
-        return True
+def _redact_url_log(record: logging.LogRecord) -> bool:
+    """Redacts the secrets of URLs in urllib3's DEBUG lines, which show each request's
+    URL as it is; a filter on its logger from the first Client whose URL holds a secret
+    (the same pattern as _url_secrets finds them by)."""
+    if isinstance(record.args, tuple):
+        record.args = tuple(_shown_url(arg) if isinstance(arg, str) else arg
+                            for arg in record.args)
+    return True
 
 
 class _Connection:
@@ -3055,8 +3046,8 @@ class _Connection:
         self.shown_url = _shown_url(config.base_url)
         url_secrets = _url_secrets(config.base_url)
         self.secrets = tuple(s for s in (config.api_key, *url_secrets) if s)
-        if url_secrets:
-            _RedactedURLs.add(url_secrets)
+        if url_secrets:  # addFilter adds it once, however many Clients ask
+            logging.getLogger("urllib3.connectionpool").addFilter(_redact_url_log)
         parts = urllib.parse.urlsplit(config.base_url)
         self.base = urllib.parse.urlunsplit((*parts[:3], "", ""))
         self.query = f"?{parts.query}" if parts.query else ""
