@@ -3004,7 +3004,7 @@ _SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
 # A server still loading its model: llama-server's 503 "Loading model", and 503s that
 # say they are loading or warming up.
 _LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
-# What the socket layer says, shortened for messages (see _socket_reason).
+# What the socket layer says, shortened for messages (see _Connection.transport_error).
 _SOCKET_REASON: Final = re.compile(
     r"Connection refused|Name or service not known|nodename nor servname provided"
     r"|Temporary failure in name resolution|No route to host|Network is unreachable"
@@ -3153,8 +3153,7 @@ class _Connection:
             url = target
         raise self.redacted(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
 
-    def error_of(self, response: requests.Response,
-                 retry_after: float | None = None) -> APIError:
+    def error_of(self, response: requests.Response, retry_after: float | None = None) -> APIError:
         """The classified error of a response with an error status or an HTML page: its
         body read (bounded; "" when it cannot be read), and the response closed."""
         with response:
@@ -3268,24 +3267,23 @@ class _Connection:
         silence limit. `when`: "whole" for a request that asked for a whole answer
         (servers send it only once it is complete); "stream" once a stream's answer
         had begun (never retried then: the caller has seen part of it)."""
-        reason = _socket_reason(str(exc))
-        error: APIError
         if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
-            error = RequestTimeoutError(f"could not connect within {timeout:g} s")
-        elif isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError,
-                              TimeoutError)):
-            error = RequestTimeoutError(f"the server sent nothing for {timeout:g} s" + {
-                "whole": " while composing a whole answer (non-streamed answers arrive only"
-                         " when complete; stream() shows progress)",
-                "stream": " in the middle of the stream"}.get(when, ""))
+            return self.redacted(RequestTimeoutError(f"could not connect within {timeout:g} s"))
+        if isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+            return self.redacted(RequestTimeoutError(
+                f"the server sent nothing for {timeout:g} s" + {
+                    "whole": " while composing a whole answer (non-streamed answers arrive"
+                             " only when complete; stream() shows progress)",
+                    "stream": " in the middle of the stream"}.get(when, "")))
+        match = _SOCKET_REASON.search(str(exc))
+        reason = match.group(0) if match else str(exc)[:200]
         # A broken chunked body is a connection that failed while reading, not one that
         # could not be made: the server had answered.
-        elif isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
+        if isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
                 exc, requests.exceptions.ChunkedEncodingError) and when != "stream":
-            error = EndpointUnavailableError(f"cannot connect: {reason}")
-        else:
-            error = StreamError(f"the connection broke while reading the answer: {reason}")
-        return self.redacted(error)
+            return self.redacted(EndpointUnavailableError(f"cannot connect: {reason}"))
+        return self.redacted(StreamError(
+            f"the connection broke while reading the answer: {reason}"))
 
     def redacted(self, exc: APIError) -> APIError:
         """`exc` with its secrets redacted (a server may echo the key in its text) and
@@ -3355,11 +3353,6 @@ def _with_schema_message(messages: list[dict[str, Any]],
             return messages
         return [{**first, "content": f"{first['content']}\n\n{text}"}, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
-
-
-def _socket_reason(text: str) -> str:
-    match = _SOCKET_REASON.search(text)
-    return match.group(0) if match else text[:200]
 
 
 def _stale_connection(exc: BaseException) -> bool:
