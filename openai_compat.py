@@ -2980,7 +2980,6 @@ _MAX_RETRY_AFTER: Final = 60.0
 _BACKOFF_BASE: Final = 0.5
 _BACKOFF_MAX: Final = 8.0
 _MAX_REDIRECTS: Final = 5
-_REDIRECTS: Final = (301, 302, 303, 307, 308)
 # Requests a server refuses because of one field, and the field to drop (see
 # _Connection._resend_changed). Ollama: "registry.ollama.ai/library/x does not
 # support tools"; vLLM: '"auto" tool choice requires --enable-auto-tool-choice and
@@ -3139,11 +3138,11 @@ class _Connection:
             response = self.session.request(method, url, data=data, headers=headers,
                                             timeout=(timeout, timeout), stream=True,
                                             allow_redirects=False, auth=self.auth)
-            location = response.headers.get("location")
-            if response.status_code not in _REDIRECTS or not location:
+            # is_redirect: a 301, 302, 303, 307 or 308 with a Location header.
+            if not (response.is_redirect and response.headers["location"]):
                 return response
             response.close()
-            target = urllib.parse.urljoin(url, location)
+            target = urllib.parse.urljoin(url, response.headers["location"])
             if _origin(target) != _origin(url):
                 raise self.redacted(APIError(
                     f"{method} {path} was redirected to {_shown_url(target)}, another server:"
