@@ -2975,7 +2975,6 @@ def _usage(raw: Any) -> Usage | None:
 # ==== HTTP plumbing ====
 
 _POOL_SIZE: Final = 128  # kept-alive connections per host; opened only when needed
-_LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1", "[::1]")
 _MAX_RETRY_AFTER: Final = 60.0
 _BACKOFF_BASE: Final = 0.5
 _BACKOFF_MAX: Final = 8.0
@@ -3070,8 +3069,8 @@ class _Connection:
         # Stepped down, once per Client, when the server refuses the field.
         self.schema_form = 0
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
-        host = (parts.hostname or "").lower()
-        if (config.api_key and parts.scheme.lower() == "http" and host not in _LOOPBACK_HOSTS
+        host = parts.hostname or ""  # urlsplit lowers the scheme and the host
+        if (config.api_key and parts.scheme == "http" and host not in ("localhost", "::1")
                 and not host.startswith("127.") and host not in self._warned_hosts):
             self._warned_hosts.add(host)
             _log.warning("the API key is sent over plain http to %s; use https for remote "
@@ -3331,10 +3330,9 @@ def _lone_surrogate(value: Any, path: str = "") -> tuple[str, int]:
     return "", -1
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or (
-        443 if parts.scheme.lower() == "https" else 80)
+def _origin(url: str) -> tuple[str, str | None, int]:
+    parts = urllib.parse.urlsplit(url)  # which lowers the scheme and the host
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _with_schema_message(messages: list[dict[str, Any]],
