@@ -873,7 +873,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
 
     def close(self) -> None:
         """Close the connection pool."""
-        self._http.close()
+        self._http.session.close()
 
     @property
     def model(self) -> str:
@@ -2434,7 +2434,7 @@ def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool
     raises the classified error an HTML page (a proxy's, a web server's) stands for."""
     content_type = response.headers.get("content-type", "").lower()
     if "text/html" in content_type:
-        raise http.error_from_body(response.status_code, http.read_text(response))
+        raise http.error_of(response)
     # Quirk(LM Studio, proxies): one JSON document for a stream request (LM Studio's
     # 200 error for an unknown route, servers ignoring stream).
     return "json" in content_type and "event-stream" not in content_type
@@ -2603,10 +2603,9 @@ def _raise_stream_error(payload: Any, data: str, event: str,
 
 
 def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
-               timeout: float | None = None) -> APIError:
+               timeout: float) -> APIError:
     """The error of a stream that failed after its answer began (never retried: the
-    caller has seen part of it), keeping the text that had arrived. `timeout`: the
-    request's, for a transport error."""
+    caller has seen part of it), keeping the text that had arrived."""
     if isinstance(exc, APIError):
         error = exc
     elif isinstance(exc, (ValueError, RecursionError)):
@@ -2621,8 +2620,9 @@ def _ended(client: Client, answer: _Answer, body: dict[str, Any]) -> Step:
     """The Step of a stream that has ended; a StreamError when it was cut short."""
     _note_model(client, body.get("model"), answer.model)
     if not answer.done and answer.finish_reason is None:
-        raise _cut_short(StreamError("the stream ended before the answer was finished "
-                                     "(no finish_reason, no [DONE])"), answer, client._http)
+        raise client._http.redacted(StreamError(
+            "the stream ended before the answer was finished (no finish_reason, no [DONE])",
+            partial_text="".join(answer.text)))
     if not answer.done:
         client._note("no [DONE] at the end of streams")
     record = answer.finish()
@@ -2872,14 +2872,12 @@ def _usage(raw: Any) -> Usage | None:
 # ==== HTTP plumbing ====
 
 _POOL_SIZE: Final = 128  # kept-alive connections per host; opened only when needed
-_LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1", "[::1]")
 _MAX_RETRY_AFTER: Final = 60.0
 _BACKOFF_BASE: Final = 0.5
 _BACKOFF_MAX: Final = 8.0
 _MAX_REDIRECTS: Final = 5
-_REDIRECTS: Final = (301, 302, 303, 307, 308)
 # Requests a server refuses because of one field, and the field to drop (see
-# _Connection.drop_rejected_field). Ollama: "registry.ollama.ai/library/x does not
+# _Connection._resend_changed). Ollama: "registry.ollama.ai/library/x does not
 # support tools"; vLLM: '"auto" tool choice requires --enable-auto-tool-choice and
 # --tool-call-parser to be set'; llama.cpp: "tools param requires --jinja flag";
 # others: "tools are not supported", "tool_choice ... not supported"; servers that do
@@ -2901,7 +2899,7 @@ _SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
 # A server still loading its model: llama-server's 503 "Loading model", and 503s that
 # say they are loading or warming up.
 _LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
-# What the socket layer says, shortened for messages (see _socket_reason).
+# What the socket layer says, shortened for messages (see _Connection.transport_error).
 _SOCKET_REASON: Final = re.compile(
     r"Connection refused|Name or service not known|nodename nor servname provided"
     r"|Temporary failure in name resolution|No route to host|Network is unreachable"
@@ -2917,23 +2915,14 @@ _STALE_CONNECTION: Final = re.compile(
 )
 
 
-class _RedactedURLs(logging.Filter):
-    """Redacts the secrets of base URLs in urllib3's DEBUG lines, which show each request's
-    URL as it is; on its logger from the first Client whose URL holds a secret."""
-
-    secrets: ClassVar[set[str]] = set()
-
-    @classmethod
-    def add(cls, secrets: list[str]) -> None:
-        if not cls.secrets:
-            logging.getLogger("urllib3.connectionpool").addFilter(cls())
-        cls.secrets.update(secrets)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(_redact(arg, self.secrets) if isinstance(arg, str) else arg
-                                for arg in record.args)
-        return True
+def _redact_url_log(record: logging.LogRecord) -> bool:
+    """Redacts the secrets of URLs in urllib3's DEBUG lines, which show each request's
+    URL as it is; a filter on its logger from the first Client whose URL holds a secret
+    (the same pattern as _url_secrets finds them by)."""
+    if isinstance(record.args, tuple):
+        record.args = tuple(_shown_url(arg) if isinstance(arg, str) else arg
+                            for arg in record.args)
+    return True
 
 
 class _Connection:
@@ -2952,8 +2941,8 @@ class _Connection:
         self.shown_url = _shown_url(config.base_url)
         url_secrets = _url_secrets(config.base_url)
         self.secrets = tuple(s for s in (config.api_key, *url_secrets) if s)
-        if url_secrets:
-            _RedactedURLs.add(url_secrets)
+        if url_secrets:  # addFilter adds it once, however many Clients ask
+            logging.getLogger("urllib3.connectionpool").addFilter(_redact_url_log)
         parts = urllib.parse.urlsplit(config.base_url)
         self.base = urllib.parse.urlunsplit((*parts[:3], "", ""))
         self.query = f"?{parts.query}" if parts.query else ""
@@ -2966,7 +2955,6 @@ class _Connection:
         # requests makes Basic auth of a URL's user:password, which would replace the key's
         # header: with a key, an auth that changes nothing takes its place.
         self.auth = _keep_auth if config.api_key else None
-        self.extra_headers = headers
         self.headers = {"User-Agent": f"openai-compat/{__version__}", **headers}
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
@@ -2978,15 +2966,12 @@ class _Connection:
         # Stepped down, once per Client, when the server refuses the field.
         self.schema_form = 0
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
-        host = (parts.hostname or "").lower()
-        if (config.api_key and parts.scheme.lower() == "http" and host not in _LOOPBACK_HOSTS
+        host = parts.hostname or ""  # urlsplit lowers the scheme and the host
+        if (config.api_key and parts.scheme == "http" and host not in ("localhost", "::1")
                 and not host.startswith("127.") and host not in self._warned_hosts):
             self._warned_hosts.add(host)
             _log.warning("the API key is sent over plain http to %s; use https for remote "
                          "servers", host)
-
-    def close(self) -> None:
-        self.session.close()
 
     def post(self, body: dict[str, Any], timeout: float,
              schema: dict[str, Any] | None = None) -> requests.Response:
@@ -2997,11 +2982,12 @@ class _Connection:
         (up to `timeout` in all); resends once a request that met a kept-alive
         connection the server had closed; drops a field the server refused (tools,
         tool_choice, stream_options) or steps down how the schema is asked for, and
-        resends. The last three do not spend max_retries. (Over 40 lines with this
-        docstring: the retry policy reads best as one loop.)
+        resends (see _resend_changed). The last three do not spend max_retries. (Over
+        40 lines with this docstring: the retry policy reads best as one loop.)
         """
         attempt, stale_resent, loading_since = 0, False, 0.0
         while True:
+            wait = retry_after = None
             try:
                 response = self.request("POST", "/chat/completions", timeout, body)
             except _TRANSPORT_ERRORS as exc:
@@ -3012,21 +2998,19 @@ class _Connection:
                 error = self.transport_error(exc, timeout, "" if body.get("stream") else "whole")
                 # Connection failures (a connect timeout included) happened before the
                 # server saw the request: safe to resend. A read timeout did not.
-                if attempt >= self.config.max_retries or not isinstance(
-                        exc, (requests.ConnectionError, ConnectionError)):
-                    raise error from None
-                attempt += 1
-                time.sleep(_backoff(attempt))
-                continue
-            if response.status_code < 300:
-                return response
-            retry_after = _retry_after(response.headers)
-            error = self.error_of(response, retry_after)
-            if self._drop_refused_field(body, error) or (
-                    schema is not None and self._step_down_schema(body, error, schema)):
-                continue
-            wait, loading_since = self._loading_wait(error, timeout, loading_since)
-            if wait is None and self._may_retry(error, attempt, retry_after):
+                retry = isinstance(exc, (requests.ConnectionError, ConnectionError))
+            else:
+                if response.status_code < 300:
+                    return response
+                retry_after = _retry_after(response.headers)
+                error = self.error_of(response, retry_after)
+                if self._resend_changed(body, error, schema):
+                    continue
+                wait, loading_since = self._loading_wait(error, timeout, loading_since)
+                status = error.status_code or 0
+                retry = (error.retryable and (status in (408, 409, 429) or status >= 500)
+                         and (retry_after is None or retry_after <= _MAX_RETRY_AFTER))
+            if wait is None and retry and attempt < self.config.max_retries:
                 attempt += 1
                 wait = _backoff(attempt) if retry_after is None else retry_after
             if wait is None:
@@ -3050,11 +3034,11 @@ class _Connection:
             response = self.session.request(method, url, data=data, headers=headers,
                                             timeout=(timeout, timeout), stream=True,
                                             allow_redirects=False, auth=self.auth)
-            location = response.headers.get("location")
-            if response.status_code not in _REDIRECTS or not location:
+            # is_redirect: a 301, 302, 303, 307 or 308 with a Location header.
+            if not (response.is_redirect and response.headers["location"]):
                 return response
             response.close()
-            target = urllib.parse.urljoin(url, location)
+            target = urllib.parse.urljoin(url, response.headers["location"])
             if _origin(target) != _origin(url):
                 raise self.redacted(APIError(
                     f"{method} {path} was redirected to {_shown_url(target)}, another server:"
@@ -3064,11 +3048,16 @@ class _Connection:
             url = target
         raise self.redacted(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
 
-    def error_of(self, response: requests.Response, retry_after: float | None) -> APIError:
-        """The classified error of a response with an error status (its body read)."""
+    def error_of(self, response: requests.Response, retry_after: float | None = None) -> APIError:
+        """The classified error of a response with an error status or an HTML page: its
+        body read (bounded; "" when it cannot be read), and the response closed."""
         with response:
-            text = self.read_text(response)
-        return self.error_from_body(response.status_code, text, retry_after)
+            try:
+                raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
+            except _TRANSPORT_ERRORS:
+                raw = b""
+        return self.error_from_body(response.status_code, raw.decode("utf-8", "replace"),
+                                    retry_after)
 
     def _loading_wait(self, error: APIError, timeout: float,
                       since: float) -> tuple[float | None, float]:
@@ -3088,12 +3077,6 @@ class _Connection:
         # A gap that grows with the time waited, up to _WAIT_GAP.
         return min(_WAIT_GAP, since + timeout - now, 0.1 + (now - since) / 2), since
 
-    def _may_retry(self, error: APIError, attempt: int, retry_after: float | None) -> bool:
-        status = error.status_code or 0
-        return ((status in (408, 409, 429) or status >= 500) and error.retryable
-                and attempt < self.config.max_retries
-                and (retry_after is None or retry_after <= _MAX_RETRY_AFTER))
-
     def prepare(self, body: dict[str, Any], schema: dict[str, Any] | None) -> None:
         """Drop the fields this server refused; ask for `schema` the way it takes it."""
         for name in tuple(self.refused):
@@ -3112,37 +3095,33 @@ class _Connection:
         else:
             body.pop("response_format", None)
 
-    def _step_down_schema(self, body: dict[str, Any], error: APIError,
-                          schema: dict[str, Any]) -> bool:
-        """The next form down when the server refused how the schema was asked for."""
-        if "response_format" not in body or not _SCHEMA_REFUSED.search(error.message):
-            return False
-        form = 1 if body["response_format"].get("type") == "json_schema" else 2
-        with self.lock:
-            self.schema_form = max(self.schema_form, form)
-        _log.warning("%s refused response_format %r (%s); asking %s from now on",
-                     self.shown_url, body["response_format"].get("type"), error.message,
-                     "with json_object" if form == 1 else "in a system message only")
-        self.note("json_schema refused: json_object with the schema" if form == 1
-                  else "response_format refused: the schema in the system message")
-        self.prepare(body, schema)
-        return True
-
-    def _drop_refused_field(self, body: dict[str, Any], error: APIError) -> bool:
-        """Drop a request field the server refused, remember it, and say so."""
-        if error.status_code is None or (error.status_code >= 500 and "tools" not in body):
-            return False
+    def _resend_changed(self, body: dict[str, Any], error: APIError,
+                        schema: dict[str, Any] | None) -> bool:
+        """Whether `error` refused a request field (dropped) or how the schema was asked
+        for (the next form down): `body` is changed to be sent again, the change kept for
+        every later request, and said."""
         name = next((field for field, pattern in _REFUSED_FIELDS
                      if field in body and pattern.search(error.message)), None)
-        if name is None:
+        if name is not None and ((error.status_code or 0) < 500 or "tools" in body):
+            _log.warning("%s rejected %s (%s); resending without it and not sending it again",
+                         self.shown_url, name, error.message)
+            self.note("tools rejected: resent without them" if name == "tools"
+                      else f"{name} rejected: dropped")
+            with self.lock:
+                self.refused.update(("tools", "tool_choice") if name == "tools" else (name,))
+        elif (schema is not None and "response_format" in body
+              and _SCHEMA_REFUSED.search(error.message)):
+            form = 1 if body["response_format"].get("type") == "json_schema" else 2
+            with self.lock:
+                self.schema_form = max(self.schema_form, form)
+            _log.warning("%s refused response_format %r (%s); asking %s from now on",
+                         self.shown_url, body["response_format"].get("type"), error.message,
+                         "with json_object" if form == 1 else "in a system message only")
+            self.note("json_schema refused: json_object with the schema" if form == 1
+                      else "response_format refused: the schema in the system message")
+        else:
             return False
-        _log.warning("%s rejected %s (%s); resending without it and not sending it again",
-                     self.shown_url, name, error.message)
-        self.note("tools rejected: resent without them" if name == "tools"
-                  else f"{name} rejected: dropped")
-        with self.lock:
-            self.refused.update(("tools", "tool_choice") if name == "tools" else (name,))
-        self.prepare(body, None)
+        self.prepare(body, schema)
         return True
 
     def get_text(self, path: str, seconds: float) -> tuple[int, str, float | None]:
@@ -3159,15 +3138,7 @@ class _Connection:
                 return (response.status_code, body.decode("utf-8", "replace"),
                         _retry_after(response.headers))
         except _TRANSPORT_ERRORS as exc:
-            raise self.transport_error(exc) from None
-
-    def read_text(self, response: requests.Response) -> str:
-        """An error body, decoded and bounded; "" when it cannot be read."""
-        try:
-            raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
-        except _TRANSPORT_ERRORS:
-            raw = b""
-        return raw.decode("utf-8", "replace")
+            raise self.transport_error(exc, seconds) from None
 
     def read_json(self, response: requests.Response, timeout: float) -> Any:
         try:
@@ -3186,31 +3157,28 @@ class _Connection:
                         retry_after: float | None = None) -> APIError:
         return self.redacted(_error_from_body(status, text, self.note, retry_after))
 
-    def transport_error(self, exc: BaseException, timeout: float | None = None,
-                        when: str = "") -> APIError:
+    def transport_error(self, exc: BaseException, timeout: float, when: str = "") -> APIError:
         """The module's error for a transport failure, redacted. `timeout`: the request's
         silence limit. `when`: "whole" for a request that asked for a whole answer
         (servers send it only once it is complete); "stream" once a stream's answer
         had begun (never retried then: the caller has seen part of it)."""
-        timeout = self.config.timeout if timeout is None else timeout
-        reason = _socket_reason(str(exc))
-        error: APIError
         if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
-            error = RequestTimeoutError(f"could not connect within {timeout:g} s")
-        elif isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError,
-                              TimeoutError)):
-            error = RequestTimeoutError(f"the server sent nothing for {timeout:g} s" + {
-                "whole": " while composing a whole answer (non-streamed answers arrive only"
-                         " when complete; stream() shows progress)",
-                "stream": " in the middle of the stream"}.get(when, ""))
+            return self.redacted(RequestTimeoutError(f"could not connect within {timeout:g} s"))
+        if isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+            return self.redacted(RequestTimeoutError(
+                f"the server sent nothing for {timeout:g} s" + {
+                    "whole": " while composing a whole answer (non-streamed answers arrive"
+                             " only when complete; stream() shows progress)",
+                    "stream": " in the middle of the stream"}.get(when, "")))
+        match = _SOCKET_REASON.search(str(exc))
+        reason = match.group(0) if match else str(exc)[:200]
         # A broken chunked body is a connection that failed while reading, not one that
         # could not be made: the server had answered.
-        elif isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
+        if isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
                 exc, requests.exceptions.ChunkedEncodingError) and when != "stream":
-            error = EndpointUnavailableError(f"cannot connect: {reason}")
-        else:
-            error = StreamError(f"the connection broke while reading the answer: {reason}")
-        return self.redacted(error)
+            return self.redacted(EndpointUnavailableError(f"cannot connect: {reason}"))
+        return self.redacted(StreamError(
+            f"the connection broke while reading the answer: {reason}"))
 
     def redacted(self, exc: APIError) -> APIError:
         """`exc` with its secrets redacted (a server may echo the key in its text) and
@@ -3259,10 +3227,9 @@ def _lone_surrogate(value: Any, path: str = "") -> tuple[str, int]:
     return "", -1
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or (
-        443 if parts.scheme.lower() == "https" else 80)
+def _origin(url: str) -> tuple[str, str | None, int]:
+    parts = urllib.parse.urlsplit(url)  # which lowers the scheme and the host
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _with_schema_message(messages: list[dict[str, Any]],
@@ -3280,11 +3247,6 @@ def _with_schema_message(messages: list[dict[str, Any]],
             return messages
         return [{**first, "content": f"{first['content']}\n\n{text}"}, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
-
-
-def _socket_reason(text: str) -> str:
-    match = _SOCKET_REASON.search(text)
-    return match.group(0) if match else text[:200]
 
 
 def _stale_connection(exc: BaseException) -> bool:
@@ -3367,18 +3329,16 @@ def main(argv: list[str] | None = None) -> int:
     Returns the exit status: 0 ok, 1 API error, 2 usage or configuration error,
     130 interrupted (Ctrl-C). Errors are one line on stderr.
     """
-    parser = _cli_parser()
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    literal = "--" in argv
-    words: list[str] = args.words
+    args = _cli_parser().parse_args(argv)
+    command = [] if "--" in argv else args.words  # after --, every word is the prompt's
     try:
         client = _cli_client(args)
-        if words[:1] == ["models"] and len(words) == 1 and not literal:
+        if command == ["models"]:
             return _cli_models(client)
-        if words[:1] == ["check"] and len(words) == 1 and not literal:
+        if command == ["check"]:
             return _cli_check(client, args.wait)
-        return _cli_chat(client, _cli_prompt(words), args)
+        return _cli_chat(client, _cli_prompt(args.words), args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -3443,20 +3403,16 @@ def _cli_prompt(words: list[str]) -> str:
 def _cli_chat(client: Client, prompt: str, args: argparse.Namespace) -> int:
     if args.schema is not None:
         return _cli_structured(client, prompt, args)
-    out = sys.stdout
     with client.stream(prompt, system=args.system, temperature=args.temperature,
                        max_tokens=args.max_tokens) as chunks:
         for chunk in chunks:
             if args.json:
-                out.write(json.dumps(_chunk_json(chunk), ensure_ascii=False) + "\n")
+                print(json.dumps(_chunk_json(chunk), ensure_ascii=False), flush=True)
             elif chunk.content and chunk.type == "text":
-                out.write(chunk.content)
-            else:
-                continue
-            out.flush()
+                print(chunk.content, end="", flush=True)
         refusal = chunks.result.refusal if chunks.result else ""
     if not args.json:
-        out.write("\n")
+        print()
     return _cli_refused(refusal)
 
 
@@ -3479,10 +3435,9 @@ def _cli_structured(client: Client, prompt: str, args: argparse.Namespace) -> in
         raise ConfigError(f"--schema {args.schema}: a JSON Schema is a JSON object")
     result = client.generate(prompt, system=args.system, temperature=args.temperature,
                              max_tokens=args.max_tokens, schema=schema)
-    if result.refusal:
-        return _cli_refused(result.refusal)
-    print(json.dumps(result.data, ensure_ascii=False))
-    return 0
+    if not result.refusal:
+        print(json.dumps(result.data, ensure_ascii=False))
+    return _cli_refused(result.refusal)
 
 
 def _chunk_json(chunk: Chunk) -> dict[str, Any]:
@@ -3503,12 +3458,11 @@ def _chunk_json(chunk: Chunk) -> dict[str, Any]:
 
 def _cli_models(client: Client) -> int:
     try:
-        models = client.available_models(fallback=False)
+        print("\n".join(client.available_models(fallback=False)))
     except APIError as exc:
         print(f"openai-compat: could not list models: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return 1
-    print("\n".join(models))
     return 0
 
 
@@ -3528,8 +3482,8 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
     if not _probe_models(client):
         return 1
     probe = Client(client.config.base_url, client.config.api_key, client.model,
-                   timeout=client.config.timeout, max_retries=0,
-                   headers=client._http.extra_headers)
+                   timeout=client.config.timeout, max_retries=0)
+    probe._http.url_source = client._http.url_source  # hints name --base-url, if it was
     try:
         started = time.monotonic()
         answer = probe.generate("Say hello in one word.", max_tokens=16)
@@ -3542,9 +3496,12 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         _report("chat", False, f"{type(exc).__name__}: {exc}")
         _probe_quirks(client, probe)
         return 1
-    _probe_stream(probe)
-    _probe_tools(probe)
-    _probe_structured(probe)
+    for name, run in (("streaming", _probe_stream), ("tool calls", _probe_tools),
+                      ("structured", _probe_structured)):
+        try:
+            run(probe)
+        except APIError as exc:
+            _report(name, False, f"{type(exc).__name__}: {exc}")
     _probe_quirks(client, probe)
     return 0
 
@@ -3558,15 +3515,15 @@ def _probe_models(client: Client) -> bool:
     """Report reachable and models; False when nothing more can be probed."""
     try:
         models = client.available_models(fallback=False)
-    except (AuthenticationError, EndpointUnavailableError, RequestTimeoutError) as exc:
-        reached = not isinstance(exc, (EndpointUnavailableError, RequestTimeoutError))
-        _report("reachable", reached, client._http.models_answer if reached else str(exc))
-        if reached:
-            _report("auth", False, str(exc))
-            _probe_quirks(client)
+    except (EndpointUnavailableError, RequestTimeoutError) as exc:
+        _report("reachable", False, str(exc))
         return False
     except APIError as exc:
         _report("reachable", True, client._http.models_answer or "the server answered")
+        if isinstance(exc, AuthenticationError):
+            _report("auth", False, str(exc))
+            _probe_quirks(client)
+            return False
         _report("models", None, f"not listed ({exc.message})")
         return True
     _report("reachable", True, client._http.models_answer)
@@ -3577,27 +3534,22 @@ def _probe_models(client: Client) -> bool:
 
 def _probe_quirks(*clients: Client) -> None:
     """One line per deviation the probes' Clients absorbed, in the order met."""
-    lines: list[str] = []
-    for probe in clients:
-        lines += [line for line in probe.quirks if line not in lines]
+    lines = dict.fromkeys(line for probe in clients for line in probe.quirks)
     for line in lines:
         _report("quirk", None, line)
     if not lines:
         _report("quirks", True, "none absorbed")
 
 
+# The probes after chat: _cli_check reports the APIError they raise.
 def _probe_stream(client: Client) -> None:
     started, first, count = time.monotonic(), 0.0, 0
-    try:
-        with client.stream("Count from 1 to 5.", max_tokens=32) as chunks:
-            for chunk in chunks:
-                if chunk.type == "text":
-                    count += 1
-                    first = first or time.monotonic() - started
-            usage = chunks.result.usage if chunks.result else None
-    except APIError as exc:
-        _report("streaming", False, f"{type(exc).__name__}: {exc}")
-        return
+    with client.stream("Count from 1 to 5.", max_tokens=32) as chunks:
+        for chunk in chunks:
+            if chunk.type == "text":
+                count += 1
+                first = first or time.monotonic() - started
+        usage = chunks.result.usage if chunks.result else None
     _report("streaming", count > 0, f"{count} text chunks, first after {first:.2f} s")
     _report("usage", True if usage else None, f"prompt {usage.prompt_tokens}, completion "
             f"{usage.completion_tokens}" if usage else "not reported in streams")
@@ -3624,13 +3576,9 @@ def _probe_tools(client: Client) -> None:
         """Add two integers."""
         return a + b
 
-    try:
-        result = client.stream("Use the add tool to add 2 and 3.", tools=[add], max_steps=2,
-                               messages=_probe_examples(), temperature=0, max_tokens=128)
-        calls = [c.tool_call for c in result if c.type == "tool_call" and c.tool_call]
-    except APIError as exc:
-        _report("tool calls", False, f"{type(exc).__name__}: {exc}")
-        return
+    result = client.stream("Use the add tool to add 2 and 3.", tools=[add], max_steps=2,
+                           messages=_probe_examples(), temperature=0, max_tokens=128)
+    calls = [c.tool_call for c in result if c.type == "tool_call" and c.tool_call]
     if not calls:
         _report("tool calls", None, "no tool call, even after two worked examples: the model "
                 "answered in text")
@@ -3644,12 +3592,8 @@ def _probe_structured(client: Client) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string"},
                                                "country": {"type": "string"}},
               "required": ["city", "country"]}
-    try:
-        result = client.generate("Name a city in France as JSON with city and country.",
-                                 schema=schema, temperature=0, max_tokens=64)
-    except APIError as exc:
-        _report("structured", False, f"{type(exc).__name__}: {exc}")
-        return
+    result = client.generate("Name a city in France as JSON with city and country.",
+                             schema=schema, temperature=0, max_tokens=64)
     how = ("response_format json_schema honoured",
            "json_schema refused; json_object with the schema honoured",
            "response_format refused; the schema is asked for in a system message")
