@@ -480,6 +480,9 @@ def test_errors_mix_in_builtins() -> None:
         (502, ("<html><head><title>api.example.com | 502: Bad gateway</title></head>"
               "<body><h1>Bad gateway</h1></body></html>"), "text/html",
          oc.ServerError, "502: Bad gateway", ["error bodies as HTML pages"]),  # Cloudflare
+        (504, ("<html><head><title></title></head><body><center><h1>504 Gateway Time-out"
+              "</h1></center></body></html>"), "text/html",
+         oc.ServerError, "504 Gateway Time-out", ["error bodies as HTML pages"]),  # empty title
         (503, "upstream connect error", "text/plain", oc.ServerError, "upstream connect",
          ["error bodies as plain text"]),  # Envoy
         (500, "", "text/plain", oc.ServerError, "HTTP 500", []),
@@ -3430,6 +3433,18 @@ def test_cli_hints_name_the_flag_and_the_variable(cli_main: CLI) -> None:
     from_env = cli_main(None, "hi", env={"OPENAI_COMPATIBLE_BASE_URL": closed,
                                          "OPENAI_COMPATIBLE_MAX_RETRIES": "0"})
     assert from_env.stderr.rstrip().endswith(f"Check OPENAI_COMPATIBLE_BASE_URL (now {closed})")
+
+
+def test_cli_check_hints_name_the_flag_when_chat_fails(server: Scripted, cli_main: CLI) -> None:
+    # `check` probes through a second Client; its hints named base_url= under --base-url.
+    server.add(json_reply({"data": [{"id": "m"}]}))
+    server.add(json_reply({"detail": "Not Found"}, status=404))
+    done = cli_main(None, "--base-url", server.base_url, "check",
+                    env={"OPENAI_COMPATIBLE_MAX_RETRIES": "0"})
+    chat = next(x for x in done.stdout.splitlines() if x.startswith("chat"))
+    assert "FAIL" in chat and chat.endswith("Check --base-url: the server has no "
+                                            "chat-completions route there"), done.stdout
+    assert done.returncode == 1
 
 
 def test_cli_schema_prints_the_checked_json(server: Scripted, tmp_path: Any,
