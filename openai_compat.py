@@ -2028,7 +2028,8 @@ def _pointer(root: Any, ref: str) -> Any:
     target = root
     for token in urllib.parse.unquote(ref[2:]).split("/") if ref != "#" else ():
         token = token.replace("~1", "/").replace("~0", "~")
-        index = int(token) if token.isascii() and token.isdigit() else -1
+        # More digits than any list's length: no index (int() refuses over 4,300 digits).
+        index = int(token) if token.isascii() and token.isdigit() and len(token) < 20 else -1
         target = (target.get(token, ...) if isinstance(target, dict) else target[index]
                   if isinstance(target, list) and 0 <= index < len(target) else ...)
     if isinstance(target, (dict, bool)):

@@ -1916,6 +1916,13 @@ def test_vet_schema_refuses_naming_the_keyword(schema: Any, keyword: str) -> Non
         oc._vet_schema(schema, "schema=")
 
 
+def test_vet_schema_names_a_ref_to_a_huge_index_as_pointing_nowhere() -> None:
+    # It was "holds a regex Python cannot use": int() refuses over 4,300 digits.
+    with pytest.raises(oc.ConfigError, match="^schema=: JSON Schema keyword '\\$ref' "
+                       "'#/allOf/1+' does not point at a schema in the same document$"):
+        oc._vet_schema({"allOf": [{}], "$ref": "#/allOf/" + "1" * 5000}, "schema=")
+
+
 def test_vet_schema_refuses_before_anything_is_sent(server: Scripted) -> None:
     refused = {"type": "object", "unevaluatedProperties": False}
     with pytest.raises(oc.ConfigError, match="'unevaluatedProperties'"):
