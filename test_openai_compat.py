@@ -4220,6 +4220,77 @@ def test_inputs_any_configuration_and_text_succeed_or_fail_as_the_module_s_own_e
             assert _leaks(secret, *shown, caplog.text) == []
 
 
+# What a server may send in a body, in any order and cut anywhere: events of every shape
+# QUIRKS.md lists, whole answers, error forms, stray bytes. Echoing the key checks that
+# no error shows it.
+_SERVER_PIECES = st.sampled_from([
+    sse(delta(content="Hi")), sse(delta("stop")), "data: [DONE]\n\n", "data:[DONE]  \n\n",
+    sse(delta(tool_calls=[{"index": 0, "id": "c1", "function": {"name": "add",
+                                                                "arguments": '{"a": 1'}}])),
+    sse(delta(tool_calls=[{"function": {"arguments": ', "b": 2}'}}])),
+    sse(delta("tool_calls")), sse(delta(reasoning_content="hm")), sse(delta(refusal="No.")),
+    sse(delta(content=["x", {"type": "thinking", "thinking": [{"text": "t"}]}])),
+    sse({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
+    sse({"choices": None}), sse({"choices": [{"index": 1, "delta": {"content": "n2"}}]}),
+    sse({"error": {"message": f"bad key {KEY}", "code": 401}}),
+    sse({"object": "error", "message": "context length exceeded", "code": 400}),
+    "event: error\ndata: {\"message\": \"overloaded\"}\n\n", 'error: {"message": "x"}\n\n',
+    json.dumps(completion('{"a": 1, "b": 2}')), json.dumps({"error": "Unexpected endpoint"}),
+    "<html><title>502 Bad Gateway</title></html>", ": keep-alive\n\n", "data: not json\n\n",
+    'data: {"choices": [', "\r\n", "\r", "\n", "\ufeff", "data: \u00e9\n\n",
+]).map(str.encode) | st.binary(max_size=24)
+
+
+def _add_numbers(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(_SERVER_PIECES, max_size=8),
+       status=st.sampled_from([200, 200, 200, 400, 401, 404, 413, 429, 500, 502]),
+       content_type=st.sampled_from(["text/event-stream", "application/json", "text/html",
+                                     "text/plain; charset=utf-8", ""]),
+       framing=st.sampled_from(["chunked", "close", "length", "gzip"]),
+       cuts=st.lists(st.integers(0, 600), max_size=6), tools=st.booleans(),
+       schema=st.booleans())
+def test_server_any_bytes_end_in_an_answer_or_the_module_s_own_error(
+        server: Scripted, parts: list[bytes], status: int, content_type: str, framing: str,
+        cuts: list[int], tools: bool, schema: bool) -> None:
+    if cuts:  # the same bytes in other HTTP chunks: events, lines and characters split
+        body, bounds = b"".join(parts), [0, *sorted(cuts), None]
+        parts = [body[start:end] for start, end in itertools.pairwise(bounds)]
+    # Every request of the call (resends, whole-answer asks, repairs, tool steps) meets
+    # the same reply; then the server's "no scripted reply" 599 ends it.
+    server.replies[:] = [Reply(*parts, status=status, framing=framing,
+                               content_type=content_type) for _ in range(4)]
+    client = server.client(api_key=KEY, max_retries=0, timeout=5)
+    options: dict[str, Any] = {"max_steps": 3}
+    if tools:
+        options["tools"] = [oc.tool(name="add")(_add_numbers)]  # the name the events call
+    if schema:
+        options["schema"] = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    started = time.monotonic()
+    try:
+        with client.stream("hi", **options) as stream:
+            got = list(stream)
+        result, last = stream.result, got[-1].step
+        assert result is not None and len(result.steps) == last
+        assert [c.finish_reason for c in got if c.type == "finish"] == [
+            s.finish_reason for s in result.steps]
+        for kind in ("text", "refusal"):  # the last model call's, as the Chunks showed it
+            assert "".join(c.content for c in got if c.type == kind
+                           and c.step == last) == getattr(result, kind)
+        shown = [repr(result)]
+    except oc.OpenAICompatError as exc:  # anything else fails the test, as it should
+        shown = [str(exc), repr(exc), getattr(exc, "body", None) or ""]
+    finally:
+        client.close()
+    assert _leaks(KEY, *shown) == []
+    assert time.monotonic() - started < 5  # nothing waits on a reply that has ended
+
+
 # ==== Cases from other projects ====
 
 
