@@ -4291,6 +4291,45 @@ def test_server_any_bytes_end_in_an_answer_or_the_module_s_own_error(
     assert time.monotonic() - started < 5  # nothing waits on a reply that has ended
 
 
+# What GET /models may answer: every shape QUIRKS.md lists, broken ones, stray bytes.
+_MODELS_PIECES = st.sampled_from([
+    '{"object": "list", "data": [{"id": "m1"}, {"id": "m2"}]}', '{"data": null}',
+    '{"models": [{"name": "llama3.2:latest"}], "data": [{"id": "llama3.2"}]}', '["a", "b"]',
+    '{"data": [{"name": "x"}, {"model": "y"}, "z", 3, null, {"id": ""}]}', '{"data": []}',
+    '{"error": {"message": "Invalid API Key"}}', f'{{"detail": "bad key {KEY}"}}', "{",
+    "<html><title>404 Not Found</title></html>", "Not Found", "\ufeff", '{"data": {}}',
+]).map(str.encode) | st.binary(max_size=24)
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(_MODELS_PIECES, max_size=3),
+       status=st.sampled_from([200, 200, 401, 404, 500, 503]),
+       content_type=st.sampled_from(["application/json", "text/html", "text/plain", ""]),
+       framing=st.sampled_from(["chunked", "close", "length", "gzip"]))
+def test_models_any_answer_gives_ids_or_the_module_s_own_error(
+        server: Scripted, parts: list[bytes], status: int, content_type: str,
+        framing: str) -> None:
+    server.replies[:] = [Reply(*parts, status=status, framing=framing,
+                               content_type=content_type)]
+    asked = len(server.requests)
+    client = server.client(api_key=KEY, max_retries=0)
+    try:
+        models = client.available_models(fallback=False)
+        assert models and all(isinstance(m, str) and m.strip() for m in models)
+        assert client.first_available_model() == models[0]
+        shown = models
+    except oc.APIError as exc:  # anything else fails the test, as it should
+        shown = [str(exc), repr(exc), exc.body or ""]
+        assert not exc.message.startswith("model discovery failed")  # a bug, caught as one
+        assert client.available_models() == list(oc.FALLBACK_MODELS)  # asked once, then
+        assert client.first_available_model() == oc.DEFAULT_MODEL     # the fallbacks
+    finally:
+        client.close()
+    assert _leaks(KEY, *shown) == []
+    assert len(server.requests) == asked + 1
+
+
 # ==== Cases from other projects ====
 
 
