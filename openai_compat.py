@@ -165,15 +165,17 @@ class APIError(OpenAICompatError):
         message: the server's own message (or the transport's), with secrets redacted.
         status_code: the HTTP status, or None (no response, or an error inside a stream).
         body: the response body as text (trimmed), or None.
-        base_url: the endpoint the request went to (secrets in it redacted).
+        base_url: the endpoint the request went to (secrets in it redacted); the message
+            names the URL called, its path and query.
         retryable: True when sending the same request again may succeed.
         partial_text: answer text the interrupted model call had already yielded ("" if none).
     """
 
     retryable: ClassVar[bool] = False
     # Where the base URL came from, for hints: the variable, "base_url=" or the CLI's
-    # --base-url (set by the Client that raises the error).
+    # --base-url; and the path called below it (both set by the Client that raises it).
     _url_source: str = _ENV_BASE_URL
+    _path: str = ""
 
     def __init__(self, message: str, *, status_code: int | None = None,
                  body: str | None = None, base_url: str | None = None,
@@ -186,8 +188,9 @@ class APIError(OpenAICompatError):
         self.partial_text = partial_text
 
     def __str__(self) -> str:
+        base, query, rest = (self.base_url or "").partition("?")
         where = [f"HTTP {self.status_code}"] if self.status_code is not None else []
-        where += [f"from {self.base_url}"] if self.base_url else []
+        where += [f"from {base}{self._path}{query}{rest}"] if base else []
         text = self.message or "no message from the server"
         text += f" ({' '.join(where)})" if where else ""
         return ". ".join(filter(None, (text, self._hint())))
@@ -251,7 +254,10 @@ class RateLimitError(APIError):
 class ModelNotFoundError(APIError):
     """The server does not know the model. Not retryable: pick a listed model."""
 
-    _HINT = f"List the server's models with `openai-compat models`; set {_ENV_MODEL} or pass model="
+    def _hint(self) -> str:
+        # Advice never loops back: a failing GET /models does not send the user there.
+        listed = "" if self._path == "/models" else " (`openai-compat models` lists them)"
+        return f"Set {_ENV_MODEL} or pass model= naming a model the server has{listed}"
 
 
 class ContextLengthError(APIError):
@@ -269,7 +275,7 @@ class BadRequestError(APIError):
         # No route there: a URL without a version segment (and no query string) lacks /v1.
         if self.base_url and not re.search(r"\?|/v\d+[a-z0-9]*(?:/|$)", self.base_url):
             return f"The server may expect /v1: try {self._url_source}={self.base_url}/v1"
-        return f"Check {self._url_source}: the server has no chat-completions route there"
+        return f"Check {self._url_source}: the server has no such route"
 
 
 class ServerError(APIError):
@@ -1077,8 +1083,11 @@ def _fetch_models(http: _Connection) -> list[str] | APIError:
     worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
     worker.start()
     worker.join(_DISCOVERY_SECONDS)
-    return answers[0] if answers else http.redacted(RequestTimeoutError(
+    found = answers[0] if answers else http.redacted(RequestTimeoutError(
         f"GET /models did not answer within {_DISCOVERY_SECONDS:g} s"))
+    if isinstance(found, APIError):
+        found._path = "/models"  # its message names the URL called
+    return found
 
 
 def _ask_models(http: _Connection) -> list[str]:
@@ -3191,6 +3200,7 @@ class _Connection:
             exc.body = _redact(exc.body, self.secrets)
         exc.base_url = self.shown_url
         exc._url_source = self.url_source
+        exc._path = exc._path or "/chat/completions"  # discovery's say /models
         return exc
 
 

@@ -544,6 +544,52 @@ def test_error_never_shows_the_key(server: Scripted, caplog: pytest.LogCaptureFi
     assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
 
 
+# Source: Azure OpenAI's 404 for a deployment name it does not know (error code
+# DeploymentNotFound), as users quote it; the module's table reads it as a model not found.
+_AZURE_NO_DEPLOYMENT = {"error": {
+    "code": "DeploymentNotFound", "message": "The API deployment for this resource does not "
+    "exist. If you created the deployment within the last 5 minutes, please wait a moment and "
+    "try again."}}
+
+
+def test_error_names_the_url_called_with_its_query_its_secrets_redacted(server: Scripted) -> None:
+    # Issue #26: an Azure-style base URL that answered 404 was reported as the base URL,
+    # not the URL called.
+    port = server.httpd.server_address[1]  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{port}/openai/deployments/gpt4o?api-version=2024-10-21&sig=S1GSECRET"
+    server.add(json_reply(_AZURE_NO_DEPLOYMENT, status=404),
+               json_reply(_AZURE_NO_DEPLOYMENT, status=404))
+    client = oc.Client(base, model="gpt4o", max_retries=0)
+    errors = []
+    for call in (lambda: client.generate("hi"), lambda: client.available_models(fallback=False)):
+        with pytest.raises(oc.ModelNotFoundError) as caught:
+            call()
+        errors.append(caught.value)
+    shown = f"http://127.0.0.1:{port}/openai/deployments/gpt4o/{{}}?api-version=2024-10-21&sig="
+    assert f"(HTTP 404 from {shown.format('chat/completions')}[redacted])" in str(errors[0])
+    assert f"(HTTP 404 from {shown.format('models')}[redacted])" in str(errors[1])
+    for error in errors:
+        assert "S1GSECRET" not in str(error) + repr(error)
+        assert error.base_url == base.replace("S1GSECRET", "[redacted]")  # the base, as before
+
+
+def test_error_advice_never_loops_back_to_what_failed(server: Scripted) -> None:
+    # Issue #26: a 404 advised `openai-compat models`, which then failed with the same
+    # advice. Azure answers GET .../deployments/NAME/models as it answers chat.
+    server.add(json_reply(_AZURE_NO_DEPLOYMENT, status=404),
+               json_reply(_AZURE_NO_DEPLOYMENT, status=404))
+    client = server.client(max_retries=0)
+    with pytest.raises(oc.ModelNotFoundError) as chat:
+        client.generate("hi")
+    with pytest.raises(oc.ModelNotFoundError) as models:
+        client.available_models(fallback=False)
+    assert "`openai-compat models` lists them" in str(chat.value)
+    assert "openai-compat models" not in str(models.value)
+    assert "OPENAI_COMPATIBLE_MODEL" in str(models.value)  # what to do instead
+
+
+
+
 # ==== Data types ====
 
 
@@ -3449,8 +3495,8 @@ def test_cli_check_hints_name_the_flag_when_chat_fails(server: Scripted, cli_mai
     done = cli_main(None, "--base-url", server.base_url, "check",
                     env={"OPENAI_COMPATIBLE_MAX_RETRIES": "0"})
     chat = next(x for x in done.stdout.splitlines() if x.startswith("chat"))
-    assert "FAIL" in chat and chat.endswith("Check --base-url: the server has no "
-                                            "chat-completions route there"), done.stdout
+    assert "FAIL" in chat and chat.endswith("Check --base-url: the server has no such route"), (
+        done.stdout)
     assert done.returncode == 1
 
 
