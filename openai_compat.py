@@ -142,6 +142,9 @@ _WAIT_GAP: Final = 1.0
 # that catches them turns them into the module's own errors.
 _TRANSPORT_ERRORS: Final = (requests.RequestException, urllib3.exceptions.HTTPError,
                             http.client.HTTPException, OSError)
+# An API key shorter than this is a placeholder ("x", "EMPTY", "ollama"), never redacted:
+# no provider issues keys that short, and redacting "x" mangled every message.
+_SECRET_LENGTH: Final = 8
 
 # ==== Errors ====
 
@@ -693,7 +696,7 @@ class Config:
     max_retries: int = _DEFAULT_MAX_RETRIES
 
     def __repr__(self) -> str:
-        key = "'[redacted]'" if self.api_key else "None"
+        key = repr(self.api_key) if len(self.api_key or "") < _SECRET_LENGTH else "'[redacted]'"
         return (f"Config(base_url={_shown_url(self.base_url)!r}, api_key={key}, model="
                 f"{self.model!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r})")
 
@@ -777,6 +780,7 @@ def _shown_url(url: str) -> str:
 
 # An HTTP header name is a "token" (RFC 9110, 5.6.2); a value we send is printable ASCII.
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SECRET_HEADER: Final = re.compile(r"key|token|auth|secret", re.IGNORECASE)
 _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 
 
@@ -2951,7 +2955,10 @@ class _Connection:
         self.note = note
         self.shown_url = _shown_url(config.base_url)
         url_secrets = _url_secrets(config.base_url)
-        self.secrets = tuple(s for s in (config.api_key, *url_secrets) if s)
+        key = config.api_key if len(config.api_key or "") >= _SECRET_LENGTH else ""
+        # Headers named like secrets are secrets whatever their length; the URL's too.
+        self.secrets = tuple(filter(None, (key, *url_secrets, *(
+            value for name, value in headers.items() if _SECRET_HEADER.search(name)))))
         if url_secrets:  # addFilter adds it once, however many Clients ask
             logging.getLogger("urllib3.connectionpool").addFilter(_redact_url_log)
         parts = urllib.parse.urlsplit(config.base_url)

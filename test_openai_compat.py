@@ -3286,6 +3286,72 @@ def test_a_rejected_field_is_dropped_and_listed(server: Scripted, message: str, 
     assert client.quirks == expected, "no usage is no quirk when it was not asked for"
 
 
+# ==== Company networks ====
+
+
+# Issue #27: what a user at a company meets, with real parts on loopback: a TLS server
+# whose certificate comes from a CA this machine does not know (a test CA, trustme's),
+# a CONNECT proxy that tunnels, asks for a password (407) or is not there, and the
+# placeholder keys that local servers' docs suggest. These machines set CA variables
+# for the whole machine (REQUESTS_CA_BUNDLE, SSL_CERT_FILE, ...) and CI inherits them:
+# ca_file removes them, and each test sets what it needs; _clean_env removes the proxy
+# variables.
+
+_CA_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+PROXY_PASSWORD = "pw7"  # short: a proxy's password is redacted whatever its length
+
+
+@pytest.mark.parametrize("key", ["x", "1", "EMPTY", "none", "ollama"])
+def test_placeholder_keys_leave_every_message_intact(
+        server: Scripted, key: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #27: with api_key="x", "Max retries exceeded" read "Ma[redacted] retries
+    # e[redacted]ceeded". Local servers' docs suggest these keys; none is a secret.
+    caplog.set_level(logging.DEBUG)
+    said = ("The model `ollama-none-1x-EMPTY` does not exist (Max retries exceeded: none "
+            "of 1 ollama EMPTY x)")
+    server.add(json_reply({"error": {"message": said}}, status=404),
+               json_reply({"error": {"message": said}}, status=404))
+    client = server.client(api_key=key, max_retries=0)
+    assert client.available_models() == list(oc.FALLBACK_MODELS)  # and logs why
+    with pytest.raises(oc.ModelNotFoundError) as caught:
+        client.generate("hi", model="ollama-none-1x-EMPTY")
+    err = caught.value
+    assert err.message == said and said in str(err) and said in (err.body or "")
+    assert said in caplog.text  # the discovery warning
+    assert f"api_key={key!r}" in repr(client.config)
+    assert "[redacted]" not in str(err) + repr(err) + caplog.text + repr(client.config)
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {key}"
+
+
+@pytest.mark.parametrize(("key", "secret"), [("sk-1234", False), ("sk-12345", True)])
+def test_a_key_of_8_characters_or_more_is_redacted_everywhere(
+        server: Scripted, caplog: pytest.LogCaptureFixture, key: str, secret: bool) -> None:
+    caplog.set_level(logging.DEBUG)
+    said = f"Incorrect API key provided: {key}. Keys look like sk-..."
+    server.add(json_reply({"error": {"message": said}}, status=401),
+               json_reply({"error": {"message": said}}, status=401))
+    client = server.client(api_key=key)
+    assert client.available_models() == list(oc.FALLBACK_MODELS)  # and logs why
+    with pytest.raises(oc.AuthenticationError) as caught:
+        client.generate("hi")
+    err = caught.value
+    texts = [str(err), repr(err), err.body or "", repr(client.config), caplog.text]
+    if secret:
+        assert _leaks(key, *texts) == [] and "provided: [redacted]." in str(err)
+    else:  # a placeholder: shown as it is, everywhere
+        assert all(key in text for text in texts if text is not repr(err))
+
+
+def test_headers_named_like_secrets_are_redacted_whatever_their_length(server: Scripted) -> None:
+    server.add(json_reply({"error": {"message": "tenant k9 of team blue is over quota"}},
+                          status=400))
+    client = server.client(headers={"X-Api-Key": "k9", "X-Team": "blue"})
+    with pytest.raises(oc.BadRequestError) as caught:
+        client.generate("hi")
+    assert caught.value.message == "tenant [redacted] of team blue is over quota"
+    assert server.requests[0]["headers"]["X-Api-Key"] == "k9"
+
+
 # ==== Command line ====
 
 
@@ -4259,8 +4325,12 @@ def test_inputs_any_configuration_and_text_succeed_or_fail_as_the_module_s_own_e
         if client is not None:
             shown += [repr(client), repr(client.config), *client.quirks]
             client.close()
-    secrets = [(key or "").strip(), *(v.strip() for n, v in (headers or {}).items()
-                                      if _SECRET_HEADER.search(n))]
+    # A header named like a secret is one whatever its length. A key shorter than 8
+    # characters is a placeholder, shown as it is (Config's repr shows it even when a
+    # header holds the same text: found by this test).
+    key = (key or "").strip()
+    secrets = [key if len(key) >= 8 else "", *(v.strip() for n, v in (headers or {}).items()
+                                               if _SECRET_HEADER.search(n) and v.strip() != key)]
     for secret in secrets:
         if len(secret) >= 4 and secret.startswith("sk-"):
             assert _leaks(secret, *shown, caplog.text) == []
