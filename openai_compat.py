@@ -92,6 +92,7 @@ import time
 import types
 import typing
 import urllib.parse
+import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from decimal import Decimal
@@ -754,9 +755,9 @@ def _base_url(url: str) -> str:
     path, cut = re.subn(r"/(?:chat/completions|models)$", "", parts.path.rstrip("/"))
     base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
     if cut and url not in _warned_urls:
-        _warned_urls.add(url)
-        _log.warning("the base URL %s ends in an endpoint's path: using %s (set that as the "
-                     "base URL)", _shown_url(url), _shown_url(base))
+        _warned_urls.add(url)  # stacklevel: the line that made the Client
+        warnings.warn(f"the base URL {_shown_url(url)} ends in an endpoint's path: using "
+                      f"{_shown_url(base)} (set that as the base URL)", UserWarning, stacklevel=4)
     return base
 
 
