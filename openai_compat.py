@@ -85,6 +85,8 @@ import operator
 import os
 import random
 import re
+import socket
+import ssl
 import string
 import sys
 import threading
@@ -175,7 +177,7 @@ class APIError(OpenAICompatError):
         partial_text: answer text the interrupted model call had already yielded ("" if none).
     """
 
-    retryable: ClassVar[bool] = False
+    retryable: bool = False
     # Where the base URL came from, for hints: the variable, "base_url=" or the CLI's
     # --base-url; and the path called below it (both set by the Client that raises it).
     _url_source: str = _ENV_BASE_URL
@@ -210,16 +212,20 @@ class APIError(OpenAICompatError):
 
 
 class EndpointUnavailableError(APIError, ConnectionError):
-    """No response: connection refused, DNS failure, reset before the server answered.
+    """No response: connection refused, DNS failure, reset before the server answered,
+    a TLS certificate this machine does not trust, a proxy that cannot be reached or
+    that answered 407.
 
-    Retried automatically (max_retries); safe to retry.
+    Retried automatically (max_retries); safe to retry, except for a certificate or a
+    proxy's 407 (retryable is False: fix what the message names).
     """
 
     retryable = True
+    _advice = ""  # what to do, when the cause is known to be other than a server that is down
 
     def _hint(self) -> str:
         now = f" (now {self.base_url})" if self.base_url else ""
-        return f"Is the server running? Check {self._url_source}{now}"
+        return self._advice or f"Is the server running? Check {self._url_source}{now}"
 
 
 class RequestTimeoutError(APIError, TimeoutError):
@@ -357,7 +363,7 @@ _NO_RESPONSE_CLASSES: Final = (EndpointUnavailableError, RequestTimeoutError)
 # The statuses that decide on their own, before the table is read.
 _STATUS_ERRORS: Final[dict[int | None, type[APIError]]] = {
     401: AuthenticationError, 403: AuthenticationError, 413: ContextLengthError,
-    429: RateLimitError}
+    429: RateLimitError, 407: EndpointUnavailableError}  # 407: a proxy's, not the key
 
 
 def classify_error(message: str, status: int | None = None) -> type[APIError]:
@@ -1066,8 +1072,8 @@ class _Discovery:
 
 def _not_ready(error: APIError) -> bool:
     """Whether an error from GET /models means "not up yet" rather than "wrong"."""
-    return isinstance(error, (EndpointUnavailableError, RequestTimeoutError)) or (
-        isinstance(error, ServerError) and error.status_code in (502, 503, 504))
+    return error.retryable and (isinstance(error, (EndpointUnavailableError, RequestTimeoutError))
+                                or error.status_code in (502, 503, 504))
 
 
 def _fetch_models(http: _Connection) -> list[str] | APIError:
@@ -2915,20 +2921,6 @@ _SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
 # A server still loading its model: llama-server's 503 "Loading model", and 503s that
 # say they are loading or warming up.
 _LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
-# What the socket layer says, shortened for messages (see _Connection.transport_error).
-_SOCKET_REASON: Final = re.compile(
-    r"Connection refused|Name or service not known|nodename nor servname provided"
-    r"|Temporary failure in name resolution|No route to host|Network is unreachable"
-    r"|Connection reset by peer|Remote end closed connection without response"
-    r"|certificate verify failed[^)'\"]*|Connection aborted|IncompleteRead[^)]*\)"
-    r"|Response ended prematurely|Connection broken"
-)
-# A kept-alive connection the server had closed: the request met an EOF or a reset
-# before any byte of an answer (see _stale_connection).
-_STALE_CONNECTION: Final = re.compile(
-    r"Remote end closed connection|reset by peer|Broken pipe|BrokenPipeError"
-    r"|ConnectionResetError"
-)
 
 
 def _redact_url_log(record: logging.LogRecord) -> bool:
@@ -3027,9 +3019,9 @@ class _Connection:
                     continue
                 wait, loading_since = self._loading_wait(error, timeout, loading_since)
                 status = error.status_code or 0
-                retry = (error.retryable and (status in (408, 409, 429) or status >= 500)
+                retry = ((status in (408, 409, 429) or status >= 500)
                          and (retry_after is None or retry_after <= _MAX_RETRY_AFTER))
-            if wait is None and retry and attempt < self.config.max_retries:
+            if wait is None and retry and error.retryable and attempt < self.config.max_retries:
                 attempt += 1
                 wait = _backoff(attempt) if retry_after is None else retry_after
             if wait is None:
@@ -3174,6 +3166,8 @@ class _Connection:
 
     def error_from_body(self, status: int, text: str,
                         retry_after: float | None = None) -> APIError:
+        if status == 407:  # from a proxy: an http request's proxy answers it itself
+            return self.proxy_error("407 Proxy Authentication Required")
         return self.redacted(_error_from_body(status, text, self.note, retry_after))
 
     def transport_error(self, exc: BaseException, timeout: float, when: str = "") -> APIError:
@@ -3189,23 +3183,59 @@ class _Connection:
                     "whole": " while composing a whole answer (non-streamed answers arrive"
                              " only when complete; stream() shows progress)",
                     "stream": " in the middle of the stream"}.get(when, "")))
-        match = _SOCKET_REASON.search(str(exc))
-        reason = match.group(0) if match else str(exc)[:200]
+        causes = _causes(exc)
+        reason = _reason(causes[-1])
         # A broken chunked body is a connection that failed while reading, not one that
         # could not be made: the server had answered.
-        if isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
-                exc, requests.exceptions.ChunkedEncodingError) and when != "stream":
-            return self.redacted(EndpointUnavailableError(f"cannot connect: {reason}"))
-        return self.redacted(StreamError(
-            f"the connection broke while reading the answer: {reason}"))
+        if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or isinstance(
+                exc, requests.exceptions.ChunkedEncodingError) or when == "stream":
+            return self.redacted(StreamError(
+                f"the connection broke while reading the answer: {reason}"))
+        if any(isinstance(cause, urllib3.exceptions.ProxyError) for cause in causes):
+            return self.proxy_error(reason)
+        where = f"{self.url_source} (now {self.shown_url})"
+        if any(isinstance(cause, socket.gaierror) for cause in causes):
+            host = urllib.parse.urlsplit(self.base).hostname
+            return self.unavailable(f"cannot connect: the host name {host} does not resolve: "
+                                    f"{reason}", f"Check the host name in {where}")
+        if not any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
+            return self.unavailable(f"cannot connect: {reason}")
+        # A certificate is a setting to fix, never switched off here: retrying cannot help.
+        if "mismatch" in reason:
+            return self.unavailable(f"cannot connect: {reason}", "The server's TLS certificate "
+                                    f"names other hosts: use one in {where}", retryable=False)
+        return self.unavailable(
+            f"cannot connect: this machine does not trust the server's TLS certificate: {reason}",
+            "To trust it, point REQUESTS_CA_BUNDLE at the PEM file of the CA that issued it (or "
+            "of the self-signed certificate); verification stays on", retryable=False)
+
+    def proxy_error(self, reason: str) -> APIError:
+        """The error of a proxy that cannot be reached or that refused the request (407):
+        named as the proxy, its password redacted, never as the server."""
+        variable = f"{urllib.parse.urlsplit(self.base).scheme.upper()}_PROXY"
+        proxy = requests.utils.select_proxy(
+            self.base, requests.utils.get_environ_proxies(self.base)) or ""
+        # requests reads "host:port" as http://host:port; its password is redacted either way.
+        name = f"the proxy {_shown_url(proxy if '://' in proxy else 'http://' + proxy)} " \
+            f"({variable})" if proxy else "a proxy"
+        if "407" in reason:  # Proxy Authentication Required: not the server, nor the API key
+            return self.unavailable(f"{name} refused the request: {reason}", "Check the user "
+                                    f"name and password in {variable}", retryable=False)
+        return self.unavailable(f"cannot reach {name}: {reason}",
+                                f"Check {variable}, or list the server's host in NO_PROXY")
+
+    def unavailable(self, message: str, advice: str = "", *, retryable: bool = True) -> APIError:
+        """An EndpointUnavailableError, redacted; `advice` replaces "Is the server running?"."""
+        error = EndpointUnavailableError(message)
+        error._advice, error.retryable = advice, retryable
+        return self.redacted(error)
 
     def redacted(self, exc: APIError) -> APIError:
         """`exc` with its secrets redacted (a server may echo the key in its text) and
         saying where it came from: every APIError a Client raises or returns passes here."""
         exc.message = _redact(exc.message, self.secrets)
         exc.args = (exc.message,)
-        if exc.body:
-            exc.body = _redact(exc.body, self.secrets)
+        exc.body = exc.body and _redact(exc.body, self.secrets)
         exc.base_url = self.shown_url
         exc._url_source = self.url_source
         exc._path = exc._path or "/chat/completions"  # discovery's say /models
@@ -3214,6 +3244,25 @@ class _Connection:
 
 def _keep_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
     return request
+
+
+def _causes(exc: BaseException | None) -> list[BaseException]:
+    """`exc` and the errors it wraps, outermost first: requests wraps urllib3's, which
+    wrap the socket's and ssl's (in .reason, in args, or as __cause__)."""
+    causes: list[BaseException] = []
+    while isinstance(exc, BaseException) and len(causes) < 16:  # 16: against a cycle
+        causes.append(exc)
+        exc = next((e for e in (getattr(exc, "reason", None), *reversed(exc.args),
+                                exc.__cause__) if isinstance(e, BaseException)), None)
+    return causes
+
+
+def _reason(exc: BaseException) -> str:
+    """What an error says, for a message: ssl's verify message, or an OSError's text
+    without its errno; OpenSSL's tags and source lines dropped."""
+    text = getattr(exc, "verify_message", None) or getattr(exc, "strerror", None) or str(exc)
+    return re.sub(r"^\[[^\]]*\] *| *\(_ssl\.c:\d+\)$", "", str(text)).rstrip(".") or (
+        type(exc).__name__)
 
 
 def _encode(body: dict[str, Any]) -> bytes:
@@ -3274,12 +3323,15 @@ def _stale_connection(exc: BaseException) -> bool:
 
     The server closed it between requests (idle timeout, or after an error, as
     llama-cpp-python does after an empty stream): the request meets an EOF or a
-    reset before any byte of an answer, so the server never took it up. urllib3
-    only checks for a closed socket when it takes one from the pool, which leaves a
-    race. Connect failures are "Failed to establish a new connection", not this.
+    reset before any byte of an answer ("Connection aborted"), so the server never
+    took it up. urllib3 only checks for a closed socket when it takes one from the
+    pool, which leaves a race. Connect failures are "Failed to establish a new
+    connection" (NewConnectionError), not this. RemoteDisconnected (an EOF) is a
+    ConnectionResetError.
     """
-    text = str(exc)
-    return "Connection aborted" in text and _STALE_CONNECTION.search(text) is not None
+    causes = _causes(exc)
+    return any(isinstance(cause, urllib3.exceptions.ProtocolError) for cause in causes) and (
+        isinstance(causes[-1], (ConnectionResetError, BrokenPipeError)))
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

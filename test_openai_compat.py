@@ -4,6 +4,8 @@ llama.cpp server for the integration section. No mocks."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import dataclasses
 import enum
 import gc
@@ -14,10 +16,12 @@ import logging
 import os
 import pathlib
 import re
+import select
 import shlex
 import shutil
 import signal
 import socket
+import ssl
 import string
 import struct
 import subprocess
@@ -33,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Annotated, Any, Literal, TypedDict
 
 import pytest
+import trustme
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -41,10 +46,15 @@ import openai_compat as oc
 KEY = "sk-test-secret-0123456789"
 
 
+# The proxy variables requests reads. A machine behind a proxy sets them for everyone:
+# a loopback test must not go through it (the Company networks tests set their own).
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith("OPENAI_COMPATIBLE_"):
+        if name.startswith("OPENAI_COMPATIBLE_") or name.upper() in _PROXY_VARIABLES:
             monkeypatch.delenv(name)
 
 
@@ -95,6 +105,8 @@ def json_reply(obj: Any, status: int = 200, **kwargs: Any) -> Reply:
 
 
 class Scripted:
+    scheme = "http"
+
     def __init__(self) -> None:
         self.replies: list[Reply] = []
         self.requests: list[dict[str, Any]] = []
@@ -106,7 +118,7 @@ class Scripted:
     @property
     def base_url(self) -> str:
         assert self.httpd is not None
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        return f"{self.scheme}://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def add(self, *replies: Reply) -> Scripted:
         self.replies.extend(replies)
@@ -214,13 +226,20 @@ def _handler(script: Scripted) -> type[BaseHTTPRequestHandler]:
 class _Loopback(ThreadingHTTPServer):
     request_queue_size = 128  # the many-threads tests connect at once
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients that hang up mid-reply are part of the tests, not news.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
+        # Clients that hang up mid-reply, or refuse a TLS certificate, are part of the
+        # tests, not news.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
             super().handle_error(request, client_address)
 
 
-def _serve(script: Scripted, port: int = 0) -> _Loopback:
+def _serve(script: Scripted, port: int = 0, tls: ssl.SSLContext | None = None) -> _Loopback:
     httpd = _Loopback(("127.0.0.1", port), _handler(script))
+    if tls is not None:
+        # The handshake happens at the handler's first read, in its own thread: each
+        # attempt counts in script.connections, and a refused one never blocks the loop.
+        script.scheme = "https"
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True,
+                                       do_handshake_on_connect=False)
     httpd.daemon_threads = True
     script.httpd = httpd
     # A short poll: shutdown() waits for the loop to notice, half a poll on average (0.5
@@ -345,6 +364,8 @@ def _calls_then_text(*calls: dict[str, Any], finish: str = "tool_calls") -> Repl
         (401, "Invalid API Key", oc.AuthenticationError),  # llama.cpp
         (401, "Invalid API key", oc.AuthenticationError),  # llama-cpp-python {"detail"}
         (403, "Forbidden", oc.AuthenticationError),
+        # Issue #27: a proxy asks for its own credentials; the API key was not refused.
+        (407, "Proxy Authentication Required", oc.EndpointUnavailableError),
         (400, "No connected db.", oc.AuthenticationError),  # LiteLLM, wrong key, no database
         (429, "Model is overloaded", oc.RateLimitError),  # TGI
         (None, "Rate limit reached for requests", oc.RateLimitError),  # OpenAI, in a stream
@@ -588,6 +609,18 @@ def test_error_advice_never_loops_back_to_what_failed(server: Scripted) -> None:
     assert "OPENAI_COMPATIBLE_MODEL" in str(models.value)  # what to do instead
 
 
+def test_error_dns_failure_says_to_check_the_host_name() -> None:
+    # Issue #26: a host name that does not resolve was asked "Is the server running?".
+    # .invalid never resolves (RFC 6761).
+    url = "http://no-such-host.invalid:8000/v1"
+    client = oc.Client(url, model="m", max_retries=0)
+    for call in (lambda: client.generate("hi"), lambda: client.available_models(fallback=False)):
+        with pytest.raises(oc.EndpointUnavailableError) as caught:
+            call()
+        text = _readable(caught.value)
+        assert "the host name no-such-host.invalid does not resolve" in text
+        assert text.endswith(f"Check the host name in base_url= (now {url})")
+        assert "Is the server running" not in text
 
 
 # ==== Data types ====
@@ -3301,6 +3334,222 @@ _CA_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_C
 PROXY_PASSWORD = "pw7"  # short: a proxy's password is redacted whatever its length
 
 
+def _readable(error: BaseException) -> str:
+    """str(error), checked to be a message for people: its parentheses balanced (never
+    cut mid-parenthesis) and none of the network libraries' wrapping in it."""
+    text = str(error)
+    depth = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        assert depth >= 0, text
+    assert depth == 0, text
+    for internal in ("ConnectionPool", "Max retries", "Caused by", "Error(", "_ssl.c",
+                     "object at 0x", "[Errno", "[SSL"):
+        assert internal not in text, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def company_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(company_ca: trustme.CA, tmp_path: pathlib.Path,
+            monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test CA's certificate as a PEM file; the machine's CA variables removed."""
+    for name in _CA_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    path = str(tmp_path / "company-ca.pem")
+    company_ca.cert_pem.write_to_path(path)
+    return path
+
+
+@pytest.fixture
+def tls_server(company_ca: trustme.CA) -> Iterator[Scripted]:
+    """A scripted server on https://127.0.0.1, its certificate issued by the test CA for
+    127.0.0.1 only."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    company_ca.issue_cert("127.0.0.1").configure_cert(context)
+    script = Scripted()
+    httpd = _serve(script, tls=context)
+    yield script
+    httpd.shutdown()
+    httpd.server_close()
+
+
+class ConnectProxy:
+    """A forward proxy on loopback, as companies run them: CONNECT opens a tunnel (how
+    https goes through), a plain http request it refuses (502). A request without
+    Proxy-Authorization for user:PROXY_PASSWORD gets 407, as from a real proxy."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []  # request lines, in order
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, password: str = PROXY_PASSWORD) -> str:
+        return f"http://user:{password}@127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536) or b"\r\n\r\n"
+            head, _, body = data.partition(b"\r\n\r\n")
+            line, *lines = head.decode("latin-1").split("\r\n")
+            self.requests.append(line)
+            fields = {n.strip().lower(): v.strip() for n, _, v in (x.partition(":") for x in lines)}
+            while len(body) < int(fields.get("content-length", 0)):  # read it all: no RST
+                body += conn.recv(65536) or b" " * 65536
+            token = base64.b64encode(f"user:{PROXY_PASSWORD}".encode()).decode()
+            if fields.get("proxy-authorization") != f"Basic {token}":
+                conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate:"
+                             b' Basic realm="company"\r\nContent-Length: 0\r\n\r\n')
+                return
+            method, target, _ = line.split(" ")
+            if method != "CONNECT":
+                conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                return
+            host, _, port = target.rpartition(":")
+            with socket.create_connection((host, int(port))) as upstream:
+                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                while True:  # both ways, until one side closes
+                    ready, _, _ = select.select([conn, upstream], [], [], 30)
+                    chunks = [(sock, sock.recv(65536)) for sock in ready]
+                    if not chunks or not all(chunk for _, chunk in chunks):
+                        return
+                    for sock, chunk in chunks:
+                        (upstream if sock is conn else conn).sendall(chunk)
+
+
+@pytest.fixture
+def proxy() -> Iterator[ConnectProxy]:
+    running = ConnectProxy()
+    yield running
+    running.listener.close()
+
+
+def test_tls_server_trusted_through_requests_ca_bundle_streams_whole(
+        tls_server: Scripted, ca_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_file)
+    tls_server.add(Reply(text_stream("Hello", " there", usage=_USAGE)))
+    chunks, result = run(tls_server.client().stream("hi"))
+    assert tls_server.base_url.startswith("https://")
+    assert [c.content for c in chunks if c.type == "text"] == ["Hello", " there"]
+    assert result.text == "Hello there" and result.usage == oc.Usage(3, 2, 5)
+
+
+def test_tls_certificate_this_machine_does_not_trust_says_so_and_how_to_trust_it(
+        tls_server: Scripted, ca_file: str) -> None:
+    # Issue #27: "cannot connect: certificate verify failed: self-signed certificate
+    # (_ssl.c:1006 (from https://...). Is the server running? ..."
+    client = tls_server.client(max_retries=2)
+    for call in (lambda: client.generate("hi"), lambda: client.available_models(fallback=False)):
+        with pytest.raises(oc.EndpointUnavailableError) as caught:
+            call()
+        text = _readable(caught.value)
+        assert "this machine does not trust the server's TLS certificate" in text
+        assert "point REQUESTS_CA_BUNDLE at the PEM file of the CA" in text
+        assert "Is the server running" not in text and not caught.value.retryable
+    # One attempt each (retrying cannot mend a setting); nothing sent over it.
+    assert tls_server.connections == 2 and tls_server.requests == []
+    started = time.monotonic()  # and waiting for the server cannot mend it either
+    with pytest.raises(oc.EndpointUnavailableError):
+        client.wait_ready(timeout=5)
+    assert time.monotonic() - started < 2
+
+
+def test_tls_host_name_mismatch_says_so(tls_server: Scripted, ca_file: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_file)
+    port = tls_server.httpd.server_address[1]  # type: ignore[union-attr]
+    url = f"https://localhost:{port}/v1"  # the certificate names 127.0.0.1 only
+    with pytest.raises(oc.EndpointUnavailableError) as caught:
+        oc.Client(url, model="m").generate("hi")
+    text = _readable(caught.value)
+    assert "certificate is not valid for 'localhost'" in text and not caught.value.retryable
+    assert text.endswith(f"names other hosts: use one in base_url= (now {url})")
+
+
+def test_proxy_tunnels_https_and_no_proxy_goes_around_it(
+        tls_server: Scripted, server: Scripted, ca_file: str, proxy: ConnectProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_file)
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url())
+    tls_server.add(Reply(text_stream("through", " the tunnel")), Reply(text_stream("direct")))
+    assert tls_server.client().generate("hi").text == "through the tunnel"
+    port = tls_server.httpd.server_address[1]  # type: ignore[union-attr]
+    assert [r.rsplit(" ", 1)[0] for r in proxy.requests] == [f"CONNECT 127.0.0.1:{port}"]
+    # NO_PROXY goes around a proxy that is not even there, for https and http alike.
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    for name in ("HTTPS_PROXY", "HTTP_PROXY"):
+        monkeypatch.setenv(name, nobody)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    server.add(Reply(text_stream("plain http")))
+    assert tls_server.client().generate("hi").text == "direct"
+    assert server.client().generate("hi").text == "plain http"
+    assert len(proxy.requests) == 1
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_proxy_that_cannot_be_reached_is_named_never_the_server(
+        tls_server: Scripted, server: Scripted, ca_file: str, scheme: str,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #27: "cannot connect: Connection refused (from https://...). Is the server running?"
+    caplog.set_level(logging.DEBUG)
+    target = tls_server if scheme == "https" else server
+    variable = f"{scheme.upper()}_PROXY"
+    port = _free_port()
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_file)
+    monkeypatch.setenv(variable, f"http://user:{PROXY_PASSWORD}@127.0.0.1:{port}")
+    with pytest.raises(oc.EndpointUnavailableError) as caught:
+        target.client(max_retries=0).generate("hi")
+    text = _readable(caught.value)
+    assert text.startswith(f"cannot reach the proxy http://user:[redacted]@127.0.0.1:{port} "
+                           f"({variable}): Connection refused (from {target.base_url}/")
+    assert text.endswith(f"Check {variable}, or list the server's host in NO_PROXY")
+    assert "Is the server running" not in text and target.connections == 0
+    assert _leaks(PROXY_PASSWORD, text, repr(caught.value), caplog.text) == []
+
+
+@pytest.mark.parametrize("key", [None, "x", KEY])
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_proxy_answering_407_is_named_not_the_server_nor_the_key(
+        tls_server: Scripted, server: Scripted, ca_file: str, proxy: ConnectProxy,
+        scheme: str, key: str | None, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #27: an https target's 407 (the tunnel refused) was urllib3's raw text, cut
+    # mid-parenthesis, and mangled by the key "x"; an http target's (the 407 arrives as
+    # a response) was a BadRequestError. Neither is the server's doing, nor the key's.
+    caplog.set_level(logging.DEBUG)
+    target = tls_server if scheme == "https" else server
+    variable = f"{scheme.upper()}_PROXY"
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_file)
+    monkeypatch.setenv(variable, proxy.url("wr0ng-pw"))
+    client = target.client(api_key=key, max_retries=2)
+    for call, path in ((lambda: client.generate("hi"), "chat/completions"),
+                       (lambda: client.available_models(fallback=False), "models")):
+        with pytest.raises(oc.EndpointUnavailableError) as caught:
+            call()
+        text = _readable(caught.value)
+        assert text.startswith(f"the proxy http://user:[redacted]@127.0.0.1:{proxy.port} "
+                               f"({variable}) refused the request: ")
+        assert f"407 Proxy Authentication Required (from {target.base_url}/{path})" in text
+        assert text.endswith(f"Check the user name and password in {variable}")
+        assert not caught.value.retryable and "wr0ng-pw" not in text + caplog.text
+    assert len(proxy.requests) == 2 and target.connections == 0  # once each: not retried
+
+
 @pytest.mark.parametrize("key", ["x", "1", "EMPTY", "none", "ollama"])
 def test_placeholder_keys_leave_every_message_intact(
         server: Scripted, key: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -3350,6 +3599,58 @@ def test_headers_named_like_secrets_are_redacted_whatever_their_length(server: S
         client.generate("hi")
     assert caught.value.message == "tenant [redacted] of team blue is over quota"
     assert server.requests[0]["headers"]["X-Api-Key"] == "k9"
+
+
+def test_every_transport_message_is_short_and_whole(
+        server: Scripted, tls_server: Scripted, ca_file: str, proxy: ConnectProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue #27: messages from the network layer carried urllib3's wrapping, cut at 200
+    # characters mid-parenthesis. One failure of each kind the network layer raises,
+    # each message checked by _readable.
+    hang_up = socket.create_server(("127.0.0.1", 0))
+
+    def close_each() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                hang_up.accept()[0].close()  # before any byte of an answer
+
+    threading.Thread(target=close_each, daemon=True).start()
+    tls_port = tls_server.httpd.server_address[1]  # type: ignore[union-attr]
+    plain_port = server.httpd.server_address[1]  # type: ignore[union-attr]
+    server.add(Reply(sse(delta(content="a")), stall=0.0),  # a stream cut mid-body
+               Reply(json.dumps(completion()), framing="close", content_type="application/json",
+                     headers={"Content-Length": "9999"}),  # a body shorter than announced
+               Reply(text_stream("late"), delay=1.0))  # silence past the timeout
+    trusted = {"REQUESTS_CA_BUNDLE": ca_file}
+    cases: list[tuple[str, str, dict[str, Any], dict[str, str]]] = [
+        ("refused", f"http://127.0.0.1:{_free_port()}/v1", {}, {}),
+        ("dns", "http://no-such-host.invalid/v1", {}, {}),
+        ("closed before an answer", f"http://127.0.0.1:{hang_up.getsockname()[1]}/v1", {}, {}),
+        ("cut stream", server.base_url, {}, {}),
+        ("short body", server.base_url, {}, {}),
+        ("silence", server.base_url, {"timeout": 0.2}, {}),
+        ("untrusted certificate", tls_server.base_url, {}, {}),
+        ("host-name mismatch", f"https://localhost:{tls_port}/v1", {}, trusted),
+        ("https to a plain http server", f"https://127.0.0.1:{plain_port}/v1", {}, {}),
+        ("proxy not there", tls_server.base_url, {},
+         {**trusted, "HTTPS_PROXY": f"http://127.0.0.1:{_free_port()}"}),
+        ("proxy 407, https", tls_server.base_url, {},
+         {**trusted, "HTTPS_PROXY": proxy.url("wr0ng-pw")}),
+        ("proxy 407, http", server.base_url, {}, {"HTTP_PROXY": proxy.url("wr0ng-pw")}),
+    ]
+    seen = {}
+    try:
+        for name, url, options, env in cases:
+            with monkeypatch.context() as patch:
+                for variable, value in env.items():
+                    patch.setenv(variable, value)
+                with pytest.raises(oc.APIError) as caught:
+                    oc.Client(url, model="m", max_retries=0, **options).generate("hi")
+            seen[name] = f"{type(caught.value).__name__}: {_readable(caught.value)}"
+    finally:
+        hang_up.close()
+    print("\n".join(f"{name}: {text}" for name, text in seen.items()))  # shown with -s
+    assert len(seen) == len(cases)
 
 
 # ==== Command line ====
