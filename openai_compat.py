@@ -890,18 +890,19 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         with self._lock:
             return list(self._quirks)
 
-    def _note(self, line: str) -> None:
-        """Add a line to quirks (once; logged once at INFO). NOTE: runs inside a stream's
-        loop for a server that deviates on every event; a line already noted costs one
-        dict lookup, without the lock."""
+    def _note(self, line: str, logged: bool = False) -> None:
+        """Add a line to quirks (once; logged once at INFO, unless the caller `logged` it
+        at WARNING). NOTE: runs inside a stream's loop for a server that deviates on every
+        event; a line already noted costs one dict lookup, without the lock."""
         if line in self._quirks:
             return
         with self._lock:
             if line in self._quirks:
                 return
             self._quirks[line] = None
-        _log.info("%s deviates from OpenAI's behaviour (absorbed): %s", self._http.shown_url,
-                  line)
+        if not logged:
+            _log.info("%s deviates from OpenAI's behaviour (absorbed): %s",
+                      self._http.shown_url, line)
 
     def available_models(self, *, fallback: bool = True) -> list[str]:
         """Model ids from GET {base_url}/models, asked at most once per Client (5 s limit).
@@ -1156,6 +1157,9 @@ class _Request:
     timeout: float
     schema: dict[str, Any] | None = None
     answer_type: Any = None
+    # The schema as the server gets it (see _sent_schema), and whether it is strict.
+    sent_schema: dict[str, Any] | None = None
+    strict: bool = False
 
 
 def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Request:
@@ -1174,6 +1178,7 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
     if own["extra_body"] is not None and not isinstance(own["extra_body"], Mapping):
         raise ConfigError("extra_body= must be a dict of fields to add to the request body")
     schema, answer_type = _answer_schema(own["schema"])
+    sent, strict = _sent_schema(schema, not isinstance(own["schema"], dict))
     if schema is not None and opts.get("response_format") is not None:
         raise ConfigError("give schema= or response_format=, not both")
     body: dict[str, Any] = {"model": own["model"] or client.model, "messages": turns}
@@ -1182,7 +1187,8 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
         body["tools"] = [_tool_spec(t) for t in tools]
         body["tool_choice"] = "auto" if own["tool_choice"] is None else own["tool_choice"]
     body.update(own["extra_body"] or {})
-    return _Request(body, {t.name: t for t in tools}, max_steps, timeout, schema, answer_type)
+    return _Request(body, {t.name: t for t in tools}, max_steps, timeout, schema, answer_type,
+                    sent, strict)
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
@@ -1239,6 +1245,7 @@ def _iter_steps(client: Client, request: _Request,
     steps: list[Step] = []
     finish, data, repairs = None, None, 0
     for step in range(1, request.max_steps + 1):
+        form = client._http.schema_form
         record = yield from _model_call(client, {**request.body, "messages": list(messages)},
                                         step, request)
         yield Chunk("finish", finish_reason=record.finish_reason, usage=record.usage, step=step)
@@ -1248,6 +1255,10 @@ def _iter_steps(client: Client, request: _Request,
         results = yield from _iter_tool_calls(record, step, run, request, messages, client._note)
         steps.append(replace(record, tool_results=results))
         if run:
+            if request.body.get("tool_choice") not in ("auto", "none"):
+                # A forced call ("required", a function) has run: later steps leave the
+                # choice out, as OpenAI's Agents SDK does, so that the model can answer.
+                request.body.pop("tool_choice", None)
             continue
         if wanted:  # and the budget is spent
             finish = "max_steps"
@@ -1259,6 +1270,12 @@ def _iter_steps(client: Client, request: _Request,
                         f"the answer does not match the schema: {problem}",
                         partial_text=record.text))
                 repairs += 1
+                if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and finish == "stop":
+                    # Quirk(transformers serve): response_format ignored without a word, and
+                    # prose came back: the model must see the schema itself.
+                    client._http.step_down(form + 1, "response_format ignored: the schema in "
+                                           "a system message", "ignored response_format (the "
+                                           "answer held no JSON)")
                 messages.append({"role": "user", "content": "That answer does not match the JSON "
                                  f"Schema: {problem}. Answer again with the corrected JSON only."})
                 continue
@@ -1302,6 +1319,9 @@ def _check_async_tools(tools: Mapping[str, Tool]) -> None:
                       "from a worker thread (asyncio.to_thread), or give a plain function")
 
 
+_NO_JSON: Final = "no JSON value in the answer"
+
+
 def _read_answer(text: str, request: _Request, note: Callable[[str], None]
                  ) -> tuple[str | None, Any]:
     """(what is wrong, None) or (None, the data) for an answer to schema=."""
@@ -1309,7 +1329,7 @@ def _read_answer(text: str, request: _Request, note: Callable[[str], None]
     try:
         value = _json_from_text(text)
     except ValueError as exc:
-        return f"no JSON value in the answer ({exc})", None
+        return f"{_NO_JSON} ({exc})", None
     value = _left_out_nulls(value, request.schema, note)
     problem = _validate(value, request.schema)
     if problem is not None:
@@ -1629,6 +1649,9 @@ class Tool:
     # member, a dataclass or pydantic instance, an int). Empty for a Tool made by hand: its
     # arguments are checked against its schema and passed as they came.
     hints: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Whether the module built `parameters` from the function's hints (and may send them
+    # in strict form, see _sent_schema); a schema written by hand goes as written.
+    _built: bool = field(default=False, repr=False, compare=False)
     # Read from the function's signature once, here, not on every call (it is slow):
     # whether it takes **kwargs, so that names its schema lacks may pass.
     _takes_any: bool = field(default=True, init=False, repr=False, compare=False)
@@ -1701,9 +1724,82 @@ def _tool_from_entry(name: object, value: object) -> Tool:
 
 
 def _tool_spec(t: Tool) -> dict[str, Any]:
-    """The request form of a tool."""
+    """The request form of a tool, marked strict when its schema allows (_sent_schema)."""
+    parameters, strict = _sent_schema(t.parameters, t._built)
     return {"type": "function", "function": {"name": t.name, "description": t.description,
-                                             "parameters": t.parameters}}
+                                             "parameters": parameters,
+                                             **({"strict": True} if strict else {})}}
+
+# OpenAI's strict subset (Structured Outputs): the keywords a strict schema may use.
+_STRICT_KEYWORDS: Final = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "anyOf", "enum", "const",
+    "$ref", "$defs", "definitions", "description", "title", "pattern", "format", "minimum",
+    "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems"})
+
+
+def _sent_schema(schema: dict[str, Any] | None, built: bool) -> tuple[Any, bool]:
+    """The schema as the server gets it, and whether it goes with "strict": true.
+
+    OpenAI enforces a schema, and vLLM constrains a forced call by it, only when it is
+    strict. A schema the module built goes in strict form when OpenAI's subset can say
+    it (see _strict); one written by hand goes exactly as written, strict only when it
+    already is in that form. The module's checker checks answers against `schema`.
+    """
+    strict = _strict(schema)
+    if strict is None or not (built or strict == schema):
+        return schema, False
+    return strict, True
+
+
+def _strict(schema: Any) -> dict[str, Any] | None:
+    """`schema` in OpenAI's strict form, or None where its subset cannot say it (a root
+    that is not an object, a free-form object, an array without items, Any, a keyword
+    outside the subset). Every object lists all its properties in required; one that was
+    not required becomes nullable (its null means "left out", see _prune_nulls);
+    additionalProperties is false; defaults are dropped."""
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        return None
+    try:
+        return _strict_node(schema)
+    except ValueError:
+        return None
+
+
+def _strict_node(schema: Any) -> dict[str, Any]:
+    """_strict for one subschema; ValueError where the subset cannot say it."""
+    node = {k: v for k, v in schema.items() if k != "default"} if isinstance(schema, dict) else {}
+    if not node.keys() & {"type", "anyOf", "enum", "const", "$ref"} or node.keys() - _STRICT_KEYWORDS:
+        raise ValueError(schema)
+    for key in ("properties", "$defs", "definitions"):
+        if key in node:
+            node[key] = {name: _strict_node(sub) for name, sub in node[key].items()}
+    if "anyOf" in node:
+        node["anyOf"] = [_strict_node(sub) for sub in node["anyOf"]]
+    kinds = _kinds(node)
+    if "items" in node:
+        node["items"] = _strict_node(node["items"])
+    elif "array" in kinds:
+        raise ValueError(schema)
+    if "object" in kinds:
+        if "properties" not in node or node.get("additionalProperties", False) is not False:
+            raise ValueError(schema)
+        required = node.get("required", [])
+        node["properties"] = {name: sub if name in required else _nullable(sub)
+                              for name, sub in node["properties"].items()}
+        if set(required) != set(node["properties"]):
+            node["required"] = list(node["properties"])
+        node["additionalProperties"] = False
+    return node
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` that also takes null: a type list where it can say it, else anyOf."""
+    kinds = schema.get("type")
+    if _validate(None, schema) is None:
+        return schema
+    if kinds and not schema.keys() & {"enum", "const", "$ref", "anyOf"}:
+        return {**schema, "type": [*_kinds(schema), "null"]}
+    return {"anyOf": [schema, {"type": "null"}]}
 
 
 def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) -> Tool:
@@ -1725,8 +1821,10 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
                               "by keyword")
     annotations = {p.name: hints.get(p.name, Any) for p in params}
     defs: dict[str, Any] = {}
-    properties = {key: _schema(hint, f"tool {tool_name!r}, parameter {key!r}", parameter=True,
-                               defs=defs) for key, hint in annotations.items()}
+    # Optional[X] with a default means "may be left out": its schema is X's alone.
+    properties = {p.name: _schema(annotations[p.name], f"tool {tool_name!r}, parameter "
+                                  f"{p.name!r}", parameter=p.default is not p.empty, defs=defs)
+                  for p in params}
     for key, schema in properties.items():
         if key in arg_docs:  # Annotated[T, "..."] wins over the docstring
             schema.setdefault("description", arg_docs[key])
@@ -1734,7 +1832,7 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
                   "required": [p.name for p in params if p.default is p.empty]}
     if defs:
         parameters["$defs"] = defs
-    return Tool(tool_name, marked_description or summary, parameters, func, annotations)
+    return Tool(tool_name, marked_description or summary, parameters, func, annotations, True)
 
 
 def _root_schema(annotation: Any, where: str) -> dict[str, Any]:
@@ -2387,7 +2485,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     40 lines for that reason.
     """
     http, note = client._http, client._note
-    http.prepare(body, request.schema)
+    http.prepare(body, request)
     answer = _Answer(step, note)
     if client._tools_unstreamed and "tools" in body:
         return (yield from _ask_whole(client, body, request, answer))
@@ -2396,7 +2494,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
         # Ask for usage; servers that reject the field lose it once.
         body["stream_options"] = {"include_usage": True}
     seen = False
-    with http.post(body, request.timeout, request.schema) as response:
+    with http.post(body, request) as response:
         if _not_an_event_stream(http, response):
             return (yield from _ask_whole(client, body, request, answer, response))
         add = answer.add
@@ -2657,7 +2755,7 @@ def _ask_whole(client: Client, body: dict[str, Any], request: _Request, answer: 
     if response is None:
         body.pop("stream", None)
         body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
-        response = http.post(body, request.timeout, request.schema)
+        response = http.post(body, request)
     with response:
         payload = http.read_json(response, request.timeout)
     if isinstance(payload, dict):
@@ -2886,13 +2984,26 @@ _MAX_REDIRECTS: Final = 5
 # not know stream_options name it.
 _REFUSED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
     ("tools", re.compile(
-        r"does not support tools|enable-auto-tool-choice|tools param requires"
+        r"does not support tools|tools param requires"
         r"|tools? (?:are |is )?not supported|tool (?:use|calling) is not supported",
         re.IGNORECASE)),
     ("tool_choice", re.compile(
         r"tool_choice.{0,60}(?:not supported|unsupported|not allowed|invalid)", re.IGNORECASE)),
     ("stream_options", re.compile(r"stream_options", re.IGNORECASE)),
 )
+# Quirk(vLLM without --enable-auto-tool-choice): '"auto" tool choice requires
+# --enable-auto-tool-choice and --tool-call-parser to be set', for "auto" and for a
+# tool_choice left out alike; it takes "none".
+_AUTO_REFUSED: Final = re.compile(r"enable-auto-tool-choice", re.IGNORECASE)
+# A server that refuses the strict flag of a schema: its message or its "param" names it
+# (Fireworks: "Extra inputs are not permitted, field: 'strict'"; Gemini: 'Unknown name
+# "strict"').
+_STRICT_REFUSED: Final = re.compile(r"\bstrict\b")
+_STRICT_PARAM: Final = re.compile(r'"param"\s*:\s*"[^"]*\bstrict\b')
+# How an answer shaped by schema= is asked for, from the first choice down: response_format
+# json_schema; json_object with the schema, and the schema in a system message too; the
+# system message only.
+_JSON_SCHEMA, _JSON_OBJECT, _SCHEMA_IN_PROMPT = range(3)
 # A server that refuses how a schema was asked for: llama-cpp-python's 500 "1
 # validation error ... response_format.type Input should be 'text' or 'json_object'",
 # and others naming the field or its type.
@@ -2936,7 +3047,7 @@ class _Connection:
     _warned_hosts: ClassVar[set[str]] = set()
 
     def __init__(self, config: Config, headers: dict[str, str], url_source: str,
-                 note: Callable[[str], None]) -> None:
+                 note: Callable[..., None]) -> None:
         self.config = config
         self.url_source = url_source
         self.note = note
@@ -2961,12 +3072,13 @@ class _Connection:
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
         self.lock = threading.Lock()
-        self.refused: set[str] = set()  # request fields never to send again
+        # Request fields never to send again; and "strict" (the strict flag refused) and
+        # "auto" (tool_choice "auto" refused: "none" is sent instead), see prepare.
+        self.refused: set[str] = set()
         # How this server is asked for an answer shaped by schema= (DESIGN.md,
-        # "Structured answers"): 0 response_format json_schema; 1 json_object with the
-        # schema, and the schema in a system message; 2 the system message only.
-        # Stepped down, once per Client, when the server refuses the field.
-        self.schema_form = 0
+        # "Structured answers"), one of the _SCHEMA_FORMS; stepped down, once per
+        # Client, when the server refuses the field or ignores it.
+        self.schema_form = _JSON_SCHEMA
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
         host = parts.hostname or ""  # urlsplit lowers the scheme and the host
         if (config.api_key and parts.scheme == "http" and host not in ("localhost", "::1")
@@ -2975,19 +3087,18 @@ class _Connection:
             _log.warning("the API key is sent over plain http to %s; use https for remote "
                          "servers", host)
 
-    def post(self, body: dict[str, Any], timeout: float,
-             schema: dict[str, Any] | None = None) -> requests.Response:
+    def post(self, body: dict[str, Any], request: _Request) -> requests.Response:
         """POST body to /chat/completions; return a 2xx response (body not yet read).
 
         Retries connection failures and 408/409/429/5xx up to max_retries times with
         backoff, honouring Retry-After up to 60 s; waits for a server loading its model
         (up to `timeout` in all); resends once a request that met a kept-alive
-        connection the server had closed; drops a field the server refused (tools,
-        tool_choice, stream_options) or steps down how the schema is asked for, and
-        resends (see _resend_changed). The last three do not spend max_retries. (Over
-        40 lines with this docstring: the retry policy reads best as one loop.)
+        connection the server had closed; drops what the server refused (the strict flag,
+        tools, tool_choice "auto", stream_options) or steps down how the schema is asked
+        for, and resends (see _resend_changed). The last three do not spend max_retries.
+        (Over 40 lines with this docstring: the retry policy reads best as one loop.)
         """
-        attempt, stale_resent, loading_since = 0, False, 0.0
+        attempt, stale_resent, loading_since, timeout = 0, False, 0.0, request.timeout
         while True:
             wait = retry_after = None
             try:
@@ -3006,7 +3117,7 @@ class _Connection:
                     return response
                 retry_after = _retry_after(response.headers)
                 error = self.error_of(response, retry_after)
-                if self._resend_changed(body, error, schema):
+                if self._resend_changed(body, error, request):
                     continue
                 wait, loading_since = self._loading_wait(error, timeout, loading_since)
                 status = error.status_code or 0
@@ -3079,52 +3190,77 @@ class _Connection:
         # A gap that grows with the time waited, up to _WAIT_GAP.
         return min(_WAIT_GAP, since + timeout - now, 0.1 + (now - since) / 2), since
 
-    def prepare(self, body: dict[str, Any], schema: dict[str, Any] | None) -> None:
-        """Drop the fields this server refused; ask for `schema` the way it takes it."""
+    def prepare(self, body: dict[str, Any], request: _Request) -> None:
+        """Drop what this server refused; ask for request.schema the way it takes it."""
         for name in tuple(self.refused):
             body.pop(name, None)
+        if "strict" in self.refused and "tools" in body:
+            body["tools"] = [{**spec, "function": {k: v for k, v in spec["function"].items()
+                                                   if k != "strict"}} for spec in body["tools"]]
+        if "auto" in self.refused and "tools" in body and body.get("tool_choice", "auto") == "auto":
+            body["tool_choice"] = "none"
+        schema = request.sent_schema
         if schema is None:
             return
-        if self.schema_form == 0:
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "answer", "schema": schema}}
+        strict = {"strict": True} if request.strict and "strict" not in self.refused else {}
+        if self.schema_form == _JSON_SCHEMA:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "answer", "schema": schema, **strict}}
             return
         body["messages"] = _with_schema_message(body["messages"], schema)
-        if self.schema_form == 1:
+        if self.schema_form == _JSON_OBJECT:
             # Quirk(llama.cpp, llama-cpp-python): a schema beside json_object is
             # enforced with a grammar.
             body["response_format"] = {"type": "json_object", "schema": schema}
         else:
             body.pop("response_format", None)
 
-    def _resend_changed(self, body: dict[str, Any], error: APIError,
-                        schema: dict[str, Any] | None) -> bool:
-        """Whether `error` refused a request field (dropped) or how the schema was asked
-        for (the next form down): `body` is changed to be sent again, the change kept for
+    def _resend_changed(self, body: dict[str, Any], error: APIError, request: _Request) -> bool:
+        """Whether `error` refused something the request can go without: the strict flag,
+        a field (dropped), tool_choice "auto" ("none" instead), or how the schema was asked
+        for (the next form down). `body` is changed to be sent again, the change kept for
         every later request, and said."""
+        message = error.message
         name = next((field for field, pattern in _REFUSED_FIELDS
-                     if field in body and pattern.search(error.message)), None)
-        if name is not None and ((error.status_code or 0) < 500 or "tools" in body):
-            _log.warning("%s rejected %s (%s); resending without it and not sending it again",
-                         self.shown_url, name, error.message)
-            self.note("tools rejected: resent without them" if name == "tools"
-                      else f"{name} rejected: dropped")
-            with self.lock:
-                self.refused.update(("tools", "tool_choice") if name == "tools" else (name,))
-        elif (schema is not None and "response_format" in body
-              and _SCHEMA_REFUSED.search(error.message)):
-            form = 1 if body["response_format"].get("type") == "json_schema" else 2
-            with self.lock:
-                self.schema_form = max(self.schema_form, form)
-            _log.warning("%s refused response_format %r (%s); asking %s from now on",
-                         self.shown_url, body["response_format"].get("type"), error.message,
-                         "with json_object" if form == 1 else "in a system message only")
-            self.note("json_schema refused: json_object with the schema" if form == 1
-                      else "response_format refused: the schema in the system message")
+                     if field in body and pattern.search(message)), None)
+        if "strict" not in self.refused and 400 <= (error.status_code or 0) < 500 and (
+                _STRICT_REFUSED.search(message) or _STRICT_PARAM.search(error.body or "")):
+            self.refuse(error, "strict schemas refused: sent without strict", "strict")
+        elif (_AUTO_REFUSED.search(message) and "tools" in body
+              and body.get("tool_choice", "auto") == "auto"):
+            self.refuse(error, 'tool_choice "auto" refused: "none" sent', "auto")
+        elif name is not None and ((error.status_code or 0) < 500 or "tools" in body):
+            self.refuse(error, "tools rejected: resent without them" if name == "tools" else
+                        f"{name} rejected: dropped", name, *("tool_choice",) * (name == "tools"))
+        elif (request.schema is not None and "response_format" in body
+              and _SCHEMA_REFUSED.search(message)):
+            json_schema = body["response_format"].get("type") == "json_schema"
+            self.step_down(_JSON_OBJECT if json_schema else _SCHEMA_IN_PROMPT,
+                           "json_schema refused: json_object with the schema" if json_schema
+                           else "response_format refused: the schema in the system message",
+                           f"refused response_format ({message})")
         else:
             return False
-        self.prepare(body, schema)
+        self.prepare(body, request)
         return True
+
+    def refuse(self, error: APIError, quirk: str, *names: str) -> None:
+        """Never send `names` again here: noted, and logged once, at WARNING."""
+        _log.warning("%s %s (%s)", self.shown_url, quirk, error.message)
+        self.note(quirk, logged=True)
+        with self.lock:
+            self.refused.update(names)
+
+    def step_down(self, form: int, quirk: str, why: str) -> None:
+        """Ask for schema= answers in `form` (unless a lower one is taken) from now on."""
+        with self.lock:
+            if form <= self.schema_form:
+                return
+            self.schema_form = form
+        _log.warning("%s %s; asking %s from now on", self.shown_url, why,
+                     "with json_object and the schema in a system message"
+                     if form == _JSON_OBJECT else "with the schema in a system message only")
+        self.note(quirk, logged=True)
 
     def get_text(self, path: str, seconds: float) -> tuple[int, str, float | None]:
         """GET base_url + path: status, body text (8 MiB at most), Retry-After. Each
@@ -3574,20 +3710,26 @@ def _probe_examples() -> list[dict[str, Any]]:
 
 
 def _probe_tools(client: Client) -> None:
+    """Whether the model calls a tool when it may ("auto"), only when it must
+    ("required"), or not at all; a call counts when its arguments fit and it ran."""
     def add(a: int, b: int) -> int:
         """Add two integers."""
         return a + b
 
-    result = client.stream("Use the add tool to add 2 and 3.", tools=[add], max_steps=2,
-                           messages=_probe_examples(), temperature=0, max_tokens=128)
-    calls = [c.tool_call for c in result if c.type == "tool_call" and c.tool_call]
-    if not calls:
-        _report("tool calls", None, "no tool call, even after two worked examples: the model "
-                "answered in text")
-        return
-    how = ("call (not streamed: the server's tool streams are empty, so they are asked for"
-           " without streaming)" if client._tools_unstreamed else "streamed call")
-    _report("tool calls", True, f"{how} {calls[0].name}({calls[0].raw_arguments})")
+    for choice, how in (("auto", "calls tools on its own"),
+                        ("required", "calls tools only when required")):
+        result = client.generate("Use the add tool to add 2 and 3.", tools=[add], max_steps=2,
+                                 tool_choice=choice, messages=_probe_examples(),
+                                 temperature=0, max_tokens=128)
+        done = [r.call for r in result.tool_results if r.error is None]
+        if done:
+            streamed = ("not streamed: the server's tool streams are empty, so they are asked "
+                        "for without streaming" if client._tools_unstreamed else "streamed")
+            _report("tool calls", True, f"{how} ({streamed}): {done[0].name}("
+                    f"{done[0].raw_arguments})")
+            return
+    _report("tool calls", None, 'no tool calls, even after two worked examples and with '
+            'tool_choice "required"')
 
 
 def _probe_structured(client: Client) -> None:
@@ -3596,9 +3738,8 @@ def _probe_structured(client: Client) -> None:
               "required": ["city", "country"]}
     result = client.generate("Name a city in France as JSON with city and country.",
                              schema=schema, temperature=0, max_tokens=64)
-    how = ("response_format json_schema honoured",
-           "json_schema refused; json_object with the schema honoured",
-           "response_format refused; the schema is asked for in a system message")
+    how = ("response_format json_schema honoured", "json_object with the schema honoured",
+           "the schema asked for in a system message")
     repairs = f" after {len(result.steps) - 1} repair(s)" if len(result.steps) > 1 else ""
     _report("structured", True, f"{how[client._http.schema_form]}: {json.dumps(result.data)}"
             + repairs)
