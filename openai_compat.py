@@ -831,6 +831,11 @@ def _check_headers(headers: Mapping[str, str] | None, option: str) -> dict[str, 
     return {name: value.strip() for name, value in headers.items()}
 
 
+def _header_secrets(headers: Mapping[str, str]) -> list[str]:
+    """The values of headers named like secrets (Azure's api-key): secrets at any length."""
+    return [value for name, value in headers.items() if _SECRET_HEADER.search(name)]
+
+
 def _check_header_value(value: str, what: str) -> None:
     """ConfigError when `value` holds a character an HTTP header cannot carry; the
     message names where it is, never the value (a key is a secret)."""
@@ -3219,9 +3224,7 @@ class _Connection:
         self.shown_url = _shown_url(config.base_url)
         url_secrets = _url_secrets(config.base_url)
         key = config.api_key if len(config.api_key or "") >= _SECRET_LENGTH else ""
-        # Headers named like secrets are secrets whatever their length; the URL's too.
-        self.secrets = tuple(filter(None, (key, *url_secrets, *(
-            value for name, value in headers.items() if _SECRET_HEADER.search(name)))))
+        self.secrets = tuple(filter(None, (key, *url_secrets, *_header_secrets(headers))))
         if url_secrets:  # addFilter adds it once, however many Clients ask
             logging.getLogger("urllib3.connectionpool").addFilter(_redact_url_log)
         parts = urllib.parse.urlsplit(config.base_url)
@@ -3271,6 +3274,8 @@ class _Connection:
             self.calls.add(request)
         try:
             yield
+        except APIError as exc:  # and this call's own secret headers (extra_headers=)
+            raise self.redacted(exc, _header_secrets(request.headers))
         finally:
             with self.lock:
                 self.calls.discard(request)
@@ -3571,12 +3576,13 @@ class _Connection:
         error._advice, error.retryable = advice, retryable
         return self.redacted(error)
 
-    def redacted(self, exc: APIError) -> APIError:
-        """`exc` with its secrets redacted (a server may echo the key in its text) and
-        saying where it came from: every APIError a Client raises or returns passes here."""
-        exc.message = _redact(exc.message, self.secrets)
+    def redacted(self, exc: APIError, secrets: Iterable[str] = ()) -> APIError:
+        """`exc` with its secrets (and `secrets`) redacted (a server may echo the key in its
+        text) and saying where it came from: every APIError a Client raises passes here."""
+        secrets = (*self.secrets, *secrets)
+        exc.message = _redact(exc.message, secrets)
         exc.args = (exc.message,)
-        exc.body = exc.body and _redact(exc.body, self.secrets)
+        exc.body = exc.body and _redact(exc.body, secrets)
         exc.base_url = self.shown_url
         exc._url_source = self.url_source
         exc._path = exc._path or "/chat/completions"  # discovery's say /models

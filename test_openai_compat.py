@@ -3846,13 +3846,18 @@ def test_a_key_of_8_characters_or_more_is_redacted_everywhere(
 
 
 def test_headers_named_like_secrets_are_redacted_whatever_their_length(server: Scripted) -> None:
-    server.add(json_reply({"error": {"message": "tenant k9 of team blue is over quota"}},
-                          status=400))
+    # The Client's headers= and a call's extra_headers= alike (DESIGN.md): Azure's api-key,
+    # a gateway's token.
+    said = "tenant k9 (call t8) of team blue is over quota"
+    server.add(*[json_reply({"error": {"message": said}}, status=400)] * 2)
     client = server.client(headers={"X-Api-Key": "k9", "X-Team": "blue"})
-    with pytest.raises(oc.BadRequestError) as caught:
-        client.generate("hi")
-    assert caught.value.message == "tenant [redacted] of team blue is over quota"
-    assert server.requests[0]["headers"]["X-Api-Key"] == "k9"
+    for call in (client.generate, lambda *args, **kwargs: run(client.stream(*args, **kwargs))):
+        with pytest.raises(oc.BadRequestError) as caught:
+            call("hi", extra_headers={"X-Call-Token": "t8", "X-Trace": "trace-1"})
+        assert caught.value.message == "tenant [redacted] (call [redacted]) of team blue is over quota"
+        assert "k9" not in (caught.value.body or "") and "t8" not in (caught.value.body or "")
+    sent = server.requests[0]["headers"]
+    assert (sent["X-Api-Key"], sent["X-Call-Token"], sent["X-Team"]) == ("k9", "t8", "blue")
 
 
 def test_every_transport_message_is_short_and_whole(
