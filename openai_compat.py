@@ -3564,7 +3564,7 @@ class _Connection:
         # requests reads "host:port" as http://host:port; its password is redacted either way.
         name = f"the proxy {_shown_url(proxy if '://' in proxy else 'http://' + proxy)} " \
             f"({variable})" if proxy else "a proxy"
-        if "407" in reason:  # Proxy Authentication Required: not the server, nor the API key
+        if re.search(r"\b407\b", reason):  # Proxy Authentication Required: not the API key
             return self.unavailable(f"{name} refused the request: {reason}", "Check the user "
                                     f"name and password in {variable}", retryable=False)
         return self.unavailable(f"cannot reach {name}: {reason}",
@@ -3608,8 +3608,7 @@ def _reason(exc: BaseException) -> str:
     """What an error says, for a message: ssl's verify message, or an OSError's text
     without its errno; OpenSSL's tags and source lines dropped."""
     text = getattr(exc, "verify_message", None) or getattr(exc, "strerror", None) or str(exc)
-    return re.sub(r"^\[[^\]]*\] *| *\(_ssl\.c:\d+\)$", "", str(text)).rstrip(".") or (
-        type(exc).__name__)
+    return re.sub(r"^\[[^\]]*\] *| *\(_ssl\.c:\d+\)$", "", text).rstrip(".") or type(exc).__name__
 
 
 def _encode(body: dict[str, Any]) -> bytes:
