@@ -3858,6 +3858,10 @@ def test_headers_named_like_secrets_are_redacted_whatever_their_length(server: S
         assert "k9" not in (caught.value.body or "") and "t8" not in (caught.value.body or "")
     sent = server.requests[0]["headers"]
     assert (sent["X-Api-Key"], sent["X-Call-Token"], sent["X-Team"]) == ("k9", "t8", "blue")
+    server.add(json_reply({"error": {"message": said}}, status=400))  # and from discovery
+    with pytest.raises(oc.BadRequestError) as caught:
+        client.available_models(fallback=False)
+    assert caught.value.message == "tenant [redacted] (call t8) of team blue is over quota"
 
 
 def test_every_transport_message_is_short_and_whole(
