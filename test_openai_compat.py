@@ -4146,6 +4146,15 @@ def test_cli_hints_name_the_flag_and_the_variable(cli_main: CLI) -> None:
     assert from_env.stderr.rstrip().endswith(f"Check OPENAI_COMPATIBLE_BASE_URL (now {closed})")
 
 
+def test_cli_models_failing_does_not_advise_running_models(server: Scripted, cli_main: CLI) -> None:
+    # Issue #26: a 404 advised `openai-compat models`, which then failed with the same
+    # advice (Azure answers GET .../deployments/NAME/models as it answers chat).
+    server.add(json_reply(_AZURE_NO_DEPLOYMENT, status=404))
+    done = cli_main(server, "models")
+    assert done.returncode == 1 and "ModelNotFoundError" in done.stderr
+    assert "/v1/models" in done.stderr and "`openai-compat models`" not in done.stderr
+
+
 def test_cli_check_hints_name_the_flag_when_chat_fails(server: Scripted, cli_main: CLI) -> None:
     # `check` probes through a second Client; its hints named base_url= under --base-url.
     server.add(json_reply({"data": [{"id": "m"}]}))
