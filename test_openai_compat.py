@@ -1295,9 +1295,11 @@ def test_a_function_tool_goes_strict_with_optional_fields_nullable(server: Scrip
             "city": {"type": "string"},
             # Optional with no default was required already: it keeps its null.
             "owner": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-            "nights": {"type": ["integer", "null"]},  # a default: required, nullable
+            # A default: required, and nullable by anyOf (a type list breaks llama.cpp's
+            # Hermes tool template).
+            "nights": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
             "size": {"anyOf": [{"enum": ["s", "m"], "type": "string"}, {"type": "null"}]},
-            "note": {"type": ["string", "null"]}}}
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
     # null for a field the module made nullable means "left out": the defaults apply;
     # for the one that was Optional and required, None is the value.
     assert result.tool_results[0].error is None
@@ -1318,10 +1320,11 @@ def test_a_dataclass_answer_goes_strict_and_a_null_takes_the_default(server: Scr
         "required": ["city", "nights", "colour", "tags", "guest"],
         "properties": {
             "city": {"type": "string"},
-            "nights": {"type": ["integer", "null"]},
+            "nights": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
             "colour": {"anyOf": [{"enum": ["red", "blue"], "type": "string"},
                                  {"type": "null"}]},
-            "tags": {"type": ["array", "null"], "items": {"type": "string"}},
+            "tags": {"anyOf": [{"type": "array", "items": {"type": "string"}},
+                               {"type": "null"}]},
             "guest": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
 
 
@@ -2392,7 +2395,8 @@ STRICT_HOME = {"title": "Home", "type": "object", "additionalProperties": False,
                "required": ["city", "zip", "floor"],
                "properties": {"city": {"title": "City", "type": "string"},
                               "zip": {"title": "Zip", "type": "integer"},
-                              "floor": {"title": "Floor", "type": ["integer", "null"]}}}
+                              "floor": {"title": "Floor",
+                                        "anyOf": [{"type": "integer"}, {"type": "null"}]}}}
 
 
 def _defs_below_the_root(schema: Any, top: bool = True) -> list[Any]:
@@ -2426,7 +2430,8 @@ def test_pydantic_model_schema_is_sent_with_its_defs_and_data_is_an_instance(
                        "home": {"$ref": "#/$defs/Home"},
                        "nickname": {"anyOf": [{"type": "string"}, {"type": "null"}],
                                     "title": "Nickname"},
-                       "score": {"title": "Score", "type": ["integer", "null"]}},
+                       "score": {"title": "Score",
+                                 "anyOf": [{"type": "integer"}, {"type": "null"}]}},
         "$defs": {"Home": STRICT_HOME}}
     assert Resident.model_json_schema()["$defs"] == {"Home": Home.model_json_schema()}
 
