@@ -1947,7 +1947,7 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     """
     if _validate(None, schema) is None:
         return schema
-    notes = {key: schema[key] for key in ("description", "title") if key in schema}
+    notes: dict[str, Any] = {key: schema[key] for key in ("description", "title") if key in schema}
     inner = {key: value for key, value in schema.items() if key not in notes}
     return {"anyOf": [inner, {"type": "null"}], **notes}
 
