@@ -1960,13 +1960,19 @@ def _strict_node(schema: Any) -> dict[str, Any]:
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    """`schema` that also takes null: a type list where it can say it, else anyOf."""
-    kinds = schema.get("type")
+    """`schema`, or null: anyOf, its description and title beside it (where chat
+    templates that write out tool signatures look for them).
+
+    Quirk(llama.cpp's Hermes tool template, through llama-server and LiteLLM): a type
+    list, "type": ["integer", "null"], makes the server refuse the request ("Unable to
+    generate parser for this template ... Object key of unhashable type: Array"); anyOf
+    is taken by every server tried and by OpenAI's strict subset.
+    """
     if _validate(None, schema) is None:
         return schema
-    if kinds and not schema.keys() & {"enum", "const", "$ref", "anyOf"}:
-        return {**schema, "type": [*_kinds(schema), "null"]}
-    return {"anyOf": [schema, {"type": "null"}]}
+    notes: dict[str, Any] = {key: schema[key] for key in ("description", "title") if key in schema}
+    inner = {key: value for key, value in schema.items() if key not in notes}
+    return {"anyOf": [inner, {"type": "null"}], **notes}
 
 
 def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) -> Tool:

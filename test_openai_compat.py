@@ -655,6 +655,18 @@ def test_usage_adds_up_over_steps_and_stays_none_when_never_reported() -> None:
     assert oc._result([oc.Step("x")], "stop", []).usage is None
 
 
+def test_reprs_stay_short(server: Scripted) -> None:
+    # Issue #28: a Result's repr held the whole conversation (5,632 characters with a
+    # 5 KB system prompt); a Stream's was the default <... object at 0x...>.
+    server.add(Reply(text_stream("word " * 100)))
+    stream = server.client().stream("hi", system="Be brief. " * 500)
+    assert repr(stream) == "Stream(model='m', finished=False)"
+    result = stream.result if list(stream) else None
+    assert result is not None and repr(stream) == "Stream(model='m', finished=True)"
+    assert repr(result) == ("Result(text='" + "word " * 15 + "wo...', finish_reason='stop', "
+                            "usage=None, steps=1, tool_calls=0, messages=3)")
+
+
 # ==== Configuration ====
 
 
@@ -1253,6 +1265,82 @@ def test_a_forced_tool_choice_ends_once_a_call_has_run(server: Scripted, choice:
     assert second["tools"] == first["tools"]
 
 
+def test_n_above_1_keeps_every_choice(server: Scripted) -> None:
+    # Issue #28: n=2 lost the second answer, which the server had generated and charged.
+    def choice(index: int, content: str | None = None, finish: str | None = None) -> Any:
+        return {"choices": [{"index": index, "delta": {} if content is None else
+                             {"content": content}, "finish_reason": finish}]}
+
+    server.add(Reply(sse(choice(0, "Red"), choice(1, "Bl"), choice(1, "ue"), choice(0, "."),
+                         choice(1, None, "stop"), choice(0, None, "stop"), "data: [DONE]\n\n")),
+               json_reply({"choices": [
+                   {"index": 1, "message": {"role": "assistant", "content": "Two"}},
+                   {"index": 0, "message": {"role": "assistant", "content": "One"}}]}))
+    client = server.client()
+    chunks, result = run(client.stream("Name a colour.", n=2))
+    assert text_of(chunks) == "Red." == result.text, "the stream follows choice 0"
+    assert result.choices == ["Red.", "Blue"]
+    assert server.bodies()[0]["n"] == 2
+    # A whole answer (here one JSON document to a stream request) lists them at once.
+    assert client.generate("Count.", n=2).choices == ["One", "Two"]
+    server.add(Reply(text_stream("Solo")))
+    assert client.generate("hi").choices == ["Solo"]
+    for bad in ({"tools": [_add]}, {"schema": City}):
+        with pytest.raises(oc.ConfigError, match="n= above 1"):
+            client.generate("hi", n=2, **bad)
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"prompt": 123}, "prompt="), ({"system": ["a"]}, "system="),
+    ({"temperature": "0.5"}, "temperature="), ({"temperature": True}, "temperature="),
+    ({"top_p": "1"}, "top_p="), ({"presence_penalty": False}, "presence_penalty="),
+    ({"frequency_penalty": "0"}, "frequency_penalty="), ({"max_tokens": 1.5}, "max_tokens="),
+    ({"max_tokens": "100"}, "max_tokens="), ({"n": "2"}, "n="), ({"seed": True}, "seed="),
+    ({"messages": [{"content": "no role"}]}, "messages="),
+    ({"messages": "hi"}, "messages="),
+])
+def test_option_types_are_checked_before_sending(server: Scripted, options: dict[str, Any],
+                                                 named: str) -> None:
+    # Issue #28: prompt=123 and temperature="0.5" travelled to the server as its 400.
+    prompt = options.pop("prompt", "hi")
+    with pytest.raises(oc.ConfigError, match=re.escape(named)):
+        server.client().generate(prompt, **options)
+    assert server.requests == []
+
+
+def test_extra_headers_go_with_one_call_over_the_clients(server: Scripted) -> None:
+    server.add(Reply(text_stream("a")), Reply(text_stream("b")))
+    client = server.client(headers={"X-Team": "a", "X-Trace": "client"})
+    client.generate("hi", extra_headers={"X-Trace": "call-1", "api-key": "tenant-7"})
+    client.generate("hi")
+    first, second = (r["headers"] for r in server.requests)
+    assert (first["X-Team"], first["X-Trace"], first["api-key"]) == ("a", "call-1", "tenant-7")
+    assert second["X-Trace"] == "client" and "api-key" not in second
+    for bad in ({"X-Bad": "line\nbreak"}, {"Bad Name": "x"}, ["X-A: b"]):
+        with pytest.raises(oc.ConfigError, match="extra_headers=|header"):
+            client.generate("hi", extra_headers=bad)
+    assert len(server.requests) == 2
+
+
+def test_a_tool_that_raises_is_logged_with_its_traceback_and_kept(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #28: a tool with a plain bug left a DEBUG line without a traceback.
+    def divide(a: int, b: int) -> float:
+        """Divide."""
+        return a / b
+
+    server.add(_calls_then_text(_call(0, "c1", "divide", '{"a": 1, "b": 0}')),
+               Reply(text_stream("Cannot.")))
+    caplog.set_level(logging.WARNING, logger="openai_compat")
+    done = server.client().generate("1/0?", tools=[divide]).tool_results[0]
+    assert isinstance(done.exception, ZeroDivisionError)
+    assert done.error == "ZeroDivisionError: division by zero"
+    (record,) = [r for r in caplog.records if "divide" in r.getMessage()]
+    assert record.levelname == "WARNING" and record.exc_info and record.exc_info[1] is (
+        done.exception)
+    assert "return a / b" in caplog.text, "the traceback is logged"
+
+
 # ---- strict schemas (issue 25) ----
 
 
@@ -1285,9 +1373,11 @@ def test_a_function_tool_goes_strict_with_optional_fields_nullable(server: Scrip
             "city": {"type": "string"},
             # Optional with no default was required already: it keeps its null.
             "owner": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-            "nights": {"type": ["integer", "null"]},  # a default: required, nullable
+            # A default: required, and nullable by anyOf (a type list breaks llama.cpp's
+            # Hermes tool template).
+            "nights": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
             "size": {"anyOf": [{"enum": ["s", "m"], "type": "string"}, {"type": "null"}]},
-            "note": {"type": ["string", "null"]}}}
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
     # null for a field the module made nullable means "left out": the defaults apply;
     # for the one that was Optional and required, None is the value.
     assert result.tool_results[0].error is None
@@ -1308,10 +1398,11 @@ def test_a_dataclass_answer_goes_strict_and_a_null_takes_the_default(server: Scr
         "required": ["city", "nights", "colour", "tags", "guest"],
         "properties": {
             "city": {"type": "string"},
-            "nights": {"type": ["integer", "null"]},
+            "nights": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
             "colour": {"anyOf": [{"enum": ["red", "blue"], "type": "string"},
                                  {"type": "null"}]},
-            "tags": {"type": ["array", "null"], "items": {"type": "string"}},
+            "tags": {"anyOf": [{"type": "array", "items": {"type": "string"}},
+                               {"type": "null"}]},
             "guest": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
 
 
@@ -2382,7 +2473,8 @@ STRICT_HOME = {"title": "Home", "type": "object", "additionalProperties": False,
                "required": ["city", "zip", "floor"],
                "properties": {"city": {"title": "City", "type": "string"},
                               "zip": {"title": "Zip", "type": "integer"},
-                              "floor": {"title": "Floor", "type": ["integer", "null"]}}}
+                              "floor": {"title": "Floor",
+                                        "anyOf": [{"type": "integer"}, {"type": "null"}]}}}
 
 
 def _defs_below_the_root(schema: Any, top: bool = True) -> list[Any]:
@@ -2416,7 +2508,8 @@ def test_pydantic_model_schema_is_sent_with_its_defs_and_data_is_an_instance(
                        "home": {"$ref": "#/$defs/Home"},
                        "nickname": {"anyOf": [{"type": "string"}, {"type": "null"}],
                                     "title": "Nickname"},
-                       "score": {"title": "Score", "type": ["integer", "null"]}},
+                       "score": {"title": "Score",
+                                 "anyOf": [{"type": "integer"}, {"type": "null"}]}},
         "$defs": {"Home": STRICT_HOME}}
     assert Resident.model_json_schema()["$defs"] == {"Home": Home.model_json_schema()}
 
@@ -3374,6 +3467,161 @@ def test_retry_after_too_long_fails_at_once(server: Scripted) -> None:
     assert len(server.requests) == 1
 
 
+def test_a_retry_after_between_the_backoff_and_the_cap_is_waited_exactly(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #26: with the Retry-After handling removed (the backoff, 0.25 to 0.5 s, used
+    # instead), the suite still passed.
+    server.add(json_reply({"error": {"message": "slow down"}}, status=429,
+                          headers={"Retry-After": "1.3"}), json_reply(completion("ok")))
+    caplog.set_level(logging.INFO, logger="openai_compat")
+    started = time.monotonic()
+    assert server.client(max_retries=1).generate("hi").text == "ok"
+    assert 1.3 <= time.monotonic() - started < 1.9
+    # Each retry is logged at INFO: what failed, the wait, the attempt.
+    assert [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()] == [
+        f"HTTP 429 from {server.base_url}; retrying in 1.3 s (attempt 2 of 2)"]
+
+
+def test_a_retry_after_under_the_cap_is_waited_and_one_over_it_fails_at_once(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #26: with the cap lowered from 60 s to 6 s, the suite still passed. 59 s is
+    # waited (close() ends the wait, so the test does not), 61 s is not.
+    server.add(json_reply({"error": {"message": "slow down"}}, status=429,
+                          headers={"Retry-After": "59"}),
+               json_reply({"error": {"message": "slow down"}}, status=429,
+                          headers={"Retry-After": "61"}))
+    caplog.set_level(logging.INFO, logger="openai_compat")
+    client = server.client()
+    waiting = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retrying in 59.0 s" in record.getMessage():
+                waiting.set()
+
+    seen = Seen()
+    logging.getLogger("openai_compat").addHandler(seen)
+    try:
+        threading.Thread(target=lambda: waiting.wait(10) and client.close()).start()
+        started = time.monotonic()
+        with pytest.raises(oc.StreamError, match="the Client was closed") as closed:
+            client.generate("hi")
+    finally:
+        logging.getLogger("openai_compat").removeHandler(seen)
+    assert waiting.is_set() and time.monotonic() - started < 5
+    assert isinstance(closed.value.__cause__, oc.RateLimitError)
+    started = time.monotonic()
+    with pytest.raises(oc.RateLimitError) as over:
+        server.client().generate("hi")
+    assert over.value.retry_after == 61 and time.monotonic() - started < 1
+    assert len(server.requests) == 2
+
+
+def _trickle(*parts: str, every: float = 0.2) -> Reply:
+    """A reply that never ends: `parts` first, then a keep-alive comment every `every` s."""
+    return Reply(*parts, *[": keep-alive\n\n"] * 300, pause=every)
+
+
+@pytest.mark.parametrize("how", ["text", "comments"])
+def test_a_deadline_cuts_off_a_trickling_stream(server: Scripted, how: str) -> None:
+    # Issue #26: timeout bounds only the silence between bytes; a server that trickles
+    # tokens or keep-alive comments held generate() forever.
+    if how == "text":
+        server.add(Reply(*[sse(delta(content=f"{i} ")) for i in range(300)], pause=0.2))
+    else:
+        server.add(_trickle(sse(delta(content="Once"))))
+    client = server.client(timeout=5)
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        for _ in client.stream("Count.", deadline=1):
+            pass
+    assert 1 <= time.monotonic() - started < 1.7, "cut within a fraction of a second"
+    assert "deadline of 1 s" in str(caught.value)
+    assert caught.value.partial_text.startswith("0 " if how == "text" else "Once")
+    assert server.closed.wait(2), "its connection is closed"
+
+
+def test_a_deadline_cuts_off_a_storm_of_503s_and_a_silent_server(server: Scripted) -> None:
+    server.add(*[json_reply({"error": {"message": "Service Unavailable"}}, status=503)] * 50)
+    client = server.client(max_retries=50, deadline=1.5)
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        client.generate("hi")
+    assert time.monotonic() - started < 1.6
+    # The backoff that would have ended past the deadline was not waited.
+    assert isinstance(caught.value.__cause__, oc.ServerError)
+    server.replies.clear()
+    server.add(Reply(text_stream("late"), delay=5))  # silent before its headers
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError, match="deadline of 0.5 s"):
+        server.client(timeout=30).generate("hi", deadline=0.5)
+    assert time.monotonic() - started < 1
+
+
+def test_a_retry_after_past_the_deadline_fails_at_once(server: Scripted) -> None:
+    server.add(json_reply({"error": {"message": "busy"}}, status=503,
+                          headers={"Retry-After": "3"}))
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        server.client().generate("hi", deadline=2)
+    assert time.monotonic() - started < 0.5 and len(server.requests) == 1
+    assert isinstance(caught.value.__cause__, oc.ServerError)
+
+
+def test_a_streams_deadline_starts_when_stream_is_called(server: Scripted) -> None:
+    server.add(Reply(text_stream("never asked")))
+    stream = server.client().stream("hi", deadline=0.2)
+    time.sleep(0.3)
+    with pytest.raises(oc.RequestTimeoutError):
+        next(stream)
+    assert server.requests == [], "no model call starts after the deadline"
+
+
+def test_a_deadline_bounds_discovery_too(server: Scripted) -> None:
+    server.add(Reply(json.dumps({"data": [{"id": "m"}]}), framing="length",
+                     content_type="application/json", delay=3))
+    client = oc.Client(server.base_url)
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError, match="deadline"):
+        client.stream("hi", deadline=0.5)
+    assert time.monotonic() - started < 1
+
+
+def test_a_deadline_is_checked_before_anything_is_sent(
+        server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = server.client()
+    for bad in (0, -1, float("nan"), float("inf"), True, "soon"):
+        with pytest.raises(oc.ConfigError, match="deadline="):
+            client.generate("hi", deadline=bad)
+        with pytest.raises(oc.ConfigError, match="deadline="):
+            server.client(deadline=bad)
+    monkeypatch.setenv("OPENAI_COMPATIBLE_DEADLINE", "later")
+    with pytest.raises(oc.ConfigError, match="OPENAI_COMPATIBLE_DEADLINE"):
+        server.client()
+    monkeypatch.setenv("OPENAI_COMPATIBLE_DEADLINE", "2.5")
+    assert server.client().config.deadline == 2.5
+    assert server.requests == []
+    assert "deadline" not in json.dumps(server.bodies())
+
+
+def test_close_ends_a_stream_stalled_mid_answer_from_another_thread(server: Scripted) -> None:
+    # Issue #28: client.close() from another thread did not stop a call in flight.
+    server.add(_trickle(sse(delta(content="Half an ")), every=5))
+    client = server.client()
+    stream = client.stream("hi")
+    assert next(stream).content == "Half an "
+    threading.Timer(0.3, client.close).start()
+    started = time.monotonic()
+    with pytest.raises(oc.StreamError, match="the Client was closed") as caught:
+        list(stream)
+    assert time.monotonic() - started < 1.3
+    assert caught.value.partial_text == "Half an " and caught.value.retryable is False
+    # A call started on a closed Client raises the same at once, without connecting.
+    with pytest.raises(oc.StreamError, match="the Client was closed"):
+        client.generate("again")
+    assert len(server.requests) == 1
+
+
 LOADING = json_reply({"error": {"code": 503, "message": "Loading model",
                                "type": "unavailable_error"}}, status=503)  # llama-server
 
@@ -4218,6 +4466,127 @@ def test_cli_errors_are_one_line_with_exit_codes(server: Scripted, cli_main: CLI
     assert usage.returncode == 2
 
 
+def _readme_batch() -> str:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"),
+              encoding="utf-8") as f:
+        found = [code for code in re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+                 if "with ThreadPoolExecutor(8) as ex, oc.Client() as client:" in code]
+    assert len(found) == 1, "the README's batch recipe is gone"
+    return found[0]
+
+
+def test_readme_batch_stops_within_2_s_of_ctrl_c(server: Scripted) -> None:
+    # Issue #28: after Ctrl-C a ThreadPoolExecutor batch waited 28.6 s for its 8 calls in
+    # flight. The README's recipe, run as written, with every answer stalled mid-way.
+    stalled = threading.Event()  # never set: each reply waits at it, mid-answer
+    server.add(*[Reply(sse(delta(content="A fruit")), text_stream(" of the tree."),
+                       gate=stalled, hold=60) for _ in range(8)])
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
+    process = subprocess.Popen([sys.executable, "-c", _readme_batch()], env=environ,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL,
+                               cwd=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        limit = time.monotonic() + 60
+        while len(server.requests) < 8 and time.monotonic() < limit:  # all eight in flight
+            time.sleep(0.02)
+        assert len(server.requests) == 8
+        time.sleep(0.2)  # the first words of each reach the client
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert time.monotonic() - started < 2, err
+    assert "KeyboardInterrupt" in err and process.returncode != 0
+
+
+def test_cli_no_stdin_lets_a_while_read_loop_run_once_per_line(
+        server: Scripted, tmp_path: pathlib.Path) -> None:
+    # Issue #28: `while read f; do openai-compat "Describe $f"; done < fruits.txt` sent
+    # one request: the CLI read the rest of the file from stdin.
+    server.add(*[Reply(text_stream(f"A {fruit}.")) for fruit in ("apple", "banana", "cherry")])
+    (tmp_path / "fruits.txt").write_text("apple\nbanana\ncherry\n")
+    script = ('while read f; do "$PYTHON" -m openai_compat -n "Describe $f"; done '
+              '< fruits.txt')
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m",
+                   PYTHON=sys.executable,
+                   PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=environ,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "A apple.\nA banana.\nA cherry.\n"
+    assert [b["messages"][-1]["content"] for b in server.bodies()] == [
+        "Describe apple", "Describe banana", "Describe cherry"]
+
+
+def test_cli_no_stdin_never_waits_for_a_pipe_left_open(server: Scripted) -> None:
+    server.add(Reply(text_stream("Hi.")), Reply(text_stream("Hi.")))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
+    for flag in ("-n", "--no-stdin"):
+        process = subprocess.Popen([sys.executable, "-m", "openai_compat", flag, "Hello"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                   env=environ, cwd=os.path.dirname(os.path.abspath(__file__)))
+        try:  # the pipe stays open and silent, as under a parent that never closes it
+            out = process.stdout.read() if process.stdout else ""
+            assert process.wait(timeout=20) == 0 and out == "Hi.\n"
+        finally:
+            process.kill()
+            if process.stdin:
+                process.stdin.close()
+
+
+def test_cli_reads_stdin_that_is_not_utf8_with_one_warning(server: Scripted) -> None:
+    # Issue #28: Latin-1 bytes ended in "the text has a lone surrogate ... errors=
+    # 'surrogateescape'", exit 2.
+    server.add(Reply(text_stream("Summary.")))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
+    done = subprocess.run([sys.executable, "-m", "openai_compat", "Summarize:"],
+                          input="Caf\u00e9 cr\u00e8me, na\u00efve.".encode("latin-1"),
+                          capture_output=True, env=environ, timeout=30, check=False,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    err = done.stderr.decode()
+    assert done.returncode == 0 and done.stdout == b"Summary.\n", err
+    assert err.count("\n") == 1 and "not UTF-8 (byte 3" in err and "iconv" in err, err
+    assert server.bodies()[0]["messages"][-1]["content"] == (
+        "Summarize:\n\nCaf\ufffd cr\ufffdme, na\ufffdve.")
+
+
+def test_cli_header_deadline_and_what_a_script_sees_on_stderr(server: Scripted) -> None:
+    # Issue #26: the CLI could not send Azure's api-key header, nor bound a whole call;
+    # issue #28: a model typo, discovery's fallback and retries were never shown.
+    server.add(Reply(sse({**delta(content="x"), "model": "smollm2"}, delta("stop"),
+                         "data: [DONE]\n\n")))
+    done = cli(server, "-m", "smolm2", "--header", "api-key: tenant-7", "--header",
+               "X-Trace:42", "hi")
+    assert done.returncode == 0 and done.stdout == "x\n", done.stderr
+    assert done.stderr == (f"openai-compat: warning: asked for model 'smolm2', {server.base_url}"
+                           " answered with 'smollm2': it may not serve 'smolm2' (a typo in "
+                           "the name?)\n")
+    headers = server.requests[-1]["headers"]
+    assert (headers["api-key"], headers["X-Trace"]) == ("tenant-7", "42")
+    server.add(json_reply({"detail": "Not Found"}, status=404), Reply(text_stream("y")))
+    done = cli(server, "hi", env={"OPENAI_COMPATIBLE_MODEL": ""})
+    assert done.stderr.startswith("openai-compat: model discovery at ") and (
+        "using gpt-3.5-turbo" in done.stderr and done.stderr.count("\n") == 1), done.stderr
+    server.add(json_reply({"error": {"message": "slow down"}}, status=429,
+                          headers={"Retry-After": "0.1"}), Reply(text_stream("z")))
+    done = cli(server, "-v", "hi", env={"OPENAI_COMPATIBLE_MAX_RETRIES": "1"})
+    assert done.stdout == "z\n" and re.search(
+        r"^openai-compat: HTTP 429 from \S+; retrying in 0\.1 s \(attempt 2 of 2\)$",
+        done.stderr, re.MULTILINE), done.stderr
+    assert cli(server, "--header", "no colon", "hi").returncode == 2
+    server.add(_trickle(sse(delta(content="slow")), every=0.2))
+    started = time.monotonic()
+    done = cli(server, "--deadline", "1", "hi")
+    assert done.returncode == 1 and "deadline of 1 s" in done.stderr, done.stderr
+    assert time.monotonic() - started < 4
+
+
 def test_cli_ctrl_c_exits_130_without_traceback(server: Scripted) -> None:
     server.add(Reply(*[sse(delta(content=f"{i} ")) for i in range(100)], pause=0.1))
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
@@ -4227,11 +4596,12 @@ def test_cli_ctrl_c_exits_130_without_traceback(server: Scripted) -> None:
                                env=environ, stdin=subprocess.DEVNULL,
                                cwd=os.path.dirname(os.path.abspath(__file__)))
     assert process.stdout is not None
-    assert process.stdout.read(2) == "0 "  # streaming has begun
+    assert process.stdout.read(2) == "0 "  # streaming has begun: the signal to interrupt
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=10)
-    assert process.returncode == 130 and "Traceback" not in err
-    assert server.closed.wait(3), "the connection is closed on Ctrl-C"
+    # Bounds, not timings: wide, so that a busy machine passes too (issue #26).
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert server.closed.wait(30), "the connection is closed on Ctrl-C"
 
 
 def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
@@ -6315,6 +6685,7 @@ _README_EXAMPLES = {  # name: a line only that block has
     "tool-call": "def calculate(",
     "two-tool-steps": "def search_places(",
     "errors": "except oc.ConfigError",
+    "batch": "with ThreadPoolExecutor(8) as ex, oc.Client() as client:",
 }
 
 
@@ -6405,6 +6776,11 @@ def test_real_readme_examples_run_as_written(llama_short: Any, name: str, code: 
         assert destination and f'"address": "{destination.group(1)}"' in steps[0]
         assert lines[-1] == "stop 3 model calls" == shown.splitlines()[-1], lines
         assert lines[-2] and lines[-2] not in steps  # the answer
+    elif name == "batch":
+        # Eight answers, in the order of the rows, each on its own line.
+        rows = ["apple", "banana", "cherry", "damson", "elderberry", "fig", "grape", "kiwi"]
+        assert [line.split(":")[0] for line in lines] == rows, lines
+        assert all(len(line.split(": ", 1)[1]) > 5 for line in lines), lines
     elif name == "errors":
         assert lines and not any(line.startswith(("configuration:", "EndpointUnavailable"))
                                  for line in lines), lines
@@ -6437,6 +6813,9 @@ def test_real_readme_command_line_block_runs_as_written(llama_short: Any,
     assert '{"type": "finish", "step": 1' in done.stdout  # the --json chunks
     assert "\nsmollm2\n" in done.stdout  # models
     assert re.search(r"^tool calls\s+ok", done.stdout, re.MULTILINE), done.stdout  # check
+    # The while-read loop ran once per line (-n): without it, the first answer's prompt
+    # takes the rest of the file, and the loop ends after one.
+    assert re.search(r"^== apple\n.+\n== banana\n.+", done.stdout, re.MULTILINE), done.stdout
 
 
 def test_real_llama_cpp_python_streams_tools_without_streaming_after_an_empty_stream(
