@@ -86,6 +86,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import string
 import sys
 import threading
@@ -145,6 +146,9 @@ _WAIT_GAP: Final = 1.0
 # that catches them turns them into the module's own errors.
 _TRANSPORT_ERRORS: Final = (requests.RequestException, urllib3.exceptions.HTTPError,
                             http.client.HTTPException, OSError)
+# An API key shorter than this is a placeholder ("x", "EMPTY", "ollama"), never redacted:
+# no provider issues keys that short, and redacting "x" mangled every message.
+_SECRET_LENGTH: Final = 8
 
 # ==== Errors ====
 
@@ -168,15 +172,17 @@ class APIError(OpenAICompatError):
         message: the server's own message (or the transport's), with secrets redacted.
         status_code: the HTTP status, or None (no response, or an error inside a stream).
         body: the response body as text (trimmed), or None.
-        base_url: the endpoint the request went to (secrets in it redacted).
+        base_url: the endpoint the request went to (secrets in it redacted); the message
+            names the URL called, its path and query.
         retryable: True when sending the same request again may succeed.
         partial_text: answer text the interrupted model call had already yielded ("" if none).
     """
 
     retryable: bool = False  # the class's, unless one error says otherwise
     # Where the base URL came from, for hints: the variable, "base_url=" or the CLI's
-    # --base-url (set by the Client that raises the error).
+    # --base-url; and the path called below it (both set by the Client that raises it).
     _url_source: str = _ENV_BASE_URL
+    _path: str = ""
 
     def __init__(self, message: str, *, status_code: int | None = None,
                  body: str | None = None, base_url: str | None = None,
@@ -189,8 +195,9 @@ class APIError(OpenAICompatError):
         self.partial_text = partial_text
 
     def __str__(self) -> str:
+        base, query, rest = (self.base_url or "").partition("?")
         where = [f"HTTP {self.status_code}"] if self.status_code is not None else []
-        where += [f"from {self.base_url}"] if self.base_url else []
+        where += [f"from {base}{self._path}{query}{rest}"] if base else []
         text = self.message or "no message from the server"
         text += f" ({' '.join(where)})" if where else ""
         return ". ".join(filter(None, (text, self._hint())))
@@ -206,16 +213,20 @@ class APIError(OpenAICompatError):
 
 
 class EndpointUnavailableError(APIError, ConnectionError):
-    """No response: connection refused, DNS failure, reset before the server answered.
+    """No response: connection refused, DNS failure, reset before the server answered,
+    a TLS certificate this machine does not trust, a proxy that cannot be reached or
+    that answered 407.
 
-    Retried automatically (max_retries); safe to retry.
+    Retried automatically (max_retries); safe to retry, except for a certificate or a
+    proxy's 407 (retryable is False: fix what the message names).
     """
 
     retryable = True
+    _advice = ""  # what to do, when the cause is known to be other than a server that is down
 
     def _hint(self) -> str:
         now = f" (now {self.base_url})" if self.base_url else ""
-        return f"Is the server running? Check {self._url_source}{now}"
+        return self._advice or f"Is the server running? Check {self._url_source}{now}"
 
 
 class RequestTimeoutError(APIError, TimeoutError):
@@ -254,7 +265,10 @@ class RateLimitError(APIError):
 class ModelNotFoundError(APIError):
     """The server does not know the model. Not retryable: pick a listed model."""
 
-    _HINT = f"List the server's models with `openai-compat models`; set {_ENV_MODEL} or pass model="
+    def _hint(self) -> str:
+        # Advice never loops back: a failing GET /models does not send the user there.
+        listed = "" if self._path == "/models" else " (`openai-compat models` lists them)"
+        return f"Set {_ENV_MODEL} or pass model= naming a model the server has{listed}"
 
 
 class ContextLengthError(APIError):
@@ -272,7 +286,7 @@ class BadRequestError(APIError):
         # No route there: a URL without a version segment (and no query string) lacks /v1.
         if self.base_url and not re.search(r"\?|/v\d+[a-z0-9]*(?:/|$)", self.base_url):
             return f"The server may expect /v1: try {self._url_source}={self.base_url}/v1"
-        return f"Check {self._url_source}: the server has no chat-completions route there"
+        return f"Check {self._url_source}: the server has no such route"
 
 
 class ServerError(APIError):
@@ -350,7 +364,7 @@ _NO_RESPONSE_CLASSES: Final = (EndpointUnavailableError, RequestTimeoutError)
 # The statuses that decide on their own, before the table is read.
 _STATUS_ERRORS: Final[dict[int | None, type[APIError]]] = {
     401: AuthenticationError, 403: AuthenticationError, 413: ContextLengthError,
-    429: RateLimitError}
+    429: RateLimitError, 407: EndpointUnavailableError}  # 407: a proxy's, not the key
 
 
 def classify_error(message: str, status: int | None = None) -> type[APIError]:
@@ -709,7 +723,7 @@ class Config:
     deadline: float | None = None
 
     def __repr__(self) -> str:
-        key = "'[redacted]'" if self.api_key else "None"
+        key = repr(self.api_key) if len(self.api_key or "") < _SECRET_LENGTH else "'[redacted]'"
         return (f"Config(base_url={_shown_url(self.base_url)!r}, api_key={key}, model="
                 f"{self.model!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r}, "
                 f"deadline={self.deadline!r})")
@@ -768,9 +782,9 @@ def _base_url(url: str) -> str:
     path, cut = re.subn(r"/(?:chat/completions|models)$", "", parts.path.rstrip("/"))
     base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
     if cut and url not in _warned_urls:
-        _warned_urls.add(url)
-        _log.warning("the base URL %s ends in an endpoint's path: using %s (set that as the "
-                     "base URL)", _shown_url(url), _shown_url(base))
+        _warned_urls.add(url)  # stacklevel: the line that made the Client
+        warnings.warn(f"the base URL {_shown_url(url)} ends in an endpoint's path: using "
+                      f"{_shown_url(base)} (set that as the base URL)", UserWarning, stacklevel=4)
     return base
 
 
@@ -794,6 +808,7 @@ def _shown_url(url: str) -> str:
 
 # An HTTP header name is a "token" (RFC 9110, 5.6.2); a value we send is printable ASCII.
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SECRET_HEADER: Final = re.compile(r"key|token|auth|secret", re.IGNORECASE)
 _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 
 
@@ -814,6 +829,11 @@ def _check_headers(headers: Mapping[str, str] | None, option: str) -> dict[str, 
     # Surrounding spaces are no part of a value (RFC 9110), and requests refuses them:
     # "api-key: x".split(":", 1) leaves one.
     return {name: value.strip() for name, value in headers.items()}
+
+
+def _header_secrets(headers: Mapping[str, str]) -> list[str]:
+    """The values of headers named like secrets (Azure's api-key): secrets at any length."""
+    return [value for name, value in headers.items() if _SECRET_HEADER.search(name)]
 
 
 def _check_header_value(value: str, what: str) -> None:
@@ -1102,8 +1122,8 @@ class _Discovery:
 
 def _not_ready(error: APIError) -> bool:
     """Whether an error from GET /models means "not up yet" rather than "wrong"."""
-    return isinstance(error, (EndpointUnavailableError, RequestTimeoutError)) or (
-        isinstance(error, ServerError) and error.status_code in (502, 503, 504))
+    return error.retryable and (isinstance(error, (EndpointUnavailableError, RequestTimeoutError))
+                                or error.status_code in (502, 503, 504))
 
 
 def _fetch_models(http: _Connection, limit: float = _DISCOVERY_SECONDS) -> list[str] | APIError:
@@ -1124,8 +1144,11 @@ def _fetch_models(http: _Connection, limit: float = _DISCOVERY_SECONDS) -> list[
     worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
     worker.start()
     worker.join(limit)
-    return answers[0] if answers else http.redacted(RequestTimeoutError(
+    found = answers[0] if answers else http.redacted(RequestTimeoutError(
         f"GET /models did not answer within {limit:g} s"))
+    if isinstance(found, APIError):
+        found._path = "/models"  # its message names the URL called
+    return found
 
 
 def _ask_models(http: _Connection) -> list[str]:
@@ -3179,20 +3202,6 @@ _SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
 # A server still loading its model: llama-server's 503 "Loading model", and 503s that
 # say they are loading or warming up.
 _LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
-# What the socket layer says, shortened for messages (see _Connection.transport_error).
-_SOCKET_REASON: Final = re.compile(
-    r"Connection refused|Name or service not known|nodename nor servname provided"
-    r"|Temporary failure in name resolution|No route to host|Network is unreachable"
-    r"|Connection reset by peer|Remote end closed connection without response"
-    r"|certificate verify failed[^)'\"]*|Connection aborted|IncompleteRead[^)]*\)"
-    r"|Response ended prematurely|Connection broken"
-)
-# A kept-alive connection the server had closed: the request met an EOF or a reset
-# before any byte of an answer (see _stale_connection).
-_STALE_CONNECTION: Final = re.compile(
-    r"Remote end closed connection|reset by peer|Broken pipe|BrokenPipeError"
-    r"|ConnectionResetError"
-)
 
 
 def _redact_url_log(record: logging.LogRecord) -> bool:
@@ -3220,7 +3229,8 @@ class _Connection:
         self.note = note
         self.shown_url = _shown_url(config.base_url)
         url_secrets = _url_secrets(config.base_url)
-        self.secrets = tuple(s for s in (config.api_key, *url_secrets) if s)
+        key = config.api_key if len(config.api_key or "") >= _SECRET_LENGTH else ""
+        self.secrets = tuple(filter(None, (key, *url_secrets, *_header_secrets(headers))))
         if url_secrets:  # addFilter adds it once, however many Clients ask
             logging.getLogger("urllib3.connectionpool").addFilter(_redact_url_log)
         parts = urllib.parse.urlsplit(config.base_url)
@@ -3270,6 +3280,8 @@ class _Connection:
             self.calls.add(request)
         try:
             yield
+        except APIError as exc:  # and this call's own secret headers (extra_headers=)
+            raise self.redacted(exc, _header_secrets(request.headers))
         finally:
             with self.lock:
                 self.calls.discard(request)
@@ -3326,9 +3338,9 @@ class _Connection:
                     continue
                 wait, loading_since = self._loading_wait(error, timeout, loading_since)
                 status = error.status_code or 0
-                retry = (error.retryable and (status in (408, 409, 429) or status >= 500)
+                retry = ((status in (408, 409, 429) or status >= 500)
                          and (retry_after is None or retry_after <= _MAX_RETRY_AFTER))
-            if wait is None and retry and attempt < self.config.max_retries:
+            if wait is None and retry and error.retryable and attempt < self.config.max_retries:
                 attempt += 1
                 wait = _backoff(attempt) if retry_after is None else retry_after
                 _log.info("%s from %s; retrying in %.1f s (attempt %d of %d)", (
@@ -3506,6 +3518,8 @@ class _Connection:
 
     def error_from_body(self, status: int, text: str,
                         retry_after: float | None = None) -> APIError:
+        if status == 407:  # from a proxy: an http request's proxy answers it itself
+            return self.proxy_error("407 Proxy Authentication Required")
         return self.redacted(_error_from_body(status, text, self.note, retry_after))
 
     def transport_error(self, exc: BaseException, timeout: float, when: str = "") -> APIError:
@@ -3521,30 +3535,86 @@ class _Connection:
                     "whole": " while composing a whole answer (non-streamed answers arrive"
                              " only when complete; stream() shows progress)",
                     "stream": " in the middle of the stream"}.get(when, "")))
-        match = _SOCKET_REASON.search(str(exc))
-        reason = match.group(0) if match else str(exc)[:200]
+        causes = _causes(exc)
+        reason = _reason(causes[-1])
         # A broken chunked body is a connection that failed while reading, not one that
         # could not be made: the server had answered.
-        if isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
-                exc, requests.exceptions.ChunkedEncodingError) and when != "stream":
-            return self.redacted(EndpointUnavailableError(f"cannot connect: {reason}"))
-        return self.redacted(StreamError(
-            f"the connection broke while reading the answer: {reason}"))
+        if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or isinstance(
+                exc, requests.exceptions.ChunkedEncodingError) or when == "stream":
+            return self.redacted(StreamError(
+                f"the connection broke while reading the answer: {reason}"))
+        if any(isinstance(cause, urllib3.exceptions.ProxyError) for cause in causes):
+            return self.proxy_error(reason)
+        where = f"{self.url_source} (now {self.shown_url})"
+        if any(isinstance(cause, socket.gaierror) for cause in causes):
+            host = urllib.parse.urlsplit(self.base).hostname
+            return self.unavailable(f"cannot connect: the host name {host} does not resolve: "
+                                    f"{reason}", f"Check the host name in {where}")
+        if not any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
+            return self.unavailable(f"cannot connect: {reason}")
+        # A certificate is a setting to fix, never switched off here: retrying cannot help.
+        if "mismatch" in reason:
+            return self.unavailable(f"cannot connect: {reason}", "The server's TLS certificate "
+                                    f"names other hosts: use one in {where}", retryable=False)
+        return self.unavailable(
+            f"cannot connect: this machine does not trust the server's TLS certificate: {reason}",
+            "To trust it, point REQUESTS_CA_BUNDLE at the PEM file of the CA that issued it (or "
+            "of the self-signed certificate); verification stays on", retryable=False)
 
-    def redacted(self, exc: APIError) -> APIError:
-        """`exc` with its secrets redacted (a server may echo the key in its text) and
-        saying where it came from: every APIError a Client raises or returns passes here."""
-        exc.message = _redact(exc.message, self.secrets)
+    def proxy_error(self, reason: str) -> APIError:
+        """The error of a proxy that cannot be reached or that refused the request (407):
+        named as the proxy, its password redacted, never as the server."""
+        variable = f"{urllib.parse.urlsplit(self.base).scheme.upper()}_PROXY"
+        proxy = requests.utils.select_proxy(
+            self.base, requests.utils.get_environ_proxies(self.base)) or ""
+        # requests reads "host:port" as http://host:port; its password is redacted either way.
+        name = f"the proxy {_shown_url(proxy if '://' in proxy else 'http://' + proxy)} " \
+            f"({variable})" if proxy else "a proxy"
+        if re.search(r"\b407\b", reason):  # Proxy Authentication Required: not the API key
+            return self.unavailable(f"{name} refused the request: {reason}", "Check the user "
+                                    f"name and password in {variable}", retryable=False)
+        return self.unavailable(f"cannot reach {name}: {reason}",
+                                f"Check {variable}, or list the server's host in NO_PROXY")
+
+    def unavailable(self, message: str, advice: str = "", *, retryable: bool = True) -> APIError:
+        """An EndpointUnavailableError, redacted; `advice` replaces "Is the server running?"."""
+        error = EndpointUnavailableError(message)
+        error._advice, error.retryable = advice, retryable
+        return self.redacted(error)
+
+    def redacted(self, exc: APIError, secrets: Iterable[str] = ()) -> APIError:
+        """`exc` with its secrets (and `secrets`) redacted (a server may echo the key in its
+        text) and saying where it came from: every APIError a Client raises passes here."""
+        secrets = (*self.secrets, *secrets)
+        exc.message = _redact(exc.message, secrets)
         exc.args = (exc.message,)
-        if exc.body:
-            exc.body = _redact(exc.body, self.secrets)
+        exc.body = exc.body and _redact(exc.body, secrets)
         exc.base_url = self.shown_url
         exc._url_source = self.url_source
+        exc._path = exc._path or "/chat/completions"  # discovery's say /models
         return exc
 
 
 def _keep_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
     return request
+
+
+def _causes(exc: BaseException | None) -> list[BaseException]:
+    """`exc` and the errors it wraps, outermost first: requests wraps urllib3's, which
+    wrap the socket's and ssl's (in .reason, in args, or as __cause__)."""
+    causes: list[BaseException] = []
+    while isinstance(exc, BaseException) and len(causes) < 16:  # 16: against a cycle
+        causes.append(exc)
+        exc = next((e for e in (getattr(exc, "reason", None), *reversed(exc.args),
+                                exc.__cause__) if isinstance(e, BaseException)), None)
+    return causes
+
+
+def _reason(exc: BaseException) -> str:
+    """What an error says, for a message: ssl's verify message, or an OSError's text
+    without its errno; OpenSSL's tags and source lines dropped."""
+    text = getattr(exc, "verify_message", None) or getattr(exc, "strerror", None) or str(exc)
+    return re.sub(r"^\[[^\]]*\] *| *\(_ssl\.c:\d+\)$", "", text).rstrip(".") or type(exc).__name__
 
 
 def _encode(body: dict[str, Any]) -> bytes:
@@ -3605,12 +3675,15 @@ def _stale_connection(exc: BaseException) -> bool:
 
     The server closed it between requests (idle timeout, or after an error, as
     llama-cpp-python does after an empty stream): the request meets an EOF or a
-    reset before any byte of an answer, so the server never took it up. urllib3
-    only checks for a closed socket when it takes one from the pool, which leaves a
-    race. Connect failures are "Failed to establish a new connection", not this.
+    reset before any byte of an answer ("Connection aborted"), so the server never
+    took it up. urllib3 only checks for a closed socket when it takes one from the
+    pool, which leaves a race. Connect failures are "Failed to establish a new
+    connection" (NewConnectionError), not this. RemoteDisconnected (an EOF) is a
+    ConnectionResetError.
     """
-    text = str(exc)
-    return "Connection aborted" in text and _STALE_CONNECTION.search(text) is not None
+    causes = _causes(exc)
+    return any(isinstance(cause, urllib3.exceptions.ProtocolError) for cause in causes) and (
+        isinstance(causes[-1], (ConnectionResetError, BrokenPipeError)))
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
