@@ -183,6 +183,7 @@ class APIError(OpenAICompatError):
     # --base-url; and the path called below it (both set by the Client that raises it).
     _url_source: str = _ENV_BASE_URL
     _path: str = ""
+    _cli = False  # raised for the command line: hints in its words (see _cli_words)
 
     def __init__(self, message: str, *, status_code: int | None = None,
                  body: str | None = None, base_url: str | None = None,
@@ -200,7 +201,8 @@ class APIError(OpenAICompatError):
         where += [f"from {base}{self._path}{query}{rest}"] if base else []
         text = self.message or "no message from the server"
         text += f" ({' '.join(where)})" if where else ""
-        return ". ".join(filter(None, (text, self._hint())))
+        hint = self._hint()
+        return ". ".join(filter(None, (text, _cli_words(hint) if self._cli else hint)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, status_code={self.status_code!r})"
@@ -3258,6 +3260,7 @@ class _Connection:
         self.schema_form = _JSON_SCHEMA
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
         self.calls: set[_Request] = set()  # the calls in flight, which close() ends
+        self.cli = False  # a Client of the command line: its errors speak its words
         self.closed = threading.Event()
         host = parts.hostname or ""  # urlsplit lowers the scheme and the host
         if (config.api_key and parts.scheme == "http" and host not in ("localhost", "::1")
@@ -3590,7 +3593,7 @@ class _Connection:
         exc.args = (exc.message,)
         exc.body = exc.body and _redact(exc.body, secrets)
         exc.base_url = self.shown_url
-        exc._url_source = self.url_source
+        exc._url_source, exc._cli = self.url_source, self.cli
         exc._path = exc._path or "/chat/completions"  # discovery's say /models
         return exc
 
@@ -3785,7 +3788,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except ConfigError as exc:
-        print(f"openai-compat: {exc}", file=sys.stderr)
+        print(f"openai-compat: {_cli_words(str(exc))}", file=sys.stderr)
         return 2
     except APIError as exc:
         print(f"openai-compat: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -3793,6 +3796,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _log.removeHandler(shown)
         _log.setLevel(level)
+
+
+# The command line's words for what the module's own text says in Python's (its hints
+# and configuration errors; never a server's text).
+_CLI_WORDS: Final = (
+    ("base_url=", "--base-url"), ("pass model=", "pass --model"), ("timeout=", "--timeout"),
+    ("deadline=", "--deadline"), ("lower max_tokens", "lower --max-tokens"),
+    ("schema=", "--schema"), (" or api_key=", ""),
+    ("; .partial_text holds what arrived", "; what arrived is printed above"),
+    ("; .partial_text holds the last one", ""))
+
+
+def _cli_words(text: str) -> str:
+    for python, flag in _CLI_WORDS:
+        text = text.replace(python, flag)
+    return text
 
 
 def _cli_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
@@ -3845,6 +3864,7 @@ def _cli_client(args: argparse.Namespace) -> Client:
                     deadline=args.deadline)
     if (args.base_url or "").strip():
         client._http.url_source = "--base-url"
+    client._http.cli = True
     return client
 
 
@@ -3958,7 +3978,7 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         return 1
     probe = Client(client.config.base_url, client.config.api_key, client.model,
                    timeout=client.config.timeout, max_retries=0)
-    probe._http.url_source = client._http.url_source  # hints name --base-url, if it was
+    probe._http.url_source, probe._http.cli = client._http.url_source, client._http.cli
     try:
         started = time.monotonic()
         answer = probe.generate("Say hello in one word.", max_tokens=16)

@@ -4587,6 +4587,36 @@ def test_cli_header_deadline_and_what_a_script_sees_on_stderr(server: Scripted) 
     assert time.monotonic() - started < 4
 
 
+PYTHON_WORDS = re.compile(r"\b(?:model|timeout|deadline|schema|api_key|base_url)=|max_tokens"
+                          r"|\.partial_text")
+
+
+def test_cli_speaks_in_flags_and_variables_never_python(server: Scripted, cli_main: CLI,
+                                                       tmp_path: pathlib.Path) -> None:
+    # Issue #28: the CLI's hints said `pass model=` and `.partial_text`.
+    failures = [
+        ([json_reply({"error": {"message": "The model `smolm2` does not exist."}}, status=404)],
+         ("hi",), "--model"),
+        ([json_reply({"error": {"message": "This model's maximum context length is 2048 "
+                                           "tokens."}}, status=400)], ("hi",), "--max-tokens"),
+        ([Reply(sse(delta(content="Half")), stall=0)], ("hi",), "printed above"),
+        ([Reply(text_stream("prose")), Reply(text_stream("prose")), Reply(text_stream("x"))],
+         ("--schema", "SCHEMA", "hi"), "--schema"),
+        ([Reply(text_stream("late"), delay=3)], ("--timeout", "1", "hi"), "--timeout"),
+        ([json_reply({"error": {"message": "Invalid API Key"}}, status=401)], ("hi",),
+         "OPENAI_COMPATIBLE_API_KEY"),
+        ([], ("--timeout", "0", "hi"), "--timeout"),
+        ([], ("--deadline", "-1", "hi"), "--deadline"),
+    ]
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object"}')
+    for replies, args, words in failures:
+        server.replies[:] = list(replies)
+        done = cli_main(server, *[str(schema) if a == "SCHEMA" else a for a in args])
+        assert done.returncode in (1, 2) and words in done.stderr, done.stderr
+        assert not PYTHON_WORDS.search(done.stderr), done.stderr
+
+
 def test_cli_ctrl_c_exits_130_without_traceback(server: Scripted) -> None:
     server.add(Reply(*[sse(delta(content=f"{i} ")) for i in range(100)], pause=0.1))
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
