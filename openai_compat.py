@@ -43,6 +43,7 @@ arguments win; blank values count as unset):
     OPENAI_COMPATIBLE_MODEL         model id; when unset, the first one GET /models lists
     OPENAI_COMPATIBLE_TIMEOUT       seconds of silence allowed between bytes (default 30)
     OPENAI_COMPATIBLE_MAX_RETRIES   retries of failed connections, 408/409/429/5xx (default 2)
+    OPENAI_COMPATIBLE_DEADLINE      seconds a whole stream() or generate() may take (default none)
 
 Works with vLLM, Ollama, llama.cpp's llama-server, LM Studio, TGI, Groq, Together,
 Fireworks, OpenRouter, DeepSeek, Mistral, Gemini's OpenAI endpoint, Azure, LiteLLM
@@ -55,15 +56,16 @@ with a "# ==== Name ====" line:
 
     Constants
     Errors                 the exceptions, the ordered regex table, classify_error(), error bodies
-    Data types             Usage, ToolCall, ToolResult, Chunk, Step, Result, Stream
+    Data types             Usage, ToolCall, ToolResult, Chunk, Step, Result
     Configuration          Config.from_env(): arguments, then OPENAI_COMPATIBLE_*, then defaults
     Client                 Client, and the module-level stream(), generate(), ...
     Model discovery        GET /models within 5 s, once per Client; the fallback list; wait_ready()
-    Tool-call loop         a call's options checked; model calls, tools run, results sent back
-    Tools                  Tool, @tool; JSON Schemas from type hints; values built from JSON
+    Requests               a call's options checked: the request body, its tools, its deadline
+    Streaming              Stream, a call's steps; a model call: bytes -> lines -> events -> Chunks
+    Tool-call loop         calls assembled from their fragments, run, results sent back; repairs
+    Tools                  Tool, @tool; strict JSON Schemas from type hints; values from JSON
     Checking JSON          the JSON Schema checker (draft 2020-12) for tool arguments and schema=
-    Streaming              one model call: response bytes -> lines -> SSE events -> Chunks
-    HTTP plumbing          the connection pool, retries, redirects, refused fields, draining
+    HTTP plumbing          the connection pool, retries, deadlines, redirects, refused fields
     Command line           python -m openai_compat, or the openai-compat script
 """
 
@@ -119,6 +121,7 @@ __all__ = [  # everything a user calls, receives or catches, in file order
 _log = logging.getLogger("openai_compat")
 # Silent unless the application configures logging (as requests does).
 _log.addHandler(logging.NullHandler())
+
 
 # ==== Constants ====
 
@@ -491,7 +494,6 @@ def _redact(text: str, secrets: Iterable[str]) -> str:
         text = text.replace(secret, "[redacted]")
     return re.sub(r"(?i)(bearer\s+)[^\s\"',]+", r"\1[redacted]", text)
 
-
 # ==== Data types ====
 
 
@@ -662,52 +664,15 @@ class Result:
                 f" messages={len(self.messages)})")
 
 
-class Stream(contextlib.AbstractContextManager["Stream", None]):
-    """An iterator of Chunks from stream(); also a context manager.
-
-    Breaking out of the loop (when nothing else holds the Stream), close(), or
-    leaving a with-block closes the HTTP response. After the loop ends, `result`
-    holds the Result (None before).
-    """
-
-    def __init__(self, chunks: Generator[Chunk, None, None], outcome: list[Result],
-                 model: str = "") -> None:
-        # The tool-call loop appends the Result to `outcome` when it ends: the loop's
-        # generator must not hold the Stream itself, or a plain `break` would leave the
-        # two in a reference cycle and the response open until garbage collection.
-        self._chunks = chunks
-        self._outcome = outcome
-        self.model = model
-
-    def __repr__(self) -> str:
-        return f"Stream(model={self.model!r}, finished={bool(self._outcome)})"
-
-    @property
-    def result(self) -> Result | None:
-        """The Result, once the stream is exhausted; None before."""
-        return self._outcome[0] if self._outcome else None
-
-    def __iter__(self) -> Iterator[Chunk]:
-        # NOTE: the generator itself, so that a for-loop resumes it directly, without a
-        # frame of ours between the caller and each Chunk.
-        return self._chunks
-
-    def __next__(self) -> Chunk:
-        return next(self._chunks)
-
-    def close(self) -> None:
-        """Stop the stream and close its HTTP response."""
-        self._chunks.close()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def text(self) -> str:
-        """The final answer text (reads the stream to its end if needed)."""
-        for _ in self._chunks:
-            pass
-        return self._outcome[0].text if self._outcome else ""
+def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]],
+            data: Any = None) -> Result:
+    usages = [s.usage for s in steps if s.usage is not None]
+    last = steps[-1]  # _iter_steps makes one model call at least
+    return Result(last.text, last.reasoning, last.refusal, data, steps,
+                  [c for s in steps for c in s.tool_calls],
+                  [r for s in steps for r in s.tool_results], finish,
+                  functools.reduce(operator.add, usages) if usages else None, messages,
+                  last.choices)
 
 # ==== Configuration ====
 
@@ -1196,7 +1161,7 @@ def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
             ids.append(entry)
     return ids
 
-# ==== Tool-call loop ====
+# ==== Requests ====
 
 # The request parameters of OpenAI's chat completions, accepted by name and sent when not
 # None: the properties of CreateChatCompletionRequest in OpenAI's published OpenAPI spec
@@ -1220,7 +1185,6 @@ _OPTION_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "prompt": (str,), "system": (str,), "temperature": _NUMBER, "top_p": _NUMBER,
     "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER, "max_tokens": (int,),
     "n": (int,), "seed": (int,)}
-_REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks schema=
 
 
 @dataclass(eq=False)  # one call: told apart by identity (Client.close() keeps a set)
@@ -1264,6 +1228,12 @@ class _Request:
             return RequestTimeoutError(f"the call took longer than its deadline of "
                                        f"{self.deadline:g} s")
         return None
+
+
+def _client_closed() -> StreamError:
+    error = StreamError("the Client was closed")
+    error.retryable = False  # the same Client cannot succeed
+    return error
 
 
 def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Request:
@@ -1320,12 +1290,6 @@ def _check_options(options: Mapping[str, Any]) -> None:
                           f"go in extra_body={{{name!r}: ...}}")
 
 
-def _client_closed() -> StreamError:
-    error = StreamError("the Client was closed")
-    error.retryable = False  # the same Client cannot succeed
-    return error
-
-
 def _check_types(values: Mapping[str, Any]) -> None:
     """ConfigError naming an option whose value has the wrong type (a bool is no number)."""
     for name, kinds in _OPTION_TYPES.items():
@@ -1365,6 +1329,66 @@ def _answer_schema(schema: Any) -> tuple[dict[str, Any] | None, Any]:
     # but a bare Enum or JSON Schema dict gives the plain JSON value.
     plain = isinstance(schema, dict) or isinstance(schema, type) and issubclass(schema, enum.Enum)
     return built, Any if plain else schema
+
+# ==== Streaming ====
+# What a for-loop over a Stream runs, in call order: Stream hands the caller the step
+# generator, _iter_steps (model calls, then the tool-call loop's runs and repairs); each
+# model call, _model_call, reads its events through few frames between the socket and the
+# caller: _model_call (JSON payloads -> Chunks, in-stream errors, [DONE]) <- sseclient-py's
+# events() <- _Lines.feed (whole, LF-terminated lines, as the bytes arrive) <- the body's
+# chunks. _Answer gathers one call's text, reasoning, refusal, tool-call fragments and
+# usage; the tool-call loop's _assemble_calls makes the calls of the fragments.
+
+
+class Stream(contextlib.AbstractContextManager["Stream", None]):
+    """An iterator of Chunks from stream(); also a context manager.
+
+    Breaking out of the loop (when nothing else holds the Stream), close(), or
+    leaving a with-block closes the HTTP response. After the loop ends, `result`
+    holds the Result (None before).
+    """
+
+    def __init__(self, chunks: Generator[Chunk, None, None], outcome: list[Result],
+                 model: str = "") -> None:
+        # The tool-call loop appends the Result to `outcome` when it ends: the loop's
+        # generator must not hold the Stream itself, or a plain `break` would leave the
+        # two in a reference cycle and the response open until garbage collection.
+        self._chunks = chunks
+        self._outcome = outcome
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"Stream(model={self.model!r}, finished={bool(self._outcome)})"
+
+    @property
+    def result(self) -> Result | None:
+        """The Result, once the stream is exhausted; None before."""
+        return self._outcome[0] if self._outcome else None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        # NOTE: the generator itself, so that a for-loop resumes it directly, without a
+        # frame of ours between the caller and each Chunk.
+        return self._chunks
+
+    def __next__(self) -> Chunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop the stream and close its HTTP response."""
+        self._chunks.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def text(self) -> str:
+        """The final answer text (reads the stream to its end if needed)."""
+        for _ in self._chunks:
+            pass
+        return self._outcome[0].text if self._outcome else ""
+
+
+_REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks schema=
 
 
 def _iter_steps(client: Client, request: _Request,
@@ -1415,41 +1439,528 @@ def _iter_steps(client: Client, request: _Request,
     outcome.append(_result(steps, finish, messages, data))
 
 
-def _ask_repair(http: _Connection, record: Step, problem: str, form: int,
-                messages: list[dict[str, Any]], last: bool) -> None:
-    """Send an answer to schema= that does not match back to the model, saying what is
-    wrong (OutputError when it was the `last` chance). An answer without JSON, to a
-    request whose response_format the server took without a word, steps the form down."""
-    if last:
-        raise http.redacted(OutputError(f"the answer does not match the schema: {problem}",
-                                        partial_text=record.text))
-    if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and (
-            record.finish_reason == "stop"):
-        # Quirk(transformers serve): response_format ignored without a word, and prose
-        # came back: the model must see the schema itself.
-        http.step_down(form + 1, "response_format ignored: the schema in a system message",
-                       "ignored response_format (the answer held no JSON)")
-    messages.append({"role": "user", "content": "That answer does not match the JSON "
-                     f"Schema: {problem}. Answer again with the corrected JSON only."})
+_MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
+_READ_SIZE: Final = 65536
+_DRAIN_SECONDS: Final = 0.1
+# Spec (WHATWG server-sent events): the stream is UTF-8, and a raw control character
+# inside a JSON string (which strict JSON forbids) still means itself.
+_CHUNK_JSON: Final = json.JSONDecoder(strict=False)
 
 
-def _iter_tool_calls(record: Step, step: int, run: bool, request: _Request,
-                     messages: list[dict[str, Any]], note: Callable[[str], None]
-                     ) -> Generator[Chunk, None, list[ToolResult]]:
-    """A step's calls as Chunks, each run when `run` is set (a "tool_result" Chunk
-    after its "tool_call" one), the conversation extended; returns the results."""
-    # Calls that are not run stay out of the history: a conversation whose assistant
-    # turn asks for tools must be followed by their results.
-    messages.append(_assistant_message(record, with_calls=run))
-    results: list[ToolResult] = []
-    for call in record.tool_calls:
-        yield Chunk("tool_call", tool_call=call, step=step)
-        if run:
-            results.append(_execute(call, request.tools, note))
-            messages.append({"role": "tool", "tool_call_id": call.id,
-                             "content": results[-1].content})
-            yield Chunk("tool_result", tool_call=call, tool_result=results[-1], step=step)
-    return results
+def _model_call(client: Client, body: dict[str, Any], step: int,
+                request: _Request) -> Generator[Chunk, None, Step]:
+    """One model call: its text, reasoning and refusal Chunks as they arrive; returns
+    its Step (without tool results). Streamed, unless the server cannot: a 200 stream
+    with no event at all, or tools on a server whose tool streams are empty, is asked
+    for whole instead.
+
+    NOTE: the per-event loop stays in this one frame (no helper generator between the
+    events and the caller): every frame a Chunk passes costs time on every event. Over
+    40 lines for that reason.
+    """
+    http, note = client._http, client._note
+    http.prepare(body, request)
+    answer = _Answer(step, note)
+    if client._tools_unstreamed and "tools" in body:
+        return (yield from _ask_whole(client, body, request, answer))
+    body["stream"] = True
+    if "stream_options" not in body and "stream_options" not in http.refused:
+        # Ask for usage; servers that reject the field lose it once.
+        body["stream_options"] = {"include_usage": True}
+    seen = False
+    with http.post(body, request) as response:
+        if _not_an_event_stream(http, response):
+            return (yield from _ask_whole(client, body, request, answer, response))
+        add = answer.add
+        chunks = _body_chunks(response)
+        try:
+            for event in _iter_events(chunks, note):
+                seen = True
+                data = event.data
+                if data[:1] != "{":
+                    data = answer.odd_data(data)
+                    if not data:
+                        if answer.done:
+                            break
+                        continue
+                payload = _CHUNK_JSON.decode(data)
+                # Every error form lacks "choices" or has "error" (see _raise_stream_error).
+                if "error" in payload or "choices" not in payload:
+                    _raise_stream_error(payload, data, event.event, note)
+                got = add(payload)
+                if got is not None:
+                    if isinstance(got, list):
+                        yield from got
+                    else:
+                        yield got
+        except (APIError, ValueError, RecursionError, *_TRANSPORT_ERRORS) as exc:
+            raise _cut_short(exc, answer, http, request) from None
+        if answer.done:
+            _drain(response, chunks)
+    if not seen and not request.stopped:
+        _note_empty_stream(client, body)
+        return (yield from _ask_whole(client, body, request, answer))
+    return _ended(client, answer, body, request)
+
+
+def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool:
+    """Whether a stream request was answered with a JSON document instead of events;
+    raises the classified error an HTML page (a proxy's, a web server's) stands for."""
+    content_type = response.headers.get("content-type", "").lower()
+    if "text/html" in content_type:
+        raise http.error_of(response)
+    # Quirk(LM Studio, proxies): one JSON document for a stream request (LM Studio's
+    # 200 error for an unknown route, servers ignoring stream).
+    return "json" in content_type and "event-stream" not in content_type
+
+
+def _body_chunks(response: requests.Response) -> Iterable[bytes]:
+    """The body's bytes as soon as the socket has them, whatever the framing.
+
+    A chunked body is read one HTTP chunk at a time (urllib3's read_chunked, which
+    waits for nothing more); any other body with read1, which returns what has
+    arrived (decoded when gzip) instead of waiting for a full buffer as iter_content
+    does. NOTE: read1 costs a few microseconds per call more than read_chunked costs
+    per chunk, and servers that stream chunk every event.
+    """
+    raw = response.raw
+    if raw.chunked and raw.supports_chunked_reads():
+        return raw.read_chunked(decode_content=True)
+    read1 = getattr(raw, "read1", None)
+    if read1 is None:  # urllib3 < 2.2: one byte at a time is slow but never late
+        return response.iter_content(1)
+    return iter(functools.partial(read1, _READ_SIZE, decode_content=True), b"")
+
+
+def _iter_events(chunks: Iterable[bytes], note: Callable[[str], None]
+                 ) -> Iterator[sseclient.Event]:
+    """The SSE events in body bytes: sseclient-py's parser, fed whole lines.
+
+    NOTE: map() and iter() are C iterators: the lines cost a call per chunk, not a
+    generator frame between the socket and sseclient-py.
+    """
+    lines = _Lines(note)
+    return sseclient.SSEClient(itertools.chain(map(lines.feed, chunks),
+                                               iter(lines.flush, b""))).events()
+
+
+_BOM: Final = b"\xef\xbb\xbf"
+_LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
+
+
+@dataclass(slots=True)
+class _Lines:
+    """Regroups body bytes into blocks of whole, LF-terminated lines for sseclient-py.
+
+    Drops a leading BOM (also when split; Spec: WHATWG server-sent events), normalises
+    CRLF and lone CR to LF as bytes arrive (also when a CRLF is split), replaces
+    invalid UTF-8 with U+FFFD as the spec's decoder does, turns llama.cpp's legacy
+    `error: {...}` line into an `event: error` with data, and raises StreamError when
+    one event grows past `limit` bytes. A partial last line at EOF is passed on
+    terminated, so a truncated event reaches the JSON parser and fails there, loudly.
+    `note` hears of each of these deviations (OpenAI sends none of them).
+    """
+
+    note: Callable[[str], None]
+    limit: int = _MAX_EVENT_BYTES
+    tail: bytearray = field(default_factory=bytearray)  # the unfinished last line
+    open_size: int = 0  # bytes of the event under way, before the tail
+    skip_lf: bool = False  # the last chunk ended in a CR
+    head: bytes | None = b""  # the first bytes, until they tell whether a BOM came
+    plain: bool = False  # nothing pending: the next chunk may take the short way
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The whole lines `chunk` completes (b"" when none).
+
+        NOTE: every event passes here. The common chunk, whole events in ASCII ending in
+        LF with nothing pending, costs a few scans of its bytes and no copy. Over 40
+        lines: a call per step would cost on every chunk.
+        """
+        last = len(chunk) - 1
+        if (self.plain and chunk.find(b"\n") == last - 1 and chunk[last] == 10
+                and last < self.limit and chunk.isascii() and chunk.startswith(b"data")):
+            return chunk  # one data line and its blank line: nothing to mend
+        if self.head is not None:
+            chunk, self.head = self.head + chunk, None
+            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+                self.head, chunk = chunk, b""  # too few bytes yet to tell
+            elif chunk.startswith(_BOM):
+                self.note("BOM before the first event")
+                chunk = chunk[len(_BOM):]
+        if self.skip_lf:
+            chunk = chunk.removeprefix(b"\n")
+        # A CR at the end may be half of a CRLF: emit it as LF now (no delay for CR-only
+        # servers) and drop an LF that starts the next chunk.
+        self.skip_lf = chunk[-1:] == b"\r"
+        if b"\r" in chunk:
+            # Quirk(sse-starlette, Azure, proxies): OpenAI ends lines with LF alone.
+            self.note("CR or CRLF line endings in streams")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        cut = chunk.rfind(b"\n") + 1
+        block = b""
+        ended = 0  # the size of the first event that ends in this block, if one does
+        if cut:
+            block = b"".join((self.tail, chunk[:cut])) if self.tail else chunk[:cut]
+            self.tail.clear()
+            # The last blank line in the block; one that opens the block (the line before
+            # ended the last block) is at -1, as rfind says when it finds none.
+            end = block.rfind(b"\n\n")
+            if end >= 0 or block[:1] == b"\n":
+                ended = self.open_size + block.find(b"\n\n")
+                self.open_size = len(block) - end - 2
+            else:
+                self.open_size += len(block)
+        self.tail += chunk[cut:]
+        if ended > self.limit or self.open_size + len(self.tail) > self.limit:
+            raise StreamError(f"one stream event is larger than {self.limit} bytes")
+        self.plain = self.head is None and not (self.tail or self.open_size or self.skip_lf)
+        return block if block.isascii() and b"error:" not in block else self._odd(block)
+
+    def flush(self) -> bytes:
+        """At EOF: the partial last line (or fewer bytes than a BOM, all that came),
+        terminated (once); then b""."""
+        block = b"".join((self.head or b"", self.tail))
+        self.head, self.tail = None, bytearray()
+        return self._odd(block + b"\n") if block else b""
+
+    def _odd(self, block: bytes) -> bytes:
+        """A block that is not plain ASCII, or may hold a legacy error line, made into
+        what sseclient-py can read."""
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError:
+            # Quirk(llama.cpp): a token that splits a multibyte character, streamed alone.
+            self.note("invalid UTF-8 in streams (read as U+FFFD)")
+            block = block.decode("utf-8", "replace").encode("utf-8")
+        if b"error:" in block:
+            # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line.
+            block, count = _LEGACY_ERROR_LINE.subn(b"event: error\ndata:", block)
+            if count:
+                self.note("legacy `error:` lines in streams")
+        return block
+
+
+def _raise_stream_error(payload: Any, data: str, event: str,
+                        note: Callable[[str], None]) -> None:
+    """Raise the classified error an event inside a 200 stream carries, if any.
+
+    Forms: {"error": {...}} (OpenAI, vLLM, LiteLLM, TGI), {"object": "error", ...}
+    (vLLM < 0.10.1, Mistral), `event: error` (Groq), and llama.cpp's legacy `error:
+    {...}` line (made an `event: error` by _Lines), whose JSON is the error itself.
+    A transport word in the message (LiteLLM's "Connection error") is still a stream
+    cut short here: the connection to this client is fine.
+    """
+    err = payload.get("error")
+    if err is None and payload.get("object") != "error" and event != "error":
+        return
+    if payload.get("object") == "error":
+        note("errors in streams as object: error")
+    if err is None and event == "error":
+        err = payload  # a legacy `error:` line (noted by _Lines): the JSON is the error
+    elif event == "error":
+        note("errors in streams as event: error")
+    # The form of the body was noted above, as a whole: not each of its fields.
+    message, tags = _error_fields({"error": err} if isinstance(err, dict) else payload,
+                                  lambda quirk: None)
+    message = _trim_message(message or "error event without a message")
+    cls = classify_error(f"{message} {tags}")
+    if cls is APIError or cls in _NO_RESPONSE_CLASSES:
+        cls = StreamError
+    # Quirk(TGI): http_status_code; Groq: status_code; LiteLLM: code "503" as a string.
+    fields: dict[str, Any] = err if isinstance(err, dict) else {}
+    code = next((fields[key] for key in ("status_code", "http_status_code", "code", "status")
+                 if isinstance(fields.get(key), int) or str(fields.get(key)).isdigit()), None)
+    if isinstance(code, str):
+        note("error codes as strings of digits")
+    raise cls(message, status_code=None if code is None else int(code),
+              body=data[:_MAX_ERROR_BODY])
+
+
+def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
+               request: _Request) -> APIError:
+    """The error of a stream that failed after its answer began (never retried: the
+    caller has seen part of it), keeping the text that had arrived; a stream stopped
+    by its deadline or by close() says so."""
+    halted = request.halted()
+    if halted is not None:
+        error = halted
+    elif isinstance(exc, APIError):
+        error = exc
+    elif isinstance(exc, (ValueError, RecursionError)):
+        error = StreamError("the stream was cut short or sent malformed JSON")
+    else:
+        error = http.transport_error(exc, request.timeout, "stream")
+    error.partial_text = "".join(answer.text)
+    return http.redacted(error)
+
+
+def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request) -> Step:
+    """The Step of a stream that has ended; a StreamError when it was cut short."""
+    _note_model(client, body.get("model"), answer.model)
+    if not answer.done and answer.finish_reason is None:
+        error = request.halted() or StreamError(
+            "the stream ended before the answer was finished (no finish_reason, no [DONE])")
+        error.partial_text = "".join(answer.text)
+        raise client._http.redacted(error)
+    if not answer.done:
+        client._note("no [DONE] at the end of streams")
+    record = answer.finish()
+    options = body.get("stream_options")
+    if record.usage is None and isinstance(options, dict) and options.get("include_usage"):
+        client._note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
+    return record
+
+
+def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
+    # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure after the
+    # headers), for instance for streamed tool_choice "auto" or a prompt beyond the
+    # context. Nothing was yielded: ask once more without streaming, which answers or
+    # raises the classified error. With tools, assume the server cannot stream them
+    # and stop trying.
+    tools = "tools" in body and not client._tools_unstreamed
+    client._tools_unstreamed |= tools
+    client._note("tool calls only unstreamed" if tools
+                 else "empty 200 stream: asked again without streaming")
+    _log.warning("the server ended a stream without any event; asking again without "
+                 "streaming%s", " (and for calls with tools from now on)" if tools else "")
+
+
+def _ask_whole(client: Client, body: dict[str, Any], request: _Request, answer: _Answer,
+               response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
+    """One model call answered whole: its Chunks, then its Step. Asked for without
+    streaming (servers send such an answer only once it is complete), unless `response`
+    is the JSON document a server sent to a stream request."""
+    http = client._http
+    if response is None:
+        body.pop("stream", None)
+        body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
+        response = http.post(body, request)
+    with response:
+        payload = http.read_json(response, request)
+    if isinstance(payload, dict):
+        if "stream" in body and payload.get("choices"):
+            http.note("one JSON document for a stream request")
+        _note_model(client, body.get("model"), payload.get("model"))
+    try:
+        chunks = answer.whole(payload)
+    except APIError as exc:
+        raise http.redacted(exc) from None
+    yield from chunks
+    return answer.finish()
+
+
+def _note_model(client: Client, asked: object, answered: object) -> None:
+    """Warn (a UserWarning, shown once) when the server answers with another model than
+    asked: most likely a typo in the name, for the program to fix.
+
+    Quirk(llama.cpp, TGI, llama-cpp-python): an unknown model is answered by the one
+    they have loaded. A name inside the other (a dated version, a provider prefix) is
+    the same model.
+    """
+    # An empty name is inside any other: no warning.
+    if (not isinstance(asked, str) or not isinstance(answered, str)
+            or asked.lower() in answered.lower() or answered.lower() in asked.lower()):
+        return
+    client._note("answers with another model than asked")
+    warnings.warn(f"asked for model {asked!r}, {client._http.shown_url} answered with "
+                  f"{answered!r}: it may not serve {asked!r} (a typo in the name?)",
+                  UserWarning, stacklevel=2)
+
+
+# Quirk(TGI < 2.3, TGI stop strings, Anthropic-compat): other names for a normal stop.
+_STOP_ALIASES: Final = frozenset({"eos_token", "eos", "stop_sequence", "end_turn", "end"})
+# The keys of a delta that is just text: the common case, taken without more lookups.
+_TEXT_DELTA: Final = frozenset({"content", "role"})
+
+
+@dataclass(slots=True)
+class _Answer:
+    """One model call while its events arrive: text, reasoning and refusal (as lists
+    of pieces), tool-call fragments, usage, finish_reason, the model that answered,
+    and whether [DONE] came. `note` hears of each deviation absorbed."""
+
+    step: int
+    note: Callable[[str], None]
+    streamed: bool = True
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    # (position in its delta's tool_calls list, fragment), in arrival order
+    fragments: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    usage: Any = None
+    finish_reason: str | None = None
+    model: str | None = None  # the "model" of the first event, "" if none
+    done: bool = False  # [DONE] arrived
+    others: dict[int, list[str]] = field(default_factory=dict)  # n > 1: choice 1 on
+
+    def add(self, payload: dict[str, Any]) -> Chunk | list[Chunk] | None:
+        """Take one decoded event; return its Chunk, a list of them, or None.
+
+        NOTE: runs once per event; its common case (one text delta) costs a few dict
+        lookups and one Chunk, inline (over 40 lines: a call costs on every event);
+        anything rarer goes through _mixed_delta.
+        """
+        if self.model is None:
+            self.model = payload.get("model") or ""
+        usage = payload.get("usage")
+        choices = payload.get("choices")
+        if usage:
+            self.usage = usage
+            if choices and self.streamed:
+                # Quirk(vLLM continuous usage, LiteLLM, Groq, Mistral): OpenAI sends usage
+                # alone, in a last chunk whose choices are [].
+                self.note("usage chunk with choices")
+        if not choices or choices.__class__ is not list:
+            return None
+        choice = choices[0]
+        if len(choices) > 1 or choice.__class__ is not dict or choice.get("index"):
+            # With n > 1 (OpenAI, vLLM) the choices interleave: follow index 0, keep the
+            # text of the others. None of them: an empty choice, which yields nothing.
+            self._keep_others(choices)
+            choice = _choice_zero(choices) or {}
+        delta = choice.get("delta") or choice.get("message")
+        content = delta.get("content") if delta.__class__ is dict else None
+        if content.__class__ is str and (len(delta) == 1 or _TEXT_DELTA.issuperset(delta)):
+            got: Chunk | list[Chunk] | None = None
+            if content:
+                self.text.append(content)
+                got = _delta_chunk("text", content, self.step, payload)
+        else:
+            got = self._mixed_delta(delta, content, payload) if delta.__class__ is dict else None
+        reason = choice.get("finish_reason")
+        if reason and isinstance(reason, str):
+            if reason == "error":
+                # Quirk(OpenRouter): finish_reason "error" with the error at top level.
+                self.note("finish_reason 'error' for an error")
+                raise StreamError("the server ended the answer with an error")
+            self.finish_reason = reason
+        return got
+
+    def _mixed_delta(self, delta: dict[str, Any], content: Any, raw: Any) -> list[Chunk]:
+        chunks = self._content_parts(content, raw) if content else []
+        # Quirk(DeepSeek, vLLM, llama.cpp: reasoning_content; Ollama, Groq, OpenRouter:
+        # reasoning): OpenAI streams no reasoning text.
+        for key in ("reasoning_content", "reasoning"):
+            reasoning = delta.get(key)
+            if reasoning and isinstance(reasoning, str):
+                self.note(f"reasoning in {key}")
+                chunks.append(self._keep("reasoning", reasoning, raw))
+                break
+        refusal = delta.get("refusal")
+        if refusal and isinstance(refusal, str):
+            # OpenAI's structured refusal: shown like text, kept apart from the answer.
+            chunks.append(self._keep("refusal", refusal, raw))
+        # Quirk(llama-cpp-python): a legacy function_call beside tool_calls with the
+        # same content; used only when no tool_calls come with it (as the one call).
+        calls = delta.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                self.note("tool_calls as one object, not a list")  # Quirk(TGI < 3.2)
+                calls = [calls]
+            self.fragments += [(i, c) for i, c in enumerate(calls) if isinstance(c, dict)]
+            if delta.get("function_call"):
+                self.note("legacy function_call beside tool_calls")
+        elif isinstance(delta.get("function_call"), dict):
+            self.note("legacy function_call instead of tool_calls")
+            self.fragments.append((0, {"index": 0, "function": delta["function_call"]}))
+        return chunks
+
+    def _content_parts(self, content: Any, raw: Any) -> list[Chunk]:
+        if not isinstance(content, str):
+            # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
+            # parts hold reasoning as a nested list of text parts.
+            self.note("content as a list of parts")
+        chunks = []
+        for part in content if isinstance(content, list) else [content]:
+            part = {"text": part} if isinstance(part, str) else part
+            thinking = isinstance(part, dict) and part.get("type") in ("thinking", "reasoning")
+            text = part.get("thinking" if thinking else "text") if isinstance(part, dict) else ""
+            if isinstance(text, list):
+                text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+            if text and isinstance(text, str):
+                chunks.append(self._keep("reasoning" if thinking else "text", text, raw))
+        return chunks
+
+    def _keep_others(self, choices: list[Any]) -> None:
+        """The text of the choices other than index 0, by index."""
+        for choice in choices:
+            index = choice.get("index") if isinstance(choice, dict) else None
+            index = int(index) if isinstance(index, str) and index.isdigit() else index
+            delta = (choice.get("delta") or choice.get("message")) if index else None
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(index, int) and isinstance(text, str) and text:
+                self.others.setdefault(index, []).append(text)
+
+    def _keep(self, kind: ChunkType, text: str, raw: Any) -> Chunk:
+        """A piece of text, reasoning or refusal added to the list of that name; its
+        Chunk."""
+        getattr(self, kind).append(text)
+        return _delta_chunk(kind, text, self.step, raw)
+
+    def odd_data(self, data: str) -> str:
+        """An event's data that does not start with "{": "" for [DONE] (then `done`)
+        and for data to skip; else the JSON text, its padding stripped."""
+        stripped = data.strip()
+        if stripped.startswith("[DONE]"):
+            if data != "[DONE]":
+                # Quirk(several servers): a space before [DONE], or padding after it.
+                self.note("spaces around [DONE]")
+            self.done = True
+            return ""
+        if not stripped.startswith("{"):
+            # Quirk(gateways): data lines of their own that are not JSON are skipped.
+            self.note("non-JSON data in streams skipped")
+            _log.debug("skipping a stream event that is not JSON: %.80r", stripped)
+            return ""
+        return stripped
+
+    def whole(self, payload: Any) -> list[Chunk]:
+        """The Chunks of a non-streamed answer, read as one event whose choice holds a
+        whole message."""
+        self.streamed = False
+        if not isinstance(payload, dict) or payload.get("error") or payload.get(
+                "object") == "error":
+            text = json.dumps(payload, ensure_ascii=False)
+            raise _error_from_body(200, text, self.note, decoded=payload)
+        if _choice_zero(payload.get("choices")) is None:
+            raise APIError("the server answered without choices: " + _trim_message(
+                json.dumps(payload, ensure_ascii=False)))
+        got = self.add(payload)
+        self.finish_reason = self.finish_reason or "stop"
+        return got if isinstance(got, list) else [got] if got is not None else []
+
+    def finish(self) -> Step:
+        """The model call's Step, its tool calls assembled (their results come later)."""
+        calls = _assemble_calls(self.fragments, self.streamed, self.note)
+        reason = self.finish_reason
+        if reason in _STOP_ALIASES:
+            self.note(f"finish_reason {reason!r} for stop")
+            reason = "stop"
+        elif reason is None:
+            reason = "tool_calls" if calls else "stop"
+        text = "".join(self.text)
+        return Step(text, "".join(self.reasoning), calls, [], reason, _usage(self.usage),
+                    "".join(self.refusal),
+                    [text, *("".join(self.others[i]) for i in sorted(self.others))])
+
+
+def _choice_zero(choices: Any) -> dict[str, Any] | None:
+    """The choice with index 0 (or none): with n > 1 (OpenAI, vLLM) chunks of several
+    choices interleave, and only the first answer is followed, never braided."""
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict) and choice.get("index") in (None, 0, "0"):
+            return choice
+    return None
+
+
+def _usage(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+    counts = [raw.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
+    prompt, completion, total = (c if type(c) is int else 0 for c in counts)
+    return Usage(prompt, completion, total or prompt + completion, raw)
+
+# ==== Tool-call loop ====
 
 
 def _check_async_tools(tools: Mapping[str, Tool]) -> None:
@@ -1467,84 +1978,6 @@ def _check_async_tools(tools: Mapping[str, Tool]) -> None:
     raise ConfigError(f"tool {names[0]!r} is an async def function and this thread runs an event "
                       "loop, where the synchronous tool loop cannot await it: call generate() "
                       "from a worker thread (asyncio.to_thread), or give a plain function")
-
-
-_NO_JSON: Final = "no JSON value in the answer"
-
-
-def _read_answer(text: str, request: _Request, note: Callable[[str], None]
-                 ) -> tuple[str | None, Any]:
-    """(what is wrong, None) or (None, the data) for an answer to schema=."""
-    assert request.schema is not None
-    try:
-        value = _json_from_text(text)
-    except ValueError as exc:
-        return f"{_NO_JSON} ({exc})", None
-    value = _left_out_nulls(value, request.schema, note)
-    problem = _validate(value, request.schema)
-    if problem is not None:
-        return problem, None
-    try:
-        return None, _build(value, request.answer_type)
-    except (ValueError, TypeError) as exc:  # a pydantic model's own validators
-        return f"$: {_trim_message(str(exc))}", None
-
-
-def _left_out_nulls(value: Any, schema: Any, note: Callable[[str], None]) -> Any:
-    """`value` without the nulls that mean "left out" (see _prune_nulls), noted once."""
-    value, dropped = _prune_nulls(value, schema)
-    if dropped:
-        note("null for optional fields: left out")
-    return value
-
-
-_THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
-_FENCE: Final = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.DOTALL)
-_JSON_START: Final = re.compile(r"[{\[]")
-
-
-def _json_from_text(text: str) -> Any:
-    """The first complete JSON value in a model's answer.
-
-    The whole answer when it is JSON (a bare string or number too); else the content
-    of the first fenced code block that holds an object or array; else the first
-    object or array that parses, wherever it stands among the prose. Raises ValueError
-    with a short reason when there is none.
-    """
-    # Quirk(vLLM without --reasoning-parser, llama.cpp with reasoning_format none): the
-    # model's thinking comes inline, before the answer, and may hold drafts of it.
-    text = _THINK.sub("", text).strip()
-    if not text:
-        raise ValueError("the answer is empty")
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    decoder = json.JSONDecoder()
-    first_error: json.JSONDecodeError | None = None
-    for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
-        for start in _JSON_START.finditer(piece):
-            try:
-                return decoder.raw_decode(piece, start.start())[0]
-            except json.JSONDecodeError as exc:
-                first_error = first_error or exc
-    if first_error is None:
-        raise ValueError("the answer holds no JSON object or array")
-    raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
-
-
-def _assistant_message(record: Step, *, with_calls: bool) -> dict[str, Any]:
-    # content "" rather than null: llama-cpp-python rejects null (500), Ollama takes
-    # null only with tool_calls, llama.cpp/OpenAI/vLLM/LiteLLM take "".
-    message: dict[str, Any] = {"role": "assistant", "content": record.text}
-    if with_calls and record.tool_calls:
-        message["tool_calls"] = [
-            {**call.raw, "id": call.id, "type": "function",
-             # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
-             "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
-            for call in record.tool_calls
-        ]
-    return message
 
 
 @dataclass
@@ -1702,6 +2135,39 @@ def _is_json(text: str) -> bool:
     return True
 
 
+def _iter_tool_calls(record: Step, step: int, run: bool, request: _Request,
+                     messages: list[dict[str, Any]], note: Callable[[str], None]
+                     ) -> Generator[Chunk, None, list[ToolResult]]:
+    """A step's calls as Chunks, each run when `run` is set (a "tool_result" Chunk
+    after its "tool_call" one), the conversation extended; returns the results."""
+    # Calls that are not run stay out of the history: a conversation whose assistant
+    # turn asks for tools must be followed by their results.
+    messages.append(_assistant_message(record, with_calls=run))
+    results: list[ToolResult] = []
+    for call in record.tool_calls:
+        yield Chunk("tool_call", tool_call=call, step=step)
+        if run:
+            results.append(_execute(call, request.tools, note))
+            messages.append({"role": "tool", "tool_call_id": call.id,
+                             "content": results[-1].content})
+            yield Chunk("tool_result", tool_call=call, tool_result=results[-1], step=step)
+    return results
+
+
+def _assistant_message(record: Step, *, with_calls: bool) -> dict[str, Any]:
+    # content "" rather than null: llama-cpp-python rejects null (500), Ollama takes
+    # null only with tool_calls, llama.cpp/OpenAI/vLLM/LiteLLM take "".
+    message: dict[str, Any] = {"role": "assistant", "content": record.text}
+    if with_calls and record.tool_calls:
+        message["tool_calls"] = [
+            {**call.raw, "id": call.id, "type": "function",
+             # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
+             "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
+            for call in record.tool_calls
+        ]
+    return message
+
+
 def _execute(call: ToolCall, tools: Mapping[str, Tool], note: Callable[[str], None]
              ) -> ToolResult:
     """Run one call; any failure becomes the error the model reads, never an exception.
@@ -1781,15 +2247,86 @@ def _tool_content(value: Any) -> str:
         return str(value)
 
 
-def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]],
-            data: Any = None) -> Result:
-    usages = [s.usage for s in steps if s.usage is not None]
-    last = steps[-1]  # _iter_steps makes one model call at least
-    return Result(last.text, last.reasoning, last.refusal, data, steps,
-                  [c for s in steps for c in s.tool_calls],
-                  [r for s in steps for r in s.tool_results], finish,
-                  functools.reduce(operator.add, usages) if usages else None, messages,
-                  last.choices)
+_NO_JSON: Final = "no JSON value in the answer"
+
+
+def _read_answer(text: str, request: _Request, note: Callable[[str], None]
+                 ) -> tuple[str | None, Any]:
+    """(what is wrong, None) or (None, the data) for an answer to schema=."""
+    assert request.schema is not None
+    try:
+        value = _json_from_text(text)
+    except ValueError as exc:
+        return f"{_NO_JSON} ({exc})", None
+    value = _left_out_nulls(value, request.schema, note)
+    problem = _validate(value, request.schema)
+    if problem is not None:
+        return problem, None
+    try:
+        return None, _build(value, request.answer_type)
+    except (ValueError, TypeError) as exc:  # a pydantic model's own validators
+        return f"$: {_trim_message(str(exc))}", None
+
+
+def _left_out_nulls(value: Any, schema: Any, note: Callable[[str], None]) -> Any:
+    """`value` without the nulls that mean "left out" (see _prune_nulls), noted once."""
+    value, dropped = _prune_nulls(value, schema)
+    if dropped:
+        note("null for optional fields: left out")
+    return value
+
+
+_THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+_FENCE: Final = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.DOTALL)
+_JSON_START: Final = re.compile(r"[{\[]")
+
+
+def _json_from_text(text: str) -> Any:
+    """The first complete JSON value in a model's answer.
+
+    The whole answer when it is JSON (a bare string or number too); else the content
+    of the first fenced code block that holds an object or array; else the first
+    object or array that parses, wherever it stands among the prose. Raises ValueError
+    with a short reason when there is none.
+    """
+    # Quirk(vLLM without --reasoning-parser, llama.cpp with reasoning_format none): the
+    # model's thinking comes inline, before the answer, and may hold drafts of it.
+    text = _THINK.sub("", text).strip()
+    if not text:
+        raise ValueError("the answer is empty")
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    decoder = json.JSONDecoder()
+    first_error: json.JSONDecodeError | None = None
+    for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
+        for start in _JSON_START.finditer(piece):
+            try:
+                return decoder.raw_decode(piece, start.start())[0]
+            except json.JSONDecodeError as exc:
+                first_error = first_error or exc
+    if first_error is None:
+        raise ValueError("the answer holds no JSON object or array")
+    raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
+
+
+def _ask_repair(http: _Connection, record: Step, problem: str, form: int,
+                messages: list[dict[str, Any]], last: bool) -> None:
+    """Send an answer to schema= that does not match back to the model, saying what is
+    wrong (OutputError when it was the `last` chance). An answer without JSON, to a
+    request whose response_format the server took without a word, steps the form down."""
+    if last:
+        raise http.redacted(OutputError(f"the answer does not match the schema: {problem}",
+                                        partial_text=record.text))
+    if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and (
+            record.finish_reason == "stop"):
+        # Quirk(transformers serve): response_format ignored without a word, and prose
+        # came back: the model must see the schema itself.
+        http.step_down(form + 1, "response_format ignored: the schema in a system message",
+                       "ignored response_format (the answer held no JSON)")
+    messages.append({"role": "user", "content": "That answer does not match the JSON "
+                     f"Schema: {problem}. Answer again with the corrected JSON only."})
 
 # ==== Tools ====
 
@@ -1937,7 +2474,8 @@ def _strict(schema: Any) -> dict[str, Any] | None:
 def _strict_node(schema: Any) -> dict[str, Any]:
     """_strict for one subschema; ValueError where the subset cannot say it."""
     node = {k: v for k, v in schema.items() if k != "default"} if isinstance(schema, dict) else {}
-    if not node.keys() & {"type", "anyOf", "enum", "const", "$ref"} or node.keys() - _STRICT_KEYWORDS:
+    if not node.keys() & {"type", "anyOf", "enum", "const", "$ref"} or (
+            node.keys() - _STRICT_KEYWORDS):
         raise ValueError(schema)
     for key in ("properties", "$defs", "definitions"):
         if key in node:
@@ -2630,536 +3168,6 @@ def _short(value: Any) -> str:
     except (ValueError, RecursionError):  # an int of over 4300 digits; a value nested deeply
         text = f"<{type(value).__name__}>"
     return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
-
-
-
-# ==== Streaming ====
-# One model call reads its answer through few frames between the socket and the caller:
-# _model_call (JSON payloads -> Chunks, in-stream errors, [DONE]) <- sseclient-py's
-# events() <- _Lines.feed (whole, LF-terminated lines, as the bytes arrive) <- the body's
-# chunks. _Answer gathers the call's text, reasoning, refusal, tool-call fragments and
-# usage; the tool-call loop's _assemble_calls makes the calls of the fragments.
-
-_MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
-_READ_SIZE: Final = 65536
-_DRAIN_SECONDS: Final = 0.1
-# Spec (WHATWG server-sent events): the stream is UTF-8, and a raw control character
-# inside a JSON string (which strict JSON forbids) still means itself.
-_CHUNK_JSON: Final = json.JSONDecoder(strict=False)
-
-
-def _model_call(client: Client, body: dict[str, Any], step: int,
-                request: _Request) -> Generator[Chunk, None, Step]:
-    """One model call: its text, reasoning and refusal Chunks as they arrive; returns
-    its Step (without tool results). Streamed, unless the server cannot: a 200 stream
-    with no event at all, or tools on a server whose tool streams are empty, is asked
-    for whole instead.
-
-    NOTE: the per-event loop stays in this one frame (no helper generator between the
-    events and the caller): every frame a Chunk passes costs time on every event. Over
-    40 lines for that reason.
-    """
-    http, note = client._http, client._note
-    http.prepare(body, request)
-    answer = _Answer(step, note)
-    if client._tools_unstreamed and "tools" in body:
-        return (yield from _ask_whole(client, body, request, answer))
-    body["stream"] = True
-    if "stream_options" not in body and "stream_options" not in http.refused:
-        # Ask for usage; servers that reject the field lose it once.
-        body["stream_options"] = {"include_usage": True}
-    seen = False
-    with http.post(body, request) as response:
-        if _not_an_event_stream(http, response):
-            return (yield from _ask_whole(client, body, request, answer, response))
-        add = answer.add
-        chunks = _body_chunks(response)
-        try:
-            for event in _iter_events(chunks, note):
-                seen = True
-                data = event.data
-                if data[:1] != "{":
-                    data = answer.odd_data(data)
-                    if not data:
-                        if answer.done:
-                            break
-                        continue
-                payload = _CHUNK_JSON.decode(data)
-                # Every error form lacks "choices" or has "error" (see _raise_stream_error).
-                if "error" in payload or "choices" not in payload:
-                    _raise_stream_error(payload, data, event.event, note)
-                got = add(payload)
-                if got is not None:
-                    if isinstance(got, list):
-                        yield from got
-                    else:
-                        yield got
-        except (APIError, ValueError, RecursionError, *_TRANSPORT_ERRORS) as exc:
-            raise _cut_short(exc, answer, http, request) from None
-        if answer.done:
-            _drain(response, chunks)
-    if not seen and not request.stopped:
-        _note_empty_stream(client, body)
-        return (yield from _ask_whole(client, body, request, answer))
-    return _ended(client, answer, body, request)
-
-
-def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool:
-    """Whether a stream request was answered with a JSON document instead of events;
-    raises the classified error an HTML page (a proxy's, a web server's) stands for."""
-    content_type = response.headers.get("content-type", "").lower()
-    if "text/html" in content_type:
-        raise http.error_of(response)
-    # Quirk(LM Studio, proxies): one JSON document for a stream request (LM Studio's
-    # 200 error for an unknown route, servers ignoring stream).
-    return "json" in content_type and "event-stream" not in content_type
-
-
-def _body_chunks(response: requests.Response) -> Iterable[bytes]:
-    """The body's bytes as soon as the socket has them, whatever the framing.
-
-    A chunked body is read one HTTP chunk at a time (urllib3's read_chunked, which
-    waits for nothing more); any other body with read1, which returns what has
-    arrived (decoded when gzip) instead of waiting for a full buffer as iter_content
-    does. NOTE: read1 costs a few microseconds per call more than read_chunked costs
-    per chunk, and servers that stream chunk every event.
-    """
-    raw = response.raw
-    if raw.chunked and raw.supports_chunked_reads():
-        return raw.read_chunked(decode_content=True)
-    read1 = getattr(raw, "read1", None)
-    if read1 is None:  # urllib3 < 2.2: one byte at a time is slow but never late
-        return response.iter_content(1)
-    return iter(functools.partial(read1, _READ_SIZE, decode_content=True), b"")
-
-
-def _iter_events(chunks: Iterable[bytes], note: Callable[[str], None]
-                 ) -> Iterator[sseclient.Event]:
-    """The SSE events in body bytes: sseclient-py's parser, fed whole lines.
-
-    NOTE: map() and iter() are C iterators: the lines cost a call per chunk, not a
-    generator frame between the socket and sseclient-py.
-    """
-    lines = _Lines(note)
-    return sseclient.SSEClient(itertools.chain(map(lines.feed, chunks),
-                                               iter(lines.flush, b""))).events()
-
-
-_BOM: Final = b"\xef\xbb\xbf"
-_LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
-
-
-@dataclass(slots=True)
-class _Lines:
-    """Regroups body bytes into blocks of whole, LF-terminated lines for sseclient-py.
-
-    Drops a leading BOM (also when split; Spec: WHATWG server-sent events), normalises
-    CRLF and lone CR to LF as bytes arrive (also when a CRLF is split), replaces
-    invalid UTF-8 with U+FFFD as the spec's decoder does, turns llama.cpp's legacy
-    `error: {...}` line into an `event: error` with data, and raises StreamError when
-    one event grows past `limit` bytes. A partial last line at EOF is passed on
-    terminated, so a truncated event reaches the JSON parser and fails there, loudly.
-    `note` hears of each of these deviations (OpenAI sends none of them).
-    """
-
-    note: Callable[[str], None]
-    limit: int = _MAX_EVENT_BYTES
-    tail: bytearray = field(default_factory=bytearray)  # the unfinished last line
-    open_size: int = 0  # bytes of the event under way, before the tail
-    skip_lf: bool = False  # the last chunk ended in a CR
-    head: bytes | None = b""  # the first bytes, until they tell whether a BOM came
-    plain: bool = False  # nothing pending: the next chunk may take the short way
-
-    def feed(self, chunk: bytes) -> bytes:
-        """The whole lines `chunk` completes (b"" when none).
-
-        NOTE: every event passes here. The common chunk, whole events in ASCII ending in
-        LF with nothing pending, costs a few scans of its bytes and no copy. Over 40
-        lines: a call per step would cost on every chunk.
-        """
-        last = len(chunk) - 1
-        if (self.plain and chunk.find(b"\n") == last - 1 and chunk[last] == 10
-                and last < self.limit and chunk.isascii() and chunk.startswith(b"data")):
-            return chunk  # one data line and its blank line: nothing to mend
-        if self.head is not None:
-            chunk, self.head = self.head + chunk, None
-            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
-                self.head, chunk = chunk, b""  # too few bytes yet to tell
-            elif chunk.startswith(_BOM):
-                self.note("BOM before the first event")
-                chunk = chunk[len(_BOM):]
-        if self.skip_lf:
-            chunk = chunk.removeprefix(b"\n")
-        # A CR at the end may be half of a CRLF: emit it as LF now (no delay for CR-only
-        # servers) and drop an LF that starts the next chunk.
-        self.skip_lf = chunk[-1:] == b"\r"
-        if b"\r" in chunk:
-            # Quirk(sse-starlette, Azure, proxies): OpenAI ends lines with LF alone.
-            self.note("CR or CRLF line endings in streams")
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        cut = chunk.rfind(b"\n") + 1
-        block = b""
-        ended = 0  # the size of the first event that ends in this block, if one does
-        if cut:
-            block = b"".join((self.tail, chunk[:cut])) if self.tail else chunk[:cut]
-            self.tail.clear()
-            # The last blank line in the block; one that opens the block (the line before
-            # ended the last block) is at -1, as rfind says when it finds none.
-            end = block.rfind(b"\n\n")
-            if end >= 0 or block[:1] == b"\n":
-                ended = self.open_size + block.find(b"\n\n")
-                self.open_size = len(block) - end - 2
-            else:
-                self.open_size += len(block)
-        self.tail += chunk[cut:]
-        if ended > self.limit or self.open_size + len(self.tail) > self.limit:
-            raise StreamError(f"one stream event is larger than {self.limit} bytes")
-        self.plain = self.head is None and not (self.tail or self.open_size or self.skip_lf)
-        return block if block.isascii() and b"error:" not in block else self._odd(block)
-
-    def flush(self) -> bytes:
-        """At EOF: the partial last line (or fewer bytes than a BOM, all that came),
-        terminated (once); then b""."""
-        block = b"".join((self.head or b"", self.tail))
-        self.head, self.tail = None, bytearray()
-        return self._odd(block + b"\n") if block else b""
-
-    def _odd(self, block: bytes) -> bytes:
-        """A block that is not plain ASCII, or may hold a legacy error line, made into
-        what sseclient-py can read."""
-        try:
-            block.decode("utf-8")
-        except UnicodeDecodeError:
-            # Quirk(llama.cpp): a token that splits a multibyte character, streamed alone.
-            self.note("invalid UTF-8 in streams (read as U+FFFD)")
-            block = block.decode("utf-8", "replace").encode("utf-8")
-        if b"error:" in block:
-            # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line.
-            block, count = _LEGACY_ERROR_LINE.subn(b"event: error\ndata:", block)
-            if count:
-                self.note("legacy `error:` lines in streams")
-        return block
-
-
-def _raise_stream_error(payload: Any, data: str, event: str,
-                        note: Callable[[str], None]) -> None:
-    """Raise the classified error an event inside a 200 stream carries, if any.
-
-    Forms: {"error": {...}} (OpenAI, vLLM, LiteLLM, TGI), {"object": "error", ...}
-    (vLLM < 0.10.1, Mistral), `event: error` (Groq), and llama.cpp's legacy `error:
-    {...}` line (made an `event: error` by _Lines), whose JSON is the error itself.
-    A transport word in the message (LiteLLM's "Connection error") is still a stream
-    cut short here: the connection to this client is fine.
-    """
-    err = payload.get("error")
-    if err is None and payload.get("object") != "error" and event != "error":
-        return
-    if payload.get("object") == "error":
-        note("errors in streams as object: error")
-    if err is None and event == "error":
-        err = payload  # a legacy `error:` line (noted by _Lines): the JSON is the error
-    elif event == "error":
-        note("errors in streams as event: error")
-    # The form of the body was noted above, as a whole: not each of its fields.
-    message, tags = _error_fields({"error": err} if isinstance(err, dict) else payload,
-                                  lambda quirk: None)
-    message = _trim_message(message or "error event without a message")
-    cls = classify_error(f"{message} {tags}")
-    if cls is APIError or cls in _NO_RESPONSE_CLASSES:
-        cls = StreamError
-    # Quirk(TGI): http_status_code; Groq: status_code; LiteLLM: code "503" as a string.
-    fields: dict[str, Any] = err if isinstance(err, dict) else {}
-    code = next((fields[key] for key in ("status_code", "http_status_code", "code", "status")
-                 if isinstance(fields.get(key), int) or str(fields.get(key)).isdigit()), None)
-    if isinstance(code, str):
-        note("error codes as strings of digits")
-    raise cls(message, status_code=None if code is None else int(code),
-              body=data[:_MAX_ERROR_BODY])
-
-
-def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
-               request: _Request) -> APIError:
-    """The error of a stream that failed after its answer began (never retried: the
-    caller has seen part of it), keeping the text that had arrived; a stream stopped
-    by its deadline or by close() says so."""
-    halted = request.halted()
-    if halted is not None:
-        error = halted
-    elif isinstance(exc, APIError):
-        error = exc
-    elif isinstance(exc, (ValueError, RecursionError)):
-        error = StreamError("the stream was cut short or sent malformed JSON")
-    else:
-        error = http.transport_error(exc, request.timeout, "stream")
-    error.partial_text = "".join(answer.text)
-    return http.redacted(error)
-
-
-def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request) -> Step:
-    """The Step of a stream that has ended; a StreamError when it was cut short."""
-    _note_model(client, body.get("model"), answer.model)
-    if not answer.done and answer.finish_reason is None:
-        error = request.halted() or StreamError(
-            "the stream ended before the answer was finished (no finish_reason, no [DONE])")
-        error.partial_text = "".join(answer.text)
-        raise client._http.redacted(error)
-    if not answer.done:
-        client._note("no [DONE] at the end of streams")
-    record = answer.finish()
-    options = body.get("stream_options")
-    if record.usage is None and isinstance(options, dict) and options.get("include_usage"):
-        client._note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
-    return record
-
-
-def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
-    # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure after the
-    # headers), for instance for streamed tool_choice "auto" or a prompt beyond the
-    # context. Nothing was yielded: ask once more without streaming, which answers or
-    # raises the classified error. With tools, assume the server cannot stream them
-    # and stop trying.
-    tools = "tools" in body and not client._tools_unstreamed
-    client._tools_unstreamed |= tools
-    client._note("tool calls only unstreamed" if tools
-                 else "empty 200 stream: asked again without streaming")
-    _log.warning("the server ended a stream without any event; asking again without "
-                 "streaming%s", " (and for calls with tools from now on)" if tools else "")
-
-
-def _ask_whole(client: Client, body: dict[str, Any], request: _Request, answer: _Answer,
-               response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
-    """One model call answered whole: its Chunks, then its Step. Asked for without
-    streaming (servers send such an answer only once it is complete), unless `response`
-    is the JSON document a server sent to a stream request."""
-    http = client._http
-    if response is None:
-        body.pop("stream", None)
-        body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
-        response = http.post(body, request)
-    with response:
-        payload = http.read_json(response, request)
-    if isinstance(payload, dict):
-        if "stream" in body and payload.get("choices"):
-            http.note("one JSON document for a stream request")
-        _note_model(client, body.get("model"), payload.get("model"))
-    try:
-        chunks = answer.whole(payload)
-    except APIError as exc:
-        raise http.redacted(exc) from None
-    yield from chunks
-    return answer.finish()
-
-
-def _note_model(client: Client, asked: object, answered: object) -> None:
-    """Warn (a UserWarning, shown once) when the server answers with another model than
-    asked: most likely a typo in the name, for the program to fix.
-
-    Quirk(llama.cpp, TGI, llama-cpp-python): an unknown model is answered by the one
-    they have loaded. A name inside the other (a dated version, a provider prefix) is
-    the same model.
-    """
-    # An empty name is inside any other: no warning.
-    if (not isinstance(asked, str) or not isinstance(answered, str)
-            or asked.lower() in answered.lower() or answered.lower() in asked.lower()):
-        return
-    client._note("answers with another model than asked")
-    warnings.warn(f"asked for model {asked!r}, {client._http.shown_url} answered with "
-                  f"{answered!r}: it may not serve {asked!r} (a typo in the name?)",
-                  UserWarning, stacklevel=2)
-
-
-# Quirk(TGI < 2.3, TGI stop strings, Anthropic-compat): other names for a normal stop.
-_STOP_ALIASES: Final = frozenset({"eos_token", "eos", "stop_sequence", "end_turn", "end"})
-# The keys of a delta that is just text: the common case, taken without more lookups.
-_TEXT_DELTA: Final = frozenset({"content", "role"})
-
-
-@dataclass(slots=True)
-class _Answer:
-    """One model call while its events arrive: text, reasoning and refusal (as lists
-    of pieces), tool-call fragments, usage, finish_reason, the model that answered,
-    and whether [DONE] came. `note` hears of each deviation absorbed."""
-
-    step: int
-    note: Callable[[str], None]
-    streamed: bool = True
-    text: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    refusal: list[str] = field(default_factory=list)
-    # (position in its delta's tool_calls list, fragment), in arrival order
-    fragments: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-    usage: Any = None
-    finish_reason: str | None = None
-    model: str | None = None  # the "model" of the first event, "" if none
-    done: bool = False  # [DONE] arrived
-    others: dict[int, list[str]] = field(default_factory=dict)  # n > 1: choice 1 on
-
-    def add(self, payload: dict[str, Any]) -> Chunk | list[Chunk] | None:
-        """Take one decoded event; return its Chunk, a list of them, or None.
-
-        NOTE: runs once per event; its common case (one text delta) costs a few dict
-        lookups and one Chunk, inline (over 40 lines: a call costs on every event);
-        anything rarer goes through _mixed_delta.
-        """
-        if self.model is None:
-            self.model = payload.get("model") or ""
-        usage = payload.get("usage")
-        choices = payload.get("choices")
-        if usage:
-            self.usage = usage
-            if choices and self.streamed:
-                # Quirk(vLLM continuous usage, LiteLLM, Groq, Mistral): OpenAI sends usage
-                # alone, in a last chunk whose choices are [].
-                self.note("usage chunk with choices")
-        if not choices or choices.__class__ is not list:
-            return None
-        choice = choices[0]
-        if len(choices) > 1 or choice.__class__ is not dict or choice.get("index"):
-            # With n > 1 (OpenAI, vLLM) the choices interleave: follow index 0, keep the
-            # text of the others. None of them: an empty choice, which yields nothing.
-            self._keep_others(choices)
-            choice = _choice_zero(choices) or {}
-        delta = choice.get("delta") or choice.get("message")
-        content = delta.get("content") if delta.__class__ is dict else None
-        if content.__class__ is str and (len(delta) == 1 or _TEXT_DELTA.issuperset(delta)):
-            got: Chunk | list[Chunk] | None = None
-            if content:
-                self.text.append(content)
-                got = _delta_chunk("text", content, self.step, payload)
-        else:
-            got = self._mixed_delta(delta, content, payload) if delta.__class__ is dict else None
-        reason = choice.get("finish_reason")
-        if reason and isinstance(reason, str):
-            if reason == "error":
-                # Quirk(OpenRouter): finish_reason "error" with the error at top level.
-                self.note("finish_reason 'error' for an error")
-                raise StreamError("the server ended the answer with an error")
-            self.finish_reason = reason
-        return got
-
-    def _mixed_delta(self, delta: dict[str, Any], content: Any, raw: Any) -> list[Chunk]:
-        chunks = self._content_parts(content, raw) if content else []
-        # Quirk(DeepSeek, vLLM, llama.cpp: reasoning_content; Ollama, Groq, OpenRouter:
-        # reasoning): OpenAI streams no reasoning text.
-        for key in ("reasoning_content", "reasoning"):
-            reasoning = delta.get(key)
-            if reasoning and isinstance(reasoning, str):
-                self.note(f"reasoning in {key}")
-                chunks.append(self._keep("reasoning", reasoning, raw))
-                break
-        refusal = delta.get("refusal")
-        if refusal and isinstance(refusal, str):
-            # OpenAI's structured refusal: shown like text, kept apart from the answer.
-            chunks.append(self._keep("refusal", refusal, raw))
-        # Quirk(llama-cpp-python): a legacy function_call beside tool_calls with the
-        # same content; used only when no tool_calls come with it (as the one call).
-        calls = delta.get("tool_calls")
-        if calls:
-            if not isinstance(calls, list):
-                self.note("tool_calls as one object, not a list")  # Quirk(TGI < 3.2)
-                calls = [calls]
-            self.fragments += [(i, c) for i, c in enumerate(calls) if isinstance(c, dict)]
-            if delta.get("function_call"):
-                self.note("legacy function_call beside tool_calls")
-        elif isinstance(delta.get("function_call"), dict):
-            self.note("legacy function_call instead of tool_calls")
-            self.fragments.append((0, {"index": 0, "function": delta["function_call"]}))
-        return chunks
-
-    def _content_parts(self, content: Any, raw: Any) -> list[Chunk]:
-        if not isinstance(content, str):
-            # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
-            # parts hold reasoning as a nested list of text parts.
-            self.note("content as a list of parts")
-        chunks = []
-        for part in content if isinstance(content, list) else [content]:
-            part = {"text": part} if isinstance(part, str) else part
-            thinking = isinstance(part, dict) and part.get("type") in ("thinking", "reasoning")
-            text = part.get("thinking" if thinking else "text") if isinstance(part, dict) else ""
-            if isinstance(text, list):
-                text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-            if text and isinstance(text, str):
-                chunks.append(self._keep("reasoning" if thinking else "text", text, raw))
-        return chunks
-
-    def _keep_others(self, choices: list[Any]) -> None:
-        """The text of the choices other than index 0, by index."""
-        for choice in choices:
-            index = choice.get("index") if isinstance(choice, dict) else None
-            index = int(index) if isinstance(index, str) and index.isdigit() else index
-            delta = (choice.get("delta") or choice.get("message")) if index else None
-            text = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(index, int) and isinstance(text, str) and text:
-                self.others.setdefault(index, []).append(text)
-
-    def _keep(self, kind: ChunkType, text: str, raw: Any) -> Chunk:
-        """A piece of text, reasoning or refusal added to the list of that name; its
-        Chunk."""
-        getattr(self, kind).append(text)
-        return _delta_chunk(kind, text, self.step, raw)
-
-    def odd_data(self, data: str) -> str:
-        """An event's data that does not start with "{": "" for [DONE] (then `done`)
-        and for data to skip; else the JSON text, its padding stripped."""
-        stripped = data.strip()
-        if stripped.startswith("[DONE]"):
-            if data != "[DONE]":
-                # Quirk(several servers): a space before [DONE], or padding after it.
-                self.note("spaces around [DONE]")
-            self.done = True
-            return ""
-        if not stripped.startswith("{"):
-            # Quirk(gateways): data lines of their own that are not JSON are skipped.
-            self.note("non-JSON data in streams skipped")
-            _log.debug("skipping a stream event that is not JSON: %.80r", stripped)
-            return ""
-        return stripped
-
-    def whole(self, payload: Any) -> list[Chunk]:
-        """The Chunks of a non-streamed answer, read as one event whose choice holds a
-        whole message."""
-        self.streamed = False
-        if not isinstance(payload, dict) or payload.get("error") or payload.get(
-                "object") == "error":
-            text = json.dumps(payload, ensure_ascii=False)
-            raise _error_from_body(200, text, self.note, decoded=payload)
-        if _choice_zero(payload.get("choices")) is None:
-            raise APIError("the server answered without choices: " + _trim_message(
-                json.dumps(payload, ensure_ascii=False)))
-        got = self.add(payload)
-        self.finish_reason = self.finish_reason or "stop"
-        return got if isinstance(got, list) else [got] if got is not None else []
-
-    def finish(self) -> Step:
-        """The model call's Step, its tool calls assembled (their results come later)."""
-        calls = _assemble_calls(self.fragments, self.streamed, self.note)
-        reason = self.finish_reason
-        if reason in _STOP_ALIASES:
-            self.note(f"finish_reason {reason!r} for stop")
-            reason = "stop"
-        elif reason is None:
-            reason = "tool_calls" if calls else "stop"
-        text = "".join(self.text)
-        return Step(text, "".join(self.reasoning), calls, [], reason, _usage(self.usage),
-                    "".join(self.refusal),
-                    [text, *("".join(self.others[i]) for i in sorted(self.others))])
-
-
-def _choice_zero(choices: Any) -> dict[str, Any] | None:
-    """The choice with index 0 (or none): with n > 1 (OpenAI, vLLM) chunks of several
-    choices interleave, and only the first answer is followed, never braided."""
-    for choice in choices if isinstance(choices, list) else ():
-        if isinstance(choice, dict) and choice.get("index") in (None, 0, "0"):
-            return choice
-    return None
-
-
-def _usage(raw: Any) -> Usage | None:
-    if not isinstance(raw, dict):
-        return None
-    counts = [raw.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
-    prompt, completion, total = (c if type(c) is int else 0 for c in counts)
-    return Usage(prompt, completion, total or prompt + completion, raw)
 
 # ==== HTTP plumbing ====
 
