@@ -114,8 +114,9 @@ __all__ = [  # everything a user calls, receives or catches, in file order
     "ConfigError", "APIError", "EndpointUnavailableError", "RequestTimeoutError",
     "AuthenticationError", "RateLimitError", "ModelNotFoundError", "ContextLengthError",
     "BadRequestError", "ServerError", "StreamError", "OutputError", "classify_error", "Usage",
-    "ToolCall", "ToolResult", "Chunk", "Step", "Result", "Stream", "Config", "Client",
-    "stream", "generate", "available_models", "first_available_model", "Tool", "tool", "main",
+    "ToolCall", "ToolResult", "ChunkType", "Chunk", "Step", "Result", "Config", "Client",
+    "stream", "generate", "available_models", "first_available_model", "Stream", "Tool", "tool",
+    "main",
 ]
 
 _log = logging.getLogger("openai_compat")
@@ -1061,7 +1062,7 @@ class _Discovery:
             if self.found is None:
                 found = _fetch_models(self.http, min(limit, _DISCOVERY_SECONDS))
                 if limit < _DISCOVERY_SECONDS and isinstance(found, RequestTimeoutError):
-                    raise self.http.redacted(RequestTimeoutError(
+                    raise self.http.shown_error(RequestTimeoutError(
                         f"the call took longer than its deadline: GET /models had not "
                         f"answered after {limit:.1f} s"))
                 self.found = found
@@ -1105,13 +1106,13 @@ def _fetch_models(http: _Connection, limit: float = _DISCOVERY_SECONDS) -> list[
         try:
             answers.append(_ask_models(http))
         except Exception as exc:  # noqa: BLE001 - a bug here must not cost 5 s
-            answers.append(exc if isinstance(exc, APIError) else http.redacted(
+            answers.append(exc if isinstance(exc, APIError) else http.shown_error(
                 APIError(f"model discovery failed: {exc!r}")))
 
     worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
     worker.start()
     worker.join(limit)
-    found = answers[0] if answers else http.redacted(RequestTimeoutError(
+    found = answers[0] if answers else http.shown_error(RequestTimeoutError(
         f"GET /models did not answer within {limit:g} s"))
     if isinstance(found, APIError):
         found._path = "/models"  # its message names the URL called
@@ -1124,13 +1125,13 @@ def _ask_models(http: _Connection) -> list[str]:
     try:
         payload = json.loads(text) if status < 300 else None
     except ValueError:
-        raise http.redacted(APIError("GET /models answered with something that is not JSON: "
+        raise http.shown_error(APIError("GET /models answered with something that is not JSON: "
                                      + repr(_trim_message(text)))) from None
     if status >= 300 or (isinstance(payload, dict) and payload.get("error")):
         raise http.error_from_body(status, text, retry_after)
     ids = _model_ids(payload, http.note)
     if not ids:
-        raise http.redacted(APIError("GET /models listed no models"))
+        raise http.shown_error(APIError("GET /models listed no models"))
     return ids
 
 
@@ -1249,7 +1250,7 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
         str(own["deadline"]), "deadline=", None)
     ends = math.inf if deadline is None else started + deadline
     if client._http.closed.is_set():
-        raise client._http.redacted(_client_closed())
+        raise client._http.shown_error(_client_closed())
     turns = _conversation(own["system"], own["messages"], prompt)
     tools = _as_tools(own["tools"])
     max_steps = DEFAULT_MAX_STEPS if own["max_steps"] is None else own["max_steps"]
@@ -1274,7 +1275,7 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
         body["tools"] = [_tool_spec(t) for t in tools]
         body["tool_choice"] = "auto" if own["tool_choice"] is None else own["tool_choice"]
     body.update(own["extra_body"] or {})
-    return _Request(body, {t.name: t for t in tools}, max_steps, timeout, headers, schema,
+    return _Request(body, {tool.name: tool for tool in tools}, max_steps, timeout, headers, schema,
                     answer_type, sent, strict, deadline, ends)
 
 
@@ -1405,22 +1406,21 @@ def _iter_steps(client: Client, request: _Request,
     steps: list[Step] = []
     finish, data, repairs = None, None, 0
     with http.in_flight(request):
-        for step in range(1, request.max_steps + 1):
+        for number in range(1, request.max_steps + 1):
             halted = request.halted()
             if halted is not None:
-                raise http.redacted(halted)
+                raise http.shown_error(halted)
             form = http.schema_form
-            record = yield from _model_call(client, {**request.body, "messages": list(messages)},
-                                            step, request)
-            yield Chunk("finish", finish_reason=record.finish_reason, usage=record.usage,
-                        step=step)
-            finish = record.finish_reason
-            wanted = bool(record.tool_calls and request.tools and finish != "length")
-            run = wanted and step < request.max_steps
-            results = yield from _iter_tool_calls(record, step, run, request, messages,
+            step = yield from _model_call(client, {**request.body, "messages": list(messages)},
+                                          number, request)
+            yield Chunk("finish", finish_reason=step.finish_reason, usage=step.usage, step=number)
+            finish = step.finish_reason
+            wanted = bool(step.tool_calls and request.tools and finish != "length")
+            run_calls = wanted and number < request.max_steps
+            results = yield from _iter_tool_calls(step, number, run_calls, request, messages,
                                                   client._note)
-            steps.append(replace(record, tool_results=results))
-            if run:
+            steps.append(replace(step, tool_results=results))
+            if run_calls:
                 if request.body.get("tool_choice") not in ("auto", "none"):
                     # A forced call ("required", a function) has run: later steps leave the
                     # choice out, as OpenAI's Agents SDK does, so that the model can answer.
@@ -1428,11 +1428,11 @@ def _iter_steps(client: Client, request: _Request,
                 continue
             if wanted:  # and the budget is spent
                 finish = "max_steps"
-            elif request.schema is not None and not record.refusal:
-                problem, data = _read_answer(record.text, request, client._note)
+            elif request.schema is not None and not step.refusal:
+                problem, data = _read_answer(step.text, request, client._note)
                 if problem is not None:
-                    _ask_repair(http, record, problem, form, messages,
-                                last=repairs == _REPAIRS or step == request.max_steps)
+                    _ask_repair(http, step, problem, form, messages,
+                                last=repairs == _REPAIRS or number == request.max_steps)
                     repairs += 1
                     continue
             break
@@ -1462,7 +1462,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     http.prepare(body, request)
     answer = _Answer(step, note)
     if client._tools_unstreamed and "tools" in body:
-        return (yield from _ask_whole(client, body, request, answer))
+        return (yield from _ask_unstreamed(client, body, request, answer))
     body["stream"] = True
     if "stream_options" not in body and "stream_options" not in http.refused:
         # Ask for usage; servers that reject the field lose it once.
@@ -1470,7 +1470,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     seen = False
     with http.post(body, request) as response:
         if _not_an_event_stream(http, response):
-            return (yield from _ask_whole(client, body, request, answer, response))
+            return (yield from _ask_unstreamed(client, body, request, answer, response))
         add = answer.add
         chunks = _body_chunks(response)
         try:
@@ -1478,7 +1478,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
                 seen = True
                 data = event.data
                 if data[:1] != "{":
-                    data = answer.odd_data(data)
+                    data = answer.json_text(data)
                     if not data:
                         if answer.done:
                             break
@@ -1487,19 +1487,19 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
                 # Every error form lacks "choices" or has "error" (see _raise_stream_error).
                 if "error" in payload or "choices" not in payload:
                     _raise_stream_error(payload, data, event.event, note)
-                got = add(payload)
-                if got is not None:
-                    if isinstance(got, list):
-                        yield from got
+                made = add(payload)
+                if made is not None:
+                    if isinstance(made, list):
+                        yield from made
                     else:
-                        yield got
+                        yield made
         except (APIError, ValueError, RecursionError, *_TRANSPORT_ERRORS) as exc:
             raise _cut_short(exc, answer, http, request) from None
         if answer.done:
             _drain(response, chunks)
     if not seen and not request.stopped:
         _note_empty_stream(client, body)
-        return (yield from _ask_whole(client, body, request, answer))
+        return (yield from _ask_unstreamed(client, body, request, answer))
     return _ended(client, answer, body, request)
 
 
@@ -1614,16 +1614,16 @@ class _Lines:
         if ended > self.limit or self.open_size + len(self.tail) > self.limit:
             raise StreamError(f"one stream event is larger than {self.limit} bytes")
         self.plain = self.head is None and not (self.tail or self.open_size or self.skip_lf)
-        return block if block.isascii() and b"error:" not in block else self._odd(block)
+        return block if block.isascii() and b"error:" not in block else self._mend(block)
 
     def flush(self) -> bytes:
         """At EOF: the partial last line (or fewer bytes than a BOM, all that came),
         terminated (once); then b""."""
         block = b"".join((self.head or b"", self.tail))
         self.head, self.tail = None, bytearray()
-        return self._odd(block + b"\n") if block else b""
+        return self._mend(block + b"\n") if block else b""
 
-    def _odd(self, block: bytes) -> bytes:
+    def _mend(self, block: bytes) -> bytes:
         """A block that is not plain ASCII, or may hold a legacy error line, made into
         what sseclient-py can read."""
         try:
@@ -1691,7 +1691,7 @@ def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
     else:
         error = http.transport_error(exc, request.timeout, "stream")
     error.partial_text = "".join(answer.text)
-    return http.redacted(error)
+    return http.shown_error(error)
 
 
 def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request) -> Step:
@@ -1701,14 +1701,14 @@ def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Requ
         error = request.halted() or StreamError(
             "the stream ended before the answer was finished (no finish_reason, no [DONE])")
         error.partial_text = "".join(answer.text)
-        raise client._http.redacted(error)
+        raise client._http.shown_error(error)
     if not answer.done:
         client._note("no [DONE] at the end of streams")
-    record = answer.finish()
+    step = answer.finish()
     options = body.get("stream_options")
-    if record.usage is None and isinstance(options, dict) and options.get("include_usage"):
+    if step.usage is None and isinstance(options, dict) and options.get("include_usage"):
         client._note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
-    return record
+    return step
 
 
 def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
@@ -1725,7 +1725,7 @@ def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
                  "streaming%s", " (and for calls with tools from now on)" if tools else "")
 
 
-def _ask_whole(client: Client, body: dict[str, Any], request: _Request, answer: _Answer,
+def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, answer: _Answer,
                response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
     """One model call answered whole: its Chunks, then its Step. Asked for without
     streaming (servers send such an answer only once it is complete), unless `response`
@@ -1742,9 +1742,9 @@ def _ask_whole(client: Client, body: dict[str, Any], request: _Request, answer: 
             http.note("one JSON document for a stream request")
         _note_model(client, body.get("model"), payload.get("model"))
     try:
-        chunks = answer.whole(payload)
+        chunks = answer.unstreamed(payload)
     except APIError as exc:
-        raise http.redacted(exc) from None
+        raise http.shown_error(exc) from None
     yield from chunks
     return answer.finish()
 
@@ -1821,12 +1821,12 @@ class _Answer:
         delta = choice.get("delta") or choice.get("message")
         content = delta.get("content") if delta.__class__ is dict else None
         if content.__class__ is str and (len(delta) == 1 or _TEXT_DELTA.issuperset(delta)):
-            got: Chunk | list[Chunk] | None = None
+            made: Chunk | list[Chunk] | None = None
             if content:
                 self.text.append(content)
-                got = _delta_chunk("text", content, self.step, payload)
+                made = _delta_chunk("text", content, self.step, payload)
         else:
-            got = self._mixed_delta(delta, content, payload) if delta.__class__ is dict else None
+            made = self._mixed_delta(delta, content, payload) if delta.__class__ is dict else None
         reason = choice.get("finish_reason")
         if reason and isinstance(reason, str):
             if reason == "error":
@@ -1834,7 +1834,7 @@ class _Answer:
                 self.note("finish_reason 'error' for an error")
                 raise StreamError("the server ended the answer with an error")
             self.finish_reason = reason
-        return got
+        return made
 
     def _mixed_delta(self, delta: dict[str, Any], content: Any, raw: Any) -> list[Chunk]:
         chunks = self._content_parts(content, raw) if content else []
@@ -1844,12 +1844,12 @@ class _Answer:
             reasoning = delta.get(key)
             if reasoning and isinstance(reasoning, str):
                 self.note(f"reasoning in {key}")
-                chunks.append(self._keep("reasoning", reasoning, raw))
+                chunks.append(self._piece("reasoning", reasoning, raw))
                 break
         refusal = delta.get("refusal")
         if refusal and isinstance(refusal, str):
             # OpenAI's structured refusal: shown like text, kept apart from the answer.
-            chunks.append(self._keep("refusal", refusal, raw))
+            chunks.append(self._piece("refusal", refusal, raw))
         # Quirk(llama-cpp-python): a legacy function_call beside tool_calls with the
         # same content; used only when no tool_calls come with it (as the one call).
         calls = delta.get("tool_calls")
@@ -1878,7 +1878,7 @@ class _Answer:
             if isinstance(text, list):
                 text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
             if text and isinstance(text, str):
-                chunks.append(self._keep("reasoning" if thinking else "text", text, raw))
+                chunks.append(self._piece("reasoning" if thinking else "text", text, raw))
         return chunks
 
     def _keep_others(self, choices: list[Any]) -> None:
@@ -1891,13 +1891,13 @@ class _Answer:
             if isinstance(index, int) and isinstance(text, str) and text:
                 self.others.setdefault(index, []).append(text)
 
-    def _keep(self, kind: ChunkType, text: str, raw: Any) -> Chunk:
+    def _piece(self, kind: ChunkType, text: str, raw: Any) -> Chunk:
         """A piece of text, reasoning or refusal added to the list of that name; its
         Chunk."""
         getattr(self, kind).append(text)
         return _delta_chunk(kind, text, self.step, raw)
 
-    def odd_data(self, data: str) -> str:
+    def json_text(self, data: str) -> str:
         """An event's data that does not start with "{": "" for [DONE] (then `done`)
         and for data to skip; else the JSON text, its padding stripped."""
         stripped = data.strip()
@@ -1914,7 +1914,7 @@ class _Answer:
             return ""
         return stripped
 
-    def whole(self, payload: Any) -> list[Chunk]:
+    def unstreamed(self, payload: Any) -> list[Chunk]:
         """The Chunks of a non-streamed answer, read as one event whose choice holds a
         whole message."""
         self.streamed = False
@@ -1925,9 +1925,9 @@ class _Answer:
         if _choice_zero(payload.get("choices")) is None:
             raise APIError("the server answered without choices: " + _trim_message(
                 json.dumps(payload, ensure_ascii=False)))
-        got = self.add(payload)
+        made = self.add(payload)
         self.finish_reason = self.finish_reason or "stop"
-        return got if isinstance(got, list) else [got] if got is not None else []
+        return made if isinstance(made, list) else [made] if made is not None else []
 
     def finish(self) -> Step:
         """The model call's Step, its tool calls assembled (their results come later)."""
@@ -1966,7 +1966,7 @@ def _usage(raw: Any) -> Usage | None:
 def _check_async_tools(tools: Mapping[str, Tool]) -> None:
     """ConfigError naming a coroutine-function tool when this thread runs an event
     loop: asyncio.run() cannot run it there, and nothing must be sent in vain."""
-    names = [t.name for t in tools.values() if inspect.iscoroutinefunction(t.function)]
+    names = [tool.name for tool in tools.values() if inspect.iscoroutinefunction(tool.function)]
     if not names:
         return
     import asyncio  # here, not at the top: only coroutine tools need it (it is slow to import)
@@ -2135,35 +2135,36 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def _iter_tool_calls(record: Step, step: int, run: bool, request: _Request,
+def _iter_tool_calls(step: Step, number: int, run: bool, request: _Request,
                      messages: list[dict[str, Any]], note: Callable[[str], None]
                      ) -> Generator[Chunk, None, list[ToolResult]]:
-    """A step's calls as Chunks, each run when `run` is set (a "tool_result" Chunk
-    after its "tool_call" one), the conversation extended; returns the results."""
+    """The calls of model call `number` as Chunks, each run when `run` is set (a
+    "tool_result" Chunk after its "tool_call" one), the conversation extended; returns
+    the results."""
     # Calls that are not run stay out of the history: a conversation whose assistant
     # turn asks for tools must be followed by their results.
-    messages.append(_assistant_message(record, with_calls=run))
+    messages.append(_assistant_message(step, with_calls=run))
     results: list[ToolResult] = []
-    for call in record.tool_calls:
-        yield Chunk("tool_call", tool_call=call, step=step)
+    for call in step.tool_calls:
+        yield Chunk("tool_call", tool_call=call, step=number)
         if run:
             results.append(_execute(call, request.tools, note))
             messages.append({"role": "tool", "tool_call_id": call.id,
                              "content": results[-1].content})
-            yield Chunk("tool_result", tool_call=call, tool_result=results[-1], step=step)
+            yield Chunk("tool_result", tool_call=call, tool_result=results[-1], step=number)
     return results
 
 
-def _assistant_message(record: Step, *, with_calls: bool) -> dict[str, Any]:
+def _assistant_message(step: Step, *, with_calls: bool) -> dict[str, Any]:
     # content "" rather than null: llama-cpp-python rejects null (500), Ollama takes
     # null only with tool_calls, llama.cpp/OpenAI/vLLM/LiteLLM take "".
-    message: dict[str, Any] = {"role": "assistant", "content": record.text}
-    if with_calls and record.tool_calls:
+    message: dict[str, Any] = {"role": "assistant", "content": step.text}
+    if with_calls and step.tool_calls:
         message["tool_calls"] = [
             {**call.raw, "id": call.id, "type": "function",
              # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
              "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
-            for call in record.tool_calls
+            for call in step.tool_calls
         ]
     return message
 
@@ -2311,16 +2312,16 @@ def _json_from_text(text: str) -> Any:
     raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
 
 
-def _ask_repair(http: _Connection, record: Step, problem: str, form: int,
+def _ask_repair(http: _Connection, step: Step, problem: str, form: int,
                 messages: list[dict[str, Any]], last: bool) -> None:
     """Send an answer to schema= that does not match back to the model, saying what is
     wrong (OutputError when it was the `last` chance). An answer without JSON, to a
     request whose response_format the server took without a word, steps the form down."""
     if last:
-        raise http.redacted(OutputError(f"the answer does not match the schema: {problem}",
-                                        partial_text=record.text))
+        raise http.shown_error(OutputError(f"the answer does not match the schema: {problem}",
+                                           partial_text=step.text))
     if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and (
-            record.finish_reason == "stop"):
+            step.finish_reason == "stop"):
         # Quirk(transformers serve): response_format ignored without a word, and prose
         # came back: the model must see the schema itself.
         http.step_down(form + 1, "response_format ignored: the schema in a system message",
@@ -2407,7 +2408,7 @@ def _as_tools(tools: object) -> list[Tool]:
         else:
             raise ConfigError(f"tools[{position}] is a {type(item).__name__}: give a function, "
                               "an oc.Tool, or a dict of name -> tool")
-    names = [t.name for t in out]
+    names = [tool.name for tool in out]
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"two tools are named {name!r}")
@@ -2429,10 +2430,10 @@ def _tool_from_entry(name: object, value: object) -> Tool:
     return Tool(str(name), str(value.get("description") or ""), parameters, execute)
 
 
-def _tool_spec(t: Tool) -> dict[str, Any]:
+def _tool_spec(tool: Tool) -> dict[str, Any]:
     """The request form of a tool, marked strict when its schema allows (_sent_schema)."""
-    parameters, strict = _sent_schema(t.parameters, t._built)
-    return {"type": "function", "function": {"name": t.name, "description": t.description,
+    parameters, strict = _sent_schema(tool.parameters, tool._built)
+    return {"type": "function", "function": {"name": tool.name, "description": tool.description,
                                              "parameters": parameters,
                                              **({"strict": True} if strict else {})}}
 
@@ -2482,7 +2483,7 @@ def _strict_node(schema: Any) -> dict[str, Any]:
             node[key] = {name: _strict_node(sub) for name, sub in node[key].items()}
     if "anyOf" in node:
         node["anyOf"] = [_strict_node(sub) for sub in node["anyOf"]]
-    kinds = _kinds(node)
+    kinds = _types_of(node)
     if "items" in node:
         node["items"] = _strict_node(node["items"])
     elif "array" in kinds:
@@ -2663,13 +2664,13 @@ def _record_schema(cls: type, where: str, seen: tuple[type, ...],
         raise ConfigError(f"{where}: {cls.__name__} contains itself, which JSON Schema "
                           "without references cannot describe")
     try:
-        record = _fields(cls)
+        fields_ = _fields(cls)
     except (NameError, TypeError) as exc:
         raise ConfigError(f"{where}: cannot read the fields of {cls.__name__} ({exc})") from None
     properties = {name: _schema(hint, f"{where}, field {name!r}", seen=(*seen, cls), defs=defs)
-                  for name, hint, _ in record}
+                  for name, hint, _ in fields_}
     return {"type": "object", "properties": properties,
-            "required": [name for name, _, required in record if required],
+            "required": [name for name, _, required in fields_ if required],
             "additionalProperties": False}
 
 
@@ -2773,7 +2774,7 @@ def _validate(value: Any, schema: Any) -> str | None:
     loop that never ends.
     """
     try:
-        return _Run(schema).check(value, schema, "$")
+        return _Checking(schema).check(value, schema, "$")
     except (RecursionError, LookupError):  # LookupError: a $ref _vet_schema refuses
         return "$: nested too deeply to check"
 
@@ -2857,7 +2858,7 @@ def _regex(pattern: str) -> re.Pattern[str]:
                                   pattern), re.ASCII)
 
 
-class _Run:
+class _Checking:
     """One check against one schema: the root its $ref pointers resolve in, and the
     ($ref target, value) pairs being checked, as meeting one again inside itself is a
     loop that would never end."""
@@ -2871,27 +2872,27 @@ class _Run:
         each keyword's step, for the values of the type it applies to."""
         if not isinstance(schema, dict):
             return f"{path}: unexpected value" if schema is False else None
-        return _first(step(self, value, arg, schema, path) for keyword, arg in schema.items()
+        return _first_problem(step(self, value, arg, schema, path) for keyword, arg in schema.items()
                       for _, kind, step in [_KEYWORDS.get(keyword, _ANNOTATION)]
                       if step and (not kind or _TYPES[kind](value)))
 
 
-def _first(problems: Iterable[str | None]) -> str | None:
+def _first_problem(problems: Iterable[str | None]) -> str | None:
     """The first problem (the iterable is lazy, so checking stops there)."""
     return next((problem for problem in problems if problem is not None), None)
 
 
-def _kinds(schema: Any) -> list[str]:
+def _types_of(schema: Any) -> list[str]:
     """The type names a schema allows, [] when it does not say."""
     kinds = schema.get("type") if isinstance(schema, dict) else None
     return [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
 
 
-def _type(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _type(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """type: a name or a list of names, one of which the value must be."""
-    if any(_TYPES[kind](value) for kind in _kinds(schema)):
+    if any(_TYPES[kind](value) for kind in _types_of(schema)):
         return None
-    return f"{path}: expected {' or '.join(_kinds(schema))}, got {_describe(value)}"
+    return f"{path}: expected {' or '.join(_types_of(schema))}, got {_describe(value)}"
 
 
 def _options(arg: list[Any]) -> str:
@@ -2899,60 +2900,60 @@ def _options(arg: list[Any]) -> str:
     return ", ".join(map(_short, arg[:_MAX_OPTIONS])) + ", ..." * (len(arg) > _MAX_OPTIONS)
 
 
-def _required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _required(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """required: the fields an object must have (the first missing one is named)."""
     missing = next((name for name in arg if name not in value), None)
     return None if missing is None else f"{path}: missing required field {_short(missing)}"
 
 
-def _dependent_required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _dependent_required(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """dependentRequired: the fields an object must have when it has a given one."""
-    return _first(f"{problem} (required with {_short(key)})" for key, names in arg.items()
-                  if key in value and (problem := _required(run, value, names, schema, path)))
+    return _first_problem(f"{problem} (required with {_short(key)})" for key, names in arg.items()
+                  if key in value and (problem := _required(checking, value, names, schema, path)))
 
 
-def _properties(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _properties(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """properties: each field it names matches that field's schema."""
-    return _first(run.check(item, arg[key], _at(path, key))
+    return _first_problem(checking.check(item, arg[key], _at(path, key))
                   for key, item in value.items() if key in arg)
 
 
-def _pattern_properties(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _pattern_properties(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """patternProperties: each field matches the schema of every regex its name matches."""
-    return _first(run.check(item, sub, _at(path, key)) for key, item in value.items()
+    return _first_problem(checking.check(item, sub, _at(path, key)) for key, item in value.items()
                   for pattern, sub in arg.items() if _regex(pattern).search(key))
 
 
-def _additional(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _additional(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec: additionalProperties applies to the keys that properties and
     patternProperties (of the same schema) do not name."""
-    return _first(f"{_at(path, key)}: unexpected field" if arg is False else
-                  run.check(value[key], arg, _at(path, key))
-                  for key in value if not _named(schema, key))
+    return _first_problem(f"{_at(path, key)}: unexpected field" if arg is False else
+                  checking.check(value[key], arg, _at(path, key))
+                  for key in value if not _names_property(schema, key))
 
 
-def _property_names(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _property_names(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """propertyNames: each field name, a string, matches the schema."""
-    return _first(run.check(key, arg, f"{_at(path, key)}: field name") for key in value)
+    return _first_problem(checking.check(key, arg, f"{_at(path, key)}: field name") for key in value)
 
 
-def _dependent_schemas(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _dependent_schemas(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """dependentSchemas: an object that has a given field matches that field's schema."""
-    return _first(run.check(value, sub, path) for key, sub in arg.items() if key in value)
+    return _first_problem(checking.check(value, sub, path) for key, sub in arg.items() if key in value)
 
 
-def _items(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _items(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec (2020-12): prefixItems (arg a list) describes the first elements one by one,
     items the elements after those."""
     start = 0 if isinstance(arg, list) else len(schema.get("prefixItems", ()))
     subs = arg if isinstance(arg, list) else [arg] * len(value)
-    return _first(run.check(item, sub, f"{path}[{index}]")
+    return _first_problem(checking.check(item, sub, f"{path}[{index}]")
                   for index, (item, sub) in enumerate(zip(value[start:], subs), start))
 
 
-def _contains(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _contains(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec: minContains (1 when not given) and maxContains bound how many items match."""
-    found = sum(run.check(item, arg, path) is None for item in value)
+    found = sum(checking.check(item, arg, path) is None for item in value)
     least, most = schema.get("minContains", 1), schema.get("maxContains", found)
     if least <= found <= most:
         return None
@@ -2977,64 +2978,64 @@ def _rule(holds: Callable[[Any, Any], Any], words: str, measure: Callable[[Any],
     """The step of a keyword that is met when holds(value, its argument) (or the value's
     measure: minLength's len); `words` say what must hold, in a message, and `show`
     how the argument reads there."""
-    def step(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
-        got = value if measure is None else measure(value)
-        return None if holds(got, arg) else (
-            f"{path}: must {words.format((show or _short)(arg))}, got {_short(got)}")
+    def step(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+        measured = value if measure is None else measure(value)
+        return None if holds(measured, arg) else (
+            f"{path}: must {words.format((show or _short)(arg))}, got {_short(measured)}")
     return step
 
 
-def _all_of(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _all_of(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """allOf: the value matches every schema."""
-    return _first(run.check(value, option, path) for option in arg)
+    return _first_problem(checking.check(value, option, path) for option in arg)
 
 
-def _any_of(run: _Run, value: Any, arg: Any, schema: Any, path: str, one: bool = False
+def _any_of(checking: _Checking, value: Any, arg: Any, schema: Any, path: str, one: bool = False
             ) -> str | None:
     """anyOf, and oneOf when `one`: checking stops at the first option that matches
     (the second, for oneOf). When none does, the problem of the option whose type fits
     (it failed deeper in: a field, an enum) says most; else every type allowed."""
     problems: list[str | None] = []
     for option in arg:
-        problems.append(run.check(value, option, path))
+        problems.append(checking.check(value, option, path))
         if problems.count(None) > one:
             break
     matched = [str(index) for index, problem in enumerate(problems) if problem is None]
     if matched:
         return None if len(matched) == 1 else (
             f"{path}: must match one schema of oneOf, matched {' and '.join(matched)}")
-    fits = [p for option, p in zip(arg, problems) if _type(run, value, None, option, path) is None]
-    if fits or not all(map(_kinds, arg)):
+    fits = [p for option, p in zip(arg, problems) if _type(checking, value, None, option, path) is None]
+    if fits or not all(map(_types_of, arg)):
         return (fits or problems)[0]
-    allowed = [*dict.fromkeys(kind for option in arg for kind in _kinds(option))]
-    return _type(run, value, None, {"type": allowed}, path)
+    allowed = [*dict.fromkeys(kind for option in arg for kind in _types_of(option))]
+    return _type(checking, value, None, {"type": allowed}, path)
 
 
-def _not(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _not(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """not: the value does not match the schema."""
-    return None if run.check(value, arg, path) is not None else (
+    return None if checking.check(value, arg, path) is not None else (
         f"{path}: must not match {_short(arg)}, got {_short(value)}")
 
 
-def _if(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _if(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """if: a value that matches it must match then, one that does not must match else."""
-    branch = "then" if run.check(value, arg, path) is None else "else"
-    return run.check(value, schema.get(branch, True), path)
+    branch = "then" if checking.check(value, arg, path) is None else "else"
+    return checking.check(value, schema.get(branch, True), path)
 
 
-def _ref(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _ref(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec (2020-12): $ref applies beside its sibling keywords, not instead of them.
     The same target on the same value again, inside itself, is a loop without end."""
-    key = (id(target := _pointer(run.root, arg)), id(value))
-    if key in run.active:
+    key = (id(target := _pointer(checking.root, arg)), id(value))
+    if key in checking.active:
         return f"{path}: the schema loops through $ref {_short(arg)} without end"
-    run.active.add(key)
-    problem = run.check(value, target, path)
-    run.active.discard(key)
+    checking.active.add(key)
+    problem = checking.check(value, target, path)
+    checking.active.discard(key)
     return problem
 
 
-_Keyword = Callable[[_Run, Any, Any, Any, str], "str | None"]
+_Keyword = Callable[[_Checking, Any, Any, Any, str], "str | None"]
 
 # Every keyword this checker knows: (the shape its value must have, see _SHAPES; the
 # JSON type it applies to, "" for any; the step that checks it, None for one that only
@@ -3042,9 +3043,9 @@ _Keyword = Callable[[_Run, Any, Any, Any, str], "str | None"]
 # (format, title, description, default, ...): not asserted, as the spec says.
 _KEYWORDS: Final[dict[str, tuple[str, str, _Keyword | None]]] = {
     "type": ("types", "", _type),
-    "enum": ("array", "", _rule(lambda value, arg: _key(value) in map(_key, arg),
+    "enum": ("array", "", _rule(lambda value, arg: _comparable(value) in map(_comparable, arg),
                                 "be one of {}", show=_options)),
-    "const": ("any", "", _rule(lambda value, arg: _key(value) == _key(arg), "be {}")),
+    "const": ("any", "", _rule(lambda value, arg: _comparable(value) == _comparable(arg), "be {}")),
     "required": ("names", "object", _required), "properties": ("map", "object", _properties),
     "dependentRequired": ("deps", "object", _dependent_required),
     "minProperties": ("integer", "object", _rule(operator.ge, "have at least {} fields", len)),
@@ -3056,7 +3057,7 @@ _KEYWORDS: Final[dict[str, tuple[str, str, _Keyword | None]]] = {
     "minItems": ("integer", "array", _rule(operator.ge, "have at least {} items", len)),
     "maxItems": ("integer", "array", _rule(operator.le, "have at most {} items", len)),
     "uniqueItems": ("boolean", "array", _rule(
-        lambda value, arg: not arg or len(set(map(_key, value))) == len(value),
+        lambda value, arg: not arg or len(set(map(_comparable, value))) == len(value),
         "hold unique items")),
     "prefixItems": ("schemas", "array", _items), "items": ("schema", "array", _items),
     "contains": ("schema", "array", _contains),
@@ -3090,7 +3091,7 @@ def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
     additionalProperties, prefixItems and items. `value` itself is not changed.
     """
     try:
-        pruned = _prune(value, [schema], _Run(schema))
+        pruned = _prune(value, [schema], _Checking(schema))
         # The copy differs from `value` if and only if a null was dropped (a NaN is no
         # difference: == on containers compares by `is` first).
         return pruned, pruned != value
@@ -3098,43 +3099,43 @@ def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
         return value, False
 
 
-def _prune(value: Any, schemas: list[Any], run: _Run) -> Any:
+def _prune(value: Any, schemas: list[Any], checking: _Checking) -> Any:
     """_prune_nulls below the root: `value` (a copy) and the schemas that describe it."""
     if not isinstance(value, (list, dict)):
         return value
-    found = _walk(schemas, functools.partial(_in_place, root=run.root))
+    found = _walk(schemas, functools.partial(_applying_here, root=checking.root))
     keys = range(len(value)) if isinstance(value, list) else [
-        key for key, item in value.items() if item is not None or not _left_out(key, found, run)]
-    pruned = {key: _prune(value[key], [_inner(s, key) for s in found], run) for key in keys}
+        key for key, item in value.items() if item is not None or not _left_out(key, found, checking)]
+    pruned = {key: _prune(value[key], [_subschema_at(s, key) for s in found], checking) for key in keys}
     return [*pruned.values()] if isinstance(value, list) else pruned
 
 
-def _in_place(schema: dict[str, Any], root: Any) -> list[Any]:
+def _applying_here(schema: dict[str, Any], root: Any) -> list[Any]:
     """The schemas that apply where `schema` does: its $ref target and the branches of
     its allOf, anyOf and oneOf."""
     refs = [_pointer(root, schema["$ref"])] if "$ref" in schema else []
     return [*schema.get("allOf", ()), *schema.get("anyOf", ()), *schema.get("oneOf", ()), *refs]
 
 
-def _left_out(key: str, found: list[dict[str, Any]], run: _Run) -> bool:
+def _left_out(key: str, found: list[dict[str, Any]], checking: _Checking) -> bool:
     """Whether null for `key` means "left out": a schema lists it as a property whose
     schema rejects null, and none requires it."""
-    optional = any(key in s.get("properties", {}) and run.check(None, s["properties"][key], "$")
+    optional = any(key in s.get("properties", {}) and checking.check(None, s["properties"][key], "$")
                    for s in found)
     return optional and not any(key in s.get("required", ()) for s in found)
 
 
-def _inner(schema: dict[str, Any], key: Any) -> Any:
+def _subschema_at(schema: dict[str, Any], key: Any) -> Any:
     """The schema of an item (`key` an index: prefixItems, items) or of a field
     (properties; patternProperties, as True; additionalProperties); None if none."""
     if isinstance(key, int):
         before = schema.get("prefixItems", ())
         return before[key] if key < len(before) else schema.get("items")
-    named = schema.get("properties", {}).get(key, _named(schema, key) or None)
+    named = schema.get("properties", {}).get(key, _names_property(schema, key) or None)
     return schema.get("additionalProperties") if named is None else named
 
 
-def _named(schema: dict[str, Any], key: str) -> bool:
+def _names_property(schema: dict[str, Any], key: str) -> bool:
     """Whether properties or patternProperties of `schema` name the field `key`."""
     return key in schema.get("properties", {}) or any(
         _regex(pattern).search(key) for pattern in schema.get("patternProperties", ()))
@@ -3146,12 +3147,12 @@ def _at(path: str, key: Any) -> str:
     return f"{path}.{key}" if plain else f"{path}[{_short(key)}]"
 
 
-def _key(value: Any) -> Any:
+def _comparable(value: Any) -> Any:
     """A hashable stand-in that is equal for JSON-equal values: 1 and 1.0 alike, true
     and 1 not, arrays and objects item by item."""
     if isinstance(value, dict):
-        return dict, frozenset((key, _key(item)) for key, item in value.items())
-    return (list, tuple(map(_key, value))) if isinstance(value, list) else (
+        return dict, frozenset((key, _comparable(item)) for key, item in value.items())
+    return (list, tuple(map(_comparable, value))) if isinstance(value, list) else (
         (bool, value) if isinstance(value, bool) else value)
 
 
@@ -3292,7 +3293,7 @@ class _Connection:
         try:
             yield
         except APIError as exc:  # and this call's own secret headers (extra_headers=)
-            raise self.redacted(exc, _header_secrets(request.headers))
+            raise self.shown_error(exc, _header_secrets(request.headers))
         finally:
             with self.lock:
                 self.calls.discard(request)
@@ -3332,7 +3333,7 @@ class _Connection:
                     _log.debug("kept-alive connection was closed by the server; resending")
                     continue
                 error = request.halted() or self.transport_error(
-                    exc, timeout, "" if body.get("stream") else "whole")
+                    exc, timeout, "" if body.get("stream") else "unstreamed")
                 # Connection failures (a connect timeout included) happened before the
                 # server saw the request: safe to resend. A read timeout did not.
                 retry = isinstance(exc, (requests.ConnectionError, ConnectionError))
@@ -3340,7 +3341,7 @@ class _Connection:
                 request.response = response
                 if request.stopped:  # close() came while the server was answering
                     response.close()
-                    raise self.redacted(request.halted() or _client_closed())
+                    raise self.shown_error(request.halted() or _client_closed())
                 if response.status_code < 300:
                     return response
                 retry_after = _retry_after(response.headers)
@@ -3361,7 +3362,7 @@ class _Connection:
                 raise error
             # A wait that would end past the deadline is not waited; close() ends one.
             if time.monotonic() + wait >= request.ends or self.closed.wait(wait):
-                raise self.redacted(request.halted(wait) or _client_closed()) from error
+                raise self.shown_error(request.halted(wait) or _client_closed()) from error
 
     def request(self, method: str, path: str, timeout: float,
                 body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
@@ -3388,13 +3389,13 @@ class _Connection:
             response.close()
             target = urllib.parse.urljoin(url, response.headers["location"])
             if _origin(target) != _origin(url):
-                raise self.redacted(APIError(
+                raise self.shown_error(APIError(
                     f"{method} {path} was redirected to {_shown_url(target)}, another server:"
                     " not followed, so that the key is not sent there; if it is the right "
                     "server, use it as the base URL", status_code=response.status_code))
             self.note(f"redirected to {_shown_url(target)}: use it as base_url")
             url = target
-        raise self.redacted(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
+        raise self.shown_error(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
 
     def error_of(self, response: requests.Response, retry_after: float | None = None) -> APIError:
         """The classified error of a response with an error status or an HTML page: its
@@ -3517,12 +3518,12 @@ class _Connection:
         try:
             raw = response.content
         except _TRANSPORT_ERRORS as exc:
-            raise self.redacted(request.halted() or self.transport_error(
-                exc, request.timeout, "whole")) from None
+            raise self.shown_error(request.halted() or self.transport_error(
+                exc, request.timeout, "unstreamed")) from None
         try:
             return _CHUNK_JSON.decode(raw.decode("utf-8", "replace"))
         except (ValueError, RecursionError):
-            raise self.redacted(request.halted() or APIError(
+            raise self.shown_error(request.halted() or APIError(
                 "the server's answer is not JSON: " + _trim_message(
                     raw[:2000].decode("utf-8", "replace")), status_code=response.status_code,
             )) from None
@@ -3531,19 +3532,19 @@ class _Connection:
                         retry_after: float | None = None) -> APIError:
         if status == 407:  # from a proxy: an http request's proxy answers it itself
             return self.proxy_error("407 Proxy Authentication Required")
-        return self.redacted(_error_from_body(status, text, self.note, retry_after))
+        return self.shown_error(_error_from_body(status, text, self.note, retry_after))
 
     def transport_error(self, exc: BaseException, timeout: float, when: str = "") -> APIError:
         """The module's error for a transport failure, redacted. `timeout`: the request's
-        silence limit. `when`: "whole" for a request that asked for a whole answer
+        silence limit. `when`: "unstreamed" for a request that asked for an unstreamed answer
         (servers send it only once it is complete); "stream" once a stream's answer
         had begun (never retried then: the caller has seen part of it)."""
         if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
-            return self.redacted(RequestTimeoutError(f"could not connect within {timeout:g} s"))
+            return self.shown_error(RequestTimeoutError(f"could not connect within {timeout:g} s"))
         if isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-            return self.redacted(RequestTimeoutError(
+            return self.shown_error(RequestTimeoutError(
                 f"the server sent nothing for {timeout:g} s" + {
-                    "whole": " while composing a whole answer (non-streamed answers arrive"
+                    "unstreamed": " while composing an unstreamed answer (which arrives"
                              " only when complete; stream() shows progress)",
                     "stream": " in the middle of the stream"}.get(when, "")))
         causes = _causes(exc)
@@ -3552,7 +3553,7 @@ class _Connection:
         # could not be made: the server had answered.
         if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or isinstance(
                 exc, requests.exceptions.ChunkedEncodingError) or when == "stream":
-            return self.redacted(StreamError(
+            return self.shown_error(StreamError(
                 f"the connection broke while reading the answer: {reason}"))
         if any(isinstance(cause, urllib3.exceptions.ProxyError) for cause in causes):
             return self.proxy_error(reason)
@@ -3591,9 +3592,9 @@ class _Connection:
         """An EndpointUnavailableError, redacted; `advice` replaces "Is the server running?"."""
         error = EndpointUnavailableError(message)
         error._advice, error.retryable = advice, retryable
-        return self.redacted(error)
+        return self.shown_error(error)
 
-    def redacted(self, exc: APIError, secrets: Iterable[str] = ()) -> APIError:
+    def shown_error(self, exc: APIError, secrets: Iterable[str] = ()) -> APIError:
         """`exc` with its secrets (and `secrets`) redacted (a server may echo the key in its
         text) and saying where it came from: every APIError a Client raises passes here."""
         secrets = (*self.secrets, *secrets)

@@ -848,7 +848,7 @@ def test_generate_fails_within_timeout_of_silence_keeping_the_partial_text(
     assert "OPENAI_COMPATIBLE_TIMEOUT" in str(caught.value)  # the hint: raise it
 
 
-def test_unstreamed_fallback_silence_says_whole_answers_take_longer(server: Scripted) -> None:
+def test_unstreamed_fallback_silence_says_unstreamed_answers_take_longer(server: Scripted) -> None:
     # A server whose tool streams are empty is asked for whole answers, which come
     # only when complete: a long one is silence, not a fault.
     server.add(json_reply(completion("late"), delay=3))
@@ -858,7 +858,7 @@ def test_unstreamed_fallback_silence_says_whole_answers_take_longer(server: Scri
     with pytest.raises(oc.RequestTimeoutError) as caught:
         client.generate("hi", tools=[_add])
     assert time.monotonic() - started < 1.25
-    assert "whole answer" in str(caught.value) and "stream()" in str(caught.value)
+    assert "unstreamed answer" in str(caught.value) and "stream()" in str(caught.value)
 
 
 def test_generate_body_and_result(server: Scripted) -> None:
