@@ -1548,78 +1548,86 @@ _LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
 
 @dataclass(slots=True)
 class _Lines:
-    """Regroups body bytes into blocks of whole, LF-terminated lines for sseclient-py.
+    """Regroups body bytes into blocks of whole, LF-terminated lines for sseclient-py,
+    applying on the way what the spec (WHATWG server-sent events) asks of a stream's
+    bytes and sseclient-py leaves out, and the module's own bound:
 
-    Drops a leading BOM (also when split; Spec: WHATWG server-sent events), normalises
-    CRLF and lone CR to LF as bytes arrive (also when a CRLF is split), replaces
-    invalid UTF-8 with U+FFFD as the spec's decoder does, turns llama.cpp's legacy
-    `error: {...}` line into an `event: error` with data, and raises StreamError when
-    one event grows past `limit` bytes. A partial last line at EOF is passed on
-    terminated, so a truncated event reaches the JSON parser and fails there, loudly.
-    `note` hears of each of these deviations (OpenAI sends none of them).
+    - the bytes are UTF-8: a BOM that opens the stream is dropped (also when split
+      between reads), and bytes that are not UTF-8 read as U+FFFD;
+    - a line ends at CRLF, LF or a lone CR (also when a CRLF is split): each becomes LF;
+    - llama.cpp's legacy `error: {...}` line becomes an `event: error` with its data;
+    - one event may not grow past `limit` bytes (StreamError).
+
+    Only whole lines go on, so that a character or a line split between two reads is
+    mended whole. At EOF a partial last line goes on terminated, so a truncated event
+    reaches the JSON parser and fails there, loudly. `note` hears of each deviation
+    (OpenAI sends none of them).
     """
 
     note: Callable[[str], None]
     limit: int = _MAX_EVENT_BYTES
     tail: bytearray = field(default_factory=bytearray)  # the unfinished last line
     open_size: int = 0  # bytes of the event under way, before the tail
-    skip_lf: bool = False  # the last chunk ended in a CR
-    head: bytes | None = b""  # the first bytes, until they tell whether a BOM came
+    skip_lf: bool = False  # the last chunk ended in a CR: an LF opening the next is its pair
+    started: bool = False  # lines have gone on: a BOM can no longer come
     plain: bool = False  # nothing pending: the next chunk may take the short way
 
     def feed(self, chunk: bytes) -> bytes:
         """The whole lines `chunk` completes (b"" when none).
 
-        NOTE: every event passes here. The common chunk, whole events in ASCII ending in
-        LF with nothing pending, costs a few scans of its bytes and no copy. Over 40
-        lines: a call per step would cost on every chunk.
+        NOTE: every event passes here. The common chunk takes the short way: a few
+        scans of its bytes and no copy. Any other goes through each rule in turn, in
+        this one call (over 40 lines: a call per rule would cost on every chunk).
         """
-        last = len(chunk) - 1
-        if (self.plain and chunk.find(b"\n") == last - 1 and chunk[last] == 10
-                and last < self.limit and chunk.isascii() and chunk.startswith(b"data")):
-            return chunk  # one data line and its blank line: nothing to mend
-        if self.head is not None:
-            chunk, self.head = self.head + chunk, None
-            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
-                self.head, chunk = chunk, b""  # too few bytes yet to tell
-            elif chunk.startswith(_BOM):
-                self.note("BOM before the first event")
-                chunk = chunk[len(_BOM):]
+        # The short way: one `data:` line and the blank line that ends its event (the
+        # chunk's first LF is its last but one byte, and the last is LF too), in ASCII,
+        # no longer than an event may be, with nothing pending. No rule below has
+        # anything to do: no BOM, CR, bad byte or legacy line, nothing to join.
+        size = len(chunk)
+        if (self.plain and chunk.find(b"\n") == size - 2 and chunk[-1] == 10
+                and size <= self.limit and chunk.isascii() and chunk.startswith(b"data")):
+            return chunk
+        # Spec: a line ends at CRLF, LF or a lone CR. A CR that ends the chunk may be half
+        # of a CRLF: it ends its line now (no delay for CR-only servers), and an LF that
+        # opens the next chunk is dropped.
         if self.skip_lf:
             chunk = chunk.removeprefix(b"\n")
-        # A CR at the end may be half of a CRLF: emit it as LF now (no delay for CR-only
-        # servers) and drop an LF that starts the next chunk.
         self.skip_lf = chunk[-1:] == b"\r"
         if b"\r" in chunk:
             # Quirk(sse-starlette, Azure, proxies): OpenAI ends lines with LF alone.
             self.note("CR or CRLF line endings in streams")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        # Whole lines only: the unfinished last one waits in `tail` for its end.
         cut = chunk.rfind(b"\n") + 1
-        block = b""
-        ended = 0  # the size of the first event that ends in this block, if one does
-        if cut:
-            block = b"".join((self.tail, chunk[:cut])) if self.tail else chunk[:cut]
+        block = chunk[:cut]
+        if cut and self.tail:
+            block = b"".join((self.tail, block))
             self.tail.clear()
-            # The last blank line in the block; one that opens the block (the line before
-            # ended the last block) is at -1, as rfind says when it finds none.
-            end = block.rfind(b"\n\n")
-            if end >= 0 or block[:1] == b"\n":
-                ended = self.open_size + block.find(b"\n\n")
-                self.open_size = len(block) - end - 2
-            else:
-                self.open_size += len(block)
         self.tail += chunk[cut:]
+        # Spec: the UTF-8 decoder drops one BOM that opens the stream. No server is known
+        # to send one; sseclient-py would lose the first event behind it.
+        if block and not self.started:
+            self.started = True
+            if block.startswith(_BOM):
+                self.note("BOM before the first event")
+                block = block[len(_BOM):]
+        # The bound: the first event that ends in this block (a blank line that opens the
+        # block ends the event before it), then the one under way, tail included.
+        end = block.rfind(b"\n\n")
+        ended = 0
+        if end >= 0 or block[:1] == b"\n":
+            ended = self.open_size + block.find(b"\n\n")
+            self.open_size = len(block) - end - 2
+        else:
+            self.open_size += len(block)
         if ended > self.limit or self.open_size + len(self.tail) > self.limit:
             raise StreamError(f"one stream event is larger than {self.limit} bytes")
-        self.plain = self.head is None and not (self.tail or self.open_size or self.skip_lf)
+        self.plain = self.started and not (self.tail or self.open_size or self.skip_lf)
         return block if block.isascii() and b"error:" not in block else self._mend(block)
 
     def flush(self) -> bytes:
-        """At EOF: the partial last line (or fewer bytes than a BOM, all that came),
-        terminated (once); then b""."""
-        block = b"".join((self.head or b"", self.tail))
-        self.head, self.tail = None, bytearray()
-        return self._mend(block + b"\n") if block else b""
+        """At EOF: the partial last line, terminated (once); then b""."""
+        return self.feed(b"\n") if self.tail else b""
 
     def _mend(self, block: bytes) -> bytes:
         """A block that is not plain ASCII, or may hold a legacy error line, made into
@@ -1627,11 +1635,13 @@ class _Lines:
         try:
             block.decode("utf-8")
         except UnicodeDecodeError:
+            # Spec: the UTF-8 decoder reads each invalid sequence as U+FFFD.
             # Quirk(llama.cpp): a token that splits a multibyte character, streamed alone.
             self.note("invalid UTF-8 in streams (read as U+FFFD)")
             block = block.decode("utf-8", "replace").encode("utf-8")
         if b"error:" in block:
-            # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line.
+            # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line, which
+            # sseclient-py, as the spec asks of an unknown field, would drop.
             block, count = _LEGACY_ERROR_LINE.subn(b"event: error\ndata:", block)
             if count:
                 self.note("legacy `error:` lines in streams")
