@@ -1407,7 +1407,7 @@ def _iter_steps(client: Client, request: _Request,
         for number in range(1, request.max_steps + 1):
             halted = request.halted()
             if halted is not None:
-                raise http.shown_error(halted)
+                raise halted
             form = http.schema_form
             step = yield from _model_call(client, {**request.body, "messages": list(messages)},
                                           number, request)
@@ -1689,17 +1689,12 @@ def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
     """The error of a stream that failed after its answer began (never retried: the
     caller has seen part of it), keeping the text that had arrived; a stream stopped
     by its deadline or by close() says so."""
-    halted = request.halted()
-    if halted is not None:
-        error = halted
-    elif isinstance(exc, APIError):
-        error = exc
-    elif isinstance(exc, (ValueError, RecursionError)):
-        error = StreamError("the stream was cut short or sent malformed JSON")
-    else:
-        error = http.transport_error(exc, request.timeout, "stream")
+    if isinstance(exc, (ValueError, RecursionError)):
+        exc = StreamError("the stream was cut short or sent malformed JSON")
+    error = request.halted() or (exc if isinstance(exc, APIError)
+                                 else http.transport_error(exc, request.timeout, "stream"))
     error.partial_text = "".join(answer.text)
-    return http.shown_error(error)
+    return error
 
 
 def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request) -> Step:
@@ -1709,7 +1704,7 @@ def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Requ
         error = request.halted() or StreamError(
             "the stream ended before the answer was finished (no finish_reason, no [DONE])")
         error.partial_text = "".join(answer.text)
-        raise client._http.shown_error(error)
+        raise error
     if not answer.done:
         client._note("no [DONE] at the end of streams")
     step = answer.finish()
@@ -1749,11 +1744,7 @@ def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, ans
         if "stream" in body and payload.get("choices"):
             http.note("one JSON document for a stream request")
         _note_model(client, body.get("model"), payload.get("model"))
-    try:
-        chunks = answer.unstreamed(payload)
-    except APIError as exc:
-        raise http.shown_error(exc) from None
-    yield from chunks
+    yield from answer.unstreamed(payload)
     return answer.finish()
 
 
