@@ -1457,14 +1457,13 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     40 lines for that reason.
     """
     http, note = client._http, client._note
+    body["stream"] = True
+    # Ask for usage; a server that rejects the field loses it once (prepare drops it).
+    body.setdefault("stream_options", {"include_usage": True})
     http.prepare(body, request)
     answer = _Answer(step, note)
     if client._tools_unstreamed and "tools" in body:
         return (yield from _ask_unstreamed(client, body, request, answer))
-    body["stream"] = True
-    if "stream_options" not in body and "stream_options" not in http.refused:
-        # Ask for usage; servers that reject the field lose it once.
-        body["stream_options"] = {"include_usage": True}
     seen = False
     with http.post(body, request) as response:
         if _not_an_event_stream(http, response):
@@ -1495,10 +1494,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
             raise _cut_short(exc, answer, http, request) from None
         if answer.done:
             _drain(response, chunks)
-    if not seen and not request.stopped:
-        _note_empty_stream(client, body)
-        return (yield from _ask_unstreamed(client, body, request, answer))
-    return _ended(client, answer, body, request)
+    return (yield from _ended(client, answer, body, request, seen))
 
 
 def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool:
@@ -1697,35 +1693,37 @@ def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
     return error
 
 
-def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request) -> Step:
-    """The Step of a stream that has ended; a StreamError when it was cut short."""
+def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request,
+           seen: bool) -> Generator[Chunk, None, Step]:
+    """How a stream ended: its Step, or a StreamError when it was cut short. A stream in
+    which no event was `seen` is asked for again, unstreamed: that answer's Chunks, then
+    its Step."""
+    if not seen and not request.stopped:
+        # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure after the
+        # headers), for instance for streamed tool_choice "auto" or a prompt beyond the
+        # context. Nothing was yielded: ask once more without streaming, which answers or
+        # raises the classified error. With tools, assume the server cannot stream them
+        # and stop trying.
+        tools = "tools" in body and not client._tools_unstreamed
+        client._tools_unstreamed |= tools
+        client._note("tool calls only unstreamed" if tools
+                     else "empty 200 stream: asked again without streaming")
+        _log.warning("the server ended a stream without any event; asking again without "
+                     "streaming%s", " (and for calls with tools from now on)" if tools else "")
+        return (yield from _ask_unstreamed(client, body, request, answer))
     _note_model(client, body.get("model"), answer.model)
     if not answer.done and answer.finish_reason is None:
-        error = request.halted() or StreamError(
-            "the stream ended before the answer was finished (no finish_reason, no [DONE])")
-        error.partial_text = "".join(answer.text)
-        raise error
+        raise _cut_short(StreamError("the stream ended before the answer was finished (no "
+                                     "finish_reason, no [DONE])"), answer, client._http, request)
     if not answer.done:
+        # Quirk(transformers serve; llama.cpp and Ollama after an error: seen in reference
+        # QUIRKS.md §1.4): OpenAI ends every stream with [DONE].
         client._note("no [DONE] at the end of streams")
     step = answer.finish()
     options = body.get("stream_options")
     if step.usage is None and isinstance(options, dict) and options.get("include_usage"):
         client._note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
     return step
-
-
-def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
-    # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure after the
-    # headers), for instance for streamed tool_choice "auto" or a prompt beyond the
-    # context. Nothing was yielded: ask once more without streaming, which answers or
-    # raises the classified error. With tools, assume the server cannot stream them
-    # and stop trying.
-    tools = "tools" in body and not client._tools_unstreamed
-    client._tools_unstreamed |= tools
-    client._note("tool calls only unstreamed" if tools
-                 else "empty 200 stream: asked again without streaming")
-    _log.warning("the server ended a stream without any event; asking again without "
-                 "streaming%s", " (and for calls with tools from now on)" if tools else "")
 
 
 def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, answer: _Answer,
