@@ -1461,13 +1461,13 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     # Ask for usage; a server that rejects the field loses it once (prepare drops it).
     body.setdefault("stream_options", {"include_usage": True})
     http.prepare(body, request)
-    answer = _Answer(step, note)
     if client._tools_unstreamed and "tools" in body:
-        return (yield from _ask_unstreamed(client, body, request, answer))
+        return (yield from _ask_unstreamed(client, body, request, step))
     seen = False
     with http.post(body, request) as response:
         if _not_an_event_stream(http, response):
-            return (yield from _ask_unstreamed(client, body, request, answer, response))
+            return (yield from _ask_unstreamed(client, body, request, step, response))
+        answer = _Answer(step, note)
         add = answer.add
         chunks = _body_chunks(response)
         try:
@@ -1710,7 +1710,7 @@ def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Requ
                      else "empty 200 stream: asked again without streaming")
         _log.warning("the server ended a stream without any event; asking again without "
                      "streaming%s", " (and for calls with tools from now on)" if tools else "")
-        return (yield from _ask_unstreamed(client, body, request, answer))
+        return (yield from _ask_unstreamed(client, body, request, answer.step))
     _note_model(client, body.get("model"), answer.model)
     if not answer.done and answer.finish_reason is None:
         raise _cut_short(StreamError("the stream ended before the answer was finished (no "
@@ -1726,11 +1726,12 @@ def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Requ
     return step
 
 
-def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, answer: _Answer,
-               response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
-    """One model call answered whole: its Chunks, then its Step. Asked for without
-    streaming (servers send such an answer only once it is complete), unless `response`
-    is the JSON document a server sent to a stream request."""
+def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, step: int,
+                    response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
+    """One model call answered whole, read as one event whose choice holds the whole
+    message: its Chunks, then its Step. Asked for without streaming (servers send such
+    an answer only once it is complete), unless `response` is the JSON document a
+    server sent to a stream request."""
     http = client._http
     if response is None:
         body.pop("stream", None)
@@ -1742,7 +1743,15 @@ def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, ans
         if "stream" in body and payload.get("choices"):
             http.note("one JSON document for a stream request")
         _note_model(client, body.get("model"), payload.get("model"))
-    yield from answer.unstreamed(payload)
+    if not isinstance(payload, dict) or payload.get("error") or payload.get("object") == "error":
+        text = json.dumps(payload, ensure_ascii=False)
+        raise _error_from_body(200, text, client._note, decoded=payload)
+    if _choice_zero(payload.get("choices")) is None:
+        raise APIError("the server answered without choices: " + _trim_message(
+            json.dumps(payload, ensure_ascii=False)))
+    answer = _Answer(step, client._note, streamed=False)
+    made = answer.add(payload)
+    yield from made if isinstance(made, list) else [made] if made is not None else []
     return answer.finish()
 
 
@@ -1911,21 +1920,6 @@ class _Answer:
             return ""
         return stripped
 
-    def unstreamed(self, payload: Any) -> list[Chunk]:
-        """The Chunks of a non-streamed answer, read as one event whose choice holds a
-        whole message."""
-        self.streamed = False
-        if not isinstance(payload, dict) or payload.get("error") or payload.get(
-                "object") == "error":
-            text = json.dumps(payload, ensure_ascii=False)
-            raise _error_from_body(200, text, self.note, decoded=payload)
-        if _choice_zero(payload.get("choices")) is None:
-            raise APIError("the server answered without choices: " + _trim_message(
-                json.dumps(payload, ensure_ascii=False)))
-        made = self.add(payload)
-        self.finish_reason = self.finish_reason or "stop"
-        return made if isinstance(made, list) else [made] if made is not None else []
-
     def finish(self) -> Step:
         """The model call's Step, its tool calls assembled (their results come later)."""
         calls = _assemble_calls(self.fragments, self.streamed, self.note)
@@ -1933,8 +1927,8 @@ class _Answer:
         if reason in _STOP_ALIASES:
             self.note(f"finish_reason {reason!r} for stop")
             reason = "stop"
-        elif reason is None:
-            reason = "tool_calls" if calls else "stop"
+        elif reason is None:  # a whole answer without one says nothing of its calls
+            reason = "tool_calls" if calls and self.streamed else "stop"
         text = "".join(self.text)
         return Step(text, "".join(self.reasoning), "".join(self.refusal), calls, [], reason,
                     _usage(self.usage),
