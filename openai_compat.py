@@ -1239,11 +1239,10 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
     """Check the options and build the request (raises ConfigError, sends nothing; a
     closed Client raises its StreamError)."""
     started = time.monotonic()
-    _check_options(options)
+    _check_options(options, prompt)
     opts = dict(options)
     # The library's own options leave `opts`; what stays are OpenAI's parameters.
     own = {name: opts.pop(name, None) for name in _OWN_OPTIONS}
-    _check_types({**opts, **own, "prompt": prompt})
     deadline = client.config.deadline if own["deadline"] is None else _parse_number(
         str(own["deadline"]), "deadline=", None)
     ends = math.inf if deadline is None else started + deadline
@@ -1270,15 +1269,16 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
     body: dict[str, Any] = {"model": model, "messages": turns}
     body.update((k, v) for k, v in opts.items() if v is not None)
     if tools:
-        body["tools"] = [_tool_spec(t) for t in tools]
+        body["tools"] = [_tool_spec(tool) for tool in tools]
         body["tool_choice"] = "auto" if own["tool_choice"] is None else own["tool_choice"]
     body.update(own["extra_body"] or {})
     return _Request(body, {tool.name: tool for tool in tools}, max_steps, timeout, headers, schema,
                     answer_type, sent, strict, deadline, ends)
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
-    """Raise ConfigError for a keyword that is neither the library's nor OpenAI's."""
+def _check_options(options: Mapping[str, Any], prompt: str | None) -> None:
+    """ConfigError for a keyword that is neither the library's nor OpenAI's, and for a
+    value of the wrong type (a bool is no number)."""
     for name in [n for n in options if n not in _OWN_OPTIONS and n not in _OPENAI_PARAMETERS]:
         if name == "stream":
             raise ConfigError("stream= is not an option: call stream() to stream, generate() "
@@ -1287,12 +1287,8 @@ def _check_options(options: Mapping[str, Any]) -> None:
         hint = f"did you mean {close[0]}=? " if close else ""
         raise ConfigError(f"unknown option {name}=: {hint}Fields a server adds to OpenAI's "
                           f"go in extra_body={{{name!r}: ...}}")
-
-
-def _check_types(values: Mapping[str, Any]) -> None:
-    """ConfigError naming an option whose value has the wrong type (a bool is no number)."""
     for name, kinds in _OPTION_TYPES.items():
-        value = values.get(name)
+        value = prompt if name == "prompt" else options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
             kind = {str: "a str", int: "a whole number"}.get(kinds[0], "a number")
             raise ConfigError(f"{name}= must be {kind}, got {type(value).__name__} "
