@@ -1459,7 +1459,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     http.prepare(body, request)
     if client._tools_unstreamed and "tools" in body:
         return (yield from _ask_unstreamed(client, body, request, step))
-    seen = False
+    event = None  # until the first event comes
     with http.post(body, request) as response:
         if _not_an_event_stream(http, response):
             return (yield from _ask_unstreamed(client, body, request, step, response))
@@ -1468,7 +1468,6 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
         chunks = _body_chunks(response)
         try:
             for event in _iter_events(chunks, note):
-                seen = True
                 data = event.data
                 if data[:1] != "{":
                     data = answer.json_text(data)
@@ -1490,7 +1489,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
             raise _cut_short(exc, answer, http, request) from None
         if answer.done:
             _drain(response, chunks)
-    return (yield from _ended(client, answer, body, request, seen))
+    return (yield from _ended(client, answer, body, request, seen=event is not None))
 
 
 def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool:
@@ -1524,14 +1523,14 @@ def _body_chunks(response: requests.Response) -> Iterable[bytes]:
 
 def _iter_events(chunks: Iterable[bytes], note: Callable[[str], None]
                  ) -> Iterator[sseclient.Event]:
-    """The SSE events in body bytes: sseclient-py's parser, fed whole lines.
+    """The SSE events in body bytes: sseclient-py's parser, fed whole lines. An LF after
+    the last chunk ends a partial last line, so that a truncated event reaches the JSON
+    parser and fails there, loudly.
 
-    NOTE: map() and iter() are C iterators: the lines cost a call per chunk, not a
+    NOTE: map() and chain() are C iterators: the lines cost a call per chunk, not a
     generator frame between the socket and sseclient-py.
     """
-    lines = _Lines(note)
-    return sseclient.SSEClient(itertools.chain(map(lines.feed, chunks),
-                                               iter(lines.flush, b""))).events()
+    return sseclient.SSEClient(map(_Lines(note).feed, itertools.chain(chunks, [b"\n"]))).events()
 
 
 _BOM: Final = b"\xef\xbb\xbf"
@@ -1551,9 +1550,7 @@ class _Lines:
     - one event may not grow past `limit` bytes (StreamError).
 
     Only whole lines go on, so that a character or a line split between two reads is
-    mended whole. At EOF a partial last line goes on terminated, so a truncated event
-    reaches the JSON parser and fails there, loudly. `note` hears of each deviation
-    (OpenAI sends none of them).
+    mended whole. `note` hears of each deviation (OpenAI sends none of them).
     """
 
     note: Callable[[str], None]
@@ -1569,7 +1566,8 @@ class _Lines:
 
         NOTE: every event passes here. The common chunk takes the short way: a few
         scans of its bytes and no copy. Any other goes through each rule in turn, in
-        this one call (over 40 lines: a call per rule would cost on every chunk).
+        this one call (over 40 lines: the rules read in order, and a call per rule
+        would cost on every chunk).
         """
         # The short way: one `data:` line and the blank line that ends its event (the
         # chunk's first LF is its last but one byte, and the last is LF too), in ASCII,
@@ -1615,22 +1613,15 @@ class _Lines:
         if ended > self.limit or self.open_size + len(self.tail) > self.limit:
             raise StreamError(f"one stream event is larger than {self.limit} bytes")
         self.plain = self.started and not (self.tail or self.open_size or self.skip_lf)
-        return block if block.isascii() and b"error:" not in block else self._mend(block)
-
-    def flush(self) -> bytes:
-        """At EOF: the partial last line, terminated (once); then b""."""
-        return self.feed(b"\n") if self.tail else b""
-
-    def _mend(self, block: bytes) -> bytes:
-        """A block that is not plain ASCII, or may hold a legacy error line, made into
-        what sseclient-py can read."""
-        try:
-            block.decode("utf-8")
-        except UnicodeDecodeError:
-            # Spec: the UTF-8 decoder reads each invalid sequence as U+FFFD.
-            # Quirk(llama.cpp): a token that splits a multibyte character, streamed alone.
-            self.note("invalid UTF-8 in streams (read as U+FFFD)")
-            block = block.decode("utf-8", "replace").encode("utf-8")
+        if not block.isascii():
+            try:
+                block.decode("utf-8")
+            except UnicodeDecodeError:
+                # Spec: the UTF-8 decoder reads each invalid sequence as U+FFFD.
+                # Quirk(llama.cpp): a token that splits a multibyte character, streamed
+                # alone.
+                self.note("invalid UTF-8 in streams (read as U+FFFD)")
+                block = block.decode("utf-8", "replace").encode("utf-8")
         if b"error:" in block:
             # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line, which
             # sseclient-py, as the spec asks of an unknown field, would drop.
