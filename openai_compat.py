@@ -1480,11 +1480,10 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
                 if "error" in payload or "choices" not in payload:
                     _raise_stream_error(payload, data, event.event, note)
                 made = add(payload)
-                if made is not None:
-                    if isinstance(made, list):
-                        yield from made
-                    else:
-                        yield made
+                if isinstance(made, Chunk):
+                    yield made
+                elif made:  # a list of Chunks, or None
+                    yield from made
         except (APIError, ValueError, RecursionError, *_TRANSPORT_ERRORS) as exc:
             raise _cut_short(exc, answer, http, request) from None
         if answer.done:
@@ -1498,8 +1497,8 @@ def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool
     content_type = response.headers.get("content-type", "").lower()
     if "text/html" in content_type:
         raise http.error_of(response)
-    # Quirk(LM Studio, proxies): one JSON document for a stream request (LM Studio's
-    # 200 error for an unknown route, servers ignoring stream).
+    # A JSON document for a stream request: an error with a 200 (LM Studio, for an
+    # unknown route) or a complete answer (see _ask_unstreamed).
     return "json" in content_type and "event-stream" not in content_type
 
 
@@ -1645,11 +1644,11 @@ def _raise_stream_error(payload: Any, data: str, event: str,
     if err is None and payload.get("object") != "error" and event != "error":
         return
     if payload.get("object") == "error":
-        note("errors in streams as object: error")
+        note("errors in streams as object: error")  # Quirk(vLLM < 0.10.1, Mistral)
     if err is None and event == "error":
         err = payload  # a legacy `error:` line (noted by _Lines): the JSON is the error
     elif event == "error":
-        note("errors in streams as event: error")
+        note("errors in streams as event: error")  # Quirk(Groq)
     # The form of the body was noted above, as a whole: not each of its fields.
     message, tags = _error_fields({"error": err} if isinstance(err, dict) else payload,
                                   lambda quirk: None)
@@ -1728,6 +1727,8 @@ def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, ste
         payload = http.read_json(response, request)
     if isinstance(payload, dict):
         if "stream" in body and payload.get("choices"):
+            # Quirk(a complete answer to a stream request: seen in reference QUIRKS.md
+            # §1.7, which names no server; LM Studio's 200 for an unknown route is an error).
             http.note("one JSON document for a stream request")
         _note_model(client, body.get("model"), payload.get("model"))
     if not isinstance(payload, dict) or payload.get("error") or payload.get("object") == "error":
@@ -1811,6 +1812,7 @@ class _Answer:
             # text of the others. None of them: an empty choice, which yields nothing.
             self._keep_others(choices)
             choice = _choice_zero(choices) or {}
+        # A whole answer's choice holds a message (see _ask_unstreamed); a stream's, a delta.
         delta = choice.get("delta") or choice.get("message")
         content = delta.get("content") if delta.__class__ is dict else None
         if content.__class__ is str and (len(delta) == 1 or _TEXT_DELTA.issuperset(delta)):
@@ -1854,6 +1856,8 @@ class _Answer:
             if delta.get("function_call"):
                 self.note("legacy function_call beside tool_calls")
         elif isinstance(delta.get("function_call"), dict):
+            # Quirk(none seen: reference QUIRKS.md §3.7 found no server that sends a
+            # function_call alone; read as the one call, as OpenAI's legacy format meant).
             self.note("legacy function_call instead of tool_calls")
             self.fragments.append((0, {"index": 0, "function": delta["function_call"]}))
         return chunks
@@ -1896,12 +1900,14 @@ class _Answer:
         stripped = data.strip()
         if stripped.startswith("[DONE]"):
             if data != "[DONE]":
-                # Quirk(several servers): a space before [DONE], or padding after it.
+                # Quirk(servers unnamed in reference QUIRKS.md §1.4): a space before
+                # [DONE], or padding after it.
                 self.note("spaces around [DONE]")
             self.done = True
             return ""
         if not stripped.startswith("{"):
-            # Quirk(gateways): data lines of their own that are not JSON are skipped.
+            # Quirk(gateways; none named in the reference notes): data lines of their own
+            # that are not JSON are skipped, not taken for a broken stream.
             self.note("non-JSON data in streams skipped")
             _log.debug("skipping a stream event that is not JSON: %.80r", stripped)
             return ""
@@ -1924,7 +1930,8 @@ class _Answer:
 
 def _choice_zero(choices: Any) -> dict[str, Any] | None:
     """The choice with index 0 (or none): with n > 1 (OpenAI, vLLM) chunks of several
-    choices interleave, and only the first answer is followed, never braided."""
+    choices interleave, and only the first answer is followed, never braided. An index
+    "0", a string, counts as 0 (no server is known to send one)."""
     for choice in choices if isinstance(choices, list) else ():
         if isinstance(choice, dict) and choice.get("index") in (None, 0, "0"):
             return choice
@@ -1932,6 +1939,8 @@ def _choice_zero(choices: Any) -> dict[str, Any] | None:
 
 
 def _usage(raw: Any) -> Usage | None:
+    """The Usage of a usage object: a missing or non-integer count reads 0, and a missing
+    total the sum (no server is known to leave one out: a guard, not a quirk)."""
     if not isinstance(raw, dict):
         return None
     counts = [raw.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
