@@ -3251,12 +3251,12 @@ class _Connection:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=_POOL_SIZE)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        # requests makes Basic auth of a URL's user:password, which would replace the key's
-        # header: with a key, an auth that changes nothing takes its place.
-        self.auth = _keep_auth if config.api_key else None
         self.headers = {"User-Agent": f"openai-compat/{__version__}", **headers}
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
+            # requests makes Basic auth of a URL's user:password (or a .netrc entry), which
+            # would replace the key's header: an auth that changes nothing takes its place.
+            self.session.auth = lambda request: request
         self.lock = threading.Lock()
         # Request fields never to send again; and "strict" (the strict flag refused) and
         # "auto" (tool_choice "auto" refused: "none" is sent instead), see prepare.
@@ -3379,8 +3379,7 @@ class _Connection:
                        **({"Accept-Encoding": "identity"} if body.get("stream") else {})}
         for _ in range(_MAX_REDIRECTS):
             response = self.session.request(method, url, data=data, headers=headers,
-                                            timeout=(timeout, timeout), stream=True,
-                                            allow_redirects=False, auth=self.auth)
+                                            timeout=timeout, stream=True, allow_redirects=False)
             # is_redirect: a 301, 302, 303, 307 or 308 with a Location header.
             if not (response.is_redirect and response.headers["location"]):
                 return response
@@ -3603,10 +3602,6 @@ class _Connection:
         exc._url_source, exc._cli = self.url_source, self.cli
         exc._path = exc._path or "/chat/completions"  # discovery's say /models
         return exc
-
-
-def _keep_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
-    return request
 
 
 def _causes(exc: BaseException | None) -> list[BaseException]:
