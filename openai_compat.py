@@ -3280,11 +3280,9 @@ class _Connection:
     def in_flight(self, request: _Request) -> Iterator[None]:
         """Keep track of a call while it runs, so that close() and its deadline (a timer,
         when it has one) can stop it from another thread (see _Request.stop)."""
-        timer = None
-        if request.deadline is not None:
-            timer = threading.Timer(max(0.0, request.ends - time.monotonic()), request.stop,
-                                    ("deadline",))
-            timer.daemon = True
+        timer = threading.Timer(max(0.0, request.ends - time.monotonic()), request.stop, ("deadline",))
+        timer.daemon = True
+        if request.deadline is not None:  # else `ends` is inf: never started
             timer.start()
         with self.lock:
             self.calls.add(request)
@@ -3295,16 +3293,14 @@ class _Connection:
         finally:
             with self.lock:
                 self.calls.discard(request)
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
 
     def close(self) -> None:
         """Stop the calls in flight, refuse new ones, and close the connection pool."""
         self.closed.set()
-        with self.lock:
-            calls = list(self.calls)
-        for request in calls:
-            request.stop("closed")
+        with self.lock:  # stop() only shuts a socket down: it never waits
+            for request in self.calls:
+                request.stop("closed")
         self.session.close()
 
     def post(self, body: dict[str, Any], request: _Request) -> requests.Response:
