@@ -3269,7 +3269,7 @@ class _Connection:
         self.calls: set[_Request] = set()  # the calls in flight, which close() ends
         self.cli = False  # a Client of the command line: its errors speak its words
         self.closed = threading.Event()
-        host = parts.hostname or ""  # urlsplit lowers the scheme and the host
+        self.host = host = parts.hostname or ""  # urlsplit lowers the scheme and the host
         if (config.api_key and parts.scheme == "http" and host not in ("localhost", "::1")
                 and not host.startswith("127.") and host not in self._warned_hosts):
             self._warned_hosts.add(host)
@@ -3393,11 +3393,9 @@ class _Connection:
     def error_of(self, response: requests.Response, retry_after: float | None = None) -> APIError:
         """The classified error of a response with an error status or an HTML page: its
         body read (bounded; "" when it cannot be read), and the response closed."""
-        with response:
-            try:
-                raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
-            except _TRANSPORT_ERRORS:
-                raw = b""
+        raw = b""
+        with response, contextlib.suppress(*_TRANSPORT_ERRORS):
+            raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
         return self.error_from_body(response.status_code, raw.decode("utf-8", "replace"),
                                     retry_after)
 
@@ -3552,9 +3550,8 @@ class _Connection:
             return self.proxy_error(reason)
         where = f"{self.url_source} (now {self.shown_url})"
         if any(isinstance(cause, socket.gaierror) for cause in causes):
-            host = urllib.parse.urlsplit(self.base).hostname
-            return self.unavailable(f"cannot connect: the host name {host} does not resolve: "
-                                    f"{reason}", f"Check the host name in {where}")
+            return self.unavailable(f"cannot connect: the host name {self.host} does not "
+                                    f"resolve: {reason}", f"Check the host name in {where}")
         if not any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
             return self.unavailable(f"cannot connect: {reason}")
         # A certificate is a setting to fix, never switched off here: retrying cannot help.
@@ -3635,10 +3632,8 @@ def _lone_surrogate(value: Any, path: str = "") -> tuple[str, int]:
     """Where the first string that UTF-8 cannot encode is ("messages[2].content", and
     the position in it); ("", -1) when there is none."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return path or "the request", exc.start
+        bad = re.search(r"[\ud800-\udfff]", value)  # what UTF-8 cannot encode
+        return (path or "the request", bad.start()) if bad else ("", -1)
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
         value, (list, tuple)) else ()
     for key, item in items:
