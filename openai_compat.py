@@ -3855,9 +3855,7 @@ def _cli_client(args: argparse.Namespace) -> Client:
         headers[name.strip()] = value
     client = Client(args.base_url, model=args.model, timeout=args.timeout, headers=headers,
                     deadline=args.deadline)
-    if (args.base_url or "").strip():
-        client._http.url_source = "--base-url"
-    client._http.cli = True
+    client._http.cli = True  # its hints say --base-url where they say base_url=
     return client
 
 
