@@ -3757,8 +3757,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _cli_parser().parse_args(argv)
     command = [] if "--" in argv else args.words  # after --, every word is the prompt's
-    # What a script must see goes to stderr, one line each: the library's warnings (a
-    # model substitution, a pasted endpoint) and WARNING log lines; -v adds INFO.
+    # What a script must see goes to stderr, one line each: WARNING log lines, and the
+    # library's warnings (a model substitution, a pasted endpoint) through the same
+    # handler; -v adds INFO.
     shown = logging.StreamHandler(sys.stderr)
     shown.setFormatter(logging.Formatter("openai-compat: %(message)s"))
     _log.addHandler(shown)
@@ -3766,10 +3767,11 @@ def main(argv: list[str] | None = None) -> int:
     _log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _cli_warning
+            warnings.showwarning = lambda message, *_: _log.warning("warning: %s", message)
             client = _cli_client(args)
             if command == ["models"]:
-                return _cli_models(client)
+                print("\n".join(client.available_models(fallback=False)))
+                return 0
             if command == ["check"]:
                 return _cli_check(client, args.wait)
             return _cli_chat(client, _cli_prompt(args.words, args.no_stdin), args)
@@ -3784,7 +3786,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"openai-compat: {_cli_words(str(exc))}", file=sys.stderr)
         return 2
     except APIError as exc:
-        print(f"openai-compat: {type(exc).__name__}: {exc}", file=sys.stderr)
+        failed = "could not list models: " if command == ["models"] else ""
+        print(f"openai-compat: {failed}{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
         _log.removeHandler(shown)
@@ -3805,10 +3808,6 @@ def _cli_words(text: str) -> str:
     for python, flag in _CLI_WORDS:
         text = text.replace(python, flag)
     return text
-
-
-def _cli_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
-    print(f"openai-compat: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _cli_parser() -> argparse.ArgumentParser:
@@ -3940,16 +3939,6 @@ def _chunk_json(chunk: Chunk) -> dict[str, Any]:
         data["usage"] = usage and {key: getattr(usage, key) for key in (
             "prompt_tokens", "completion_tokens", "total_tokens")}
     return data
-
-
-def _cli_models(client: Client) -> int:
-    try:
-        print("\n".join(client.available_models(fallback=False)))
-    except APIError as exc:
-        print(f"openai-compat: could not list models: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
-        return 1
-    return 0
 
 
 def _cli_check(client: Client, wait: float | None = None) -> int:
