@@ -3540,10 +3540,10 @@ class _Connection:
                     "stream": " in the middle of the stream"}.get(when, "")))
         causes = _causes(exc)
         reason = _reason(causes[-1])
-        # A broken chunked body is a connection that failed while reading, not one that
-        # could not be made: the server had answered.
-        if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or isinstance(
-                exc, requests.exceptions.ChunkedEncodingError) or when == "stream":
+        # Anything but a connection error (a broken chunked body among them: requests'
+        # ChunkedEncodingError is no ConnectionError) failed while reading, not while
+        # connecting: the server had answered.
+        if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or when == "stream":
             return self.shown_error(StreamError(
                 f"the connection broke while reading the answer: {reason}"))
         if any(isinstance(cause, urllib3.exceptions.ProxyError) for cause in causes):
