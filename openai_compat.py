@@ -3176,11 +3176,11 @@ _BACKOFF_BASE: Final = 0.5
 _BACKOFF_MAX: Final = 8.0
 _MAX_REDIRECTS: Final = 5
 # Requests a server refuses because of one field, and the field to drop (see
-# _Connection._resend_changed). Ollama: "registry.ollama.ai/library/x does not
-# support tools"; vLLM: '"auto" tool choice requires --enable-auto-tool-choice and
-# --tool-call-parser to be set'; llama.cpp: "tools param requires --jinja flag";
-# others: "tools are not supported", "tool_choice ... not supported"; servers that do
-# not know stream_options name it.
+# _Connection._resend_changed). Quirk(Ollama): "registry.ollama.ai/library/x does not
+# support tools"; Quirk(llama.cpp): "tools param requires --jinja flag"; Quirk(servers
+# strict about the fields they take, seen in: reference QUIRKS.md §7.1): "tools are not
+# supported", "tool_choice ... not supported", and "Unrecognized request argument
+# supplied: stream_options" from a server that does not know that field.
 _REFUSED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
     ("tools", re.compile(
         r"does not support tools|tools param requires"
@@ -3194,22 +3194,23 @@ _REFUSED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
 # --enable-auto-tool-choice and --tool-call-parser to be set', for "auto" and for a
 # tool_choice left out alike; it takes "none".
 _AUTO_REFUSED: Final = re.compile(r"enable-auto-tool-choice", re.IGNORECASE)
-# A server that refuses the strict flag of a schema: its message or its "param" names it
-# (Fireworks: "Extra inputs are not permitted, field: 'strict'"; Gemini: 'Unknown name
-# "strict"').
+# Quirk(Fireworks, Gemini): a server that refuses the strict flag of a schema names it in
+# its message or its "param" (Fireworks: "Extra inputs are not permitted, field:
+# 'strict'"; Gemini: 'Unknown name "strict"').
 _STRICT_REFUSED: Final = re.compile(r"\bstrict\b")
 _STRICT_PARAM: Final = re.compile(r'"param"\s*:\s*"[^"]*\bstrict\b')
 # How an answer shaped by schema= is asked for, from the first choice down: response_format
 # json_schema; json_object with the schema, and the schema in a system message too; the
 # system message only.
 _JSON_SCHEMA, _JSON_OBJECT, _SCHEMA_IN_PROMPT = range(3)
-# A server that refuses how a schema was asked for: llama-cpp-python's 500 "1
-# validation error ... response_format.type Input should be 'text' or 'json_object'",
-# and others naming the field or its type.
+# A server that refuses how a schema was asked for: Quirk(llama-cpp-python): its 500 "1
+# validation error ... response_format.type Input should be 'text' or 'json_object'";
+# Quirk(TGI, llama.cpp, seen in: reference QUIRKS.md §7.1): a response_format type they
+# do not take, refused naming the field or its type.
 _SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
                                     re.IGNORECASE)
-# A server still loading its model: llama-server's 503 "Loading model", and 503s that
-# say they are loading or warming up.
+# A server still loading its model: Quirk(llama-server): 503 "Loading model"; and 503s
+# that say they are loading or warming up.
 _LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
 
 
@@ -3262,8 +3263,8 @@ class _Connection:
         # "auto" (tool_choice "auto" refused: "none" is sent instead), see prepare.
         self.refused: set[str] = set()
         # How this server is asked for an answer shaped by schema= (DESIGN.md,
-        # "Structured answers"), one of the _SCHEMA_FORMS; stepped down, once per
-        # Client, when the server refuses the field or ignores it.
+        # "Structured answers"): _JSON_SCHEMA, _JSON_OBJECT or _SCHEMA_IN_PROMPT; stepped
+        # down, once per Client, when the server refuses the field or ignores it.
         self.schema_form = _JSON_SCHEMA
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
         self.calls: set[_Request] = set()  # the calls in flight, which close() ends
@@ -3386,6 +3387,8 @@ class _Connection:
                     f"{method} {path} was redirected to {_shown_url(target)}, another server:"
                     " not followed, so that the key is not sent there; if it is the right "
                     "server, use it as the base URL", status_code=response.status_code))
+            # Quirk(no reference server: a web server or proxy in front of one that moves
+            # a path, e.g. to add a trailing slash; DESIGN.md, "Retries and time limits").
             self.note(f"redirected to {_shown_url(target)}: use it as base_url")
             url = target
         raise self.shown_error(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
