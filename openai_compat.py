@@ -406,27 +406,30 @@ def _error_from_body(status: int, text: str, note: Callable[[str], None],
             body = json.loads(text)
     message, tags = _error_fields(body, note)
     if message is None and text[:1] == "<":
+        # Quirk(Cloudflare, and other proxies in front of a server): an HTML error page.
         note("error bodies as HTML pages")
         match = re.search(r"(?is)<(title|h1)[^>]*>(.+?)</\1>", text)
         message = "HTML error page: " + " ".join(re.sub(
             r"<[^>]+>", " ", match.group(2) if match else text).split())
     elif message is None and text:
         if body is None:
+            # Quirk(transformers serve, LiteLLM without prisma, Envoy): text/plain errors
+            # ("Internal Server Error", "upstream connect error").
             note("error bodies as plain text")
         message = text
     if message and _TRACEBACK.search(message):
-        note("Python tracebacks in error messages")
+        note("Python tracebacks in error messages")  # Quirk(llama-cpp-python): see _trim_message
     message = _trim_message(message) if message else f"HTTP {status}"
+    # A success status classifies as no status does: by the message alone.
+    cls = classify_error(f"{message} {tags}", status if status >= 400 else None)
     if status < 400:
         # Quirk(LM Studio): 200 with {"error": "Unexpected endpoint or method."}.
         note(f"errors with status {status}")
-        cls = classify_error(f"{message} {tags}")
         cls = BadRequestError if cls is APIError or cls in _NO_RESPONSE_CLASSES else cls
-    else:
-        cls = classify_error(f"{message} {tags}", status)
-        if cls is BadRequestError and status >= 500:
-            # Only the validation row makes a 5xx a BadRequestError (see _ERROR_PATTERNS).
-            note("validation errors as HTTP 500")
+    elif cls is BadRequestError and status >= 500:
+        # Quirk(llama-cpp-python): only the validation row makes a 5xx a BadRequestError
+        # (see _ERROR_PATTERNS).
+        note("validation errors as HTTP 500")
     error = cls(message, status_code=status, body=text[:_MAX_ERROR_BODY])
     if isinstance(error, RateLimitError):
         error.retry_after = retry_after
@@ -439,7 +442,7 @@ def _error_fields(body: Any, note: Callable[[str], None]) -> tuple[str | None, s
     LM Studio, xAI), a top-level "message" (vLLM < 0.10.1, Mistral), {"detail": str or
     [{"loc", "msg"}]} (FastAPI servers), [{"error": {...}}] (Gemini)."""
     if isinstance(body, list):
-        note("error bodies as a JSON array")
+        note("error bodies as a JSON array")  # Quirk(Gemini): [{"error": {...}}]
         body = body[0] if body else None
     if not isinstance(body, dict):
         return (body if isinstance(body, str) and body else None), ""
@@ -454,15 +457,17 @@ def _error_fields(body: Any, note: Callable[[str], None]) -> tuple[str | None, s
         found = next((err[k] for k in ("message", "msg", "detail")
                       if isinstance(err.get(k), str) and err[k]), None)
         return found or _error_fields(err.get("error"), note)[0], tags
-    if isinstance(err, str) and err:
-        note('error bodies as {"error": "text"}')
-        return err, tags
-    if isinstance(body.get("message"), str) and body["message"]:
-        note('error bodies with a top-level "message"')
-        return body["message"], tags
+    # Quirk(TGI, LM Studio, Ollama, xAI): {"error": "text"}. Quirk(vLLM < 0.10.1, Mistral):
+    # {"object": "error", "message": ...}, no "error".
+    for key, quirk in (("error", 'error bodies as {"error": "text"}'),
+                       ("message", 'error bodies with a top-level "message"')):
+        if isinstance(body.get(key), str) and body[key]:
+            note(quirk)
+            return body[key], tags
     detail = body.get("detail")
     if not detail or not isinstance(detail, (str, list)):
         return None, tags
+    # Quirk(FastAPI servers: llama-cpp-python's 401, LlamaFactory's 422).
     note('error bodies as {"detail": ...}')
     if isinstance(detail, list):
         detail = "; ".join(filter(None, map(_detail_item, detail)))
