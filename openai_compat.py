@@ -793,9 +793,6 @@ def _check_headers(headers: Mapping[str, str] | None, option: str) -> dict[str, 
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise ConfigError(f"header name {name!r} is not an HTTP token: use letters, "
                               "digits and !#$%&'*+-.^_`|~ only, no spaces or colons")
-        if not isinstance(value, str):
-            raise ConfigError(f"header {name!r}: its value must be a str, not "
-                              f"{type(value).__name__}")
         _check_header_value(value, f"header {name!r}")
     # Surrounding spaces are no part of a value (RFC 9110), and requests refuses them:
     # "api-key: x".split(":", 1) leaves one.
@@ -807,9 +804,11 @@ def _header_secrets(headers: Mapping[str, str]) -> list[str]:
     return [value for name, value in headers.items() if _SECRET_HEADER.search(name)]
 
 
-def _check_header_value(value: str, what: str) -> None:
-    """ConfigError when `value` holds a character an HTTP header cannot carry; the
-    message names where it is, never the value (a key is a secret)."""
+def _check_header_value(value: object, what: str) -> None:
+    """ConfigError when `value` is no str or holds a character an HTTP header cannot
+    carry; the message names where it is, never the value (a key is a secret)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}: its value must be a str, not {type(value).__name__}")
     bad = _UNPRINTABLE.search(value)
     if bad is not None:
         char = bad.group()
