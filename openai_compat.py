@@ -881,8 +881,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         self._tools_unstreamed = False
 
     def __repr__(self) -> str:
-        return (f"Client(base_url={_shown_url(self.config.base_url)!r}, "
-                f"model={self.config.model!r})")
+        return f"Client(base_url={self._http.shown_url!r}, model={self.config.model!r})"
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -915,10 +914,9 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         if line in self._quirks:
             return
         with self._lock:
-            if line in self._quirks:
-                return
+            new = line not in self._quirks  # another thread may have noted it meanwhile
             self._quirks[line] = None
-        if not logged:
+        if new and not logged:
             _log.info("%s deviates from OpenAI's behaviour (absorbed): %s",
                       self._http.shown_url, line)
 
