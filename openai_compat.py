@@ -927,7 +927,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         returns FALLBACK_MODELS and logs why; with fallback=False it raises the
         classified APIError instead.
         """
-        return self._discovery.models(fallback)
+        return self._discovery.models(list(FALLBACK_MODELS) if fallback else None)
 
     def first_available_model(self) -> str:
         """The first id the server listed, or DEFAULT_MODEL when discovery failed
@@ -1033,30 +1033,15 @@ class _Discovery:
         self.found: list[str] | APIError | None = None
         self.fell_back: set[str] = set()  # the fallbacks used, each logged once
 
-    def models(self, fallback: bool) -> list[str]:
-        found = self.once()
-        if isinstance(found, APIError) and not fallback:
-            raise found
-        return list(self.fallback(found, "the fallback list") or FALLBACK_MODELS)
-
     def first(self, limit: float = math.inf) -> str:
-        found = self.once(limit)
-        return (self.fallback(found, DEFAULT_MODEL) or [DEFAULT_MODEL])[0]
+        """The first id listed, or DEFAULT_MODEL; see models."""
+        return self.models([DEFAULT_MODEL], DEFAULT_MODEL, limit)[0]
 
-    def fallback(self, found: list[str] | APIError, what: str) -> list[str]:
-        """The models found ([] when discovery failed: then say, once, what is used)."""
-        if not isinstance(found, APIError):
-            return found
-        with self.lock:
-            said = what in self.fell_back
-            self.fell_back.add(what)
-        if not said:
-            _log.warning("model discovery at %s/models failed (%s); using %s",
-                         self.http.shown_url, found.message, what)
-        return []
-
-    def once(self, limit: float = math.inf) -> list[str] | APIError:
-        """The answer, asked for once; a call's deadline `limit` (seconds left) under
+    def models(self, fallback: list[str] | None, what: str = "the fallback list",
+               limit: float = math.inf) -> list[str]:
+        """The ids GET /models lists, asked for once (a failure is remembered too). When
+        it failed: `fallback`, saying once for each `what` that it is used, or without a
+        fallback the error raised. A call's deadline `limit` (seconds left) under
         _DISCOVERY_SECONDS that passes first raises its error, nothing remembered."""
         with self.lock:
             if self.found is None:
@@ -1066,7 +1051,15 @@ class _Discovery:
                         f"the call took longer than its deadline: GET /models had not "
                         f"answered after {limit:.1f} s"))
                 self.found = found
-            return self.found
+            if isinstance(self.found, list):
+                return list(self.found)
+            if fallback is None:
+                raise self.found
+            if what not in self.fell_back:
+                self.fell_back.add(what)
+                _log.warning("model discovery at %s/models failed (%s); using %s",
+                             self.http.shown_url, self.found.message, what)
+        return fallback
 
     def wait_ready(self, limit: float) -> list[str]:
         """The model ids, once GET /models answers; see Client.wait_ready."""
@@ -1144,20 +1137,22 @@ def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
     if isinstance(payload, dict):
         entries = payload.get("data")
         if entries is None and "data" in payload:
-            note("/models data: null")
+            note("/models data: null")  # Quirk(Ollama with no model installed)
         if not entries and payload.get("models") is not None:
+            # Quirk(llama.cpp's "models" list, beside "data"): seen in: reference QUIRKS.md §6.
             note('/models as {"models": [...]}')
             entries = payload.get("models")
     elif isinstance(payload, list):
-        note("/models as a bare list")
+        note("/models as a bare list")  # seen in: reference QUIRKS.md §6
     ids: list[str] = []
     for entry in entries if isinstance(entries, list) else ():
         if isinstance(entry, dict):
             if not entry.get("id"):
+                # Quirk(llama.cpp's "models" entries): name and model, no id.
                 note('/models entries without "id"')
             entry = entry.get("id") or entry.get("name") or entry.get("model")
         elif isinstance(entry, str):
-            note("/models entries as plain strings")
+            note("/models entries as plain strings")  # seen in: reference QUIRKS.md §6
         if isinstance(entry, str) and entry.strip() and entry not in ids:
             ids.append(entry)
     return ids
