@@ -1119,7 +1119,7 @@ def _ask_models(http: _Connection) -> list[str]:
         payload = json.loads(text) if status < 300 else None
     except ValueError:
         raise http.shown_error(APIError("GET /models answered with something that is not JSON: "
-                                     + repr(_trim_message(text)))) from None
+                                        + repr(_trim_message(text)))) from None
     if status >= 300 or (isinstance(payload, dict) and payload.get("error")):
         raise http.error_from_body(status, text, retry_after)
     ids = _model_ids(payload, http.note)
