@@ -694,10 +694,10 @@ class Config:
     deadline: float | None = None
 
     def __repr__(self) -> str:
-        key = repr(self.api_key) if len(self.api_key or "") < _SECRET_LENGTH else "'[redacted]'"
-        return (f"Config(base_url={_shown_url(self.base_url)!r}, api_key={key}, model="
-                f"{self.model!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r}, "
-                f"deadline={self.deadline!r})")
+        # The dataclass's repr, every field in order, with the key and the URL's secrets hidden.
+        key = self.api_key if len(self.api_key or "") < _SECRET_LENGTH else "[redacted]"
+        shown = {**vars(self), "base_url": _shown_url(self.base_url), "api_key": key}
+        return f"Config({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, base_url: str | None = None,
@@ -1083,7 +1083,7 @@ class _Discovery:
 
 def _not_ready(error: APIError) -> bool:
     """Whether an error from GET /models means "not up yet" rather than "wrong"."""
-    return error.retryable and (isinstance(error, (EndpointUnavailableError, RequestTimeoutError))
+    return error.retryable and (isinstance(error, _NO_RESPONSE_CLASSES)
                                 or error.status_code in (502, 503, 504))
 
 
