@@ -1139,11 +1139,12 @@ def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
         if entries is None and "data" in payload:
             note("/models data: null")  # Quirk(Ollama with no model installed)
         if not entries and payload.get("models") is not None:
-            # Quirk(llama.cpp's "models" list, beside "data"): seen in: reference QUIRKS.md §6.
+            # Quirk(llama.cpp, beside "data"; seen in: reference QUIRKS.md §6).
             note('/models as {"models": [...]}')
             entries = payload.get("models")
     elif isinstance(payload, list):
-        note("/models as a bare list")  # seen in: reference QUIRKS.md §6
+        # Quirk(seen in: reference QUIRKS.md §6): the list alone, no object around it.
+        note("/models as a bare list")
     ids: list[str] = []
     for entry in entries if isinstance(entries, list) else ():
         if isinstance(entry, dict):
@@ -1152,7 +1153,8 @@ def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
                 note('/models entries without "id"')
             entry = entry.get("id") or entry.get("name") or entry.get("model")
         elif isinstance(entry, str):
-            note("/models entries as plain strings")  # seen in: reference QUIRKS.md §6
+            # Quirk(seen in: reference QUIRKS.md §6): ids without an object around each.
+            note("/models entries as plain strings")
         if isinstance(entry, str) and entry.strip() and entry not in ids:
             ids.append(entry)
     return ids
