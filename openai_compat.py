@@ -3175,11 +3175,11 @@ _BACKOFF_BASE: Final = 0.5
 _BACKOFF_MAX: Final = 8.0
 _MAX_REDIRECTS: Final = 5
 # Requests a server refuses because of one field, and the field to drop (see
-# _Connection._resend_changed). Ollama: "registry.ollama.ai/library/x does not
-# support tools"; vLLM: '"auto" tool choice requires --enable-auto-tool-choice and
-# --tool-call-parser to be set'; llama.cpp: "tools param requires --jinja flag";
-# others: "tools are not supported", "tool_choice ... not supported"; servers that do
-# not know stream_options name it.
+# _Connection._resend_changed). Quirk(Ollama): "registry.ollama.ai/library/x does not
+# support tools"; Quirk(llama.cpp): "tools param requires --jinja flag"; Quirk(servers
+# strict about the fields they take, seen in: reference QUIRKS.md §7.1): "tools are not
+# supported", "tool_choice ... not supported", and "Unrecognized request argument
+# supplied: stream_options" from a server that does not know that field.
 _REFUSED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
     ("tools", re.compile(
         r"does not support tools|tools param requires"
@@ -3193,22 +3193,23 @@ _REFUSED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
 # --enable-auto-tool-choice and --tool-call-parser to be set', for "auto" and for a
 # tool_choice left out alike; it takes "none".
 _AUTO_REFUSED: Final = re.compile(r"enable-auto-tool-choice", re.IGNORECASE)
-# A server that refuses the strict flag of a schema: its message or its "param" names it
-# (Fireworks: "Extra inputs are not permitted, field: 'strict'"; Gemini: 'Unknown name
-# "strict"').
+# Quirk(Fireworks, Gemini): a server that refuses the strict flag of a schema names it in
+# its message or its "param" (Fireworks: "Extra inputs are not permitted, field:
+# 'strict'"; Gemini: 'Unknown name "strict"').
 _STRICT_REFUSED: Final = re.compile(r"\bstrict\b")
 _STRICT_PARAM: Final = re.compile(r'"param"\s*:\s*"[^"]*\bstrict\b')
 # How an answer shaped by schema= is asked for, from the first choice down: response_format
 # json_schema; json_object with the schema, and the schema in a system message too; the
 # system message only.
 _JSON_SCHEMA, _JSON_OBJECT, _SCHEMA_IN_PROMPT = range(3)
-# A server that refuses how a schema was asked for: llama-cpp-python's 500 "1
-# validation error ... response_format.type Input should be 'text' or 'json_object'",
-# and others naming the field or its type.
+# A server that refuses how a schema was asked for: Quirk(llama-cpp-python): its 500 "1
+# validation error ... response_format.type Input should be 'text' or 'json_object'";
+# Quirk(TGI, llama.cpp, seen in: reference QUIRKS.md §7.1): a response_format type they
+# do not take, refused naming the field or its type.
 _SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
                                     re.IGNORECASE)
-# A server still loading its model: llama-server's 503 "Loading model", and 503s that
-# say they are loading or warming up.
+# A server still loading its model: Quirk(llama-server): 503 "Loading model"; and 503s
+# that say they are loading or warming up.
 _LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
 
 
@@ -3250,25 +3251,25 @@ class _Connection:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=_POOL_SIZE)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        # requests makes Basic auth of a URL's user:password, which would replace the key's
-        # header: with a key, an auth that changes nothing takes its place.
-        self.auth = _keep_auth if config.api_key else None
         self.headers = {"User-Agent": f"openai-compat/{__version__}", **headers}
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
+            # requests makes Basic auth of a URL's user:password (or a .netrc entry), which
+            # would replace the key's header: an auth that changes nothing takes its place.
+            self.session.auth = lambda request: request
         self.lock = threading.Lock()
         # Request fields never to send again; and "strict" (the strict flag refused) and
         # "auto" (tool_choice "auto" refused: "none" is sent instead), see prepare.
         self.refused: set[str] = set()
         # How this server is asked for an answer shaped by schema= (DESIGN.md,
-        # "Structured answers"), one of the _SCHEMA_FORMS; stepped down, once per
-        # Client, when the server refuses the field or ignores it.
+        # "Structured answers"): _JSON_SCHEMA, _JSON_OBJECT or _SCHEMA_IN_PROMPT; stepped
+        # down, once per Client, when the server refuses the field or ignores it.
         self.schema_form = _JSON_SCHEMA
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
         self.calls: set[_Request] = set()  # the calls in flight, which close() ends
         self.cli = False  # a Client of the command line: its errors speak its words
         self.closed = threading.Event()
-        host = parts.hostname or ""  # urlsplit lowers the scheme and the host
+        self.host = host = parts.hostname or ""  # urlsplit lowers the scheme and the host
         if (config.api_key and parts.scheme == "http" and host not in ("localhost", "::1")
                 and not host.startswith("127.") and host not in self._warned_hosts):
             self._warned_hosts.add(host)
@@ -3279,11 +3280,9 @@ class _Connection:
     def in_flight(self, request: _Request) -> Iterator[None]:
         """Keep track of a call while it runs, so that close() and its deadline (a timer,
         when it has one) can stop it from another thread (see _Request.stop)."""
-        timer = None
-        if request.deadline is not None:
-            timer = threading.Timer(max(0.0, request.ends - time.monotonic()), request.stop,
-                                    ("deadline",))
-            timer.daemon = True
+        timer = threading.Timer(max(0.0, request.ends - time.monotonic()), request.stop, ("deadline",))
+        timer.daemon = True
+        if request.deadline is not None:  # else `ends` is inf: never started
             timer.start()
         with self.lock:
             self.calls.add(request)
@@ -3294,16 +3293,14 @@ class _Connection:
         finally:
             with self.lock:
                 self.calls.discard(request)
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
 
     def close(self) -> None:
         """Stop the calls in flight, refuse new ones, and close the connection pool."""
         self.closed.set()
-        with self.lock:
-            calls = list(self.calls)
-        for request in calls:
-            request.stop("closed")
+        with self.lock:  # stop() only shuts a socket down: it never waits
+            for request in self.calls:
+                request.stop("closed")
         self.session.close()
 
     def post(self, body: dict[str, Any], request: _Request) -> requests.Response:
@@ -3378,8 +3375,7 @@ class _Connection:
                        **({"Accept-Encoding": "identity"} if body.get("stream") else {})}
         for _ in range(_MAX_REDIRECTS):
             response = self.session.request(method, url, data=data, headers=headers,
-                                            timeout=(timeout, timeout), stream=True,
-                                            allow_redirects=False, auth=self.auth)
+                                            timeout=timeout, stream=True, allow_redirects=False)
             # is_redirect: a 301, 302, 303, 307 or 308 with a Location header.
             if not (response.is_redirect and response.headers["location"]):
                 return response
@@ -3390,6 +3386,8 @@ class _Connection:
                     f"{method} {path} was redirected to {_shown_url(target)}, another server:"
                     " not followed, so that the key is not sent there; if it is the right "
                     "server, use it as the base URL", status_code=response.status_code))
+            # Quirk(no reference server: a web server or proxy in front of one that moves
+            # a path, e.g. to add a trailing slash; DESIGN.md, "Retries and time limits").
             self.note(f"redirected to {_shown_url(target)}: use it as base_url")
             url = target
         raise self.shown_error(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
@@ -3397,11 +3395,9 @@ class _Connection:
     def error_of(self, response: requests.Response, retry_after: float | None = None) -> APIError:
         """The classified error of a response with an error status or an HTML page: its
         body read (bounded; "" when it cannot be read), and the response closed."""
-        with response:
-            try:
-                raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
-            except _TRANSPORT_ERRORS:
-                raw = b""
+        raw = b""
+        with response, contextlib.suppress(*_TRANSPORT_ERRORS):
+            raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
         return self.error_from_body(response.status_code, raw.decode("utf-8", "replace"),
                                     retry_after)
 
@@ -3546,19 +3542,18 @@ class _Connection:
                     "stream": " in the middle of the stream"}.get(when, "")))
         causes = _causes(exc)
         reason = _reason(causes[-1])
-        # A broken chunked body is a connection that failed while reading, not one that
-        # could not be made: the server had answered.
-        if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or isinstance(
-                exc, requests.exceptions.ChunkedEncodingError) or when == "stream":
+        # Anything but a connection error (a broken chunked body among them: requests'
+        # ChunkedEncodingError is no ConnectionError) failed while reading, not while
+        # connecting: the server had answered.
+        if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or when == "stream":
             return self.shown_error(StreamError(
                 f"the connection broke while reading the answer: {reason}"))
         if any(isinstance(cause, urllib3.exceptions.ProxyError) for cause in causes):
             return self.proxy_error(reason)
         where = f"{self.url_source} (now {self.shown_url})"
         if any(isinstance(cause, socket.gaierror) for cause in causes):
-            host = urllib.parse.urlsplit(self.base).hostname
-            return self.unavailable(f"cannot connect: the host name {host} does not resolve: "
-                                    f"{reason}", f"Check the host name in {where}")
+            return self.unavailable(f"cannot connect: the host name {self.host} does not "
+                                    f"resolve: {reason}", f"Check the host name in {where}")
         if not any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
             return self.unavailable(f"cannot connect: {reason}")
         # A certificate is a setting to fix, never switched off here: retrying cannot help.
@@ -3604,10 +3599,6 @@ class _Connection:
         return exc
 
 
-def _keep_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
-    return request
-
-
 def _causes(exc: BaseException | None) -> list[BaseException]:
     """`exc` and the errors it wraps, outermost first: requests wraps urllib3's, which
     wrap the socket's and ssl's (in .reason, in args, or as __cause__)."""
@@ -3643,10 +3634,8 @@ def _lone_surrogate(value: Any, path: str = "") -> tuple[str, int]:
     """Where the first string that UTF-8 cannot encode is ("messages[2].content", and
     the position in it); ("", -1) when there is none."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return path or "the request", exc.start
+        bad = re.search(r"[\ud800-\udfff]", value)  # what UTF-8 cannot encode
+        return (path or "the request", bad.start()) if bad else ("", -1)
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
         value, (list, tuple)) else ()
     for key, item in items:
@@ -3770,8 +3759,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _cli_parser().parse_args(argv)
     command = [] if "--" in argv else args.words  # after --, every word is the prompt's
-    # What a script must see goes to stderr, one line each: the library's warnings (a
-    # model substitution, a pasted endpoint) and WARNING log lines; -v adds INFO.
+    # What a script must see goes to stderr, one line each: WARNING log lines, and the
+    # library's warnings (a model substitution, a pasted endpoint) through the same
+    # handler; -v adds INFO.
     shown = logging.StreamHandler(sys.stderr)
     shown.setFormatter(logging.Formatter("openai-compat: %(message)s"))
     _log.addHandler(shown)
@@ -3779,10 +3769,11 @@ def main(argv: list[str] | None = None) -> int:
     _log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _cli_warning
+            warnings.showwarning = lambda message, *_: _log.warning("warning: %s", message)
             client = _cli_client(args)
             if command == ["models"]:
-                return _cli_models(client)
+                print("\n".join(client.available_models(fallback=False)))
+                return 0
             if command == ["check"]:
                 return _cli_check(client, args.wait)
             return _cli_chat(client, _cli_prompt(args.words, args.no_stdin), args)
@@ -3797,7 +3788,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"openai-compat: {_cli_words(str(exc))}", file=sys.stderr)
         return 2
     except APIError as exc:
-        print(f"openai-compat: {type(exc).__name__}: {exc}", file=sys.stderr)
+        failed = "could not list models: " if command == ["models"] else ""
+        print(f"openai-compat: {failed}{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
         _log.removeHandler(shown)
@@ -3818,10 +3810,6 @@ def _cli_words(text: str) -> str:
     for python, flag in _CLI_WORDS:
         text = text.replace(python, flag)
     return text
-
-
-def _cli_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
-    print(f"openai-compat: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _cli_parser() -> argparse.ArgumentParser:
@@ -3868,9 +3856,7 @@ def _cli_client(args: argparse.Namespace) -> Client:
         headers[name.strip()] = value
     client = Client(args.base_url, model=args.model, timeout=args.timeout, headers=headers,
                     deadline=args.deadline)
-    if (args.base_url or "").strip():
-        client._http.url_source = "--base-url"
-    client._http.cli = True
+    client._http.cli = True  # its hints say --base-url where they say base_url=
     return client
 
 
@@ -3955,16 +3941,6 @@ def _chunk_json(chunk: Chunk) -> dict[str, Any]:
         data["usage"] = usage and {key: getattr(usage, key) for key in (
             "prompt_tokens", "completion_tokens", "total_tokens")}
     return data
-
-
-def _cli_models(client: Client) -> int:
-    try:
-        print("\n".join(client.available_models(fallback=False)))
-    except APIError as exc:
-        print(f"openai-compat: could not list models: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
-        return 1
-    return 0
 
 
 def _cli_check(client: Client, wait: float | None = None) -> int:
