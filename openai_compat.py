@@ -291,7 +291,8 @@ class BadRequestError(APIError):
             return "Check the request's options against what this server supports"
         # No route there: a URL without a version segment (and no query string) lacks /v1.
         if self.base_url and not re.search(r"\?|/v\d+[a-z0-9]*(?:/|$)", self.base_url):
-            return f"The server may expect /v1: try {self._url_source}={self.base_url}/v1"
+            source = self._url_source.removesuffix("=")
+            return f"The server may expect /v1: try {source}={self.base_url}/v1"
         return f"Check {self._url_source}: the server has no such route"
 
 
@@ -316,7 +317,7 @@ class OutputError(APIError):
     (twice at most). `partial_text` holds the last answer. Retrying the same request
     rarely helps: a simpler schema or a model that follows instructions does."""
 
-    _HINT = "The model's answer did not match schema=; .partial_text holds the last one"
+    _HINT = "The model's answer did not match the schema; .partial_text holds the last one"
 
 
 # Ordered: the first row whose pattern matches the message wins. Statuses that
@@ -3330,7 +3331,8 @@ class _Connection:
                     exc, timeout, "" if body.get("stream") else "unstreamed")
                 # Connection failures (a connect timeout included) happened before the
                 # server saw the request: safe to resend. A read timeout did not.
-                retry = isinstance(exc, (requests.ConnectionError, ConnectionError))
+                retry = isinstance(exc, (requests.ConnectionError, ConnectionError)) and (
+                    error.retryable)
             else:
                 request.response = response
                 if request.stopped:  # close() came while the server was answering
@@ -3344,9 +3346,11 @@ class _Connection:
                     continue
                 wait, loading_since = self._loading_wait(error, timeout, loading_since)
                 status = error.status_code or 0
-                retry = ((status in (408, 409, 429) or status >= 500)
+                # 408, 409 and 429 always; a 5xx unless it is a request the server refused
+                # (llama-cpp-python's validation errors).
+                retry = ((status in (408, 409, 429) or status >= 500 and error.retryable)
                          and (retry_after is None or retry_after <= _MAX_RETRY_AFTER))
-            if wait is None and retry and error.retryable and attempt < self.config.max_retries:
+            if wait is None and retry and attempt < self.config.max_retries:
                 attempt += 1
                 wait = _backoff(attempt) if retry_after is None else retry_after
                 _log.info("%s from %s; retrying in %.1f s (attempt %d of %d)", (
@@ -3799,9 +3803,9 @@ def main(argv: list[str] | None = None) -> int:
 # The command line's words for what the module's own text says in Python's (its hints
 # and configuration errors; never a server's text).
 _CLI_WORDS: Final = (
-    ("base_url=", "--base-url"), ("pass model=", "pass --model"), ("timeout=", "--timeout"),
-    ("deadline=", "--deadline"), ("lower max_tokens", "lower --max-tokens"),
-    ("schema=", "--schema"), (" or api_key=", ""),
+    ("try base_url=", "try --base-url "), ("base_url=", "--base-url"),
+    ("pass model=", "pass --model"), ("timeout=", "--timeout"), ("deadline=", "--deadline"),
+    ("lower max_tokens", "lower --max-tokens"), (" or api_key=", ""),
     ("; .partial_text holds what arrived", "; what arrived is printed above"),
     ("; .partial_text holds the last one", ""))
 
@@ -3958,8 +3962,11 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         _report("ready", True, f"after {time.monotonic() - started:.1f} s")
     if not _probe_models(client):
         return 1
-    probe = Client(client.config.base_url, client.config.api_key, client.model,
-                   timeout=client.config.timeout, max_retries=0)
+    # The probes' own Client: no retries (a failure is what to report), the same headers.
+    headers = {k: v for k, v in client._http.headers.items()
+               if k not in ("User-Agent", "Authorization")}
+    probe = Client(client.config.base_url, client.config.api_key, client.model, max_retries=0,
+                   timeout=client.config.timeout, headers=headers, deadline=client.config.deadline)
     probe._http.url_source, probe._http.cli = client._http.url_source, client._http.cli
     try:
         started = time.monotonic()
