@@ -2023,7 +2023,8 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
                 call = calls[-1]
             else:
                 if index in by_index:
-                    # Quirk(proxies): index 0 for every call, each with its own id.
+                    # Quirk(a proxy in front of Gemini; seen in: reference QUIRKS.md
+                    # §3.1): index 0 for every call, each with its own id.
                     note("tool call index reused for another call")
                 call = _PartialCall(call_id)
                 calls.append(call)
@@ -2116,8 +2117,8 @@ def _parse_arguments(raw: str, note: Callable[[str], None]) -> tuple[dict[str, A
         if trimmed == text or not _is_json(trimmed):
             note("raw newlines in tool arguments")
     if isinstance(value, str) and _is_json(value):
-        # Quirk(gateways that re-encode a provider's call): the arguments string is
-        # itself a JSON string.
+        # Quirk(IBM watsonx.ai, reported in quarkus-langchain4j issue 2569): the
+        # arguments string is itself a JSON string.
         note("tool arguments encoded twice")
         value = json.loads(value)
     if not isinstance(value, dict):
@@ -2271,6 +2272,9 @@ def _left_out_nulls(value: Any, schema: Any, note: Callable[[str], None]) -> Any
     """`value` without the nulls that mean "left out" (see _prune_nulls), noted once."""
     value, dropped = _prune_nulls(value, schema)
     if dropped:
+        # Quirk(any server: models write null for an argument they leave out, as real
+        # tool-call datasets do; OpenAI and vLLM following a strict schema, where a field
+        # that may be left out is required and nullable, must).
         note("null for optional fields: left out")
     return value
 
