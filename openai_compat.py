@@ -2450,32 +2450,26 @@ def _sent_schema(schema: dict[str, Any] | None, built: bool) -> tuple[Any, bool]
     """The schema as the server gets it, and whether it goes with "strict": true.
 
     OpenAI enforces a schema, and vLLM constrains a forced call by it, only when it is
-    strict. A schema the module built goes in strict form when OpenAI's subset can say
-    it (see _strict); one written by hand goes exactly as written, strict only when it
-    already is in that form. The module's checker checks answers against `schema`.
+    strict. A schema the module built goes in OpenAI's strict form when that subset can
+    say it (see _strict_node; never a root that is not an object); one written by hand
+    goes exactly as written, strict only when it already is in that form. The module's
+    checker checks answers against `schema`.
     """
-    strict = _strict(schema)
-    if strict is None or not (built or strict == schema):
-        return schema, False
-    return strict, True
-
-
-def _strict(schema: Any) -> dict[str, Any] | None:
-    """`schema` in OpenAI's strict form, or None where its subset cannot say it (a root
-    that is not an object, a free-form object, an array without items, Any, a keyword
-    outside the subset). Every object lists all its properties in required; one that was
-    not required becomes nullable (its null means "left out", see _prune_nulls);
-    additionalProperties is false; defaults are dropped."""
     if not isinstance(schema, dict) or schema.get("type") != "object":
-        return None
+        return schema, False
     try:
-        return _strict_node(schema)
+        strict = _strict_node(schema)
     except ValueError:
-        return None
+        return schema, False
+    return (strict, True) if built or strict == schema else (schema, False)
 
 
 def _strict_node(schema: Any) -> dict[str, Any]:
-    """_strict for one subschema; ValueError where the subset cannot say it."""
+    """`schema` in OpenAI's strict form; ValueError where its subset cannot say it (a
+    free-form object, an array without items, Any, a keyword outside the subset). Every
+    object lists all its properties in required; one that was not required becomes
+    nullable (its null means "left out", see _prune_nulls); additionalProperties is
+    false; defaults are dropped."""
     node = {k: v for k, v in schema.items() if k != "default"} if isinstance(schema, dict) else {}
     if not node.keys() & {"type", "anyOf", "enum", "const", "$ref"} or (
             node.keys() - _STRICT_KEYWORDS):
