@@ -2208,7 +2208,7 @@ def _tool_arguments(tool: Tool, arguments: dict[str, Any], note: Callable[[str],
     """
     if tool.function is None:
         raise TypeError(f"tool {tool.name!r} has no function to run")
-    arguments = _left_out_nulls(arguments, tool.parameters, note)
+    arguments, problem = _checked(arguments, tool.parameters, note)
     properties = tool.parameters.get("properties") or {}
     missing = [n for n in tool.parameters.get("required") or () if n not in arguments]
     if missing:
@@ -2216,7 +2216,6 @@ def _tool_arguments(tool: Tool, arguments: dict[str, Any], note: Callable[[str],
     unknown = [n for n in arguments if properties and n not in properties]
     if unknown and not tool._takes_any:
         raise TypeError(f"unexpected argument(s): {', '.join(unknown)}")
-    problem = _validate(arguments, tool.parameters)
     if problem:
         raise ValueError(problem)
     return {n: _build(v, tool.hints.get(n, Any)) for n, v in arguments.items()}
@@ -2258,8 +2257,7 @@ def _read_answer(text: str, request: _Request, note: Callable[[str], None]
         value = _json_from_text(text)
     except ValueError as exc:
         return f"{_NO_JSON} ({exc})", None
-    value = _left_out_nulls(value, request.schema, note)
-    problem = _validate(value, request.schema)
+    value, problem = _checked(value, request.schema, note)
     if problem is not None:
         return problem, None
     try:
@@ -2268,15 +2266,16 @@ def _read_answer(text: str, request: _Request, note: Callable[[str], None]
         return f"$: {_trim_message(str(exc))}", None
 
 
-def _left_out_nulls(value: Any, schema: Any, note: Callable[[str], None]) -> Any:
-    """`value` without the nulls that mean "left out" (see _prune_nulls), noted once."""
+def _checked(value: Any, schema: Any, note: Callable[[str], None]) -> tuple[Any, str | None]:
+    """`value` without the nulls that mean "left out" (see _prune_nulls; noted once), and
+    the first way it breaks `schema` (None: it conforms)."""
     value, dropped = _prune_nulls(value, schema)
     if dropped:
         # Quirk(any server: models write null for an argument they leave out, as real
         # tool-call datasets do; OpenAI and vLLM following a strict schema, where a field
         # that may be left out is required and nullable, must).
         note("null for optional fields: left out")
-    return value
+    return value, _validate(value, schema)
 
 
 _THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
