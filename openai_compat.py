@@ -2003,13 +2003,14 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
     with this docstring: the three ways a fragment finds its call are one decision.)
     """
     calls: list[_PartialCall] = []
-    by_id: dict[str, _PartialCall] = {}
     by_index: dict[Any, _PartialCall] = {}
     for position, fragment in fragments:
         call_id = "" if fragment.get("id") in (None, "") else str(fragment["id"])
         index = fragment.get("index")
         index = index if isinstance(index, (int, str)) else None
-        call = by_id.get(call_id) if call_id else None
+        function = fragment.get("function")
+        function = function if isinstance(function, dict) else {}
+        call = next((c for c in calls if c.id == call_id), None) if call_id else None
         if call is not None:
             # Quirk(TGI, llama-cpp-python, LiteLLM): OpenAI sends the id once.
             note("tool call id repeated on later deltas")
@@ -2018,8 +2019,11 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
                 note("tool calls streamed without index")  # Quirk(Gemini, Mistral, LM Studio)
             if not call_id and index in by_index:
                 call = by_index[index]
+            # Quirk(LM Studio, Gemini through proxies): calls with "id": "" and no index.
+            # A name where the latest call already has one starts the next call; servers
+            # that repeat a name on every delta also repeat an id or an index.
             elif not call_id and index is None and calls and not (
-                    position or _names_another_call(calls[-1], fragment)):
+                    position or calls[-1].name and function.get("name")):
                 call = calls[-1]
             else:
                 if index in by_index:
@@ -2028,10 +2032,9 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
                     note("tool call index reused for another call")
                 call = _PartialCall(call_id)
                 calls.append(call)
-                by_id[call_id] = call  # by_id[""] is never looked up
             if index is not None:
                 by_index[index] = call
-        _add_fragment(call, fragment, note)
+        _add_fragment(call, fragment, function, note)
     first = min((i for i in by_index if isinstance(i, int)), default=0)
     if streamed and first > 0:
         # Quirk(Anthropic-compat, LiteLLM -> Bedrock): the index is a key, not a position.
@@ -2039,32 +2042,23 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
     return _finish_calls(calls, note)
 
 
-def _names_another_call(latest: _PartialCall, fragment: dict[str, Any]) -> bool:
-    # Quirk(LM Studio, Gemini through proxies): calls with "id": "" and no index.
-    # A name where the latest call already has one starts the next call; servers
-    # that repeat a name on every delta also repeat an id or an index.
-    function = fragment.get("function")
-    return bool(latest.name and isinstance(function, dict) and function.get("name"))
-
-
-def _add_fragment(call: _PartialCall, fragment: dict[str, Any],
+def _add_fragment(call: _PartialCall, fragment: dict[str, Any], function: dict[str, Any],
                   note: Callable[[str], None]) -> None:
-    function = fragment.get("function")
-    if isinstance(function, dict):
-        name = function.get("name")
-        if name and isinstance(name, str):
-            if not call.name:
-                call.name = name
-            else:
-                # Quirk(llama-cpp-python, LiteLLM): the whole name on every delta.
-                note("tool call name repeated")
-        arguments = function.get("arguments")
-        if isinstance(arguments, str):
-            call.parts.append(arguments)
-        elif isinstance(arguments, (dict, list)):
-            # Quirk(TGI < 3.2): arguments as a JSON object, not a string.
-            note("tool arguments as an object, not a string")
-            call.parts.append(json.dumps(arguments))
+    """Add a fragment, its "function" ({} when it has none), to its call."""
+    name = function.get("name")
+    if name and isinstance(name, str):
+        if not call.name:
+            call.name = name
+        else:
+            # Quirk(llama-cpp-python, LiteLLM): the whole name on every delta.
+            note("tool call name repeated")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        call.parts.append(arguments)
+    elif isinstance(arguments, (dict, list)):
+        # Quirk(TGI < 3.2): arguments as a JSON object, not a string.
+        note("tool arguments as an object, not a string")
+        call.parts.append(json.dumps(arguments))
     for key, value in fragment.items():
         if key not in ("index", "id", "type", "function") and value is not None:
             call.extra.setdefault(key, value)
