@@ -2064,12 +2064,8 @@ def _add_fragment(call: _PartialCall, fragment: dict[str, Any], function: dict[s
             call.extra.setdefault(key, value)
 
 
-_ID_ALPHABET: Final = string.ascii_letters + string.digits
-
-
 def _finish_calls(calls: list[_PartialCall], note: Callable[[str], None]) -> list[ToolCall]:
     """The ToolCalls, their arguments parsed, made-up ids where the server sent none."""
-    taken = {call.id for call in calls if call.id}
     done = []
     for call in calls:
         if not call.id:
@@ -2077,9 +2073,8 @@ def _finish_calls(calls: list[_PartialCall], note: Callable[[str], None]) -> lis
             # under its call's id, so made-up ids are unique too; nine letters and digits
             # is the form Mistral requires of ids sent back to it.
             note("tool calls without ids: ids made up")
-            while not call.id or call.id in taken:
-                call.id = "".join(random.choices(_ID_ALPHABET, k=9))
-            taken.add(call.id)
+            while not call.id or call.id in {other.id for other in calls if other is not call}:
+                call.id = "".join(random.choices(string.ascii_letters + string.digits, k=9))
         raw = "".join(call.parts)
         arguments, error = _parse_arguments(raw, note)
         if not call.name and isinstance(arguments.get("function"), dict):
@@ -2186,8 +2181,7 @@ def _execute(call: ToolCall, tools: Mapping[str, Tool], note: Callable[[str], No
                 error, exception = f"{type(exc).__name__}: {exc}", exc
             else:
                 return ToolResult(call, value, None, _tool_content(value))
-    return ToolResult(call, None, error, json.dumps({"error": error}, ensure_ascii=False),
-                      exception)
+    return ToolResult(call, None, error, _tool_content({"error": error}), exception)
 
 
 def _tool_arguments(tool: Tool, arguments: dict[str, Any], note: Callable[[str], None]
@@ -2290,10 +2284,8 @@ def _json_from_text(text: str) -> Any:
     text = _THINK.sub("", text).strip()
     if not text:
         raise ValueError("the answer is empty")
-    try:
+    with contextlib.suppress(ValueError):
         return json.loads(text)
-    except ValueError:
-        pass
     decoder = json.JSONDecoder()
     first_error: json.JSONDecodeError | None = None
     for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
@@ -2315,8 +2307,7 @@ def _ask_repair(http: _Connection, step: Step, problem: str, form: int,
     if last:
         raise http.shown_error(OutputError(f"the answer does not match the schema: {problem}",
                                            partial_text=step.text))
-    if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and (
-            step.finish_reason == "stop"):
+    if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and step.finish_reason == "stop":
         # Quirk(transformers serve): response_format ignored without a word, and prose
         # came back: the model must see the schema itself.
         http.step_down(form + 1, "response_format ignored: the schema in a system message",
