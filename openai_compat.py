@@ -2320,6 +2320,8 @@ def _ask_repair(http: _Connection, step: Step, problem: str, form: int,
 _TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _JSON_TYPES: Final[dict[type, str]] = {str: "string", int: "integer", float: "number",
                                        bool: "boolean"}
+# The JSON type of a hint, by the hint itself or its origin (list[int]: list).
+_HINT_TYPES: Final[dict[Any, str]] = {**_JSON_TYPES, list: "array", tuple: "array", dict: "object"}
 # TypedDict's Required[...], NotRequired[...] (3.11+) and ReadOnly[...] (3.13+) wrap a key's type.
 _KEY_MARKS: Final = tuple(getattr(typing, name) for name in ("Required", "NotRequired", "ReadOnly")
                           if hasattr(typing, name))
@@ -2356,12 +2358,10 @@ class Tool:
             raise ConfigError(f"tool {self.name!r}: parameters must be a JSON Schema dict")
         _vet_schema(self.parameters, f"tool {self.name!r} parameters")
         if self.function is not None:
-            try:
-                takes_any = any(p.kind is p.VAR_KEYWORD
-                                for p in inspect.signature(self.function).parameters.values())
-            except (TypeError, ValueError):
-                takes_any = True
-            object.__setattr__(self, "_takes_any", takes_any)
+            # A function whose signature cannot be read keeps the default: any name may pass.
+            with contextlib.suppress(TypeError, ValueError):
+                kinds = [p.kind for p in inspect.signature(self.function).parameters.values()]
+                object.__setattr__(self, "_takes_any", inspect.Parameter.VAR_KEYWORD in kinds)
 
 
 def tool(func: Callable[..., Any] | None = None, *, name: str | None = None,
@@ -2519,9 +2519,8 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
     properties = {p.name: _schema(annotations[p.name], f"tool {tool_name!r}, parameter "
                                   f"{p.name!r}", parameter=p.default is not p.empty, defs=defs)
                   for p in params}
-    for key, schema in properties.items():
-        if key in arg_docs:  # Annotated[T, "..."] wins over the docstring
-            schema.setdefault("description", arg_docs[key])
+    for key in properties.keys() & arg_docs.keys():  # Annotated[T, "..."] wins over the docstring
+        properties[key].setdefault("description", arg_docs[key])
     parameters = {"type": "object", "properties": properties,
                   "required": [p.name for p in params if p.default is p.empty]}
     if defs:
@@ -2557,10 +2556,8 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
     args = typing.get_args(annotation)
     if origin is typing.Annotated or origin in _KEY_MARKS:  # Required[T] etc. hold T alone
         inner = _schema(args[0], where, parameter=parameter, seen=seen, defs=defs)
-        notes = [a for a in args[1:] if isinstance(a, str)]
-        if notes:
-            inner["description"] = notes[0]
-        return inner
+        description = next((a for a in args[1:] if isinstance(a, str)), None)
+        return inner if description is None else {**inner, "description": description}
     if annotation is Any:
         return {}
     if origin in (Union, types.UnionType):
@@ -2572,20 +2569,15 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
     if origin is Literal or isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         values = list(args) if origin is Literal else [m.value for m in annotation]
         kinds = {_JSON_TYPES.get(type(v)) for v in values}
-        schema: dict[str, Any] = {"enum": values}
         if len(kinds) == 1 and None not in kinds:
-            schema["type"] = kinds.pop()
-        return schema
-    if annotation in _JSON_TYPES:
-        return {"type": _JSON_TYPES[annotation]}
-    if annotation in (list, tuple) or origin in (list, tuple):
-        items = [a for a in args if a is not Ellipsis]
-        schema = {"type": "array"}
-        if len(items) == 1:
-            schema["items"] = _schema(items[0], where, seen=seen, defs=defs)
-        return schema
-    if annotation is dict or origin is dict:
-        return {"type": "object"}
+            return {"enum": values, "type": kinds.pop()}
+        return {"enum": values}
+    kind = _HINT_TYPES.get(origin or annotation)
+    if kind is not None:
+        items = [a for a in args if a is not Ellipsis]  # tuple[T, ...]: items of T
+        if kind == "array" and len(items) == 1:
+            return {"type": kind, "items": _schema(items[0], where, seen=seen, defs=defs)}
+        return {"type": kind}
     if _is_model(annotation):
         return _model_schema(annotation, where, defs)
     if _is_record(annotation):
