@@ -1322,7 +1322,7 @@ def _answer_schema(schema: Any) -> tuple[dict[str, Any] | None, Any]:
         return None, None
     if isinstance(schema, (Mapping, str, bytes)) and not isinstance(schema, dict):
         raise ConfigError("schema= must be a JSON Schema dict or a type such as a dataclass")
-    built = _root_schema(schema, "schema=") if not isinstance(schema, dict) else schema
+    built = _schema(schema, "schema=") if not isinstance(schema, dict) else schema
     _vet_schema(built, "schema=")
     # Data is built as the type asks (records and models, nested ones too; 3.0 as an int),
     # but a bare Enum or JSON Schema dict gives the plain JSON value.
@@ -2528,16 +2528,6 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
     return Tool(tool_name, marked_description or summary, parameters, func, annotations, True)
 
 
-def _root_schema(annotation: Any, where: str) -> dict[str, Any]:
-    """The JSON Schema of a type hint, as a whole document: the $defs that pydantic
-    models bring, wherever they are nested, gathered at its root."""
-    defs: dict[str, Any] = {}
-    schema = _schema(annotation, where, defs=defs)
-    if defs:
-        schema["$defs"] = defs
-    return schema
-
-
 def _schema(annotation: Any, where: str, *, parameter: bool = False,
             seen: tuple[type, ...] = (), defs: dict[str, Any] | None = None) -> dict[str, Any]:
     """JSON Schema for one annotation; ConfigError naming `where` for one it cannot describe.
@@ -2547,11 +2537,16 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
     item, an answer) it is X or null. seen: the classes being described, as a
     dataclass or TypedDict that contains itself cannot be written out. defs: where a
     pydantic model's $defs go, so that its "#/$defs/..." references resolve at the
-    document's root (None: left in the model's own schema).
+    document's root; None: this annotation is that root (a whole document), and the $defs
+    of the models inside it, wherever they are nested, are gathered there.
 
     NOTE: over 40 lines: one branch per kind of hint, in the order typing needs them
     tested (Annotated and Union before classes); split, the table would be scattered.
     """
+    if defs is None:
+        defs = {}
+        schema = _schema(annotation, where, parameter=parameter, seen=seen, defs=defs)
+        return {**schema, "$defs": defs} if defs else schema
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Annotated or origin in _KEY_MARKS:  # Required[T] etc. hold T alone
@@ -2593,15 +2588,14 @@ def _is_model(annotation: Any) -> bool:
         callable(getattr(annotation, name, None)) for name in ("model_json_schema", "model_validate"))
 
 
-def _model_schema(model: Any, where: str, defs: dict[str, Any] | None) -> dict[str, Any]:
+def _model_schema(model: Any, where: str, defs: dict[str, Any]) -> dict[str, Any]:
     try:
         schema = dict(model.model_json_schema())
     except Exception as exc:  # noqa: BLE001 - whatever pydantic raises, name the model
         raise ConfigError(f"{where}: {model.__name__}.model_json_schema() failed ({exc})") from None
-    if defs is not None:
-        for name, sub in schema.pop("$defs", {}).items():
-            if defs.setdefault(name, sub) != sub:
-                raise ConfigError(f"{where}: two different models are named {name!r}")
+    for name, sub in schema.pop("$defs", {}).items():
+        if defs.setdefault(name, sub) != sub:
+            raise ConfigError(f"{where}: two different models are named {name!r}")
     return schema
 
 
@@ -2631,7 +2625,7 @@ def _is_record(annotation: Any) -> bool:
 
 
 def _record_schema(cls: type, where: str, seen: tuple[type, ...],
-                   defs: dict[str, Any] | None) -> dict[str, Any]:
+                   defs: dict[str, Any]) -> dict[str, Any]:
     if cls in seen:
         raise ConfigError(f"{where}: {cls.__name__} contains itself, which JSON Schema "
                           "without references cannot describe")
@@ -2682,7 +2676,7 @@ def _build(value: Any, annotation: Any) -> Any:
     if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(options) > 1:  # the first option the value fits, else Any: the value as it is
-            options = [*(a for a in options if _validate(value, _root_schema(a, "")) is None), Any]
+            options = [*(a for a in options if _validate(value, _schema(a, "")) is None), Any]
         return _build(value, options[0])
     if annotation is int and isinstance(value, float):
         return int(value)  # JSON Schema counts 3.0 as an integer; the function wants 3
