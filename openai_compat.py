@@ -2240,7 +2240,6 @@ _NO_JSON: Final = "no JSON value in the answer"
 def _read_answer(text: str, request: _Request, note: Callable[[str], None]
                  ) -> tuple[str | None, Any]:
     """(what is wrong, None) or (None, the data) for an answer to schema=."""
-    assert request.schema is not None
     try:
         value = _json_from_text(text)
     except ValueError as exc:
@@ -2286,12 +2285,11 @@ def _json_from_text(text: str) -> Any:
         raise ValueError("the answer is empty")
     with contextlib.suppress(ValueError):
         return json.loads(text)
-    decoder = json.JSONDecoder()
     first_error: json.JSONDecodeError | None = None
     for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
         for start in _JSON_START.finditer(piece):
             try:
-                return decoder.raw_decode(piece, start.start())[0]
+                return json.JSONDecoder().raw_decode(piece, start.start())[0]
             except json.JSONDecodeError as exc:
                 first_error = first_error or exc
     if first_error is None:
