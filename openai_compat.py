@@ -2417,9 +2417,8 @@ def _tool_from_entry(name: object, value: object) -> Tool:
 def _tool_spec(tool: Tool) -> dict[str, Any]:
     """The request form of a tool, marked strict when its schema allows (_sent_schema)."""
     parameters, strict = _sent_schema(tool.parameters, tool._built)
-    return {"type": "function", "function": {"name": tool.name, "description": tool.description,
-                                             "parameters": parameters,
-                                             **({"strict": True} if strict else {})}}
+    function = {"name": tool.name, "description": tool.description, "parameters": parameters}
+    return {"type": "function", "function": {**function, "strict": True} if strict else function}
 
 # OpenAI's strict subset (Structured Outputs): the keywords a strict schema may use.
 _STRICT_KEYWORDS: Final = frozenset({
@@ -2499,24 +2498,23 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
     tool_name = name or marked_name or getattr(func, "__name__", "")
     if tool_name == "<lambda>" or not tool_name:
         raise ConfigError("a lambda needs a name: use oc.tool(name=...)(fn) or oc.Tool")
+    where = f"tool {tool_name!r}"  # what a ConfigError about it names
     summary, arg_docs = _parse_docstring(inspect.getdoc(func) or "")
     try:
         hints = typing.get_type_hints(func, include_extras=True)
         signature = inspect.signature(func)
     except (NameError, TypeError, ValueError) as exc:
-        raise ConfigError(f"tool {tool_name!r}: cannot read its signature ({exc})") from None
+        raise ConfigError(f"{where}: cannot read its signature ({exc})") from None
     # **kwargs is left out: it accepts whatever else the model sends.
     params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
     for param in params:
         if param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
-            raise ConfigError(f"tool {tool_name!r}: parameter {param.name!r} cannot be passed "
-                              "by keyword")
+            raise ConfigError(f"{where}: parameter {param.name!r} cannot be passed by keyword")
     annotations = {p.name: hints.get(p.name, Any) for p in params}
     defs: dict[str, Any] = {}
     # Optional[X] with a default means "may be left out": its schema is X's alone.
-    properties = {p.name: _schema(annotations[p.name], f"tool {tool_name!r}, parameter "
-                                  f"{p.name!r}", parameter=p.default is not p.empty, defs=defs)
-                  for p in params}
+    properties = {p.name: _schema(annotations[p.name], f"{where}, parameter {p.name!r}",
+                                  parameter=p.default is not p.empty, defs=defs) for p in params}
     for key in properties.keys() & arg_docs.keys():  # Annotated[T, "..."] wins over the docstring
         properties[key].setdefault("description", arg_docs[key])
     parameters = {"type": "object", "properties": properties,
