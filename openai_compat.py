@@ -406,27 +406,30 @@ def _error_from_body(status: int, text: str, note: Callable[[str], None],
             body = json.loads(text)
     message, tags = _error_fields(body, note)
     if message is None and text[:1] == "<":
+        # Quirk(Cloudflare, and other proxies in front of a server): an HTML error page.
         note("error bodies as HTML pages")
         match = re.search(r"(?is)<(title|h1)[^>]*>(.+?)</\1>", text)
         message = "HTML error page: " + " ".join(re.sub(
             r"<[^>]+>", " ", match.group(2) if match else text).split())
     elif message is None and text:
         if body is None:
+            # Quirk(transformers serve, LiteLLM without prisma, Envoy): text/plain errors
+            # ("Internal Server Error", "upstream connect error").
             note("error bodies as plain text")
         message = text
     if message and _TRACEBACK.search(message):
-        note("Python tracebacks in error messages")
+        note("Python tracebacks in error messages")  # Quirk(llama-cpp-python): see _trim_message
     message = _trim_message(message) if message else f"HTTP {status}"
+    # A success status classifies as no status does: by the message alone.
+    cls = classify_error(f"{message} {tags}", status if status >= 400 else None)
     if status < 400:
         # Quirk(LM Studio): 200 with {"error": "Unexpected endpoint or method."}.
         note(f"errors with status {status}")
-        cls = classify_error(f"{message} {tags}")
         cls = BadRequestError if cls is APIError or cls in _NO_RESPONSE_CLASSES else cls
-    else:
-        cls = classify_error(f"{message} {tags}", status)
-        if cls is BadRequestError and status >= 500:
-            # Only the validation row makes a 5xx a BadRequestError (see _ERROR_PATTERNS).
-            note("validation errors as HTTP 500")
+    elif cls is BadRequestError and status >= 500:
+        # Quirk(llama-cpp-python): only the validation row makes a 5xx a BadRequestError
+        # (see _ERROR_PATTERNS).
+        note("validation errors as HTTP 500")
     error = cls(message, status_code=status, body=text[:_MAX_ERROR_BODY])
     if isinstance(error, RateLimitError):
         error.retry_after = retry_after
@@ -439,7 +442,7 @@ def _error_fields(body: Any, note: Callable[[str], None]) -> tuple[str | None, s
     LM Studio, xAI), a top-level "message" (vLLM < 0.10.1, Mistral), {"detail": str or
     [{"loc", "msg"}]} (FastAPI servers), [{"error": {...}}] (Gemini)."""
     if isinstance(body, list):
-        note("error bodies as a JSON array")
+        note("error bodies as a JSON array")  # Quirk(Gemini): [{"error": {...}}]
         body = body[0] if body else None
     if not isinstance(body, dict):
         return (body if isinstance(body, str) and body else None), ""
@@ -454,15 +457,17 @@ def _error_fields(body: Any, note: Callable[[str], None]) -> tuple[str | None, s
         found = next((err[k] for k in ("message", "msg", "detail")
                       if isinstance(err.get(k), str) and err[k]), None)
         return found or _error_fields(err.get("error"), note)[0], tags
-    if isinstance(err, str) and err:
-        note('error bodies as {"error": "text"}')
-        return err, tags
-    if isinstance(body.get("message"), str) and body["message"]:
-        note('error bodies with a top-level "message"')
-        return body["message"], tags
+    # Quirk(TGI, LM Studio, Ollama, xAI): {"error": "text"}. Quirk(vLLM < 0.10.1, Mistral):
+    # {"object": "error", "message": ...}, no "error".
+    for key, quirk in (("error", 'error bodies as {"error": "text"}'),
+                       ("message", 'error bodies with a top-level "message"')):
+        if isinstance(body.get(key), str) and body[key]:
+            note(quirk)
+            return body[key], tags
     detail = body.get("detail")
     if not detail or not isinstance(detail, (str, list)):
         return None, tags
+    # Quirk(FastAPI servers: llama-cpp-python's 401, LlamaFactory's 422).
     note('error bodies as {"detail": ...}')
     if isinstance(detail, list):
         detail = "; ".join(filter(None, map(_detail_item, detail)))
@@ -689,10 +694,10 @@ class Config:
     deadline: float | None = None
 
     def __repr__(self) -> str:
-        key = repr(self.api_key) if len(self.api_key or "") < _SECRET_LENGTH else "'[redacted]'"
-        return (f"Config(base_url={_shown_url(self.base_url)!r}, api_key={key}, model="
-                f"{self.model!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r}, "
-                f"deadline={self.deadline!r})")
+        # The dataclass's repr, every field in order, with the key and the URL's secrets hidden.
+        key = self.api_key if len(self.api_key or "") < _SECRET_LENGTH else "[redacted]"
+        shown = {**vars(self), "base_url": _shown_url(self.base_url), "api_key": key}
+        return f"Config({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, base_url: str | None = None,
@@ -788,9 +793,6 @@ def _check_headers(headers: Mapping[str, str] | None, option: str) -> dict[str, 
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise ConfigError(f"header name {name!r} is not an HTTP token: use letters, "
                               "digits and !#$%&'*+-.^_`|~ only, no spaces or colons")
-        if not isinstance(value, str):
-            raise ConfigError(f"header {name!r}: its value must be a str, not "
-                              f"{type(value).__name__}")
         _check_header_value(value, f"header {name!r}")
     # Surrounding spaces are no part of a value (RFC 9110), and requests refuses them:
     # "api-key: x".split(":", 1) leaves one.
@@ -802,9 +804,11 @@ def _header_secrets(headers: Mapping[str, str]) -> list[str]:
     return [value for name, value in headers.items() if _SECRET_HEADER.search(name)]
 
 
-def _check_header_value(value: str, what: str) -> None:
-    """ConfigError when `value` holds a character an HTTP header cannot carry; the
-    message names where it is, never the value (a key is a secret)."""
+def _check_header_value(value: object, what: str) -> None:
+    """ConfigError when `value` is no str or holds a character an HTTP header cannot
+    carry; the message names where it is, never the value (a key is a secret)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}: its value must be a str, not {type(value).__name__}")
     bad = _UNPRINTABLE.search(value)
     if bad is not None:
         char = bad.group()
@@ -877,8 +881,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         self._tools_unstreamed = False
 
     def __repr__(self) -> str:
-        return (f"Client(base_url={_shown_url(self.config.base_url)!r}, "
-                f"model={self.config.model!r})")
+        return f"Client(base_url={self._http.shown_url!r}, model={self.config.model!r})"
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -911,10 +914,9 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         if line in self._quirks:
             return
         with self._lock:
-            if line in self._quirks:
-                return
+            new = line not in self._quirks  # another thread may have noted it meanwhile
             self._quirks[line] = None
-        if not logged:
+        if new and not logged:
             _log.info("%s deviates from OpenAI's behaviour (absorbed): %s",
                       self._http.shown_url, line)
 
@@ -925,7 +927,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         returns FALLBACK_MODELS and logs why; with fallback=False it raises the
         classified APIError instead.
         """
-        return self._discovery.models(fallback)
+        return self._discovery.models(list(FALLBACK_MODELS) if fallback else None)
 
     def first_available_model(self) -> str:
         """The first id the server listed, or DEFAULT_MODEL when discovery failed
@@ -1031,30 +1033,15 @@ class _Discovery:
         self.found: list[str] | APIError | None = None
         self.fell_back: set[str] = set()  # the fallbacks used, each logged once
 
-    def models(self, fallback: bool) -> list[str]:
-        found = self.once()
-        if isinstance(found, APIError) and not fallback:
-            raise found
-        return list(self.fallback(found, "the fallback list") or FALLBACK_MODELS)
-
     def first(self, limit: float = math.inf) -> str:
-        found = self.once(limit)
-        return (self.fallback(found, DEFAULT_MODEL) or [DEFAULT_MODEL])[0]
+        """The first id listed, or DEFAULT_MODEL; see models."""
+        return self.models([DEFAULT_MODEL], DEFAULT_MODEL, limit)[0]
 
-    def fallback(self, found: list[str] | APIError, what: str) -> list[str]:
-        """The models found ([] when discovery failed: then say, once, what is used)."""
-        if not isinstance(found, APIError):
-            return found
-        with self.lock:
-            said = what in self.fell_back
-            self.fell_back.add(what)
-        if not said:
-            _log.warning("model discovery at %s/models failed (%s); using %s",
-                         self.http.shown_url, found.message, what)
-        return []
-
-    def once(self, limit: float = math.inf) -> list[str] | APIError:
-        """The answer, asked for once; a call's deadline `limit` (seconds left) under
+    def models(self, fallback: list[str] | None, what: str = "the fallback list",
+               limit: float = math.inf) -> list[str]:
+        """The ids GET /models lists, asked for once (a failure is remembered too). When
+        it failed: `fallback`, saying once for each `what` that it is used, or without a
+        fallback the error raised. A call's deadline `limit` (seconds left) under
         _DISCOVERY_SECONDS that passes first raises its error, nothing remembered."""
         with self.lock:
             if self.found is None:
@@ -1064,7 +1051,15 @@ class _Discovery:
                         f"the call took longer than its deadline: GET /models had not "
                         f"answered after {limit:.1f} s"))
                 self.found = found
-            return self.found
+            if isinstance(self.found, list):
+                return list(self.found)
+            if fallback is None:
+                raise self.found
+            if what not in self.fell_back:
+                self.fell_back.add(what)
+                _log.warning("model discovery at %s/models failed (%s); using %s",
+                             self.http.shown_url, self.found.message, what)
+        return fallback
 
     def wait_ready(self, limit: float) -> list[str]:
         """The model ids, once GET /models answers; see Client.wait_ready."""
@@ -1088,7 +1083,7 @@ class _Discovery:
 
 def _not_ready(error: APIError) -> bool:
     """Whether an error from GET /models means "not up yet" rather than "wrong"."""
-    return error.retryable and (isinstance(error, (EndpointUnavailableError, RequestTimeoutError))
+    return error.retryable and (isinstance(error, _NO_RESPONSE_CLASSES)
                                 or error.status_code in (502, 503, 504))
 
 
@@ -1124,7 +1119,7 @@ def _ask_models(http: _Connection) -> list[str]:
         payload = json.loads(text) if status < 300 else None
     except ValueError:
         raise http.shown_error(APIError("GET /models answered with something that is not JSON: "
-                                     + repr(_trim_message(text)))) from None
+                                        + repr(_trim_message(text)))) from None
     if status >= 300 or (isinstance(payload, dict) and payload.get("error")):
         raise http.error_from_body(status, text, retry_after)
     ids = _model_ids(payload, http.note)
@@ -1142,19 +1137,23 @@ def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
     if isinstance(payload, dict):
         entries = payload.get("data")
         if entries is None and "data" in payload:
-            note("/models data: null")
+            note("/models data: null")  # Quirk(Ollama with no model installed)
         if not entries and payload.get("models") is not None:
+            # Quirk(llama.cpp, beside "data"; seen in: reference QUIRKS.md §6).
             note('/models as {"models": [...]}')
             entries = payload.get("models")
     elif isinstance(payload, list):
+        # Quirk(seen in: reference QUIRKS.md §6): the list alone, no object around it.
         note("/models as a bare list")
     ids: list[str] = []
     for entry in entries if isinstance(entries, list) else ():
         if isinstance(entry, dict):
             if not entry.get("id"):
+                # Quirk(llama.cpp's "models" entries): name and model, no id.
                 note('/models entries without "id"')
             entry = entry.get("id") or entry.get("name") or entry.get("model")
         elif isinstance(entry, str):
+            # Quirk(seen in: reference QUIRKS.md §6): ids without an object around each.
             note("/models entries as plain strings")
         if isinstance(entry, str) and entry.strip() and entry not in ids:
             ids.append(entry)
@@ -3140,11 +3139,11 @@ _BACKOFF_BASE: Final = 0.5
 _BACKOFF_MAX: Final = 8.0
 _MAX_REDIRECTS: Final = 5
 # Requests a server refuses because of one field, and the field to drop (see
-# _Connection._resend_changed). Ollama: "registry.ollama.ai/library/x does not
-# support tools"; vLLM: '"auto" tool choice requires --enable-auto-tool-choice and
-# --tool-call-parser to be set'; llama.cpp: "tools param requires --jinja flag";
-# others: "tools are not supported", "tool_choice ... not supported"; servers that do
-# not know stream_options name it.
+# _Connection._resend_changed). Quirk(Ollama): "registry.ollama.ai/library/x does not
+# support tools"; Quirk(llama.cpp): "tools param requires --jinja flag"; Quirk(servers
+# strict about the fields they take, seen in: reference QUIRKS.md §7.1): "tools are not
+# supported", "tool_choice ... not supported", and "Unrecognized request argument
+# supplied: stream_options" from a server that does not know that field.
 _REFUSED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
     ("tools", re.compile(
         r"does not support tools|tools param requires"
@@ -3158,22 +3157,23 @@ _REFUSED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
 # --enable-auto-tool-choice and --tool-call-parser to be set', for "auto" and for a
 # tool_choice left out alike; it takes "none".
 _AUTO_REFUSED: Final = re.compile(r"enable-auto-tool-choice", re.IGNORECASE)
-# A server that refuses the strict flag of a schema: its message or its "param" names it
-# (Fireworks: "Extra inputs are not permitted, field: 'strict'"; Gemini: 'Unknown name
-# "strict"').
+# Quirk(Fireworks, Gemini): a server that refuses the strict flag of a schema names it in
+# its message or its "param" (Fireworks: "Extra inputs are not permitted, field:
+# 'strict'"; Gemini: 'Unknown name "strict"').
 _STRICT_REFUSED: Final = re.compile(r"\bstrict\b")
 _STRICT_PARAM: Final = re.compile(r'"param"\s*:\s*"[^"]*\bstrict\b')
 # How an answer shaped by schema= is asked for, from the first choice down: response_format
 # json_schema; json_object with the schema, and the schema in a system message too; the
 # system message only.
 _JSON_SCHEMA, _JSON_OBJECT, _SCHEMA_IN_PROMPT = range(3)
-# A server that refuses how a schema was asked for: llama-cpp-python's 500 "1
-# validation error ... response_format.type Input should be 'text' or 'json_object'",
-# and others naming the field or its type.
+# A server that refuses how a schema was asked for: Quirk(llama-cpp-python): its 500 "1
+# validation error ... response_format.type Input should be 'text' or 'json_object'";
+# Quirk(TGI, llama.cpp, seen in: reference QUIRKS.md §7.1): a response_format type they
+# do not take, refused naming the field or its type.
 _SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
                                     re.IGNORECASE)
-# A server still loading its model: llama-server's 503 "Loading model", and 503s that
-# say they are loading or warming up.
+# A server still loading its model: Quirk(llama-server): 503 "Loading model"; and 503s
+# that say they are loading or warming up.
 _LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
 
 
@@ -3215,25 +3215,25 @@ class _Connection:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=_POOL_SIZE)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        # requests makes Basic auth of a URL's user:password, which would replace the key's
-        # header: with a key, an auth that changes nothing takes its place.
-        self.auth = _keep_auth if config.api_key else None
         self.headers = {"User-Agent": f"openai-compat/{__version__}", **headers}
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
+            # requests makes Basic auth of a URL's user:password (or a .netrc entry), which
+            # would replace the key's header: an auth that changes nothing takes its place.
+            self.session.auth = lambda request: request
         self.lock = threading.Lock()
         # Request fields never to send again; and "strict" (the strict flag refused) and
         # "auto" (tool_choice "auto" refused: "none" is sent instead), see prepare.
         self.refused: set[str] = set()
         # How this server is asked for an answer shaped by schema= (DESIGN.md,
-        # "Structured answers"), one of the _SCHEMA_FORMS; stepped down, once per
-        # Client, when the server refuses the field or ignores it.
+        # "Structured answers"): _JSON_SCHEMA, _JSON_OBJECT or _SCHEMA_IN_PROMPT; stepped
+        # down, once per Client, when the server refuses the field or ignores it.
         self.schema_form = _JSON_SCHEMA
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
         self.calls: set[_Request] = set()  # the calls in flight, which close() ends
         self.cli = False  # a Client of the command line: its errors speak its words
         self.closed = threading.Event()
-        host = parts.hostname or ""  # urlsplit lowers the scheme and the host
+        self.host = host = parts.hostname or ""  # urlsplit lowers the scheme and the host
         if (config.api_key and parts.scheme == "http" and host not in ("localhost", "::1")
                 and not host.startswith("127.") and host not in self._warned_hosts):
             self._warned_hosts.add(host)
@@ -3244,11 +3244,9 @@ class _Connection:
     def in_flight(self, request: _Request) -> Iterator[None]:
         """Keep track of a call while it runs, so that close() and its deadline (a timer,
         when it has one) can stop it from another thread (see _Request.stop)."""
-        timer = None
-        if request.deadline is not None:
-            timer = threading.Timer(max(0.0, request.ends - time.monotonic()), request.stop,
-                                    ("deadline",))
-            timer.daemon = True
+        timer = threading.Timer(max(0.0, request.ends - time.monotonic()), request.stop, ("deadline",))
+        timer.daemon = True
+        if request.deadline is not None:  # else `ends` is inf: never started
             timer.start()
         with self.lock:
             self.calls.add(request)
@@ -3259,16 +3257,14 @@ class _Connection:
         finally:
             with self.lock:
                 self.calls.discard(request)
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
 
     def close(self) -> None:
         """Stop the calls in flight, refuse new ones, and close the connection pool."""
         self.closed.set()
-        with self.lock:
-            calls = list(self.calls)
-        for request in calls:
-            request.stop("closed")
+        with self.lock:  # stop() only shuts a socket down: it never waits
+            for request in self.calls:
+                request.stop("closed")
         self.session.close()
 
     def post(self, body: dict[str, Any], request: _Request) -> requests.Response:
@@ -3343,8 +3339,7 @@ class _Connection:
                        **({"Accept-Encoding": "identity"} if body.get("stream") else {})}
         for _ in range(_MAX_REDIRECTS):
             response = self.session.request(method, url, data=data, headers=headers,
-                                            timeout=(timeout, timeout), stream=True,
-                                            allow_redirects=False, auth=self.auth)
+                                            timeout=timeout, stream=True, allow_redirects=False)
             # is_redirect: a 301, 302, 303, 307 or 308 with a Location header.
             if not (response.is_redirect and response.headers["location"]):
                 return response
@@ -3355,6 +3350,8 @@ class _Connection:
                     f"{method} {path} was redirected to {_shown_url(target)}, another server:"
                     " not followed, so that the key is not sent there; if it is the right "
                     "server, use it as the base URL", status_code=response.status_code))
+            # Quirk(no reference server: a web server or proxy in front of one that moves
+            # a path, e.g. to add a trailing slash; DESIGN.md, "Retries and time limits").
             self.note(f"redirected to {_shown_url(target)}: use it as base_url")
             url = target
         raise self.shown_error(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
@@ -3362,11 +3359,9 @@ class _Connection:
     def error_of(self, response: requests.Response, retry_after: float | None = None) -> APIError:
         """The classified error of a response with an error status or an HTML page: its
         body read (bounded; "" when it cannot be read), and the response closed."""
-        with response:
-            try:
-                raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
-            except _TRANSPORT_ERRORS:
-                raw = b""
+        raw = b""
+        with response, contextlib.suppress(*_TRANSPORT_ERRORS):
+            raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
         return self.error_from_body(response.status_code, raw.decode("utf-8", "replace"),
                                     retry_after)
 
@@ -3511,19 +3506,18 @@ class _Connection:
                     "stream": " in the middle of the stream"}.get(when, "")))
         causes = _causes(exc)
         reason = _reason(causes[-1])
-        # A broken chunked body is a connection that failed while reading, not one that
-        # could not be made: the server had answered.
-        if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or isinstance(
-                exc, requests.exceptions.ChunkedEncodingError) or when == "stream":
+        # Anything but a connection error (a broken chunked body among them: requests'
+        # ChunkedEncodingError is no ConnectionError) failed while reading, not while
+        # connecting: the server had answered.
+        if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or when == "stream":
             return self.shown_error(StreamError(
                 f"the connection broke while reading the answer: {reason}"))
         if any(isinstance(cause, urllib3.exceptions.ProxyError) for cause in causes):
             return self.proxy_error(reason)
         where = f"{self.url_source} (now {self.shown_url})"
         if any(isinstance(cause, socket.gaierror) for cause in causes):
-            host = urllib.parse.urlsplit(self.base).hostname
-            return self.unavailable(f"cannot connect: the host name {host} does not resolve: "
-                                    f"{reason}", f"Check the host name in {where}")
+            return self.unavailable(f"cannot connect: the host name {self.host} does not "
+                                    f"resolve: {reason}", f"Check the host name in {where}")
         if not any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
             return self.unavailable(f"cannot connect: {reason}")
         # A certificate is a setting to fix, never switched off here: retrying cannot help.
@@ -3569,10 +3563,6 @@ class _Connection:
         return exc
 
 
-def _keep_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
-    return request
-
-
 def _causes(exc: BaseException | None) -> list[BaseException]:
     """`exc` and the errors it wraps, outermost first: requests wraps urllib3's, which
     wrap the socket's and ssl's (in .reason, in args, or as __cause__)."""
@@ -3608,10 +3598,8 @@ def _lone_surrogate(value: Any, path: str = "") -> tuple[str, int]:
     """Where the first string that UTF-8 cannot encode is ("messages[2].content", and
     the position in it); ("", -1) when there is none."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return path or "the request", exc.start
+        bad = re.search(r"[\ud800-\udfff]", value)  # what UTF-8 cannot encode
+        return (path or "the request", bad.start()) if bad else ("", -1)
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
         value, (list, tuple)) else ()
     for key, item in items:
@@ -3735,8 +3723,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _cli_parser().parse_args(argv)
     command = [] if "--" in argv else args.words  # after --, every word is the prompt's
-    # What a script must see goes to stderr, one line each: the library's warnings (a
-    # model substitution, a pasted endpoint) and WARNING log lines; -v adds INFO.
+    # What a script must see goes to stderr, one line each: WARNING log lines, and the
+    # library's warnings (a model substitution, a pasted endpoint) through the same
+    # handler; -v adds INFO.
     shown = logging.StreamHandler(sys.stderr)
     shown.setFormatter(logging.Formatter("openai-compat: %(message)s"))
     _log.addHandler(shown)
@@ -3744,10 +3733,11 @@ def main(argv: list[str] | None = None) -> int:
     _log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _cli_warning
+            warnings.showwarning = lambda message, *_: _log.warning("warning: %s", message)
             client = _cli_client(args)
             if command == ["models"]:
-                return _cli_models(client)
+                print("\n".join(client.available_models(fallback=False)))
+                return 0
             if command == ["check"]:
                 return _cli_check(client, args.wait)
             return _cli_chat(client, _cli_prompt(args.words, args.no_stdin), args)
@@ -3762,7 +3752,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"openai-compat: {_cli_words(str(exc))}", file=sys.stderr)
         return 2
     except APIError as exc:
-        print(f"openai-compat: {type(exc).__name__}: {exc}", file=sys.stderr)
+        failed = "could not list models: " if command == ["models"] else ""
+        print(f"openai-compat: {failed}{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
         _log.removeHandler(shown)
@@ -3783,10 +3774,6 @@ def _cli_words(text: str) -> str:
     for python, flag in _CLI_WORDS:
         text = text.replace(python, flag)
     return text
-
-
-def _cli_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
-    print(f"openai-compat: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _cli_parser() -> argparse.ArgumentParser:
@@ -3833,9 +3820,7 @@ def _cli_client(args: argparse.Namespace) -> Client:
         headers[name.strip()] = value
     client = Client(args.base_url, model=args.model, timeout=args.timeout, headers=headers,
                     deadline=args.deadline)
-    if (args.base_url or "").strip():
-        client._http.url_source = "--base-url"
-    client._http.cli = True
+    client._http.cli = True  # its hints say --base-url where they say base_url=
     return client
 
 
@@ -3920,16 +3905,6 @@ def _chunk_json(chunk: Chunk) -> dict[str, Any]:
         data["usage"] = usage and {key: getattr(usage, key) for key in (
             "prompt_tokens", "completion_tokens", "total_tokens")}
     return data
-
-
-def _cli_models(client: Client) -> int:
-    try:
-        print("\n".join(client.available_models(fallback=False)))
-    except APIError as exc:
-        print(f"openai-compat: could not list models: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
-        return 1
-    return 0
 
 
 def _cli_check(client: Client, wait: float | None = None) -> int:
