@@ -1600,8 +1600,9 @@ class _Lines:
             if block.startswith(_BOM):
                 self.note("BOM before the first event")
                 block = block[len(_BOM):]
-        # The bound: the first event that ends in this block (a blank line that opens the
-        # block ends the event before it), then the one under way, tail included.
+        # The module's bound, not the spec's (a server that never ends an event would fill
+        # the memory): the first event that ends in this block (a blank line that opens
+        # the block ends the event before it), then the one under way, tail included.
         end = block.rfind(b"\n\n")
         ended = 0
         if end >= 0 or block[:1] == b"\n":
