@@ -326,12 +326,14 @@ _ERROR_PATTERNS: Final[tuple[tuple[type[APIError], re.Pattern[str]], ...]] = (
     # vLLM "The model `qwen2.5-7b` does not exist.", Ollama "model "llama3.2" not found,
     # try pulling it first", OpenAI model_not_found, LiteLLM "Invalid model name passed",
     # Fireworks "Model not found, inaccessible", Together "Unable to access model x",
-    # Gemini "models/x is not found for API version v1beta". First, so that nothing an id holds
+    # Gemini "models/x is not found for API version v1beta", transformers serve "Server is
+    # pinned to 'DIR'; requested 'x'." (a 400 {"detail"}). First, so that nothing an id holds
     # (a "context" or "rate-limit" in its name) can outrank it; the gap after "model"
     # takes any character but a newline: ids hold dots, colons, slashes, @ and quotes.
     (ModelNotFoundError, re.compile(
         r"\bmodels?\b[^\n]{0,200}?\b(?:not found|does not exist|not exist|is not available)"
-        r"|model_not_found|invalid model name|unknown model|no such model|unable to access model",
+        r"|model_not_found|invalid model name|unknown model|no such model|unable to access model"
+        r"|server is pinned to",
         re.IGNORECASE)),
     # vLLM/OpenAI/llama-cpp-python "maximum context length is N tokens", llama.cpp
     # exceed_context_size_error "exceeds the available context size", LiteLLM
