@@ -1241,11 +1241,10 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
     """Check the options and build the request (raises ConfigError, sends nothing; a
     closed Client raises its StreamError)."""
     started = time.monotonic()
-    _check_options(options)
+    _check_options(options, prompt)
     opts = dict(options)
     # The library's own options leave `opts`; what stays are OpenAI's parameters.
     own = {name: opts.pop(name, None) for name in _OWN_OPTIONS}
-    _check_types({**opts, **own, "prompt": prompt})
     deadline = client.config.deadline if own["deadline"] is None else _parse_number(
         str(own["deadline"]), "deadline=", None)
     ends = math.inf if deadline is None else started + deadline
@@ -1272,15 +1271,16 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
     body: dict[str, Any] = {"model": model, "messages": turns}
     body.update((k, v) for k, v in opts.items() if v is not None)
     if tools:
-        body["tools"] = [_tool_spec(t) for t in tools]
+        body["tools"] = [_tool_spec(tool) for tool in tools]
         body["tool_choice"] = "auto" if own["tool_choice"] is None else own["tool_choice"]
     body.update(own["extra_body"] or {})
     return _Request(body, {tool.name: tool for tool in tools}, max_steps, timeout, headers, schema,
                     answer_type, sent, strict, deadline, ends)
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
-    """Raise ConfigError for a keyword that is neither the library's nor OpenAI's."""
+def _check_options(options: Mapping[str, Any], prompt: str | None) -> None:
+    """ConfigError for a keyword that is neither the library's nor OpenAI's, and for a
+    value of the wrong type (a bool is no number)."""
     for name in [n for n in options if n not in _OWN_OPTIONS and n not in _OPENAI_PARAMETERS]:
         if name == "stream":
             raise ConfigError("stream= is not an option: call stream() to stream, generate() "
@@ -1289,12 +1289,8 @@ def _check_options(options: Mapping[str, Any]) -> None:
         hint = f"did you mean {close[0]}=? " if close else ""
         raise ConfigError(f"unknown option {name}=: {hint}Fields a server adds to OpenAI's "
                           f"go in extra_body={{{name!r}: ...}}")
-
-
-def _check_types(values: Mapping[str, Any]) -> None:
-    """ConfigError naming an option whose value has the wrong type (a bool is no number)."""
     for name, kinds in _OPTION_TYPES.items():
-        value = values.get(name)
+        value = prompt if name == "prompt" else options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
             kind = {str: "a str", int: "a whole number"}.get(kinds[0], "a number")
             raise ConfigError(f"{name}= must be {kind}, got {type(value).__name__} "
@@ -1409,7 +1405,7 @@ def _iter_steps(client: Client, request: _Request,
         for number in range(1, request.max_steps + 1):
             halted = request.halted()
             if halted is not None:
-                raise http.shown_error(halted)
+                raise halted
             form = http.schema_form
             step = yield from _model_call(client, {**request.body, "messages": list(messages)},
                                           number, request)
@@ -1459,23 +1455,21 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     40 lines for that reason.
     """
     http, note = client._http, client._note
-    http.prepare(body, request)
-    answer = _Answer(step, note)
-    if client._tools_unstreamed and "tools" in body:
-        return (yield from _ask_unstreamed(client, body, request, answer))
     body["stream"] = True
-    if "stream_options" not in body and "stream_options" not in http.refused:
-        # Ask for usage; servers that reject the field lose it once.
-        body["stream_options"] = {"include_usage": True}
-    seen = False
+    # Ask for usage; a server that rejects the field loses it once (prepare drops it).
+    body.setdefault("stream_options", {"include_usage": True})
+    http.prepare(body, request)
+    if client._tools_unstreamed and "tools" in body:
+        return (yield from _ask_unstreamed(client, body, request, step))
+    event = None  # until the first event comes
     with http.post(body, request) as response:
         if _not_an_event_stream(http, response):
-            return (yield from _ask_unstreamed(client, body, request, answer, response))
+            return (yield from _ask_unstreamed(client, body, request, step, response))
+        answer = _Answer(step, note)
         add = answer.add
         chunks = _body_chunks(response)
         try:
             for event in _iter_events(chunks, note):
-                seen = True
                 data = event.data
                 if data[:1] != "{":
                     data = answer.json_text(data)
@@ -1488,19 +1482,15 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
                 if "error" in payload or "choices" not in payload:
                     _raise_stream_error(payload, data, event.event, note)
                 made = add(payload)
-                if made is not None:
-                    if isinstance(made, list):
-                        yield from made
-                    else:
-                        yield made
+                if isinstance(made, Chunk):
+                    yield made
+                elif made:  # a list of Chunks, or None
+                    yield from made
         except (APIError, ValueError, RecursionError, *_TRANSPORT_ERRORS) as exc:
             raise _cut_short(exc, answer, http, request) from None
         if answer.done:
             _drain(response, chunks)
-    if not seen and not request.stopped:
-        _note_empty_stream(client, body)
-        return (yield from _ask_unstreamed(client, body, request, answer))
-    return _ended(client, answer, body, request)
+    return (yield from _ended(client, answer, body, request, seen=event is not None))
 
 
 def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool:
@@ -1509,8 +1499,8 @@ def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool
     content_type = response.headers.get("content-type", "").lower()
     if "text/html" in content_type:
         raise http.error_of(response)
-    # Quirk(LM Studio, proxies): one JSON document for a stream request (LM Studio's
-    # 200 error for an unknown route, servers ignoring stream).
+    # A JSON document for a stream request: an error with a 200 (LM Studio, for an
+    # unknown route) or a complete answer (see _ask_unstreamed).
     return "json" in content_type and "event-stream" not in content_type
 
 
@@ -1534,14 +1524,14 @@ def _body_chunks(response: requests.Response) -> Iterable[bytes]:
 
 def _iter_events(chunks: Iterable[bytes], note: Callable[[str], None]
                  ) -> Iterator[sseclient.Event]:
-    """The SSE events in body bytes: sseclient-py's parser, fed whole lines.
+    """The SSE events in body bytes: sseclient-py's parser, fed whole lines. An LF after
+    the last chunk ends a partial last line, so that a truncated event reaches the JSON
+    parser and fails there, loudly.
 
-    NOTE: map() and iter() are C iterators: the lines cost a call per chunk, not a
+    NOTE: map() and chain() are C iterators: the lines cost a call per chunk, not a
     generator frame between the socket and sseclient-py.
     """
-    lines = _Lines(note)
-    return sseclient.SSEClient(itertools.chain(map(lines.feed, chunks),
-                                               iter(lines.flush, b""))).events()
+    return sseclient.SSEClient(map(_Lines(note).feed, itertools.chain(chunks, [b"\n"]))).events()
 
 
 _BOM: Final = b"\xef\xbb\xbf"
@@ -1550,90 +1540,93 @@ _LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
 
 @dataclass(slots=True)
 class _Lines:
-    """Regroups body bytes into blocks of whole, LF-terminated lines for sseclient-py.
+    """Regroups body bytes into blocks of whole, LF-terminated lines for sseclient-py,
+    applying on the way what the spec (WHATWG server-sent events) asks of a stream's
+    bytes and sseclient-py leaves out, and the module's own bound:
 
-    Drops a leading BOM (also when split; Spec: WHATWG server-sent events), normalises
-    CRLF and lone CR to LF as bytes arrive (also when a CRLF is split), replaces
-    invalid UTF-8 with U+FFFD as the spec's decoder does, turns llama.cpp's legacy
-    `error: {...}` line into an `event: error` with data, and raises StreamError when
-    one event grows past `limit` bytes. A partial last line at EOF is passed on
-    terminated, so a truncated event reaches the JSON parser and fails there, loudly.
-    `note` hears of each of these deviations (OpenAI sends none of them).
+    - the bytes are UTF-8: a BOM that opens the stream is dropped (also when split
+      between reads), and bytes that are not UTF-8 read as U+FFFD;
+    - a line ends at CRLF, LF or a lone CR (also when a CRLF is split): each becomes LF;
+    - llama.cpp's legacy `error: {...}` line becomes an `event: error` with its data;
+    - one event may not grow past `limit` bytes (StreamError).
+
+    Only whole lines go on, so that a character or a line split between two reads is
+    mended whole. `note` hears of each deviation (OpenAI sends none of them).
     """
 
     note: Callable[[str], None]
     limit: int = _MAX_EVENT_BYTES
     tail: bytearray = field(default_factory=bytearray)  # the unfinished last line
     open_size: int = 0  # bytes of the event under way, before the tail
-    skip_lf: bool = False  # the last chunk ended in a CR
-    head: bytes | None = b""  # the first bytes, until they tell whether a BOM came
+    skip_lf: bool = False  # the last chunk ended in a CR: an LF opening the next is its pair
+    started: bool = False  # lines have gone on: a BOM can no longer come
     plain: bool = False  # nothing pending: the next chunk may take the short way
 
     def feed(self, chunk: bytes) -> bytes:
         """The whole lines `chunk` completes (b"" when none).
 
-        NOTE: every event passes here. The common chunk, whole events in ASCII ending in
-        LF with nothing pending, costs a few scans of its bytes and no copy. Over 40
-        lines: a call per step would cost on every chunk.
+        NOTE: every event passes here. The common chunk takes the short way: a few
+        scans of its bytes and no copy. Any other goes through each rule in turn, in
+        this one call (over 40 lines: the rules read in order, and a call per rule
+        would cost on every chunk).
         """
-        last = len(chunk) - 1
-        if (self.plain and chunk.find(b"\n") == last - 1 and chunk[last] == 10
-                and last < self.limit and chunk.isascii() and chunk.startswith(b"data")):
-            return chunk  # one data line and its blank line: nothing to mend
-        if self.head is not None:
-            chunk, self.head = self.head + chunk, None
-            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
-                self.head, chunk = chunk, b""  # too few bytes yet to tell
-            elif chunk.startswith(_BOM):
-                self.note("BOM before the first event")
-                chunk = chunk[len(_BOM):]
+        # The short way: one `data:` line and the blank line that ends its event (the
+        # chunk's first LF is its last but one byte, and the last is LF too), in ASCII,
+        # no longer than an event may be, with nothing pending. No rule below has
+        # anything to do: no BOM, CR, bad byte or legacy line, nothing to join.
+        size = len(chunk)
+        if (self.plain and chunk.find(b"\n") == size - 2 and chunk[-1] == 10
+                and size <= self.limit and chunk.isascii() and chunk.startswith(b"data")):
+            return chunk
+        # Spec: a line ends at CRLF, LF or a lone CR. A CR that ends the chunk may be half
+        # of a CRLF: it ends its line now (no delay for CR-only servers), and an LF that
+        # opens the next chunk is dropped.
         if self.skip_lf:
             chunk = chunk.removeprefix(b"\n")
-        # A CR at the end may be half of a CRLF: emit it as LF now (no delay for CR-only
-        # servers) and drop an LF that starts the next chunk.
         self.skip_lf = chunk[-1:] == b"\r"
         if b"\r" in chunk:
             # Quirk(sse-starlette, Azure, proxies): OpenAI ends lines with LF alone.
             self.note("CR or CRLF line endings in streams")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        # Whole lines only: the unfinished last one waits in `tail` for its end.
         cut = chunk.rfind(b"\n") + 1
-        block = b""
-        ended = 0  # the size of the first event that ends in this block, if one does
-        if cut:
-            block = b"".join((self.tail, chunk[:cut])) if self.tail else chunk[:cut]
+        block = chunk[:cut]
+        if cut and self.tail:
+            block = b"".join((self.tail, block))
             self.tail.clear()
-            # The last blank line in the block; one that opens the block (the line before
-            # ended the last block) is at -1, as rfind says when it finds none.
-            end = block.rfind(b"\n\n")
-            if end >= 0 or block[:1] == b"\n":
-                ended = self.open_size + block.find(b"\n\n")
-                self.open_size = len(block) - end - 2
-            else:
-                self.open_size += len(block)
         self.tail += chunk[cut:]
+        # Spec: the UTF-8 decoder drops one BOM that opens the stream. No server is known
+        # to send one; sseclient-py would lose the first event behind it.
+        if block and not self.started:
+            self.started = True
+            if block.startswith(_BOM):
+                self.note("BOM before the first event")
+                block = block[len(_BOM):]
+        # The module's bound, not the spec's (a server that never ends an event would fill
+        # the memory): the first event that ends in this block (a blank line that opens
+        # the block ends the event before it), then the one under way, tail included.
+        end = block.rfind(b"\n\n")
+        ended = 0
+        if end >= 0 or block[:1] == b"\n":
+            ended = self.open_size + block.find(b"\n\n")
+            self.open_size = len(block) - end - 2
+        else:
+            self.open_size += len(block)
         if ended > self.limit or self.open_size + len(self.tail) > self.limit:
             raise StreamError(f"one stream event is larger than {self.limit} bytes")
-        self.plain = self.head is None and not (self.tail or self.open_size or self.skip_lf)
-        return block if block.isascii() and b"error:" not in block else self._mend(block)
-
-    def flush(self) -> bytes:
-        """At EOF: the partial last line (or fewer bytes than a BOM, all that came),
-        terminated (once); then b""."""
-        block = b"".join((self.head or b"", self.tail))
-        self.head, self.tail = None, bytearray()
-        return self._mend(block + b"\n") if block else b""
-
-    def _mend(self, block: bytes) -> bytes:
-        """A block that is not plain ASCII, or may hold a legacy error line, made into
-        what sseclient-py can read."""
-        try:
-            block.decode("utf-8")
-        except UnicodeDecodeError:
-            # Quirk(llama.cpp): a token that splits a multibyte character, streamed alone.
-            self.note("invalid UTF-8 in streams (read as U+FFFD)")
-            block = block.decode("utf-8", "replace").encode("utf-8")
+        self.plain = self.started and not (self.tail or self.open_size or self.skip_lf)
+        if not block.isascii():
+            try:
+                block.decode("utf-8")
+            except UnicodeDecodeError:
+                # Spec: the UTF-8 decoder reads each invalid sequence as U+FFFD.
+                # Quirk(llama.cpp): a token that splits a multibyte character, streamed
+                # alone.
+                self.note("invalid UTF-8 in streams (read as U+FFFD)")
+                block = block.decode("utf-8", "replace").encode("utf-8")
         if b"error:" in block:
-            # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line.
+            # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line, which
+            # sseclient-py, as the spec asks of an unknown field, would drop.
             block, count = _LEGACY_ERROR_LINE.subn(b"event: error\ndata:", block)
             if count:
                 self.note("legacy `error:` lines in streams")
@@ -1654,11 +1647,11 @@ def _raise_stream_error(payload: Any, data: str, event: str,
     if err is None and payload.get("object") != "error" and event != "error":
         return
     if payload.get("object") == "error":
-        note("errors in streams as object: error")
+        note("errors in streams as object: error")  # Quirk(vLLM < 0.10.1, Mistral)
     if err is None and event == "error":
         err = payload  # a legacy `error:` line (noted by _Lines): the JSON is the error
     elif event == "error":
-        note("errors in streams as event: error")
+        note("errors in streams as event: error")  # Quirk(Groq)
     # The form of the body was noted above, as a whole: not each of its fields.
     message, tags = _error_fields({"error": err} if isinstance(err, dict) else payload,
                                   lambda quirk: None)
@@ -1681,28 +1674,39 @@ def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
     """The error of a stream that failed after its answer began (never retried: the
     caller has seen part of it), keeping the text that had arrived; a stream stopped
     by its deadline or by close() says so."""
-    halted = request.halted()
-    if halted is not None:
-        error = halted
-    elif isinstance(exc, APIError):
-        error = exc
-    elif isinstance(exc, (ValueError, RecursionError)):
-        error = StreamError("the stream was cut short or sent malformed JSON")
-    else:
-        error = http.transport_error(exc, request.timeout, "stream")
+    if isinstance(exc, (ValueError, RecursionError)):
+        exc = StreamError("the stream was cut short or sent malformed JSON")
+    error = request.halted() or (exc if isinstance(exc, APIError)
+                                 else http.transport_error(exc, request.timeout, "stream"))
     error.partial_text = "".join(answer.text)
-    return http.shown_error(error)
+    return error
 
 
-def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request) -> Step:
-    """The Step of a stream that has ended; a StreamError when it was cut short."""
+def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request,
+           seen: bool) -> Generator[Chunk, None, Step]:
+    """How a stream ended: its Step, or a StreamError when it was cut short. A stream in
+    which no event was `seen` is asked for again, unstreamed: that answer's Chunks, then
+    its Step."""
+    if not seen and not request.stopped:
+        # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure after the
+        # headers), for instance for streamed tool_choice "auto" or a prompt beyond the
+        # context. Nothing was yielded: ask once more without streaming, which answers or
+        # raises the classified error. With tools, assume the server cannot stream them
+        # and stop trying.
+        tools = "tools" in body and not client._tools_unstreamed
+        client._tools_unstreamed |= tools
+        client._note("tool calls only unstreamed" if tools
+                     else "empty 200 stream: asked again without streaming")
+        _log.warning("the server ended a stream without any event; asking again without "
+                     "streaming%s", " (and for calls with tools from now on)" if tools else "")
+        return (yield from _ask_unstreamed(client, body, request, answer.step))
     _note_model(client, body.get("model"), answer.model)
     if not answer.done and answer.finish_reason is None:
-        error = request.halted() or StreamError(
-            "the stream ended before the answer was finished (no finish_reason, no [DONE])")
-        error.partial_text = "".join(answer.text)
-        raise client._http.shown_error(error)
+        raise _cut_short(StreamError("the stream ended before the answer was finished (no "
+                                     "finish_reason, no [DONE])"), answer, client._http, request)
     if not answer.done:
+        # Quirk(transformers serve; llama.cpp and Ollama after an error: seen in reference
+        # QUIRKS.md §1.4): OpenAI ends every stream with [DONE].
         client._note("no [DONE] at the end of streams")
     step = answer.finish()
     options = body.get("stream_options")
@@ -1711,25 +1715,12 @@ def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Requ
     return step
 
 
-def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
-    # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure after the
-    # headers), for instance for streamed tool_choice "auto" or a prompt beyond the
-    # context. Nothing was yielded: ask once more without streaming, which answers or
-    # raises the classified error. With tools, assume the server cannot stream them
-    # and stop trying.
-    tools = "tools" in body and not client._tools_unstreamed
-    client._tools_unstreamed |= tools
-    client._note("tool calls only unstreamed" if tools
-                 else "empty 200 stream: asked again without streaming")
-    _log.warning("the server ended a stream without any event; asking again without "
-                 "streaming%s", " (and for calls with tools from now on)" if tools else "")
-
-
-def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, answer: _Answer,
-               response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
-    """One model call answered whole: its Chunks, then its Step. Asked for without
-    streaming (servers send such an answer only once it is complete), unless `response`
-    is the JSON document a server sent to a stream request."""
+def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, step: int,
+                    response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
+    """One model call answered whole, read as one event whose choice holds the whole
+    message: its Chunks, then its Step. Asked for without streaming (servers send such
+    an answer only once it is complete), unless `response` is the JSON document a
+    server sent to a stream request."""
     http = client._http
     if response is None:
         body.pop("stream", None)
@@ -1739,13 +1730,19 @@ def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, ans
         payload = http.read_json(response, request)
     if isinstance(payload, dict):
         if "stream" in body and payload.get("choices"):
+            # Quirk(a complete answer to a stream request: seen in reference QUIRKS.md
+            # §1.7, which names no server; LM Studio's 200 for an unknown route is an error).
             http.note("one JSON document for a stream request")
         _note_model(client, body.get("model"), payload.get("model"))
-    try:
-        chunks = answer.unstreamed(payload)
-    except APIError as exc:
-        raise http.shown_error(exc) from None
-    yield from chunks
+    if not isinstance(payload, dict) or payload.get("error") or payload.get("object") == "error":
+        text = json.dumps(payload, ensure_ascii=False)
+        raise _error_from_body(200, text, client._note, decoded=payload)
+    if _choice_zero(payload.get("choices")) is None:
+        raise APIError("the server answered without choices: " + _trim_message(
+            json.dumps(payload, ensure_ascii=False)))
+    answer = _Answer(step, client._note, streamed=False)
+    made = answer.add(payload)
+    yield from made if isinstance(made, list) else [made] if made is not None else []
     return answer.finish()
 
 
@@ -1818,6 +1815,7 @@ class _Answer:
             # text of the others. None of them: an empty choice, which yields nothing.
             self._keep_others(choices)
             choice = _choice_zero(choices) or {}
+        # A whole answer's choice holds a message (see _ask_unstreamed); a stream's, a delta.
         delta = choice.get("delta") or choice.get("message")
         content = delta.get("content") if delta.__class__ is dict else None
         if content.__class__ is str and (len(delta) == 1 or _TEXT_DELTA.issuperset(delta)):
@@ -1861,6 +1859,8 @@ class _Answer:
             if delta.get("function_call"):
                 self.note("legacy function_call beside tool_calls")
         elif isinstance(delta.get("function_call"), dict):
+            # Quirk(none seen: reference QUIRKS.md §3.7 found no server that sends a
+            # function_call alone; read as the one call, as OpenAI's legacy format meant).
             self.note("legacy function_call instead of tool_calls")
             self.fragments.append((0, {"index": 0, "function": delta["function_call"]}))
         return chunks
@@ -1903,31 +1903,18 @@ class _Answer:
         stripped = data.strip()
         if stripped.startswith("[DONE]"):
             if data != "[DONE]":
-                # Quirk(several servers): a space before [DONE], or padding after it.
+                # Quirk(servers unnamed in reference QUIRKS.md §1.4): a space before
+                # [DONE], or padding after it.
                 self.note("spaces around [DONE]")
             self.done = True
             return ""
         if not stripped.startswith("{"):
-            # Quirk(gateways): data lines of their own that are not JSON are skipped.
+            # Quirk(gateways; none named in the reference notes): data lines of their own
+            # that are not JSON are skipped, not taken for a broken stream.
             self.note("non-JSON data in streams skipped")
             _log.debug("skipping a stream event that is not JSON: %.80r", stripped)
             return ""
         return stripped
-
-    def unstreamed(self, payload: Any) -> list[Chunk]:
-        """The Chunks of a non-streamed answer, read as one event whose choice holds a
-        whole message."""
-        self.streamed = False
-        if not isinstance(payload, dict) or payload.get("error") or payload.get(
-                "object") == "error":
-            text = json.dumps(payload, ensure_ascii=False)
-            raise _error_from_body(200, text, self.note, decoded=payload)
-        if _choice_zero(payload.get("choices")) is None:
-            raise APIError("the server answered without choices: " + _trim_message(
-                json.dumps(payload, ensure_ascii=False)))
-        made = self.add(payload)
-        self.finish_reason = self.finish_reason or "stop"
-        return made if isinstance(made, list) else [made] if made is not None else []
 
     def finish(self) -> Step:
         """The model call's Step, its tool calls assembled (their results come later)."""
@@ -1936,8 +1923,8 @@ class _Answer:
         if reason in _STOP_ALIASES:
             self.note(f"finish_reason {reason!r} for stop")
             reason = "stop"
-        elif reason is None:
-            reason = "tool_calls" if calls else "stop"
+        elif reason is None:  # a whole answer without one says nothing of its calls
+            reason = "tool_calls" if calls and self.streamed else "stop"
         text = "".join(self.text)
         return Step(text, "".join(self.reasoning), "".join(self.refusal), calls, [], reason,
                     _usage(self.usage),
@@ -1946,7 +1933,8 @@ class _Answer:
 
 def _choice_zero(choices: Any) -> dict[str, Any] | None:
     """The choice with index 0 (or none): with n > 1 (OpenAI, vLLM) chunks of several
-    choices interleave, and only the first answer is followed, never braided."""
+    choices interleave, and only the first answer is followed, never braided. An index
+    "0", a string, counts as 0 (no server is known to send one)."""
     for choice in choices if isinstance(choices, list) else ():
         if isinstance(choice, dict) and choice.get("index") in (None, 0, "0"):
             return choice
@@ -1954,6 +1942,8 @@ def _choice_zero(choices: Any) -> dict[str, Any] | None:
 
 
 def _usage(raw: Any) -> Usage | None:
+    """The Usage of a usage object: a missing or non-integer count reads 0, and a missing
+    total the sum (no server is known to leave one out: a guard, not a quirk)."""
     if not isinstance(raw, dict):
         return None
     counts = [raw.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
