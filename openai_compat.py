@@ -822,27 +822,29 @@ def _check_header_value(value: object, what: str) -> None:
                           "a rich-text editor?)")
 
 
-def _parse_number(raw: str | None, name: str, default: float | None, *,
+def _parse_number(value: object, name: str, default: float | None, *,
                   integer: bool = False) -> Any:
     """Seconds from a setting (a silence limit, a deadline): above 0, at most _MAX_TIMEOUT
     (larger ones, inf included, overflow the platform's socket timeouts); with `integer`,
-    a count of 0 or more. ConfigError naming `name` for anything else."""
-    if raw is None:
+    a count of 0 or more; `default` for None. ConfigError naming `name` for anything else
+    (a bool too: its text is no number)."""
+    if value is None:
         return default
+    raw = str(value)
     try:
-        value = int(raw) if integer else float(raw)
+        number = int(raw) if integer else float(raw)
     except ValueError:
         kind = "a whole number" if integer else "a number of seconds"
         raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
-    if integer and value < 0:
+    if integer and number < 0:
         raise ConfigError(f"{name} must be 0 or more (got {raw!r})")
-    if not integer and not 0 < value <= _MAX_TIMEOUT:  # nan too
+    if not integer and not 0 < number <= _MAX_TIMEOUT:  # nan too
         meaning = ("the time a whole call may take" if "DEADLINE" in name.upper() else
                    "the silence allowed between bytes, so that a dead server cannot hang "
                    "the program")
         raise ConfigError(f"{name} must be a positive number of seconds, at most "
                           f"{_MAX_TIMEOUT:.0f} (got {raw!r}): {meaning}")
-    return value
+    return number
 
 # ==== Client ====
 
@@ -946,8 +948,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         raises the last classified error; any other error (a wrong key, no /models
         route) is raised at once, since waiting cannot mend it.
         """
-        limit = self.config.timeout if timeout is None else _parse_number(
-            str(timeout), "timeout=", self.config.timeout)
+        limit = _parse_number(timeout, "timeout=", self.config.timeout)
         return self._discovery.wait_ready(limit)
 
     def stream(self, prompt: str | None = None, **options: Any) -> Stream:
@@ -1245,8 +1246,7 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
     opts = dict(options)
     # The library's own options leave `opts`; what stays are OpenAI's parameters.
     own = {name: opts.pop(name, None) for name in _OWN_OPTIONS}
-    deadline = client.config.deadline if own["deadline"] is None else _parse_number(
-        str(own["deadline"]), "deadline=", None)
+    deadline = _parse_number(own["deadline"], "deadline=", client.config.deadline)
     ends = math.inf if deadline is None else started + deadline
     if client._http.closed.is_set():
         raise client._http.shown_error(_client_closed())
@@ -1255,8 +1255,7 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
     max_steps = DEFAULT_MAX_STEPS if own["max_steps"] is None else own["max_steps"]
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ConfigError(f"max_steps must be a whole number of at least 1 (got {max_steps!r})")
-    timeout = client.config.timeout if own["timeout"] is None else _parse_number(
-        str(own["timeout"]), "timeout=", client.config.timeout)
+    timeout = _parse_number(own["timeout"], "timeout=", client.config.timeout)
     if own["extra_body"] is not None and not isinstance(own["extra_body"], Mapping):
         raise ConfigError("extra_body= must be a dict of fields to add to the request body")
     schema, answer_type = _answer_schema(own["schema"])
@@ -1292,7 +1291,7 @@ def _check_options(options: Mapping[str, Any], prompt: str | None) -> None:
     for name, kinds in _OPTION_TYPES.items():
         value = prompt if name == "prompt" else options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-            kind = {str: "a str", int: "a whole number"}.get(kinds[0], "a number")
+            kind = {str: "a str", int: "a whole number", float: "a number"}[kinds[-1]]
             raise ConfigError(f"{name}= must be {kind}, got {type(value).__name__} "
                               f"{_short(value) if isinstance(value, str) else repr(value)[:40]}")
 
@@ -2572,8 +2571,8 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
 
 def _is_model(annotation: Any) -> bool:
     """A pydantic (v2) model class, known by its methods: pydantic is never imported."""
-    return isinstance(annotation, type) and all(
-        callable(getattr(annotation, name, None)) for name in ("model_json_schema", "model_validate"))
+    return isinstance(annotation, type) and all(callable(getattr(annotation, name, None))
+                                                for name in ("model_json_schema", "model_validate"))
 
 
 def _model_schema(model: Any, where: str, defs: dict[str, Any]) -> dict[str, Any]:
@@ -2728,7 +2727,7 @@ def _validate(value: Any, schema: Any) -> str | None:
     loop that never ends.
     """
     try:
-        return _Checking(schema).check(value, schema, "$")
+        return _Check(schema).problem(value, schema, "$")
     except (RecursionError, LookupError):  # LookupError: a $ref _vet_schema refuses
         return "$: nested too deeply to check"
 
@@ -2812,7 +2811,7 @@ def _regex(pattern: str) -> re.Pattern[str]:
                                   pattern), re.ASCII)
 
 
-class _Checking:
+class _Check:
     """One check against one schema: the root its $ref pointers resolve in, and the
     ($ref target, value) pairs being checked, as meeting one again inside itself is a
     loop that would never end."""
@@ -2821,18 +2820,19 @@ class _Checking:
         self.root = root
         self.active: set[tuple[int, int]] = set()
 
-    def check(self, value: Any, schema: Any, path: str) -> str | None:
+    def problem(self, value: Any, schema: Any, path: str) -> str | None:
         """The first problem of `value` (found at `path`) against a subschema, or None:
         each keyword's step, for the values of the type it applies to."""
         if not isinstance(schema, dict):
             return f"{path}: unexpected value" if schema is False else None
-        return _first_problem(step(self, value, arg, schema, path) for keyword, arg in schema.items()
-                      for _, kind, step in [_KEYWORDS.get(keyword, _ANNOTATION)]
-                      if step and (not kind or _TYPES[kind](value)))
+        return _first_problem(step(self, value, arg, schema, path)
+                              for keyword, arg in schema.items()
+                              for _, kind, step in [_KEYWORDS.get(keyword, _ANNOTATION)]
+                              if step and (not kind or _TYPES[kind](value)))
 
 
 def _first_problem(problems: Iterable[str | None]) -> str | None:
-    """The first problem (the iterable is lazy, so checking stops there)."""
+    """The first problem (the iterable is lazy, so check stops there)."""
     return next((problem for problem in problems if problem is not None), None)
 
 
@@ -2842,7 +2842,7 @@ def _types_of(schema: Any) -> list[str]:
     return [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
 
 
-def _type(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _type(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """type: a name or a list of names, one of which the value must be."""
     if any(_TYPES[kind](value) for kind in _types_of(schema)):
         return None
@@ -2854,60 +2854,61 @@ def _options(arg: list[Any]) -> str:
     return ", ".join(map(_short, arg[:_MAX_OPTIONS])) + ", ..." * (len(arg) > _MAX_OPTIONS)
 
 
-def _required(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _required(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """required: the fields an object must have (the first missing one is named)."""
     missing = next((name for name in arg if name not in value), None)
     return None if missing is None else f"{path}: missing required field {_short(missing)}"
 
 
-def _dependent_required(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _dependent_required(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """dependentRequired: the fields an object must have when it has a given one."""
     return _first_problem(f"{problem} (required with {_short(key)})" for key, names in arg.items()
-                  if key in value and (problem := _required(checking, value, names, schema, path)))
+                  if key in value and (problem := _required(check, value, names, schema, path)))
 
 
-def _properties(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _properties(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """properties: each field it names matches that field's schema."""
-    return _first_problem(checking.check(item, arg[key], _at(path, key))
+    return _first_problem(check.problem(item, arg[key], _at(path, key))
                   for key, item in value.items() if key in arg)
 
 
-def _pattern_properties(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _pattern_properties(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """patternProperties: each field matches the schema of every regex its name matches."""
-    return _first_problem(checking.check(item, sub, _at(path, key)) for key, item in value.items()
+    return _first_problem(check.problem(item, sub, _at(path, key)) for key, item in value.items()
                   for pattern, sub in arg.items() if _regex(pattern).search(key))
 
 
-def _additional(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _additional(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec: additionalProperties applies to the keys that properties and
     patternProperties (of the same schema) do not name."""
     return _first_problem(f"{_at(path, key)}: unexpected field" if arg is False else
-                  checking.check(value[key], arg, _at(path, key))
+                  check.problem(value[key], arg, _at(path, key))
                   for key in value if not _names_property(schema, key))
 
 
-def _property_names(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _property_names(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """propertyNames: each field name, a string, matches the schema."""
-    return _first_problem(checking.check(key, arg, f"{_at(path, key)}: field name") for key in value)
+    return _first_problem(check.problem(key, arg, f"{_at(path, key)}: field name") for key in value)
 
 
-def _dependent_schemas(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _dependent_schemas(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """dependentSchemas: an object that has a given field matches that field's schema."""
-    return _first_problem(checking.check(value, sub, path) for key, sub in arg.items() if key in value)
+    return _first_problem(check.problem(value, sub, path)
+                          for key, sub in arg.items() if key in value)
 
 
-def _items(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _items(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec (2020-12): prefixItems (arg a list) describes the first elements one by one,
     items the elements after those."""
     start = 0 if isinstance(arg, list) else len(schema.get("prefixItems", ()))
     subs = arg if isinstance(arg, list) else [arg] * len(value)
-    return _first_problem(checking.check(item, sub, f"{path}[{index}]")
+    return _first_problem(check.problem(item, sub, f"{path}[{index}]")
                   for index, (item, sub) in enumerate(zip(value[start:], subs), start))
 
 
-def _contains(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _contains(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec: minContains (1 when not given) and maxContains bound how many items match."""
-    found = sum(checking.check(item, arg, path) is None for item in value)
+    found = sum(check.problem(item, arg, path) is None for item in value)
     least, most = schema.get("minContains", 1), schema.get("maxContains", found)
     if least <= found <= most:
         return None
@@ -2932,64 +2933,65 @@ def _rule(holds: Callable[[Any, Any], Any], words: str, measure: Callable[[Any],
     """The step of a keyword that is met when holds(value, its argument) (or the value's
     measure: minLength's len); `words` say what must hold, in a message, and `show`
     how the argument reads there."""
-    def step(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+    def step(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
         measured = value if measure is None else measure(value)
         return None if holds(measured, arg) else (
             f"{path}: must {words.format((show or _short)(arg))}, got {_short(measured)}")
     return step
 
 
-def _all_of(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _all_of(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """allOf: the value matches every schema."""
-    return _first_problem(checking.check(value, option, path) for option in arg)
+    return _first_problem(check.problem(value, option, path) for option in arg)
 
 
-def _any_of(checking: _Checking, value: Any, arg: Any, schema: Any, path: str, one: bool = False
+def _any_of(check: _Check, value: Any, arg: Any, schema: Any, path: str, one: bool = False
             ) -> str | None:
-    """anyOf, and oneOf when `one`: checking stops at the first option that matches
+    """anyOf, and oneOf when `one`: check stops at the first option that matches
     (the second, for oneOf). When none does, the problem of the option whose type fits
     (it failed deeper in: a field, an enum) says most; else every type allowed."""
     problems: list[str | None] = []
     for option in arg:
-        problems.append(checking.check(value, option, path))
+        problems.append(check.problem(value, option, path))
         if problems.count(None) > one:
             break
     matched = [str(index) for index, problem in enumerate(problems) if problem is None]
     if matched:
         return None if len(matched) == 1 else (
             f"{path}: must match one schema of oneOf, matched {' and '.join(matched)}")
-    fits = [p for option, p in zip(arg, problems) if _type(checking, value, None, option, path) is None]
+    fits = [p for option, p in zip(arg, problems)
+            if _type(check, value, None, option, path) is None]
     if fits or not all(map(_types_of, arg)):
         return (fits or problems)[0]
     allowed = [*dict.fromkeys(kind for option in arg for kind in _types_of(option))]
-    return _type(checking, value, None, {"type": allowed}, path)
+    return _type(check, value, None, {"type": allowed}, path)
 
 
-def _not(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _not(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """not: the value does not match the schema."""
-    return None if checking.check(value, arg, path) is not None else (
+    return None if check.problem(value, arg, path) is not None else (
         f"{path}: must not match {_short(arg)}, got {_short(value)}")
 
 
-def _if(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _if(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """if: a value that matches it must match then, one that does not must match else."""
-    branch = "then" if checking.check(value, arg, path) is None else "else"
-    return checking.check(value, schema.get(branch, True), path)
+    branch = "then" if check.problem(value, arg, path) is None else "else"
+    return check.problem(value, schema.get(branch, True), path)
 
 
-def _ref(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _ref(check: _Check, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec (2020-12): $ref applies beside its sibling keywords, not instead of them.
     The same target on the same value again, inside itself, is a loop without end."""
-    key = (id(target := _pointer(checking.root, arg)), id(value))
-    if key in checking.active:
+    key = (id(target := _pointer(check.root, arg)), id(value))
+    if key in check.active:
         return f"{path}: the schema loops through $ref {_short(arg)} without end"
-    checking.active.add(key)
-    problem = checking.check(value, target, path)
-    checking.active.discard(key)
+    check.active.add(key)
+    problem = check.problem(value, target, path)
+    check.active.discard(key)
     return problem
 
 
-_Keyword = Callable[[_Checking, Any, Any, Any, str], "str | None"]
+_Keyword = Callable[[_Check, Any, Any, Any, str], "str | None"]
 
 # Every keyword this checker knows: (the shape its value must have, see _SHAPES; the
 # JSON type it applies to, "" for any; the step that checks it, None for one that only
@@ -3045,7 +3047,7 @@ def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
     additionalProperties, prefixItems and items. `value` itself is not changed.
     """
     try:
-        pruned = _prune(value, [schema], _Checking(schema))
+        pruned = _prune(value, [schema], _Check(schema))
         # The copy differs from `value` if and only if a null was dropped (a NaN is no
         # difference: == on containers compares by `is` first).
         return pruned, pruned != value
@@ -3053,14 +3055,15 @@ def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
         return value, False
 
 
-def _prune(value: Any, schemas: list[Any], checking: _Checking) -> Any:
+def _prune(value: Any, schemas: list[Any], check: _Check) -> Any:
     """_prune_nulls below the root: `value` (a copy) and the schemas that describe it."""
     if not isinstance(value, (list, dict)):
         return value
-    found = _walk(schemas, functools.partial(_applying_here, root=checking.root))
+    found = _walk(schemas, functools.partial(_applying_here, root=check.root))
     keys = range(len(value)) if isinstance(value, list) else [
-        key for key, item in value.items() if item is not None or not _left_out(key, found, checking)]
-    pruned = {key: _prune(value[key], [_subschema_at(s, key) for s in found], checking) for key in keys}
+        key for key, item in value.items() if item is not None or not _left_out(key, found, check)]
+    pruned = {key: _prune(value[key], [_subschema_at(s, key) for s in found], check)
+              for key in keys}
     return [*pruned.values()] if isinstance(value, list) else pruned
 
 
@@ -3071,10 +3074,10 @@ def _applying_here(schema: dict[str, Any], root: Any) -> list[Any]:
     return [*schema.get("allOf", ()), *schema.get("anyOf", ()), *schema.get("oneOf", ()), *refs]
 
 
-def _left_out(key: str, found: list[dict[str, Any]], checking: _Checking) -> bool:
+def _left_out(key: str, found: list[dict[str, Any]], check: _Check) -> bool:
     """Whether null for `key` means "left out": a schema lists it as a property whose
     schema rejects null, and none requires it."""
-    optional = any(key in s.get("properties", {}) and checking.check(None, s["properties"][key], "$")
+    optional = any(key in s.get("properties", {}) and check.problem(None, s["properties"][key], "$")
                    for s in found)
     return optional and not any(key in s.get("required", ()) for s in found)
 
@@ -3237,7 +3240,8 @@ class _Connection:
     def in_flight(self, request: _Request) -> Iterator[None]:
         """Keep track of a call while it runs, so that close() and its deadline (a timer,
         when it has one) can stop it from another thread (see _Request.stop)."""
-        timer = threading.Timer(max(0.0, request.ends - time.monotonic()), request.stop, ("deadline",))
+        timer = threading.Timer(max(0.0, request.ends - time.monotonic()), request.stop,
+                                ("deadline",))
         timer.daemon = True
         if request.deadline is not None:  # else `ends` is inf: never started
             timer.start()

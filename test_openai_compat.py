@@ -1292,11 +1292,15 @@ def test_n_above_1_keeps_every_choice(server: Scripted) -> None:
 
 
 @pytest.mark.parametrize(("options", "named"), [
-    ({"prompt": 123}, "prompt="), ({"system": ["a"]}, "system="),
-    ({"temperature": "0.5"}, "temperature="), ({"temperature": True}, "temperature="),
-    ({"top_p": "1"}, "top_p="), ({"presence_penalty": False}, "presence_penalty="),
-    ({"frequency_penalty": "0"}, "frequency_penalty="), ({"max_tokens": 1.5}, "max_tokens="),
-    ({"max_tokens": "100"}, "max_tokens="), ({"n": "2"}, "n="), ({"seed": True}, "seed="),
+    ({"prompt": 123}, "prompt= must be a str"), ({"system": ["a"]}, "system= must be a str"),
+    ({"temperature": "0.5"}, "temperature= must be a number, got str"),
+    ({"temperature": True}, "temperature= must be a number, got bool"),
+    ({"top_p": "1"}, "top_p= must be a number"),
+    ({"presence_penalty": False}, "presence_penalty= must be a number"),
+    ({"frequency_penalty": "0"}, "frequency_penalty= must be a number"),
+    ({"max_tokens": 1.5}, "max_tokens= must be a whole number, got float"),
+    ({"max_tokens": "100"}, "max_tokens= must be a whole number"),
+    ({"n": "2"}, "n= must be a whole number"), ({"seed": True}, "seed= must be a whole number"),
     ({"messages": [{"content": "no role"}]}, "messages="),
     ({"messages": "hi"}, "messages="),
 ])
