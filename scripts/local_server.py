@@ -702,6 +702,8 @@ def _run_xllamacpp(settings: dict[str, Any]) -> None:
     params.model.path = settings["model"]
     params.model_alias = {settings["alias"]}  # a set (a string would be a set of letters)
     params.n_ctx = settings["ctx"]
+    # As llama-server by default: 4 requests at once, each may use the whole context.
+    params.n_parallel, params.kv_unified = 4, True
     params.port = settings["port"]  # on 127.0.0.1, its default host
     # llama-server's -t sets both: generating, and reading the prompt.
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = settings["threads"]
