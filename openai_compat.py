@@ -609,22 +609,28 @@ _new_object: Final = object.__new__
 
 
 @dataclass(frozen=True)
-class Step:
-    """One model call of a Result: its text, reasoning, calls, their results,
-    finish_reason, usage and refusal (OpenAI's structured refusal text, "" if none)."""
+class _Answered:
+    """What a Step and a Result both hold (see each for what their fields cover)."""
 
     text: str = ""
     reasoning: str = ""
+    refusal: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_results: list[ToolResult] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
-    refusal: str = ""
     choices: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Step(_Answered):
+    """One model call of a Result: its text, reasoning, refusal (OpenAI's structured
+    refusal text, "" if none), calls and their results, finish_reason, usage, and the
+    texts of its choices by index (n= above 1)."""
+
+
 @dataclass(frozen=True, repr=False)
-class Result:
+class Result(_Answered):
     """Everything a stream or generate() call produced.
 
     Attributes:
@@ -632,31 +638,23 @@ class Result:
         reasoning: the final model call's reasoning text.
         refusal: the final model call's refusal text (OpenAI's structured refusal,
             kept apart from text), "" when the model did not refuse.
-        data: the answer parsed and checked against schema= (a dataclass instance
-            for a dataclass, a model instance for a pydantic model), or None without
-            schema=.
-        steps: one Step per model call.
         tool_calls, tool_results: over all steps.
         finish_reason: the last model call's, or "max_steps" when the budget ran out
             with calls still requested.
         usage: summed over the model calls; None if the server reported none.
-        messages: the whole conversation (assistant and tool turns included), ready to
-            pass as messages= to continue it.
         choices: the final model call's answer texts by choice index, with n= above 1
             (which the server generates, and charges for); [text] otherwise.
+        data: the answer parsed and checked against schema= (a dataclass instance
+            for a dataclass, a model instance for a pydantic model), or None without
+            schema=.
+        steps: one Step per model call.
+        messages: the whole conversation (assistant and tool turns included), ready to
+            pass as messages= to continue it.
     """
 
-    text: str = ""
-    reasoning: str = ""
-    refusal: str = ""
     data: Any = None
     steps: list[Step] = field(default_factory=list)
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    tool_results: list[ToolResult] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: Usage | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
-    choices: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         text = self.text if len(self.text) <= 80 else self.text[:77] + "..."
@@ -669,11 +667,11 @@ def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]
             data: Any = None) -> Result:
     usages = [s.usage for s in steps if s.usage is not None]
     last = steps[-1]  # _iter_steps makes one model call at least
-    return Result(last.text, last.reasoning, last.refusal, data, steps,
+    return Result(last.text, last.reasoning, last.refusal,
                   [c for s in steps for c in s.tool_calls],
                   [r for s in steps for r in s.tool_results], finish,
-                  functools.reduce(operator.add, usages) if usages else None, messages,
-                  last.choices)
+                  functools.reduce(operator.add, usages) if usages else None, last.choices,
+                  data, steps, messages)
 
 # ==== Configuration ====
 
@@ -1939,8 +1937,8 @@ class _Answer:
         elif reason is None:
             reason = "tool_calls" if calls else "stop"
         text = "".join(self.text)
-        return Step(text, "".join(self.reasoning), calls, [], reason, _usage(self.usage),
-                    "".join(self.refusal),
+        return Step(text, "".join(self.reasoning), "".join(self.refusal), calls, [], reason,
+                    _usage(self.usage),
                     [text, *("".join(self.others[i]) for i in sorted(self.others))])
 
 
