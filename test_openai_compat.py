@@ -6421,10 +6421,12 @@ def test_peer_messages_classify_without_a_status(message: str, expected: type) -
 
 
 # These talk to real server code running SmolLM2-135M-Instruct on 127.0.0.1
-# (scripts/local_server.py builds and caches everything):
-# - llama.cpp's llama-server, always;
-# - llama-cpp-python's server and the LiteLLM proxy (in front of llama-server), when
-#   OPENAI_COMPAT_MORE_SERVERS=1 (CI sets it; their first install adds minutes).
+# (scripts/local_server.py installs, builds and caches everything):
+# - llama.cpp's server from the xllamacpp wheel, always: the local server that run.sh,
+#   the README's examples and a new user start first;
+# - the same server compiled from source (llama-server), llama-cpp-python's server and
+#   the LiteLLM proxy (in front of the first), when OPENAI_COMPAT_MORE_SERVERS=1 (CI
+#   sets it; their first build and installs add minutes).
 # A 135M model is fragile with tools, so the tool tests use prompts seen to produce
 # calls, at temperature 0 with a fixed seed, and assert on structure, not on wording.
 
@@ -6451,13 +6453,21 @@ def _missing(reason: str) -> None:
 
 
 def _start_local_server(**kwargs: Any) -> Any:
-    """A started llama-server, or a skip (a failure in CI) saying how to get one."""
+    """A started llama-server, or a skip (a failure in CI) saying how to get one: the
+    local server (the xllamacpp wheel's), or with compiled=True the compiled one, which
+    runs when OPENAI_COMPAT_MORE_SERVERS=1 or when asked for."""
     local_server = _local_server_module()
+    compiled = kwargs.get("compiled")
+    if compiled and not (local_server.more_servers_enabled() or local_server.compiled_wanted()):
+        pytest.skip(f"the compiled llama-server runs when {local_server.MORE_SERVERS_VARIABLE}=1"
+                    f" or {local_server.LOCAL_SERVER_VARIABLE}=llama-server (`bash "
+                    "scripts/test.sh` then builds it, minutes the first time)")
     try:
-        local_server.ensure(build=False)
+        local_server.ensure(build=False, compiled=compiled)
     except OSError as exc:
         _missing(f"no local llama-server ({exc}); `bash scripts/test.sh` or "
-                 "`python scripts/local_server.py ensure` builds it")
+                 f"`python scripts/local_server.py ensure{' --build' * bool(compiled)}` "
+                 "obtains it")
     server = local_server.LocalServer(**kwargs)
     server.start()
     return server
@@ -6479,7 +6489,16 @@ def _more_servers() -> Any:
 
 @pytest.fixture(scope="session")
 def llama() -> Iterator[Any]:
+    """The local server as run.sh starts it: the xllamacpp wheel's (or the compiled
+    one, where asked for or where no wheel fits the platform)."""
     server = _start_local_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_compiled() -> Iterator[Any]:
+    server = _start_local_server(compiled=True)
     yield server
     server.stop()
 
@@ -6505,17 +6524,26 @@ def litellm(llama: Any) -> Iterator[Any]:
     proxy.stop()
 
 
-REAL_SERVERS = ["llama-server", "llama-cpp-python", "litellm"]
+REAL_SERVERS = ["xllamacpp", "llama-server", "llama-cpp-python", "litellm"]
 
 
-_FIXTURES = {"llama-server": "llama", "llama-cpp-python": "llama_cpp_python",
-             "litellm": "litellm"}
+_FIXTURES = {"xllamacpp": "llama", "llama-server": "llama_compiled",
+             "llama-cpp-python": "llama_cpp_python", "litellm": "litellm"}
+
+
+def _real_server(request: pytest.FixtureRequest, kind: str, fixtures: dict[str, str]) -> Any:
+    server = request.getfixturevalue(fixtures[kind])
+    if kind == "xllamacpp" and server.compiled:
+        pytest.skip("the local server is the compiled llama-server here (asked for, or no "
+                    "xllamacpp wheel fits this platform)")
+    return server
 
 
 @pytest.fixture(params=REAL_SERVERS)
 def real(request: pytest.FixtureRequest) -> Any:
-    """Each real server in turn; `.name` says which."""
-    return request.getfixturevalue(_FIXTURES[request.param])
+    """Each real server in turn; `.name` says which server code answers (llama.cpp's
+    llama-server, whether from the xllamacpp wheel or compiled)."""
+    return _real_server(request, request.param, _FIXTURES)
 
 
 def _client(server: Any, **kwargs: Any) -> oc.Client:
@@ -6656,6 +6684,69 @@ def test_real_tool_loop_runs_the_tool_and_answers(
         assert result.messages[-1]["role"] == "assistant"
 
 
+def _jinja2_prompt(body: dict[str, Any]) -> str:
+    """The prompt that Python's jinja2 makes from scripts/tool_template.jinja, set up as
+    transformers sets it up for vLLM and `transformers serve`: trim_blocks and
+    lstrip_blocks on, and a tojson that keeps the keys' order and non-ASCII text."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False,
+                                                                  indent=indent)
+    with open(os.path.join(_SCRIPTS, "tool_template.jinja"), encoding="utf-8") as template:
+        return env.from_string(template.read()).render(add_generation_prompt=True, **body)
+
+
+@pytest.mark.parametrize("kind", ["xllamacpp", "llama-server"])
+def test_real_tool_template_makes_the_same_prompt_in_llama_cpp_and_in_jinja2(
+    kind: str, request: pytest.FixtureRequest, few_shot: list[dict[str, Any]]
+) -> None:
+    # The project's template serves llama.cpp's own Jinja engine and Python's jinja2
+    # (vLLM, transformers) alike: the same prompt, byte for byte.
+    import requests
+
+    server = _real_server(request, kind, _FIXTURES)
+    tool = _local_server_module().CALCULATE_TOOL
+    call = {"type": "function", "function": {"name": "calculate",
+                                             "arguments": '{"expression": "2*3"}'}}
+    bodies: list[dict[str, Any]] = [
+        {"messages": [*few_shot, {"role": "user", "content": "What is 3+5?"}],
+         "tools": [tool]},
+        # Two calls in one turn, then both results in one turn of the role "tool".
+        {"messages": [{"role": "user", "content": "2*3 and 2*3?"},
+                      {"role": "assistant", "content": "Two calls.",
+                       "tool_calls": [dict(call, id="a"), dict(call, id="b")]},
+                      {"role": "tool", "tool_call_id": "a", "content": "6"},
+                      {"role": "tool", "tool_call_id": "b", "content": "6"}],
+         "tools": [tool]},
+        {"messages": [{"role": "user", "content": "Déjà <b>vu</b> & co?"}]},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Hi"}]},
+    ]
+    prompts = []
+    for body in bodies:
+        reply = requests.post(server.base_url.removesuffix("/v1") + "/apply-template",
+                              json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        prompts.append(reply.json()["prompt"])
+        assert prompts[-1] == _jinja2_prompt(body)
+    tools, two_calls, plain, system = prompts
+    assert tools.startswith("<|im_start|>system\nYou are a calculator assistant.")
+    assert f"<tools>\n{json.dumps(tool)}\n</tools>" in tools.split("<|im_end|>")[0]
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "calculate", "arguments": '
+            '{"expression": "12*7"}}\n</tool_call><|im_end|>\n'
+            '<|im_start|>tool\n<tool_response>\n84\n</tool_response><|im_end|>\n') in tools
+    assert two_calls.endswith(
+        "Two calls.\n<tool_call>\n" + '{"name": "calculate", "arguments": {"expression": '
+        '"2*3"}}\n</tool_call>\n<tool_call>\n{"name": "calculate", "arguments": '
+        '{"expression": "2*3"}}\n</tool_call><|im_end|>\n<|im_start|>tool\n<tool_response>'
+        "\n6\n</tool_response>\n<tool_response>\n6\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n")
+    assert plain == "<|im_start|>user\nDéjà <b>vu</b> & co?<|im_end|>\n<|im_start|>assistant\n"
+    assert system == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi"
+                      "<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_real_prompt_beyond_context_is_context_length_error(real: Any) -> None:
     client = _client(real, max_retries=0)
     long_prompt = "word " * 6000
@@ -6704,6 +6795,13 @@ def llama_with_key() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
+def llama_compiled_with_key() -> Iterator[Any]:
+    server = _start_local_server(api_key="test-key-0123456789", compiled=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def llama_cpp_python_with_key() -> Iterator[Any]:
     server = _more_servers().LlamaCppPythonServer(api_key="test-key-0123456789").start()
     yield server
@@ -6716,9 +6814,9 @@ def test_real_wrong_or_missing_key_is_authentication_error(
 ) -> None:
     # LiteLLM answers a wrong key with 400 "No connected db." (no key database), and
     # no key with a 401; the others with a 401.
-    name = {"llama-server": "llama_with_key", "llama-cpp-python": "llama_cpp_python_with_key",
-            "litellm": "litellm"}[kind]
-    server = request.getfixturevalue(name)
+    server = _real_server(request, kind, {
+        "xllamacpp": "llama_with_key", "llama-server": "llama_compiled_with_key",
+        "llama-cpp-python": "llama_cpp_python_with_key", "litellm": "litellm"})
     caplog.set_level(logging.DEBUG)
     for key in ("wrong-key-abcdef", None):
         with pytest.raises(oc.AuthenticationError) as caught:
@@ -6748,8 +6846,14 @@ def _kill_mid_stream(client: oc.Client, victim: Any, within: float) -> tuple[oc.
     return caught.value, "".join(received)
 
 
-def test_real_llama_killed_mid_stream_is_a_classified_error_with_the_partial_text() -> None:
-    server = _start_local_server()
+@pytest.mark.parametrize("compiled", [None, True], ids=["xllamacpp", "llama-server"])
+def test_real_llama_killed_mid_stream_is_a_classified_error_with_the_partial_text(
+    compiled: bool | None
+) -> None:
+    # The xllamacpp wheel's server dies with the Python process it runs in.
+    if compiled is None and _local_server_module().compiled_wanted():
+        pytest.skip("the local server is the compiled llama-server here")
+    server = _start_local_server(compiled=compiled)
     client = oc.Client(server.base_url, timeout=10, max_retries=0)
     error, received = _kill_mid_stream(client, server, within=20)
     assert isinstance(error, (oc.StreamError, oc.EndpointUnavailableError))
@@ -6924,7 +7028,8 @@ def test_real_llama_cpp_python_request_validation_500_is_a_short_bad_request(
 ) -> None:
     client = _client(llama_cpp_python, max_retries=2)
     with pytest.raises(oc.BadRequestError) as caught:
-        client.generate("hi", max_tokens=5, temperature="hot")
+        # In extra_body, past the module's own check of temperature= (a ConfigError).
+        client.generate("hi", max_tokens=5, extra_body={"temperature": "hot"})
     error = caught.value
     assert error.status_code == 500 and "temperature" in error.message
     assert "File \"" not in str(error) and "site-packages" not in str(error)
@@ -7071,6 +7176,25 @@ def test_real_local_server_run_from_the_system_python_runs_in_the_venv() -> None
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert os.path.realpath(done.stdout.strip()) == os.path.realpath(venv), done.stdout
+
+
+def test_local_server_without_an_xllamacpp_wheel_builds_llama_server_saying_why(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # pip finds no distribution of a version that does not exist, as it finds none on a
+    # platform without a wheel: said in one line, noted in the cache, and from then on
+    # the local server is the compiled llama-server (nothing is installed or built here).
+    local_server = _local_server_module()
+    monkeypatch.setenv("OPENAI_COMPAT_DEV_CACHE", str(tmp_path))
+    monkeypatch.delenv(local_server.LOCAL_SERVER_VARIABLE, raising=False)
+    monkeypatch.setattr(local_server, "XLLAMACPP", "xllamacpp==0.0.0")
+    assert not local_server.compiled_wanted() and not local_server.LocalServer().compiled
+    assert local_server._install_xllamacpp() is False
+    said = [line for line in capsys.readouterr().err.splitlines() if "no xllamacpp" in line]
+    assert len(said) == 1 and "no matching distribution" in said[0], said
+    assert "building llama.cpp's llama-server from source instead" in said[0]
+    assert local_server.compiled_wanted() and local_server.LocalServer().compiled
+    assert local_server.LocalServer().title == "llama-server (compiled)"
 
 
 _STAT_BEFORE = """cpu  1000 20 300 8000 100 0 10 0 0 0

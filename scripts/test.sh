@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Run the whole test suite on a fresh machine: makes .venv, builds and caches the
-# local llama.cpp server and model used by the integration tests (minutes the first
-# time, with progress lines; nothing to do after), then runs pytest. Extra arguments
-# go to pytest. While another run holds the cache's lock, it waits for it, saying
-# for whom, up to $OPENAI_COMPAT_DEV_LOCK_WAIT seconds (default 30 minutes).
-# With OPENAI_COMPAT_MORE_SERVERS=1 (as in CI) it also installs llama-cpp-python's
-# server and the LiteLLM proxy and runs the tests against them (about 6 minutes
-# more the first time).
+# Run the whole test suite on a fresh machine: makes .venv, installs the local
+# llama.cpp server (the prebuilt xllamacpp wheel, into .venv) and caches the model
+# used by the integration tests (seconds the first time; nothing to do after), then
+# runs pytest. Extra arguments go to pytest. While another run holds the cache's lock,
+# it waits for it, saying for whom, up to $OPENAI_COMPAT_DEV_LOCK_WAIT seconds
+# (default 30 minutes).
+# With OPENAI_COMPAT_MORE_SERVERS=1 (as in CI) it also builds llama-server from source
+# and installs llama-cpp-python's server and the LiteLLM proxy, and runs the tests
+# against them too (about 13 minutes more the first time, with progress lines).
+# OPENAI_COMPAT_LOCAL_SERVER=llama-server builds llama-server alone and makes it the
+# local server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
