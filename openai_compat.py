@@ -85,6 +85,7 @@ import operator
 import os
 import random
 import re
+import socket
 import string
 import sys
 import threading
@@ -92,6 +93,7 @@ import time
 import types
 import typing
 import urllib.parse
+import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from decimal import Decimal
@@ -129,6 +131,7 @@ _ENV_API_KEY: Final = "OPENAI_COMPATIBLE_API_KEY"
 _ENV_MODEL: Final = "OPENAI_COMPATIBLE_MODEL"
 _ENV_TIMEOUT: Final = "OPENAI_COMPATIBLE_TIMEOUT"
 _ENV_MAX_RETRIES: Final = "OPENAI_COMPATIBLE_MAX_RETRIES"
+_ENV_DEADLINE: Final = "OPENAI_COMPATIBLE_DEADLINE"
 _DEFAULT_TIMEOUT: Final = 30.0
 _DEFAULT_MAX_RETRIES: Final = 2
 # The longest silence limit accepted: about 11.5 days. Far larger values (and inf) overflow
@@ -170,7 +173,7 @@ class APIError(OpenAICompatError):
         partial_text: answer text the interrupted model call had already yielded ("" if none).
     """
 
-    retryable: ClassVar[bool] = False
+    retryable: bool = False  # the class's, unless one error says otherwise
     # Where the base URL came from, for hints: the variable, "base_url=" or the CLI's
     # --base-url (set by the Client that raises the error).
     _url_source: str = _ENV_BASE_URL
@@ -524,12 +527,15 @@ class ToolResult:
         value: what the function returned (None on error).
         error: the error text sent to the model instead, or None.
         content: the string sent back to the model.
+        exception: the exception the tool function raised, or None (a bug in a tool is
+            one attribute away; it is logged at WARNING with its traceback too).
     """
 
     call: ToolCall
     value: Any = None
     error: str | None = None
     content: str = ""
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
 
 
 ChunkType = Literal["text", "reasoning", "refusal", "tool_call", "tool_result", "finish"]
@@ -595,9 +601,10 @@ class Step:
     finish_reason: str | None = None
     usage: Usage | None = None
     refusal: str = ""
+    choices: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Result:
     """Everything a stream or generate() call produced.
 
@@ -616,6 +623,8 @@ class Result:
         usage: summed over the model calls; None if the server reported none.
         messages: the whole conversation (assistant and tool turns included), ready to
             pass as messages= to continue it.
+        choices: the final model call's answer texts by choice index, with n= above 1
+            (which the server generates, and charges for); [text] otherwise.
     """
 
     text: str = ""
@@ -628,6 +637,13 @@ class Result:
     finish_reason: str | None = None
     usage: Usage | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        text = self.text if len(self.text) <= 80 else self.text[:77] + "..."
+        return (f"Result(text={text!r}, finish_reason={self.finish_reason!r}, usage="
+                f"{self.usage!r}, steps={len(self.steps)}, tool_calls={len(self.tool_calls)},"
+                f" messages={len(self.messages)})")
 
 
 class Stream(contextlib.AbstractContextManager["Stream", None]):
@@ -638,12 +654,17 @@ class Stream(contextlib.AbstractContextManager["Stream", None]):
     holds the Result (None before).
     """
 
-    def __init__(self, chunks: Generator[Chunk, None, None], outcome: list[Result]) -> None:
+    def __init__(self, chunks: Generator[Chunk, None, None], outcome: list[Result],
+                 model: str = "") -> None:
         # The tool-call loop appends the Result to `outcome` when it ends: the loop's
         # generator must not hold the Stream itself, or a plain `break` would leave the
         # two in a reference cycle and the response open until garbage collection.
         self._chunks = chunks
         self._outcome = outcome
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"Stream(model={self.model!r}, finished={bool(self._outcome)})"
 
     @property
     def result(self) -> Result | None:
@@ -685,17 +706,19 @@ class Config:
     model: str | None = None
     timeout: float = _DEFAULT_TIMEOUT
     max_retries: int = _DEFAULT_MAX_RETRIES
+    deadline: float | None = None
 
     def __repr__(self) -> str:
         key = "'[redacted]'" if self.api_key else "None"
         return (f"Config(base_url={_shown_url(self.base_url)!r}, api_key={key}, model="
-                f"{self.model!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r})")
+                f"{self.model!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r}, "
+                f"deadline={self.deadline!r})")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, base_url: str | None = None,
                  api_key: str | None = None, model: str | None = None,
-                 timeout: float | str | None = None, max_retries: int | str | None = None
-                 ) -> Config:
+                 timeout: float | str | None = None, max_retries: int | str | None = None,
+                 deadline: float | str | None = None) -> Config:
         """Merge explicit arguments over OPENAI_COMPATIBLE_* variables over defaults.
 
         Blank (empty or whitespace-only) values count as unset. Raises ConfigError
@@ -720,7 +743,7 @@ class Config:
         return cls(_base_url(url), key, pick(model, _ENV_MODEL)[0],
                    _parse_number(*pick(timeout, _ENV_TIMEOUT), _DEFAULT_TIMEOUT),
                    _parse_number(*pick(max_retries, _ENV_MAX_RETRIES), _DEFAULT_MAX_RETRIES,
-                                 integer=True))
+                                 integer=True), _parse_number(*pick(deadline, _ENV_DEADLINE), None))
 
 
 _warned_urls: set[str] = set()
@@ -774,12 +797,12 @@ _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 
 
-def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+def _check_headers(headers: Mapping[str, str] | None, option: str) -> dict[str, str]:
     """`headers` as a dict, or ConfigError naming a header HTTP cannot carry."""
     if headers is None:
         return {}
     if not isinstance(headers, Mapping):
-        raise ConfigError("headers= must be a dict of header names to values")
+        raise ConfigError(f"{option} must be a dict of header names to values")
     for name, value in headers.items():
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise ConfigError(f"header name {name!r} is not an HTTP token: use letters, "
@@ -806,10 +829,11 @@ def _check_header_value(value: str, what: str) -> None:
                           "a rich-text editor?)")
 
 
-def _parse_number(raw: str | None, name: str, default: float, *, integer: bool = False) -> Any:
-    """A silence limit from a setting: seconds above 0, at most _MAX_TIMEOUT (larger
-    ones, inf included, overflow the platform's socket timeouts); with `integer`, a count
-    of 0 or more. ConfigError naming `name` for anything else."""
+def _parse_number(raw: str | None, name: str, default: float | None, *,
+                  integer: bool = False) -> Any:
+    """Seconds from a setting (a silence limit, a deadline): above 0, at most _MAX_TIMEOUT
+    (larger ones, inf included, overflow the platform's socket timeouts); with `integer`,
+    a count of 0 or more. ConfigError naming `name` for anything else."""
     if raw is None:
         return default
     try:
@@ -820,9 +844,11 @@ def _parse_number(raw: str | None, name: str, default: float, *, integer: bool =
     if integer and value < 0:
         raise ConfigError(f"{name} must be 0 or more (got {raw!r})")
     if not integer and not 0 < value <= _MAX_TIMEOUT:  # nan too
+        meaning = ("the time a whole call may take" if "DEADLINE" in name.upper() else
+                   "the silence allowed between bytes, so that a dead server cannot hang "
+                   "the program")
         raise ConfigError(f"{name} must be a positive number of seconds, at most "
-                          f"{_MAX_TIMEOUT:.0f} (got {raw!r}): the silence allowed between "
-                          "bytes, so that a dead server cannot hang the program")
+                          f"{_MAX_TIMEOUT:.0f} (got {raw!r}): {meaning}")
     return value
 
 # ==== Client ====
@@ -832,9 +858,10 @@ class Client(contextlib.AbstractContextManager["Client", None]):
     """A connection to one OpenAI-compatible server.
 
     Client(base_url=None, api_key=None, model=None, *, timeout=None, max_retries=None,
-    headers=None): each None argument is read from its OPENAI_COMPATIBLE_* variable
-    (see the module docstring) when the Client is made. `timeout` is the silence
-    allowed between bytes (connecting included), not a bound on total time.
+    headers=None, deadline=None): each None argument is read from its
+    OPENAI_COMPATIBLE_* variable (see the module docstring) when the Client is made.
+    `timeout` is the silence allowed between bytes (connecting included), not a bound
+    on total time; `deadline` (default none) bounds a whole stream() or generate().
     `headers` are added to every request (Azure's api-key, for instance). Raises
     ConfigError on bad settings, a key or header HTTP cannot carry included.
 
@@ -848,21 +875,20 @@ class Client(contextlib.AbstractContextManager["Client", None]):
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
                  model: str | None = None, *, timeout: float | None = None,
-                 max_retries: int | None = None, headers: Mapping[str, str] | None = None
-                 ) -> None:
+                 max_retries: int | None = None, headers: Mapping[str, str] | None = None,
+                 deadline: float | None = None) -> None:
         self.config = Config.from_env(base_url=base_url, api_key=api_key, model=model,
-                                      timeout=timeout, max_retries=max_retries)
+                                      timeout=timeout, max_retries=max_retries,
+                                      deadline=deadline)
         given = base_url is not None and str(base_url).strip()
         self._lock = threading.Lock()
         self._quirks: dict[str, None] = {}  # an ordered set: see quirks and _note
-        self._http = _Connection(self.config, _check_headers(headers),
+        self._http = _Connection(self.config, _check_headers(headers, "headers="),
                                  "base_url=" if given else _ENV_BASE_URL, self._note)
         self._discovery = _Discovery(self._http)
         # Set when a streamed request with tools came back as an empty 200 stream:
         # later calls with tools are asked for without streaming (see _model_call).
         self._tools_unstreamed = False
-        # Models asked for and answered by another (warned once each, see _note_model).
-        self._models_warned: set[str] = set()
 
     def __repr__(self) -> str:
         return (f"Client(base_url={_shown_url(self.config.base_url)!r}, "
@@ -872,8 +898,10 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         self.close()
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._http.session.close()
+        """End the calls in flight on this Client, from any thread, and close its
+        connection pool. Each of those calls raises StreamError ("the Client was closed",
+        not retryable) with its .partial_text; a call started later raises it at once."""
+        self._http.close()
 
     @property
     def model(self) -> str:
@@ -890,18 +918,19 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         with self._lock:
             return list(self._quirks)
 
-    def _note(self, line: str) -> None:
-        """Add a line to quirks (once; logged once at INFO). NOTE: runs inside a stream's
-        loop for a server that deviates on every event; a line already noted costs one
-        dict lookup, without the lock."""
+    def _note(self, line: str, logged: bool = False) -> None:
+        """Add a line to quirks (once; logged once at INFO, unless the caller `logged` it
+        at WARNING). NOTE: runs inside a stream's loop for a server that deviates on every
+        event; a line already noted costs one dict lookup, without the lock."""
         if line in self._quirks:
             return
         with self._lock:
             if line in self._quirks:
                 return
             self._quirks[line] = None
-        _log.info("%s deviates from OpenAI's behaviour (absorbed): %s", self._http.shown_url,
-                  line)
+        if not logged:
+            _log.info("%s deviates from OpenAI's behaviour (absorbed): %s",
+                      self._http.shown_url, line)
 
     def available_models(self, *, fallback: bool = True) -> list[str]:
         """Model ids from GET {base_url}/models, asked at most once per Client (5 s limit).
@@ -950,7 +979,8 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         one) or a bad value, and APIError subclasses while iterating.
         """
         outcome: list[Result] = []
-        return Stream(_iter_steps(self, _prepare(self, prompt, options), outcome), outcome)
+        request = _prepare(self, prompt, options)
+        return Stream(_iter_steps(self, request, outcome), outcome, request.body["model"])
 
     def generate(self, prompt: str | None = None, **options: Any) -> Result:
         """Run stream() to its end and return the Result.
@@ -1013,24 +1043,41 @@ class _Discovery:
         self.http = http
         self.lock = threading.Lock()
         self.found: list[str] | APIError | None = None
+        self.fell_back: set[str] = set()  # the fallbacks used, each logged once
 
     def models(self, fallback: bool) -> list[str]:
         found = self.once()
         if isinstance(found, APIError) and not fallback:
             raise found
-        return list(FALLBACK_MODELS if isinstance(found, APIError) else found)
+        return list(self.fallback(found, "the fallback list") or FALLBACK_MODELS)
 
-    def first(self) -> str:
-        found = self.once()
-        return DEFAULT_MODEL if isinstance(found, APIError) else found[0]
+    def first(self, limit: float = math.inf) -> str:
+        found = self.once(limit)
+        return (self.fallback(found, DEFAULT_MODEL) or [DEFAULT_MODEL])[0]
 
-    def once(self) -> list[str] | APIError:
+    def fallback(self, found: list[str] | APIError, what: str) -> list[str]:
+        """The models found ([] when discovery failed: then say, once, what is used)."""
+        if not isinstance(found, APIError):
+            return found
+        with self.lock:
+            said = what in self.fell_back
+            self.fell_back.add(what)
+        if not said:
+            _log.warning("model discovery at %s/models failed (%s); using %s",
+                         self.http.shown_url, found.message, what)
+        return []
+
+    def once(self, limit: float = math.inf) -> list[str] | APIError:
+        """The answer, asked for once; a call's deadline `limit` (seconds left) under
+        _DISCOVERY_SECONDS that passes first raises its error, nothing remembered."""
         with self.lock:
             if self.found is None:
-                self.found = _fetch_models(self.http)
-                if isinstance(self.found, APIError):
-                    _log.warning("model discovery at %s/models failed (%s); using fallbacks",
-                                 self.http.shown_url, self.found.message)
+                found = _fetch_models(self.http, min(limit, _DISCOVERY_SECONDS))
+                if limit < _DISCOVERY_SECONDS and isinstance(found, RequestTimeoutError):
+                    raise self.http.redacted(RequestTimeoutError(
+                        f"the call took longer than its deadline: GET /models had not "
+                        f"answered after {limit:.1f} s"))
+                self.found = found
             return self.found
 
     def wait_ready(self, limit: float) -> list[str]:
@@ -1059,9 +1106,9 @@ def _not_ready(error: APIError) -> bool:
         isinstance(error, ServerError) and error.status_code in (502, 503, 504))
 
 
-def _fetch_models(http: _Connection) -> list[str] | APIError:
+def _fetch_models(http: _Connection, limit: float = _DISCOVERY_SECONDS) -> list[str] | APIError:
     """The model ids GET {base_url}/models lists, or why not (returned, not raised,
-    redacted), within _DISCOVERY_SECONDS in all."""
+    redacted), within `limit` seconds in all."""
     # In a thread, so that the bound holds even for a server that accepts the
     # connection and then trickles or says nothing (a read timeout alone would
     # allow 5 s per read).
@@ -1076,9 +1123,9 @@ def _fetch_models(http: _Connection) -> list[str] | APIError:
 
     worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
     worker.start()
-    worker.join(_DISCOVERY_SECONDS)
+    worker.join(limit)
     return answers[0] if answers else http.redacted(RequestTimeoutError(
-        f"GET /models did not answer within {_DISCOVERY_SECONDS:g} s"))
+        f"GET /models did not answer within {limit:g} s"))
 
 
 def _ask_models(http: _Connection) -> list[str]:
@@ -1140,30 +1187,74 @@ _OPENAI_PARAMETERS: Final = frozenset({
     "temperature", "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
 })
 _OWN_OPTIONS: Final = frozenset({"messages", "system", "model", "tools", "tool_choice",
-                                 "max_steps", "timeout", "extra_body", "schema"})
+                                 "max_steps", "timeout", "extra_body", "schema", "deadline",
+                                 "extra_headers"})
+# The types of the options whose values a server would otherwise refuse, or take wrongly.
+_NUMBER: Final = (int, float)
+_OPTION_TYPES: Final[dict[str, tuple[type, ...]]] = {
+    "prompt": (str,), "system": (str,), "temperature": _NUMBER, "top_p": _NUMBER,
+    "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER, "max_tokens": (int,),
+    "n": (int,), "seed": (int,)}
 _REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks schema=
 
 
-@dataclass
+@dataclass(eq=False)  # one call: told apart by identity (Client.close() keeps a set)
 class _Request:
     """One stream() or generate() call, prepared: the request body, the tools by
-    name, the budget of model calls, the silence limit, and with schema= the answer's
-    JSON Schema and the type hint `data` is built as (Any: the JSON value as it is)."""
+    name, the budget of model calls, the silence limit, the headers, and with schema=
+    the answer's JSON Schema and the type hint `data` is built as (Any: the JSON value
+    as it is). While it runs: its deadline, the response being read, and why it was
+    stopped ("deadline", or "closed" by Client.close()), from another thread."""
 
     body: dict[str, Any]
     tools: dict[str, Tool]
     max_steps: int
     timeout: float
+    headers: dict[str, str]
     schema: dict[str, Any] | None = None
     answer_type: Any = None
+    # The schema as the server gets it (see _sent_schema), and whether it is strict.
+    sent_schema: dict[str, Any] | None = None
+    strict: bool = False
+    deadline: float | None = None  # seconds, from `ends - deadline` (time.monotonic())
+    ends: float = math.inf
+    response: requests.Response | None = None
+    stopped: str = ""
+
+    def stop(self, why: str) -> None:
+        """End the call from any thread: its response's socket is shut down, so that a
+        read blocked on it returns at once (closing the response would not wake it)."""
+        self.stopped = self.stopped or why
+        sock = _socket_of(self.response)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def halted(self, ahead: float = 0.0) -> APIError | None:
+        """The error of a call that was closed, or whose deadline has passed (or will
+        have, `ahead` seconds from now); None when it may go on."""
+        if self.stopped == "closed":
+            return _client_closed()
+        if self.stopped or time.monotonic() + ahead >= self.ends:
+            return RequestTimeoutError(f"the call took longer than its deadline of "
+                                       f"{self.deadline:g} s")
+        return None
 
 
 def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Request:
-    """Check the options and build the request (raises ConfigError, sends nothing)."""
+    """Check the options and build the request (raises ConfigError, sends nothing; a
+    closed Client raises its StreamError)."""
+    started = time.monotonic()
     _check_options(options)
     opts = dict(options)
     # The library's own options leave `opts`; what stays are OpenAI's parameters.
     own = {name: opts.pop(name, None) for name in _OWN_OPTIONS}
+    _check_types({**opts, **own, "prompt": prompt})
+    deadline = client.config.deadline if own["deadline"] is None else _parse_number(
+        str(own["deadline"]), "deadline=", None)
+    ends = math.inf if deadline is None else started + deadline
+    if client._http.closed.is_set():
+        raise client._http.redacted(_client_closed())
     turns = _conversation(own["system"], own["messages"], prompt)
     tools = _as_tools(own["tools"])
     max_steps = DEFAULT_MAX_STEPS if own["max_steps"] is None else own["max_steps"]
@@ -1174,15 +1265,22 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
     if own["extra_body"] is not None and not isinstance(own["extra_body"], Mapping):
         raise ConfigError("extra_body= must be a dict of fields to add to the request body")
     schema, answer_type = _answer_schema(own["schema"])
+    sent, strict = _sent_schema(schema, not isinstance(own["schema"], dict))
     if schema is not None and opts.get("response_format") is not None:
         raise ConfigError("give schema= or response_format=, not both")
-    body: dict[str, Any] = {"model": own["model"] or client.model, "messages": turns}
+    if (opts.get("n") or 1) > 1 and (tools or schema is not None):
+        raise ConfigError("n= above 1 goes without tools= and schema=: a tool loop and a "
+                          "repair follow one answer")
+    headers = {**client._http.headers, **_check_headers(own["extra_headers"], "extra_headers=")}
+    model = own["model"] or client.config.model or client._discovery.first(ends - started)
+    body: dict[str, Any] = {"model": model, "messages": turns}
     body.update((k, v) for k, v in opts.items() if v is not None)
     if tools:
         body["tools"] = [_tool_spec(t) for t in tools]
         body["tool_choice"] = "auto" if own["tool_choice"] is None else own["tool_choice"]
     body.update(own["extra_body"] or {})
-    return _Request(body, {t.name: t for t in tools}, max_steps, timeout, schema, answer_type)
+    return _Request(body, {t.name: t for t in tools}, max_steps, timeout, headers, schema,
+                    answer_type, sent, strict, deadline, ends)
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
@@ -1197,12 +1295,29 @@ def _check_options(options: Mapping[str, Any]) -> None:
                           f"go in extra_body={{{name!r}: ...}}")
 
 
+def _client_closed() -> StreamError:
+    error = StreamError("the Client was closed")
+    error.retryable = False  # the same Client cannot succeed
+    return error
+
+
+def _check_types(values: Mapping[str, Any]) -> None:
+    """ConfigError naming an option whose value has the wrong type (a bool is no number)."""
+    for name, kinds in _OPTION_TYPES.items():
+        value = values.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            kind = {str: "a str", int: "a whole number"}.get(kinds[0], "a number")
+            raise ConfigError(f"{name}= must be {kind}, got {type(value).__name__} "
+                              f"{_short(value) if isinstance(value, str) else repr(value)[:40]}")
+
+
 def _conversation(system: object, messages: object, prompt: str | None) -> list[dict[str, Any]]:
     """The request's turns: `system`, then `messages`, then `prompt` as a user turn."""
     turns: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
     if messages is not None:
-        if not (isinstance(messages, (list, tuple)) and all(isinstance(m, dict) for m in messages)):
-            raise ConfigError("messages= must be a list of dicts like "
+        if not (isinstance(messages, (list, tuple))
+                and all(isinstance(m, dict) and "role" in m for m in messages)):
+            raise ConfigError("messages= must be a list of dicts, each with a role, like "
                               "{'role': 'user', 'content': '...'}")
         turns.extend(dict(m) for m in messages)
     if prompt is not None:
@@ -1233,37 +1348,64 @@ def _iter_steps(client: Client, request: _Request,
     their results sent back; again, until the model answers in text or max_steps
     model calls are spent. With schema=, an answer that does not match goes back
     to the model with what was wrong, twice at most. Yields every Chunk; appends
-    the Result to `outcome`."""
+    the Result to `outcome`. No model call starts past the deadline or on a closed
+    Client."""
     _check_async_tools(request.tools)
+    http = client._http
     messages: list[dict[str, Any]] = request.body["messages"]
     steps: list[Step] = []
     finish, data, repairs = None, None, 0
-    for step in range(1, request.max_steps + 1):
-        record = yield from _model_call(client, {**request.body, "messages": list(messages)},
-                                        step, request)
-        yield Chunk("finish", finish_reason=record.finish_reason, usage=record.usage, step=step)
-        finish = record.finish_reason
-        wanted = bool(record.tool_calls and request.tools and finish != "length")
-        run = wanted and step < request.max_steps
-        results = yield from _iter_tool_calls(record, step, run, request, messages, client._note)
-        steps.append(replace(record, tool_results=results))
-        if run:
-            continue
-        if wanted:  # and the budget is spent
-            finish = "max_steps"
-        elif request.schema is not None and not record.refusal:
-            problem, data = _read_answer(record.text, request, client._note)
-            if problem is not None:
-                if repairs == _REPAIRS or step == request.max_steps:
-                    raise client._http.redacted(OutputError(
-                        f"the answer does not match the schema: {problem}",
-                        partial_text=record.text))
-                repairs += 1
-                messages.append({"role": "user", "content": "That answer does not match the JSON "
-                                 f"Schema: {problem}. Answer again with the corrected JSON only."})
+    with http.in_flight(request):
+        for step in range(1, request.max_steps + 1):
+            halted = request.halted()
+            if halted is not None:
+                raise http.redacted(halted)
+            form = http.schema_form
+            record = yield from _model_call(client, {**request.body, "messages": list(messages)},
+                                            step, request)
+            yield Chunk("finish", finish_reason=record.finish_reason, usage=record.usage,
+                        step=step)
+            finish = record.finish_reason
+            wanted = bool(record.tool_calls and request.tools and finish != "length")
+            run = wanted and step < request.max_steps
+            results = yield from _iter_tool_calls(record, step, run, request, messages,
+                                                  client._note)
+            steps.append(replace(record, tool_results=results))
+            if run:
+                if request.body.get("tool_choice") not in ("auto", "none"):
+                    # A forced call ("required", a function) has run: later steps leave the
+                    # choice out, as OpenAI's Agents SDK does, so that the model can answer.
+                    request.body.pop("tool_choice", None)
                 continue
-        break
+            if wanted:  # and the budget is spent
+                finish = "max_steps"
+            elif request.schema is not None and not record.refusal:
+                problem, data = _read_answer(record.text, request, client._note)
+                if problem is not None:
+                    _ask_repair(http, record, problem, form, messages,
+                                last=repairs == _REPAIRS or step == request.max_steps)
+                    repairs += 1
+                    continue
+            break
     outcome.append(_result(steps, finish, messages, data))
+
+
+def _ask_repair(http: _Connection, record: Step, problem: str, form: int,
+                messages: list[dict[str, Any]], last: bool) -> None:
+    """Send an answer to schema= that does not match back to the model, saying what is
+    wrong (OutputError when it was the `last` chance). An answer without JSON, to a
+    request whose response_format the server took without a word, steps the form down."""
+    if last:
+        raise http.redacted(OutputError(f"the answer does not match the schema: {problem}",
+                                        partial_text=record.text))
+    if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and (
+            record.finish_reason == "stop"):
+        # Quirk(transformers serve): response_format ignored without a word, and prose
+        # came back: the model must see the schema itself.
+        http.step_down(form + 1, "response_format ignored: the schema in a system message",
+                       "ignored response_format (the answer held no JSON)")
+    messages.append({"role": "user", "content": "That answer does not match the JSON "
+                     f"Schema: {problem}. Answer again with the corrected JSON only."})
 
 
 def _iter_tool_calls(record: Step, step: int, run: bool, request: _Request,
@@ -1302,6 +1444,9 @@ def _check_async_tools(tools: Mapping[str, Tool]) -> None:
                       "from a worker thread (asyncio.to_thread), or give a plain function")
 
 
+_NO_JSON: Final = "no JSON value in the answer"
+
+
 def _read_answer(text: str, request: _Request, note: Callable[[str], None]
                  ) -> tuple[str | None, Any]:
     """(what is wrong, None) or (None, the data) for an answer to schema=."""
@@ -1309,7 +1454,7 @@ def _read_answer(text: str, request: _Request, note: Callable[[str], None]
     try:
         value = _json_from_text(text)
     except ValueError as exc:
-        return f"no JSON value in the answer ({exc})", None
+        return f"{_NO_JSON} ({exc})", None
     value = _left_out_nulls(value, request.schema, note)
     problem = _validate(value, request.schema)
     if problem is not None:
@@ -1534,52 +1679,70 @@ def _is_json(text: str) -> bool:
 
 def _execute(call: ToolCall, tools: Mapping[str, Tool], note: Callable[[str], None]
              ) -> ToolResult:
-    """Run one call; any failure becomes the error the model reads, never an exception."""
+    """Run one call; any failure becomes the error the model reads, never an exception.
+    A tool function that raises is logged at WARNING with its traceback."""
+    exception = None
     if call.error:
         error = f"{call.error}; received: {call.raw_arguments[:500]!r}"
     elif call.name not in tools:
         error = f"unknown tool {call.name!r}; available tools: {', '.join(tools) or 'none'}"
     else:
+        tool = tools[call.name]
         try:
-            value = _run_tool(tools[call.name], call.arguments, note)
-        except Exception as exc:  # noqa: BLE001 - any tool failure goes back to the model
-            _log.debug("tool %s raised %r", call.name, exc)
+            arguments = _tool_arguments(tool, call.arguments, note)
+        except Exception as exc:  # noqa: BLE001 - the arguments' problem goes back to the model
             error = f"{type(exc).__name__}: {exc}"
         else:
-            return ToolResult(call, value, None, _tool_content(value))
-    return ToolResult(call, None, error, json.dumps({"error": error}, ensure_ascii=False))
+            try:
+                value = _run_tool(tool, arguments)
+            except Exception as exc:  # noqa: BLE001 - and so does any failure of the tool
+                _log.warning("tool %s raised %s: %s", call.name, type(exc).__name__, exc,
+                             exc_info=exc)
+                error, exception = f"{type(exc).__name__}: {exc}", exc
+            else:
+                return ToolResult(call, value, None, _tool_content(value))
+    return ToolResult(call, None, error, json.dumps({"error": error}, ensure_ascii=False),
+                      exception)
 
 
-def _run_tool(t: Tool, arguments: dict[str, Any], note: Callable[[str], None]) -> Any:
-    """Check the model's arguments, build them as the function's type hints ask, and
-    call the function with them as keywords (a coroutine function runs to its end).
+def _tool_arguments(tool: Tool, arguments: dict[str, Any], note: Callable[[str], None]
+                    ) -> dict[str, Any]:
+    """The model's arguments checked against the tool's schema and built as the
+    function's type hints ask (an Enum member, a dataclass or pydantic instance, an int).
 
     null for an optional parameter means "left out" (its default applies; `note`
     hears of it). Raises TypeError naming a missing required argument or an
     unexpected one, and ValueError naming the field, what was expected and what came
-    for a value that does not match the tool's schema; the function is not called then.
+    for a value that does not match the tool's schema.
     """
-    if t.function is None:
-        raise TypeError(f"tool {t.name!r} has no function to run")
-    arguments = _left_out_nulls(arguments, t.parameters, note)
-    properties = t.parameters.get("properties") or {}
-    missing = [n for n in t.parameters.get("required") or () if n not in arguments]
+    if tool.function is None:
+        raise TypeError(f"tool {tool.name!r} has no function to run")
+    arguments = _left_out_nulls(arguments, tool.parameters, note)
+    properties = tool.parameters.get("properties") or {}
+    missing = [n for n in tool.parameters.get("required") or () if n not in arguments]
     if missing:
         raise TypeError(f"missing required argument(s): {', '.join(missing)}")
     unknown = [n for n in arguments if properties and n not in properties]
-    if unknown and not t._takes_any:
+    if unknown and not tool._takes_any:
         raise TypeError(f"unexpected argument(s): {', '.join(unknown)}")
-    problem = _validate(arguments, t.parameters)
+    problem = _validate(arguments, tool.parameters)
     if problem:
         raise ValueError(problem)
-    value = t.function(**{n: _build(v, t.hints.get(n, Any)) for n, v in arguments.items()})
-    if inspect.iscoroutinefunction(t.function):
+    return {n: _build(v, tool.hints.get(n, Any)) for n, v in arguments.items()}
+
+
+def _run_tool(tool: Tool, arguments: dict[str, Any]) -> Any:
+    """Call the function with the arguments as keywords (a coroutine function runs to
+    its end); what it raises is the tool's own failure."""
+    assert tool.function is not None  # _tool_arguments said so
+    value = tool.function(**arguments)
+    if inspect.iscoroutinefunction(tool.function):
         import asyncio  # see _check_async_tools
 
         return asyncio.run(value)
     if inspect.isawaitable(value):
         getattr(value, "close", lambda: None)()  # no "never awaited" warning
-        raise TypeError(f"tool {t.name!r} returned {type(value).__name__} object, which "
+        raise TypeError(f"tool {tool.name!r} returned {type(value).__name__} object, which "
                         "must be awaited: make the tool an async def function")
     return value
 
@@ -1600,7 +1763,8 @@ def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]
     return Result(last.text, last.reasoning, last.refusal, data, steps,
                   [c for s in steps for c in s.tool_calls],
                   [r for s in steps for r in s.tool_results], finish,
-                  functools.reduce(operator.add, usages) if usages else None, messages)
+                  functools.reduce(operator.add, usages) if usages else None, messages,
+                  last.choices)
 
 # ==== Tools ====
 
@@ -1629,6 +1793,9 @@ class Tool:
     # member, a dataclass or pydantic instance, an int). Empty for a Tool made by hand: its
     # arguments are checked against its schema and passed as they came.
     hints: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Whether the module built `parameters` from the function's hints (and may send them
+    # in strict form, see _sent_schema); a schema written by hand goes as written.
+    _built: bool = field(default=False, repr=False, compare=False)
     # Read from the function's signature once, here, not on every call (it is slow):
     # whether it takes **kwargs, so that names its schema lacks may pass.
     _takes_any: bool = field(default=True, init=False, repr=False, compare=False)
@@ -1701,9 +1868,82 @@ def _tool_from_entry(name: object, value: object) -> Tool:
 
 
 def _tool_spec(t: Tool) -> dict[str, Any]:
-    """The request form of a tool."""
+    """The request form of a tool, marked strict when its schema allows (_sent_schema)."""
+    parameters, strict = _sent_schema(t.parameters, t._built)
     return {"type": "function", "function": {"name": t.name, "description": t.description,
-                                             "parameters": t.parameters}}
+                                             "parameters": parameters,
+                                             **({"strict": True} if strict else {})}}
+
+# OpenAI's strict subset (Structured Outputs): the keywords a strict schema may use.
+_STRICT_KEYWORDS: Final = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "anyOf", "enum", "const",
+    "$ref", "$defs", "definitions", "description", "title", "pattern", "format", "minimum",
+    "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems"})
+
+
+def _sent_schema(schema: dict[str, Any] | None, built: bool) -> tuple[Any, bool]:
+    """The schema as the server gets it, and whether it goes with "strict": true.
+
+    OpenAI enforces a schema, and vLLM constrains a forced call by it, only when it is
+    strict. A schema the module built goes in strict form when OpenAI's subset can say
+    it (see _strict); one written by hand goes exactly as written, strict only when it
+    already is in that form. The module's checker checks answers against `schema`.
+    """
+    strict = _strict(schema)
+    if strict is None or not (built or strict == schema):
+        return schema, False
+    return strict, True
+
+
+def _strict(schema: Any) -> dict[str, Any] | None:
+    """`schema` in OpenAI's strict form, or None where its subset cannot say it (a root
+    that is not an object, a free-form object, an array without items, Any, a keyword
+    outside the subset). Every object lists all its properties in required; one that was
+    not required becomes nullable (its null means "left out", see _prune_nulls);
+    additionalProperties is false; defaults are dropped."""
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        return None
+    try:
+        return _strict_node(schema)
+    except ValueError:
+        return None
+
+
+def _strict_node(schema: Any) -> dict[str, Any]:
+    """_strict for one subschema; ValueError where the subset cannot say it."""
+    node = {k: v for k, v in schema.items() if k != "default"} if isinstance(schema, dict) else {}
+    if not node.keys() & {"type", "anyOf", "enum", "const", "$ref"} or node.keys() - _STRICT_KEYWORDS:
+        raise ValueError(schema)
+    for key in ("properties", "$defs", "definitions"):
+        if key in node:
+            node[key] = {name: _strict_node(sub) for name, sub in node[key].items()}
+    if "anyOf" in node:
+        node["anyOf"] = [_strict_node(sub) for sub in node["anyOf"]]
+    kinds = _kinds(node)
+    if "items" in node:
+        node["items"] = _strict_node(node["items"])
+    elif "array" in kinds:
+        raise ValueError(schema)
+    if "object" in kinds:
+        if "properties" not in node or node.get("additionalProperties", False) is not False:
+            raise ValueError(schema)
+        required = node.get("required", [])
+        node["properties"] = {name: sub if name in required else _nullable(sub)
+                              for name, sub in node["properties"].items()}
+        if set(required) != set(node["properties"]):
+            node["required"] = list(node["properties"])
+        node["additionalProperties"] = False
+    return node
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` that also takes null: a type list where it can say it, else anyOf."""
+    kinds = schema.get("type")
+    if _validate(None, schema) is None:
+        return schema
+    if kinds and not schema.keys() & {"enum", "const", "$ref", "anyOf"}:
+        return {**schema, "type": [*_kinds(schema), "null"]}
+    return {"anyOf": [schema, {"type": "null"}]}
 
 
 def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) -> Tool:
@@ -1725,8 +1965,10 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
                               "by keyword")
     annotations = {p.name: hints.get(p.name, Any) for p in params}
     defs: dict[str, Any] = {}
-    properties = {key: _schema(hint, f"tool {tool_name!r}, parameter {key!r}", parameter=True,
-                               defs=defs) for key, hint in annotations.items()}
+    # Optional[X] with a default means "may be left out": its schema is X's alone.
+    properties = {p.name: _schema(annotations[p.name], f"tool {tool_name!r}, parameter "
+                                  f"{p.name!r}", parameter=p.default is not p.empty, defs=defs)
+                  for p in params}
     for key, schema in properties.items():
         if key in arg_docs:  # Annotated[T, "..."] wins over the docstring
             schema.setdefault("description", arg_docs[key])
@@ -1734,7 +1976,7 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
                   "required": [p.name for p in params if p.default is p.empty]}
     if defs:
         parameters["$defs"] = defs
-    return Tool(tool_name, marked_description or summary, parameters, func, annotations)
+    return Tool(tool_name, marked_description or summary, parameters, func, annotations, True)
 
 
 def _root_schema(annotation: Any, where: str) -> dict[str, Any]:
@@ -2387,7 +2629,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     40 lines for that reason.
     """
     http, note = client._http, client._note
-    http.prepare(body, request.schema)
+    http.prepare(body, request)
     answer = _Answer(step, note)
     if client._tools_unstreamed and "tools" in body:
         return (yield from _ask_whole(client, body, request, answer))
@@ -2396,7 +2638,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
         # Ask for usage; servers that reject the field lose it once.
         body["stream_options"] = {"include_usage": True}
     seen = False
-    with http.post(body, request.timeout, request.schema) as response:
+    with http.post(body, request) as response:
         if _not_an_event_stream(http, response):
             return (yield from _ask_whole(client, body, request, answer, response))
         add = answer.add
@@ -2422,13 +2664,13 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
                     else:
                         yield got
         except (APIError, ValueError, RecursionError, *_TRANSPORT_ERRORS) as exc:
-            raise _cut_short(exc, answer, http, request.timeout) from None
+            raise _cut_short(exc, answer, http, request) from None
         if answer.done:
             _drain(response, chunks)
-    if not seen:
+    if not seen and not request.stopped:
         _note_empty_stream(client, body)
         return (yield from _ask_whole(client, body, request, answer))
-    return _ended(client, answer, body)
+    return _ended(client, answer, body, request)
 
 
 def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool:
@@ -2605,26 +2847,31 @@ def _raise_stream_error(payload: Any, data: str, event: str,
 
 
 def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
-               timeout: float) -> APIError:
+               request: _Request) -> APIError:
     """The error of a stream that failed after its answer began (never retried: the
-    caller has seen part of it), keeping the text that had arrived."""
-    if isinstance(exc, APIError):
+    caller has seen part of it), keeping the text that had arrived; a stream stopped
+    by its deadline or by close() says so."""
+    halted = request.halted()
+    if halted is not None:
+        error = halted
+    elif isinstance(exc, APIError):
         error = exc
     elif isinstance(exc, (ValueError, RecursionError)):
         error = StreamError("the stream was cut short or sent malformed JSON")
     else:
-        error = http.transport_error(exc, timeout, "stream")
+        error = http.transport_error(exc, request.timeout, "stream")
     error.partial_text = "".join(answer.text)
     return http.redacted(error)
 
 
-def _ended(client: Client, answer: _Answer, body: dict[str, Any]) -> Step:
+def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request) -> Step:
     """The Step of a stream that has ended; a StreamError when it was cut short."""
     _note_model(client, body.get("model"), answer.model)
     if not answer.done and answer.finish_reason is None:
-        raise client._http.redacted(StreamError(
-            "the stream ended before the answer was finished (no finish_reason, no [DONE])",
-            partial_text="".join(answer.text)))
+        error = request.halted() or StreamError(
+            "the stream ended before the answer was finished (no finish_reason, no [DONE])")
+        error.partial_text = "".join(answer.text)
+        raise client._http.redacted(error)
     if not answer.done:
         client._note("no [DONE] at the end of streams")
     record = answer.finish()
@@ -2657,9 +2904,9 @@ def _ask_whole(client: Client, body: dict[str, Any], request: _Request, answer: 
     if response is None:
         body.pop("stream", None)
         body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
-        response = http.post(body, request.timeout, request.schema)
+        response = http.post(body, request)
     with response:
-        payload = http.read_json(response, request.timeout)
+        payload = http.read_json(response, request)
     if isinstance(payload, dict):
         if "stream" in body and payload.get("choices"):
             http.note("one JSON document for a stream request")
@@ -2673,7 +2920,8 @@ def _ask_whole(client: Client, body: dict[str, Any], request: _Request, answer: 
 
 
 def _note_model(client: Client, asked: object, answered: object) -> None:
-    """Warn once per model when the server answers with another model than asked.
+    """Warn (a UserWarning, shown once) when the server answers with another model than
+    asked: most likely a typo in the name, for the program to fix.
 
     Quirk(llama.cpp, TGI, llama-cpp-python): an unknown model is answered by the one
     they have loaded. A name inside the other (a dated version, a provider prefix) is
@@ -2684,12 +2932,9 @@ def _note_model(client: Client, asked: object, answered: object) -> None:
             or asked.lower() in answered.lower() or answered.lower() in asked.lower()):
         return
     client._note("answers with another model than asked")
-    with client._lock:
-        if asked in client._models_warned:
-            return
-        client._models_warned.add(asked)
-    _log.warning("asked for model %r, %s answered with %r: it may not serve %r",
-                 asked, client._http.shown_url, answered, asked)
+    warnings.warn(f"asked for model {asked!r}, {client._http.shown_url} answered with "
+                  f"{answered!r}: it may not serve {asked!r} (a typo in the name?)",
+                  UserWarning, stacklevel=2)
 
 
 # Quirk(TGI < 2.3, TGI stop strings, Anthropic-compat): other names for a normal stop.
@@ -2716,6 +2961,7 @@ class _Answer:
     finish_reason: str | None = None
     model: str | None = None  # the "model" of the first event, "" if none
     done: bool = False  # [DONE] arrived
+    others: dict[int, list[str]] = field(default_factory=dict)  # n > 1: choice 1 on
 
     def add(self, payload: dict[str, Any]) -> Chunk | list[Chunk] | None:
         """Take one decoded event; return its Chunk, a list of them, or None.
@@ -2738,8 +2984,9 @@ class _Answer:
             return None
         choice = choices[0]
         if len(choices) > 1 or choice.__class__ is not dict or choice.get("index"):
-            # Quirk(OpenAI and vLLM with n > 1): choices interleave; follow index 0. None
-            # of them: an empty choice, which yields nothing.
+            # With n > 1 (OpenAI, vLLM) the choices interleave: follow index 0, keep the
+            # text of the others. None of them: an empty choice, which yields nothing.
+            self._keep_others(choices)
             choice = _choice_zero(choices) or {}
         delta = choice.get("delta") or choice.get("message")
         content = delta.get("content") if delta.__class__ is dict else None
@@ -2804,6 +3051,16 @@ class _Answer:
                 chunks.append(self._keep("reasoning" if thinking else "text", text, raw))
         return chunks
 
+    def _keep_others(self, choices: list[Any]) -> None:
+        """The text of the choices other than index 0, by index."""
+        for choice in choices:
+            index = choice.get("index") if isinstance(choice, dict) else None
+            index = int(index) if isinstance(index, str) and index.isdigit() else index
+            delta = (choice.get("delta") or choice.get("message")) if index else None
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(index, int) and isinstance(text, str) and text:
+                self.others.setdefault(index, []).append(text)
+
     def _keep(self, kind: ChunkType, text: str, raw: Any) -> Chunk:
         """A piece of text, reasoning or refusal added to the list of that name; its
         Chunk."""
@@ -2851,8 +3108,10 @@ class _Answer:
             reason = "stop"
         elif reason is None:
             reason = "tool_calls" if calls else "stop"
-        return Step("".join(self.text), "".join(self.reasoning), calls, [], reason,
-                    _usage(self.usage), "".join(self.refusal))
+        text = "".join(self.text)
+        return Step(text, "".join(self.reasoning), calls, [], reason, _usage(self.usage),
+                    "".join(self.refusal),
+                    [text, *("".join(self.others[i]) for i in sorted(self.others))])
 
 
 def _choice_zero(choices: Any) -> dict[str, Any] | None:
@@ -2886,13 +3145,26 @@ _MAX_REDIRECTS: Final = 5
 # not know stream_options name it.
 _REFUSED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
     ("tools", re.compile(
-        r"does not support tools|enable-auto-tool-choice|tools param requires"
+        r"does not support tools|tools param requires"
         r"|tools? (?:are |is )?not supported|tool (?:use|calling) is not supported",
         re.IGNORECASE)),
     ("tool_choice", re.compile(
         r"tool_choice.{0,60}(?:not supported|unsupported|not allowed|invalid)", re.IGNORECASE)),
     ("stream_options", re.compile(r"stream_options", re.IGNORECASE)),
 )
+# Quirk(vLLM without --enable-auto-tool-choice): '"auto" tool choice requires
+# --enable-auto-tool-choice and --tool-call-parser to be set', for "auto" and for a
+# tool_choice left out alike; it takes "none".
+_AUTO_REFUSED: Final = re.compile(r"enable-auto-tool-choice", re.IGNORECASE)
+# A server that refuses the strict flag of a schema: its message or its "param" names it
+# (Fireworks: "Extra inputs are not permitted, field: 'strict'"; Gemini: 'Unknown name
+# "strict"').
+_STRICT_REFUSED: Final = re.compile(r"\bstrict\b")
+_STRICT_PARAM: Final = re.compile(r'"param"\s*:\s*"[^"]*\bstrict\b')
+# How an answer shaped by schema= is asked for, from the first choice down: response_format
+# json_schema; json_object with the schema, and the schema in a system message too; the
+# system message only.
+_JSON_SCHEMA, _JSON_OBJECT, _SCHEMA_IN_PROMPT = range(3)
 # A server that refuses how a schema was asked for: llama-cpp-python's 500 "1
 # validation error ... response_format.type Input should be 'text' or 'json_object'",
 # and others naming the field or its type.
@@ -2936,7 +3208,7 @@ class _Connection:
     _warned_hosts: ClassVar[set[str]] = set()
 
     def __init__(self, config: Config, headers: dict[str, str], url_source: str,
-                 note: Callable[[str], None]) -> None:
+                 note: Callable[..., None]) -> None:
         self.config = config
         self.url_source = url_source
         self.note = note
@@ -2961,13 +3233,16 @@ class _Connection:
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
         self.lock = threading.Lock()
-        self.refused: set[str] = set()  # request fields never to send again
+        # Request fields never to send again; and "strict" (the strict flag refused) and
+        # "auto" (tool_choice "auto" refused: "none" is sent instead), see prepare.
+        self.refused: set[str] = set()
         # How this server is asked for an answer shaped by schema= (DESIGN.md,
-        # "Structured answers"): 0 response_format json_schema; 1 json_object with the
-        # schema, and the schema in a system message; 2 the system message only.
-        # Stepped down, once per Client, when the server refuses the field.
-        self.schema_form = 0
+        # "Structured answers"), one of the _SCHEMA_FORMS; stepped down, once per
+        # Client, when the server refuses the field or ignores it.
+        self.schema_form = _JSON_SCHEMA
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
+        self.calls: set[_Request] = set()  # the calls in flight, which close() ends
+        self.closed = threading.Event()
         host = parts.hostname or ""  # urlsplit lowers the scheme and the host
         if (config.api_key and parts.scheme == "http" and host not in ("localhost", "::1")
                 and not host.startswith("127.") and host not in self._warned_hosts):
@@ -2975,38 +3250,73 @@ class _Connection:
             _log.warning("the API key is sent over plain http to %s; use https for remote "
                          "servers", host)
 
-    def post(self, body: dict[str, Any], timeout: float,
-             schema: dict[str, Any] | None = None) -> requests.Response:
+    @contextlib.contextmanager
+    def in_flight(self, request: _Request) -> Iterator[None]:
+        """Keep track of a call while it runs, so that close() and its deadline (a timer,
+        when it has one) can stop it from another thread (see _Request.stop)."""
+        timer = None
+        if request.deadline is not None:
+            timer = threading.Timer(max(0.0, request.ends - time.monotonic()), request.stop,
+                                    ("deadline",))
+            timer.daemon = True
+            timer.start()
+        with self.lock:
+            self.calls.add(request)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.calls.discard(request)
+            if timer is not None:
+                timer.cancel()
+
+    def close(self) -> None:
+        """Stop the calls in flight, refuse new ones, and close the connection pool."""
+        self.closed.set()
+        with self.lock:
+            calls = list(self.calls)
+        for request in calls:
+            request.stop("closed")
+        self.session.close()
+
+    def post(self, body: dict[str, Any], request: _Request) -> requests.Response:
         """POST body to /chat/completions; return a 2xx response (body not yet read).
 
         Retries connection failures and 408/409/429/5xx up to max_retries times with
         backoff, honouring Retry-After up to 60 s; waits for a server loading its model
         (up to `timeout` in all); resends once a request that met a kept-alive
-        connection the server had closed; drops a field the server refused (tools,
-        tool_choice, stream_options) or steps down how the schema is asked for, and
-        resends (see _resend_changed). The last three do not spend max_retries. (Over
-        40 lines with this docstring: the retry policy reads best as one loop.)
+        connection the server had closed; drops what the server refused (the strict flag,
+        tools, tool_choice "auto", stream_options) or steps down how the schema is asked
+        for, and resends (see _resend_changed). The last three do not spend max_retries.
+        (Over 40 lines with this docstring: the retry policy reads best as one loop.)
         """
-        attempt, stale_resent, loading_since = 0, False, 0.0
+        attempt, stale_resent, loading_since, timeout = 0, False, 0.0, request.timeout
         while True:
             wait = retry_after = None
             try:
-                response = self.request("POST", "/chat/completions", timeout, body)
+                # Each read waits for the silence limit, or what is left of the deadline.
+                response = self.request("POST", "/chat/completions", max(0.001, min(
+                    timeout, request.ends - time.monotonic())), body, request.headers)
             except _TRANSPORT_ERRORS as exc:
-                if not stale_resent and _stale_connection(exc):
+                if not stale_resent and _stale_connection(exc) and not request.stopped:
                     stale_resent = True
                     _log.debug("kept-alive connection was closed by the server; resending")
                     continue
-                error = self.transport_error(exc, timeout, "" if body.get("stream") else "whole")
+                error = request.halted() or self.transport_error(
+                    exc, timeout, "" if body.get("stream") else "whole")
                 # Connection failures (a connect timeout included) happened before the
                 # server saw the request: safe to resend. A read timeout did not.
                 retry = isinstance(exc, (requests.ConnectionError, ConnectionError))
             else:
+                request.response = response
+                if request.stopped:  # close() came while the server was answering
+                    response.close()
+                    raise self.redacted(request.halted() or _client_closed())
                 if response.status_code < 300:
                     return response
                 retry_after = _retry_after(response.headers)
                 error = self.error_of(response, retry_after)
-                if self._resend_changed(body, error, schema):
+                if self._resend_changed(body, error, request):
                     continue
                 wait, loading_since = self._loading_wait(error, timeout, loading_since)
                 status = error.status_code or 0
@@ -3015,12 +3325,18 @@ class _Connection:
             if wait is None and retry and attempt < self.config.max_retries:
                 attempt += 1
                 wait = _backoff(attempt) if retry_after is None else retry_after
+                _log.info("%s from %s; retrying in %.1f s (attempt %d of %d)", (
+                    f"HTTP {error.status_code}" if error.status_code else error.message),
+                    self.shown_url, wait, attempt + 1, self.config.max_retries + 1)
             if wait is None:
                 raise error
-            time.sleep(wait)
+            # A wait that would end past the deadline is not waited; close() ends one.
+            if time.monotonic() + wait >= request.ends or self.closed.wait(wait):
+                raise self.redacted(request.halted(wait) or _client_closed()) from error
 
     def request(self, method: str, path: str, timeout: float,
-                body: dict[str, Any] | None = None) -> requests.Response:
+                body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+                ) -> requests.Response:
         """One request to base_url + path (the base's query string last), its body
         JSON. Redirects are followed here, not by requests (which turns a redirected
         POST into a GET): on the same scheme, host and port, with the same method and
@@ -3028,10 +3344,11 @@ class _Connection:
         else."""
         url = self.base + path + self.query
         data = None if body is None else _encode(body)
-        # A compressing proxy would batch a stream's deltas: ask for none.
-        headers = self.headers if body is None else {
-            **self.headers, "Content-Type": "application/json",
-            **({"Accept-Encoding": "identity"} if body.get("stream") else {})}
+        headers = headers or self.headers
+        if body is not None:
+            # A compressing proxy would batch a stream's deltas: ask for none.
+            headers = {**headers, "Content-Type": "application/json",
+                       **({"Accept-Encoding": "identity"} if body.get("stream") else {})}
         for _ in range(_MAX_REDIRECTS):
             response = self.session.request(method, url, data=data, headers=headers,
                                             timeout=(timeout, timeout), stream=True,
@@ -3079,52 +3396,77 @@ class _Connection:
         # A gap that grows with the time waited, up to _WAIT_GAP.
         return min(_WAIT_GAP, since + timeout - now, 0.1 + (now - since) / 2), since
 
-    def prepare(self, body: dict[str, Any], schema: dict[str, Any] | None) -> None:
-        """Drop the fields this server refused; ask for `schema` the way it takes it."""
+    def prepare(self, body: dict[str, Any], request: _Request) -> None:
+        """Drop what this server refused; ask for request.schema the way it takes it."""
         for name in tuple(self.refused):
             body.pop(name, None)
+        if "strict" in self.refused and "tools" in body:
+            body["tools"] = [{**spec, "function": {k: v for k, v in spec["function"].items()
+                                                   if k != "strict"}} for spec in body["tools"]]
+        if "auto" in self.refused and "tools" in body and body.get("tool_choice", "auto") == "auto":
+            body["tool_choice"] = "none"
+        schema = request.sent_schema
         if schema is None:
             return
-        if self.schema_form == 0:
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "answer", "schema": schema}}
+        strict = {"strict": True} if request.strict and "strict" not in self.refused else {}
+        if self.schema_form == _JSON_SCHEMA:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "answer", "schema": schema, **strict}}
             return
         body["messages"] = _with_schema_message(body["messages"], schema)
-        if self.schema_form == 1:
+        if self.schema_form == _JSON_OBJECT:
             # Quirk(llama.cpp, llama-cpp-python): a schema beside json_object is
             # enforced with a grammar.
             body["response_format"] = {"type": "json_object", "schema": schema}
         else:
             body.pop("response_format", None)
 
-    def _resend_changed(self, body: dict[str, Any], error: APIError,
-                        schema: dict[str, Any] | None) -> bool:
-        """Whether `error` refused a request field (dropped) or how the schema was asked
-        for (the next form down): `body` is changed to be sent again, the change kept for
+    def _resend_changed(self, body: dict[str, Any], error: APIError, request: _Request) -> bool:
+        """Whether `error` refused something the request can go without: the strict flag,
+        a field (dropped), tool_choice "auto" ("none" instead), or how the schema was asked
+        for (the next form down). `body` is changed to be sent again, the change kept for
         every later request, and said."""
+        message = error.message
         name = next((field for field, pattern in _REFUSED_FIELDS
-                     if field in body and pattern.search(error.message)), None)
-        if name is not None and ((error.status_code or 0) < 500 or "tools" in body):
-            _log.warning("%s rejected %s (%s); resending without it and not sending it again",
-                         self.shown_url, name, error.message)
-            self.note("tools rejected: resent without them" if name == "tools"
-                      else f"{name} rejected: dropped")
-            with self.lock:
-                self.refused.update(("tools", "tool_choice") if name == "tools" else (name,))
-        elif (schema is not None and "response_format" in body
-              and _SCHEMA_REFUSED.search(error.message)):
-            form = 1 if body["response_format"].get("type") == "json_schema" else 2
-            with self.lock:
-                self.schema_form = max(self.schema_form, form)
-            _log.warning("%s refused response_format %r (%s); asking %s from now on",
-                         self.shown_url, body["response_format"].get("type"), error.message,
-                         "with json_object" if form == 1 else "in a system message only")
-            self.note("json_schema refused: json_object with the schema" if form == 1
-                      else "response_format refused: the schema in the system message")
+                     if field in body and pattern.search(message)), None)
+        if "strict" not in self.refused and 400 <= (error.status_code or 0) < 500 and (
+                _STRICT_REFUSED.search(message) or _STRICT_PARAM.search(error.body or "")):
+            self.refuse(error, "strict schemas refused: sent without strict", "strict")
+        elif (_AUTO_REFUSED.search(message) and "tools" in body
+              and body.get("tool_choice", "auto") == "auto"):
+            self.refuse(error, 'tool_choice "auto" refused: "none" sent', "auto")
+        elif name is not None and ((error.status_code or 0) < 500 or "tools" in body):
+            self.refuse(error, "tools rejected: resent without them" if name == "tools" else
+                        f"{name} rejected: dropped", name, *("tool_choice",) * (name == "tools"))
+        elif (request.schema is not None and "response_format" in body
+              and _SCHEMA_REFUSED.search(message)):
+            json_schema = body["response_format"].get("type") == "json_schema"
+            self.step_down(_JSON_OBJECT if json_schema else _SCHEMA_IN_PROMPT,
+                           "json_schema refused: json_object with the schema" if json_schema
+                           else "response_format refused: the schema in the system message",
+                           f"refused response_format ({message})")
         else:
             return False
-        self.prepare(body, schema)
+        self.prepare(body, request)
         return True
+
+    def refuse(self, error: APIError, quirk: str, *names: str) -> None:
+        """Never send `names` again here: noted, and logged once, at WARNING."""
+        _log.warning("%s %s (%s)", self.shown_url, quirk, error.message)
+        self.note(quirk, logged=True)
+        with self.lock:
+            self.refused.update(names)
+
+    def step_down(self, form: int, quirk: str, why: str) -> None:
+        """Ask for schema= answers in `form` (unless a lower one is taken) from now on."""
+        with self.lock:
+            if form <= self.schema_form:
+                return
+            self.schema_form = form
+        _log.warning("%s %s; asking %s from now on", self.shown_url, why,
+                     "with json_object and the schema in a system message"
+                     if form == _JSON_OBJECT else "with the schema in a system message only")
+        self.note(quirk, logged=True)
 
     def get_text(self, path: str, seconds: float) -> tuple[int, str, float | None]:
         """GET base_url + path: status, body text (8 MiB at most), Retry-After. Each
@@ -3142,15 +3484,16 @@ class _Connection:
         except _TRANSPORT_ERRORS as exc:
             raise self.transport_error(exc, seconds) from None
 
-    def read_json(self, response: requests.Response, timeout: float) -> Any:
+    def read_json(self, response: requests.Response, request: _Request) -> Any:
         try:
             raw = response.content
         except _TRANSPORT_ERRORS as exc:
-            raise self.transport_error(exc, timeout, "whole") from None
+            raise self.redacted(request.halted() or self.transport_error(
+                exc, request.timeout, "whole")) from None
         try:
             return _CHUNK_JSON.decode(raw.decode("utf-8", "replace"))
         except (ValueError, RecursionError):
-            raise self.redacted(APIError(
+            raise self.redacted(request.halted() or APIError(
                 "the server's answer is not JSON: " + _trim_message(
                     raw[:2000].decode("utf-8", "replace")), status_code=response.status_code,
             )) from None
@@ -3283,6 +3626,13 @@ def _backoff(attempt: int) -> float:
     return delay * random.uniform(0.5, 1.0)
 
 
+def _socket_of(response: requests.Response | None) -> socket.socket | None:
+    """The socket a response is being read from (None once it is released)."""
+    raw = getattr(response, "raw", None)
+    connection = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
+    return getattr(connection, "sock", None)
+
+
 def _drain(response: requests.Response, chunks: Iterable[bytes]) -> None:
     """Read what follows [DONE] in `chunks` (the body's, see _body_chunks) for up to
     ~100 ms, so that the connection can be reused.
@@ -3290,9 +3640,7 @@ def _drain(response: requests.Response, chunks: Iterable[bytes]) -> None:
     Stopping at [DONE] without reading the rest of the body would cost a new TCP
     (and TLS) connection for the next request.
     """
-    connection = getattr(response.raw, "_connection", None) or getattr(
-        response.raw, "connection", None)
-    sock = getattr(connection, "sock", None)
+    sock = _socket_of(response)
     if sock is None:
         return
     try:
@@ -3334,13 +3682,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _cli_parser().parse_args(argv)
     command = [] if "--" in argv else args.words  # after --, every word is the prompt's
+    # What a script must see goes to stderr, one line each: the library's warnings (a
+    # model substitution, a pasted endpoint) and WARNING log lines; -v adds INFO.
+    shown = logging.StreamHandler(sys.stderr)
+    shown.setFormatter(logging.Formatter("openai-compat: %(message)s"))
+    _log.addHandler(shown)
+    level = _log.level
+    _log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
-        client = _cli_client(args)
-        if command == ["models"]:
-            return _cli_models(client)
-        if command == ["check"]:
-            return _cli_check(client, args.wait)
-        return _cli_chat(client, _cli_prompt(args.words), args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _cli_warning
+            client = _cli_client(args)
+            if command == ["models"]:
+                return _cli_models(client)
+            if command == ["check"]:
+                return _cli_check(client, args.wait)
+            return _cli_chat(client, _cli_prompt(args.words, args.no_stdin), args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -3354,6 +3711,13 @@ def main(argv: list[str] | None = None) -> int:
     except APIError as exc:
         print(f"openai-compat: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        _log.removeHandler(shown)
+        _log.setLevel(level)
+
+
+def _cli_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
+    print(f"openai-compat: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _cli_parser() -> argparse.ArgumentParser:
@@ -3371,6 +3735,13 @@ def _cli_parser() -> argparse.ArgumentParser:
     add("--temperature", type=float)
     add("--max-tokens", type=int)
     add("--timeout", type=float, help="seconds of silence allowed between bytes (default 30)")
+    add("--deadline", type=float, metavar="SECONDS", help="seconds the whole answer may take "
+        "(default: OPENAI_COMPATIBLE_DEADLINE, else none)")
+    add("--header", action="append", default=[], metavar="'NAME: VALUE'",
+        help="an HTTP header for every request (repeatable), e.g. Azure's 'api-key: ...'")
+    add("-n", "--no-stdin", action="store_true", help="never read stdin (as ssh -n): for "
+        "loops that read their own input, and parents that keep stdin open")
+    add("-v", "--verbose", action="store_true", help="also print retries and quirks on stderr")
     add("--wait", type=float, metavar="SECONDS", help="with check: first wait up to SECONDS "
         "for a server that is starting or loading its model")
     add("--schema", metavar="FILE.json", help="answer with JSON that matches this JSON Schema, "
@@ -3385,21 +3756,44 @@ def _cli_client(args: argparse.Namespace) -> Client:
     if not (args.base_url or "").strip() and not os.environ.get(_ENV_BASE_URL, "").strip():
         raise ConfigError(f"No endpoint configured: set {_ENV_BASE_URL} (for example "
                           "http://localhost:11434/v1 for Ollama) or pass --base-url")
-    client = Client(args.base_url, model=args.model, timeout=args.timeout)
+    headers = {}
+    for header in args.header:
+        name, colon, value = header.partition(":")
+        if not colon:
+            raise ConfigError(f"--header {header!r}: write it as 'Name: value'")
+        headers[name.strip()] = value
+    client = Client(args.base_url, model=args.model, timeout=args.timeout, headers=headers,
+                    deadline=args.deadline)
     if (args.base_url or "").strip():
         client._http.url_source = "--base-url"
     return client
 
 
-def _cli_prompt(words: list[str]) -> str:
+def _cli_prompt(words: list[str], no_stdin: bool) -> str:
     prompt = " ".join(words)
-    if not sys.stdin.isatty():
-        piped = sys.stdin.read()
+    if not no_stdin and not sys.stdin.isatty():
+        piped = _cli_stdin()
         if piped.strip():
             prompt = f"{prompt}\n\n{piped}" if prompt else piped
     if not prompt.strip():
         raise ConfigError("no prompt: give one as an argument or on stdin (see --help)")
     return prompt
+
+
+def _cli_stdin() -> str:
+    """Standard input as text: bytes that are not UTF-8 become U+FFFD, with one warning
+    naming where the first one is."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream set by the caller
+        return sys.stdin.read()
+    data = raw.read()
+    try:
+        return str(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        warnings.warn(f"standard input is not UTF-8 (byte {exc.start}: {data[exc.start:][:1]!r}"
+                      "); read with U+FFFD in place of such bytes (convert it with iconv -f "
+                      "ENCODING -t UTF-8)", UserWarning, stacklevel=2)
+        return str(data.decode("utf-8", "replace"))
 
 
 def _cli_chat(client: Client, prompt: str, args: argparse.Namespace) -> int:
@@ -3574,20 +3968,26 @@ def _probe_examples() -> list[dict[str, Any]]:
 
 
 def _probe_tools(client: Client) -> None:
+    """Whether the model calls a tool when it may ("auto"), only when it must
+    ("required"), or not at all; a call counts when its arguments fit and it ran."""
     def add(a: int, b: int) -> int:
         """Add two integers."""
         return a + b
 
-    result = client.stream("Use the add tool to add 2 and 3.", tools=[add], max_steps=2,
-                           messages=_probe_examples(), temperature=0, max_tokens=128)
-    calls = [c.tool_call for c in result if c.type == "tool_call" and c.tool_call]
-    if not calls:
-        _report("tool calls", None, "no tool call, even after two worked examples: the model "
-                "answered in text")
-        return
-    how = ("call (not streamed: the server's tool streams are empty, so they are asked for"
-           " without streaming)" if client._tools_unstreamed else "streamed call")
-    _report("tool calls", True, f"{how} {calls[0].name}({calls[0].raw_arguments})")
+    for choice, how in (("auto", "calls tools on its own"),
+                        ("required", "calls tools only when required")):
+        result = client.generate("Use the add tool to add 2 and 3.", tools=[add], max_steps=2,
+                                 tool_choice=choice, messages=_probe_examples(),
+                                 temperature=0, max_tokens=128)
+        done = [r.call for r in result.tool_results if r.error is None]
+        if done:
+            streamed = ("not streamed: the server's tool streams are empty, so they are asked "
+                        "for without streaming" if client._tools_unstreamed else "streamed")
+            _report("tool calls", True, f"{how} ({streamed}): {done[0].name}("
+                    f"{done[0].raw_arguments})")
+            return
+    _report("tool calls", None, 'no tool calls, even after two worked examples and with '
+            'tool_choice "required"')
 
 
 def _probe_structured(client: Client) -> None:
@@ -3596,9 +3996,8 @@ def _probe_structured(client: Client) -> None:
               "required": ["city", "country"]}
     result = client.generate("Name a city in France as JSON with city and country.",
                              schema=schema, temperature=0, max_tokens=64)
-    how = ("response_format json_schema honoured",
-           "json_schema refused; json_object with the schema honoured",
-           "response_format refused; the schema is asked for in a system message")
+    how = ("response_format json_schema honoured", "json_object with the schema honoured",
+           "the schema asked for in a system message")
     repairs = f" after {len(result.steps) - 1} repair(s)" if len(result.steps) > 1 else ""
     _report("structured", True, f"{how[client._http.schema_form]}: {json.dumps(result.data)}"
             + repairs)
