@@ -895,10 +895,14 @@ class VllmServer(_TreeServer):
     name = "vllm"
 
     def __init__(self, alias: str = "smollm2", api_key: str | None = None, ctx: int = 2048,
-                 port: int = 0, extra_args: tuple[str, ...] = ()) -> None:
+                 port: int = 0, auto_tools: bool = True) -> None:
         super().__init__(alias, api_key, port)
         self.ctx = ctx
-        self.extra_args = extra_args
+        # auto_tools=False: --tool-call-parser without --enable-auto-tool-choice. Quirk
+        # (vLLM 0.32): the parser is then not loaded at all, so it refuses tool_choice
+        # "auto" (and none given, which it reads as "auto"), "required" and a named
+        # function alike ("requires --tool-call-parser to be set"); only "none" is taken.
+        self.auto_tools = auto_tools
         self.run_dir = ""
 
     def command(self) -> tuple[list[str], dict[str, str] | None]:
@@ -911,8 +915,8 @@ class VllmServer(_TreeServer):
         command = [pieces.vllm, "serve", pieces.model, "--served-model-name", self.alias,
                    "--host", "127.0.0.1", "--port", str(self.port),
                    "--max-model-len", str(self.ctx), "--dtype", "bfloat16", "--enforce-eager",
-                   "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                   "--chat-template", TOOL_TEMPLATE, *self.extra_args]
+                   *(["--enable-auto-tool-choice"] if self.auto_tools else []),
+                   "--tool-call-parser", "hermes", "--chat-template", TOOL_TEMPLATE]
         if self.api_key:
             command += ["--api-key", self.api_key]
         return command, env
