@@ -612,13 +612,17 @@ def _set_up(root: str, what: str, step: Callable[..., Any], *args: Any,
         os.remove(note)
     try:
         step(*args, **kwargs)
-        return True
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+    except subprocess.CalledProcessError as exc:  # (pip's own lines are above)
+        command = " ".join(os.path.basename(str(part)) for part in exc.cmd)
+        reason = f"`{command}` exited with {exc.returncode}"
+    except (OSError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        with open(note, "w") as out:
-            out.write(f"set-up failed on this machine: {reason}\n")
-        _log(f"{what} cannot be set up here ({reason}); its tests skip (fail in CI)")
-        return False
+    else:
+        return True
+    with open(note, "w") as out:
+        out.write(f"set-up failed on this machine: {reason}\n")
+    _log(f"{what} cannot be set up here ({reason}); its tests skip (fail in CI)")
+    return False
 
 
 def _install_vllm(root: str, name: str, python: str) -> None:
