@@ -5,8 +5,8 @@
 # go to pytest. While another run holds the cache's lock, it waits for it, saying
 # for whom, up to $OPENAI_COMPAT_DEV_LOCK_WAIT seconds (default 30 minutes).
 # With OPENAI_COMPAT_MORE_SERVERS=1 (as in CI) it also installs llama-cpp-python's
-# server and the LiteLLM proxy and runs the tests against them (about 6 minutes
-# more the first time).
+# server and the LiteLLM proxy (about 6 minutes more the first time), vLLM and
+# transformers serve (about 3 minutes more), and runs the tests against them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
