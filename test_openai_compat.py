@@ -6456,9 +6456,12 @@ def test_real_transformers_ignored_response_format_steps_down_to_the_schema_in_a
                                      temperature=0, max_tokens=100)
         except oc.OutputError as exc:  # a 135M model may not write it even then
             assert "$" in str(exc) or "JSON" in str(exc), str(exc)
+            print(f"transformers serve: rung {client._http.schema_form}, OutputError: {exc}")
         else:
             assert isinstance(result.data, Capital), result.text
             assert result.data.city.strip() and result.data.country.strip()
+            print(f"transformers serve: rung {client._http.schema_form}, "
+                  f"{len(result.steps)} model call(s), {result.data}")
     first, second = relay.bodies[:2]
     assert first["response_format"]["type"] == "json_schema"
     assert not any(m["role"] == "system" for m in first["messages"])
