@@ -43,6 +43,7 @@ arguments win; blank values count as unset):
     OPENAI_COMPATIBLE_MODEL         model id; when unset, the first one GET /models lists
     OPENAI_COMPATIBLE_TIMEOUT       seconds of silence allowed between bytes (default 30)
     OPENAI_COMPATIBLE_MAX_RETRIES   retries of failed connections, 408/409/429/5xx (default 2)
+    OPENAI_COMPATIBLE_DEADLINE      seconds a whole stream() or generate() may take (default none)
 
 Works with vLLM, Ollama, llama.cpp's llama-server, LM Studio, TGI, Groq, Together,
 Fireworks, OpenRouter, DeepSeek, Mistral, Gemini's OpenAI endpoint, Azure, LiteLLM
@@ -55,15 +56,16 @@ with a "# ==== Name ====" line:
 
     Constants
     Errors                 the exceptions, the ordered regex table, classify_error(), error bodies
-    Data types             Usage, ToolCall, ToolResult, Chunk, Step, Result, Stream
+    Data types             Usage, ToolCall, ToolResult, Chunk, Step, Result
     Configuration          Config.from_env(): arguments, then OPENAI_COMPATIBLE_*, then defaults
     Client                 Client, and the module-level stream(), generate(), ...
     Model discovery        GET /models within 5 s, once per Client; the fallback list; wait_ready()
-    Tool-call loop         a call's options checked; model calls, tools run, results sent back
-    Tools                  Tool, @tool; JSON Schemas from type hints; values built from JSON
+    Requests               a call's options checked: the request body, its tools, its deadline
+    Streaming              Stream, a call's steps; a model call: bytes -> lines -> events -> Chunks
+    Tool-call loop         calls assembled from their fragments, run, results sent back; repairs
+    Tools                  Tool, @tool; strict JSON Schemas from type hints; values from JSON
     Checking JSON          the JSON Schema checker (draft 2020-12) for tool arguments and schema=
-    Streaming              one model call: response bytes -> lines -> SSE events -> Chunks
-    HTTP plumbing          the connection pool, retries, redirects, refused fields, draining
+    HTTP plumbing          the connection pool, retries, deadlines, redirects, refused fields
     Command line           python -m openai_compat, or the openai-compat script
 """
 
@@ -86,6 +88,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import string
 import sys
 import threading
@@ -111,13 +114,15 @@ __all__ = [  # everything a user calls, receives or catches, in file order
     "ConfigError", "APIError", "EndpointUnavailableError", "RequestTimeoutError",
     "AuthenticationError", "RateLimitError", "ModelNotFoundError", "ContextLengthError",
     "BadRequestError", "ServerError", "StreamError", "OutputError", "classify_error", "Usage",
-    "ToolCall", "ToolResult", "Chunk", "Step", "Result", "Stream", "Config", "Client",
-    "stream", "generate", "available_models", "first_available_model", "Tool", "tool", "main",
+    "ToolCall", "ToolResult", "ChunkType", "Chunk", "Step", "Result", "Config", "Client",
+    "stream", "generate", "available_models", "first_available_model", "Stream", "Tool", "tool",
+    "main",
 ]
 
 _log = logging.getLogger("openai_compat")
 # Silent unless the application configures logging (as requests does).
 _log.addHandler(logging.NullHandler())
+
 
 # ==== Constants ====
 
@@ -145,6 +150,9 @@ _WAIT_GAP: Final = 1.0
 # that catches them turns them into the module's own errors.
 _TRANSPORT_ERRORS: Final = (requests.RequestException, urllib3.exceptions.HTTPError,
                             http.client.HTTPException, OSError)
+# An API key shorter than this is a placeholder ("x", "EMPTY", "ollama"), never redacted:
+# no provider issues keys that short, and redacting "x" mangled every message.
+_SECRET_LENGTH: Final = 8
 
 # ==== Errors ====
 
@@ -168,15 +176,18 @@ class APIError(OpenAICompatError):
         message: the server's own message (or the transport's), with secrets redacted.
         status_code: the HTTP status, or None (no response, or an error inside a stream).
         body: the response body as text (trimmed), or None.
-        base_url: the endpoint the request went to (secrets in it redacted).
+        base_url: the endpoint the request went to (secrets in it redacted); the message
+            names the URL called, its path and query.
         retryable: True when sending the same request again may succeed.
         partial_text: answer text the interrupted model call had already yielded ("" if none).
     """
 
     retryable: bool = False  # the class's, unless one error says otherwise
     # Where the base URL came from, for hints: the variable, "base_url=" or the CLI's
-    # --base-url (set by the Client that raises the error).
+    # --base-url; and the path called below it (both set by the Client that raises it).
     _url_source: str = _ENV_BASE_URL
+    _path: str = ""
+    _cli = False  # raised for the command line: hints in its words (see _cli_words)
 
     def __init__(self, message: str, *, status_code: int | None = None,
                  body: str | None = None, base_url: str | None = None,
@@ -189,11 +200,13 @@ class APIError(OpenAICompatError):
         self.partial_text = partial_text
 
     def __str__(self) -> str:
+        base, query, rest = (self.base_url or "").partition("?")
         where = [f"HTTP {self.status_code}"] if self.status_code is not None else []
-        where += [f"from {self.base_url}"] if self.base_url else []
+        where += [f"from {base}{self._path}{query}{rest}"] if base else []
         text = self.message or "no message from the server"
         text += f" ({' '.join(where)})" if where else ""
-        return ". ".join(filter(None, (text, self._hint())))
+        hint = self._hint()
+        return ". ".join(filter(None, (text, _cli_words(hint) if self._cli else hint)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, status_code={self.status_code!r})"
@@ -206,16 +219,20 @@ class APIError(OpenAICompatError):
 
 
 class EndpointUnavailableError(APIError, ConnectionError):
-    """No response: connection refused, DNS failure, reset before the server answered.
+    """No response: connection refused, DNS failure, reset before the server answered,
+    a TLS certificate this machine does not trust, a proxy that cannot be reached or
+    that answered 407.
 
-    Retried automatically (max_retries); safe to retry.
+    Retried automatically (max_retries); safe to retry, except for a certificate or a
+    proxy's 407 (retryable is False: fix what the message names).
     """
 
     retryable = True
+    _advice = ""  # what to do, when the cause is known to be other than a server that is down
 
     def _hint(self) -> str:
         now = f" (now {self.base_url})" if self.base_url else ""
-        return f"Is the server running? Check {self._url_source}{now}"
+        return self._advice or f"Is the server running? Check {self._url_source}{now}"
 
 
 class RequestTimeoutError(APIError, TimeoutError):
@@ -254,7 +271,10 @@ class RateLimitError(APIError):
 class ModelNotFoundError(APIError):
     """The server does not know the model. Not retryable: pick a listed model."""
 
-    _HINT = f"List the server's models with `openai-compat models`; set {_ENV_MODEL} or pass model="
+    def _hint(self) -> str:
+        # Advice never loops back: a failing GET /models does not send the user there.
+        listed = "" if self._path == "/models" else " (`openai-compat models` lists them)"
+        return f"Set {_ENV_MODEL} or pass model= naming a model the server has{listed}"
 
 
 class ContextLengthError(APIError):
@@ -272,7 +292,7 @@ class BadRequestError(APIError):
         # No route there: a URL without a version segment (and no query string) lacks /v1.
         if self.base_url and not re.search(r"\?|/v\d+[a-z0-9]*(?:/|$)", self.base_url):
             return f"The server may expect /v1: try {self._url_source}={self.base_url}/v1"
-        return f"Check {self._url_source}: the server has no chat-completions route there"
+        return f"Check {self._url_source}: the server has no such route"
 
 
 class ServerError(APIError):
@@ -350,7 +370,7 @@ _NO_RESPONSE_CLASSES: Final = (EndpointUnavailableError, RequestTimeoutError)
 # The statuses that decide on their own, before the table is read.
 _STATUS_ERRORS: Final[dict[int | None, type[APIError]]] = {
     401: AuthenticationError, 403: AuthenticationError, 413: ContextLengthError,
-    429: RateLimitError}
+    429: RateLimitError, 407: EndpointUnavailableError}  # 407: a proxy's, not the key
 
 
 def classify_error(message: str, status: int | None = None) -> type[APIError]:
@@ -475,7 +495,6 @@ def _redact(text: str, secrets: Iterable[str]) -> str:
         text = text.replace(secret, "[redacted]")
     return re.sub(r"(?i)(bearer\s+)[^\s\"',]+", r"\1[redacted]", text)
 
-
 # ==== Data types ====
 
 
@@ -590,22 +609,28 @@ _new_object: Final = object.__new__
 
 
 @dataclass(frozen=True)
-class Step:
-    """One model call of a Result: its text, reasoning, calls, their results,
-    finish_reason, usage and refusal (OpenAI's structured refusal text, "" if none)."""
+class _Answered:
+    """What a Step and a Result both hold (see each for what their fields cover)."""
 
     text: str = ""
     reasoning: str = ""
+    refusal: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_results: list[ToolResult] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
-    refusal: str = ""
     choices: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Step(_Answered):
+    """One model call of a Result: its text, reasoning, refusal (OpenAI's structured
+    refusal text, "" if none), calls and their results, finish_reason, usage, and the
+    texts of its choices by index (n= above 1)."""
+
+
 @dataclass(frozen=True, repr=False)
-class Result:
+class Result(_Answered):
     """Everything a stream or generate() call produced.
 
     Attributes:
@@ -613,31 +638,23 @@ class Result:
         reasoning: the final model call's reasoning text.
         refusal: the final model call's refusal text (OpenAI's structured refusal,
             kept apart from text), "" when the model did not refuse.
-        data: the answer parsed and checked against schema= (a dataclass instance
-            for a dataclass, a model instance for a pydantic model), or None without
-            schema=.
-        steps: one Step per model call.
         tool_calls, tool_results: over all steps.
         finish_reason: the last model call's, or "max_steps" when the budget ran out
             with calls still requested.
         usage: summed over the model calls; None if the server reported none.
-        messages: the whole conversation (assistant and tool turns included), ready to
-            pass as messages= to continue it.
         choices: the final model call's answer texts by choice index, with n= above 1
             (which the server generates, and charges for); [text] otherwise.
+        data: the answer parsed and checked against schema= (a dataclass instance
+            for a dataclass, a model instance for a pydantic model), or None without
+            schema=.
+        steps: one Step per model call.
+        messages: the whole conversation (assistant and tool turns included), ready to
+            pass as messages= to continue it.
     """
 
-    text: str = ""
-    reasoning: str = ""
-    refusal: str = ""
     data: Any = None
     steps: list[Step] = field(default_factory=list)
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    tool_results: list[ToolResult] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: Usage | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
-    choices: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         text = self.text if len(self.text) <= 80 else self.text[:77] + "..."
@@ -646,52 +663,15 @@ class Result:
                 f" messages={len(self.messages)})")
 
 
-class Stream(contextlib.AbstractContextManager["Stream", None]):
-    """An iterator of Chunks from stream(); also a context manager.
-
-    Breaking out of the loop (when nothing else holds the Stream), close(), or
-    leaving a with-block closes the HTTP response. After the loop ends, `result`
-    holds the Result (None before).
-    """
-
-    def __init__(self, chunks: Generator[Chunk, None, None], outcome: list[Result],
-                 model: str = "") -> None:
-        # The tool-call loop appends the Result to `outcome` when it ends: the loop's
-        # generator must not hold the Stream itself, or a plain `break` would leave the
-        # two in a reference cycle and the response open until garbage collection.
-        self._chunks = chunks
-        self._outcome = outcome
-        self.model = model
-
-    def __repr__(self) -> str:
-        return f"Stream(model={self.model!r}, finished={bool(self._outcome)})"
-
-    @property
-    def result(self) -> Result | None:
-        """The Result, once the stream is exhausted; None before."""
-        return self._outcome[0] if self._outcome else None
-
-    def __iter__(self) -> Iterator[Chunk]:
-        # NOTE: the generator itself, so that a for-loop resumes it directly, without a
-        # frame of ours between the caller and each Chunk.
-        return self._chunks
-
-    def __next__(self) -> Chunk:
-        return next(self._chunks)
-
-    def close(self) -> None:
-        """Stop the stream and close its HTTP response."""
-        self._chunks.close()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def text(self) -> str:
-        """The final answer text (reads the stream to its end if needed)."""
-        for _ in self._chunks:
-            pass
-        return self._outcome[0].text if self._outcome else ""
+def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]],
+            data: Any = None) -> Result:
+    usages = [s.usage for s in steps if s.usage is not None]
+    last = steps[-1]  # _iter_steps makes one model call at least
+    return Result(last.text, last.reasoning, last.refusal,
+                  [c for s in steps for c in s.tool_calls],
+                  [r for s in steps for r in s.tool_results], finish,
+                  functools.reduce(operator.add, usages) if usages else None, last.choices,
+                  data, steps, messages)
 
 # ==== Configuration ====
 
@@ -709,7 +689,7 @@ class Config:
     deadline: float | None = None
 
     def __repr__(self) -> str:
-        key = "'[redacted]'" if self.api_key else "None"
+        key = repr(self.api_key) if len(self.api_key or "") < _SECRET_LENGTH else "'[redacted]'"
         return (f"Config(base_url={_shown_url(self.base_url)!r}, api_key={key}, model="
                 f"{self.model!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r}, "
                 f"deadline={self.deadline!r})")
@@ -768,9 +748,9 @@ def _base_url(url: str) -> str:
     path, cut = re.subn(r"/(?:chat/completions|models)$", "", parts.path.rstrip("/"))
     base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
     if cut and url not in _warned_urls:
-        _warned_urls.add(url)
-        _log.warning("the base URL %s ends in an endpoint's path: using %s (set that as the "
-                     "base URL)", _shown_url(url), _shown_url(base))
+        _warned_urls.add(url)  # stacklevel: the line that made the Client
+        warnings.warn(f"the base URL {_shown_url(url)} ends in an endpoint's path: using "
+                      f"{_shown_url(base)} (set that as the base URL)", UserWarning, stacklevel=4)
     return base
 
 
@@ -794,6 +774,7 @@ def _shown_url(url: str) -> str:
 
 # An HTTP header name is a "token" (RFC 9110, 5.6.2); a value we send is printable ASCII.
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SECRET_HEADER: Final = re.compile(r"key|token|auth|secret", re.IGNORECASE)
 _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 
 
@@ -814,6 +795,11 @@ def _check_headers(headers: Mapping[str, str] | None, option: str) -> dict[str, 
     # Surrounding spaces are no part of a value (RFC 9110), and requests refuses them:
     # "api-key: x".split(":", 1) leaves one.
     return {name: value.strip() for name, value in headers.items()}
+
+
+def _header_secrets(headers: Mapping[str, str]) -> list[str]:
+    """The values of headers named like secrets (Azure's api-key): secrets at any length."""
+    return [value for name, value in headers.items() if _SECRET_HEADER.search(name)]
 
 
 def _check_header_value(value: str, what: str) -> None:
@@ -1074,7 +1060,7 @@ class _Discovery:
             if self.found is None:
                 found = _fetch_models(self.http, min(limit, _DISCOVERY_SECONDS))
                 if limit < _DISCOVERY_SECONDS and isinstance(found, RequestTimeoutError):
-                    raise self.http.redacted(RequestTimeoutError(
+                    raise self.http.shown_error(RequestTimeoutError(
                         f"the call took longer than its deadline: GET /models had not "
                         f"answered after {limit:.1f} s"))
                 self.found = found
@@ -1102,8 +1088,8 @@ class _Discovery:
 
 def _not_ready(error: APIError) -> bool:
     """Whether an error from GET /models means "not up yet" rather than "wrong"."""
-    return isinstance(error, (EndpointUnavailableError, RequestTimeoutError)) or (
-        isinstance(error, ServerError) and error.status_code in (502, 503, 504))
+    return error.retryable and (isinstance(error, (EndpointUnavailableError, RequestTimeoutError))
+                                or error.status_code in (502, 503, 504))
 
 
 def _fetch_models(http: _Connection, limit: float = _DISCOVERY_SECONDS) -> list[str] | APIError:
@@ -1118,14 +1104,17 @@ def _fetch_models(http: _Connection, limit: float = _DISCOVERY_SECONDS) -> list[
         try:
             answers.append(_ask_models(http))
         except Exception as exc:  # noqa: BLE001 - a bug here must not cost 5 s
-            answers.append(exc if isinstance(exc, APIError) else http.redacted(
+            answers.append(exc if isinstance(exc, APIError) else http.shown_error(
                 APIError(f"model discovery failed: {exc!r}")))
 
     worker = threading.Thread(target=ask, daemon=True, name="openai-compat-discovery")
     worker.start()
     worker.join(limit)
-    return answers[0] if answers else http.redacted(RequestTimeoutError(
+    found = answers[0] if answers else http.shown_error(RequestTimeoutError(
         f"GET /models did not answer within {limit:g} s"))
+    if isinstance(found, APIError):
+        found._path = "/models"  # its message names the URL called
+    return found
 
 
 def _ask_models(http: _Connection) -> list[str]:
@@ -1134,13 +1123,13 @@ def _ask_models(http: _Connection) -> list[str]:
     try:
         payload = json.loads(text) if status < 300 else None
     except ValueError:
-        raise http.redacted(APIError("GET /models answered with something that is not JSON: "
+        raise http.shown_error(APIError("GET /models answered with something that is not JSON: "
                                      + repr(_trim_message(text)))) from None
     if status >= 300 or (isinstance(payload, dict) and payload.get("error")):
         raise http.error_from_body(status, text, retry_after)
     ids = _model_ids(payload, http.note)
     if not ids:
-        raise http.redacted(APIError("GET /models listed no models"))
+        raise http.shown_error(APIError("GET /models listed no models"))
     return ids
 
 
@@ -1171,7 +1160,7 @@ def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
             ids.append(entry)
     return ids
 
-# ==== Tool-call loop ====
+# ==== Requests ====
 
 # The request parameters of OpenAI's chat completions, accepted by name and sent when not
 # None: the properties of CreateChatCompletionRequest in OpenAI's published OpenAPI spec
@@ -1195,7 +1184,6 @@ _OPTION_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "prompt": (str,), "system": (str,), "temperature": _NUMBER, "top_p": _NUMBER,
     "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER, "max_tokens": (int,),
     "n": (int,), "seed": (int,)}
-_REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks schema=
 
 
 @dataclass(eq=False)  # one call: told apart by identity (Client.close() keeps a set)
@@ -1241,6 +1229,12 @@ class _Request:
         return None
 
 
+def _client_closed() -> StreamError:
+    error = StreamError("the Client was closed")
+    error.retryable = False  # the same Client cannot succeed
+    return error
+
+
 def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Request:
     """Check the options and build the request (raises ConfigError, sends nothing; a
     closed Client raises its StreamError)."""
@@ -1254,7 +1248,7 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
         str(own["deadline"]), "deadline=", None)
     ends = math.inf if deadline is None else started + deadline
     if client._http.closed.is_set():
-        raise client._http.redacted(_client_closed())
+        raise client._http.shown_error(_client_closed())
     turns = _conversation(own["system"], own["messages"], prompt)
     tools = _as_tools(own["tools"])
     max_steps = DEFAULT_MAX_STEPS if own["max_steps"] is None else own["max_steps"]
@@ -1279,7 +1273,7 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
         body["tools"] = [_tool_spec(t) for t in tools]
         body["tool_choice"] = "auto" if own["tool_choice"] is None else own["tool_choice"]
     body.update(own["extra_body"] or {})
-    return _Request(body, {t.name: t for t in tools}, max_steps, timeout, headers, schema,
+    return _Request(body, {tool.name: tool for tool in tools}, max_steps, timeout, headers, schema,
                     answer_type, sent, strict, deadline, ends)
 
 
@@ -1293,12 +1287,6 @@ def _check_options(options: Mapping[str, Any]) -> None:
         hint = f"did you mean {close[0]}=? " if close else ""
         raise ConfigError(f"unknown option {name}=: {hint}Fields a server adds to OpenAI's "
                           f"go in extra_body={{{name!r}: ...}}")
-
-
-def _client_closed() -> StreamError:
-    error = StreamError("the Client was closed")
-    error.retryable = False  # the same Client cannot succeed
-    return error
 
 
 def _check_types(values: Mapping[str, Any]) -> None:
@@ -1341,6 +1329,66 @@ def _answer_schema(schema: Any) -> tuple[dict[str, Any] | None, Any]:
     plain = isinstance(schema, dict) or isinstance(schema, type) and issubclass(schema, enum.Enum)
     return built, Any if plain else schema
 
+# ==== Streaming ====
+# What a for-loop over a Stream runs, in call order: Stream hands the caller the step
+# generator, _iter_steps (model calls, then the tool-call loop's runs and repairs); each
+# model call, _model_call, reads its events through few frames between the socket and the
+# caller: _model_call (JSON payloads -> Chunks, in-stream errors, [DONE]) <- sseclient-py's
+# events() <- _Lines.feed (whole, LF-terminated lines, as the bytes arrive) <- the body's
+# chunks. _Answer gathers one call's text, reasoning, refusal, tool-call fragments and
+# usage; the tool-call loop's _assemble_calls makes the calls of the fragments.
+
+
+class Stream(contextlib.AbstractContextManager["Stream", None]):
+    """An iterator of Chunks from stream(); also a context manager.
+
+    Breaking out of the loop (when nothing else holds the Stream), close(), or
+    leaving a with-block closes the HTTP response. After the loop ends, `result`
+    holds the Result (None before).
+    """
+
+    def __init__(self, chunks: Generator[Chunk, None, None], outcome: list[Result],
+                 model: str = "") -> None:
+        # The tool-call loop appends the Result to `outcome` when it ends: the loop's
+        # generator must not hold the Stream itself, or a plain `break` would leave the
+        # two in a reference cycle and the response open until garbage collection.
+        self._chunks = chunks
+        self._outcome = outcome
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"Stream(model={self.model!r}, finished={bool(self._outcome)})"
+
+    @property
+    def result(self) -> Result | None:
+        """The Result, once the stream is exhausted; None before."""
+        return self._outcome[0] if self._outcome else None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        # NOTE: the generator itself, so that a for-loop resumes it directly, without a
+        # frame of ours between the caller and each Chunk.
+        return self._chunks
+
+    def __next__(self) -> Chunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop the stream and close its HTTP response."""
+        self._chunks.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def text(self) -> str:
+        """The final answer text (reads the stream to its end if needed)."""
+        for _ in self._chunks:
+            pass
+        return self._outcome[0].text if self._outcome else ""
+
+
+_REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks schema=
+
 
 def _iter_steps(client: Client, request: _Request,
                 outcome: list[Result]) -> Generator[Chunk, None, None]:
@@ -1356,22 +1404,21 @@ def _iter_steps(client: Client, request: _Request,
     steps: list[Step] = []
     finish, data, repairs = None, None, 0
     with http.in_flight(request):
-        for step in range(1, request.max_steps + 1):
+        for number in range(1, request.max_steps + 1):
             halted = request.halted()
             if halted is not None:
-                raise http.redacted(halted)
+                raise http.shown_error(halted)
             form = http.schema_form
-            record = yield from _model_call(client, {**request.body, "messages": list(messages)},
-                                            step, request)
-            yield Chunk("finish", finish_reason=record.finish_reason, usage=record.usage,
-                        step=step)
-            finish = record.finish_reason
-            wanted = bool(record.tool_calls and request.tools and finish != "length")
-            run = wanted and step < request.max_steps
-            results = yield from _iter_tool_calls(record, step, run, request, messages,
+            step = yield from _model_call(client, {**request.body, "messages": list(messages)},
+                                          number, request)
+            yield Chunk("finish", finish_reason=step.finish_reason, usage=step.usage, step=number)
+            finish = step.finish_reason
+            wanted = bool(step.tool_calls and request.tools and finish != "length")
+            run_calls = wanted and number < request.max_steps
+            results = yield from _iter_tool_calls(step, number, run_calls, request, messages,
                                                   client._note)
-            steps.append(replace(record, tool_results=results))
-            if run:
+            steps.append(replace(step, tool_results=results))
+            if run_calls:
                 if request.body.get("tool_choice") not in ("auto", "none"):
                     # A forced call ("required", a function) has run: later steps leave the
                     # choice out, as OpenAI's Agents SDK does, so that the model can answer.
@@ -1379,58 +1426,545 @@ def _iter_steps(client: Client, request: _Request,
                 continue
             if wanted:  # and the budget is spent
                 finish = "max_steps"
-            elif request.schema is not None and not record.refusal:
-                problem, data = _read_answer(record.text, request, client._note)
+            elif request.schema is not None and not step.refusal:
+                problem, data = _read_answer(step.text, request, client._note)
                 if problem is not None:
-                    _ask_repair(http, record, problem, form, messages,
-                                last=repairs == _REPAIRS or step == request.max_steps)
+                    _ask_repair(http, step, problem, form, messages,
+                                last=repairs == _REPAIRS or number == request.max_steps)
                     repairs += 1
                     continue
             break
     outcome.append(_result(steps, finish, messages, data))
 
 
-def _ask_repair(http: _Connection, record: Step, problem: str, form: int,
-                messages: list[dict[str, Any]], last: bool) -> None:
-    """Send an answer to schema= that does not match back to the model, saying what is
-    wrong (OutputError when it was the `last` chance). An answer without JSON, to a
-    request whose response_format the server took without a word, steps the form down."""
-    if last:
-        raise http.redacted(OutputError(f"the answer does not match the schema: {problem}",
-                                        partial_text=record.text))
-    if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and (
-            record.finish_reason == "stop"):
-        # Quirk(transformers serve): response_format ignored without a word, and prose
-        # came back: the model must see the schema itself.
-        http.step_down(form + 1, "response_format ignored: the schema in a system message",
-                       "ignored response_format (the answer held no JSON)")
-    messages.append({"role": "user", "content": "That answer does not match the JSON "
-                     f"Schema: {problem}. Answer again with the corrected JSON only."})
+_MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
+_READ_SIZE: Final = 65536
+_DRAIN_SECONDS: Final = 0.1
+# Spec (WHATWG server-sent events): the stream is UTF-8, and a raw control character
+# inside a JSON string (which strict JSON forbids) still means itself.
+_CHUNK_JSON: Final = json.JSONDecoder(strict=False)
 
 
-def _iter_tool_calls(record: Step, step: int, run: bool, request: _Request,
-                     messages: list[dict[str, Any]], note: Callable[[str], None]
-                     ) -> Generator[Chunk, None, list[ToolResult]]:
-    """A step's calls as Chunks, each run when `run` is set (a "tool_result" Chunk
-    after its "tool_call" one), the conversation extended; returns the results."""
-    # Calls that are not run stay out of the history: a conversation whose assistant
-    # turn asks for tools must be followed by their results.
-    messages.append(_assistant_message(record, with_calls=run))
-    results: list[ToolResult] = []
-    for call in record.tool_calls:
-        yield Chunk("tool_call", tool_call=call, step=step)
-        if run:
-            results.append(_execute(call, request.tools, note))
-            messages.append({"role": "tool", "tool_call_id": call.id,
-                             "content": results[-1].content})
-            yield Chunk("tool_result", tool_call=call, tool_result=results[-1], step=step)
-    return results
+def _model_call(client: Client, body: dict[str, Any], step: int,
+                request: _Request) -> Generator[Chunk, None, Step]:
+    """One model call: its text, reasoning and refusal Chunks as they arrive; returns
+    its Step (without tool results). Streamed, unless the server cannot: a 200 stream
+    with no event at all, or tools on a server whose tool streams are empty, is asked
+    for whole instead.
+
+    NOTE: the per-event loop stays in this one frame (no helper generator between the
+    events and the caller): every frame a Chunk passes costs time on every event. Over
+    40 lines for that reason.
+    """
+    http, note = client._http, client._note
+    http.prepare(body, request)
+    answer = _Answer(step, note)
+    if client._tools_unstreamed and "tools" in body:
+        return (yield from _ask_unstreamed(client, body, request, answer))
+    body["stream"] = True
+    if "stream_options" not in body and "stream_options" not in http.refused:
+        # Ask for usage; servers that reject the field lose it once.
+        body["stream_options"] = {"include_usage": True}
+    seen = False
+    with http.post(body, request) as response:
+        if _not_an_event_stream(http, response):
+            return (yield from _ask_unstreamed(client, body, request, answer, response))
+        add = answer.add
+        chunks = _body_chunks(response)
+        try:
+            for event in _iter_events(chunks, note):
+                seen = True
+                data = event.data
+                if data[:1] != "{":
+                    data = answer.json_text(data)
+                    if not data:
+                        if answer.done:
+                            break
+                        continue
+                payload = _CHUNK_JSON.decode(data)
+                # Every error form lacks "choices" or has "error" (see _raise_stream_error).
+                if "error" in payload or "choices" not in payload:
+                    _raise_stream_error(payload, data, event.event, note)
+                made = add(payload)
+                if made is not None:
+                    if isinstance(made, list):
+                        yield from made
+                    else:
+                        yield made
+        except (APIError, ValueError, RecursionError, *_TRANSPORT_ERRORS) as exc:
+            raise _cut_short(exc, answer, http, request) from None
+        if answer.done:
+            _drain(response, chunks)
+    if not seen and not request.stopped:
+        _note_empty_stream(client, body)
+        return (yield from _ask_unstreamed(client, body, request, answer))
+    return _ended(client, answer, body, request)
+
+
+def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool:
+    """Whether a stream request was answered with a JSON document instead of events;
+    raises the classified error an HTML page (a proxy's, a web server's) stands for."""
+    content_type = response.headers.get("content-type", "").lower()
+    if "text/html" in content_type:
+        raise http.error_of(response)
+    # Quirk(LM Studio, proxies): one JSON document for a stream request (LM Studio's
+    # 200 error for an unknown route, servers ignoring stream).
+    return "json" in content_type and "event-stream" not in content_type
+
+
+def _body_chunks(response: requests.Response) -> Iterable[bytes]:
+    """The body's bytes as soon as the socket has them, whatever the framing.
+
+    A chunked body is read one HTTP chunk at a time (urllib3's read_chunked, which
+    waits for nothing more); any other body with read1, which returns what has
+    arrived (decoded when gzip) instead of waiting for a full buffer as iter_content
+    does. NOTE: read1 costs a few microseconds per call more than read_chunked costs
+    per chunk, and servers that stream chunk every event.
+    """
+    raw = response.raw
+    if raw.chunked and raw.supports_chunked_reads():
+        return raw.read_chunked(decode_content=True)
+    read1 = getattr(raw, "read1", None)
+    if read1 is None:  # urllib3 < 2.2: one byte at a time is slow but never late
+        return response.iter_content(1)
+    return iter(functools.partial(read1, _READ_SIZE, decode_content=True), b"")
+
+
+def _iter_events(chunks: Iterable[bytes], note: Callable[[str], None]
+                 ) -> Iterator[sseclient.Event]:
+    """The SSE events in body bytes: sseclient-py's parser, fed whole lines.
+
+    NOTE: map() and iter() are C iterators: the lines cost a call per chunk, not a
+    generator frame between the socket and sseclient-py.
+    """
+    lines = _Lines(note)
+    return sseclient.SSEClient(itertools.chain(map(lines.feed, chunks),
+                                               iter(lines.flush, b""))).events()
+
+
+_BOM: Final = b"\xef\xbb\xbf"
+_LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
+
+
+@dataclass(slots=True)
+class _Lines:
+    """Regroups body bytes into blocks of whole, LF-terminated lines for sseclient-py.
+
+    Drops a leading BOM (also when split; Spec: WHATWG server-sent events), normalises
+    CRLF and lone CR to LF as bytes arrive (also when a CRLF is split), replaces
+    invalid UTF-8 with U+FFFD as the spec's decoder does, turns llama.cpp's legacy
+    `error: {...}` line into an `event: error` with data, and raises StreamError when
+    one event grows past `limit` bytes. A partial last line at EOF is passed on
+    terminated, so a truncated event reaches the JSON parser and fails there, loudly.
+    `note` hears of each of these deviations (OpenAI sends none of them).
+    """
+
+    note: Callable[[str], None]
+    limit: int = _MAX_EVENT_BYTES
+    tail: bytearray = field(default_factory=bytearray)  # the unfinished last line
+    open_size: int = 0  # bytes of the event under way, before the tail
+    skip_lf: bool = False  # the last chunk ended in a CR
+    head: bytes | None = b""  # the first bytes, until they tell whether a BOM came
+    plain: bool = False  # nothing pending: the next chunk may take the short way
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The whole lines `chunk` completes (b"" when none).
+
+        NOTE: every event passes here. The common chunk, whole events in ASCII ending in
+        LF with nothing pending, costs a few scans of its bytes and no copy. Over 40
+        lines: a call per step would cost on every chunk.
+        """
+        last = len(chunk) - 1
+        if (self.plain and chunk.find(b"\n") == last - 1 and chunk[last] == 10
+                and last < self.limit and chunk.isascii() and chunk.startswith(b"data")):
+            return chunk  # one data line and its blank line: nothing to mend
+        if self.head is not None:
+            chunk, self.head = self.head + chunk, None
+            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+                self.head, chunk = chunk, b""  # too few bytes yet to tell
+            elif chunk.startswith(_BOM):
+                self.note("BOM before the first event")
+                chunk = chunk[len(_BOM):]
+        if self.skip_lf:
+            chunk = chunk.removeprefix(b"\n")
+        # A CR at the end may be half of a CRLF: emit it as LF now (no delay for CR-only
+        # servers) and drop an LF that starts the next chunk.
+        self.skip_lf = chunk[-1:] == b"\r"
+        if b"\r" in chunk:
+            # Quirk(sse-starlette, Azure, proxies): OpenAI ends lines with LF alone.
+            self.note("CR or CRLF line endings in streams")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        cut = chunk.rfind(b"\n") + 1
+        block = b""
+        ended = 0  # the size of the first event that ends in this block, if one does
+        if cut:
+            block = b"".join((self.tail, chunk[:cut])) if self.tail else chunk[:cut]
+            self.tail.clear()
+            # The last blank line in the block; one that opens the block (the line before
+            # ended the last block) is at -1, as rfind says when it finds none.
+            end = block.rfind(b"\n\n")
+            if end >= 0 or block[:1] == b"\n":
+                ended = self.open_size + block.find(b"\n\n")
+                self.open_size = len(block) - end - 2
+            else:
+                self.open_size += len(block)
+        self.tail += chunk[cut:]
+        if ended > self.limit or self.open_size + len(self.tail) > self.limit:
+            raise StreamError(f"one stream event is larger than {self.limit} bytes")
+        self.plain = self.head is None and not (self.tail or self.open_size or self.skip_lf)
+        return block if block.isascii() and b"error:" not in block else self._mend(block)
+
+    def flush(self) -> bytes:
+        """At EOF: the partial last line (or fewer bytes than a BOM, all that came),
+        terminated (once); then b""."""
+        block = b"".join((self.head or b"", self.tail))
+        self.head, self.tail = None, bytearray()
+        return self._mend(block + b"\n") if block else b""
+
+    def _mend(self, block: bytes) -> bytes:
+        """A block that is not plain ASCII, or may hold a legacy error line, made into
+        what sseclient-py can read."""
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError:
+            # Quirk(llama.cpp): a token that splits a multibyte character, streamed alone.
+            self.note("invalid UTF-8 in streams (read as U+FFFD)")
+            block = block.decode("utf-8", "replace").encode("utf-8")
+        if b"error:" in block:
+            # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line.
+            block, count = _LEGACY_ERROR_LINE.subn(b"event: error\ndata:", block)
+            if count:
+                self.note("legacy `error:` lines in streams")
+        return block
+
+
+def _raise_stream_error(payload: Any, data: str, event: str,
+                        note: Callable[[str], None]) -> None:
+    """Raise the classified error an event inside a 200 stream carries, if any.
+
+    Forms: {"error": {...}} (OpenAI, vLLM, LiteLLM, TGI), {"object": "error", ...}
+    (vLLM < 0.10.1, Mistral), `event: error` (Groq), and llama.cpp's legacy `error:
+    {...}` line (made an `event: error` by _Lines), whose JSON is the error itself.
+    A transport word in the message (LiteLLM's "Connection error") is still a stream
+    cut short here: the connection to this client is fine.
+    """
+    err = payload.get("error")
+    if err is None and payload.get("object") != "error" and event != "error":
+        return
+    if payload.get("object") == "error":
+        note("errors in streams as object: error")
+    if err is None and event == "error":
+        err = payload  # a legacy `error:` line (noted by _Lines): the JSON is the error
+    elif event == "error":
+        note("errors in streams as event: error")
+    # The form of the body was noted above, as a whole: not each of its fields.
+    message, tags = _error_fields({"error": err} if isinstance(err, dict) else payload,
+                                  lambda quirk: None)
+    message = _trim_message(message or "error event without a message")
+    cls = classify_error(f"{message} {tags}")
+    if cls is APIError or cls in _NO_RESPONSE_CLASSES:
+        cls = StreamError
+    # Quirk(TGI): http_status_code; Groq: status_code; LiteLLM: code "503" as a string.
+    fields: dict[str, Any] = err if isinstance(err, dict) else {}
+    code = next((fields[key] for key in ("status_code", "http_status_code", "code", "status")
+                 if isinstance(fields.get(key), int) or str(fields.get(key)).isdigit()), None)
+    if isinstance(code, str):
+        note("error codes as strings of digits")
+    raise cls(message, status_code=None if code is None else int(code),
+              body=data[:_MAX_ERROR_BODY])
+
+
+def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
+               request: _Request) -> APIError:
+    """The error of a stream that failed after its answer began (never retried: the
+    caller has seen part of it), keeping the text that had arrived; a stream stopped
+    by its deadline or by close() says so."""
+    halted = request.halted()
+    if halted is not None:
+        error = halted
+    elif isinstance(exc, APIError):
+        error = exc
+    elif isinstance(exc, (ValueError, RecursionError)):
+        error = StreamError("the stream was cut short or sent malformed JSON")
+    else:
+        error = http.transport_error(exc, request.timeout, "stream")
+    error.partial_text = "".join(answer.text)
+    return http.shown_error(error)
+
+
+def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request) -> Step:
+    """The Step of a stream that has ended; a StreamError when it was cut short."""
+    _note_model(client, body.get("model"), answer.model)
+    if not answer.done and answer.finish_reason is None:
+        error = request.halted() or StreamError(
+            "the stream ended before the answer was finished (no finish_reason, no [DONE])")
+        error.partial_text = "".join(answer.text)
+        raise client._http.shown_error(error)
+    if not answer.done:
+        client._note("no [DONE] at the end of streams")
+    step = answer.finish()
+    options = body.get("stream_options")
+    if step.usage is None and isinstance(options, dict) and options.get("include_usage"):
+        client._note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
+    return step
+
+
+def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
+    # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure after the
+    # headers), for instance for streamed tool_choice "auto" or a prompt beyond the
+    # context. Nothing was yielded: ask once more without streaming, which answers or
+    # raises the classified error. With tools, assume the server cannot stream them
+    # and stop trying.
+    tools = "tools" in body and not client._tools_unstreamed
+    client._tools_unstreamed |= tools
+    client._note("tool calls only unstreamed" if tools
+                 else "empty 200 stream: asked again without streaming")
+    _log.warning("the server ended a stream without any event; asking again without "
+                 "streaming%s", " (and for calls with tools from now on)" if tools else "")
+
+
+def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, answer: _Answer,
+               response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
+    """One model call answered whole: its Chunks, then its Step. Asked for without
+    streaming (servers send such an answer only once it is complete), unless `response`
+    is the JSON document a server sent to a stream request."""
+    http = client._http
+    if response is None:
+        body.pop("stream", None)
+        body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
+        response = http.post(body, request)
+    with response:
+        payload = http.read_json(response, request)
+    if isinstance(payload, dict):
+        if "stream" in body and payload.get("choices"):
+            http.note("one JSON document for a stream request")
+        _note_model(client, body.get("model"), payload.get("model"))
+    try:
+        chunks = answer.unstreamed(payload)
+    except APIError as exc:
+        raise http.shown_error(exc) from None
+    yield from chunks
+    return answer.finish()
+
+
+def _note_model(client: Client, asked: object, answered: object) -> None:
+    """Warn (a UserWarning, shown once) when the server answers with another model than
+    asked: most likely a typo in the name, for the program to fix.
+
+    Quirk(llama.cpp, TGI, llama-cpp-python): an unknown model is answered by the one
+    they have loaded. A name inside the other (a dated version, a provider prefix) is
+    the same model.
+    """
+    # An empty name is inside any other: no warning.
+    if (not isinstance(asked, str) or not isinstance(answered, str)
+            or asked.lower() in answered.lower() or answered.lower() in asked.lower()):
+        return
+    client._note("answers with another model than asked")
+    warnings.warn(f"asked for model {asked!r}, {client._http.shown_url} answered with "
+                  f"{answered!r}: it may not serve {asked!r} (a typo in the name?)",
+                  UserWarning, stacklevel=2)
+
+
+# Quirk(TGI < 2.3, TGI stop strings, Anthropic-compat): other names for a normal stop.
+_STOP_ALIASES: Final = frozenset({"eos_token", "eos", "stop_sequence", "end_turn", "end"})
+# The keys of a delta that is just text: the common case, taken without more lookups.
+_TEXT_DELTA: Final = frozenset({"content", "role"})
+
+
+@dataclass(slots=True)
+class _Answer:
+    """One model call while its events arrive: text, reasoning and refusal (as lists
+    of pieces), tool-call fragments, usage, finish_reason, the model that answered,
+    and whether [DONE] came. `note` hears of each deviation absorbed."""
+
+    step: int
+    note: Callable[[str], None]
+    streamed: bool = True
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    # (position in its delta's tool_calls list, fragment), in arrival order
+    fragments: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    usage: Any = None
+    finish_reason: str | None = None
+    model: str | None = None  # the "model" of the first event, "" if none
+    done: bool = False  # [DONE] arrived
+    others: dict[int, list[str]] = field(default_factory=dict)  # n > 1: choice 1 on
+
+    def add(self, payload: dict[str, Any]) -> Chunk | list[Chunk] | None:
+        """Take one decoded event; return its Chunk, a list of them, or None.
+
+        NOTE: runs once per event; its common case (one text delta) costs a few dict
+        lookups and one Chunk, inline (over 40 lines: a call costs on every event);
+        anything rarer goes through _mixed_delta.
+        """
+        if self.model is None:
+            self.model = payload.get("model") or ""
+        usage = payload.get("usage")
+        choices = payload.get("choices")
+        if usage:
+            self.usage = usage
+            if choices and self.streamed:
+                # Quirk(vLLM continuous usage, LiteLLM, Groq, Mistral): OpenAI sends usage
+                # alone, in a last chunk whose choices are [].
+                self.note("usage chunk with choices")
+        if not choices or choices.__class__ is not list:
+            return None
+        choice = choices[0]
+        if len(choices) > 1 or choice.__class__ is not dict or choice.get("index"):
+            # With n > 1 (OpenAI, vLLM) the choices interleave: follow index 0, keep the
+            # text of the others. None of them: an empty choice, which yields nothing.
+            self._keep_others(choices)
+            choice = _choice_zero(choices) or {}
+        delta = choice.get("delta") or choice.get("message")
+        content = delta.get("content") if delta.__class__ is dict else None
+        if content.__class__ is str and (len(delta) == 1 or _TEXT_DELTA.issuperset(delta)):
+            made: Chunk | list[Chunk] | None = None
+            if content:
+                self.text.append(content)
+                made = _delta_chunk("text", content, self.step, payload)
+        else:
+            made = self._mixed_delta(delta, content, payload) if delta.__class__ is dict else None
+        reason = choice.get("finish_reason")
+        if reason and isinstance(reason, str):
+            if reason == "error":
+                # Quirk(OpenRouter): finish_reason "error" with the error at top level.
+                self.note("finish_reason 'error' for an error")
+                raise StreamError("the server ended the answer with an error")
+            self.finish_reason = reason
+        return made
+
+    def _mixed_delta(self, delta: dict[str, Any], content: Any, raw: Any) -> list[Chunk]:
+        chunks = self._content_parts(content, raw) if content else []
+        # Quirk(DeepSeek, vLLM, llama.cpp: reasoning_content; Ollama, Groq, OpenRouter:
+        # reasoning): OpenAI streams no reasoning text.
+        for key in ("reasoning_content", "reasoning"):
+            reasoning = delta.get(key)
+            if reasoning and isinstance(reasoning, str):
+                self.note(f"reasoning in {key}")
+                chunks.append(self._piece("reasoning", reasoning, raw))
+                break
+        refusal = delta.get("refusal")
+        if refusal and isinstance(refusal, str):
+            # OpenAI's structured refusal: shown like text, kept apart from the answer.
+            chunks.append(self._piece("refusal", refusal, raw))
+        # Quirk(llama-cpp-python): a legacy function_call beside tool_calls with the
+        # same content; used only when no tool_calls come with it (as the one call).
+        calls = delta.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                self.note("tool_calls as one object, not a list")  # Quirk(TGI < 3.2)
+                calls = [calls]
+            self.fragments += [(i, c) for i, c in enumerate(calls) if isinstance(c, dict)]
+            if delta.get("function_call"):
+                self.note("legacy function_call beside tool_calls")
+        elif isinstance(delta.get("function_call"), dict):
+            self.note("legacy function_call instead of tool_calls")
+            self.fragments.append((0, {"index": 0, "function": delta["function_call"]}))
+        return chunks
+
+    def _content_parts(self, content: Any, raw: Any) -> list[Chunk]:
+        if not isinstance(content, str):
+            # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
+            # parts hold reasoning as a nested list of text parts.
+            self.note("content as a list of parts")
+        chunks = []
+        for part in content if isinstance(content, list) else [content]:
+            part = {"text": part} if isinstance(part, str) else part
+            thinking = isinstance(part, dict) and part.get("type") in ("thinking", "reasoning")
+            text = part.get("thinking" if thinking else "text") if isinstance(part, dict) else ""
+            if isinstance(text, list):
+                text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+            if text and isinstance(text, str):
+                chunks.append(self._piece("reasoning" if thinking else "text", text, raw))
+        return chunks
+
+    def _keep_others(self, choices: list[Any]) -> None:
+        """The text of the choices other than index 0, by index."""
+        for choice in choices:
+            index = choice.get("index") if isinstance(choice, dict) else None
+            index = int(index) if isinstance(index, str) and index.isdigit() else index
+            delta = (choice.get("delta") or choice.get("message")) if index else None
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(index, int) and isinstance(text, str) and text:
+                self.others.setdefault(index, []).append(text)
+
+    def _piece(self, kind: ChunkType, text: str, raw: Any) -> Chunk:
+        """A piece of text, reasoning or refusal added to the list of that name; its
+        Chunk."""
+        getattr(self, kind).append(text)
+        return _delta_chunk(kind, text, self.step, raw)
+
+    def json_text(self, data: str) -> str:
+        """An event's data that does not start with "{": "" for [DONE] (then `done`)
+        and for data to skip; else the JSON text, its padding stripped."""
+        stripped = data.strip()
+        if stripped.startswith("[DONE]"):
+            if data != "[DONE]":
+                # Quirk(several servers): a space before [DONE], or padding after it.
+                self.note("spaces around [DONE]")
+            self.done = True
+            return ""
+        if not stripped.startswith("{"):
+            # Quirk(gateways): data lines of their own that are not JSON are skipped.
+            self.note("non-JSON data in streams skipped")
+            _log.debug("skipping a stream event that is not JSON: %.80r", stripped)
+            return ""
+        return stripped
+
+    def unstreamed(self, payload: Any) -> list[Chunk]:
+        """The Chunks of a non-streamed answer, read as one event whose choice holds a
+        whole message."""
+        self.streamed = False
+        if not isinstance(payload, dict) or payload.get("error") or payload.get(
+                "object") == "error":
+            text = json.dumps(payload, ensure_ascii=False)
+            raise _error_from_body(200, text, self.note, decoded=payload)
+        if _choice_zero(payload.get("choices")) is None:
+            raise APIError("the server answered without choices: " + _trim_message(
+                json.dumps(payload, ensure_ascii=False)))
+        made = self.add(payload)
+        self.finish_reason = self.finish_reason or "stop"
+        return made if isinstance(made, list) else [made] if made is not None else []
+
+    def finish(self) -> Step:
+        """The model call's Step, its tool calls assembled (their results come later)."""
+        calls = _assemble_calls(self.fragments, self.streamed, self.note)
+        reason = self.finish_reason
+        if reason in _STOP_ALIASES:
+            self.note(f"finish_reason {reason!r} for stop")
+            reason = "stop"
+        elif reason is None:
+            reason = "tool_calls" if calls else "stop"
+        text = "".join(self.text)
+        return Step(text, "".join(self.reasoning), "".join(self.refusal), calls, [], reason,
+                    _usage(self.usage),
+                    [text, *("".join(self.others[i]) for i in sorted(self.others))])
+
+
+def _choice_zero(choices: Any) -> dict[str, Any] | None:
+    """The choice with index 0 (or none): with n > 1 (OpenAI, vLLM) chunks of several
+    choices interleave, and only the first answer is followed, never braided."""
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict) and choice.get("index") in (None, 0, "0"):
+            return choice
+    return None
+
+
+def _usage(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+    counts = [raw.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
+    prompt, completion, total = (c if type(c) is int else 0 for c in counts)
+    return Usage(prompt, completion, total or prompt + completion, raw)
+
+# ==== Tool-call loop ====
 
 
 def _check_async_tools(tools: Mapping[str, Tool]) -> None:
     """ConfigError naming a coroutine-function tool when this thread runs an event
     loop: asyncio.run() cannot run it there, and nothing must be sent in vain."""
-    names = [t.name for t in tools.values() if inspect.iscoroutinefunction(t.function)]
+    names = [tool.name for tool in tools.values() if inspect.iscoroutinefunction(tool.function)]
     if not names:
         return
     import asyncio  # here, not at the top: only coroutine tools need it (it is slow to import)
@@ -1442,84 +1976,6 @@ def _check_async_tools(tools: Mapping[str, Tool]) -> None:
     raise ConfigError(f"tool {names[0]!r} is an async def function and this thread runs an event "
                       "loop, where the synchronous tool loop cannot await it: call generate() "
                       "from a worker thread (asyncio.to_thread), or give a plain function")
-
-
-_NO_JSON: Final = "no JSON value in the answer"
-
-
-def _read_answer(text: str, request: _Request, note: Callable[[str], None]
-                 ) -> tuple[str | None, Any]:
-    """(what is wrong, None) or (None, the data) for an answer to schema=."""
-    assert request.schema is not None
-    try:
-        value = _json_from_text(text)
-    except ValueError as exc:
-        return f"{_NO_JSON} ({exc})", None
-    value = _left_out_nulls(value, request.schema, note)
-    problem = _validate(value, request.schema)
-    if problem is not None:
-        return problem, None
-    try:
-        return None, _build(value, request.answer_type)
-    except (ValueError, TypeError) as exc:  # a pydantic model's own validators
-        return f"$: {_trim_message(str(exc))}", None
-
-
-def _left_out_nulls(value: Any, schema: Any, note: Callable[[str], None]) -> Any:
-    """`value` without the nulls that mean "left out" (see _prune_nulls), noted once."""
-    value, dropped = _prune_nulls(value, schema)
-    if dropped:
-        note("null for optional fields: left out")
-    return value
-
-
-_THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
-_FENCE: Final = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.DOTALL)
-_JSON_START: Final = re.compile(r"[{\[]")
-
-
-def _json_from_text(text: str) -> Any:
-    """The first complete JSON value in a model's answer.
-
-    The whole answer when it is JSON (a bare string or number too); else the content
-    of the first fenced code block that holds an object or array; else the first
-    object or array that parses, wherever it stands among the prose. Raises ValueError
-    with a short reason when there is none.
-    """
-    # Quirk(vLLM without --reasoning-parser, llama.cpp with reasoning_format none): the
-    # model's thinking comes inline, before the answer, and may hold drafts of it.
-    text = _THINK.sub("", text).strip()
-    if not text:
-        raise ValueError("the answer is empty")
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    decoder = json.JSONDecoder()
-    first_error: json.JSONDecodeError | None = None
-    for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
-        for start in _JSON_START.finditer(piece):
-            try:
-                return decoder.raw_decode(piece, start.start())[0]
-            except json.JSONDecodeError as exc:
-                first_error = first_error or exc
-    if first_error is None:
-        raise ValueError("the answer holds no JSON object or array")
-    raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
-
-
-def _assistant_message(record: Step, *, with_calls: bool) -> dict[str, Any]:
-    # content "" rather than null: llama-cpp-python rejects null (500), Ollama takes
-    # null only with tool_calls, llama.cpp/OpenAI/vLLM/LiteLLM take "".
-    message: dict[str, Any] = {"role": "assistant", "content": record.text}
-    if with_calls and record.tool_calls:
-        message["tool_calls"] = [
-            {**call.raw, "id": call.id, "type": "function",
-             # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
-             "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
-            for call in record.tool_calls
-        ]
-    return message
 
 
 @dataclass
@@ -1677,6 +2133,40 @@ def _is_json(text: str) -> bool:
     return True
 
 
+def _iter_tool_calls(step: Step, number: int, run: bool, request: _Request,
+                     messages: list[dict[str, Any]], note: Callable[[str], None]
+                     ) -> Generator[Chunk, None, list[ToolResult]]:
+    """The calls of model call `number` as Chunks, each run when `run` is set (a
+    "tool_result" Chunk after its "tool_call" one), the conversation extended; returns
+    the results."""
+    # Calls that are not run stay out of the history: a conversation whose assistant
+    # turn asks for tools must be followed by their results.
+    messages.append(_assistant_message(step, with_calls=run))
+    results: list[ToolResult] = []
+    for call in step.tool_calls:
+        yield Chunk("tool_call", tool_call=call, step=number)
+        if run:
+            results.append(_execute(call, request.tools, note))
+            messages.append({"role": "tool", "tool_call_id": call.id,
+                             "content": results[-1].content})
+            yield Chunk("tool_result", tool_call=call, tool_result=results[-1], step=number)
+    return results
+
+
+def _assistant_message(step: Step, *, with_calls: bool) -> dict[str, Any]:
+    # content "" rather than null: llama-cpp-python rejects null (500), Ollama takes
+    # null only with tool_calls, llama.cpp/OpenAI/vLLM/LiteLLM take "".
+    message: dict[str, Any] = {"role": "assistant", "content": step.text}
+    if with_calls and step.tool_calls:
+        message["tool_calls"] = [
+            {**call.raw, "id": call.id, "type": "function",
+             # Quirk(Ollama): arguments must be valid JSON text ("{}" when empty).
+             "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
+            for call in step.tool_calls
+        ]
+    return message
+
+
 def _execute(call: ToolCall, tools: Mapping[str, Tool], note: Callable[[str], None]
              ) -> ToolResult:
     """Run one call; any failure becomes the error the model reads, never an exception.
@@ -1756,15 +2246,86 @@ def _tool_content(value: Any) -> str:
         return str(value)
 
 
-def _result(steps: list[Step], finish: str | None, messages: list[dict[str, Any]],
-            data: Any = None) -> Result:
-    usages = [s.usage for s in steps if s.usage is not None]
-    last = steps[-1]  # _iter_steps makes one model call at least
-    return Result(last.text, last.reasoning, last.refusal, data, steps,
-                  [c for s in steps for c in s.tool_calls],
-                  [r for s in steps for r in s.tool_results], finish,
-                  functools.reduce(operator.add, usages) if usages else None, messages,
-                  last.choices)
+_NO_JSON: Final = "no JSON value in the answer"
+
+
+def _read_answer(text: str, request: _Request, note: Callable[[str], None]
+                 ) -> tuple[str | None, Any]:
+    """(what is wrong, None) or (None, the data) for an answer to schema=."""
+    assert request.schema is not None
+    try:
+        value = _json_from_text(text)
+    except ValueError as exc:
+        return f"{_NO_JSON} ({exc})", None
+    value = _left_out_nulls(value, request.schema, note)
+    problem = _validate(value, request.schema)
+    if problem is not None:
+        return problem, None
+    try:
+        return None, _build(value, request.answer_type)
+    except (ValueError, TypeError) as exc:  # a pydantic model's own validators
+        return f"$: {_trim_message(str(exc))}", None
+
+
+def _left_out_nulls(value: Any, schema: Any, note: Callable[[str], None]) -> Any:
+    """`value` without the nulls that mean "left out" (see _prune_nulls), noted once."""
+    value, dropped = _prune_nulls(value, schema)
+    if dropped:
+        note("null for optional fields: left out")
+    return value
+
+
+_THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+_FENCE: Final = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.DOTALL)
+_JSON_START: Final = re.compile(r"[{\[]")
+
+
+def _json_from_text(text: str) -> Any:
+    """The first complete JSON value in a model's answer.
+
+    The whole answer when it is JSON (a bare string or number too); else the content
+    of the first fenced code block that holds an object or array; else the first
+    object or array that parses, wherever it stands among the prose. Raises ValueError
+    with a short reason when there is none.
+    """
+    # Quirk(vLLM without --reasoning-parser, llama.cpp with reasoning_format none): the
+    # model's thinking comes inline, before the answer, and may hold drafts of it.
+    text = _THINK.sub("", text).strip()
+    if not text:
+        raise ValueError("the answer is empty")
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    decoder = json.JSONDecoder()
+    first_error: json.JSONDecodeError | None = None
+    for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
+        for start in _JSON_START.finditer(piece):
+            try:
+                return decoder.raw_decode(piece, start.start())[0]
+            except json.JSONDecodeError as exc:
+                first_error = first_error or exc
+    if first_error is None:
+        raise ValueError("the answer holds no JSON object or array")
+    raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
+
+
+def _ask_repair(http: _Connection, step: Step, problem: str, form: int,
+                messages: list[dict[str, Any]], last: bool) -> None:
+    """Send an answer to schema= that does not match back to the model, saying what is
+    wrong (OutputError when it was the `last` chance). An answer without JSON, to a
+    request whose response_format the server took without a word, steps the form down."""
+    if last:
+        raise http.shown_error(OutputError(f"the answer does not match the schema: {problem}",
+                                           partial_text=step.text))
+    if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and (
+            step.finish_reason == "stop"):
+        # Quirk(transformers serve): response_format ignored without a word, and prose
+        # came back: the model must see the schema itself.
+        http.step_down(form + 1, "response_format ignored: the schema in a system message",
+                       "ignored response_format (the answer held no JSON)")
+    messages.append({"role": "user", "content": "That answer does not match the JSON "
+                     f"Schema: {problem}. Answer again with the corrected JSON only."})
 
 # ==== Tools ====
 
@@ -1845,7 +2406,7 @@ def _as_tools(tools: object) -> list[Tool]:
         else:
             raise ConfigError(f"tools[{position}] is a {type(item).__name__}: give a function, "
                               "an oc.Tool, or a dict of name -> tool")
-    names = [t.name for t in out]
+    names = [tool.name for tool in out]
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"two tools are named {name!r}")
@@ -1867,10 +2428,10 @@ def _tool_from_entry(name: object, value: object) -> Tool:
     return Tool(str(name), str(value.get("description") or ""), parameters, execute)
 
 
-def _tool_spec(t: Tool) -> dict[str, Any]:
+def _tool_spec(tool: Tool) -> dict[str, Any]:
     """The request form of a tool, marked strict when its schema allows (_sent_schema)."""
-    parameters, strict = _sent_schema(t.parameters, t._built)
-    return {"type": "function", "function": {"name": t.name, "description": t.description,
+    parameters, strict = _sent_schema(tool.parameters, tool._built)
+    return {"type": "function", "function": {"name": tool.name, "description": tool.description,
                                              "parameters": parameters,
                                              **({"strict": True} if strict else {})}}
 
@@ -1912,14 +2473,15 @@ def _strict(schema: Any) -> dict[str, Any] | None:
 def _strict_node(schema: Any) -> dict[str, Any]:
     """_strict for one subschema; ValueError where the subset cannot say it."""
     node = {k: v for k, v in schema.items() if k != "default"} if isinstance(schema, dict) else {}
-    if not node.keys() & {"type", "anyOf", "enum", "const", "$ref"} or node.keys() - _STRICT_KEYWORDS:
+    if not node.keys() & {"type", "anyOf", "enum", "const", "$ref"} or (
+            node.keys() - _STRICT_KEYWORDS):
         raise ValueError(schema)
     for key in ("properties", "$defs", "definitions"):
         if key in node:
             node[key] = {name: _strict_node(sub) for name, sub in node[key].items()}
     if "anyOf" in node:
         node["anyOf"] = [_strict_node(sub) for sub in node["anyOf"]]
-    kinds = _kinds(node)
+    kinds = _types_of(node)
     if "items" in node:
         node["items"] = _strict_node(node["items"])
     elif "array" in kinds:
@@ -1937,13 +2499,19 @@ def _strict_node(schema: Any) -> dict[str, Any]:
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    """`schema` that also takes null: a type list where it can say it, else anyOf."""
-    kinds = schema.get("type")
+    """`schema`, or null: anyOf, its description and title beside it (where chat
+    templates that write out tool signatures look for them).
+
+    Quirk(llama.cpp's Hermes tool template, through llama-server and LiteLLM): a type
+    list, "type": ["integer", "null"], makes the server refuse the request ("Unable to
+    generate parser for this template ... Object key of unhashable type: Array"); anyOf
+    is taken by every server tried and by OpenAI's strict subset.
+    """
     if _validate(None, schema) is None:
         return schema
-    if kinds and not schema.keys() & {"enum", "const", "$ref", "anyOf"}:
-        return {**schema, "type": [*_kinds(schema), "null"]}
-    return {"anyOf": [schema, {"type": "null"}]}
+    notes: dict[str, Any] = {key: schema[key] for key in ("description", "title") if key in schema}
+    inner = {key: value for key, value in schema.items() if key not in notes}
+    return {"anyOf": [inner, {"type": "null"}], **notes}
 
 
 def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) -> Tool:
@@ -2094,13 +2662,13 @@ def _record_schema(cls: type, where: str, seen: tuple[type, ...],
         raise ConfigError(f"{where}: {cls.__name__} contains itself, which JSON Schema "
                           "without references cannot describe")
     try:
-        record = _fields(cls)
+        fields_ = _fields(cls)
     except (NameError, TypeError) as exc:
         raise ConfigError(f"{where}: cannot read the fields of {cls.__name__} ({exc})") from None
     properties = {name: _schema(hint, f"{where}, field {name!r}", seen=(*seen, cls), defs=defs)
-                  for name, hint, _ in record}
+                  for name, hint, _ in fields_}
     return {"type": "object", "properties": properties,
-            "required": [name for name, _, required in record if required],
+            "required": [name for name, _, required in fields_ if required],
             "additionalProperties": False}
 
 
@@ -2204,7 +2772,7 @@ def _validate(value: Any, schema: Any) -> str | None:
     loop that never ends.
     """
     try:
-        return _Run(schema).check(value, schema, "$")
+        return _Checking(schema).check(value, schema, "$")
     except (RecursionError, LookupError):  # LookupError: a $ref _vet_schema refuses
         return "$: nested too deeply to check"
 
@@ -2288,7 +2856,7 @@ def _regex(pattern: str) -> re.Pattern[str]:
                                   pattern), re.ASCII)
 
 
-class _Run:
+class _Checking:
     """One check against one schema: the root its $ref pointers resolve in, and the
     ($ref target, value) pairs being checked, as meeting one again inside itself is a
     loop that would never end."""
@@ -2302,27 +2870,27 @@ class _Run:
         each keyword's step, for the values of the type it applies to."""
         if not isinstance(schema, dict):
             return f"{path}: unexpected value" if schema is False else None
-        return _first(step(self, value, arg, schema, path) for keyword, arg in schema.items()
+        return _first_problem(step(self, value, arg, schema, path) for keyword, arg in schema.items()
                       for _, kind, step in [_KEYWORDS.get(keyword, _ANNOTATION)]
                       if step and (not kind or _TYPES[kind](value)))
 
 
-def _first(problems: Iterable[str | None]) -> str | None:
+def _first_problem(problems: Iterable[str | None]) -> str | None:
     """The first problem (the iterable is lazy, so checking stops there)."""
     return next((problem for problem in problems if problem is not None), None)
 
 
-def _kinds(schema: Any) -> list[str]:
+def _types_of(schema: Any) -> list[str]:
     """The type names a schema allows, [] when it does not say."""
     kinds = schema.get("type") if isinstance(schema, dict) else None
     return [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
 
 
-def _type(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _type(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """type: a name or a list of names, one of which the value must be."""
-    if any(_TYPES[kind](value) for kind in _kinds(schema)):
+    if any(_TYPES[kind](value) for kind in _types_of(schema)):
         return None
-    return f"{path}: expected {' or '.join(_kinds(schema))}, got {_describe(value)}"
+    return f"{path}: expected {' or '.join(_types_of(schema))}, got {_describe(value)}"
 
 
 def _options(arg: list[Any]) -> str:
@@ -2330,60 +2898,60 @@ def _options(arg: list[Any]) -> str:
     return ", ".join(map(_short, arg[:_MAX_OPTIONS])) + ", ..." * (len(arg) > _MAX_OPTIONS)
 
 
-def _required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _required(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """required: the fields an object must have (the first missing one is named)."""
     missing = next((name for name in arg if name not in value), None)
     return None if missing is None else f"{path}: missing required field {_short(missing)}"
 
 
-def _dependent_required(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _dependent_required(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """dependentRequired: the fields an object must have when it has a given one."""
-    return _first(f"{problem} (required with {_short(key)})" for key, names in arg.items()
-                  if key in value and (problem := _required(run, value, names, schema, path)))
+    return _first_problem(f"{problem} (required with {_short(key)})" for key, names in arg.items()
+                  if key in value and (problem := _required(checking, value, names, schema, path)))
 
 
-def _properties(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _properties(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """properties: each field it names matches that field's schema."""
-    return _first(run.check(item, arg[key], _at(path, key))
+    return _first_problem(checking.check(item, arg[key], _at(path, key))
                   for key, item in value.items() if key in arg)
 
 
-def _pattern_properties(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _pattern_properties(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """patternProperties: each field matches the schema of every regex its name matches."""
-    return _first(run.check(item, sub, _at(path, key)) for key, item in value.items()
+    return _first_problem(checking.check(item, sub, _at(path, key)) for key, item in value.items()
                   for pattern, sub in arg.items() if _regex(pattern).search(key))
 
 
-def _additional(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _additional(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec: additionalProperties applies to the keys that properties and
     patternProperties (of the same schema) do not name."""
-    return _first(f"{_at(path, key)}: unexpected field" if arg is False else
-                  run.check(value[key], arg, _at(path, key))
-                  for key in value if not _named(schema, key))
+    return _first_problem(f"{_at(path, key)}: unexpected field" if arg is False else
+                  checking.check(value[key], arg, _at(path, key))
+                  for key in value if not _names_property(schema, key))
 
 
-def _property_names(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _property_names(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """propertyNames: each field name, a string, matches the schema."""
-    return _first(run.check(key, arg, f"{_at(path, key)}: field name") for key in value)
+    return _first_problem(checking.check(key, arg, f"{_at(path, key)}: field name") for key in value)
 
 
-def _dependent_schemas(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _dependent_schemas(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """dependentSchemas: an object that has a given field matches that field's schema."""
-    return _first(run.check(value, sub, path) for key, sub in arg.items() if key in value)
+    return _first_problem(checking.check(value, sub, path) for key, sub in arg.items() if key in value)
 
 
-def _items(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _items(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec (2020-12): prefixItems (arg a list) describes the first elements one by one,
     items the elements after those."""
     start = 0 if isinstance(arg, list) else len(schema.get("prefixItems", ()))
     subs = arg if isinstance(arg, list) else [arg] * len(value)
-    return _first(run.check(item, sub, f"{path}[{index}]")
+    return _first_problem(checking.check(item, sub, f"{path}[{index}]")
                   for index, (item, sub) in enumerate(zip(value[start:], subs), start))
 
 
-def _contains(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _contains(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec: minContains (1 when not given) and maxContains bound how many items match."""
-    found = sum(run.check(item, arg, path) is None for item in value)
+    found = sum(checking.check(item, arg, path) is None for item in value)
     least, most = schema.get("minContains", 1), schema.get("maxContains", found)
     if least <= found <= most:
         return None
@@ -2408,64 +2976,64 @@ def _rule(holds: Callable[[Any, Any], Any], words: str, measure: Callable[[Any],
     """The step of a keyword that is met when holds(value, its argument) (or the value's
     measure: minLength's len); `words` say what must hold, in a message, and `show`
     how the argument reads there."""
-    def step(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
-        got = value if measure is None else measure(value)
-        return None if holds(got, arg) else (
-            f"{path}: must {words.format((show or _short)(arg))}, got {_short(got)}")
+    def step(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+        measured = value if measure is None else measure(value)
+        return None if holds(measured, arg) else (
+            f"{path}: must {words.format((show or _short)(arg))}, got {_short(measured)}")
     return step
 
 
-def _all_of(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _all_of(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """allOf: the value matches every schema."""
-    return _first(run.check(value, option, path) for option in arg)
+    return _first_problem(checking.check(value, option, path) for option in arg)
 
 
-def _any_of(run: _Run, value: Any, arg: Any, schema: Any, path: str, one: bool = False
+def _any_of(checking: _Checking, value: Any, arg: Any, schema: Any, path: str, one: bool = False
             ) -> str | None:
     """anyOf, and oneOf when `one`: checking stops at the first option that matches
     (the second, for oneOf). When none does, the problem of the option whose type fits
     (it failed deeper in: a field, an enum) says most; else every type allowed."""
     problems: list[str | None] = []
     for option in arg:
-        problems.append(run.check(value, option, path))
+        problems.append(checking.check(value, option, path))
         if problems.count(None) > one:
             break
     matched = [str(index) for index, problem in enumerate(problems) if problem is None]
     if matched:
         return None if len(matched) == 1 else (
             f"{path}: must match one schema of oneOf, matched {' and '.join(matched)}")
-    fits = [p for option, p in zip(arg, problems) if _type(run, value, None, option, path) is None]
-    if fits or not all(map(_kinds, arg)):
+    fits = [p for option, p in zip(arg, problems) if _type(checking, value, None, option, path) is None]
+    if fits or not all(map(_types_of, arg)):
         return (fits or problems)[0]
-    allowed = [*dict.fromkeys(kind for option in arg for kind in _kinds(option))]
-    return _type(run, value, None, {"type": allowed}, path)
+    allowed = [*dict.fromkeys(kind for option in arg for kind in _types_of(option))]
+    return _type(checking, value, None, {"type": allowed}, path)
 
 
-def _not(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _not(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """not: the value does not match the schema."""
-    return None if run.check(value, arg, path) is not None else (
+    return None if checking.check(value, arg, path) is not None else (
         f"{path}: must not match {_short(arg)}, got {_short(value)}")
 
 
-def _if(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _if(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """if: a value that matches it must match then, one that does not must match else."""
-    branch = "then" if run.check(value, arg, path) is None else "else"
-    return run.check(value, schema.get(branch, True), path)
+    branch = "then" if checking.check(value, arg, path) is None else "else"
+    return checking.check(value, schema.get(branch, True), path)
 
 
-def _ref(run: _Run, value: Any, arg: Any, schema: Any, path: str) -> str | None:
+def _ref(checking: _Checking, value: Any, arg: Any, schema: Any, path: str) -> str | None:
     """Spec (2020-12): $ref applies beside its sibling keywords, not instead of them.
     The same target on the same value again, inside itself, is a loop without end."""
-    key = (id(target := _pointer(run.root, arg)), id(value))
-    if key in run.active:
+    key = (id(target := _pointer(checking.root, arg)), id(value))
+    if key in checking.active:
         return f"{path}: the schema loops through $ref {_short(arg)} without end"
-    run.active.add(key)
-    problem = run.check(value, target, path)
-    run.active.discard(key)
+    checking.active.add(key)
+    problem = checking.check(value, target, path)
+    checking.active.discard(key)
     return problem
 
 
-_Keyword = Callable[[_Run, Any, Any, Any, str], "str | None"]
+_Keyword = Callable[[_Checking, Any, Any, Any, str], "str | None"]
 
 # Every keyword this checker knows: (the shape its value must have, see _SHAPES; the
 # JSON type it applies to, "" for any; the step that checks it, None for one that only
@@ -2473,9 +3041,9 @@ _Keyword = Callable[[_Run, Any, Any, Any, str], "str | None"]
 # (format, title, description, default, ...): not asserted, as the spec says.
 _KEYWORDS: Final[dict[str, tuple[str, str, _Keyword | None]]] = {
     "type": ("types", "", _type),
-    "enum": ("array", "", _rule(lambda value, arg: _key(value) in map(_key, arg),
+    "enum": ("array", "", _rule(lambda value, arg: _comparable(value) in map(_comparable, arg),
                                 "be one of {}", show=_options)),
-    "const": ("any", "", _rule(lambda value, arg: _key(value) == _key(arg), "be {}")),
+    "const": ("any", "", _rule(lambda value, arg: _comparable(value) == _comparable(arg), "be {}")),
     "required": ("names", "object", _required), "properties": ("map", "object", _properties),
     "dependentRequired": ("deps", "object", _dependent_required),
     "minProperties": ("integer", "object", _rule(operator.ge, "have at least {} fields", len)),
@@ -2487,7 +3055,7 @@ _KEYWORDS: Final[dict[str, tuple[str, str, _Keyword | None]]] = {
     "minItems": ("integer", "array", _rule(operator.ge, "have at least {} items", len)),
     "maxItems": ("integer", "array", _rule(operator.le, "have at most {} items", len)),
     "uniqueItems": ("boolean", "array", _rule(
-        lambda value, arg: not arg or len(set(map(_key, value))) == len(value),
+        lambda value, arg: not arg or len(set(map(_comparable, value))) == len(value),
         "hold unique items")),
     "prefixItems": ("schemas", "array", _items), "items": ("schema", "array", _items),
     "contains": ("schema", "array", _contains),
@@ -2521,7 +3089,7 @@ def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
     additionalProperties, prefixItems and items. `value` itself is not changed.
     """
     try:
-        pruned = _prune(value, [schema], _Run(schema))
+        pruned = _prune(value, [schema], _Checking(schema))
         # The copy differs from `value` if and only if a null was dropped (a NaN is no
         # difference: == on containers compares by `is` first).
         return pruned, pruned != value
@@ -2529,43 +3097,43 @@ def _prune_nulls(value: Any, schema: Any) -> tuple[Any, bool]:
         return value, False
 
 
-def _prune(value: Any, schemas: list[Any], run: _Run) -> Any:
+def _prune(value: Any, schemas: list[Any], checking: _Checking) -> Any:
     """_prune_nulls below the root: `value` (a copy) and the schemas that describe it."""
     if not isinstance(value, (list, dict)):
         return value
-    found = _walk(schemas, functools.partial(_in_place, root=run.root))
+    found = _walk(schemas, functools.partial(_applying_here, root=checking.root))
     keys = range(len(value)) if isinstance(value, list) else [
-        key for key, item in value.items() if item is not None or not _left_out(key, found, run)]
-    pruned = {key: _prune(value[key], [_inner(s, key) for s in found], run) for key in keys}
+        key for key, item in value.items() if item is not None or not _left_out(key, found, checking)]
+    pruned = {key: _prune(value[key], [_subschema_at(s, key) for s in found], checking) for key in keys}
     return [*pruned.values()] if isinstance(value, list) else pruned
 
 
-def _in_place(schema: dict[str, Any], root: Any) -> list[Any]:
+def _applying_here(schema: dict[str, Any], root: Any) -> list[Any]:
     """The schemas that apply where `schema` does: its $ref target and the branches of
     its allOf, anyOf and oneOf."""
     refs = [_pointer(root, schema["$ref"])] if "$ref" in schema else []
     return [*schema.get("allOf", ()), *schema.get("anyOf", ()), *schema.get("oneOf", ()), *refs]
 
 
-def _left_out(key: str, found: list[dict[str, Any]], run: _Run) -> bool:
+def _left_out(key: str, found: list[dict[str, Any]], checking: _Checking) -> bool:
     """Whether null for `key` means "left out": a schema lists it as a property whose
     schema rejects null, and none requires it."""
-    optional = any(key in s.get("properties", {}) and run.check(None, s["properties"][key], "$")
+    optional = any(key in s.get("properties", {}) and checking.check(None, s["properties"][key], "$")
                    for s in found)
     return optional and not any(key in s.get("required", ()) for s in found)
 
 
-def _inner(schema: dict[str, Any], key: Any) -> Any:
+def _subschema_at(schema: dict[str, Any], key: Any) -> Any:
     """The schema of an item (`key` an index: prefixItems, items) or of a field
     (properties; patternProperties, as True; additionalProperties); None if none."""
     if isinstance(key, int):
         before = schema.get("prefixItems", ())
         return before[key] if key < len(before) else schema.get("items")
-    named = schema.get("properties", {}).get(key, _named(schema, key) or None)
+    named = schema.get("properties", {}).get(key, _names_property(schema, key) or None)
     return schema.get("additionalProperties") if named is None else named
 
 
-def _named(schema: dict[str, Any], key: str) -> bool:
+def _names_property(schema: dict[str, Any], key: str) -> bool:
     """Whether properties or patternProperties of `schema` name the field `key`."""
     return key in schema.get("properties", {}) or any(
         _regex(pattern).search(key) for pattern in schema.get("patternProperties", ()))
@@ -2577,12 +3145,12 @@ def _at(path: str, key: Any) -> str:
     return f"{path}.{key}" if plain else f"{path}[{_short(key)}]"
 
 
-def _key(value: Any) -> Any:
+def _comparable(value: Any) -> Any:
     """A hashable stand-in that is equal for JSON-equal values: 1 and 1.0 alike, true
     and 1 not, arrays and objects item by item."""
     if isinstance(value, dict):
-        return dict, frozenset((key, _key(item)) for key, item in value.items())
-    return (list, tuple(map(_key, value))) if isinstance(value, list) else (
+        return dict, frozenset((key, _comparable(item)) for key, item in value.items())
+    return (list, tuple(map(_comparable, value))) if isinstance(value, list) else (
         (bool, value) if isinstance(value, bool) else value)
 
 
@@ -2599,536 +3167,6 @@ def _short(value: Any) -> str:
     except (ValueError, RecursionError):  # an int of over 4300 digits; a value nested deeply
         text = f"<{type(value).__name__}>"
     return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
-
-
-
-# ==== Streaming ====
-# One model call reads its answer through few frames between the socket and the caller:
-# _model_call (JSON payloads -> Chunks, in-stream errors, [DONE]) <- sseclient-py's
-# events() <- _Lines.feed (whole, LF-terminated lines, as the bytes arrive) <- the body's
-# chunks. _Answer gathers the call's text, reasoning, refusal, tool-call fragments and
-# usage; the tool-call loop's _assemble_calls makes the calls of the fragments.
-
-_MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
-_READ_SIZE: Final = 65536
-_DRAIN_SECONDS: Final = 0.1
-# Spec (WHATWG server-sent events): the stream is UTF-8, and a raw control character
-# inside a JSON string (which strict JSON forbids) still means itself.
-_CHUNK_JSON: Final = json.JSONDecoder(strict=False)
-
-
-def _model_call(client: Client, body: dict[str, Any], step: int,
-                request: _Request) -> Generator[Chunk, None, Step]:
-    """One model call: its text, reasoning and refusal Chunks as they arrive; returns
-    its Step (without tool results). Streamed, unless the server cannot: a 200 stream
-    with no event at all, or tools on a server whose tool streams are empty, is asked
-    for whole instead.
-
-    NOTE: the per-event loop stays in this one frame (no helper generator between the
-    events and the caller): every frame a Chunk passes costs time on every event. Over
-    40 lines for that reason.
-    """
-    http, note = client._http, client._note
-    http.prepare(body, request)
-    answer = _Answer(step, note)
-    if client._tools_unstreamed and "tools" in body:
-        return (yield from _ask_whole(client, body, request, answer))
-    body["stream"] = True
-    if "stream_options" not in body and "stream_options" not in http.refused:
-        # Ask for usage; servers that reject the field lose it once.
-        body["stream_options"] = {"include_usage": True}
-    seen = False
-    with http.post(body, request) as response:
-        if _not_an_event_stream(http, response):
-            return (yield from _ask_whole(client, body, request, answer, response))
-        add = answer.add
-        chunks = _body_chunks(response)
-        try:
-            for event in _iter_events(chunks, note):
-                seen = True
-                data = event.data
-                if data[:1] != "{":
-                    data = answer.odd_data(data)
-                    if not data:
-                        if answer.done:
-                            break
-                        continue
-                payload = _CHUNK_JSON.decode(data)
-                # Every error form lacks "choices" or has "error" (see _raise_stream_error).
-                if "error" in payload or "choices" not in payload:
-                    _raise_stream_error(payload, data, event.event, note)
-                got = add(payload)
-                if got is not None:
-                    if isinstance(got, list):
-                        yield from got
-                    else:
-                        yield got
-        except (APIError, ValueError, RecursionError, *_TRANSPORT_ERRORS) as exc:
-            raise _cut_short(exc, answer, http, request) from None
-        if answer.done:
-            _drain(response, chunks)
-    if not seen and not request.stopped:
-        _note_empty_stream(client, body)
-        return (yield from _ask_whole(client, body, request, answer))
-    return _ended(client, answer, body, request)
-
-
-def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool:
-    """Whether a stream request was answered with a JSON document instead of events;
-    raises the classified error an HTML page (a proxy's, a web server's) stands for."""
-    content_type = response.headers.get("content-type", "").lower()
-    if "text/html" in content_type:
-        raise http.error_of(response)
-    # Quirk(LM Studio, proxies): one JSON document for a stream request (LM Studio's
-    # 200 error for an unknown route, servers ignoring stream).
-    return "json" in content_type and "event-stream" not in content_type
-
-
-def _body_chunks(response: requests.Response) -> Iterable[bytes]:
-    """The body's bytes as soon as the socket has them, whatever the framing.
-
-    A chunked body is read one HTTP chunk at a time (urllib3's read_chunked, which
-    waits for nothing more); any other body with read1, which returns what has
-    arrived (decoded when gzip) instead of waiting for a full buffer as iter_content
-    does. NOTE: read1 costs a few microseconds per call more than read_chunked costs
-    per chunk, and servers that stream chunk every event.
-    """
-    raw = response.raw
-    if raw.chunked and raw.supports_chunked_reads():
-        return raw.read_chunked(decode_content=True)
-    read1 = getattr(raw, "read1", None)
-    if read1 is None:  # urllib3 < 2.2: one byte at a time is slow but never late
-        return response.iter_content(1)
-    return iter(functools.partial(read1, _READ_SIZE, decode_content=True), b"")
-
-
-def _iter_events(chunks: Iterable[bytes], note: Callable[[str], None]
-                 ) -> Iterator[sseclient.Event]:
-    """The SSE events in body bytes: sseclient-py's parser, fed whole lines.
-
-    NOTE: map() and iter() are C iterators: the lines cost a call per chunk, not a
-    generator frame between the socket and sseclient-py.
-    """
-    lines = _Lines(note)
-    return sseclient.SSEClient(itertools.chain(map(lines.feed, chunks),
-                                               iter(lines.flush, b""))).events()
-
-
-_BOM: Final = b"\xef\xbb\xbf"
-_LEGACY_ERROR_LINE: Final = re.compile(rb"(?m)^error:")
-
-
-@dataclass(slots=True)
-class _Lines:
-    """Regroups body bytes into blocks of whole, LF-terminated lines for sseclient-py.
-
-    Drops a leading BOM (also when split; Spec: WHATWG server-sent events), normalises
-    CRLF and lone CR to LF as bytes arrive (also when a CRLF is split), replaces
-    invalid UTF-8 with U+FFFD as the spec's decoder does, turns llama.cpp's legacy
-    `error: {...}` line into an `event: error` with data, and raises StreamError when
-    one event grows past `limit` bytes. A partial last line at EOF is passed on
-    terminated, so a truncated event reaches the JSON parser and fails there, loudly.
-    `note` hears of each of these deviations (OpenAI sends none of them).
-    """
-
-    note: Callable[[str], None]
-    limit: int = _MAX_EVENT_BYTES
-    tail: bytearray = field(default_factory=bytearray)  # the unfinished last line
-    open_size: int = 0  # bytes of the event under way, before the tail
-    skip_lf: bool = False  # the last chunk ended in a CR
-    head: bytes | None = b""  # the first bytes, until they tell whether a BOM came
-    plain: bool = False  # nothing pending: the next chunk may take the short way
-
-    def feed(self, chunk: bytes) -> bytes:
-        """The whole lines `chunk` completes (b"" when none).
-
-        NOTE: every event passes here. The common chunk, whole events in ASCII ending in
-        LF with nothing pending, costs a few scans of its bytes and no copy. Over 40
-        lines: a call per step would cost on every chunk.
-        """
-        last = len(chunk) - 1
-        if (self.plain and chunk.find(b"\n") == last - 1 and chunk[last] == 10
-                and last < self.limit and chunk.isascii() and chunk.startswith(b"data")):
-            return chunk  # one data line and its blank line: nothing to mend
-        if self.head is not None:
-            chunk, self.head = self.head + chunk, None
-            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
-                self.head, chunk = chunk, b""  # too few bytes yet to tell
-            elif chunk.startswith(_BOM):
-                self.note("BOM before the first event")
-                chunk = chunk[len(_BOM):]
-        if self.skip_lf:
-            chunk = chunk.removeprefix(b"\n")
-        # A CR at the end may be half of a CRLF: emit it as LF now (no delay for CR-only
-        # servers) and drop an LF that starts the next chunk.
-        self.skip_lf = chunk[-1:] == b"\r"
-        if b"\r" in chunk:
-            # Quirk(sse-starlette, Azure, proxies): OpenAI ends lines with LF alone.
-            self.note("CR or CRLF line endings in streams")
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        cut = chunk.rfind(b"\n") + 1
-        block = b""
-        ended = 0  # the size of the first event that ends in this block, if one does
-        if cut:
-            block = b"".join((self.tail, chunk[:cut])) if self.tail else chunk[:cut]
-            self.tail.clear()
-            # The last blank line in the block; one that opens the block (the line before
-            # ended the last block) is at -1, as rfind says when it finds none.
-            end = block.rfind(b"\n\n")
-            if end >= 0 or block[:1] == b"\n":
-                ended = self.open_size + block.find(b"\n\n")
-                self.open_size = len(block) - end - 2
-            else:
-                self.open_size += len(block)
-        self.tail += chunk[cut:]
-        if ended > self.limit or self.open_size + len(self.tail) > self.limit:
-            raise StreamError(f"one stream event is larger than {self.limit} bytes")
-        self.plain = self.head is None and not (self.tail or self.open_size or self.skip_lf)
-        return block if block.isascii() and b"error:" not in block else self._odd(block)
-
-    def flush(self) -> bytes:
-        """At EOF: the partial last line (or fewer bytes than a BOM, all that came),
-        terminated (once); then b""."""
-        block = b"".join((self.head or b"", self.tail))
-        self.head, self.tail = None, bytearray()
-        return self._odd(block + b"\n") if block else b""
-
-    def _odd(self, block: bytes) -> bytes:
-        """A block that is not plain ASCII, or may hold a legacy error line, made into
-        what sseclient-py can read."""
-        try:
-            block.decode("utf-8")
-        except UnicodeDecodeError:
-            # Quirk(llama.cpp): a token that splits a multibyte character, streamed alone.
-            self.note("invalid UTF-8 in streams (read as U+FFFD)")
-            block = block.decode("utf-8", "replace").encode("utf-8")
-        if b"error:" in block:
-            # Quirk(llama.cpp, older builds): `error: {...}` instead of a data line.
-            block, count = _LEGACY_ERROR_LINE.subn(b"event: error\ndata:", block)
-            if count:
-                self.note("legacy `error:` lines in streams")
-        return block
-
-
-def _raise_stream_error(payload: Any, data: str, event: str,
-                        note: Callable[[str], None]) -> None:
-    """Raise the classified error an event inside a 200 stream carries, if any.
-
-    Forms: {"error": {...}} (OpenAI, vLLM, LiteLLM, TGI), {"object": "error", ...}
-    (vLLM < 0.10.1, Mistral), `event: error` (Groq), and llama.cpp's legacy `error:
-    {...}` line (made an `event: error` by _Lines), whose JSON is the error itself.
-    A transport word in the message (LiteLLM's "Connection error") is still a stream
-    cut short here: the connection to this client is fine.
-    """
-    err = payload.get("error")
-    if err is None and payload.get("object") != "error" and event != "error":
-        return
-    if payload.get("object") == "error":
-        note("errors in streams as object: error")
-    if err is None and event == "error":
-        err = payload  # a legacy `error:` line (noted by _Lines): the JSON is the error
-    elif event == "error":
-        note("errors in streams as event: error")
-    # The form of the body was noted above, as a whole: not each of its fields.
-    message, tags = _error_fields({"error": err} if isinstance(err, dict) else payload,
-                                  lambda quirk: None)
-    message = _trim_message(message or "error event without a message")
-    cls = classify_error(f"{message} {tags}")
-    if cls is APIError or cls in _NO_RESPONSE_CLASSES:
-        cls = StreamError
-    # Quirk(TGI): http_status_code; Groq: status_code; LiteLLM: code "503" as a string.
-    fields: dict[str, Any] = err if isinstance(err, dict) else {}
-    code = next((fields[key] for key in ("status_code", "http_status_code", "code", "status")
-                 if isinstance(fields.get(key), int) or str(fields.get(key)).isdigit()), None)
-    if isinstance(code, str):
-        note("error codes as strings of digits")
-    raise cls(message, status_code=None if code is None else int(code),
-              body=data[:_MAX_ERROR_BODY])
-
-
-def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
-               request: _Request) -> APIError:
-    """The error of a stream that failed after its answer began (never retried: the
-    caller has seen part of it), keeping the text that had arrived; a stream stopped
-    by its deadline or by close() says so."""
-    halted = request.halted()
-    if halted is not None:
-        error = halted
-    elif isinstance(exc, APIError):
-        error = exc
-    elif isinstance(exc, (ValueError, RecursionError)):
-        error = StreamError("the stream was cut short or sent malformed JSON")
-    else:
-        error = http.transport_error(exc, request.timeout, "stream")
-    error.partial_text = "".join(answer.text)
-    return http.redacted(error)
-
-
-def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request) -> Step:
-    """The Step of a stream that has ended; a StreamError when it was cut short."""
-    _note_model(client, body.get("model"), answer.model)
-    if not answer.done and answer.finish_reason is None:
-        error = request.halted() or StreamError(
-            "the stream ended before the answer was finished (no finish_reason, no [DONE])")
-        error.partial_text = "".join(answer.text)
-        raise client._http.redacted(error)
-    if not answer.done:
-        client._note("no [DONE] at the end of streams")
-    record = answer.finish()
-    options = body.get("stream_options")
-    if record.usage is None and isinstance(options, dict) and options.get("include_usage"):
-        client._note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
-    return record
-
-
-def _note_empty_stream(client: Client, body: dict[str, Any]) -> None:
-    # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure after the
-    # headers), for instance for streamed tool_choice "auto" or a prompt beyond the
-    # context. Nothing was yielded: ask once more without streaming, which answers or
-    # raises the classified error. With tools, assume the server cannot stream them
-    # and stop trying.
-    tools = "tools" in body and not client._tools_unstreamed
-    client._tools_unstreamed |= tools
-    client._note("tool calls only unstreamed" if tools
-                 else "empty 200 stream: asked again without streaming")
-    _log.warning("the server ended a stream without any event; asking again without "
-                 "streaming%s", " (and for calls with tools from now on)" if tools else "")
-
-
-def _ask_whole(client: Client, body: dict[str, Any], request: _Request, answer: _Answer,
-               response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
-    """One model call answered whole: its Chunks, then its Step. Asked for without
-    streaming (servers send such an answer only once it is complete), unless `response`
-    is the JSON document a server sent to a stream request."""
-    http = client._http
-    if response is None:
-        body.pop("stream", None)
-        body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
-        response = http.post(body, request)
-    with response:
-        payload = http.read_json(response, request)
-    if isinstance(payload, dict):
-        if "stream" in body and payload.get("choices"):
-            http.note("one JSON document for a stream request")
-        _note_model(client, body.get("model"), payload.get("model"))
-    try:
-        chunks = answer.whole(payload)
-    except APIError as exc:
-        raise http.redacted(exc) from None
-    yield from chunks
-    return answer.finish()
-
-
-def _note_model(client: Client, asked: object, answered: object) -> None:
-    """Warn (a UserWarning, shown once) when the server answers with another model than
-    asked: most likely a typo in the name, for the program to fix.
-
-    Quirk(llama.cpp, TGI, llama-cpp-python): an unknown model is answered by the one
-    they have loaded. A name inside the other (a dated version, a provider prefix) is
-    the same model.
-    """
-    # An empty name is inside any other: no warning.
-    if (not isinstance(asked, str) or not isinstance(answered, str)
-            or asked.lower() in answered.lower() or answered.lower() in asked.lower()):
-        return
-    client._note("answers with another model than asked")
-    warnings.warn(f"asked for model {asked!r}, {client._http.shown_url} answered with "
-                  f"{answered!r}: it may not serve {asked!r} (a typo in the name?)",
-                  UserWarning, stacklevel=2)
-
-
-# Quirk(TGI < 2.3, TGI stop strings, Anthropic-compat): other names for a normal stop.
-_STOP_ALIASES: Final = frozenset({"eos_token", "eos", "stop_sequence", "end_turn", "end"})
-# The keys of a delta that is just text: the common case, taken without more lookups.
-_TEXT_DELTA: Final = frozenset({"content", "role"})
-
-
-@dataclass(slots=True)
-class _Answer:
-    """One model call while its events arrive: text, reasoning and refusal (as lists
-    of pieces), tool-call fragments, usage, finish_reason, the model that answered,
-    and whether [DONE] came. `note` hears of each deviation absorbed."""
-
-    step: int
-    note: Callable[[str], None]
-    streamed: bool = True
-    text: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    refusal: list[str] = field(default_factory=list)
-    # (position in its delta's tool_calls list, fragment), in arrival order
-    fragments: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-    usage: Any = None
-    finish_reason: str | None = None
-    model: str | None = None  # the "model" of the first event, "" if none
-    done: bool = False  # [DONE] arrived
-    others: dict[int, list[str]] = field(default_factory=dict)  # n > 1: choice 1 on
-
-    def add(self, payload: dict[str, Any]) -> Chunk | list[Chunk] | None:
-        """Take one decoded event; return its Chunk, a list of them, or None.
-
-        NOTE: runs once per event; its common case (one text delta) costs a few dict
-        lookups and one Chunk, inline (over 40 lines: a call costs on every event);
-        anything rarer goes through _mixed_delta.
-        """
-        if self.model is None:
-            self.model = payload.get("model") or ""
-        usage = payload.get("usage")
-        choices = payload.get("choices")
-        if usage:
-            self.usage = usage
-            if choices and self.streamed:
-                # Quirk(vLLM continuous usage, LiteLLM, Groq, Mistral): OpenAI sends usage
-                # alone, in a last chunk whose choices are [].
-                self.note("usage chunk with choices")
-        if not choices or choices.__class__ is not list:
-            return None
-        choice = choices[0]
-        if len(choices) > 1 or choice.__class__ is not dict or choice.get("index"):
-            # With n > 1 (OpenAI, vLLM) the choices interleave: follow index 0, keep the
-            # text of the others. None of them: an empty choice, which yields nothing.
-            self._keep_others(choices)
-            choice = _choice_zero(choices) or {}
-        delta = choice.get("delta") or choice.get("message")
-        content = delta.get("content") if delta.__class__ is dict else None
-        if content.__class__ is str and (len(delta) == 1 or _TEXT_DELTA.issuperset(delta)):
-            got: Chunk | list[Chunk] | None = None
-            if content:
-                self.text.append(content)
-                got = _delta_chunk("text", content, self.step, payload)
-        else:
-            got = self._mixed_delta(delta, content, payload) if delta.__class__ is dict else None
-        reason = choice.get("finish_reason")
-        if reason and isinstance(reason, str):
-            if reason == "error":
-                # Quirk(OpenRouter): finish_reason "error" with the error at top level.
-                self.note("finish_reason 'error' for an error")
-                raise StreamError("the server ended the answer with an error")
-            self.finish_reason = reason
-        return got
-
-    def _mixed_delta(self, delta: dict[str, Any], content: Any, raw: Any) -> list[Chunk]:
-        chunks = self._content_parts(content, raw) if content else []
-        # Quirk(DeepSeek, vLLM, llama.cpp: reasoning_content; Ollama, Groq, OpenRouter:
-        # reasoning): OpenAI streams no reasoning text.
-        for key in ("reasoning_content", "reasoning"):
-            reasoning = delta.get(key)
-            if reasoning and isinstance(reasoning, str):
-                self.note(f"reasoning in {key}")
-                chunks.append(self._keep("reasoning", reasoning, raw))
-                break
-        refusal = delta.get("refusal")
-        if refusal and isinstance(refusal, str):
-            # OpenAI's structured refusal: shown like text, kept apart from the answer.
-            chunks.append(self._keep("refusal", refusal, raw))
-        # Quirk(llama-cpp-python): a legacy function_call beside tool_calls with the
-        # same content; used only when no tool_calls come with it (as the one call).
-        calls = delta.get("tool_calls")
-        if calls:
-            if not isinstance(calls, list):
-                self.note("tool_calls as one object, not a list")  # Quirk(TGI < 3.2)
-                calls = [calls]
-            self.fragments += [(i, c) for i, c in enumerate(calls) if isinstance(c, dict)]
-            if delta.get("function_call"):
-                self.note("legacy function_call beside tool_calls")
-        elif isinstance(delta.get("function_call"), dict):
-            self.note("legacy function_call instead of tool_calls")
-            self.fragments.append((0, {"index": 0, "function": delta["function_call"]}))
-        return chunks
-
-    def _content_parts(self, content: Any, raw: Any) -> list[Chunk]:
-        if not isinstance(content, str):
-            # Quirk(Mistral magistral): content is a list of typed parts; "thinking"
-            # parts hold reasoning as a nested list of text parts.
-            self.note("content as a list of parts")
-        chunks = []
-        for part in content if isinstance(content, list) else [content]:
-            part = {"text": part} if isinstance(part, str) else part
-            thinking = isinstance(part, dict) and part.get("type") in ("thinking", "reasoning")
-            text = part.get("thinking" if thinking else "text") if isinstance(part, dict) else ""
-            if isinstance(text, list):
-                text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-            if text and isinstance(text, str):
-                chunks.append(self._keep("reasoning" if thinking else "text", text, raw))
-        return chunks
-
-    def _keep_others(self, choices: list[Any]) -> None:
-        """The text of the choices other than index 0, by index."""
-        for choice in choices:
-            index = choice.get("index") if isinstance(choice, dict) else None
-            index = int(index) if isinstance(index, str) and index.isdigit() else index
-            delta = (choice.get("delta") or choice.get("message")) if index else None
-            text = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(index, int) and isinstance(text, str) and text:
-                self.others.setdefault(index, []).append(text)
-
-    def _keep(self, kind: ChunkType, text: str, raw: Any) -> Chunk:
-        """A piece of text, reasoning or refusal added to the list of that name; its
-        Chunk."""
-        getattr(self, kind).append(text)
-        return _delta_chunk(kind, text, self.step, raw)
-
-    def odd_data(self, data: str) -> str:
-        """An event's data that does not start with "{": "" for [DONE] (then `done`)
-        and for data to skip; else the JSON text, its padding stripped."""
-        stripped = data.strip()
-        if stripped.startswith("[DONE]"):
-            if data != "[DONE]":
-                # Quirk(several servers): a space before [DONE], or padding after it.
-                self.note("spaces around [DONE]")
-            self.done = True
-            return ""
-        if not stripped.startswith("{"):
-            # Quirk(gateways): data lines of their own that are not JSON are skipped.
-            self.note("non-JSON data in streams skipped")
-            _log.debug("skipping a stream event that is not JSON: %.80r", stripped)
-            return ""
-        return stripped
-
-    def whole(self, payload: Any) -> list[Chunk]:
-        """The Chunks of a non-streamed answer, read as one event whose choice holds a
-        whole message."""
-        self.streamed = False
-        if not isinstance(payload, dict) or payload.get("error") or payload.get(
-                "object") == "error":
-            text = json.dumps(payload, ensure_ascii=False)
-            raise _error_from_body(200, text, self.note, decoded=payload)
-        if _choice_zero(payload.get("choices")) is None:
-            raise APIError("the server answered without choices: " + _trim_message(
-                json.dumps(payload, ensure_ascii=False)))
-        got = self.add(payload)
-        self.finish_reason = self.finish_reason or "stop"
-        return got if isinstance(got, list) else [got] if got is not None else []
-
-    def finish(self) -> Step:
-        """The model call's Step, its tool calls assembled (their results come later)."""
-        calls = _assemble_calls(self.fragments, self.streamed, self.note)
-        reason = self.finish_reason
-        if reason in _STOP_ALIASES:
-            self.note(f"finish_reason {reason!r} for stop")
-            reason = "stop"
-        elif reason is None:
-            reason = "tool_calls" if calls else "stop"
-        text = "".join(self.text)
-        return Step(text, "".join(self.reasoning), calls, [], reason, _usage(self.usage),
-                    "".join(self.refusal),
-                    [text, *("".join(self.others[i]) for i in sorted(self.others))])
-
-
-def _choice_zero(choices: Any) -> dict[str, Any] | None:
-    """The choice with index 0 (or none): with n > 1 (OpenAI, vLLM) chunks of several
-    choices interleave, and only the first answer is followed, never braided."""
-    for choice in choices if isinstance(choices, list) else ():
-        if isinstance(choice, dict) and choice.get("index") in (None, 0, "0"):
-            return choice
-    return None
-
-
-def _usage(raw: Any) -> Usage | None:
-    if not isinstance(raw, dict):
-        return None
-    counts = [raw.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
-    prompt, completion, total = (c if type(c) is int else 0 for c in counts)
-    return Usage(prompt, completion, total or prompt + completion, raw)
 
 # ==== HTTP plumbing ====
 
@@ -3173,20 +3211,6 @@ _SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
 # A server still loading its model: llama-server's 503 "Loading model", and 503s that
 # say they are loading or warming up.
 _LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
-# What the socket layer says, shortened for messages (see _Connection.transport_error).
-_SOCKET_REASON: Final = re.compile(
-    r"Connection refused|Name or service not known|nodename nor servname provided"
-    r"|Temporary failure in name resolution|No route to host|Network is unreachable"
-    r"|Connection reset by peer|Remote end closed connection without response"
-    r"|certificate verify failed[^)'\"]*|Connection aborted|IncompleteRead[^)]*\)"
-    r"|Response ended prematurely|Connection broken"
-)
-# A kept-alive connection the server had closed: the request met an EOF or a reset
-# before any byte of an answer (see _stale_connection).
-_STALE_CONNECTION: Final = re.compile(
-    r"Remote end closed connection|reset by peer|Broken pipe|BrokenPipeError"
-    r"|ConnectionResetError"
-)
 
 
 def _redact_url_log(record: logging.LogRecord) -> bool:
@@ -3214,7 +3238,8 @@ class _Connection:
         self.note = note
         self.shown_url = _shown_url(config.base_url)
         url_secrets = _url_secrets(config.base_url)
-        self.secrets = tuple(s for s in (config.api_key, *url_secrets) if s)
+        key = config.api_key if len(config.api_key or "") >= _SECRET_LENGTH else ""
+        self.secrets = tuple(filter(None, (key, *url_secrets, *_header_secrets(headers))))
         if url_secrets:  # addFilter adds it once, however many Clients ask
             logging.getLogger("urllib3.connectionpool").addFilter(_redact_url_log)
         parts = urllib.parse.urlsplit(config.base_url)
@@ -3242,6 +3267,7 @@ class _Connection:
         self.schema_form = _JSON_SCHEMA
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
         self.calls: set[_Request] = set()  # the calls in flight, which close() ends
+        self.cli = False  # a Client of the command line: its errors speak its words
         self.closed = threading.Event()
         host = parts.hostname or ""  # urlsplit lowers the scheme and the host
         if (config.api_key and parts.scheme == "http" and host not in ("localhost", "::1")
@@ -3264,6 +3290,8 @@ class _Connection:
             self.calls.add(request)
         try:
             yield
+        except APIError as exc:  # and this call's own secret headers (extra_headers=)
+            raise self.shown_error(exc, _header_secrets(request.headers))
         finally:
             with self.lock:
                 self.calls.discard(request)
@@ -3303,7 +3331,7 @@ class _Connection:
                     _log.debug("kept-alive connection was closed by the server; resending")
                     continue
                 error = request.halted() or self.transport_error(
-                    exc, timeout, "" if body.get("stream") else "whole")
+                    exc, timeout, "" if body.get("stream") else "unstreamed")
                 # Connection failures (a connect timeout included) happened before the
                 # server saw the request: safe to resend. A read timeout did not.
                 retry = isinstance(exc, (requests.ConnectionError, ConnectionError))
@@ -3311,7 +3339,7 @@ class _Connection:
                 request.response = response
                 if request.stopped:  # close() came while the server was answering
                     response.close()
-                    raise self.redacted(request.halted() or _client_closed())
+                    raise self.shown_error(request.halted() or _client_closed())
                 if response.status_code < 300:
                     return response
                 retry_after = _retry_after(response.headers)
@@ -3320,9 +3348,9 @@ class _Connection:
                     continue
                 wait, loading_since = self._loading_wait(error, timeout, loading_since)
                 status = error.status_code or 0
-                retry = (error.retryable and (status in (408, 409, 429) or status >= 500)
+                retry = ((status in (408, 409, 429) or status >= 500)
                          and (retry_after is None or retry_after <= _MAX_RETRY_AFTER))
-            if wait is None and retry and attempt < self.config.max_retries:
+            if wait is None and retry and error.retryable and attempt < self.config.max_retries:
                 attempt += 1
                 wait = _backoff(attempt) if retry_after is None else retry_after
                 _log.info("%s from %s; retrying in %.1f s (attempt %d of %d)", (
@@ -3332,7 +3360,7 @@ class _Connection:
                 raise error
             # A wait that would end past the deadline is not waited; close() ends one.
             if time.monotonic() + wait >= request.ends or self.closed.wait(wait):
-                raise self.redacted(request.halted(wait) or _client_closed()) from error
+                raise self.shown_error(request.halted(wait) or _client_closed()) from error
 
     def request(self, method: str, path: str, timeout: float,
                 body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
@@ -3359,13 +3387,13 @@ class _Connection:
             response.close()
             target = urllib.parse.urljoin(url, response.headers["location"])
             if _origin(target) != _origin(url):
-                raise self.redacted(APIError(
+                raise self.shown_error(APIError(
                     f"{method} {path} was redirected to {_shown_url(target)}, another server:"
                     " not followed, so that the key is not sent there; if it is the right "
                     "server, use it as the base URL", status_code=response.status_code))
             self.note(f"redirected to {_shown_url(target)}: use it as base_url")
             url = target
-        raise self.redacted(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
+        raise self.shown_error(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
 
     def error_of(self, response: requests.Response, retry_after: float | None = None) -> APIError:
         """The classified error of a response with an error status or an HTML page: its
@@ -3488,57 +3516,115 @@ class _Connection:
         try:
             raw = response.content
         except _TRANSPORT_ERRORS as exc:
-            raise self.redacted(request.halted() or self.transport_error(
-                exc, request.timeout, "whole")) from None
+            raise self.shown_error(request.halted() or self.transport_error(
+                exc, request.timeout, "unstreamed")) from None
         try:
             return _CHUNK_JSON.decode(raw.decode("utf-8", "replace"))
         except (ValueError, RecursionError):
-            raise self.redacted(request.halted() or APIError(
+            raise self.shown_error(request.halted() or APIError(
                 "the server's answer is not JSON: " + _trim_message(
                     raw[:2000].decode("utf-8", "replace")), status_code=response.status_code,
             )) from None
 
     def error_from_body(self, status: int, text: str,
                         retry_after: float | None = None) -> APIError:
-        return self.redacted(_error_from_body(status, text, self.note, retry_after))
+        if status == 407:  # from a proxy: an http request's proxy answers it itself
+            return self.proxy_error("407 Proxy Authentication Required")
+        return self.shown_error(_error_from_body(status, text, self.note, retry_after))
 
     def transport_error(self, exc: BaseException, timeout: float, when: str = "") -> APIError:
         """The module's error for a transport failure, redacted. `timeout`: the request's
-        silence limit. `when`: "whole" for a request that asked for a whole answer
+        silence limit. `when`: "unstreamed" for a request that asked for an unstreamed answer
         (servers send it only once it is complete); "stream" once a stream's answer
         had begun (never retried then: the caller has seen part of it)."""
         if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
-            return self.redacted(RequestTimeoutError(f"could not connect within {timeout:g} s"))
+            return self.shown_error(RequestTimeoutError(f"could not connect within {timeout:g} s"))
         if isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-            return self.redacted(RequestTimeoutError(
+            return self.shown_error(RequestTimeoutError(
                 f"the server sent nothing for {timeout:g} s" + {
-                    "whole": " while composing a whole answer (non-streamed answers arrive"
+                    "unstreamed": " while composing an unstreamed answer (which arrives"
                              " only when complete; stream() shows progress)",
                     "stream": " in the middle of the stream"}.get(when, "")))
-        match = _SOCKET_REASON.search(str(exc))
-        reason = match.group(0) if match else str(exc)[:200]
+        causes = _causes(exc)
+        reason = _reason(causes[-1])
         # A broken chunked body is a connection that failed while reading, not one that
         # could not be made: the server had answered.
-        if isinstance(exc, (requests.ConnectionError, ConnectionError)) and not isinstance(
-                exc, requests.exceptions.ChunkedEncodingError) and when != "stream":
-            return self.redacted(EndpointUnavailableError(f"cannot connect: {reason}"))
-        return self.redacted(StreamError(
-            f"the connection broke while reading the answer: {reason}"))
+        if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or isinstance(
+                exc, requests.exceptions.ChunkedEncodingError) or when == "stream":
+            return self.shown_error(StreamError(
+                f"the connection broke while reading the answer: {reason}"))
+        if any(isinstance(cause, urllib3.exceptions.ProxyError) for cause in causes):
+            return self.proxy_error(reason)
+        where = f"{self.url_source} (now {self.shown_url})"
+        if any(isinstance(cause, socket.gaierror) for cause in causes):
+            host = urllib.parse.urlsplit(self.base).hostname
+            return self.unavailable(f"cannot connect: the host name {host} does not resolve: "
+                                    f"{reason}", f"Check the host name in {where}")
+        if not any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
+            return self.unavailable(f"cannot connect: {reason}")
+        # A certificate is a setting to fix, never switched off here: retrying cannot help.
+        if "mismatch" in reason:
+            return self.unavailable(f"cannot connect: {reason}", "The server's TLS certificate "
+                                    f"names other hosts: use one in {where}", retryable=False)
+        return self.unavailable(
+            f"cannot connect: this machine does not trust the server's TLS certificate: {reason}",
+            "To trust it, point REQUESTS_CA_BUNDLE at the PEM file of the CA that issued it (or "
+            "of the self-signed certificate); verification stays on", retryable=False)
 
-    def redacted(self, exc: APIError) -> APIError:
-        """`exc` with its secrets redacted (a server may echo the key in its text) and
-        saying where it came from: every APIError a Client raises or returns passes here."""
-        exc.message = _redact(exc.message, self.secrets)
+    def proxy_error(self, reason: str) -> APIError:
+        """The error of a proxy that cannot be reached or that refused the request (407):
+        named as the proxy, its password redacted, never as the server."""
+        variable = f"{urllib.parse.urlsplit(self.base).scheme.upper()}_PROXY"
+        proxy = requests.utils.select_proxy(
+            self.base, requests.utils.get_environ_proxies(self.base)) or ""
+        # requests reads "host:port" as http://host:port; its password is redacted either way.
+        name = f"the proxy {_shown_url(proxy if '://' in proxy else 'http://' + proxy)} " \
+            f"({variable})" if proxy else "a proxy"
+        if re.search(r"\b407\b", reason):  # Proxy Authentication Required: not the API key
+            return self.unavailable(f"{name} refused the request: {reason}", "Check the user "
+                                    f"name and password in {variable}", retryable=False)
+        return self.unavailable(f"cannot reach {name}: {reason}",
+                                f"Check {variable}, or list the server's host in NO_PROXY")
+
+    def unavailable(self, message: str, advice: str = "", *, retryable: bool = True) -> APIError:
+        """An EndpointUnavailableError, redacted; `advice` replaces "Is the server running?"."""
+        error = EndpointUnavailableError(message)
+        error._advice, error.retryable = advice, retryable
+        return self.shown_error(error)
+
+    def shown_error(self, exc: APIError, secrets: Iterable[str] = ()) -> APIError:
+        """`exc` with its secrets (and `secrets`) redacted (a server may echo the key in its
+        text) and saying where it came from: every APIError a Client raises passes here."""
+        secrets = (*self.secrets, *secrets)
+        exc.message = _redact(exc.message, secrets)
         exc.args = (exc.message,)
-        if exc.body:
-            exc.body = _redact(exc.body, self.secrets)
+        exc.body = exc.body and _redact(exc.body, secrets)
         exc.base_url = self.shown_url
-        exc._url_source = self.url_source
+        exc._url_source, exc._cli = self.url_source, self.cli
+        exc._path = exc._path or "/chat/completions"  # discovery's say /models
         return exc
 
 
 def _keep_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
     return request
+
+
+def _causes(exc: BaseException | None) -> list[BaseException]:
+    """`exc` and the errors it wraps, outermost first: requests wraps urllib3's, which
+    wrap the socket's and ssl's (in .reason, in args, or as __cause__)."""
+    causes: list[BaseException] = []
+    while isinstance(exc, BaseException) and len(causes) < 16:  # 16: against a cycle
+        causes.append(exc)
+        exc = next((e for e in (getattr(exc, "reason", None), *reversed(exc.args),
+                                exc.__cause__) if isinstance(e, BaseException)), None)
+    return causes
+
+
+def _reason(exc: BaseException) -> str:
+    """What an error says, for a message: ssl's verify message, or an OSError's text
+    without its errno; OpenSSL's tags and source lines dropped."""
+    text = getattr(exc, "verify_message", None) or getattr(exc, "strerror", None) or str(exc)
+    return re.sub(r"^\[[^\]]*\] *| *\(_ssl\.c:\d+\)$", "", text).rstrip(".") or type(exc).__name__
 
 
 def _encode(body: dict[str, Any]) -> bytes:
@@ -3599,12 +3685,15 @@ def _stale_connection(exc: BaseException) -> bool:
 
     The server closed it between requests (idle timeout, or after an error, as
     llama-cpp-python does after an empty stream): the request meets an EOF or a
-    reset before any byte of an answer, so the server never took it up. urllib3
-    only checks for a closed socket when it takes one from the pool, which leaves a
-    race. Connect failures are "Failed to establish a new connection", not this.
+    reset before any byte of an answer ("Connection aborted"), so the server never
+    took it up. urllib3 only checks for a closed socket when it takes one from the
+    pool, which leaves a race. Connect failures are "Failed to establish a new
+    connection" (NewConnectionError), not this. RemoteDisconnected (an EOF) is a
+    ConnectionResetError.
     """
-    text = str(exc)
-    return "Connection aborted" in text and _STALE_CONNECTION.search(text) is not None
+    causes = _causes(exc)
+    return any(isinstance(cause, urllib3.exceptions.ProtocolError) for cause in causes) and (
+        isinstance(causes[-1], (ConnectionResetError, BrokenPipeError)))
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -3706,7 +3795,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except ConfigError as exc:
-        print(f"openai-compat: {exc}", file=sys.stderr)
+        print(f"openai-compat: {_cli_words(str(exc))}", file=sys.stderr)
         return 2
     except APIError as exc:
         print(f"openai-compat: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -3714,6 +3803,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _log.removeHandler(shown)
         _log.setLevel(level)
+
+
+# The command line's words for what the module's own text says in Python's (its hints
+# and configuration errors; never a server's text).
+_CLI_WORDS: Final = (
+    ("base_url=", "--base-url"), ("pass model=", "pass --model"), ("timeout=", "--timeout"),
+    ("deadline=", "--deadline"), ("lower max_tokens", "lower --max-tokens"),
+    ("schema=", "--schema"), (" or api_key=", ""),
+    ("; .partial_text holds what arrived", "; what arrived is printed above"),
+    ("; .partial_text holds the last one", ""))
+
+
+def _cli_words(text: str) -> str:
+    for python, flag in _CLI_WORDS:
+        text = text.replace(python, flag)
+    return text
 
 
 def _cli_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
@@ -3766,6 +3871,7 @@ def _cli_client(args: argparse.Namespace) -> Client:
                     deadline=args.deadline)
     if (args.base_url or "").strip():
         client._http.url_source = "--base-url"
+    client._http.cli = True
     return client
 
 
@@ -3879,7 +3985,7 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         return 1
     probe = Client(client.config.base_url, client.config.api_key, client.model,
                    timeout=client.config.timeout, max_retries=0)
-    probe._http.url_source = client._http.url_source  # hints name --base-url, if it was
+    probe._http.url_source, probe._http.cli = client._http.url_source, client._http.cli
     try:
         started = time.monotonic()
         answer = probe.generate("Say hello in one word.", max_tokens=16)

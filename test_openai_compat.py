@@ -4,6 +4,7 @@ llama.cpp server for the integration section. No mocks."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import enum
@@ -15,10 +16,12 @@ import logging
 import os
 import pathlib
 import re
+import select
 import shlex
 import shutil
 import signal
 import socket
+import ssl
 import string
 import struct
 import subprocess
@@ -34,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Annotated, Any, Literal, TypedDict
 
 import pytest
+import trustme
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -42,10 +46,15 @@ import openai_compat as oc
 KEY = "sk-test-secret-0123456789"
 
 
+# The proxy variables requests reads. A machine behind a proxy sets them for everyone:
+# a loopback test must not go through it (the Company networks tests set their own).
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith("OPENAI_COMPATIBLE_"):
+        if name.startswith("OPENAI_COMPATIBLE_") or name.upper() in _PROXY_VARIABLES:
             monkeypatch.delenv(name)
 
 
@@ -96,6 +105,8 @@ def json_reply(obj: Any, status: int = 200, **kwargs: Any) -> Reply:
 
 
 class Scripted:
+    scheme = "http"
+
     def __init__(self) -> None:
         self.replies: list[Reply] = []
         self.requests: list[dict[str, Any]] = []
@@ -107,7 +118,7 @@ class Scripted:
     @property
     def base_url(self) -> str:
         assert self.httpd is not None
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        return f"{self.scheme}://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def add(self, *replies: Reply) -> Scripted:
         self.replies.extend(replies)
@@ -215,13 +226,20 @@ def _handler(script: Scripted) -> type[BaseHTTPRequestHandler]:
 class _Loopback(ThreadingHTTPServer):
     request_queue_size = 128  # the many-threads tests connect at once
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients that hang up mid-reply are part of the tests, not news.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
+        # Clients that hang up mid-reply, or refuse a TLS certificate, are part of the
+        # tests, not news.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
             super().handle_error(request, client_address)
 
 
-def _serve(script: Scripted, port: int = 0) -> _Loopback:
+def _serve(script: Scripted, port: int = 0, tls: ssl.SSLContext | None = None) -> _Loopback:
     httpd = _Loopback(("127.0.0.1", port), _handler(script))
+    if tls is not None:
+        # The handshake happens at the handler's first read, in its own thread: each
+        # attempt counts in script.connections, and a refused one never blocks the loop.
+        script.scheme = "https"
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True,
+                                       do_handshake_on_connect=False)
     httpd.daemon_threads = True
     script.httpd = httpd
     # A short poll: shutdown() waits for the loop to notice, half a poll on average (0.5
@@ -346,6 +364,8 @@ def _calls_then_text(*calls: dict[str, Any], finish: str = "tool_calls") -> Repl
         (401, "Invalid API Key", oc.AuthenticationError),  # llama.cpp
         (401, "Invalid API key", oc.AuthenticationError),  # llama-cpp-python {"detail"}
         (403, "Forbidden", oc.AuthenticationError),
+        # Issue #27: a proxy asks for its own credentials; the API key was not refused.
+        (407, "Proxy Authentication Required", oc.EndpointUnavailableError),
         (400, "No connected db.", oc.AuthenticationError),  # LiteLLM, wrong key, no database
         (429, "Model is overloaded", oc.RateLimitError),  # TGI
         (None, "Rate limit reached for requests", oc.RateLimitError),  # OpenAI, in a stream
@@ -545,6 +565,64 @@ def test_error_never_shows_the_key(server: Scripted, caplog: pytest.LogCaptureFi
     assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
 
 
+# Source: Azure OpenAI's 404 for a deployment name it does not know (error code
+# DeploymentNotFound), as users quote it; the module's table reads it as a model not found.
+_AZURE_NO_DEPLOYMENT = {"error": {
+    "code": "DeploymentNotFound", "message": "The API deployment for this resource does not "
+    "exist. If you created the deployment within the last 5 minutes, please wait a moment and "
+    "try again."}}
+
+
+def test_error_names_the_url_called_with_its_query_its_secrets_redacted(server: Scripted) -> None:
+    # Issue #26: an Azure-style base URL that answered 404 was reported as the base URL,
+    # not the URL called.
+    port = server.httpd.server_address[1]  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{port}/openai/deployments/gpt4o?api-version=2024-10-21&sig=S1GSECRET"
+    server.add(json_reply(_AZURE_NO_DEPLOYMENT, status=404),
+               json_reply(_AZURE_NO_DEPLOYMENT, status=404))
+    client = oc.Client(base, model="gpt4o", max_retries=0)
+    errors = []
+    for call in (lambda: client.generate("hi"), lambda: client.available_models(fallback=False)):
+        with pytest.raises(oc.ModelNotFoundError) as caught:
+            call()
+        errors.append(caught.value)
+    shown = f"http://127.0.0.1:{port}/openai/deployments/gpt4o/{{}}?api-version=2024-10-21&sig="
+    assert f"(HTTP 404 from {shown.format('chat/completions')}[redacted])" in str(errors[0])
+    assert f"(HTTP 404 from {shown.format('models')}[redacted])" in str(errors[1])
+    for error in errors:
+        assert "S1GSECRET" not in str(error) + repr(error)
+        assert error.base_url == base.replace("S1GSECRET", "[redacted]")  # the base, as before
+
+
+def test_error_advice_never_loops_back_to_what_failed(server: Scripted) -> None:
+    # Issue #26: a 404 advised `openai-compat models`, which then failed with the same
+    # advice. Azure answers GET .../deployments/NAME/models as it answers chat.
+    server.add(json_reply(_AZURE_NO_DEPLOYMENT, status=404),
+               json_reply(_AZURE_NO_DEPLOYMENT, status=404))
+    client = server.client(max_retries=0)
+    with pytest.raises(oc.ModelNotFoundError) as chat:
+        client.generate("hi")
+    with pytest.raises(oc.ModelNotFoundError) as models:
+        client.available_models(fallback=False)
+    assert "`openai-compat models` lists them" in str(chat.value)
+    assert "openai-compat models" not in str(models.value)
+    assert "OPENAI_COMPATIBLE_MODEL" in str(models.value)  # what to do instead
+
+
+def test_error_dns_failure_says_to_check_the_host_name() -> None:
+    # Issue #26: a host name that does not resolve was asked "Is the server running?".
+    # .invalid never resolves (RFC 6761).
+    url = "http://no-such-host.invalid:8000/v1"
+    client = oc.Client(url, model="m", max_retries=0)
+    for call in (lambda: client.generate("hi"), lambda: client.available_models(fallback=False)):
+        with pytest.raises(oc.EndpointUnavailableError) as caught:
+            call()
+        text = _readable(caught.value)
+        assert "the host name no-such-host.invalid does not resolve" in text
+        assert text.endswith(f"Check the host name in base_url= (now {url})")
+        assert "Is the server running" not in text
+
+
 # ==== Data types ====
 
 
@@ -575,6 +653,18 @@ def test_usage_adds_up_over_steps_and_stays_none_when_never_reported() -> None:
     result = oc._result(steps, "stop", [])
     assert result.usage == oc.Usage(14, 4, 18) and result.text == "c"
     assert oc._result([oc.Step("x")], "stop", []).usage is None
+
+
+def test_reprs_stay_short(server: Scripted) -> None:
+    # Issue #28: a Result's repr held the whole conversation (5,632 characters with a
+    # 5 KB system prompt); a Stream's was the default <... object at 0x...>.
+    server.add(Reply(text_stream("word " * 100)))
+    stream = server.client().stream("hi", system="Be brief. " * 500)
+    assert repr(stream) == "Stream(model='m', finished=False)"
+    result = stream.result if list(stream) else None
+    assert result is not None and repr(stream) == "Stream(model='m', finished=True)"
+    assert repr(result) == ("Result(text='" + "word " * 15 + "wo...', finish_reason='stop', "
+                            "usage=None, steps=1, tool_calls=0, messages=3)")
 
 
 # ==== Configuration ====
@@ -758,7 +848,7 @@ def test_generate_fails_within_timeout_of_silence_keeping_the_partial_text(
     assert "OPENAI_COMPATIBLE_TIMEOUT" in str(caught.value)  # the hint: raise it
 
 
-def test_unstreamed_fallback_silence_says_whole_answers_take_longer(server: Scripted) -> None:
+def test_unstreamed_fallback_silence_says_unstreamed_answers_take_longer(server: Scripted) -> None:
     # A server whose tool streams are empty is asked for whole answers, which come
     # only when complete: a long one is silence, not a fault.
     server.add(json_reply(completion("late"), delay=3))
@@ -768,7 +858,7 @@ def test_unstreamed_fallback_silence_says_whole_answers_take_longer(server: Scri
     with pytest.raises(oc.RequestTimeoutError) as caught:
         client.generate("hi", tools=[_add])
     assert time.monotonic() - started < 1.25
-    assert "whole answer" in str(caught.value) and "stream()" in str(caught.value)
+    assert "unstreamed answer" in str(caught.value) and "stream()" in str(caught.value)
 
 
 def test_generate_body_and_result(server: Scripted) -> None:
@@ -1175,6 +1265,82 @@ def test_a_forced_tool_choice_ends_once_a_call_has_run(server: Scripted, choice:
     assert second["tools"] == first["tools"]
 
 
+def test_n_above_1_keeps_every_choice(server: Scripted) -> None:
+    # Issue #28: n=2 lost the second answer, which the server had generated and charged.
+    def choice(index: int, content: str | None = None, finish: str | None = None) -> Any:
+        return {"choices": [{"index": index, "delta": {} if content is None else
+                             {"content": content}, "finish_reason": finish}]}
+
+    server.add(Reply(sse(choice(0, "Red"), choice(1, "Bl"), choice(1, "ue"), choice(0, "."),
+                         choice(1, None, "stop"), choice(0, None, "stop"), "data: [DONE]\n\n")),
+               json_reply({"choices": [
+                   {"index": 1, "message": {"role": "assistant", "content": "Two"}},
+                   {"index": 0, "message": {"role": "assistant", "content": "One"}}]}))
+    client = server.client()
+    chunks, result = run(client.stream("Name a colour.", n=2))
+    assert text_of(chunks) == "Red." == result.text, "the stream follows choice 0"
+    assert result.choices == ["Red.", "Blue"]
+    assert server.bodies()[0]["n"] == 2
+    # A whole answer (here one JSON document to a stream request) lists them at once.
+    assert client.generate("Count.", n=2).choices == ["One", "Two"]
+    server.add(Reply(text_stream("Solo")))
+    assert client.generate("hi").choices == ["Solo"]
+    for bad in ({"tools": [_add]}, {"schema": City}):
+        with pytest.raises(oc.ConfigError, match="n= above 1"):
+            client.generate("hi", n=2, **bad)
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"prompt": 123}, "prompt="), ({"system": ["a"]}, "system="),
+    ({"temperature": "0.5"}, "temperature="), ({"temperature": True}, "temperature="),
+    ({"top_p": "1"}, "top_p="), ({"presence_penalty": False}, "presence_penalty="),
+    ({"frequency_penalty": "0"}, "frequency_penalty="), ({"max_tokens": 1.5}, "max_tokens="),
+    ({"max_tokens": "100"}, "max_tokens="), ({"n": "2"}, "n="), ({"seed": True}, "seed="),
+    ({"messages": [{"content": "no role"}]}, "messages="),
+    ({"messages": "hi"}, "messages="),
+])
+def test_option_types_are_checked_before_sending(server: Scripted, options: dict[str, Any],
+                                                 named: str) -> None:
+    # Issue #28: prompt=123 and temperature="0.5" travelled to the server as its 400.
+    prompt = options.pop("prompt", "hi")
+    with pytest.raises(oc.ConfigError, match=re.escape(named)):
+        server.client().generate(prompt, **options)
+    assert server.requests == []
+
+
+def test_extra_headers_go_with_one_call_over_the_clients(server: Scripted) -> None:
+    server.add(Reply(text_stream("a")), Reply(text_stream("b")))
+    client = server.client(headers={"X-Team": "a", "X-Trace": "client"})
+    client.generate("hi", extra_headers={"X-Trace": "call-1", "api-key": "tenant-7"})
+    client.generate("hi")
+    first, second = (r["headers"] for r in server.requests)
+    assert (first["X-Team"], first["X-Trace"], first["api-key"]) == ("a", "call-1", "tenant-7")
+    assert second["X-Trace"] == "client" and "api-key" not in second
+    for bad in ({"X-Bad": "line\nbreak"}, {"Bad Name": "x"}, ["X-A: b"]):
+        with pytest.raises(oc.ConfigError, match="extra_headers=|header"):
+            client.generate("hi", extra_headers=bad)
+    assert len(server.requests) == 2
+
+
+def test_a_tool_that_raises_is_logged_with_its_traceback_and_kept(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #28: a tool with a plain bug left a DEBUG line without a traceback.
+    def divide(a: int, b: int) -> float:
+        """Divide."""
+        return a / b
+
+    server.add(_calls_then_text(_call(0, "c1", "divide", '{"a": 1, "b": 0}')),
+               Reply(text_stream("Cannot.")))
+    caplog.set_level(logging.WARNING, logger="openai_compat")
+    done = server.client().generate("1/0?", tools=[divide]).tool_results[0]
+    assert isinstance(done.exception, ZeroDivisionError)
+    assert done.error == "ZeroDivisionError: division by zero"
+    (record,) = [r for r in caplog.records if "divide" in r.getMessage()]
+    assert record.levelname == "WARNING" and record.exc_info and record.exc_info[1] is (
+        done.exception)
+    assert "return a / b" in caplog.text, "the traceback is logged"
+
+
 # ---- strict schemas (issue 25) ----
 
 
@@ -1207,9 +1373,11 @@ def test_a_function_tool_goes_strict_with_optional_fields_nullable(server: Scrip
             "city": {"type": "string"},
             # Optional with no default was required already: it keeps its null.
             "owner": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-            "nights": {"type": ["integer", "null"]},  # a default: required, nullable
+            # A default: required, and nullable by anyOf (a type list breaks llama.cpp's
+            # Hermes tool template).
+            "nights": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
             "size": {"anyOf": [{"enum": ["s", "m"], "type": "string"}, {"type": "null"}]},
-            "note": {"type": ["string", "null"]}}}
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
     # null for a field the module made nullable means "left out": the defaults apply;
     # for the one that was Optional and required, None is the value.
     assert result.tool_results[0].error is None
@@ -1230,10 +1398,11 @@ def test_a_dataclass_answer_goes_strict_and_a_null_takes_the_default(server: Scr
         "required": ["city", "nights", "colour", "tags", "guest"],
         "properties": {
             "city": {"type": "string"},
-            "nights": {"type": ["integer", "null"]},
+            "nights": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
             "colour": {"anyOf": [{"enum": ["red", "blue"], "type": "string"},
                                  {"type": "null"}]},
-            "tags": {"type": ["array", "null"], "items": {"type": "string"}},
+            "tags": {"anyOf": [{"type": "array", "items": {"type": "string"}},
+                               {"type": "null"}]},
             "guest": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
 
 
@@ -2304,7 +2473,8 @@ STRICT_HOME = {"title": "Home", "type": "object", "additionalProperties": False,
                "required": ["city", "zip", "floor"],
                "properties": {"city": {"title": "City", "type": "string"},
                               "zip": {"title": "Zip", "type": "integer"},
-                              "floor": {"title": "Floor", "type": ["integer", "null"]}}}
+                              "floor": {"title": "Floor",
+                                        "anyOf": [{"type": "integer"}, {"type": "null"}]}}}
 
 
 def _defs_below_the_root(schema: Any, top: bool = True) -> list[Any]:
@@ -2338,7 +2508,8 @@ def test_pydantic_model_schema_is_sent_with_its_defs_and_data_is_an_instance(
                        "home": {"$ref": "#/$defs/Home"},
                        "nickname": {"anyOf": [{"type": "string"}, {"type": "null"}],
                                     "title": "Nickname"},
-                       "score": {"title": "Score", "type": ["integer", "null"]}},
+                       "score": {"title": "Score",
+                                 "anyOf": [{"type": "integer"}, {"type": "null"}]}},
         "$defs": {"Home": STRICT_HOME}}
     assert Resident.model_json_schema()["$defs"] == {"Home": Home.model_json_schema()}
 
@@ -3296,6 +3467,161 @@ def test_retry_after_too_long_fails_at_once(server: Scripted) -> None:
     assert len(server.requests) == 1
 
 
+def test_a_retry_after_between_the_backoff_and_the_cap_is_waited_exactly(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #26: with the Retry-After handling removed (the backoff, 0.25 to 0.5 s, used
+    # instead), the suite still passed.
+    server.add(json_reply({"error": {"message": "slow down"}}, status=429,
+                          headers={"Retry-After": "1.3"}), json_reply(completion("ok")))
+    caplog.set_level(logging.INFO, logger="openai_compat")
+    started = time.monotonic()
+    assert server.client(max_retries=1).generate("hi").text == "ok"
+    assert 1.3 <= time.monotonic() - started < 1.9
+    # Each retry is logged at INFO: what failed, the wait, the attempt.
+    assert [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()] == [
+        f"HTTP 429 from {server.base_url}; retrying in 1.3 s (attempt 2 of 2)"]
+
+
+def test_a_retry_after_under_the_cap_is_waited_and_one_over_it_fails_at_once(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #26: with the cap lowered from 60 s to 6 s, the suite still passed. 59 s is
+    # waited (close() ends the wait, so the test does not), 61 s is not.
+    server.add(json_reply({"error": {"message": "slow down"}}, status=429,
+                          headers={"Retry-After": "59"}),
+               json_reply({"error": {"message": "slow down"}}, status=429,
+                          headers={"Retry-After": "61"}))
+    caplog.set_level(logging.INFO, logger="openai_compat")
+    client = server.client()
+    waiting = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retrying in 59.0 s" in record.getMessage():
+                waiting.set()
+
+    seen = Seen()
+    logging.getLogger("openai_compat").addHandler(seen)
+    try:
+        threading.Thread(target=lambda: waiting.wait(10) and client.close()).start()
+        started = time.monotonic()
+        with pytest.raises(oc.StreamError, match="the Client was closed") as closed:
+            client.generate("hi")
+    finally:
+        logging.getLogger("openai_compat").removeHandler(seen)
+    assert waiting.is_set() and time.monotonic() - started < 5
+    assert isinstance(closed.value.__cause__, oc.RateLimitError)
+    started = time.monotonic()
+    with pytest.raises(oc.RateLimitError) as over:
+        server.client().generate("hi")
+    assert over.value.retry_after == 61 and time.monotonic() - started < 1
+    assert len(server.requests) == 2
+
+
+def _trickle(*parts: str, every: float = 0.2) -> Reply:
+    """A reply that never ends: `parts` first, then a keep-alive comment every `every` s."""
+    return Reply(*parts, *[": keep-alive\n\n"] * 300, pause=every)
+
+
+@pytest.mark.parametrize("how", ["text", "comments"])
+def test_a_deadline_cuts_off_a_trickling_stream(server: Scripted, how: str) -> None:
+    # Issue #26: timeout bounds only the silence between bytes; a server that trickles
+    # tokens or keep-alive comments held generate() forever.
+    if how == "text":
+        server.add(Reply(*[sse(delta(content=f"{i} ")) for i in range(300)], pause=0.2))
+    else:
+        server.add(_trickle(sse(delta(content="Once"))))
+    client = server.client(timeout=5)
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        for _ in client.stream("Count.", deadline=1):
+            pass
+    assert 1 <= time.monotonic() - started < 1.7, "cut within a fraction of a second"
+    assert "deadline of 1 s" in str(caught.value)
+    assert caught.value.partial_text.startswith("0 " if how == "text" else "Once")
+    assert server.closed.wait(2), "its connection is closed"
+
+
+def test_a_deadline_cuts_off_a_storm_of_503s_and_a_silent_server(server: Scripted) -> None:
+    server.add(*[json_reply({"error": {"message": "Service Unavailable"}}, status=503)] * 50)
+    client = server.client(max_retries=50, deadline=1.5)
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        client.generate("hi")
+    assert time.monotonic() - started < 1.6
+    # The backoff that would have ended past the deadline was not waited.
+    assert isinstance(caught.value.__cause__, oc.ServerError)
+    server.replies.clear()
+    server.add(Reply(text_stream("late"), delay=5))  # silent before its headers
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError, match="deadline of 0.5 s"):
+        server.client(timeout=30).generate("hi", deadline=0.5)
+    assert time.monotonic() - started < 1
+
+
+def test_a_retry_after_past_the_deadline_fails_at_once(server: Scripted) -> None:
+    server.add(json_reply({"error": {"message": "busy"}}, status=503,
+                          headers={"Retry-After": "3"}))
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        server.client().generate("hi", deadline=2)
+    assert time.monotonic() - started < 0.5 and len(server.requests) == 1
+    assert isinstance(caught.value.__cause__, oc.ServerError)
+
+
+def test_a_streams_deadline_starts_when_stream_is_called(server: Scripted) -> None:
+    server.add(Reply(text_stream("never asked")))
+    stream = server.client().stream("hi", deadline=0.2)
+    time.sleep(0.3)
+    with pytest.raises(oc.RequestTimeoutError):
+        next(stream)
+    assert server.requests == [], "no model call starts after the deadline"
+
+
+def test_a_deadline_bounds_discovery_too(server: Scripted) -> None:
+    server.add(Reply(json.dumps({"data": [{"id": "m"}]}), framing="length",
+                     content_type="application/json", delay=3))
+    client = oc.Client(server.base_url)
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError, match="deadline"):
+        client.stream("hi", deadline=0.5)
+    assert time.monotonic() - started < 1
+
+
+def test_a_deadline_is_checked_before_anything_is_sent(
+        server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = server.client()
+    for bad in (0, -1, float("nan"), float("inf"), True, "soon"):
+        with pytest.raises(oc.ConfigError, match="deadline="):
+            client.generate("hi", deadline=bad)
+        with pytest.raises(oc.ConfigError, match="deadline="):
+            server.client(deadline=bad)
+    monkeypatch.setenv("OPENAI_COMPATIBLE_DEADLINE", "later")
+    with pytest.raises(oc.ConfigError, match="OPENAI_COMPATIBLE_DEADLINE"):
+        server.client()
+    monkeypatch.setenv("OPENAI_COMPATIBLE_DEADLINE", "2.5")
+    assert server.client().config.deadline == 2.5
+    assert server.requests == []
+    assert "deadline" not in json.dumps(server.bodies())
+
+
+def test_close_ends_a_stream_stalled_mid_answer_from_another_thread(server: Scripted) -> None:
+    # Issue #28: client.close() from another thread did not stop a call in flight.
+    server.add(_trickle(sse(delta(content="Half an ")), every=5))
+    client = server.client()
+    stream = client.stream("hi")
+    assert next(stream).content == "Half an "
+    threading.Timer(0.3, client.close).start()
+    started = time.monotonic()
+    with pytest.raises(oc.StreamError, match="the Client was closed") as caught:
+        list(stream)
+    assert time.monotonic() - started < 1.3
+    assert caught.value.partial_text == "Half an " and caught.value.retryable is False
+    # A call started on a closed Client raises the same at once, without connecting.
+    with pytest.raises(oc.StreamError, match="the Client was closed"):
+        client.generate("again")
+    assert len(server.requests) == 1
+
+
 LOADING = json_reply({"error": {"code": 503, "message": "Loading model",
                                "type": "unavailable_error"}}, status=503)  # llama-server
 
@@ -3493,6 +3819,349 @@ def test_a_rejected_field_is_dropped_and_listed(server: Scripted, message: str, 
     assert field in first and field not in second and field not in third
     expected = [quirk] if field == "stream_options" else [quirk, NO_USAGE]
     assert client.quirks == expected, "no usage is no quirk when it was not asked for"
+
+
+# ==== Company networks ====
+
+
+# Issue #27: what a user at a company meets, with real parts on loopback: a TLS server
+# whose certificate comes from a CA this machine does not know (a test CA, trustme's),
+# a CONNECT proxy that tunnels, asks for a password (407) or is not there, and the
+# placeholder keys that local servers' docs suggest. These machines set CA variables
+# for the whole machine (REQUESTS_CA_BUNDLE, SSL_CERT_FILE, ...) and CI inherits them:
+# ca_file removes them, and each test sets what it needs; _clean_env removes the proxy
+# variables.
+
+_CA_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+PROXY_PASSWORD = "pw7"  # short: a proxy's password is redacted whatever its length
+
+
+def _readable(error: BaseException) -> str:
+    """str(error), checked to be a message for people: its parentheses balanced (never
+    cut mid-parenthesis) and none of the network libraries' wrapping in it."""
+    text = str(error)
+    depth = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        assert depth >= 0, text
+    assert depth == 0, text
+    for internal in ("ConnectionPool", "Max retries", "Caused by", "Error(", "_ssl.c",
+                     "object at 0x", "[Errno", "[SSL"):
+        assert internal not in text, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def company_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(company_ca: trustme.CA, tmp_path: pathlib.Path,
+            monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test CA's certificate as a PEM file; the machine's CA variables removed."""
+    for name in _CA_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    path = str(tmp_path / "company-ca.pem")
+    company_ca.cert_pem.write_to_path(path)
+    return path
+
+
+@pytest.fixture
+def tls_server(company_ca: trustme.CA) -> Iterator[Scripted]:
+    """A scripted server on https://127.0.0.1, its certificate issued by the test CA for
+    127.0.0.1 only."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    company_ca.issue_cert("127.0.0.1").configure_cert(context)
+    script = Scripted()
+    httpd = _serve(script, tls=context)
+    yield script
+    httpd.shutdown()
+    httpd.server_close()
+
+
+class ConnectProxy:
+    """A forward proxy on loopback, as companies run them: CONNECT opens a tunnel (how
+    https goes through), a plain http request it refuses (502). A request without
+    Proxy-Authorization for user:PROXY_PASSWORD gets 407, as from a real proxy."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []  # request lines, in order
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, password: str = PROXY_PASSWORD) -> str:
+        return f"http://user:{password}@127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536) or b"\r\n\r\n"
+            head, _, body = data.partition(b"\r\n\r\n")
+            line, *lines = head.decode("latin-1").split("\r\n")
+            self.requests.append(line)
+            fields = {n.strip().lower(): v.strip() for n, _, v in (x.partition(":") for x in lines)}
+            while len(body) < int(fields.get("content-length", 0)):  # read it all: no RST
+                body += conn.recv(65536) or b" " * 65536
+            token = base64.b64encode(f"user:{PROXY_PASSWORD}".encode()).decode()
+            if fields.get("proxy-authorization") != f"Basic {token}":
+                conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate:"
+                             b' Basic realm="company"\r\nContent-Length: 0\r\n\r\n')
+                return
+            method, target, _ = line.split(" ")
+            if method != "CONNECT":
+                conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                return
+            host, _, port = target.rpartition(":")
+            with socket.create_connection((host, int(port))) as upstream:
+                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                while True:  # both ways, until one side closes
+                    ready, _, _ = select.select([conn, upstream], [], [], 30)
+                    chunks = [(sock, sock.recv(65536)) for sock in ready]
+                    if not chunks or not all(chunk for _, chunk in chunks):
+                        return
+                    for sock, chunk in chunks:
+                        (upstream if sock is conn else conn).sendall(chunk)
+
+
+@pytest.fixture
+def proxy() -> Iterator[ConnectProxy]:
+    running = ConnectProxy()
+    yield running
+    running.listener.close()
+
+
+def test_tls_server_trusted_through_requests_ca_bundle_streams_whole(
+        tls_server: Scripted, ca_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_file)
+    tls_server.add(Reply(text_stream("Hello", " there", usage=_USAGE)))
+    chunks, result = run(tls_server.client().stream("hi"))
+    assert tls_server.base_url.startswith("https://")
+    assert [c.content for c in chunks if c.type == "text"] == ["Hello", " there"]
+    assert result.text == "Hello there" and result.usage == oc.Usage(3, 2, 5)
+
+
+def test_tls_certificate_this_machine_does_not_trust_says_so_and_how_to_trust_it(
+        tls_server: Scripted, ca_file: str) -> None:
+    # Issue #27: "cannot connect: certificate verify failed: self-signed certificate
+    # (_ssl.c:1006 (from https://...). Is the server running? ..."
+    client = tls_server.client(max_retries=2)
+    for call in (lambda: client.generate("hi"), lambda: client.available_models(fallback=False)):
+        with pytest.raises(oc.EndpointUnavailableError) as caught:
+            call()
+        text = _readable(caught.value)
+        assert "this machine does not trust the server's TLS certificate" in text
+        assert "point REQUESTS_CA_BUNDLE at the PEM file of the CA" in text
+        assert "Is the server running" not in text and not caught.value.retryable
+    # One attempt each (retrying cannot mend a setting); nothing sent over it.
+    assert tls_server.connections == 2 and tls_server.requests == []
+    started = time.monotonic()  # and waiting for the server cannot mend it either
+    with pytest.raises(oc.EndpointUnavailableError):
+        client.wait_ready(timeout=5)
+    assert time.monotonic() - started < 2
+
+
+def test_tls_host_name_mismatch_says_so(tls_server: Scripted, ca_file: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_file)
+    port = tls_server.httpd.server_address[1]  # type: ignore[union-attr]
+    url = f"https://localhost:{port}/v1"  # the certificate names 127.0.0.1 only
+    with pytest.raises(oc.EndpointUnavailableError) as caught:
+        oc.Client(url, model="m").generate("hi")
+    text = _readable(caught.value)
+    assert "certificate is not valid for 'localhost'" in text and not caught.value.retryable
+    assert text.endswith(f"names other hosts: use one in base_url= (now {url})")
+
+
+def test_proxy_tunnels_https_and_no_proxy_goes_around_it(
+        tls_server: Scripted, server: Scripted, ca_file: str, proxy: ConnectProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_file)
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url())
+    tls_server.add(Reply(text_stream("through", " the tunnel")), Reply(text_stream("direct")))
+    assert tls_server.client().generate("hi").text == "through the tunnel"
+    port = tls_server.httpd.server_address[1]  # type: ignore[union-attr]
+    assert [r.rsplit(" ", 1)[0] for r in proxy.requests] == [f"CONNECT 127.0.0.1:{port}"]
+    # NO_PROXY goes around a proxy that is not even there, for https and http alike.
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    for name in ("HTTPS_PROXY", "HTTP_PROXY"):
+        monkeypatch.setenv(name, nobody)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    server.add(Reply(text_stream("plain http")))
+    assert tls_server.client().generate("hi").text == "direct"
+    assert server.client().generate("hi").text == "plain http"
+    assert len(proxy.requests) == 1
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_proxy_that_cannot_be_reached_is_named_never_the_server(
+        tls_server: Scripted, server: Scripted, ca_file: str, scheme: str,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #27: "cannot connect: Connection refused (from https://...). Is the server running?"
+    caplog.set_level(logging.DEBUG)
+    target = tls_server if scheme == "https" else server
+    variable = f"{scheme.upper()}_PROXY"
+    port = _free_port()
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_file)
+    monkeypatch.setenv(variable, f"http://user:{PROXY_PASSWORD}@127.0.0.1:{port}")
+    with pytest.raises(oc.EndpointUnavailableError) as caught:
+        target.client(max_retries=0).generate("hi")
+    text = _readable(caught.value)
+    assert text.startswith(f"cannot reach the proxy http://user:[redacted]@127.0.0.1:{port} "
+                           f"({variable}): Connection refused (from {target.base_url}/")
+    assert text.endswith(f"Check {variable}, or list the server's host in NO_PROXY")
+    assert "Is the server running" not in text and target.connections == 0
+    assert _leaks(PROXY_PASSWORD, text, repr(caught.value), caplog.text) == []
+
+
+@pytest.mark.parametrize("key", [None, "x", KEY])
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_proxy_answering_407_is_named_not_the_server_nor_the_key(
+        tls_server: Scripted, server: Scripted, ca_file: str, proxy: ConnectProxy,
+        scheme: str, key: str | None, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #27: an https target's 407 (the tunnel refused) was urllib3's raw text, cut
+    # mid-parenthesis, and mangled by the key "x"; an http target's (the 407 arrives as
+    # a response) was a BadRequestError. Neither is the server's doing, nor the key's.
+    caplog.set_level(logging.DEBUG)
+    target = tls_server if scheme == "https" else server
+    variable = f"{scheme.upper()}_PROXY"
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_file)
+    monkeypatch.setenv(variable, proxy.url("wr0ng-pw"))
+    client = target.client(api_key=key, max_retries=2)
+    for call, path in ((lambda: client.generate("hi"), "chat/completions"),
+                       (lambda: client.available_models(fallback=False), "models")):
+        with pytest.raises(oc.EndpointUnavailableError) as caught:
+            call()
+        text = _readable(caught.value)
+        assert text.startswith(f"the proxy http://user:[redacted]@127.0.0.1:{proxy.port} "
+                               f"({variable}) refused the request: ")
+        assert f"407 Proxy Authentication Required (from {target.base_url}/{path})" in text
+        assert text.endswith(f"Check the user name and password in {variable}")
+        assert not caught.value.retryable and "wr0ng-pw" not in text + caplog.text
+    assert len(proxy.requests) == 2 and target.connections == 0  # once each: not retried
+
+
+@pytest.mark.parametrize("key", ["x", "1", "EMPTY", "none", "ollama"])
+def test_placeholder_keys_leave_every_message_intact(
+        server: Scripted, key: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #27: with api_key="x", "Max retries exceeded" read "Ma[redacted] retries
+    # e[redacted]ceeded". Local servers' docs suggest these keys; none is a secret.
+    caplog.set_level(logging.DEBUG)
+    said = ("The model `ollama-none-1x-EMPTY` does not exist (Max retries exceeded: none "
+            "of 1 ollama EMPTY x)")
+    server.add(json_reply({"error": {"message": said}}, status=404),
+               json_reply({"error": {"message": said}}, status=404))
+    client = server.client(api_key=key, max_retries=0)
+    assert client.available_models() == list(oc.FALLBACK_MODELS)  # and logs why
+    with pytest.raises(oc.ModelNotFoundError) as caught:
+        client.generate("hi", model="ollama-none-1x-EMPTY")
+    err = caught.value
+    assert err.message == said and said in str(err) and said in (err.body or "")
+    assert said in caplog.text  # the discovery warning
+    assert f"api_key={key!r}" in repr(client.config)
+    assert "[redacted]" not in str(err) + repr(err) + caplog.text + repr(client.config)
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {key}"
+
+
+@pytest.mark.parametrize(("key", "secret"), [("sk-1234", False), ("sk-12345", True)])
+def test_a_key_of_8_characters_or_more_is_redacted_everywhere(
+        server: Scripted, caplog: pytest.LogCaptureFixture, key: str, secret: bool) -> None:
+    caplog.set_level(logging.DEBUG)
+    said = f"Incorrect API key provided: {key}. Keys look like sk-..."
+    server.add(json_reply({"error": {"message": said}}, status=401),
+               json_reply({"error": {"message": said}}, status=401))
+    client = server.client(api_key=key)
+    assert client.available_models() == list(oc.FALLBACK_MODELS)  # and logs why
+    with pytest.raises(oc.AuthenticationError) as caught:
+        client.generate("hi")
+    err = caught.value
+    texts = [str(err), repr(err), err.body or "", repr(client.config), caplog.text]
+    if secret:
+        assert _leaks(key, *texts) == [] and "provided: [redacted]." in str(err)
+    else:  # a placeholder: shown as it is, everywhere
+        assert all(key in text for text in texts if text is not repr(err))
+
+
+def test_headers_named_like_secrets_are_redacted_whatever_their_length(server: Scripted) -> None:
+    # The Client's headers= and a call's extra_headers= alike (DESIGN.md): Azure's api-key,
+    # a gateway's token.
+    said = "tenant k9 (call t8) of team blue is over quota"
+    server.add(*[json_reply({"error": {"message": said}}, status=400)] * 2)
+    client = server.client(headers={"X-Api-Key": "k9", "X-Team": "blue"})
+    for call in (client.generate, lambda *args, **kwargs: run(client.stream(*args, **kwargs))):
+        with pytest.raises(oc.BadRequestError) as caught:
+            call("hi", extra_headers={"X-Call-Token": "t8", "X-Trace": "trace-1"})
+        assert caught.value.message == "tenant [redacted] (call [redacted]) of team blue is over quota"
+        assert "k9" not in (caught.value.body or "") and "t8" not in (caught.value.body or "")
+    sent = server.requests[0]["headers"]
+    assert (sent["X-Api-Key"], sent["X-Call-Token"], sent["X-Team"]) == ("k9", "t8", "blue")
+    server.add(json_reply({"error": {"message": said}}, status=400))  # and from discovery
+    with pytest.raises(oc.BadRequestError) as caught:
+        client.available_models(fallback=False)
+    assert caught.value.message == "tenant [redacted] (call t8) of team blue is over quota"
+
+
+def test_every_transport_message_is_short_and_whole(
+        server: Scripted, tls_server: Scripted, ca_file: str, proxy: ConnectProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue #27: messages from the network layer carried urllib3's wrapping, cut at 200
+    # characters mid-parenthesis. One failure of each kind the network layer raises,
+    # each message checked by _readable.
+    hang_up = socket.create_server(("127.0.0.1", 0))
+
+    def close_each() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                hang_up.accept()[0].close()  # before any byte of an answer
+
+    threading.Thread(target=close_each, daemon=True).start()
+    tls_port = tls_server.httpd.server_address[1]  # type: ignore[union-attr]
+    plain_port = server.httpd.server_address[1]  # type: ignore[union-attr]
+    server.add(Reply(sse(delta(content="a")), stall=0.0),  # a stream cut mid-body
+               Reply(json.dumps(completion()), framing="close", content_type="application/json",
+                     headers={"Content-Length": "9999"}),  # a body shorter than announced
+               Reply(text_stream("late"), delay=1.0))  # silence past the timeout
+    trusted = {"REQUESTS_CA_BUNDLE": ca_file}
+    cases: list[tuple[str, str, dict[str, Any], dict[str, str]]] = [
+        ("refused", f"http://127.0.0.1:{_free_port()}/v1", {}, {}),
+        ("dns", "http://no-such-host.invalid/v1", {}, {}),
+        ("closed before an answer", f"http://127.0.0.1:{hang_up.getsockname()[1]}/v1", {}, {}),
+        ("cut stream", server.base_url, {}, {}),
+        ("short body", server.base_url, {}, {}),
+        ("silence", server.base_url, {"timeout": 0.2}, {}),
+        ("untrusted certificate", tls_server.base_url, {}, {}),
+        ("host-name mismatch", f"https://localhost:{tls_port}/v1", {}, trusted),
+        ("https to a plain http server", f"https://127.0.0.1:{plain_port}/v1", {}, {}),
+        ("proxy not there", tls_server.base_url, {},
+         {**trusted, "HTTPS_PROXY": f"http://127.0.0.1:{_free_port()}"}),
+        ("proxy 407, https", tls_server.base_url, {},
+         {**trusted, "HTTPS_PROXY": proxy.url("wr0ng-pw")}),
+        ("proxy 407, http", server.base_url, {}, {"HTTP_PROXY": proxy.url("wr0ng-pw")}),
+    ]
+    seen = {}
+    try:
+        for name, url, options, env in cases:
+            with monkeypatch.context() as patch:
+                for variable, value in env.items():
+                    patch.setenv(variable, value)
+                with pytest.raises(oc.APIError) as caught:
+                    oc.Client(url, model="m", max_retries=0, **options).generate("hi")
+            seen[name] = f"{type(caught.value).__name__}: {_readable(caught.value)}"
+    finally:
+        hang_up.close()
+    print("\n".join(f"{name}: {text}" for name, text in seen.items()))  # shown with -s
+    assert len(seen) == len(cases)
 
 
 # ==== Command line ====
@@ -3725,6 +4394,15 @@ def test_cli_hints_name_the_flag_and_the_variable(cli_main: CLI) -> None:
     assert from_env.stderr.rstrip().endswith(f"Check OPENAI_COMPATIBLE_BASE_URL (now {closed})")
 
 
+def test_cli_models_failing_does_not_advise_running_models(server: Scripted, cli_main: CLI) -> None:
+    # Issue #26: a 404 advised `openai-compat models`, which then failed with the same
+    # advice (Azure answers GET .../deployments/NAME/models as it answers chat).
+    server.add(json_reply(_AZURE_NO_DEPLOYMENT, status=404))
+    done = cli_main(server, "models")
+    assert done.returncode == 1 and "ModelNotFoundError" in done.stderr
+    assert "/v1/models" in done.stderr and "`openai-compat models`" not in done.stderr
+
+
 def test_cli_check_hints_name_the_flag_when_chat_fails(server: Scripted, cli_main: CLI) -> None:
     # `check` probes through a second Client; its hints named base_url= under --base-url.
     server.add(json_reply({"data": [{"id": "m"}]}))
@@ -3732,8 +4410,8 @@ def test_cli_check_hints_name_the_flag_when_chat_fails(server: Scripted, cli_mai
     done = cli_main(None, "--base-url", server.base_url, "check",
                     env={"OPENAI_COMPATIBLE_MAX_RETRIES": "0"})
     chat = next(x for x in done.stdout.splitlines() if x.startswith("chat"))
-    assert "FAIL" in chat and chat.endswith("Check --base-url: the server has no "
-                                            "chat-completions route there"), done.stdout
+    assert "FAIL" in chat and chat.endswith("Check --base-url: the server has no such route"), (
+        done.stdout)
     assert done.returncode == 1
 
 
@@ -3788,6 +4466,157 @@ def test_cli_errors_are_one_line_with_exit_codes(server: Scripted, cli_main: CLI
     assert usage.returncode == 2
 
 
+def _readme_batch() -> str:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"),
+              encoding="utf-8") as f:
+        found = [code for code in re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+                 if "with ThreadPoolExecutor(8) as ex, oc.Client() as client:" in code]
+    assert len(found) == 1, "the README's batch recipe is gone"
+    return found[0]
+
+
+def test_readme_batch_stops_within_2_s_of_ctrl_c(server: Scripted) -> None:
+    # Issue #28: after Ctrl-C a ThreadPoolExecutor batch waited 28.6 s for its 8 calls in
+    # flight. The README's recipe, run as written, with every answer stalled mid-way.
+    stalled = threading.Event()  # never set: each reply waits at it, mid-answer
+    server.add(*[Reply(sse(delta(content="A fruit")), text_stream(" of the tree."),
+                       gate=stalled, hold=60) for _ in range(8)])
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
+    process = subprocess.Popen([sys.executable, "-c", _readme_batch()], env=environ,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL,
+                               cwd=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        limit = time.monotonic() + 60
+        while len(server.requests) < 8 and time.monotonic() < limit:  # all eight in flight
+            time.sleep(0.02)
+        assert len(server.requests) == 8
+        time.sleep(0.2)  # the first words of each reach the client
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert time.monotonic() - started < 2, err
+    assert "KeyboardInterrupt" in err and process.returncode != 0
+
+
+def test_cli_no_stdin_lets_a_while_read_loop_run_once_per_line(
+        server: Scripted, tmp_path: pathlib.Path) -> None:
+    # Issue #28: `while read f; do openai-compat "Describe $f"; done < fruits.txt` sent
+    # one request: the CLI read the rest of the file from stdin.
+    server.add(*[Reply(text_stream(f"A {fruit}.")) for fruit in ("apple", "banana", "cherry")])
+    (tmp_path / "fruits.txt").write_text("apple\nbanana\ncherry\n")
+    script = ('while read f; do "$PYTHON" -m openai_compat -n "Describe $f"; done '
+              '< fruits.txt')
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m",
+                   PYTHON=sys.executable,
+                   PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=environ,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "A apple.\nA banana.\nA cherry.\n"
+    assert [b["messages"][-1]["content"] for b in server.bodies()] == [
+        "Describe apple", "Describe banana", "Describe cherry"]
+
+
+def test_cli_no_stdin_never_waits_for_a_pipe_left_open(server: Scripted) -> None:
+    server.add(Reply(text_stream("Hi.")), Reply(text_stream("Hi.")))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
+    for flag in ("-n", "--no-stdin"):
+        process = subprocess.Popen([sys.executable, "-m", "openai_compat", flag, "Hello"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                   env=environ, cwd=os.path.dirname(os.path.abspath(__file__)))
+        try:  # the pipe stays open and silent, as under a parent that never closes it
+            out = process.stdout.read() if process.stdout else ""
+            assert process.wait(timeout=20) == 0 and out == "Hi.\n"
+        finally:
+            process.kill()
+            if process.stdin:
+                process.stdin.close()
+
+
+def test_cli_reads_stdin_that_is_not_utf8_with_one_warning(server: Scripted) -> None:
+    # Issue #28: Latin-1 bytes ended in "the text has a lone surrogate ... errors=
+    # 'surrogateescape'", exit 2.
+    server.add(Reply(text_stream("Summary.")))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
+    environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
+    done = subprocess.run([sys.executable, "-m", "openai_compat", "Summarize:"],
+                          input="Caf\u00e9 cr\u00e8me, na\u00efve.".encode("latin-1"),
+                          capture_output=True, env=environ, timeout=30, check=False,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    err = done.stderr.decode()
+    assert done.returncode == 0 and done.stdout == b"Summary.\n", err
+    assert err.count("\n") == 1 and "not UTF-8 (byte 3" in err and "iconv" in err, err
+    assert server.bodies()[0]["messages"][-1]["content"] == (
+        "Summarize:\n\nCaf\ufffd cr\ufffdme, na\ufffdve.")
+
+
+def test_cli_header_deadline_and_what_a_script_sees_on_stderr(server: Scripted) -> None:
+    # Issue #26: the CLI could not send Azure's api-key header, nor bound a whole call;
+    # issue #28: a model typo, discovery's fallback and retries were never shown.
+    server.add(Reply(sse({**delta(content="x"), "model": "smollm2"}, delta("stop"),
+                         "data: [DONE]\n\n")))
+    done = cli(server, "-m", "smolm2", "--header", "api-key: tenant-7", "--header",
+               "X-Trace:42", "hi")
+    assert done.returncode == 0 and done.stdout == "x\n", done.stderr
+    assert done.stderr == (f"openai-compat: warning: asked for model 'smolm2', {server.base_url}"
+                           " answered with 'smollm2': it may not serve 'smolm2' (a typo in "
+                           "the name?)\n")
+    headers = server.requests[-1]["headers"]
+    assert (headers["api-key"], headers["X-Trace"]) == ("tenant-7", "42")
+    server.add(json_reply({"detail": "Not Found"}, status=404), Reply(text_stream("y")))
+    done = cli(server, "hi", env={"OPENAI_COMPATIBLE_MODEL": ""})
+    assert done.stderr.startswith("openai-compat: model discovery at ") and (
+        "using gpt-3.5-turbo" in done.stderr and done.stderr.count("\n") == 1), done.stderr
+    server.add(json_reply({"error": {"message": "slow down"}}, status=429,
+                          headers={"Retry-After": "0.1"}), Reply(text_stream("z")))
+    done = cli(server, "-v", "hi", env={"OPENAI_COMPATIBLE_MAX_RETRIES": "1"})
+    assert done.stdout == "z\n" and re.search(
+        r"^openai-compat: HTTP 429 from \S+; retrying in 0\.1 s \(attempt 2 of 2\)$",
+        done.stderr, re.MULTILINE), done.stderr
+    assert cli(server, "--header", "no colon", "hi").returncode == 2
+    server.add(_trickle(sse(delta(content="slow")), every=0.2))
+    started = time.monotonic()
+    done = cli(server, "--deadline", "1", "hi")
+    assert done.returncode == 1 and "deadline of 1 s" in done.stderr, done.stderr
+    assert time.monotonic() - started < 4
+
+
+PYTHON_WORDS = re.compile(r"\b(?:model|timeout|deadline|schema|api_key|base_url)=|max_tokens"
+                          r"|\.partial_text")
+
+
+def test_cli_speaks_in_flags_and_variables_never_python(server: Scripted, cli_main: CLI,
+                                                       tmp_path: pathlib.Path) -> None:
+    # Issue #28: the CLI's hints said `pass model=` and `.partial_text`.
+    failures = [
+        ([json_reply({"error": {"message": "The model `smolm2` does not exist."}}, status=404)],
+         ("hi",), "--model"),
+        ([json_reply({"error": {"message": "This model's maximum context length is 2048 "
+                                           "tokens."}}, status=400)], ("hi",), "--max-tokens"),
+        ([Reply(sse(delta(content="Half")), stall=0)], ("hi",), "printed above"),
+        ([Reply(text_stream("prose")), Reply(text_stream("prose")), Reply(text_stream("x"))],
+         ("--schema", "SCHEMA", "hi"), "--schema"),
+        ([Reply(text_stream("late"), delay=3)], ("--timeout", "1", "hi"), "--timeout"),
+        ([json_reply({"error": {"message": "Invalid API Key"}}, status=401)], ("hi",),
+         "OPENAI_COMPATIBLE_API_KEY"),
+        ([], ("--timeout", "0", "hi"), "--timeout"),
+        ([], ("--deadline", "-1", "hi"), "--deadline"),
+    ]
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object"}')
+    for replies, args, words in failures:
+        server.replies[:] = list(replies)
+        done = cli_main(server, *[str(schema) if a == "SCHEMA" else a for a in args])
+        assert done.returncode in (1, 2) and words in done.stderr, done.stderr
+        assert not PYTHON_WORDS.search(done.stderr), done.stderr
+
+
 def test_cli_ctrl_c_exits_130_without_traceback(server: Scripted) -> None:
     server.add(Reply(*[sse(delta(content=f"{i} ")) for i in range(100)], pause=0.1))
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
@@ -3797,11 +4626,12 @@ def test_cli_ctrl_c_exits_130_without_traceback(server: Scripted) -> None:
                                env=environ, stdin=subprocess.DEVNULL,
                                cwd=os.path.dirname(os.path.abspath(__file__)))
     assert process.stdout is not None
-    assert process.stdout.read(2) == "0 "  # streaming has begun
+    assert process.stdout.read(2) == "0 "  # streaming has begun: the signal to interrupt
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=10)
-    assert process.returncode == 130 and "Traceback" not in err
-    assert server.closed.wait(3), "the connection is closed on Ctrl-C"
+    # Bounds, not timings: wide, so that a busy machine passes too (issue #26).
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert server.closed.wait(30), "the connection is closed on Ctrl-C"
 
 
 def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
@@ -3994,15 +4824,18 @@ def test_base_url_secrets_are_redacted_in_errors_reprs_logs_and_quirks(
     # A proxy that echoes the URL it was asked for, in plain text (a quirk, logged).
     server.add(Reply(f"upstream failed for {url}", status=500, framing="length",
                      content_type="text/plain"))
-    client = oc.Client(url, model="m", max_retries=0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        client = oc.Client(url, model="m", max_retries=0)
     with pytest.raises(oc.ServerError) as caught:
         client.generate("hi")
     err = caught.value
     assert client.quirks  # the plain-text body was noted, and logged with the URL
     logged = [r.getMessage() for r in caplog.records if r.name.startswith("openai_compat")]
-    assert logged
+    assert logged and len(seen) == ("/chat/completions" in template)
     assert _leaks(secret, repr(client), repr(client.config), str(err), repr(err), err.message,
-                  err.body or "", err.base_url or "", *logged, *client.quirks) == []
+                  err.body or "", err.base_url or "", *logged, *client.quirks,
+                  *(str(w.message) for w in seen)) == []
     for text in (str(err), err.base_url or ""):
         assert host in text and all(part in text for part in readable), text
 
@@ -4074,17 +4907,21 @@ def test_base_url_query_string_stays_at_the_end_of_every_request_url(server: Scr
      "/v1/chat/completions?api-version=2024-10-21", "/v1?api-version=2024-10-21"),
 ])
 def test_base_url_fragment_is_dropped_and_a_pasted_endpoint_cut_back_with_one_warning(
-        server: Scripted, caplog: pytest.LogCaptureFixture, suffix: str, path: str,
-        named: str) -> None:
+        server: Scripted, suffix: str, path: str, named: str) -> None:
+    # Issue #26: the warning was a log line, unseen by scripts that never configure
+    # logging; it is a UserWarning, which Python shows with no set-up, pointing at the
+    # line that made the Client.
     root = server.base_url[: -len("/v1")]
     server.add(Reply(text_stream("ok")), Reply(text_stream("ok")))
-    with caplog.at_level(logging.WARNING, logger="openai_compat"):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # the module itself warns once per URL
         for _ in range(2):
             assert oc.Client(server.base_url + suffix, model="m").generate("hi").text == "ok"
     assert [r["path"] for r in server.requests] == [path, path]
-    warnings_seen = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings_seen) == bool(named)  # once for the two Clients
-    assert all(f"using {root}{named}" in w for w in warnings_seen)
+    assert len(seen) == bool(named)  # once for the two Clients
+    for warning in seen:
+        assert warning.category is UserWarning and warning.filename == __file__
+        assert f"using {root}{named}" in str(warning.message)
 
 
 @pytest.mark.parametrize(("value", "says"), [
@@ -4496,8 +5333,12 @@ def test_inputs_any_configuration_and_text_succeed_or_fail_as_the_module_s_own_e
         if client is not None:
             shown += [repr(client), repr(client.config), *client.quirks]
             client.close()
-    secrets = [(key or "").strip(), *(v.strip() for n, v in (headers or {}).items()
-                                      if _SECRET_HEADER.search(n))]
+    # A header named like a secret is one whatever its length. A key shorter than 8
+    # characters is a placeholder, shown as it is (Config's repr shows it even when a
+    # header holds the same text: found by this test).
+    key = (key or "").strip()
+    secrets = [key if len(key) >= 8 else "", *(v.strip() for n, v in (headers or {}).items()
+                                               if _SECRET_HEADER.search(n) and v.strip() != key)]
     for secret in secrets:
         if len(secret) >= 4 and secret.startswith("sk-"):
             assert _leaks(secret, *shown, caplog.text) == []
@@ -5874,6 +6715,7 @@ _README_EXAMPLES = {  # name: a line only that block has
     "tool-call": "def calculate(",
     "two-tool-steps": "def search_places(",
     "errors": "except oc.ConfigError",
+    "batch": "with ThreadPoolExecutor(8) as ex, oc.Client() as client:",
 }
 
 
@@ -5981,6 +6823,11 @@ def test_real_readme_examples_run_as_written(request: pytest.FixtureRequest, ser
         assert destination and f'"address": "{destination.group(1)}"' in steps[0]
         assert lines[-1] == "stop 3 model calls" == shown.splitlines()[-1], lines
         assert lines[-2] and lines[-2] not in steps  # the answer
+    elif name == "batch":
+        # Eight answers, in the order of the rows, each on its own line.
+        rows = ["apple", "banana", "cherry", "damson", "elderberry", "fig", "grape", "kiwi"]
+        assert [line.split(":")[0] for line in lines] == rows, lines
+        assert all(len(line.split(": ", 1)[1]) > 5 for line in lines), lines
     elif name == "errors":
         assert lines and not any(line.startswith(("configuration:", "EndpointUnavailable"))
                                  for line in lines), lines
@@ -6016,6 +6863,9 @@ def test_real_readme_command_line_block_runs_as_written(request: pytest.FixtureR
     assert '{"type": "finish", "step": 1' in done.stdout  # the --json chunks
     assert "\nsmollm2\n" in done.stdout  # models
     assert re.search(r"^tool calls\s+ok", done.stdout, re.MULTILINE), done.stdout  # check
+    # The while-read loop ran once per line (-n): without it, the first answer's prompt
+    # takes the rest of the file, and the loop ends after one.
+    assert re.search(r"^== apple\n.+\n== banana\n.+", done.stdout, re.MULTILINE), done.stdout
 
 
 def test_real_llama_cpp_python_streams_tools_without_streaming_after_an_empty_stream(
