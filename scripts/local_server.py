@@ -911,6 +911,8 @@ class VllmServer(_TreeServer):
 
     def command(self) -> tuple[list[str], dict[str, str] | None]:
         pieces = ensure_hf()
+        if not os.path.exists(TOOL_TEMPLATE):  # (vLLM would exit, naming it in its log)
+            raise FileNotFoundError(f"no {TOOL_TEMPLATE}: vLLM's tool calls need it")
         self.run_dir = os.path.join(cache_dir(), f"vllm-run-{self.port}")
         os.makedirs(self.run_dir, exist_ok=True)
         env = {**_offline(), "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB
