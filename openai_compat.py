@@ -406,27 +406,30 @@ def _error_from_body(status: int, text: str, note: Callable[[str], None],
             body = json.loads(text)
     message, tags = _error_fields(body, note)
     if message is None and text[:1] == "<":
+        # Quirk(Cloudflare, and other proxies in front of a server): an HTML error page.
         note("error bodies as HTML pages")
         match = re.search(r"(?is)<(title|h1)[^>]*>(.+?)</\1>", text)
         message = "HTML error page: " + " ".join(re.sub(
             r"<[^>]+>", " ", match.group(2) if match else text).split())
     elif message is None and text:
         if body is None:
+            # Quirk(transformers serve, LiteLLM without prisma, Envoy): text/plain errors
+            # ("Internal Server Error", "upstream connect error").
             note("error bodies as plain text")
         message = text
     if message and _TRACEBACK.search(message):
-        note("Python tracebacks in error messages")
+        note("Python tracebacks in error messages")  # Quirk(llama-cpp-python): see _trim_message
     message = _trim_message(message) if message else f"HTTP {status}"
+    # A success status classifies as no status does: by the message alone.
+    cls = classify_error(f"{message} {tags}", status if status >= 400 else None)
     if status < 400:
         # Quirk(LM Studio): 200 with {"error": "Unexpected endpoint or method."}.
         note(f"errors with status {status}")
-        cls = classify_error(f"{message} {tags}")
         cls = BadRequestError if cls is APIError or cls in _NO_RESPONSE_CLASSES else cls
-    else:
-        cls = classify_error(f"{message} {tags}", status)
-        if cls is BadRequestError and status >= 500:
-            # Only the validation row makes a 5xx a BadRequestError (see _ERROR_PATTERNS).
-            note("validation errors as HTTP 500")
+    elif cls is BadRequestError and status >= 500:
+        # Quirk(llama-cpp-python): only the validation row makes a 5xx a BadRequestError
+        # (see _ERROR_PATTERNS).
+        note("validation errors as HTTP 500")
     error = cls(message, status_code=status, body=text[:_MAX_ERROR_BODY])
     if isinstance(error, RateLimitError):
         error.retry_after = retry_after
@@ -439,7 +442,7 @@ def _error_fields(body: Any, note: Callable[[str], None]) -> tuple[str | None, s
     LM Studio, xAI), a top-level "message" (vLLM < 0.10.1, Mistral), {"detail": str or
     [{"loc", "msg"}]} (FastAPI servers), [{"error": {...}}] (Gemini)."""
     if isinstance(body, list):
-        note("error bodies as a JSON array")
+        note("error bodies as a JSON array")  # Quirk(Gemini): [{"error": {...}}]
         body = body[0] if body else None
     if not isinstance(body, dict):
         return (body if isinstance(body, str) and body else None), ""
@@ -454,15 +457,17 @@ def _error_fields(body: Any, note: Callable[[str], None]) -> tuple[str | None, s
         found = next((err[k] for k in ("message", "msg", "detail")
                       if isinstance(err.get(k), str) and err[k]), None)
         return found or _error_fields(err.get("error"), note)[0], tags
-    if isinstance(err, str) and err:
-        note('error bodies as {"error": "text"}')
-        return err, tags
-    if isinstance(body.get("message"), str) and body["message"]:
-        note('error bodies with a top-level "message"')
-        return body["message"], tags
+    # Quirk(TGI, LM Studio, Ollama, xAI): {"error": "text"}. Quirk(vLLM < 0.10.1, Mistral):
+    # {"object": "error", "message": ...}, no "error".
+    for key, quirk in (("error", 'error bodies as {"error": "text"}'),
+                       ("message", 'error bodies with a top-level "message"')):
+        if isinstance(body.get(key), str) and body[key]:
+            note(quirk)
+            return body[key], tags
     detail = body.get("detail")
     if not detail or not isinstance(detail, (str, list)):
         return None, tags
+    # Quirk(FastAPI servers: llama-cpp-python's 401, LlamaFactory's 422).
     note('error bodies as {"detail": ...}')
     if isinstance(detail, list):
         detail = "; ".join(filter(None, map(_detail_item, detail)))
@@ -689,10 +694,10 @@ class Config:
     deadline: float | None = None
 
     def __repr__(self) -> str:
-        key = repr(self.api_key) if len(self.api_key or "") < _SECRET_LENGTH else "'[redacted]'"
-        return (f"Config(base_url={_shown_url(self.base_url)!r}, api_key={key}, model="
-                f"{self.model!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r}, "
-                f"deadline={self.deadline!r})")
+        # The dataclass's repr, every field in order, with the key and the URL's secrets hidden.
+        key = self.api_key if len(self.api_key or "") < _SECRET_LENGTH else "[redacted]"
+        shown = {**vars(self), "base_url": _shown_url(self.base_url), "api_key": key}
+        return f"Config({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, base_url: str | None = None,
@@ -788,9 +793,6 @@ def _check_headers(headers: Mapping[str, str] | None, option: str) -> dict[str, 
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise ConfigError(f"header name {name!r} is not an HTTP token: use letters, "
                               "digits and !#$%&'*+-.^_`|~ only, no spaces or colons")
-        if not isinstance(value, str):
-            raise ConfigError(f"header {name!r}: its value must be a str, not "
-                              f"{type(value).__name__}")
         _check_header_value(value, f"header {name!r}")
     # Surrounding spaces are no part of a value (RFC 9110), and requests refuses them:
     # "api-key: x".split(":", 1) leaves one.
@@ -802,9 +804,11 @@ def _header_secrets(headers: Mapping[str, str]) -> list[str]:
     return [value for name, value in headers.items() if _SECRET_HEADER.search(name)]
 
 
-def _check_header_value(value: str, what: str) -> None:
-    """ConfigError when `value` holds a character an HTTP header cannot carry; the
-    message names where it is, never the value (a key is a secret)."""
+def _check_header_value(value: object, what: str) -> None:
+    """ConfigError when `value` is no str or holds a character an HTTP header cannot
+    carry; the message names where it is, never the value (a key is a secret)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}: its value must be a str, not {type(value).__name__}")
     bad = _UNPRINTABLE.search(value)
     if bad is not None:
         char = bad.group()
@@ -877,8 +881,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         self._tools_unstreamed = False
 
     def __repr__(self) -> str:
-        return (f"Client(base_url={_shown_url(self.config.base_url)!r}, "
-                f"model={self.config.model!r})")
+        return f"Client(base_url={self._http.shown_url!r}, model={self.config.model!r})"
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -911,10 +914,9 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         if line in self._quirks:
             return
         with self._lock:
-            if line in self._quirks:
-                return
+            new = line not in self._quirks  # another thread may have noted it meanwhile
             self._quirks[line] = None
-        if not logged:
+        if new and not logged:
             _log.info("%s deviates from OpenAI's behaviour (absorbed): %s",
                       self._http.shown_url, line)
 
@@ -925,7 +927,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         returns FALLBACK_MODELS and logs why; with fallback=False it raises the
         classified APIError instead.
         """
-        return self._discovery.models(fallback)
+        return self._discovery.models(list(FALLBACK_MODELS) if fallback else None)
 
     def first_available_model(self) -> str:
         """The first id the server listed, or DEFAULT_MODEL when discovery failed
@@ -1031,30 +1033,15 @@ class _Discovery:
         self.found: list[str] | APIError | None = None
         self.fell_back: set[str] = set()  # the fallbacks used, each logged once
 
-    def models(self, fallback: bool) -> list[str]:
-        found = self.once()
-        if isinstance(found, APIError) and not fallback:
-            raise found
-        return list(self.fallback(found, "the fallback list") or FALLBACK_MODELS)
-
     def first(self, limit: float = math.inf) -> str:
-        found = self.once(limit)
-        return (self.fallback(found, DEFAULT_MODEL) or [DEFAULT_MODEL])[0]
+        """The first id listed, or DEFAULT_MODEL; see models."""
+        return self.models([DEFAULT_MODEL], DEFAULT_MODEL, limit)[0]
 
-    def fallback(self, found: list[str] | APIError, what: str) -> list[str]:
-        """The models found ([] when discovery failed: then say, once, what is used)."""
-        if not isinstance(found, APIError):
-            return found
-        with self.lock:
-            said = what in self.fell_back
-            self.fell_back.add(what)
-        if not said:
-            _log.warning("model discovery at %s/models failed (%s); using %s",
-                         self.http.shown_url, found.message, what)
-        return []
-
-    def once(self, limit: float = math.inf) -> list[str] | APIError:
-        """The answer, asked for once; a call's deadline `limit` (seconds left) under
+    def models(self, fallback: list[str] | None, what: str = "the fallback list",
+               limit: float = math.inf) -> list[str]:
+        """The ids GET /models lists, asked for once (a failure is remembered too). When
+        it failed: `fallback`, saying once for each `what` that it is used, or without a
+        fallback the error raised. A call's deadline `limit` (seconds left) under
         _DISCOVERY_SECONDS that passes first raises its error, nothing remembered."""
         with self.lock:
             if self.found is None:
@@ -1064,7 +1051,15 @@ class _Discovery:
                         f"the call took longer than its deadline: GET /models had not "
                         f"answered after {limit:.1f} s"))
                 self.found = found
-            return self.found
+            if isinstance(self.found, list):
+                return list(self.found)
+            if fallback is None:
+                raise self.found
+            if what not in self.fell_back:
+                self.fell_back.add(what)
+                _log.warning("model discovery at %s/models failed (%s); using %s",
+                             self.http.shown_url, self.found.message, what)
+        return fallback
 
     def wait_ready(self, limit: float) -> list[str]:
         """The model ids, once GET /models answers; see Client.wait_ready."""
@@ -1088,7 +1083,7 @@ class _Discovery:
 
 def _not_ready(error: APIError) -> bool:
     """Whether an error from GET /models means "not up yet" rather than "wrong"."""
-    return error.retryable and (isinstance(error, (EndpointUnavailableError, RequestTimeoutError))
+    return error.retryable and (isinstance(error, _NO_RESPONSE_CLASSES)
                                 or error.status_code in (502, 503, 504))
 
 
@@ -1124,7 +1119,7 @@ def _ask_models(http: _Connection) -> list[str]:
         payload = json.loads(text) if status < 300 else None
     except ValueError:
         raise http.shown_error(APIError("GET /models answered with something that is not JSON: "
-                                     + repr(_trim_message(text)))) from None
+                                        + repr(_trim_message(text)))) from None
     if status >= 300 or (isinstance(payload, dict) and payload.get("error")):
         raise http.error_from_body(status, text, retry_after)
     ids = _model_ids(payload, http.note)
@@ -1142,19 +1137,23 @@ def _model_ids(payload: Any, note: Callable[[str], None]) -> list[str]:
     if isinstance(payload, dict):
         entries = payload.get("data")
         if entries is None and "data" in payload:
-            note("/models data: null")
+            note("/models data: null")  # Quirk(Ollama with no model installed)
         if not entries and payload.get("models") is not None:
+            # Quirk(llama.cpp, beside "data"; seen in: reference QUIRKS.md §6).
             note('/models as {"models": [...]}')
             entries = payload.get("models")
     elif isinstance(payload, list):
+        # Quirk(seen in: reference QUIRKS.md §6): the list alone, no object around it.
         note("/models as a bare list")
     ids: list[str] = []
     for entry in entries if isinstance(entries, list) else ():
         if isinstance(entry, dict):
             if not entry.get("id"):
+                # Quirk(llama.cpp's "models" entries): name and model, no id.
                 note('/models entries without "id"')
             entry = entry.get("id") or entry.get("name") or entry.get("model")
         elif isinstance(entry, str):
+            # Quirk(seen in: reference QUIRKS.md §6): ids without an object around each.
             note("/models entries as plain strings")
         if isinstance(entry, str) and entry.strip() and entry not in ids:
             ids.append(entry)

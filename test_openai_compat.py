@@ -4732,6 +4732,16 @@ def test_client_refuses_a_key_or_header_http_cannot_carry(server: Scripted, opti
     assert server.requests == []
 
 
+def test_a_header_value_that_is_no_str_is_refused_before_sending(server: Scripted) -> None:
+    # headers={"api-key": os.environ.get("AZURE_KEY")} with the variable unset.
+    message = "header 'api-key': its value must be a str, not NoneType"
+    with pytest.raises(oc.ConfigError, match=message):
+        server.client(headers={"api-key": None})
+    with pytest.raises(oc.ConfigError, match=message.replace("NoneType", "int")):
+        server.client().generate("hi", extra_headers={"api-key": 7})
+    assert server.requests == []
+
+
 @pytest.mark.parametrize("key", ["sk-ключ-0123", "sk-abc123\nX-Evil: 1", "sk-abc123\u200btail"])
 def test_client_refuses_a_key_from_the_environment_http_cannot_carry(
         server: Scripted, monkeypatch: pytest.MonkeyPatch, key: str) -> None:
