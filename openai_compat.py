@@ -291,7 +291,8 @@ class BadRequestError(APIError):
             return "Check the request's options against what this server supports"
         # No route there: a URL without a version segment (and no query string) lacks /v1.
         if self.base_url and not re.search(r"\?|/v\d+[a-z0-9]*(?:/|$)", self.base_url):
-            return f"The server may expect /v1: try {self._url_source}={self.base_url}/v1"
+            source = self._url_source.removesuffix("=")
+            return f"The server may expect /v1: try {source}={self.base_url}/v1"
         return f"Check {self._url_source}: the server has no such route"
 
 
@@ -316,7 +317,7 @@ class OutputError(APIError):
     (twice at most). `partial_text` holds the last answer. Retrying the same request
     rarely helps: a simpler schema or a model that follows instructions does."""
 
-    _HINT = "The model's answer did not match schema=; .partial_text holds the last one"
+    _HINT = "The model's answer did not match the schema; .partial_text holds the last one"
 
 
 # Ordered: the first row whose pattern matches the message wins. Statuses that
@@ -1321,7 +1322,7 @@ def _answer_schema(schema: Any) -> tuple[dict[str, Any] | None, Any]:
         return None, None
     if isinstance(schema, (Mapping, str, bytes)) and not isinstance(schema, dict):
         raise ConfigError("schema= must be a JSON Schema dict or a type such as a dataclass")
-    built = _root_schema(schema, "schema=") if not isinstance(schema, dict) else schema
+    built = _schema(schema, "schema=") if not isinstance(schema, dict) else schema
     _vet_schema(built, "schema=")
     # Data is built as the type asks (records and models, nested ones too; 3.0 as an int),
     # but a bare Enum or JSON Schema dict gives the plain JSON value.
@@ -2002,13 +2003,14 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
     with this docstring: the three ways a fragment finds its call are one decision.)
     """
     calls: list[_PartialCall] = []
-    by_id: dict[str, _PartialCall] = {}
     by_index: dict[Any, _PartialCall] = {}
     for position, fragment in fragments:
         call_id = "" if fragment.get("id") in (None, "") else str(fragment["id"])
         index = fragment.get("index")
         index = index if isinstance(index, (int, str)) else None
-        call = by_id.get(call_id) if call_id else None
+        function = fragment.get("function")
+        function = function if isinstance(function, dict) else {}
+        call = next((c for c in calls if c.id == call_id), None) if call_id else None
         if call is not None:
             # Quirk(TGI, llama-cpp-python, LiteLLM): OpenAI sends the id once.
             note("tool call id repeated on later deltas")
@@ -2017,19 +2019,22 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
                 note("tool calls streamed without index")  # Quirk(Gemini, Mistral, LM Studio)
             if not call_id and index in by_index:
                 call = by_index[index]
+            # Quirk(LM Studio, Gemini through proxies): calls with "id": "" and no index.
+            # A name where the latest call already has one starts the next call; servers
+            # that repeat a name on every delta also repeat an id or an index.
             elif not call_id and index is None and calls and not (
-                    position or _names_another_call(calls[-1], fragment)):
+                    position or calls[-1].name and function.get("name")):
                 call = calls[-1]
             else:
                 if index in by_index:
-                    # Quirk(proxies): index 0 for every call, each with its own id.
+                    # Quirk(a proxy in front of Gemini; seen in: reference QUIRKS.md
+                    # §3.1): index 0 for every call, each with its own id.
                     note("tool call index reused for another call")
                 call = _PartialCall(call_id)
                 calls.append(call)
-                by_id[call_id] = call  # by_id[""] is never looked up
             if index is not None:
                 by_index[index] = call
-        _add_fragment(call, fragment, note)
+        _add_fragment(call, fragment, function, note)
     first = min((i for i in by_index if isinstance(i, int)), default=0)
     if streamed and first > 0:
         # Quirk(Anthropic-compat, LiteLLM -> Bedrock): the index is a key, not a position.
@@ -2037,43 +2042,30 @@ def _assemble_calls(fragments: list[tuple[int, dict[str, Any]]], streamed: bool,
     return _finish_calls(calls, note)
 
 
-def _names_another_call(latest: _PartialCall, fragment: dict[str, Any]) -> bool:
-    # Quirk(LM Studio, Gemini through proxies): calls with "id": "" and no index.
-    # A name where the latest call already has one starts the next call; servers
-    # that repeat a name on every delta also repeat an id or an index.
-    function = fragment.get("function")
-    return bool(latest.name and isinstance(function, dict) and function.get("name"))
-
-
-def _add_fragment(call: _PartialCall, fragment: dict[str, Any],
+def _add_fragment(call: _PartialCall, fragment: dict[str, Any], function: dict[str, Any],
                   note: Callable[[str], None]) -> None:
-    function = fragment.get("function")
-    if isinstance(function, dict):
-        name = function.get("name")
-        if name and isinstance(name, str):
-            if not call.name:
-                call.name = name
-            else:
-                # Quirk(llama-cpp-python, LiteLLM): the whole name on every delta.
-                note("tool call name repeated")
-        arguments = function.get("arguments")
-        if isinstance(arguments, str):
-            call.parts.append(arguments)
-        elif isinstance(arguments, (dict, list)):
-            # Quirk(TGI < 3.2): arguments as a JSON object, not a string.
-            note("tool arguments as an object, not a string")
-            call.parts.append(json.dumps(arguments))
+    """Add a fragment, its "function" ({} when it has none), to its call."""
+    name = function.get("name")
+    if name and isinstance(name, str):
+        if not call.name:
+            call.name = name
+        else:
+            # Quirk(llama-cpp-python, LiteLLM): the whole name on every delta.
+            note("tool call name repeated")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        call.parts.append(arguments)
+    elif isinstance(arguments, (dict, list)):
+        # Quirk(TGI < 3.2): arguments as a JSON object, not a string.
+        note("tool arguments as an object, not a string")
+        call.parts.append(json.dumps(arguments))
     for key, value in fragment.items():
         if key not in ("index", "id", "type", "function") and value is not None:
             call.extra.setdefault(key, value)
 
 
-_ID_ALPHABET: Final = string.ascii_letters + string.digits
-
-
 def _finish_calls(calls: list[_PartialCall], note: Callable[[str], None]) -> list[ToolCall]:
     """The ToolCalls, their arguments parsed, made-up ids where the server sent none."""
-    taken = {call.id for call in calls if call.id}
     done = []
     for call in calls:
         if not call.id:
@@ -2081,9 +2073,8 @@ def _finish_calls(calls: list[_PartialCall], note: Callable[[str], None]) -> lis
             # under its call's id, so made-up ids are unique too; nine letters and digits
             # is the form Mistral requires of ids sent back to it.
             note("tool calls without ids: ids made up")
-            while not call.id or call.id in taken:
-                call.id = "".join(random.choices(_ID_ALPHABET, k=9))
-            taken.add(call.id)
+            while not call.id or call.id in {other.id for other in calls if other is not call}:
+                call.id = "".join(random.choices(string.ascii_letters + string.digits, k=9))
         raw = "".join(call.parts)
         arguments, error = _parse_arguments(raw, note)
         if not call.name and isinstance(arguments.get("function"), dict):
@@ -2115,8 +2106,8 @@ def _parse_arguments(raw: str, note: Callable[[str], None]) -> tuple[dict[str, A
         if trimmed == text or not _is_json(trimmed):
             note("raw newlines in tool arguments")
     if isinstance(value, str) and _is_json(value):
-        # Quirk(gateways that re-encode a provider's call): the arguments string is
-        # itself a JSON string.
+        # Quirk(IBM watsonx.ai, reported in quarkus-langchain4j issue 2569): the
+        # arguments string is itself a JSON string.
         note("tool arguments encoded twice")
         value = json.loads(value)
     if not isinstance(value, dict):
@@ -2190,8 +2181,7 @@ def _execute(call: ToolCall, tools: Mapping[str, Tool], note: Callable[[str], No
                 error, exception = f"{type(exc).__name__}: {exc}", exc
             else:
                 return ToolResult(call, value, None, _tool_content(value))
-    return ToolResult(call, None, error, json.dumps({"error": error}, ensure_ascii=False),
-                      exception)
+    return ToolResult(call, None, error, _tool_content({"error": error}), exception)
 
 
 def _tool_arguments(tool: Tool, arguments: dict[str, Any], note: Callable[[str], None]
@@ -2206,7 +2196,7 @@ def _tool_arguments(tool: Tool, arguments: dict[str, Any], note: Callable[[str],
     """
     if tool.function is None:
         raise TypeError(f"tool {tool.name!r} has no function to run")
-    arguments = _left_out_nulls(arguments, tool.parameters, note)
+    arguments, problem = _checked(arguments, tool.parameters, note)
     properties = tool.parameters.get("properties") or {}
     missing = [n for n in tool.parameters.get("required") or () if n not in arguments]
     if missing:
@@ -2214,7 +2204,6 @@ def _tool_arguments(tool: Tool, arguments: dict[str, Any], note: Callable[[str],
     unknown = [n for n in arguments if properties and n not in properties]
     if unknown and not tool._takes_any:
         raise TypeError(f"unexpected argument(s): {', '.join(unknown)}")
-    problem = _validate(arguments, tool.parameters)
     if problem:
         raise ValueError(problem)
     return {n: _build(v, tool.hints.get(n, Any)) for n, v in arguments.items()}
@@ -2251,13 +2240,11 @@ _NO_JSON: Final = "no JSON value in the answer"
 def _read_answer(text: str, request: _Request, note: Callable[[str], None]
                  ) -> tuple[str | None, Any]:
     """(what is wrong, None) or (None, the data) for an answer to schema=."""
-    assert request.schema is not None
     try:
         value = _json_from_text(text)
     except ValueError as exc:
         return f"{_NO_JSON} ({exc})", None
-    value = _left_out_nulls(value, request.schema, note)
-    problem = _validate(value, request.schema)
+    value, problem = _checked(value, request.schema, note)
     if problem is not None:
         return problem, None
     try:
@@ -2266,12 +2253,16 @@ def _read_answer(text: str, request: _Request, note: Callable[[str], None]
         return f"$: {_trim_message(str(exc))}", None
 
 
-def _left_out_nulls(value: Any, schema: Any, note: Callable[[str], None]) -> Any:
-    """`value` without the nulls that mean "left out" (see _prune_nulls), noted once."""
+def _checked(value: Any, schema: Any, note: Callable[[str], None]) -> tuple[Any, str | None]:
+    """`value` without the nulls that mean "left out" (see _prune_nulls; noted once), and
+    the first way it breaks `schema` (None: it conforms)."""
     value, dropped = _prune_nulls(value, schema)
     if dropped:
+        # Quirk(any server: models write null for an argument they leave out, as real
+        # tool-call datasets do; OpenAI and vLLM following a strict schema, where a field
+        # that may be left out is required and nullable, must).
         note("null for optional fields: left out")
-    return value
+    return value, _validate(value, schema)
 
 
 _THINK: Final = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
@@ -2292,16 +2283,13 @@ def _json_from_text(text: str) -> Any:
     text = _THINK.sub("", text).strip()
     if not text:
         raise ValueError("the answer is empty")
-    try:
+    with contextlib.suppress(ValueError):
         return json.loads(text)
-    except ValueError:
-        pass
-    decoder = json.JSONDecoder()
     first_error: json.JSONDecodeError | None = None
     for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
         for start in _JSON_START.finditer(piece):
             try:
-                return decoder.raw_decode(piece, start.start())[0]
+                return json.JSONDecoder().raw_decode(piece, start.start())[0]
             except json.JSONDecodeError as exc:
                 first_error = first_error or exc
     if first_error is None:
@@ -2317,8 +2305,7 @@ def _ask_repair(http: _Connection, step: Step, problem: str, form: int,
     if last:
         raise http.shown_error(OutputError(f"the answer does not match the schema: {problem}",
                                            partial_text=step.text))
-    if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and (
-            step.finish_reason == "stop"):
+    if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and step.finish_reason == "stop":
         # Quirk(transformers serve): response_format ignored without a word, and prose
         # came back: the model must see the schema itself.
         http.step_down(form + 1, "response_format ignored: the schema in a system message",
@@ -2331,6 +2318,8 @@ def _ask_repair(http: _Connection, step: Step, problem: str, form: int,
 _TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _JSON_TYPES: Final[dict[type, str]] = {str: "string", int: "integer", float: "number",
                                        bool: "boolean"}
+# The JSON type of a hint, by the hint itself or its origin (list[int]: list).
+_HINT_TYPES: Final[dict[Any, str]] = {**_JSON_TYPES, list: "array", tuple: "array", dict: "object"}
 # TypedDict's Required[...], NotRequired[...] (3.11+) and ReadOnly[...] (3.13+) wrap a key's type.
 _KEY_MARKS: Final = tuple(getattr(typing, name) for name in ("Required", "NotRequired", "ReadOnly")
                           if hasattr(typing, name))
@@ -2367,12 +2356,10 @@ class Tool:
             raise ConfigError(f"tool {self.name!r}: parameters must be a JSON Schema dict")
         _vet_schema(self.parameters, f"tool {self.name!r} parameters")
         if self.function is not None:
-            try:
-                takes_any = any(p.kind is p.VAR_KEYWORD
-                                for p in inspect.signature(self.function).parameters.values())
-            except (TypeError, ValueError):
-                takes_any = True
-            object.__setattr__(self, "_takes_any", takes_any)
+            # A function whose signature cannot be read keeps the default: any name may pass.
+            with contextlib.suppress(TypeError, ValueError):
+                kinds = [p.kind for p in inspect.signature(self.function).parameters.values()]
+                object.__setattr__(self, "_takes_any", inspect.Parameter.VAR_KEYWORD in kinds)
 
 
 def tool(func: Callable[..., Any] | None = None, *, name: str | None = None,
@@ -2430,9 +2417,8 @@ def _tool_from_entry(name: object, value: object) -> Tool:
 def _tool_spec(tool: Tool) -> dict[str, Any]:
     """The request form of a tool, marked strict when its schema allows (_sent_schema)."""
     parameters, strict = _sent_schema(tool.parameters, tool._built)
-    return {"type": "function", "function": {"name": tool.name, "description": tool.description,
-                                             "parameters": parameters,
-                                             **({"strict": True} if strict else {})}}
+    function = {"name": tool.name, "description": tool.description, "parameters": parameters}
+    return {"type": "function", "function": {**function, "strict": True} if strict else function}
 
 # OpenAI's strict subset (Structured Outputs): the keywords a strict schema may use.
 _STRICT_KEYWORDS: Final = frozenset({
@@ -2445,32 +2431,26 @@ def _sent_schema(schema: dict[str, Any] | None, built: bool) -> tuple[Any, bool]
     """The schema as the server gets it, and whether it goes with "strict": true.
 
     OpenAI enforces a schema, and vLLM constrains a forced call by it, only when it is
-    strict. A schema the module built goes in strict form when OpenAI's subset can say
-    it (see _strict); one written by hand goes exactly as written, strict only when it
-    already is in that form. The module's checker checks answers against `schema`.
+    strict. A schema the module built goes in OpenAI's strict form when that subset can
+    say it (see _strict_node; never a root that is not an object); one written by hand
+    goes exactly as written, strict only when it already is in that form. The module's
+    checker checks answers against `schema`.
     """
-    strict = _strict(schema)
-    if strict is None or not (built or strict == schema):
-        return schema, False
-    return strict, True
-
-
-def _strict(schema: Any) -> dict[str, Any] | None:
-    """`schema` in OpenAI's strict form, or None where its subset cannot say it (a root
-    that is not an object, a free-form object, an array without items, Any, a keyword
-    outside the subset). Every object lists all its properties in required; one that was
-    not required becomes nullable (its null means "left out", see _prune_nulls);
-    additionalProperties is false; defaults are dropped."""
     if not isinstance(schema, dict) or schema.get("type") != "object":
-        return None
+        return schema, False
     try:
-        return _strict_node(schema)
+        strict = _strict_node(schema)
     except ValueError:
-        return None
+        return schema, False
+    return (strict, True) if built or strict == schema else (schema, False)
 
 
 def _strict_node(schema: Any) -> dict[str, Any]:
-    """_strict for one subschema; ValueError where the subset cannot say it."""
+    """`schema` in OpenAI's strict form; ValueError where its subset cannot say it (a
+    free-form object, an array without items, Any, a keyword outside the subset). Every
+    object lists all its properties in required; one that was not required becomes
+    nullable (its null means "left out", see _prune_nulls); additionalProperties is
+    false; defaults are dropped."""
     node = {k: v for k, v in schema.items() if k != "default"} if isinstance(schema, dict) else {}
     if not node.keys() & {"type", "anyOf", "enum", "const", "$ref"} or (
             node.keys() - _STRICT_KEYWORDS):
@@ -2518,42 +2498,30 @@ def _tool_from_function(func: Callable[..., Any], *, name: str | None = None) ->
     tool_name = name or marked_name or getattr(func, "__name__", "")
     if tool_name == "<lambda>" or not tool_name:
         raise ConfigError("a lambda needs a name: use oc.tool(name=...)(fn) or oc.Tool")
+    where = f"tool {tool_name!r}"  # what a ConfigError about it names
     summary, arg_docs = _parse_docstring(inspect.getdoc(func) or "")
     try:
         hints = typing.get_type_hints(func, include_extras=True)
         signature = inspect.signature(func)
     except (NameError, TypeError, ValueError) as exc:
-        raise ConfigError(f"tool {tool_name!r}: cannot read its signature ({exc})") from None
+        raise ConfigError(f"{where}: cannot read its signature ({exc})") from None
     # **kwargs is left out: it accepts whatever else the model sends.
     params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
     for param in params:
         if param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
-            raise ConfigError(f"tool {tool_name!r}: parameter {param.name!r} cannot be passed "
-                              "by keyword")
+            raise ConfigError(f"{where}: parameter {param.name!r} cannot be passed by keyword")
     annotations = {p.name: hints.get(p.name, Any) for p in params}
     defs: dict[str, Any] = {}
     # Optional[X] with a default means "may be left out": its schema is X's alone.
-    properties = {p.name: _schema(annotations[p.name], f"tool {tool_name!r}, parameter "
-                                  f"{p.name!r}", parameter=p.default is not p.empty, defs=defs)
-                  for p in params}
-    for key, schema in properties.items():
-        if key in arg_docs:  # Annotated[T, "..."] wins over the docstring
-            schema.setdefault("description", arg_docs[key])
+    properties = {p.name: _schema(annotations[p.name], f"{where}, parameter {p.name!r}",
+                                  parameter=p.default is not p.empty, defs=defs) for p in params}
+    for key in properties.keys() & arg_docs.keys():  # Annotated[T, "..."] wins over the docstring
+        properties[key].setdefault("description", arg_docs[key])
     parameters = {"type": "object", "properties": properties,
                   "required": [p.name for p in params if p.default is p.empty]}
     if defs:
         parameters["$defs"] = defs
     return Tool(tool_name, marked_description or summary, parameters, func, annotations, True)
-
-
-def _root_schema(annotation: Any, where: str) -> dict[str, Any]:
-    """The JSON Schema of a type hint, as a whole document: the $defs that pydantic
-    models bring, wherever they are nested, gathered at its root."""
-    defs: dict[str, Any] = {}
-    schema = _schema(annotation, where, defs=defs)
-    if defs:
-        schema["$defs"] = defs
-    return schema
 
 
 def _schema(annotation: Any, where: str, *, parameter: bool = False,
@@ -2565,19 +2533,22 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
     item, an answer) it is X or null. seen: the classes being described, as a
     dataclass or TypedDict that contains itself cannot be written out. defs: where a
     pydantic model's $defs go, so that its "#/$defs/..." references resolve at the
-    document's root (None: left in the model's own schema).
+    document's root; None: this annotation is that root (a whole document), and the $defs
+    of the models inside it, wherever they are nested, are gathered there.
 
     NOTE: over 40 lines: one branch per kind of hint, in the order typing needs them
     tested (Annotated and Union before classes); split, the table would be scattered.
     """
+    if defs is None:
+        defs = {}
+        schema = _schema(annotation, where, parameter=parameter, seen=seen, defs=defs)
+        return {**schema, "$defs": defs} if defs else schema
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Annotated or origin in _KEY_MARKS:  # Required[T] etc. hold T alone
         inner = _schema(args[0], where, parameter=parameter, seen=seen, defs=defs)
-        notes = [a for a in args[1:] if isinstance(a, str)]
-        if notes:
-            inner["description"] = notes[0]
-        return inner
+        description = next((a for a in args[1:] if isinstance(a, str)), None)
+        return inner if description is None else {**inner, "description": description}
     if annotation is Any:
         return {}
     if origin in (Union, types.UnionType):
@@ -2589,20 +2560,15 @@ def _schema(annotation: Any, where: str, *, parameter: bool = False,
     if origin is Literal or isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         values = list(args) if origin is Literal else [m.value for m in annotation]
         kinds = {_JSON_TYPES.get(type(v)) for v in values}
-        schema: dict[str, Any] = {"enum": values}
         if len(kinds) == 1 and None not in kinds:
-            schema["type"] = kinds.pop()
-        return schema
-    if annotation in _JSON_TYPES:
-        return {"type": _JSON_TYPES[annotation]}
-    if annotation in (list, tuple) or origin in (list, tuple):
-        items = [a for a in args if a is not Ellipsis]
-        schema = {"type": "array"}
-        if len(items) == 1:
-            schema["items"] = _schema(items[0], where, seen=seen, defs=defs)
-        return schema
-    if annotation is dict or origin is dict:
-        return {"type": "object"}
+            return {"enum": values, "type": kinds.pop()}
+        return {"enum": values}
+    kind = _HINT_TYPES.get(origin or annotation)
+    if kind is not None:
+        items = [a for a in args if a is not Ellipsis]  # tuple[T, ...]: items of T
+        if kind == "array" and len(items) == 1:
+            return {"type": kind, "items": _schema(items[0], where, seen=seen, defs=defs)}
+        return {"type": kind}
     if _is_model(annotation):
         return _model_schema(annotation, where, defs)
     if _is_record(annotation):
@@ -2618,15 +2584,14 @@ def _is_model(annotation: Any) -> bool:
         callable(getattr(annotation, name, None)) for name in ("model_json_schema", "model_validate"))
 
 
-def _model_schema(model: Any, where: str, defs: dict[str, Any] | None) -> dict[str, Any]:
+def _model_schema(model: Any, where: str, defs: dict[str, Any]) -> dict[str, Any]:
     try:
         schema = dict(model.model_json_schema())
     except Exception as exc:  # noqa: BLE001 - whatever pydantic raises, name the model
         raise ConfigError(f"{where}: {model.__name__}.model_json_schema() failed ({exc})") from None
-    if defs is not None:
-        for name, sub in schema.pop("$defs", {}).items():
-            if defs.setdefault(name, sub) != sub:
-                raise ConfigError(f"{where}: two different models are named {name!r}")
+    for name, sub in schema.pop("$defs", {}).items():
+        if defs.setdefault(name, sub) != sub:
+            raise ConfigError(f"{where}: two different models are named {name!r}")
     return schema
 
 
@@ -2656,7 +2621,7 @@ def _is_record(annotation: Any) -> bool:
 
 
 def _record_schema(cls: type, where: str, seen: tuple[type, ...],
-                   defs: dict[str, Any] | None) -> dict[str, Any]:
+                   defs: dict[str, Any]) -> dict[str, Any]:
     if cls in seen:
         raise ConfigError(f"{where}: {cls.__name__} contains itself, which JSON Schema "
                           "without references cannot describe")
@@ -2707,7 +2672,7 @@ def _build(value: Any, annotation: Any) -> Any:
     if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(options) > 1:  # the first option the value fits, else Any: the value as it is
-            options = [*(a for a in options if _validate(value, _root_schema(a, "")) is None), Any]
+            options = [*(a for a in options if _validate(value, _schema(a, "")) is None), Any]
         return _build(value, options[0])
     if annotation is int and isinstance(value, float):
         return int(value)  # JSON Schema counts 3.0 as an integer; the function wants 3
@@ -3175,11 +3140,11 @@ _BACKOFF_BASE: Final = 0.5
 _BACKOFF_MAX: Final = 8.0
 _MAX_REDIRECTS: Final = 5
 # Requests a server refuses because of one field, and the field to drop (see
-# _Connection._resend_changed). Ollama: "registry.ollama.ai/library/x does not
-# support tools"; vLLM: '"auto" tool choice requires --enable-auto-tool-choice and
-# --tool-call-parser to be set'; llama.cpp: "tools param requires --jinja flag";
-# others: "tools are not supported", "tool_choice ... not supported"; servers that do
-# not know stream_options name it.
+# _Connection._resend_changed). Quirk(Ollama): "registry.ollama.ai/library/x does not
+# support tools"; Quirk(llama.cpp): "tools param requires --jinja flag"; Quirk(servers
+# strict about the fields they take, seen in: reference QUIRKS.md §7.1): "tools are not
+# supported", "tool_choice ... not supported", and "Unrecognized request argument
+# supplied: stream_options" from a server that does not know that field.
 _REFUSED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
     ("tools", re.compile(
         r"does not support tools|tools param requires"
@@ -3193,22 +3158,23 @@ _REFUSED_FIELDS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
 # --enable-auto-tool-choice and --tool-call-parser to be set', for "auto" and for a
 # tool_choice left out alike; it takes "none".
 _AUTO_REFUSED: Final = re.compile(r"enable-auto-tool-choice", re.IGNORECASE)
-# A server that refuses the strict flag of a schema: its message or its "param" names it
-# (Fireworks: "Extra inputs are not permitted, field: 'strict'"; Gemini: 'Unknown name
-# "strict"').
+# Quirk(Fireworks, Gemini): a server that refuses the strict flag of a schema names it in
+# its message or its "param" (Fireworks: "Extra inputs are not permitted, field:
+# 'strict'"; Gemini: 'Unknown name "strict"').
 _STRICT_REFUSED: Final = re.compile(r"\bstrict\b")
 _STRICT_PARAM: Final = re.compile(r'"param"\s*:\s*"[^"]*\bstrict\b')
 # How an answer shaped by schema= is asked for, from the first choice down: response_format
 # json_schema; json_object with the schema, and the schema in a system message too; the
 # system message only.
 _JSON_SCHEMA, _JSON_OBJECT, _SCHEMA_IN_PROMPT = range(3)
-# A server that refuses how a schema was asked for: llama-cpp-python's 500 "1
-# validation error ... response_format.type Input should be 'text' or 'json_object'",
-# and others naming the field or its type.
+# A server that refuses how a schema was asked for: Quirk(llama-cpp-python): its 500 "1
+# validation error ... response_format.type Input should be 'text' or 'json_object'";
+# Quirk(TGI, llama.cpp, seen in: reference QUIRKS.md §7.1): a response_format type they
+# do not take, refused naming the field or its type.
 _SCHEMA_REFUSED: Final = re.compile(r"response_format|json_schema|json_object",
                                     re.IGNORECASE)
-# A server still loading its model: llama-server's 503 "Loading model", and 503s that
-# say they are loading or warming up.
+# A server still loading its model: Quirk(llama-server): 503 "Loading model"; and 503s
+# that say they are loading or warming up.
 _LOADING: Final = re.compile(r"\bloading\b|warming up|warm-up", re.IGNORECASE)
 
 
@@ -3250,25 +3216,25 @@ class _Connection:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=_POOL_SIZE)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        # requests makes Basic auth of a URL's user:password, which would replace the key's
-        # header: with a key, an auth that changes nothing takes its place.
-        self.auth = _keep_auth if config.api_key else None
         self.headers = {"User-Agent": f"openai-compat/{__version__}", **headers}
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
+            # requests makes Basic auth of a URL's user:password (or a .netrc entry), which
+            # would replace the key's header: an auth that changes nothing takes its place.
+            self.session.auth = lambda request: request
         self.lock = threading.Lock()
         # Request fields never to send again; and "strict" (the strict flag refused) and
         # "auto" (tool_choice "auto" refused: "none" is sent instead), see prepare.
         self.refused: set[str] = set()
         # How this server is asked for an answer shaped by schema= (DESIGN.md,
-        # "Structured answers"), one of the _SCHEMA_FORMS; stepped down, once per
-        # Client, when the server refuses the field or ignores it.
+        # "Structured answers"): _JSON_SCHEMA, _JSON_OBJECT or _SCHEMA_IN_PROMPT; stepped
+        # down, once per Client, when the server refuses the field or ignores it.
         self.schema_form = _JSON_SCHEMA
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
         self.calls: set[_Request] = set()  # the calls in flight, which close() ends
         self.cli = False  # a Client of the command line: its errors speak its words
         self.closed = threading.Event()
-        host = parts.hostname or ""  # urlsplit lowers the scheme and the host
+        self.host = host = parts.hostname or ""  # urlsplit lowers the scheme and the host
         if (config.api_key and parts.scheme == "http" and host not in ("localhost", "::1")
                 and not host.startswith("127.") and host not in self._warned_hosts):
             self._warned_hosts.add(host)
@@ -3279,11 +3245,9 @@ class _Connection:
     def in_flight(self, request: _Request) -> Iterator[None]:
         """Keep track of a call while it runs, so that close() and its deadline (a timer,
         when it has one) can stop it from another thread (see _Request.stop)."""
-        timer = None
-        if request.deadline is not None:
-            timer = threading.Timer(max(0.0, request.ends - time.monotonic()), request.stop,
-                                    ("deadline",))
-            timer.daemon = True
+        timer = threading.Timer(max(0.0, request.ends - time.monotonic()), request.stop, ("deadline",))
+        timer.daemon = True
+        if request.deadline is not None:  # else `ends` is inf: never started
             timer.start()
         with self.lock:
             self.calls.add(request)
@@ -3294,16 +3258,14 @@ class _Connection:
         finally:
             with self.lock:
                 self.calls.discard(request)
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
 
     def close(self) -> None:
         """Stop the calls in flight, refuse new ones, and close the connection pool."""
         self.closed.set()
-        with self.lock:
-            calls = list(self.calls)
-        for request in calls:
-            request.stop("closed")
+        with self.lock:  # stop() only shuts a socket down: it never waits
+            for request in self.calls:
+                request.stop("closed")
         self.session.close()
 
     def post(self, body: dict[str, Any], request: _Request) -> requests.Response:
@@ -3333,7 +3295,8 @@ class _Connection:
                     exc, timeout, "" if body.get("stream") else "unstreamed")
                 # Connection failures (a connect timeout included) happened before the
                 # server saw the request: safe to resend. A read timeout did not.
-                retry = isinstance(exc, (requests.ConnectionError, ConnectionError))
+                retry = isinstance(exc, (requests.ConnectionError, ConnectionError)) and (
+                    error.retryable)
             else:
                 request.response = response
                 if request.stopped:  # close() came while the server was answering
@@ -3347,9 +3310,11 @@ class _Connection:
                     continue
                 wait, loading_since = self._loading_wait(error, timeout, loading_since)
                 status = error.status_code or 0
-                retry = ((status in (408, 409, 429) or status >= 500)
+                # 408, 409 and 429 always; a 5xx unless it is a request the server refused
+                # (llama-cpp-python's validation errors).
+                retry = ((status in (408, 409, 429) or status >= 500 and error.retryable)
                          and (retry_after is None or retry_after <= _MAX_RETRY_AFTER))
-            if wait is None and retry and error.retryable and attempt < self.config.max_retries:
+            if wait is None and retry and attempt < self.config.max_retries:
                 attempt += 1
                 wait = _backoff(attempt) if retry_after is None else retry_after
                 _log.info("%s from %s; retrying in %.1f s (attempt %d of %d)", (
@@ -3378,8 +3343,7 @@ class _Connection:
                        **({"Accept-Encoding": "identity"} if body.get("stream") else {})}
         for _ in range(_MAX_REDIRECTS):
             response = self.session.request(method, url, data=data, headers=headers,
-                                            timeout=(timeout, timeout), stream=True,
-                                            allow_redirects=False, auth=self.auth)
+                                            timeout=timeout, stream=True, allow_redirects=False)
             # is_redirect: a 301, 302, 303, 307 or 308 with a Location header.
             if not (response.is_redirect and response.headers["location"]):
                 return response
@@ -3390,6 +3354,8 @@ class _Connection:
                     f"{method} {path} was redirected to {_shown_url(target)}, another server:"
                     " not followed, so that the key is not sent there; if it is the right "
                     "server, use it as the base URL", status_code=response.status_code))
+            # Quirk(no reference server: a web server or proxy in front of one that moves
+            # a path, e.g. to add a trailing slash; DESIGN.md, "Retries and time limits").
             self.note(f"redirected to {_shown_url(target)}: use it as base_url")
             url = target
         raise self.shown_error(APIError(f"{method} {path}: more than {_MAX_REDIRECTS} redirects"))
@@ -3397,11 +3363,9 @@ class _Connection:
     def error_of(self, response: requests.Response, retry_after: float | None = None) -> APIError:
         """The classified error of a response with an error status or an HTML page: its
         body read (bounded; "" when it cannot be read), and the response closed."""
-        with response:
-            try:
-                raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
-            except _TRANSPORT_ERRORS:
-                raw = b""
+        raw = b""
+        with response, contextlib.suppress(*_TRANSPORT_ERRORS):
+            raw = response.raw.read(_MAX_ERROR_BODY, decode_content=True) or b""
         return self.error_from_body(response.status_code, raw.decode("utf-8", "replace"),
                                     retry_after)
 
@@ -3546,19 +3510,18 @@ class _Connection:
                     "stream": " in the middle of the stream"}.get(when, "")))
         causes = _causes(exc)
         reason = _reason(causes[-1])
-        # A broken chunked body is a connection that failed while reading, not one that
-        # could not be made: the server had answered.
-        if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or isinstance(
-                exc, requests.exceptions.ChunkedEncodingError) or when == "stream":
+        # Anything but a connection error (a broken chunked body among them: requests'
+        # ChunkedEncodingError is no ConnectionError) failed while reading, not while
+        # connecting: the server had answered.
+        if not isinstance(exc, (requests.ConnectionError, ConnectionError)) or when == "stream":
             return self.shown_error(StreamError(
                 f"the connection broke while reading the answer: {reason}"))
         if any(isinstance(cause, urllib3.exceptions.ProxyError) for cause in causes):
             return self.proxy_error(reason)
         where = f"{self.url_source} (now {self.shown_url})"
         if any(isinstance(cause, socket.gaierror) for cause in causes):
-            host = urllib.parse.urlsplit(self.base).hostname
-            return self.unavailable(f"cannot connect: the host name {host} does not resolve: "
-                                    f"{reason}", f"Check the host name in {where}")
+            return self.unavailable(f"cannot connect: the host name {self.host} does not "
+                                    f"resolve: {reason}", f"Check the host name in {where}")
         if not any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
             return self.unavailable(f"cannot connect: {reason}")
         # A certificate is a setting to fix, never switched off here: retrying cannot help.
@@ -3604,10 +3567,6 @@ class _Connection:
         return exc
 
 
-def _keep_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
-    return request
-
-
 def _causes(exc: BaseException | None) -> list[BaseException]:
     """`exc` and the errors it wraps, outermost first: requests wraps urllib3's, which
     wrap the socket's and ssl's (in .reason, in args, or as __cause__)."""
@@ -3643,10 +3602,8 @@ def _lone_surrogate(value: Any, path: str = "") -> tuple[str, int]:
     """Where the first string that UTF-8 cannot encode is ("messages[2].content", and
     the position in it); ("", -1) when there is none."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return path or "the request", exc.start
+        bad = re.search(r"[\ud800-\udfff]", value)  # what UTF-8 cannot encode
+        return (path or "the request", bad.start()) if bad else ("", -1)
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
         value, (list, tuple)) else ()
     for key, item in items:
@@ -3770,8 +3727,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _cli_parser().parse_args(argv)
     command = [] if "--" in argv else args.words  # after --, every word is the prompt's
-    # What a script must see goes to stderr, one line each: the library's warnings (a
-    # model substitution, a pasted endpoint) and WARNING log lines; -v adds INFO.
+    # What a script must see goes to stderr, one line each: WARNING log lines, and the
+    # library's warnings (a model substitution, a pasted endpoint) through the same
+    # handler; -v adds INFO.
     shown = logging.StreamHandler(sys.stderr)
     shown.setFormatter(logging.Formatter("openai-compat: %(message)s"))
     _log.addHandler(shown)
@@ -3779,10 +3737,11 @@ def main(argv: list[str] | None = None) -> int:
     _log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _cli_warning
+            warnings.showwarning = lambda message, *_: _log.warning("warning: %s", message)
             client = _cli_client(args)
             if command == ["models"]:
-                return _cli_models(client)
+                print("\n".join(client.available_models(fallback=False)))
+                return 0
             if command == ["check"]:
                 return _cli_check(client, args.wait)
             return _cli_chat(client, _cli_prompt(args.words, args.no_stdin), args)
@@ -3797,7 +3756,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"openai-compat: {_cli_words(str(exc))}", file=sys.stderr)
         return 2
     except APIError as exc:
-        print(f"openai-compat: {type(exc).__name__}: {exc}", file=sys.stderr)
+        failed = "could not list models: " if command == ["models"] else ""
+        print(f"openai-compat: {failed}{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
         _log.removeHandler(shown)
@@ -3807,9 +3767,9 @@ def main(argv: list[str] | None = None) -> int:
 # The command line's words for what the module's own text says in Python's (its hints
 # and configuration errors; never a server's text).
 _CLI_WORDS: Final = (
-    ("base_url=", "--base-url"), ("pass model=", "pass --model"), ("timeout=", "--timeout"),
-    ("deadline=", "--deadline"), ("lower max_tokens", "lower --max-tokens"),
-    ("schema=", "--schema"), (" or api_key=", ""),
+    ("try base_url=", "try --base-url "), ("base_url=", "--base-url"),
+    ("pass model=", "pass --model"), ("timeout=", "--timeout"), ("deadline=", "--deadline"),
+    ("lower max_tokens", "lower --max-tokens"), (" or api_key=", ""),
     ("; .partial_text holds what arrived", "; what arrived is printed above"),
     ("; .partial_text holds the last one", ""))
 
@@ -3818,10 +3778,6 @@ def _cli_words(text: str) -> str:
     for python, flag in _CLI_WORDS:
         text = text.replace(python, flag)
     return text
-
-
-def _cli_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
-    print(f"openai-compat: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _cli_parser() -> argparse.ArgumentParser:
@@ -3868,9 +3824,7 @@ def _cli_client(args: argparse.Namespace) -> Client:
         headers[name.strip()] = value
     client = Client(args.base_url, model=args.model, timeout=args.timeout, headers=headers,
                     deadline=args.deadline)
-    if (args.base_url or "").strip():
-        client._http.url_source = "--base-url"
-    client._http.cli = True
+    client._http.cli = True  # its hints say --base-url where they say base_url=
     return client
 
 
@@ -3957,16 +3911,6 @@ def _chunk_json(chunk: Chunk) -> dict[str, Any]:
     return data
 
 
-def _cli_models(client: Client) -> int:
-    try:
-        print("\n".join(client.available_models(fallback=False)))
-    except APIError as exc:
-        print(f"openai-compat: could not list models: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
 def _cli_check(client: Client, wait: float | None = None) -> int:
     """Probe the endpoint: one line per capability, then one per deviation from
     OpenAI's behaviour that the probes met and absorbed; exit 0 when chat works.
@@ -3982,8 +3926,11 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         _report("ready", True, f"after {time.monotonic() - started:.1f} s")
     if not _probe_models(client):
         return 1
-    probe = Client(client.config.base_url, client.config.api_key, client.model,
-                   timeout=client.config.timeout, max_retries=0)
+    # The probes' own Client: no retries (a failure is what to report), the same headers.
+    headers = {k: v for k, v in client._http.headers.items()
+               if k not in ("User-Agent", "Authorization")}
+    probe = Client(client.config.base_url, client.config.api_key, client.model, max_retries=0,
+                   timeout=client.config.timeout, headers=headers, deadline=client.config.deadline)
     probe._http.url_source, probe._http.cli = client._http.url_source, client._http.cli
     try:
         started = time.monotonic()

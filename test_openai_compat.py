@@ -3449,6 +3449,30 @@ def test_retry_429_then_200(server: Scripted) -> None:
     assert len(server.requests) == 2
 
 
+def test_a_409_is_retried_as_design_says(server: Scripted) -> None:
+    # DESIGN: 408, 409, 429 and 5xx are retried; a plain 409 is a BadRequestError, which
+    # was never retried.
+    server.add(json_reply({"error": {"message": "Conflict"}}, status=409),
+               json_reply(completion("ok")))
+    assert server.client(max_retries=1).generate("hi").text == "ok"
+    assert len(server.requests) == 2
+
+
+def test_a_route_without_v1_suggests_it_in_the_words_of_who_set_it(
+        server: Scripted, monkeypatch: pytest.MonkeyPatch, cli_main: CLI) -> None:
+    base = server.base_url.removesuffix("/v1")
+    server.add(*[json_reply({"detail": "Not Found"}, status=404)] * 3)
+    with pytest.raises(oc.BadRequestError) as caught:
+        oc.Client(base, model="m", max_retries=0).generate("hi")
+    assert str(caught.value).endswith(f"The server may expect /v1: try base_url={base}/v1")
+    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", base)
+    with pytest.raises(oc.BadRequestError) as caught:
+        oc.Client(model="m", max_retries=0).generate("hi")
+    assert str(caught.value).endswith(f"try OPENAI_COMPATIBLE_BASE_URL={base}/v1")
+    done = cli_main(None, "--base-url", base, "-m", "m", "hi")
+    assert done.stderr.rstrip().endswith(f"try --base-url {base}/v1"), done.stderr
+
+
 def test_retry_after_is_honoured(server: Scripted) -> None:
     server.add(json_reply({"error": {"message": "busy"}}, status=503,
                           headers={"Retry-After": "0.25"}), json_reply(completion("ok")))
@@ -4311,6 +4335,19 @@ def test_cli_check_says_when_no_quirk_was_absorbed(server: Scripted, cli_main: C
     assert done.stdout.splitlines()[-1] == "quirks       ok    none absorbed", done.stdout
 
 
+def test_cli_check_sends_the_headers_to_every_probe(server: Scripted, cli_main: CLI) -> None:
+    # Its probes' own Client was made without --header: Azure's api-key went with GET
+    # /models only, and every chat probe would have met a 401.
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    server.add(json_reply({"object": "list", "data": [{"id": "m", "object": "model"}]}),
+               *[Reply(text_stream(t, usage=usage)) for t in (
+                   "Hello", "1 2", "5", "Five.", '{"city": "Paris", "country": "France"}')])
+    done = cli_main(server, "--header", "api-key: tenant-7", "check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(server.requests) == 6
+    assert all(r["headers"].get("api-key") == "tenant-7" for r in server.requests)
+
+
 def test_cli_check_tells_tools_called_on_its_own_from_only_when_required(
         server: Scripted, cli_main: CLI) -> None:
     # Issue #25: vLLM's SmolLM2 never calls a tool on "auto", and does on "required".
@@ -4601,7 +4638,7 @@ def test_cli_speaks_in_flags_and_variables_never_python(server: Scripted, cli_ma
                                            "tokens."}}, status=400)], ("hi",), "--max-tokens"),
         ([Reply(sse(delta(content="Half")), stall=0)], ("hi",), "printed above"),
         ([Reply(text_stream("prose")), Reply(text_stream("prose")), Reply(text_stream("x"))],
-         ("--schema", "SCHEMA", "hi"), "--schema"),
+         ("--schema", "SCHEMA", "hi"), "did not match the schema"),
         ([Reply(text_stream("late"), delay=3)], ("--timeout", "1", "hi"), "--timeout"),
         ([json_reply({"error": {"message": "Invalid API Key"}}, status=401)], ("hi",),
          "OPENAI_COMPATIBLE_API_KEY"),
