@@ -763,11 +763,11 @@ def test_key_over_plain_http_to_a_remote_host_warns_once(
     assert "https" in warnings[0] and "sk-secret-1" not in warnings[0]
 
 
-# Issue #21: what people paste, read from files and set in their environment, and what
-# servers send back (DESIGN.md, "Input that HTTP or JSON cannot carry"): a ConfigError
-# naming what to fix before anything is sent; secrets in a base URL redacted like the
-# key; a query string kept last; bad bytes read as U+FFFD; redirects followed only on
-# the same server; coroutine tools run.
+# Issue #21: what people paste, read from files and set in their environment (DESIGN.md,
+# "Input that HTTP or JSON cannot carry"): a ConfigError naming what to fix before
+# anything is sent; secrets in a base URL redacted like the key; a query string kept
+# last. (What servers send back is under Streaming and HTTP plumbing; coroutine tools
+# under Tool-call loop.)
 
 
 @pytest.mark.parametrize(("options", "names", "secret"), [
@@ -2080,6 +2080,7 @@ def test_iter_events_note_what_they_absorb() -> None:
                           "legacy `error:` lines in streams"}
 
 
+# Issue #21: bad bytes in a stream read as U+FFFD, and the answer goes on.
 def _event_with_content(raw: bytes) -> bytes:
     return b'data: {"choices":[{"index":0,"delta":{"content":"' + raw + b'"}}]}\n\n'
 
@@ -2360,6 +2361,7 @@ def test_a_tool_that_raises_is_logged_with_its_traceback_and_kept(
     assert "return a / b" in caplog.text, "the traceback is logged"
 
 
+# Issue #21: a coroutine function given as a tool is run.
 async def _double(x: int) -> int:
     """Double x."""
     await asyncio.sleep(0)
@@ -4405,6 +4407,7 @@ def test_stale_keep_alive_connection_is_resent_once(hang_up: str) -> None:
         listener.close()
 
 
+# Issue #21: text that HTTP cannot carry is refused before sending, naming where it is.
 # What open(path, errors="surrogateescape") gives for a file with a stray 0xff byte.
 _BROKEN = b"abc\xff def".decode("utf-8", "surrogateescape")
 
@@ -4458,6 +4461,7 @@ def test_whole_answers_and_error_bodies_with_invalid_utf8_never_raise_a_decode_e
     assert "bad \ufffd byte" in caught.value.message
 
 
+# Issue #21: redirects are followed on the same server only.
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_redirect_on_the_same_server_resends_the_post_and_names_the_url_once(
         server: Scripted, status: int) -> None:
