@@ -7526,7 +7526,7 @@ def _system_python3() -> tuple[str, str]:
     return python, path
 
 
-def _clean_env(path: str) -> dict[str, str]:
+def _newcomer_env(path: str) -> dict[str, str]:
     """A newcomer's environment: PATH and HOME, and where the server's cache is."""
     env = {"PATH": path, "HOME": os.path.expanduser("~")}
     for name in ("OPENAI_COMPAT_DEV_CACHE", "OPENAI_COMPAT_DEV_LOCK_WAIT", "PYENV_ROOT"):
@@ -7537,7 +7537,7 @@ def _clean_env(path: str) -> dict[str, str]:
 
 def test_local_server_without_venv_or_dependencies_says_how_to_get_them(tmp_path: Any) -> None:
     python, path = _system_python3()
-    lacks = subprocess.run([python, "-c", "import sseclient"], env=_clean_env(path),
+    lacks = subprocess.run([python, "-c", "import sseclient"], env=_newcomer_env(path),
                            capture_output=True, check=False)
     if lacks.returncode == 0:
         pytest.skip(f"{python} has sseclient: nothing to say")
@@ -7546,7 +7546,7 @@ def test_local_server_without_venv_or_dependencies_says_how_to_get_them(tmp_path
     shutil.copy(os.path.join(_SCRIPTS, "local_server.py"), tmp_path / "scripts")
     shutil.copy(oc.__file__, tmp_path)
     done = subprocess.run([python, "scripts/local_server.py", "serve"], cwd=tmp_path,
-                          env=_clean_env(path), capture_output=True, text=True, timeout=60,
+                          env=_newcomer_env(path), capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 2 and done.stdout == "", done
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
@@ -7567,7 +7567,7 @@ def test_real_local_server_run_from_the_system_python_runs_in_the_venv() -> None
     python, path = _system_python3()
     code = "import openai_compat, sseclient, sys; print(sys.prefix)"
     done = subprocess.run([python, "scripts/local_server.py", "run", "--", "python", "-c", code],
-                          cwd=os.path.dirname(_SCRIPTS), env=_clean_env(path),
+                          cwd=os.path.dirname(_SCRIPTS), env=_newcomer_env(path),
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert os.path.realpath(done.stdout.strip()) == os.path.realpath(venv), done.stdout
