@@ -663,13 +663,28 @@ def test_chunks_are_frozen_and_their_content_always_prints(server: Scripted) -> 
     assert chunks[0] == oc.Chunk("text", content="a", step=1)
 
 
-def test_usage_adds_up_over_steps_and_stays_none_when_never_reported() -> None:
+def test_usage_adds_up_over_steps_and_stays_none_when_never_reported(server: Scripted) -> None:
     total = oc.Usage(3, 2, 5) + oc.Usage(10, 1, 11)
     assert (total.prompt_tokens, total.completion_tokens, total.total_tokens) == (13, 3, 16)
-    steps = [oc.Step("a", usage=oc.Usage(1, 1, 2)), oc.Step("b"), oc.Step("c", usage=total)]
-    result = oc._result(steps, "stop", [])
+
+    def step(text: str, usage: oc.Usage | None, call: str | None = None) -> Reply:
+        events: list[Any] = [delta(content=text)]
+        if call is not None:
+            events.append(delta(tool_calls=[_call(0, call, "_add", '{"a": 1, "b": 1}')]))
+        events.append(delta("tool_calls" if call else "stop"))
+        if usage is not None:
+            events.append({"choices": [], "usage": {
+                "prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens,
+                "completion_tokens": usage.completion_tokens}})
+        return Reply(sse(*events, "data: [DONE]\n\n"))
+
+    # Three model calls: "a" with usage (1, 1, 2), "b" without, then "c" with `total`.
+    server.add(step("a", oc.Usage(1, 1, 2), "c1"), step("b", None, "c2"), step("c", total),
+               step("x", None))
+    client = server.client()
+    result = client.generate("hi", tools=[_add])
     assert result.usage == oc.Usage(14, 4, 18) and result.text == "c"
-    assert oc._result([oc.Step("x")], "stop", []).usage is None
+    assert client.generate("hi").usage is None
 
 
 def test_reprs_stay_short(server: Scripted) -> None:
@@ -748,12 +763,13 @@ def test_config_sends_no_authorization_without_key_and_extra_headers(server: Scr
 
 
 def test_key_over_plain_http_to_a_remote_host_warns_once(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(oc._Connection, "_warned_hosts", set())
+    # The warning is once per host for the process: a host no test has named before.
+    remote = f"http://run{time.monotonic_ns()}.gpu-box.example:8000/v1"
     with caplog.at_level(logging.WARNING, logger="openai_compat"):
-        oc.Client("http://gpu-box.example:8000/v1", api_key="sk-secret-1", model="m")
-        oc.Client("http://gpu-box.example:8000/v1", api_key="sk-secret-1", model="m")
+        oc.Client(remote, api_key="sk-secret-1", model="m")
+        oc.Client(remote, api_key="sk-secret-1", model="m")
         oc.Client("http://127.0.0.1:8000/v1", api_key="sk-secret-1", model="m")
         oc.Client("http://localhost:8000/v1", api_key="sk-secret-1", model="m")
         oc.Client("https://api.example/v1", api_key="sk-secret-1", model="m")
@@ -1169,9 +1185,8 @@ def test_generate_fails_within_timeout_of_silence_keeping_the_partial_text(
 def test_unstreamed_fallback_silence_says_unstreamed_answers_take_longer(server: Scripted) -> None:
     # A server whose tool streams are empty is asked for whole answers, which come
     # only when complete: a long one is silence, not a fault.
-    server.add(json_reply(completion("late"), delay=3))
+    server.add(Reply(""), json_reply(completion("late"), delay=3))  # an empty tool stream
     client = server.client(timeout=0.25, max_retries=0)
-    client._tools_unstreamed = True
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError) as caught:
         client.generate("hi", tools=[_add])
@@ -2305,10 +2320,15 @@ def test_tool_failures_go_back_to_the_model(server: Scripted) -> None:
     assert result.text == "sorry"
 
 
-def test_tool_results_are_sent_as_text_or_json() -> None:
+def test_tool_results_are_sent_as_text_or_json(server: Scripted) -> None:
     tools = {n: oc.Tool(n, "", {"type": "object"}, f) for n, f in
              [("s", lambda: "plain"), ("d", lambda: {"k": [1]}), ("o", lambda: object)]}
-    done = {n: oc._execute(oc.ToolCall("i", n), tools, unnoted) for n in tools}
+    server.add(_calls_then_text(*(_call(i, f"i{i}", n, "{}") for i, n in enumerate(tools))),
+               Reply(text_stream("ok")))
+    results = server.client().generate("hi", tools=list(tools.values())).tool_results
+    done = {r.call.name: r for r in results}
+    sent = [m["content"] for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
+    assert sent == [r.content for r in results]  # the content is what the model reads
     assert (done["s"].value, done["s"].content) == ("plain", "plain")  # a str as it is
     assert json.loads(done["d"].content) == {"k": [1]}  # anything else as JSON
     assert "object" in done["o"].content  # what JSON cannot encode, as its str()
@@ -2564,16 +2584,16 @@ def test_unstreamed_parallel_calls_with_empty_ids_each_run_under_their_own_id(
     # Issue #11: message.tool_calls with two calls, each "id": "", were merged into one.
     calls = [{"id": "", "type": "function", "function": {"name": "add", "arguments": args}}
              for args in ('{"a": 1, "b": 2}', '{"a": 3, "b": 4}')]
-    server.add(json_reply(completion(None, "tool_calls", tool_calls=calls)),
+    # An empty tool stream first: the calls are asked for whole, unstreamed.
+    server.add(Reply(""), json_reply(completion(None, "tool_calls", tool_calls=calls)),
                json_reply(completion("3 and 7")))
     client = server.client()
-    client._tools_unstreamed = True  # as after a server's empty tool stream: asked whole
     result = client.generate("hi", tools=[{"add": _add}])
     assert [(r.call.arguments, r.value) for r in result.tool_results] == [
         ({"a": 1, "b": 2}, 3), ({"a": 3, "b": 4}, 7)]
     ids = [r.call.id for r in result.tool_results]
     assert all(ids) and ids[0] != ids[1]
-    sent = server.bodies()[1]["messages"]
+    sent = server.bodies()[2]["messages"]  # after the empty stream and the whole answer
     assert [c["id"] for c in sent[-3]["tool_calls"]] == ids
     assert [(m["tool_call_id"], m["content"]) for m in sent[-2:]] == [(ids[0], "3"), (ids[1], "7")]
 
@@ -2592,13 +2612,19 @@ def test_unstreamed_parallel_calls_with_empty_ids_each_run_under_their_own_id(
     ("[1, 2]", {}, "must be a JSON object", []),
 ])
 def test_tool_arguments_are_parsed_leniently_but_never_guessed(
-    raw: str, parsed: dict[str, Any], error: str | None, quirks: list[str]
+    server: Scripted, raw: str, parsed: dict[str, Any], error: str | None, quirks: list[str]
 ) -> None:
-    noted: list[str] = []
-    value, problem = oc._parse_arguments(raw, noted.append)
+    echo = oc.Tool("echo", "Echo.", {"type": "object"}, lambda **arguments: arguments)
+    server.add(Reply(sse(delta(tool_calls=[_call(0, "c1", "echo", raw)]), delta("tool_calls"),
+                         {"choices": [], "usage": _USAGE}, "data: [DONE]\n\n")),
+               Reply(text_stream("ok", usage=_USAGE)))
+    client = server.client()
+    (done,) = client.generate("hi", tools=[echo]).tool_results
+    value, problem = done.call.arguments, done.error
     assert value == parsed
     assert (problem is None) if error is None else (error in (problem or ""))
-    assert noted == quirks
+    assert client.quirks == quirks
+    assert done.value == (parsed if error is None else None), "run with them, or not at all"
 
 
 @pytest.mark.parametrize(("message", "finish", "quirks"), [
@@ -2836,7 +2862,7 @@ def test_tool_schema_from_function(func: Callable[..., Any], properties: dict[st
     assert spec["type"] == "function" and spec["function"]["name"] == func.__name__
 
 
-def test_tool_description_and_decorator_forms() -> None:
+def test_tool_description_and_decorator_forms(server: Scripted) -> None:
     @oc.tool
     def plain(x: int) -> int:
         """Double it.
@@ -2850,9 +2876,11 @@ def test_tool_description_and_decorator_forms() -> None:
     def other() -> None:
         pass
 
-    a, b = oc._as_tools([plain, other])
-    assert (a.name, a.description) == ("plain", "Double it.")
-    assert (b.name, b.description, b.parameters["required"]) == ("renamed", "Custom.", [])
+    server.add(Reply(text_stream("ok")))
+    server.client().generate("hi", tools=[plain, other])
+    a, b = (t["function"] for t in server.bodies()[0]["tools"])
+    assert (a["name"], a["description"]) == ("plain", "Double it.")
+    assert (b["name"], b["description"], b["parameters"]["required"]) == ("renamed", "Custom.", [])
     assert plain(4) == 8, "the decorated function stays callable"
 
 
@@ -2862,53 +2890,61 @@ def test_tool_description_and_decorator_forms() -> None:
      ("not a tool", r"^tools\[0\] is a str: give a function, an oc\.Tool, or a dict"),
      (3, r"^tools\[0\] is an? int: give a function, an oc\.Tool, or a dict")],
 )
-def test_tool_bad_definitions_are_config_errors(bad: Any, says: str) -> None:
+def test_tool_bad_definitions_are_config_errors(server: Scripted, bad: Any, says: str) -> None:
     with pytest.raises(oc.ConfigError, match=says):
-        oc._as_tools([bad])
+        server.client().generate("hi", tools=[bad])
+    assert server.requests == []
 
 
-def test_tool_unsupported_annotation_names_tool_and_parameter() -> None:
+def test_tool_unsupported_annotation_names_tool_and_parameter(server: Scripted) -> None:
     def takes_callback(callback: Callable[[], None]) -> None:
         pass
 
     with pytest.raises(oc.ConfigError, match="takes_callback.*callback"):
-        oc._as_tools([takes_callback])
+        server.client().generate("hi", tools=[takes_callback])
 
 
-def test_tool_dict_forms_and_duplicates() -> None:
+def test_tool_dict_forms_and_duplicates(server: Scripted) -> None:
     def run(query: str) -> str:
         return query
 
-    tools = oc._as_tools([{"search": {"description": "Find things.",
-                                      "parameters": {"type": "object", "properties": {}},
-                                      "execute": run}},
-                          {"echo": oc.Tool("echo", "Echo.", {"type": "object"}, run)}])
-    assert [t.name for t in tools] == ["search", "echo"]
+    server.add(Reply(text_stream("ok")))
+    client = server.client()
+    client.generate("hi", tools=[{"search": {"description": "Find things.",
+                                             "parameters": {"type": "object", "properties": {}},
+                                             "execute": run}},
+                                 {"echo": oc.Tool("echo", "Echo.", {"type": "object"}, run)}])
+    tools = [t["function"] for t in server.bodies()[0]["tools"]]
+    assert [t["name"] for t in tools] == ["search", "echo"]
     with pytest.raises(oc.ConfigError, match="two tools"):
-        oc._as_tools([run, run])
+        client.generate("hi", tools=[run, run])
     with pytest.raises(oc.ConfigError):
-        oc._as_tools({"x": {"description": "no execute"}})
+        client.generate("hi", tools={"x": {"description": "no execute"}})
+    assert len(server.requests) == 1
 
 
-def run_tool(tool: oc.Tool, arguments: dict[str, Any]) -> Any:
-    """Run one call of `tool` as the loop does: the value, or the error the model reads."""
-    done = oc._execute(oc.ToolCall("c1", tool.name, arguments, json.dumps(arguments)),
-                       {tool.name: tool}, unnoted)
+def run_tool(server: Scripted, tool: Any, arguments: dict[str, Any]) -> Any:
+    """Run one call of `tool` (a function or an oc.Tool) through the tool-call loop: the
+    value, or the error the model reads."""
+    name = tool.name if isinstance(tool, oc.Tool) else tool.__name__
+    server.add(_calls_then_text(_call(0, "c1", name, json.dumps(arguments))),
+               Reply(text_stream("ok")))
+    (done,) = server.client().generate("hi", tools=[tool]).tool_results
     return done.value if done.error is None else done.error
 
 
-def test_run_tool_checks_arguments_and_converts_enums() -> None:
+def test_run_tool_checks_arguments_and_converts_enums(server: Scripted) -> None:
     seen: list[Any] = []
 
     def paint(colour: Colour, coats: int = 1) -> str:
         seen.append(colour)
         return colour.value
 
-    (t,) = oc._as_tools([paint])
-    assert run_tool(t, {"colour": "red"}) == "red" and seen == [Colour.RED]
-    assert run_tool(t, {}).startswith("TypeError: missing")
-    assert run_tool(t, {"colour": "red", "brush": "wide"}).startswith("TypeError: unexpected")
-    assert re.match("ValueError: .*must be one of", run_tool(t, {"colour": "green"}))
+    assert run_tool(server, paint, {"colour": "red"}) == "red" and seen == [Colour.RED]
+    assert run_tool(server, paint, {}).startswith("TypeError: missing")
+    assert run_tool(server, paint, {"colour": "red", "brush": "wide"}).startswith(
+        "TypeError: unexpected")
+    assert re.match("ValueError: .*must be one of", run_tool(server, paint, {"colour": "green"}))
     assert seen == [Colour.RED], "a call whose arguments do not fit never runs"
 
 
@@ -3087,7 +3123,7 @@ def test_build_makes_the_values_the_hints_ask_for() -> None:
 
 
 def test_run_tool_reads_the_signature_once_and_takes_null_for_optional(
-    monkeypatch: pytest.MonkeyPatch
+    server: Scripted, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def note(text: str, price: Price | None = None, **more: Any) -> Any:
         return text, price, more
@@ -3099,12 +3135,15 @@ def test_run_tool_reads_the_signature_once_and_takes_null_for_optional(
         "size": {"enum": ["s", "l"]}}, "required": ["size"]}, hand_made)])
     monkeypatch.setattr(oc.inspect, "signature", None)  # a call that read it would fail
     note_tool, raw_tool = tools
-    assert run_tool(note_tool, {"text": "a", "price": None, "x": 1}) == ("a", None, {"x": 1})
-    assert run_tool(note_tool, {"text": "a", "price": {"amount": 2}}) == ("a", Price(2), {})
-    assert run_tool(raw_tool, {"size": "s"}) == "s", "no hints: checked, passed as it came"
-    assert run_tool(raw_tool, {"size": "s", "colour": "red"}).startswith(
+    assert run_tool(server, note_tool, {"text": "a", "price": None, "x": 1}) == (
+        "a", None, {"x": 1})
+    assert run_tool(server, note_tool, {"text": "a", "price": {"amount": 2}}) == (
+        "a", Price(2), {})
+    assert run_tool(server, raw_tool, {"size": "s"}) == "s", (
+        "no hints: checked, passed as it came")
+    assert run_tool(server, raw_tool, {"size": "s", "colour": "red"}).startswith(
         "TypeError: unexpected argument")
-    assert run_tool(raw_tool, {"size": "m"}) == (
+    assert run_tool(server, raw_tool, {"size": "m"}) == (
         'ValueError: $.size: must be one of "s", "l", got "m"')
 
 
@@ -3474,7 +3513,7 @@ def test_pydantic_models_inside_a_dataclass_and_a_typeddict_parameter(
                    second["tools"][0]["function"]["parameters"]):
         assert schema["$defs"] == {"Home": STRICT_HOME}
         assert _defs_below_the_root(schema) == []
-        oc._vet_schema(schema, "schema=")  # every "#/$defs/..." resolves
+        oc.Tool("vetted", "", schema)  # its schema is vetted: every "#/$defs/..." resolves
 
 
 def test_pydantic_models_inside_a_typeddict_answer_are_instances(server: Scripted) -> None:
@@ -4593,7 +4632,8 @@ def test_a_server_refusing_strict_gets_the_request_once_more_without_it(
     assert second == first
     assert "strict" not in third["tools"][0]["function"], "the Client remembers"
     assert client.quirks[0] == "strict schemas refused: sent without strict"
-    assert client._http.schema_form == oc._JSON_SCHEMA, "strict named: no step down"
+    assert not [q for q in client.quirks if q.startswith(("json_schema", "response_format"))], (
+        "strict named: no step down")
     assert [r.levelname for r in caplog.records if "strict" in r.getMessage()] == ["WARNING"]
 
 
