@@ -1132,6 +1132,9 @@ def test_inputs_any_configuration_and_text_succeed_or_fail_as_the_module_s_own_e
 
 
 # ==== Client ====
+# Two private names, on purpose: the wait_ready test shortens _WAIT_GAP for speed (after
+# checking its value), and the many-threads test calls Client._note directly: 700 notes
+# from 8 threads at once, which no exchange with a server makes as fast.
 
 
 def test_module_level_functions_use_a_client_from_the_environment(
@@ -1300,6 +1303,8 @@ def test_quirks_from_many_threads_are_listed_once(server: Scripted) -> None:
 
 
 # ==== Model discovery ====
+# One private name, on purpose: _DISCOVERY_SECONDS, checked to be DESIGN.md's 5 s, then
+# shortened for speed.
 
 
 @pytest.mark.parametrize(
@@ -1437,6 +1442,8 @@ def test_models_any_answer_gives_ids_or_the_module_s_own_error(
 
 
 # ==== Requests ====
+# One private name, on purpose: _OPENAI_PARAMETERS, the module's table of OpenAI's
+# parameters, compared whole with the published list (the tests after it send each one).
 
 
 def test_stream_request_body(server: Scripted) -> None:
@@ -1686,6 +1693,9 @@ def test_schema_bad_uses_are_config_errors(server: Scripted) -> None:
 
 
 # ==== Streaming ====
+# Two private names, on purpose: the SSE line regrouping is tested on its own through
+# _iter_events (reads cut anywhere, no server needed), and _MAX_EVENT_BYTES, the module's
+# own bound on an event, is what the bound test exceeds.
 
 WHOLE = "one JSON document for a stream request"
 
@@ -2238,6 +2248,8 @@ def test_tool_loop_stops_at_max_steps(server: Scripted) -> None:
 
 
 # ==== Tool-call loop ====
+# One private name, on purpose: _json_from_text (structured answers, below), the reader of
+# JSON among prose, is tested on its own: each text is a whole answer.
 
 
 GOOD_ORDER = {"items": [{"name": "tea", "price": {"amount": 3}}]}
@@ -2810,6 +2822,10 @@ def test_json_from_text_says_why_it_found_none(text: str, reason: str) -> None:
 
 
 # ==== Tools ====
+# These tests call the private _as_tools, _tool_spec, _schema and _build directly: the unit
+# is the JSON Schema a function or a type hint gives, and the value built back from JSON,
+# before the strict form a request carries (the strict schemas, below, are checked on the
+# wire).
 
 
 class Colour(enum.Enum):
@@ -3690,6 +3706,9 @@ def test_integral_float_for_a_dataclass_field_through_schema_is_an_int(server: S
 
 
 # ==== Checking JSON against a schema ====
+# These tests call the checker's private _validate, _vet_schema and _prune_nulls directly
+# (and draw keywords from its table, _KEYWORDS): the keyword table is the unit, case by
+# case, as the JSON-Schema-Test-Suite asserts it; a few go through generate() and Tool too.
 
 
 OBJECT = {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
@@ -4076,6 +4095,8 @@ def test_schema_answer_null_is_the_field_default_and_3_0_an_int(server: Scripted
 
 
 # ==== HTTP plumbing ====
+# Private names here are test-speed constants only: _BACKOFF_BASE (checked, then
+# shortened) and _WAIT_GAP (shortened).
 
 
 def test_retry_429_then_200(server: Scripted) -> None:
