@@ -6626,6 +6626,12 @@ def _client(server: Any, **kwargs: Any) -> oc.Client:
     return oc.Client(server.base_url, api_key=server.api_key, **kwargs)
 
 
+def _step_downs(client: oc.Client) -> list[str]:
+    """The lines of client.quirks that say schema= answers are asked for another way than
+    response_format json_schema (the first way; none: still asked that way)."""
+    return [q for q in client.quirks if q.startswith(("json_schema", "response_format"))]
+
+
 @pytest.fixture(scope="session")
 def few_shot() -> list[dict[str, Any]]:
     return list(_local_server_module().CALCULATOR_FEW_SHOT)
@@ -6717,7 +6723,8 @@ def test_real_streamed_tool_call_equals_the_non_streamed_one(
     assert stream.result is not None and stream.result.finish_reason == "max_steps"
     assert log == [], "calls of the last allowed model call are reported, not run"
     if real.name == "llama-cpp-python":
-        assert not client._tools_unstreamed, "a forced tool call must really be streamed"
+        assert "tool calls only unstreamed" not in client.quirks, (
+            "a forced tool call must really be streamed")
 
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["stream", "generate"])
@@ -6850,9 +6857,10 @@ def test_real_structured_answer_is_valid_data_on_each_rung(real: Any) -> None:
                              temperature=0, seed=1, max_tokens=60)
     assert isinstance(result.data, Capital), result.text
     assert result.data.city.strip() and result.data.country.strip()
-    rung = client._http.schema_form
-    print(f"{real.name}: rung {rung}, {len(result.steps)} model call(s), {result.data}")
-    assert rung == (1 if real.name == "llama-cpp-python" else 0)
+    step_downs = _step_downs(client)
+    print(f"{real.name}: {step_downs}, {len(result.steps)} model call(s), {result.data}")
+    assert step_downs == (["json_schema refused: json_object with the schema"]
+                          if real.name == "llama-cpp-python" else [])
 
 
 def test_real_llama_malformed_request_is_bad_request(llama: Any) -> None:
@@ -7112,7 +7120,7 @@ def test_real_llama_cpp_python_streams_tools_without_streaming_after_an_empty_st
                                max_tokens=200, max_steps=1, tools=[_calculator([])])
         calls = [c.tool_call for c in stream if c.type == "tool_call"]
     assert calls and calls[0].name == "calculate"
-    assert "without any event" in caplog.text and client._tools_unstreamed
+    assert "without any event" in caplog.text and "tool calls only unstreamed" in client.quirks
     # The next request goes out on a new connection and, without tools, streams.
     text = [c.content for c in client.stream("Say hi.", max_tokens=10) if c.type == "text"]
     assert len(text) > 1
@@ -7177,9 +7185,10 @@ def test_real_pydantic_model_with_a_nested_model_and_an_optional_field(real: Any
     assert isinstance(person, Person) and isinstance(person.address, PostalAddress), result.text
     assert person.name.strip() and person.address.city.strip() and type(person.age) is int
     assert person.nickname is None or isinstance(person.nickname, str)
-    rung = client._http.schema_form
-    print(f"{real.name}: rung {rung}, {len(result.steps)} model call(s), {person!r}")
-    assert rung == (1 if real.name == "llama-cpp-python" else 0)
+    step_downs = _step_downs(client)
+    print(f"{real.name}: {step_downs}, {len(result.steps)} model call(s), {person!r}")
+    assert step_downs == (["json_schema refused: json_object with the schema"]
+                          if real.name == "llama-cpp-python" else [])
 
 
 RETIRED = {"type": "object", "properties": {
@@ -7201,10 +7210,11 @@ def test_real_schema_minimum_maximum_keeps_the_integer_within_bounds(real: Any,
         assert re.search(r"\$\.age: must be at (least 70|most 99), got \d+", str(exc)), str(exc)
         return
     age = result.data["age"]
-    print(f"{real.name}: rung {client._http.schema_form}, {len(result.steps)} model call(s), "
+    print(f"{real.name}: {_step_downs(client)}, {len(result.steps)} model call(s), "
           f"{result.data}")
     assert type(age) is int and 70 <= age <= 99, result.text
-    assert client._http.schema_form == (1 if real.name == "llama-cpp-python" else 0)
+    assert _step_downs(client) == (["json_schema refused: json_object with the schema"]
+                                   if real.name == "llama-cpp-python" else [])
 
 
 # ---- vLLM and transformers serve (issue 25) ----
@@ -7393,7 +7403,7 @@ def test_real_vllm_schema_with_an_optional_field_is_enforced_strictly(vllm: Any)
     assert facts.city.strip() and facts.country.strip()
     assert facts.population is None or type(facts.population) is int
     # vLLM enforces json_schema: the first rung, the first answer, marked strict.
-    assert client._http.schema_form == 0 and len(result.steps) == 1
+    assert _step_downs(client) == [] and len(result.steps) == 1
     sent = relay.bodies[0]["response_format"]
     assert sent["type"] == "json_schema" and sent["json_schema"]["strict"] is True
     assert set(sent["json_schema"]["schema"]["required"]) == {"city", "country", "population"}
@@ -7540,11 +7550,11 @@ def test_real_transformers_ignored_response_format_steps_down_to_the_schema_in_a
                                      temperature=0, max_tokens=100)
         except oc.OutputError as exc:  # a 135M model may not write it even then
             assert "$" in str(exc) or "JSON" in str(exc), str(exc)
-            print(f"transformers serve: rung {client._http.schema_form}, OutputError: {exc}")
+            print(f"transformers serve: {_step_downs(client)}, OutputError: {exc}")
         else:
             assert isinstance(result.data, Capital), result.text
             assert result.data.city.strip() and result.data.country.strip()
-            print(f"transformers serve: rung {client._http.schema_form}, "
+            print(f"transformers serve: {_step_downs(client)}, "
                   f"{len(result.steps)} model call(s), {result.data}")
     first, second = relay.bodies[:2]
     assert first["response_format"]["type"] == "json_schema"
@@ -7553,7 +7563,7 @@ def test_real_transformers_ignored_response_format_steps_down_to_the_schema_in_a
     systems = [m["content"] for m in second["messages"] if m["role"] == "system"]
     assert systems and '"city"' in systems[0] and '"country"' in systems[0], second["messages"]
     # (It ignores json_object too: an answer still without JSON steps down once more.)
-    assert client._http.schema_form >= 1
+    assert _step_downs(client), "stepped down once at least"
     assert any(line.startswith("response_format ignored") for line in client.quirks), \
         client.quirks
 
