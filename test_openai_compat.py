@@ -58,7 +58,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-# ==== The scripted loopback server ====
+# ==== The tests' own servers and helpers (not a module section) ====
 
 
 class Reply:
@@ -355,7 +355,23 @@ def _calls_then_text(*calls: dict[str, Any], finish: str = "tool_calls") -> Repl
     return Reply(sse(delta(tool_calls=list(calls)), delta(finish), "data: [DONE]\n\n"))
 
 
-# ==== Error classification ====
+@pytest.fixture
+def other_server() -> Iterator[Scripted]:
+    """A second scripted server: another origin (same host, another port)."""
+    yield from _scripted()
+
+
+# Usage in every scripted stream that checks quirks: "no usage in streams" stays out.
+_USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def _leaks(secret: str, *texts: str) -> list[str]:
+    """The texts that show `secret`, as written or escaped by repr()/ascii()."""
+    forms = {secret, repr(secret)[1:-1], ascii(secret)[1:-1]}
+    return [t for t in texts if any(f in t for f in forms)]
+
+
+# ==== Errors ====
 
 
 @pytest.mark.parametrize(
@@ -647,13 +663,28 @@ def test_chunks_are_frozen_and_their_content_always_prints(server: Scripted) -> 
     assert chunks[0] == oc.Chunk("text", content="a", step=1)
 
 
-def test_usage_adds_up_over_steps_and_stays_none_when_never_reported() -> None:
+def test_usage_adds_up_over_steps_and_stays_none_when_never_reported(server: Scripted) -> None:
     total = oc.Usage(3, 2, 5) + oc.Usage(10, 1, 11)
     assert (total.prompt_tokens, total.completion_tokens, total.total_tokens) == (13, 3, 16)
-    steps = [oc.Step("a", usage=oc.Usage(1, 1, 2)), oc.Step("b"), oc.Step("c", usage=total)]
-    result = oc._result(steps, "stop", [])
+
+    def step(text: str, usage: oc.Usage | None, call: str | None = None) -> Reply:
+        events: list[Any] = [delta(content=text)]
+        if call is not None:
+            events.append(delta(tool_calls=[_call(0, call, "_add", '{"a": 1, "b": 1}')]))
+        events.append(delta("tool_calls" if call else "stop"))
+        if usage is not None:
+            events.append({"choices": [], "usage": {
+                "prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens,
+                "completion_tokens": usage.completion_tokens}})
+        return Reply(sse(*events, "data: [DONE]\n\n"))
+
+    # Three model calls: "a" with usage (1, 1, 2), "b" without, then "c" with `total`.
+    server.add(step("a", oc.Usage(1, 1, 2), "c1"), step("b", None, "c2"), step("c", total),
+               step("x", None))
+    client = server.client()
+    result = client.generate("hi", tools=[_add])
     assert result.usage == oc.Usage(14, 4, 18) and result.text == "c"
-    assert oc._result([oc.Step("x")], "stop", []).usage is None
+    assert client.generate("hi").usage is None
 
 
 def test_reprs_stay_short(server: Scripted) -> None:
@@ -732,12 +763,13 @@ def test_config_sends_no_authorization_without_key_and_extra_headers(server: Scr
 
 
 def test_key_over_plain_http_to_a_remote_host_warns_once(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(oc._Connection, "_warned_hosts", set())
+    # The warning is once per host for the process: a host no test has named before.
+    remote = f"http://run{time.monotonic_ns()}.gpu-box.example:8000/v1"
     with caplog.at_level(logging.WARNING, logger="openai_compat"):
-        oc.Client("http://gpu-box.example:8000/v1", api_key="sk-secret-1", model="m")
-        oc.Client("http://gpu-box.example:8000/v1", api_key="sk-secret-1", model="m")
+        oc.Client(remote, api_key="sk-secret-1", model="m")
+        oc.Client(remote, api_key="sk-secret-1", model="m")
         oc.Client("http://127.0.0.1:8000/v1", api_key="sk-secret-1", model="m")
         oc.Client("http://localhost:8000/v1", api_key="sk-secret-1", model="m")
         oc.Client("https://api.example/v1", api_key="sk-secret-1", model="m")
@@ -747,58 +779,362 @@ def test_key_over_plain_http_to_a_remote_host_warns_once(
     assert "https" in warnings[0] and "sk-secret-1" not in warnings[0]
 
 
-@pytest.mark.parametrize(("keyword", "says"), [
-    ("max_token", "did you mean max_tokens=?"),
-    ("temprature", "did you mean temperature=?"),
-    ("top_k", "extra_body={'top_k': ...}"),
-    ("stream", "call stream() to stream"),
-    ("tool", "did you mean tools=?"),
+# Issue #21: what people paste, read from files and set in their environment (DESIGN.md,
+# "Input that HTTP or JSON cannot carry"): a ConfigError naming what to fix before
+# anything is sent; secrets in a base URL redacted like the key; a query string kept
+# last. (What servers send back is under Streaming and HTTP plumbing; coroutine tools
+# under Tool-call loop.)
+
+
+@pytest.mark.parametrize(("options", "names", "secret"), [
+    ({"api_key": "sk-ключ-0123"}, "api_key=", "ключ"),  # a key typed in another layout
+    ({"api_key": "sk-abc123\nX-Evil: 1"}, "api_key=", "X-Evil"),  # header injection
+    ({"api_key": "sk-abc123\r\nX-Evil: 1"}, "api_key=", "X-Evil"),
+    ({"api_key": "sk-abc123\x00tail"}, "api_key=", "tail"),
+    ({"api_key": "sk-abc123\ttail"}, "api_key=", "tail"),
+    ({"api_key": "sk-abc123\u200btail"}, "api_key=", "tail"),  # a zero-width space from a web page
+    ({"api_key": "sk-abc123\u00a0tail"}, "api_key=", "tail"),  # a no-break space from a PDF
+    ({"headers": {"api-key": "clé-0123"}}, "'api-key'", "clé"),
+    ({"headers": {"api-key": "abc123\r\nX-Evil: 1"}}, "'api-key'", "X-Evil"),
+    ({"headers": {"X-Team": "blue\x00tail"}}, "'X-Team'", "tail"),
+    # A bad name: its value (a key, maybe) is not shown either.
+    ({"headers": {"X A": "sk-hdr-0123"}}, "'X A'", "sk-hdr-0123"),
+    ({"headers": {"X:A": "sk-hdr-0123"}}, "'X:A'", "sk-hdr-0123"),
+    ({"headers": {"": "sk-hdr-0123"}}, "''", "sk-hdr-0123"),
+    ({"headers": {"X-Tëam": "sk-hdr-0123"}}, "'X-Tëam'", "sk-hdr-0123"),
+    ({"headers": {"X-Team\n": "sk-hdr-0123"}}, "X-Team", "sk-hdr-0123"),
 ])
-def test_options_unknown_keywords_fail_loudly_naming_the_closest(
-        server: Scripted, keyword: str, says: str) -> None:
-    # Issue #12: a misspelt option went into the request body and the server ignored it.
-    client = server.client()
-    for call in (client.stream, client.generate):
-        with pytest.raises(oc.ConfigError) as caught:
-            call("hi", **{keyword: 5})
-        assert f"{keyword}=" in str(caught.value) and says in str(caught.value)
+def test_client_refuses_a_key_or_header_http_cannot_carry(server: Scripted, options: dict[str, Any],
+                                                          names: str, secret: str) -> None:
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client(**options)
+    message = str(caught.value)
+    assert names in message
+    assert _leaks(secret, message, repr(caught.value)) == []
     assert server.requests == []
 
 
-def test_options_openai_parameters_and_extra_body_reach_the_server(server: Scripted) -> None:
+def test_a_header_value_that_is_no_str_is_refused_before_sending(server: Scripted) -> None:
+    # headers={"api-key": os.environ.get("AZURE_KEY")} with the variable unset.
+    message = "header 'api-key': its value must be a str, not NoneType"
+    with pytest.raises(oc.ConfigError, match=message):
+        server.client(headers={"api-key": None})
+    with pytest.raises(oc.ConfigError, match=message.replace("NoneType", "int")):
+        server.client().generate("hi", extra_headers={"api-key": 7})
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("key", ["sk-ключ-0123", "sk-abc123\nX-Evil: 1", "sk-abc123\u200btail"])
+def test_client_refuses_a_key_from_the_environment_http_cannot_carry(
+        server: Scripted, monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", server.base_url)
+    monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", key)
+    for make in (lambda: oc.Client(model="m"), lambda: oc.generate("hi", model="m")):
+        with pytest.raises(oc.ConfigError) as caught:
+            make()
+        assert "OPENAI_COMPATIBLE_API_KEY" in str(caught.value)
+        assert _leaks(key, str(caught.value), repr(caught.value)) == []
+        assert _leaks(key[3:9], str(caught.value)) == []
+    assert server.requests == []
+
+
+def test_client_header_value_pasted_with_a_leading_space_is_sent_and_never_shown(
+        server: Scripted) -> None:
+    # `name, value = "api-key: sk-azure-0123".split(":", 1)` leaves " sk-azure-0123":
+    # printable ASCII, which the door lets through, so it must travel (HTTP drops the
+    # space anyway); Azure's key header is a key, never shown in an error.
     server.add(Reply(text_stream("ok")))
-    run(server.client().stream("hi", max_completion_tokens=9, logprobs=True, top_logprobs=2,
-                               parallel_tool_calls=False, reasoning_effort="low", user="u1",
-                               extra_body={"top_k": 40, "min_p": 0.05, "seed": 7}, seed=3))
-    body = server.bodies()[0]
-    assert {k: body[k] for k in ("max_completion_tokens", "logprobs", "top_logprobs",
-                                 "parallel_tool_calls", "reasoning_effort", "user", "top_k",
-                                 "min_p")} == {
-        "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2,
-        "parallel_tool_calls": False, "reasoning_effort": "low", "user": "u1", "top_k": 40,
-        "min_p": 0.05}
-    assert body["seed"] == 7  # extra_body is merged last
-    assert "timeout" not in body and "extra_body" not in body
+    client = server.client(headers={"api-key": " sk-azure-0123"})
+    try:
+        result = client.generate("hi")
+    except oc.OpenAICompatError as exc:
+        assert _leaks("sk-azure-0123", str(exc), repr(exc)) == []
+        raise
+    assert result.text == "ok"
+    assert server.requests[0]["headers"]["api-key"] == "sk-azure-0123"
 
 
-def test_options_timeout_is_this_calls_silence_limit(server: Scripted) -> None:
-    # Issue #12: timeout=5 went into the request body as "timeout": 5.
-    server.add(Reply(sse(delta(content="a")), text_stream("b"), pause=3),
-               Reply(text_stream("c")))
-    client = server.client(timeout=60)
-    started = time.monotonic()
-    with pytest.raises(oc.RequestTimeoutError) as caught:
-        run(client.stream("hi", timeout=0.25))
-    assert time.monotonic() - started < 1.25
-    assert caught.value.partial_text == "a"
-    assert client.stream("hi", timeout=5).text == "c"
-    assert "timeout" not in server.bodies()[1]
-    for bad in (0, -1, "soon"):
-        with pytest.raises(oc.ConfigError, match="timeout="):
-            client.stream("hi", timeout=bad).text  # noqa: B018 - raises before sending
+@pytest.mark.parametrize(("template", "secret", "readable"), [
+    ("http://user:s3cretpw@{host}/v1", "s3cretpw", ["user", "/v1"]),
+    ("http://{host}/v1?api-version=2024-10-21&key=SECRETKEY123", "SECRETKEY123",
+     ["/v1", "api-version=2024-10-21"]),
+    ("http://{host}/v1?api-version=2024-10-21&sig=SECRETSIG%2B456", "SECRETSIG",
+     ["/v1", "api-version=2024-10-21"]),
+    ("http://{host}/v1?token=SECRETTOKEN789&api-version=2024-10-21", "SECRETTOKEN789",
+     ["/v1", "api-version=2024-10-21"]),
+    ("http://{host}/v1?api-version=2024-10-21&password=SECRETPW000", "SECRETPW000",
+     ["/v1", "api-version=2024-10-21"]),
+    # A pasted endpoint: the warning that names the base to use shows it redacted too.
+    ("http://{host}/v1/chat/completions?api-version=2024-10-21&api_key=SECRETAPIKEY",
+     "SECRETAPIKEY", ["/v1", "api-version=2024-10-21"]),
+])
+def test_base_url_secrets_are_redacted_in_errors_reprs_logs_and_quirks(
+        server: Scripted, caplog: pytest.LogCaptureFixture, template: str, secret: str,
+        readable: list[str]) -> None:
+    caplog.set_level(logging.DEBUG)
+    host = f"127.0.0.1:{server.httpd.server_address[1]}"  # type: ignore[union-attr]
+    url = template.format(host=host)
+    # A proxy that echoes the URL it was asked for, in plain text (a quirk, logged).
+    server.add(Reply(f"upstream failed for {url}", status=500, framing="length",
+                     content_type="text/plain"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        client = oc.Client(url, model="m", max_retries=0)
+    with pytest.raises(oc.ServerError) as caught:
+        client.generate("hi")
+    err = caught.value
+    assert client.quirks  # the plain-text body was noted, and logged with the URL
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("openai_compat")]
+    assert logged and len(seen) == ("/chat/completions" in template)
+    assert _leaks(secret, repr(client), repr(client.config), str(err), repr(err), err.message,
+                  err.body or "", err.base_url or "", *logged, *client.quirks,
+                  *(str(w.message) for w in seen)) == []
+    for text in (str(err), err.base_url or ""):
+        assert host in text and all(part in text for part in readable), text
+
+
+def test_base_url_secrets_stay_out_of_the_http_library_s_debug_log(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # logging.basicConfig(level=logging.DEBUG) is how many scripts debug: urllib3 then
+    # logs every request line, query string included.
+    caplog.set_level(logging.DEBUG)
+    url = f"{server.base_url}?api-version=2024-10-21&sig=SECRETSIG456"
+    server.add(Reply(text_stream("ok", usage=_USAGE)))
+    assert oc.Client(url, model="m").generate("hi").text == "ok"
+    assert server.requests[0]["path"].endswith("&sig=SECRETSIG456")  # it was sent
+    assert [r.name for r in caplog.records if "SECRETSIG456" in r.getMessage()] == []
+
+
+def test_base_url_secrets_are_redacted_when_the_server_cannot_be_reached(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    host = f"127.0.0.1:{_free_port()}"
+    url = f"http://user:s3cretpw@{host}/v1?api-version=2024-10-21&key=SECRETKEY123"
+    client = oc.Client(url, api_key=KEY, max_retries=0)
+    assert client.available_models() == list(oc.FALLBACK_MODELS)  # and logs why
+    errors = []
+    for call in (lambda: client.available_models(fallback=False), lambda: client.generate("hi")):
+        with pytest.raises(oc.EndpointUnavailableError) as caught:
+            call()
+        errors.append(caught.value)
+    for err in errors:
+        shown = [str(err), repr(err), err.message, err.base_url or "",
+                 "".join(traceback.format_exception(err))]
+        for secret in ("s3cretpw", "SECRETKEY123", KEY):
+            assert _leaks(secret, *shown, caplog.text, repr(client), *client.quirks) == []
+        assert host in str(err) and "api-version=2024-10-21" in str(err)
+        assert err.base_url is not None and host in err.base_url
+
+
+def test_base_url_userinfo_never_replaces_the_key(server: Scripted) -> None:
+    # DESIGN.md: the key is sent as Authorization: Bearer when set. requests turns a
+    # URL's user:password into Basic auth, which silently took the key's place.
+    server.add(Reply(text_stream("ok")))
+    port = server.httpd.server_address[1]  # type: ignore[union-attr]
+    client = oc.Client(f"http://user:pw@127.0.0.1:{port}/v1", api_key=KEY, model="m")
+    assert client.generate("hi").text == "ok"
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+def test_base_url_query_string_stays_at_the_end_of_every_request_url(server: Scripted) -> None:
+    port = server.httpd.server_address[1]  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{port}/openai/deployments/NAME?api-version=2024-10-21"
+    server.add(json_reply({"data": [{"id": "gpt-4o"}]}), Reply(text_stream("ok")))
+    client = oc.Client(base, headers={"api-key": KEY})  # Azure's key header
+    assert client.generate("hi").text == "ok"
+    assert [(r["method"], r["path"]) for r in server.requests] == [
+        ("GET", "/openai/deployments/NAME/models?api-version=2024-10-21"),
+        ("POST", "/openai/deployments/NAME/chat/completions?api-version=2024-10-21")]
+    assert [r["headers"].get("api-key") for r in server.requests] == [KEY, KEY]
+    assert server.bodies()[0]["model"] == "gpt-4o"
+
+
+@pytest.mark.parametrize(("suffix", "path", "named"), [
+    ("#x", "/v1/chat/completions", ""),
+    ("/#section", "/v1/chat/completions", ""),
+    ("/chat/completions", "/v1/chat/completions", "/v1"),
+    ("/chat/completions/", "/v1/chat/completions", "/v1"),
+    ("/models", "/v1/chat/completions", "/v1"),
+    ("/models/", "/v1/chat/completions", "/v1"),
+    ("/chat/completions?api-version=2024-10-21",
+     "/v1/chat/completions?api-version=2024-10-21", "/v1?api-version=2024-10-21"),
+])
+def test_base_url_fragment_is_dropped_and_a_pasted_endpoint_cut_back_with_one_warning(
+        server: Scripted, suffix: str, path: str, named: str) -> None:
+    # Issue #26: the warning was a log line, unseen by scripts that never configure
+    # logging; it is a UserWarning, which Python shows with no set-up, pointing at the
+    # line that made the Client.
+    root = server.base_url[: -len("/v1")]
+    server.add(Reply(text_stream("ok")), Reply(text_stream("ok")))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # the module itself warns once per URL
+        for _ in range(2):
+            assert oc.Client(server.base_url + suffix, model="m").generate("hi").text == "ok"
+    assert [r["path"] for r in server.requests] == [path, path]
+    assert len(seen) == bool(named)  # once for the two Clients
+    for warning in seen:
+        assert warning.category is UserWarning and warning.filename == __file__
+        assert f"using {root}{named}" in str(warning.message)
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("inf", "1000000"), ("Infinity", "1000000"), ("1e309", "1000000"),
+    ("999999999999", "1000000"), ("1000001", "1000000"),
+    ("nan", "positive"), ("-1", "positive"), ("0", "positive"), ("-inf", "positive"),
+])
+def test_timeout_must_be_a_positive_number_of_seconds_at_most_a_million(
+        server: Scripted, monkeypatch: pytest.MonkeyPatch, value: str, says: str) -> None:
+    monkeypatch.setenv("OPENAI_COMPATIBLE_TIMEOUT", value)
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client()
+    assert "OPENAI_COMPATIBLE_TIMEOUT" in str(caught.value) and says in str(caught.value)
+    monkeypatch.delenv("OPENAI_COMPATIBLE_TIMEOUT")
+    with pytest.raises(oc.ConfigError, match=says):
+        server.client(timeout=float(value))
+    client = server.client()
+    for given_value in (float(value), value):
+        for call in (client.stream, client.generate):
+            with pytest.raises(oc.ConfigError) as caught:
+                call("hi", timeout=given_value)
+            assert "timeout=" in str(caught.value) and says in str(caught.value)
+    assert server.requests == []
+
+
+def test_timeout_of_a_million_seconds_is_the_largest_accepted(server: Scripted) -> None:
+    server.add(Reply(text_stream("ok")), Reply(text_stream("ok")))
+    client = server.client(timeout=1_000_000)
+    assert client.config.timeout == 1_000_000
+    assert client.generate("hi", timeout=1e6).text == "ok"
+    assert client.generate("hi").text == "ok"
+
+
+def test_max_retries_must_be_0_or_more(server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_COMPATIBLE_MAX_RETRIES", "-1")
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client()
+    assert "OPENAI_COMPATIBLE_MAX_RETRIES" in str(caught.value)
+    assert "0 or more" in str(caught.value)
+    monkeypatch.delenv("OPENAI_COMPATIBLE_MAX_RETRIES")
+    with pytest.raises(oc.ConfigError, match="0 or more"):
+        server.client(max_retries=-1)
+
+
+@pytest.mark.parametrize(("options", "names"), [
+    ({"timeout": float("inf")}, "timeout="),
+    ({"timeout": -1}, "timeout="),
+    ({"max_retries": -1}, "max_retries="),
+])
+def test_client_arguments_out_of_range_are_named_as_the_arguments(
+        server: Scripted, options: dict[str, Any], names: str) -> None:
+    # The variable is not set: a message naming it sends the user to the wrong place
+    # (as issue #12 found for base_url=).
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client(**options)
+    assert names in str(caught.value)
+
+
+# Any character at all, lone surrogates, NUL and line breaks often among them.
+_ANY_CHAR = st.characters(codec=None, exclude_categories=()) | st.sampled_from(
+    "\udcff\ud800\x00\n\r\t\x7f\u2028\u200b\u00a0é ")
+
+
+def _any_text(min_size: int = 0, max_size: int = 12) -> st.SearchStrategy[str]:
+    # st.text() rarely draws a surrogate even when allowed; a list of characters does.
+    return st.lists(_ANY_CHAR, min_size=min_size, max_size=max_size).map("".join)
+
+
+# A silence limit under a second against loopback is a timing test (and a connect
+# timeout is retried with backoff), not an input test: such values are left out.
+_TIMEOUTS = st.one_of(
+    st.none(),
+    st.floats().filter(lambda t: not 0 < t < 1),
+    st.integers(-10, 10**13),
+    st.sampled_from(["inf", "-inf", "nan", "1e309", "999999999999", "30", " 5 ", "", " ",
+                     "soon", "0x10", "1_000", "0", "-1"]),
+    _any_text(max_size=4).filter(lambda t: not re.fullmatch(r"\s*[0-9.e+-]*\s*", t)),
+)
+_RETRIES = st.one_of(st.none(), st.integers(-5, 1),
+                     st.sampled_from(["-1", "2.5", "two", "", " ", " 1 ", "1e3", "0"]),
+                     _any_text(max_size=3).filter(lambda t: not t.strip().isdigit()))
+# "sk-" first: a bare random key ("1000", "acte") can be a word every message holds.
+_KEYS = st.one_of(st.none(),
+                  st.text(string.ascii_letters + string.digits + "-_.", min_size=4).map(
+                      lambda k: "sk-" + k),
+                  _any_text(min_size=4).map(lambda k: "sk-" + k))
+# Header values are secrets too when the name says so (Azure's api-key).
+_SECRET_HEADER = re.compile(r"key|token|secret|auth", re.IGNORECASE)
+_HEADERS = st.one_of(
+    st.none(),
+    # Azure's key header, as pasted: "api-key: sk-..." split at the colon keeps a space.
+    st.fixed_dictionaries({"api-key": st.builds(str.__add__, st.sampled_from(["", " ", "\t"]),
+                                                _KEYS.filter(bool))}),
+    st.dictionaries(st.sampled_from(["X-Team", "api-key"]) | _any_text(max_size=6),
+                    st.sampled_from(["blue", "a b", ""]) | _any_text(max_size=8), max_size=2))
+
+
+def _env_can_carry(value: str) -> bool:
+    try:
+        return b"\x00" not in os.fsencode(value)
+    except UnicodeError:
+        return False
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=_KEYS, headers=_HEADERS, prompt=_any_text(max_size=20), timeout=_TIMEOUTS,
+       call_timeout=_TIMEOUTS, retries=_RETRIES, via_env=st.booleans())
+# Found by this test: requests refuses the pasted space, and its message shows the key.
+@example(key=None, headers={"api-key": " sk-0000"}, prompt="", timeout=None,
+         call_timeout=None, retries=None, via_env=False)
+def test_inputs_any_configuration_and_text_succeed_or_fail_as_the_module_s_own_errors(
+        server: Scripted, caplog: pytest.LogCaptureFixture, key: str | None,
+        headers: dict[str, str] | None, prompt: str, timeout: Any, call_timeout: Any,
+        retries: Any, via_env: bool) -> None:
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    server.replies[:] = [Reply(text_stream("ok")) for _ in range(3)]
+    asked = len(server.requests)
+    settings_given = {"OPENAI_COMPATIBLE_API_KEY": key, "OPENAI_COMPATIBLE_TIMEOUT": timeout,
+                      "OPENAI_COMPATIBLE_MAX_RETRIES": retries}
+    # The environment carries what the OS can: no NUL, no surrogate but an escaped byte.
+    via_env = via_env and all(_env_can_carry(str(v)) for v in settings_given.values())
+    arguments: dict[str, Any] = {}
+    if via_env:
+        os.environ.update({k: str(v) for k, v in settings_given.items() if v is not None})
+    else:
+        arguments = {"api_key": key, "timeout": timeout, "max_retries": retries}
+    shown: list[str] = []
+    client = None
+    try:
+        client = oc.Client(server.base_url, model="m", headers=headers, **arguments)
+        result = client.generate(prompt, timeout=call_timeout)
+        assert result.text == "ok"
+        assert server.bodies()[-1]["messages"] == [{"role": "user", "content": prompt}]
+    except oc.OpenAICompatError as exc:
+        shown += [str(exc), repr(exc), getattr(exc, "body", None) or ""]
+        if isinstance(exc, oc.ConfigError):
+            assert len(server.requests) == asked  # nothing was sent
+    finally:
+        for name in settings_given:
+            os.environ.pop(name, None)
+        if client is not None:
+            shown += [repr(client), repr(client.config), *client.quirks]
+            client.close()
+    # A header named like a secret is one whatever its length. A key shorter than 8
+    # characters is a placeholder, shown as it is (Config's repr shows it even when a
+    # header holds the same text: found by this test).
+    key = (key or "").strip()
+    secrets = [key if len(key) >= 8 else "", *(v.strip() for n, v in (headers or {}).items()
+                                               if _SECRET_HEADER.search(n) and v.strip() != key)]
+    for secret in secrets:
+        if len(secret) >= 4 and secret.startswith("sk-"):
+            assert _leaks(secret, *shown, caplog.text) == []
 
 
 # ==== Client ====
+# Two private names, on purpose: the wait_ready test shortens _WAIT_GAP for speed (after
+# checking its value), and the many-threads test calls Client._note directly: 700 notes
+# from 8 threads at once, which no exchange with a server makes as fast.
 
 
 def test_module_level_functions_use_a_client_from_the_environment(
@@ -852,9 +1188,8 @@ def test_generate_fails_within_timeout_of_silence_keeping_the_partial_text(
 def test_unstreamed_fallback_silence_says_unstreamed_answers_take_longer(server: Scripted) -> None:
     # A server whose tool streams are empty is asked for whole answers, which come
     # only when complete: a long one is silence, not a fault.
-    server.add(json_reply(completion("late"), delay=3))
+    server.add(Reply(""), json_reply(completion("late"), delay=3))  # an empty tool stream
     client = server.client(timeout=0.25, max_retries=0)
-    client._tools_unstreamed = True
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError) as caught:
         client.generate("hi", tools=[_add])
@@ -911,12 +1246,6 @@ def test_generate_continues_a_conversation(server: Scripted) -> None:
     assert roles == ["user", "assistant", "user"]
 
 
-def test_generate_needs_something_to_send(server: Scripted) -> None:
-    with pytest.raises(oc.ConfigError):
-        server.client().generate()
-    assert server.requests == []
-
-
 def test_wait_ready_waits_for_refusals_then_loading_then_returns_the_models(
         late_server: tuple[Scripted, str], caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -948,7 +1277,34 @@ def test_wait_ready_gives_up_after_timeout_and_raises_other_errors_at_once(
     assert len(server.requests) == 1
 
 
+def test_a_quirk_is_logged_once_at_info_and_quirks_is_a_copy(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    server.add(Reply(text_stream("a")), Reply(text_stream("b")))
+    client = server.client()
+    with caplog.at_level(logging.INFO, logger="openai_compat"):
+        assert client.stream("hi").text == "a" and client.stream("hi").text == "b"
+    noted = [r for r in caplog.records if NO_USAGE in r.getMessage()]
+    assert len(noted) == 1 and noted[0].levelno == logging.INFO
+    assert server.base_url in noted[0].getMessage()
+    client.quirks.clear()
+    assert client.quirks == [NO_USAGE]
+
+
+def test_quirks_from_many_threads_are_listed_once(server: Scripted) -> None:
+    client = server.client()
+    lines = [f"quirk {i % 7}" for i in range(700)]
+    threads = [threading.Thread(target=lambda part=part: [client._note(x) for x in part])
+               for part in (lines[i::8] for i in range(8))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(client.quirks) == [f"quirk {i}" for i in range(7)]
+
+
 # ==== Model discovery ====
+# One private name, on purpose: _DISCOVERY_SECONDS, checked to be DESIGN.md's 5 s, then
+# shortened for speed.
 
 
 @pytest.mark.parametrize(
@@ -1046,224 +1402,260 @@ def test_discovery_is_skipped_when_the_model_is_set(
     assert oc.Client(server.base_url, model="explicit").model == "explicit"
 
 
-# ==== Tool-call loop ====
+# What GET /models may answer: every shape QUIRKS.md lists, broken ones, stray bytes.
+_MODELS_PIECES = st.sampled_from([
+    '{"object": "list", "data": [{"id": "m1"}, {"id": "m2"}]}', '{"data": null}',
+    '{"models": [{"name": "llama3.2:latest"}], "data": [{"id": "llama3.2"}]}', '["a", "b"]',
+    '{"data": [{"name": "x"}, {"model": "y"}, "z", 3, null, {"id": ""}]}', '{"data": []}',
+    '{"error": {"message": "Invalid API Key"}}', f'{{"detail": "bad key {KEY}"}}', "{",
+    "<html><title>404 Not Found</title></html>", "Not Found", "\ufeff", '{"data": {}}',
+]).map(str.encode) | st.binary(max_size=24)
 
 
-GOOD_ORDER = {"items": [{"name": "tea", "price": {"amount": 3}}]}
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(_MODELS_PIECES, max_size=3),
+       status=st.sampled_from([200, 200, 401, 404, 500, 503]),
+       content_type=st.sampled_from(["application/json", "text/html", "text/plain", ""]),
+       framing=st.sampled_from(["chunked", "close", "length", "gzip"]))
+def test_models_any_answer_gives_ids_or_the_module_s_own_error(
+        server: Scripted, parts: list[bytes], status: int, content_type: str,
+        framing: str) -> None:
+    server.replies[:] = [Reply(*parts, status=status, framing=framing,
+                               content_type=content_type)]
+    asked = len(server.requests)
+    client = server.client(api_key=KEY, max_retries=0)
+    try:
+        models = client.available_models(fallback=False)
+        assert models and all(isinstance(m, str) and m.strip() for m in models)
+        assert client.first_available_model() == models[0]
+        shown = models
+    except oc.APIError as exc:  # anything else fails the test, as it should
+        shown = [str(exc), repr(exc), exc.body or ""]
+        assert not exc.message.startswith("model discovery failed")  # a bug, caught as one
+        assert client.available_models() == list(oc.FALLBACK_MODELS)  # asked once, then
+        assert client.first_available_model() == oc.DEFAULT_MODEL     # the fallbacks
+    finally:
+        client.close()
+    assert _leaks(KEY, *shown) == []
+    assert len(server.requests) == asked + 1
 
 
-@pytest.mark.parametrize("arguments, error", [
-    pytest.param({"city": "Oslo", "days": "3", "size": "s", "order": GOOD_ORDER},
-                 '$.days: expected integer, got string "3"', id="string-for-int"),
-    pytest.param({"days": 3, "size": "s", "order": GOOD_ORDER},
-                 "missing required argument(s): city", id="missing-argument"),
-    pytest.param({"city": "Oslo", "days": 3, "size": "s", "order": {"express": True}},
-                 '$.order: missing required field "items"', id="missing-nested-field"),
-    pytest.param({"city": "Oslo", "days": 3, "size": "medium", "order": GOOD_ORDER},
-                 '$.size: must be one of "s", "l", got "medium"', id="unknown-enum-value"),
-    pytest.param({"city": "Oslo", "days": 3, "size": "s",
-                  "order": {"items": [{"name": "tea", "price": {"amount": "12.5"}}]}},
-                 '$.order.items[0].price.amount: expected number, got string "12.5"',
-                 id="nested-wrong-field"),
+# ==== Requests ====
+# One private name, on purpose: _OPENAI_PARAMETERS, the module's table of OpenAI's
+# parameters, compared whole with the published list (the tests after it send each one).
+
+
+def test_stream_request_body(server: Scripted) -> None:
+    server.add(Reply(text_stream("Hi")))
+    run(server.client().stream("last", system="be brief", seed=3, top_p=None,
+                               messages=[{"role": "user", "content": "first"}],
+                               response_format={"type": "text"}))
+    body = server.bodies()[0]
+    assert body["stream"] is True and body["model"] == "m"
+    assert [m["content"] for m in body["messages"]] == ["be brief", "first", "last"]
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "user"]
+    assert body["seed"] == 3 and body["response_format"] == {"type": "text"}
+    for absent in ("temperature", "max_tokens", "top_p", "tools", "tool_choice"):
+        assert absent not in body
+    assert server.requests[0]["headers"].get("Accept-Encoding") == "identity"
+
+
+@pytest.mark.parametrize(("keyword", "says"), [
+    ("max_token", "did you mean max_tokens=?"),
+    ("temprature", "did you mean temperature=?"),
+    ("top_k", "extra_body={'top_k': ...}"),
+    ("stream", "call stream() to stream"),
+    ("tool", "did you mean tools=?"),
 ])
-def test_tool_arguments_that_break_the_schema_go_back_and_the_repaired_call_runs(
-    server: Scripted, arguments: dict[str, Any], error: str
-) -> None:
-    shipped: list[tuple[Any, ...]] = []
-
-    def ship(city: str, days: int, size: Size, order: Order) -> str:
-        """Ship an order."""
-        shipped.append((city, days, size, order))
-        return "shipped"
-
-    repaired = {"city": "Oslo", "days": 3, "size": "l", "order": GOOD_ORDER}
-    server.add(_calls_then_text(_call(0, "bad", "ship", json.dumps(arguments))),
-               _calls_then_text(_call(0, "good", "ship", json.dumps(repaired))),
-               Reply(text_stream("On its way.")))
-    _, result = run(server.client().stream("ship it", tools=[ship]))
-    first, second = result.tool_results
-    assert first.value is None and first.error is not None and first.error.endswith(error)
-    assert shipped == [("Oslo", 3, Size.LARGE, Order([LineItem("tea", Price(3))]))]
-    assert (second.error, second.value) == (None, "shipped")
-    sent = [m for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
-    assert error in json.loads(sent[0]["content"])["error"]
-    assert result.text == "On its way." and len(result.steps) == 3
-
-
-def test_unstreamed_parallel_calls_with_empty_ids_each_run_under_their_own_id(
-    server: Scripted
-) -> None:
-    # Issue #11: message.tool_calls with two calls, each "id": "", were merged into one.
-    calls = [{"id": "", "type": "function", "function": {"name": "add", "arguments": args}}
-             for args in ('{"a": 1, "b": 2}', '{"a": 3, "b": 4}')]
-    server.add(json_reply(completion(None, "tool_calls", tool_calls=calls)),
-               json_reply(completion("3 and 7")))
+def test_options_unknown_keywords_fail_loudly_naming_the_closest(
+        server: Scripted, keyword: str, says: str) -> None:
+    # Issue #12: a misspelt option went into the request body and the server ignored it.
     client = server.client()
-    client._tools_unstreamed = True  # as after a server's empty tool stream: asked whole
-    result = client.generate("hi", tools=[{"add": _add}])
-    assert [(r.call.arguments, r.value) for r in result.tool_results] == [
-        ({"a": 1, "b": 2}, 3), ({"a": 3, "b": 4}, 7)]
-    ids = [r.call.id for r in result.tool_results]
-    assert all(ids) and ids[0] != ids[1]
-    sent = server.bodies()[1]["messages"]
-    assert [c["id"] for c in sent[-3]["tool_calls"]] == ids
-    assert [(m["tool_call_id"], m["content"]) for m in sent[-2:]] == [(ids[0], "3"), (ids[1], "7")]
+    for call in (client.stream, client.generate):
+        with pytest.raises(oc.ConfigError) as caught:
+            call("hi", **{keyword: 5})
+        assert f"{keyword}=" in str(caught.value) and says in str(caught.value)
+    assert server.requests == []
 
 
-def test_tool_loop_second_request_and_chunk_order(server: Scripted) -> None:
-    server.add(Reply(sse(delta(content="Let me add. "),
-                         delta(tool_calls=[_call(0, "c1", "_add", '{"a": 2, "b": 40}')]),
-                         delta("tool_calls"), "data: [DONE]\n\n")),
-               Reply(text_stream("It is 42.")))
-    chunks, result = run(server.client().stream("2+40?", tools=[_add]))
-    assert [c.type for c in chunks] == ["text", "finish", "tool_call", "tool_result", "text",
-                                        "finish"]
-    assert [c.step for c in chunks] == [1, 1, 1, 1, 2, 2]
-    first, second = server.bodies()
-    assert first["tool_choice"] == "auto" and first["tools"][0]["function"]["name"] == "_add"
-    assistant, tool_turn = second["messages"][-2:]
-    assert assistant == {"role": "assistant", "content": "Let me add. ", "tool_calls": [
-        {"id": "c1", "type": "function",
-         "function": {"name": "_add", "arguments": '{"a": 2, "b": 40}'}}]}
-    assert tool_turn == {"role": "tool", "tool_call_id": "c1", "content": "42"}
-    assert result.text == "It is 42." and result.finish_reason == "stop"
-    assert len(result.steps) == 2 and result.tool_results[0].value == 42
+def test_options_openai_parameters_and_extra_body_reach_the_server(server: Scripted) -> None:
+    server.add(Reply(text_stream("ok")))
+    run(server.client().stream("hi", max_completion_tokens=9, logprobs=True, top_logprobs=2,
+                               parallel_tool_calls=False, reasoning_effort="low", user="u1",
+                               extra_body={"top_k": 40, "min_p": 0.05, "seed": 7}, seed=3))
+    body = server.bodies()[0]
+    assert {k: body[k] for k in ("max_completion_tokens", "logprobs", "top_logprobs",
+                                 "parallel_tool_calls", "reasoning_effort", "user", "top_k",
+                                 "min_p")} == {
+        "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2,
+        "parallel_tool_calls": False, "reasoning_effort": "low", "user": "u1", "top_k": 40,
+        "min_p": 0.05}
+    assert body["seed"] == 7  # extra_body is merged last
+    assert "timeout" not in body and "extra_body" not in body
 
 
-def test_tool_failures_go_back_to_the_model(server: Scripted) -> None:
-    def boom(x: int) -> None:
-        """Always fails."""
-        raise RuntimeError("disk on fire")
-
-    server.add(_calls_then_text(_call(0, "a", "boom", '{"x": 1}'),
-                                _call(1, "b", "nosuch", "{}"),
-                                _call(2, "c", "_add", '{"a": 1, "b": '),
-                                _call(3, "d", "_add", '{"a": 1}')),
-               Reply(text_stream("sorry")))
-    _, result = run(server.client().stream("hi", tools=[boom, _add]))
-    errors = [r.error or "" for r in result.tool_results]
-    assert "disk on fire" in errors[0] and "nosuch" in errors[1]
-    assert "not valid JSON" in errors[2] and "missing" in errors[3]
-    tool_turns = [m for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
-    assert all(json.loads(m["content"])["error"] for m in tool_turns)
-    assert result.text == "sorry"
-
-
-def test_tool_results_are_sent_as_text_or_json() -> None:
-    tools = {n: oc.Tool(n, "", {"type": "object"}, f) for n, f in
-             [("s", lambda: "plain"), ("d", lambda: {"k": [1]}), ("o", lambda: object)]}
-    done = {n: oc._execute(oc.ToolCall("i", n), tools, unnoted) for n in tools}
-    assert (done["s"].value, done["s"].content) == ("plain", "plain")  # a str as it is
-    assert json.loads(done["d"].content) == {"k": [1]}  # anything else as JSON
-    assert "object" in done["o"].content  # what JSON cannot encode, as its str()
-    assert all(r.error is None for r in done.values())
-
-
-def test_tool_calls_run_whatever_the_finish_reason(server: Scripted) -> None:
-    # Gemini streaming, vLLM named tool_choice, TGI and old Ollama say "stop".
-    server.add(_calls_then_text(_call(0, "s1", "_add", '{"a": 1, "b": 1}'), finish="stop"),
-               Reply(text_stream("two")))
-    _, result = run(server.client().stream("hi", tools=[_add]))
-    assert result.tool_results[0].value == 2 and result.text == "two"
+# The 37 properties of CreateChatCompletionRequest in OpenAI's published OpenAPI spec
+# (with ModelResponseProperties and CreateModelResponseProperties), as of 2026-09.
+OPENAI_SPEC_PARAMETERS = frozenset({
+    "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "messages", "metadata", "modalities", "model",
+    "moderation", "n", "parallel_tool_calls", "prediction", "presence_penalty",
+    "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "reasoning_effort",
+    "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
+    "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user",
+    "verbosity", "web_search_options",
+})
+_LIBRARY_OWN = frozenset({"messages", "model", "tools", "tool_choice", "stream"})
+# A value of each parameter's shape; the library sends it as given (its meaning is the
+# server's business).
+_PARAMETER_VALUES: dict[str, Any] = {
+    "audio": {"voice": "alloy", "format": "wav"}, "frequency_penalty": 0.25,
+    "function_call": "none",
+    "functions": [{"name": "f", "parameters": {"type": "object", "properties": {}}}],
+    "logit_bias": {"50256": -100}, "logprobs": True, "max_completion_tokens": 9,
+    "max_tokens": 7, "metadata": {"run": "t1"}, "modalities": ["text"],
+    "moderation": {"mode": "default"}, "n": 2, "parallel_tool_calls": False,
+    "prediction": {"type": "content", "content": "x"}, "presence_penalty": 0.5,
+    "prompt_cache_key": "k1", "prompt_cache_options": {"ttl": "1h"},
+    "prompt_cache_retention": "24h", "reasoning_effort": "minimal",
+    "response_format": {"type": "json_object"}, "safety_identifier": "user-1", "seed": 3,
+    "service_tier": "flex", "stop": ["\n\n"], "store": False,
+    "stream_options": {"include_usage": False}, "temperature": 0.2, "top_logprobs": 2,
+    "top_p": 0.9, "user": "u1", "verbosity": "low",
+    "web_search_options": {"search_context_size": "low"},
+}
 
 
-def test_tool_calls_cut_by_length_are_reported_not_run(server: Scripted) -> None:
-    server.add(_calls_then_text(_call(0, "l1", "_add", '{"a": 1, "b"'), finish="length"))
-    chunks, result = run(server.client().stream("hi", tools=[_add]))
-    assert [c.type for c in chunks] == ["finish", "tool_call"]
-    assert result.tool_results == [] and result.finish_reason == "length"
-    assert len(server.requests) == 1
+def test_options_the_module_s_parameter_list_is_openai_s_published_one() -> None:
+    assert len(OPENAI_SPEC_PARAMETERS) == 37
+    assert oc._OPENAI_PARAMETERS | _LIBRARY_OWN == OPENAI_SPEC_PARAMETERS
 
 
-def test_tool_loop_stops_at_max_steps(server: Scripted) -> None:
-    for i in range(2):
-        server.add(_calls_then_text(_call(0, f"m{i}", "_add", '{"a": 1, "b": 1}')))
-    chunks, result = run(server.client().stream("hi", tools=[_add], max_steps=2))
-    assert result.finish_reason == "max_steps" and len(result.steps) == 2
-    assert len(result.tool_results) == 1 and [c.type for c in chunks].count("tool_call") == 2
-    assert "tool_calls" not in result.messages[-1], "unrun calls stay out of the history"
+@pytest.mark.parametrize("name", sorted(OPENAI_SPEC_PARAMETERS - _LIBRARY_OWN))
+def test_options_every_openai_parameter_reaches_the_server_by_name(server: Scripted,
+                                                                  name: str) -> None:
+    value = _PARAMETER_VALUES[name]
+    server.add(Reply(text_stream("ok")))
+    _, result = run(server.client().stream("hi", **{name: value}))
+    assert result.text == "ok"
+    assert server.bodies()[0][name] == value
 
 
-def test_generate_runs_the_same_loop(server: Scripted) -> None:
-    call = {"id": "g1", "type": "function",
-            "function": {"name": "_add", "arguments": {"a": 20, "b": 22}}}  # TGI < 3.2 object
-    server.add(json_reply(completion(None, "tool_calls", tool_calls=[call])),
-               json_reply(completion("42")))
-    result = server.client().generate("hi", tools=[_add])
-    assert result.text == "42" and result.tool_results[0].value == 42
-    assert result.usage == oc.Usage(6, 4, 10)
-    assert all(b["stream"] is True for b in server.bodies())
+def test_options_messages_model_tools_and_tool_choice_are_the_library_s_own(
+        server: Scripted) -> None:
+    server.add(Reply(text_stream("ok")))
+    turns = [{"role": "user", "content": "hi"}]
+    run(server.client().stream(messages=turns, model="x", tools=[_add], tool_choice="required"))
+    body = server.bodies()[0]
+    assert body["model"] == "x" and body["messages"] == turns
+    assert [t["function"]["name"] for t in body["tools"]] == ["_add"]
+    assert body["tool_choice"] == "required"
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_options_stream_is_not_an_option(server: Scripted, value: bool) -> None:
+    client = server.client()
+    for call in (client.stream, client.generate):
+        with pytest.raises(oc.ConfigError) as caught:
+            call("hi", stream=value)
+        assert "stream()" in str(caught.value) and "generate()" in str(caught.value)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(("typo", "closest"), [
+    ("max_token", "max_tokens"), ("moderations", "moderation"),
+    ("prompt_cache_keys", "prompt_cache_key"), ("safety_identifer", "safety_identifier"),
+    ("web_search_option", "web_search_options"),
+])
+def test_options_a_typo_of_a_spec_parameter_names_the_closest(server: Scripted, typo: str,
+                                                               closest: str) -> None:
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client().stream("hi", **{typo: 1})
+    assert f"did you mean {closest}=?" in str(caught.value)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"prompt": 123}, "prompt= must be a str"), ({"system": ["a"]}, "system= must be a str"),
+    ({"temperature": "0.5"}, "temperature= must be a number, got str"),
+    ({"temperature": True}, "temperature= must be a number, got bool"),
+    ({"top_p": "1"}, "top_p= must be a number"),
+    ({"presence_penalty": False}, "presence_penalty= must be a number"),
+    ({"frequency_penalty": "0"}, "frequency_penalty= must be a number"),
+    ({"max_tokens": 1.5}, "max_tokens= must be a whole number, got float"),
+    ({"max_tokens": "100"}, "max_tokens= must be a whole number"),
+    ({"n": "2"}, "n= must be a whole number"), ({"seed": True}, "seed= must be a whole number"),
+    ({"messages": [{"content": "no role"}]}, "messages="),
+    ({"messages": "hi"}, "messages="),
+])
+def test_option_types_are_checked_before_sending(server: Scripted, options: dict[str, Any],
+                                                 named: str) -> None:
+    # Issue #28: prompt=123 and temperature="0.5" travelled to the server as its 400.
+    prompt = options.pop("prompt", "hi")
+    with pytest.raises(oc.ConfigError, match=re.escape(named)):
+        server.client().generate(prompt, **options)
+    assert server.requests == []
+
+
+def test_generate_needs_something_to_send(server: Scripted) -> None:
+    with pytest.raises(oc.ConfigError):
+        server.client().generate()
+    assert server.requests == []
+
+
+def test_options_timeout_is_this_calls_silence_limit(server: Scripted) -> None:
+    # Issue #12: timeout=5 went into the request body as "timeout": 5.
+    server.add(Reply(sse(delta(content="a")), text_stream("b"), pause=3),
+               Reply(text_stream("c")))
+    client = server.client(timeout=60)
+    started = time.monotonic()
+    with pytest.raises(oc.RequestTimeoutError) as caught:
+        run(client.stream("hi", timeout=0.25))
+    assert time.monotonic() - started < 1.25
+    assert caught.value.partial_text == "a"
+    assert client.stream("hi", timeout=5).text == "c"
+    assert "timeout" not in server.bodies()[1]
+    for bad in (0, -1, "soon"):
+        with pytest.raises(oc.ConfigError, match="timeout="):
+            client.stream("hi", timeout=bad).text  # noqa: B018 - raises before sending
+
+
+def test_a_deadline_is_checked_before_anything_is_sent(
+        server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = server.client()
+    for bad in (0, -1, float("nan"), float("inf"), True, "soon"):
+        with pytest.raises(oc.ConfigError, match="deadline="):
+            client.generate("hi", deadline=bad)
+        with pytest.raises(oc.ConfigError, match="deadline="):
+            server.client(deadline=bad)
+    monkeypatch.setenv("OPENAI_COMPATIBLE_DEADLINE", "later")
+    with pytest.raises(oc.ConfigError, match="OPENAI_COMPATIBLE_DEADLINE"):
+        server.client()
+    monkeypatch.setenv("OPENAI_COMPATIBLE_DEADLINE", "2.5")
+    assert server.client().config.deadline == 2.5
+    assert server.requests == []
+    assert "deadline" not in json.dumps(server.bodies())
+
+
+def test_extra_headers_go_with_one_call_over_the_clients(server: Scripted) -> None:
+    server.add(Reply(text_stream("a")), Reply(text_stream("b")))
+    client = server.client(headers={"X-Team": "a", "X-Trace": "client"})
+    client.generate("hi", extra_headers={"X-Trace": "call-1", "api-key": "tenant-7"})
+    client.generate("hi")
+    first, second = (r["headers"] for r in server.requests)
+    assert (first["X-Team"], first["X-Trace"], first["api-key"]) == ("a", "call-1", "tenant-7")
+    assert second["X-Trace"] == "client" and "api-key" not in second
+    for bad in ({"X-Bad": "line\nbreak"}, {"Bad Name": "x"}, ["X-A: b"]):
+        with pytest.raises(oc.ConfigError, match="extra_headers=|header"):
+            client.generate("hi", extra_headers=bad)
+    assert len(server.requests) == 2
 
 
 def test_tool_choice_is_never_sent_without_tools(server: Scripted) -> None:
     server.add(Reply(text_stream("x")))
     run(server.client().stream("hi", tool_choice="required"))
     assert "tool_choice" not in server.bodies()[0]
-
-
-def test_server_without_tools_gets_the_request_without_them(
-    server: Scripted, caplog: pytest.LogCaptureFixture
-) -> None:
-    message = "registry.ollama.ai/library/gemma:2b does not support tools"  # Ollama
-    server.add(json_reply({"error": {"message": message}}, status=400),
-               Reply(text_stream("plain")), Reply(text_stream("again")))
-    client = server.client()
-    with caplog.at_level(logging.INFO, logger="openai_compat"):
-        _, result = run(client.stream("hi", tools=[_add]))
-    assert result.text == "plain" and "tools" in caplog.text
-    # One event, one log line: the WARNING, not an INFO line for the quirk again.
-    assert [r.levelname for r in caplog.records if "tools" in r.getMessage()] == ["WARNING"]
-    run(client.stream("hi", tools=[_add]))
-    first, second, third = server.bodies()
-    assert "tools" in first and "tools" not in second and "tool_choice" not in second
-    assert "tools" not in third, "the Client remembers"
-    assert client.quirks == ["tools rejected: resent without them", NO_USAGE]
-
-
-VLLM_AUTO = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
-
-
-def test_vllm_refusing_auto_gets_none_and_forced_calls_keep_their_tools(
-    server: Scripted, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Issue #25: vLLM with --tool-call-parser but without --enable-auto-tool-choice
-    # refuses "auto" and a tool_choice left out alike (400), and takes "none".
-    server.add(json_reply({"error": {"message": VLLM_AUTO, "type": "BadRequestError",
-                                     "code": 400}}, status=400),
-               Reply(text_stream("plain")),
-               _calls_then_text(_call(0, "c1", "_add", '{"a": 2, "b": 3}')),
-               Reply(text_stream("5")), Reply(text_stream("again")))
-    client = server.client()
-    with caplog.at_level(logging.WARNING, logger="openai_compat"):
-        assert client.generate("hi", tools=[_add]).text == "plain"
-    assert "none" in caplog.text
-    result = client.generate("Add 2 and 3.", tools=[_add], tool_choice="required")
-    assert result.text == "5" and result.tool_results[0].value == 5
-    client.generate("hi", tools=[_add])
-    first, second, forced, after, third = server.bodies()
-    assert first["tool_choice"] == "auto" and "tools" in first
-    assert second["tool_choice"] == "none" and second["tools"] == first["tools"]
-    # A forced step keeps its tools and its choice; once its call has run, the choice
-    # is left out, which this server reads as "auto": "none" goes instead.
-    assert forced["tool_choice"] == "required" and forced["tools"] == first["tools"]
-    assert after["tool_choice"] == "none" and after["tools"] == first["tools"]
-    assert third["tool_choice"] == "none", "the Client remembers"
-    assert client.quirks[0] == 'tool_choice "auto" refused: "none" sent'
-
-
-@pytest.mark.parametrize("choice", ["required",
-                                    {"type": "function", "function": {"name": "_add"}}],
-                         ids=["required", "named"])
-def test_a_forced_tool_choice_ends_once_a_call_has_run(server: Scripted, choice: Any) -> None:
-    # Issue #25: sent on every step, a forced choice forced a call on every step until
-    # max_steps; OpenAI's Agents SDK resets it once a call has run, and so does the loop.
-    server.add(_calls_then_text(_call(0, "c1", "_add", '{"a": 1, "b": 2}')),
-               Reply(text_stream("3")))
-    result = server.client().generate("Add 1 and 2.", tools=[_add], tool_choice=choice)
-    assert (result.text, result.finish_reason, len(result.steps)) == ("3", "stop", 2)
-    first, second = server.bodies()
-    assert first["tool_choice"] == choice and "tool_choice" not in second
-    assert second["tools"] == first["tools"]
 
 
 def test_n_above_1_keeps_every_choice(server: Scripted) -> None:
@@ -1291,378 +1683,6 @@ def test_n_above_1_keeps_every_choice(server: Scripted) -> None:
             client.generate("hi", n=2, **bad)
 
 
-@pytest.mark.parametrize(("options", "named"), [
-    ({"prompt": 123}, "prompt= must be a str"), ({"system": ["a"]}, "system= must be a str"),
-    ({"temperature": "0.5"}, "temperature= must be a number, got str"),
-    ({"temperature": True}, "temperature= must be a number, got bool"),
-    ({"top_p": "1"}, "top_p= must be a number"),
-    ({"presence_penalty": False}, "presence_penalty= must be a number"),
-    ({"frequency_penalty": "0"}, "frequency_penalty= must be a number"),
-    ({"max_tokens": 1.5}, "max_tokens= must be a whole number, got float"),
-    ({"max_tokens": "100"}, "max_tokens= must be a whole number"),
-    ({"n": "2"}, "n= must be a whole number"), ({"seed": True}, "seed= must be a whole number"),
-    ({"messages": [{"content": "no role"}]}, "messages="),
-    ({"messages": "hi"}, "messages="),
-])
-def test_option_types_are_checked_before_sending(server: Scripted, options: dict[str, Any],
-                                                 named: str) -> None:
-    # Issue #28: prompt=123 and temperature="0.5" travelled to the server as its 400.
-    prompt = options.pop("prompt", "hi")
-    with pytest.raises(oc.ConfigError, match=re.escape(named)):
-        server.client().generate(prompt, **options)
-    assert server.requests == []
-
-
-def test_extra_headers_go_with_one_call_over_the_clients(server: Scripted) -> None:
-    server.add(Reply(text_stream("a")), Reply(text_stream("b")))
-    client = server.client(headers={"X-Team": "a", "X-Trace": "client"})
-    client.generate("hi", extra_headers={"X-Trace": "call-1", "api-key": "tenant-7"})
-    client.generate("hi")
-    first, second = (r["headers"] for r in server.requests)
-    assert (first["X-Team"], first["X-Trace"], first["api-key"]) == ("a", "call-1", "tenant-7")
-    assert second["X-Trace"] == "client" and "api-key" not in second
-    for bad in ({"X-Bad": "line\nbreak"}, {"Bad Name": "x"}, ["X-A: b"]):
-        with pytest.raises(oc.ConfigError, match="extra_headers=|header"):
-            client.generate("hi", extra_headers=bad)
-    assert len(server.requests) == 2
-
-
-def test_a_tool_that_raises_is_logged_with_its_traceback_and_kept(
-        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
-    # Issue #28: a tool with a plain bug left a DEBUG line without a traceback.
-    def divide(a: int, b: int) -> float:
-        """Divide."""
-        return a / b
-
-    server.add(_calls_then_text(_call(0, "c1", "divide", '{"a": 1, "b": 0}')),
-               Reply(text_stream("Cannot.")))
-    caplog.set_level(logging.WARNING, logger="openai_compat")
-    done = server.client().generate("1/0?", tools=[divide]).tool_results[0]
-    assert isinstance(done.exception, ZeroDivisionError)
-    assert done.error == "ZeroDivisionError: division by zero"
-    (record,) = [r for r in caplog.records if "divide" in r.getMessage()]
-    assert record.levelname == "WARNING" and record.exc_info and record.exc_info[1] is (
-        done.exception)
-    assert "return a / b" in caplog.text, "the traceback is logged"
-
-
-# ---- strict schemas (issue 25) ----
-
-
-@dataclass
-class Booked:
-    city: str
-    nights: int = 1
-    colour: Colour | None = None
-    tags: list[str] = field(default_factory=list)
-    guest: str | None = None  # Optional and a default: takes null as it is
-
-
-def book(city: str, owner: str | None, nights: int = 2, size: Literal["s", "m"] = "s",
-         note: str | None = None) -> str:
-    """Book a room."""
-    return f"{city} {owner} {nights} {size} {note}"
-
-
-def test_a_function_tool_goes_strict_with_optional_fields_nullable(server: Scripted) -> None:
-    server.add(_calls_then_text(_call(0, "c1", "book", json.dumps(
-        {"city": "Oslo", "owner": None, "nights": None, "size": None, "note": None}))),
-        Reply(text_stream("Booked.")))
-    result = server.client().generate("Book Oslo.", tools=[book])
-    function = server.bodies()[0]["tools"][0]["function"]
-    assert function["strict"] is True
-    assert function["parameters"] == {
-        "type": "object", "additionalProperties": False,
-        "required": ["city", "owner", "nights", "size", "note"],
-        "properties": {
-            "city": {"type": "string"},
-            # Optional with no default was required already: it keeps its null.
-            "owner": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-            # A default: required, and nullable by anyOf (a type list breaks llama.cpp's
-            # Hermes tool template).
-            "nights": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
-            "size": {"anyOf": [{"enum": ["s", "m"], "type": "string"}, {"type": "null"}]},
-            "note": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
-    # null for a field the module made nullable means "left out": the defaults apply;
-    # for the one that was Optional and required, None is the value.
-    assert result.tool_results[0].error is None
-    assert result.tool_results[0].value == "Oslo None 2 s None"
-
-
-def test_a_dataclass_answer_goes_strict_and_a_null_takes_the_default(server: Scripted) -> None:
-    server.add(_answer('{"city": "Oslo", "nights": null, "colour": null, "tags": null,'
-                       ' "guest": null}'), _answer('{"city": "Rome"}'))
-    client = server.client()
-    assert client.generate("Book.", schema=Booked).data == Booked("Oslo")
-    # A key left out altogether is "left out" too: the checker is the module's own.
-    assert client.generate("Book.", schema=Booked).data == Booked("Rome")
-    form = server.bodies()[0]["response_format"]
-    assert form["type"] == "json_schema" and form["json_schema"]["strict"] is True
-    assert form["json_schema"]["schema"] == {
-        "type": "object", "additionalProperties": False,
-        "required": ["city", "nights", "colour", "tags", "guest"],
-        "properties": {
-            "city": {"type": "string"},
-            "nights": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
-            "colour": {"anyOf": [{"enum": ["red", "blue"], "type": "string"},
-                                 {"type": "null"}]},
-            "tags": {"anyOf": [{"type": "array", "items": {"type": "string"}},
-                               {"type": "null"}]},
-            "guest": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
-
-
-def _free_form(data: dict[str, Any], items: list, anything: Any) -> str:  # type: ignore[type-arg]
-    """Free-form parameters."""
-    return "ok"
-
-
-@pytest.mark.parametrize(("schema", "sent"), [
-    (list[str], {"type": "array", "items": {"type": "string"}}),  # not an object
-    (dict, {"type": "object"}),  # free-form
-    (Literal["a", "b"], {"enum": ["a", "b"], "type": "string"}),
-    (make_dataclass("Loose", [("meta", dict)]), {
-        "type": "object", "properties": {"meta": {"type": "object"}}, "required": ["meta"],
-        "additionalProperties": False}),
-    (make_dataclass("Listy", [("items", list, field(default_factory=list))]), {
-        "type": "object", "properties": {"items": {"type": "array"}}, "required": [],
-        "additionalProperties": False}),
-    (make_dataclass("Whatever", [("value", Any)]), {
-        "type": "object", "properties": {"value": {}}, "required": ["value"],
-        "additionalProperties": False}),
-], ids=["list", "dict", "literal", "free-form-field", "array-without-items", "any"])
-def test_a_schema_the_strict_subset_cannot_say_goes_as_before(
-        server: Scripted, schema: Any, sent: dict[str, Any]) -> None:
-    server.add(_answer("{}"))
-    with contextlib.suppress(oc.OutputError):
-        server.client().generate("x", schema=schema, max_steps=1)
-    form = server.bodies()[0]["response_format"]["json_schema"]
-    assert form == {"name": "answer", "schema": sent}, "no strict, nothing rewritten"
-
-
-def test_a_free_form_tool_goes_without_strict(server: Scripted) -> None:
-    server.add(Reply(text_stream("ok")))
-    server.client().generate("x", tools=[_free_form])
-    function = server.bodies()[0]["tools"][0]["function"]
-    assert "strict" not in function
-    assert function["parameters"]["properties"] == {
-        "data": {"type": "object"}, "items": {"type": "array"}, "anything": {}}
-
-
-def test_readme_strict_tool_example_is_what_is_sent(server: Scripted) -> None:
-    # The README shows the strict form of a tool; it must be what the module sends.
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"),
-              encoding="utf-8") as f:
-        shown = re.search(r"For `book\(city: str, nights: int = 2\)`:\n\n```json\n(.*?)```",
-                          f.read(), re.DOTALL)
-    assert shown, "the README's strict example is gone"
-
-    def book(city: str, nights: int = 2) -> str:
-        """Book a room."""
-        return city
-
-    server.add(Reply(text_stream("ok")))
-    server.client().generate("x", tools=[book])
-    assert server.bodies()[0]["tools"] == [json.loads(shown.group(1))]
-
-
-QUALIFIES = {"type": "object", "properties": {"q": {"type": ["string", "null"]}},
-             "required": ["q"], "additionalProperties": False}
-LOOSE = {"type": "object", "properties": {"q": {"type": "string"}}}
-
-
-@pytest.mark.parametrize(("schema", "strict"), [(QUALIFIES, True), (LOOSE, False)],
-                         ids=["qualifies", "loose"])
-def test_a_hand_written_schema_goes_as_written(server: Scripted, schema: dict[str, Any],
-                                               strict: bool) -> None:
-    server.add(Reply(text_stream("ok")), _answer('{"q": "x"}'))
-    client = server.client()
-    client.generate("x", tools=[oc.Tool("find", "Find.", json.loads(json.dumps(schema)),
-                                        lambda q=None: q)])
-    client.generate("x", schema=json.loads(json.dumps(schema)))
-    tool, answer = server.bodies()
-    function, form = tool["tools"][0]["function"], answer["response_format"]["json_schema"]
-    assert function["parameters"] == schema == form["schema"], "never rewritten"
-    assert function.get("strict", False) is strict and form.get("strict", False) is strict
-
-
-@pytest.mark.parametrize("error", [
-    {"error": {"message": "Extra inputs are not permitted, field: 'strict'",
-               "type": "invalid_request_error"}},  # Fireworks' words
-    {"error": {"message": "Unknown parameter.", "param": "tools[0].function.strict"}},
-    {"error": {"message": "response_format.json_schema: 'strict' is not supported"}},
-], ids=["message", "param", "names-both"])
-def test_a_server_refusing_strict_gets_the_request_once_more_without_it(
-        server: Scripted, error: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
-    server.add(json_reply(error, status=400), _answer('{"city": "Oslo"}'),
-               Reply(text_stream("plain")))
-    client = server.client()
-    with caplog.at_level(logging.INFO, logger="openai_compat"):
-        assert client.generate("x", schema=Booked, tools=[book]).data == Booked("Oslo")
-    client.generate("x", tools=[book])
-    first, second, third = server.bodies()
-    assert first["tools"][0]["function"]["strict"] is True
-    assert first["response_format"]["json_schema"]["strict"] is True
-    # Nothing else changed: the same strict-compatible schemas, the same form.
-    del first["tools"][0]["function"]["strict"], first["response_format"]["json_schema"]["strict"]
-    assert second == first
-    assert "strict" not in third["tools"][0]["function"], "the Client remembers"
-    assert client.quirks[0] == "strict schemas refused: sent without strict"
-    assert client._http.schema_form == oc._JSON_SCHEMA, "strict named: no step down"
-    assert [r.levelname for r in caplog.records if "strict" in r.getMessage()] == ["WARNING"]
-
-
-def test_a_server_ignoring_response_format_gets_the_schema_in_a_system_message(
-        server: Scripted) -> None:
-    # Issue #25: transformers serve accepts response_format with a 200, ignores it, and
-    # the model answers prose; the repair must show the model the schema.
-    server.add(_answer("The capital of France is Paris."), _answer('{"city": "Paris"}'),
-               _answer('{"city": "Rome"}'))
-    client = server.client()
-    result = client.generate("Capital of France?", schema=Booked)
-    assert result.data == Booked("Paris") and len(result.steps) == 2
-    assert client.generate("And of Italy?", schema=Booked).data == Booked("Rome")
-    first, second, third = server.bodies()
-    assert first["response_format"]["type"] == "json_schema"
-    assert second["response_format"]["type"] == "json_object"
-    assert second["messages"][0]["role"] == "system"
-    assert '"required": ["city", "nights"' in second["messages"][0]["content"]
-    assert third["response_format"]["type"] == "json_object", "the Client remembers"
-    assert client.quirks == [NO_USAGE, "response_format ignored: the schema in a system message"]
-
-
-def test_prose_cut_by_length_is_repaired_without_stepping_down(server: Scripted) -> None:
-    server.add(Reply(text_stream("The capital", finish="length")), _answer('{"city": "Paris"}'))
-    client = server.client()
-    assert client.generate("Capital?", schema=Booked).data == Booked("Paris")
-    assert [b["response_format"]["type"] for b in server.bodies()] == ["json_schema"] * 2
-
-
-# ---- structured answers (schema=) ----
-
-
-@dataclasses.dataclass
-class City:
-    name: str
-    population: int
-
-
-@dataclasses.dataclass
-class Trip:
-    cities: list[City]
-    mode: Literal["train", "car"]
-    note: str | None = None
-
-
-class Point(TypedDict):
-    x: float
-    y: float
-
-
-def _answer(text: str) -> Reply:
-    return Reply(text_stream(text))
-
-
-def test_schema_json_schema_first_and_data_built_from_a_dataclass(server: Scripted) -> None:
-    server.add(_answer('{"cities": [{"name": "Lyon", "population": 522250}], "mode": "train"}'))
-    result = server.client().generate("Plan a trip", schema=Trip)
-    assert result.data == Trip([City("Lyon", 522250)], "train")
-    sent = server.bodies()[0]
-    assert sent["response_format"]["type"] == "json_schema"
-    schema = sent["response_format"]["json_schema"]["schema"]
-    # Strict (issue #25): every field required, the one with a default nullable.
-    assert schema["required"] == ["cities", "mode", "note"]
-    assert schema["properties"]["note"] == {"anyOf": [{"type": "string"}, {"type": "null"}]}
-    assert schema["properties"]["cities"]["items"]["properties"]["population"] == {
-        "type": "integer"}
-    assert sent["response_format"]["json_schema"]["strict"] is True
-    assert [m["role"] for m in sent["messages"]] == ["user"]  # no schema message yet
-
-
-@pytest.mark.parametrize(("schema", "answer", "data"), [
-    (Point, '{"x": 1, "y": 2.5}', {"x": 1, "y": 2.5}),
-    (list[Literal["red", "green"]], '["red", "green", "red"]', ["red", "green", "red"]),
-    ({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
-     '{"ok": true}', {"ok": True}),
-    (int, "42", 42),
-], ids=["typeddict", "list-literal", "raw-dict", "int"])
-def test_schema_of_every_kind_gives_plain_json_data(server: Scripted, schema: Any, answer: str,
-                                                    data: Any) -> None:
-    server.add(_answer(answer))
-    assert server.client().generate("hi", schema=schema).data == data
-
-
-def test_schema_degrades_one_rung_per_refusal_and_remembers_it(
-        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING)
-    # llama-cpp-python refuses json_schema; a stricter server refuses json_object too.
-    server.add(json_reply({"detail": [{"loc": ["body", "response_format", "type"],
-                                       "msg": "Input should be 'text' or 'json_object'"}]},
-                          status=422),
-               json_reply({"error": {"message": "response_format json_object is not "
-                                                "supported"}}, status=400),
-               _answer('{"name": "Nice", "population": 342669}'),
-               _answer('{"name": "Metz", "population": 116581}'))
-    client = server.client(max_retries=0)
-    result = client.generate("A city", schema=City, system="Be brief.")
-    assert result.data == City("Nice", 342669)
-    first, second, third = server.bodies()[:3]
-    assert first["response_format"]["type"] == "json_schema"
-    assert second["response_format"] == {"type": "json_object",
-                                         "schema": first["response_format"]["json_schema"][
-                                             "schema"]}
-    assert "response_format" not in third
-    for body in (second, third):
-        system = body["messages"][0]
-        assert body["messages"][0]["role"] == "system" and len(body["messages"]) == 2
-        assert system["content"].startswith("Be brief.\n\nAnswer with one JSON value")
-        assert '"population": {"type": "integer"}' in system["content"]
-    assert caplog.text.count("refused response_format") == 2
-    assert [q for q in client.quirks if "refused" in q] == [
-        "json_schema refused: json_object with the schema",
-        "response_format refused: the schema in the system message"]
-    # Remembered: the next call asks the way that worked, at once.
-    assert client.generate("Another", schema=City).data == City("Metz", 116581)
-    fourth = server.bodies()[3]
-    assert "response_format" not in fourth and fourth["messages"][0]["role"] == "system"
-
-
-def test_schema_answer_in_prose_and_a_fence_is_read(server: Scripted) -> None:
-    # A server that ignores response_format: the model wraps its JSON in prose.
-    server.add(_answer('Sure! Here it is:\n```json\n{"name": "Caen", "population": 105403}'
-                       '\n```\nAnything else?'))
-    assert server.client().generate("hi", schema=City).data == City("Caen", 105403)
-
-
-def test_schema_wrong_answer_is_repaired_with_what_was_wrong(server: Scripted) -> None:
-    server.add(_answer('{"name": "Pau", "population": "77000"}'),
-               _answer('{"name": "Pau", "population": 77000}'))
-    result = server.client().generate("hi", schema=City)
-    assert result.data == City("Pau", 77000) and len(result.steps) == 2
-    repair = server.bodies()[1]["messages"][-1]
-    assert repair["role"] == "user"
-    assert '$.population: expected integer, got string "77000"' in repair["content"]
-    assert server.bodies()[1]["messages"][-2] == {
-        "role": "assistant", "content": '{"name": "Pau", "population": "77000"}'}
-
-
-def test_schema_three_wrong_answers_are_an_output_error(server: Scripted) -> None:
-    server.add(_answer("no idea"), _answer('{"name": "Pau"}'), _answer('{"population": 1}'))
-    with pytest.raises(oc.OutputError) as caught:
-        server.client().generate("hi", schema=City)
-    assert caught.value.partial_text == '{"population": 1}'
-    assert 'missing required field "name"' in str(caught.value)
-    assert len(server.bodies()) == 3  # the answer and two repairs
-    assert isinstance(caught.value, oc.APIError) and not caught.value.retryable
-
-
-def test_schema_streaming_yields_text_and_sets_the_data(server: Scripted) -> None:
-    server.add(Reply(text_stream('{"name": ', '"Albi", ', '"population": 49000}')))
-    chunks, result = run(server.client().stream("hi", schema=City))
-    assert [c.content for c in chunks if c.type == "text"] == [
-        '{"name": ', '"Albi", ', '"population": 49000}']
-    assert result.data == City("Albi", 49000)
-
-
 def test_schema_bad_uses_are_config_errors(server: Scripted) -> None:
     client = server.client()
     with pytest.raises(oc.ConfigError, match="not both"):
@@ -1672,1163 +1692,12 @@ def test_schema_bad_uses_are_config_errors(server: Scripted) -> None:
     assert server.requests == []
 
 
-# ==== Tools ====
-
-
-class Colour(enum.Enum):
-    RED = "red"
-    BLUE = "blue"
-
-
-def _f_basic(city: str, days: int, metric: bool = True, scale: float = 1.0) -> str:
-    """Look up the weather.
-
-    Args:
-        city: the city name,
-            with its country.
-        days (int): how many days ahead.
-    """
-    return city
-
-
-def _f_containers(tags: list[str], meta: dict[str, int], anything: Any,
-                  note: str | None = None) -> None:
-    pass
-
-
-def _f_choices(mode: Literal["fast", "slow"], colour: Colour,
-               level: Annotated[int, "from 1 to 5"] = 3) -> None:
-    pass
-
-
-@pytest.mark.parametrize(
-    ("func", "properties", "required"),
-    [
-        (_f_basic, {"city": {"type": "string", "description": "the city name, with its country."},
-                    "days": {"type": "integer", "description": "how many days ahead."},
-                    "metric": {"type": "boolean"}, "scale": {"type": "number"}},
-         ["city", "days"]),
-        (_f_containers, {"tags": {"type": "array", "items": {"type": "string"}},
-                         "meta": {"type": "object"}, "anything": {},
-                         "note": {"type": "string"}}, ["tags", "meta", "anything"]),
-        (_f_choices, {"mode": {"enum": ["fast", "slow"], "type": "string"},
-                      "colour": {"enum": ["red", "blue"], "type": "string"},
-                      "level": {"type": "integer", "description": "from 1 to 5"}},
-         ["mode", "colour"]),
-    ],
-)
-def test_tool_schema_from_function(func: Callable[..., Any], properties: dict[str, Any],
-                                   required: list[str]) -> None:
-    (t,) = oc._as_tools([func])
-    assert t.parameters == {"type": "object", "properties": properties, "required": required}
-    spec = oc._tool_spec(t)
-    assert spec["type"] == "function" and spec["function"]["name"] == func.__name__
-
-
-def test_tool_description_and_decorator_forms() -> None:
-    @oc.tool
-    def plain(x: int) -> int:
-        """Double it.
-
-        Args:
-            x: a number.
-        """
-        return 2 * x
-
-    @oc.tool(name="renamed", description="Custom.")
-    def other() -> None:
-        pass
-
-    a, b = oc._as_tools([plain, other])
-    assert (a.name, a.description) == ("plain", "Double it.")
-    assert (b.name, b.description, b.parameters["required"]) == ("renamed", "Custom.", [])
-    assert plain(4) == 8, "the decorated function stays callable"
-
-
-@pytest.mark.parametrize(
-    ("bad", "says"),
-    [(lambda: None, r"^a lambda needs a name: use oc\.tool\(name=\.\.\.\)\(fn\) or oc\.Tool"),
-     ("not a tool", r"^tools\[0\] is a str: give a function, an oc\.Tool, or a dict"),
-     (3, r"^tools\[0\] is an? int: give a function, an oc\.Tool, or a dict")],
-)
-def test_tool_bad_definitions_are_config_errors(bad: Any, says: str) -> None:
-    with pytest.raises(oc.ConfigError, match=says):
-        oc._as_tools([bad])
-
-
-def test_tool_unsupported_annotation_names_tool_and_parameter() -> None:
-    def takes_callback(callback: Callable[[], None]) -> None:
-        pass
-
-    with pytest.raises(oc.ConfigError, match="takes_callback.*callback"):
-        oc._as_tools([takes_callback])
-
-
-def test_tool_dict_forms_and_duplicates() -> None:
-    def run(query: str) -> str:
-        return query
-
-    tools = oc._as_tools([{"search": {"description": "Find things.",
-                                      "parameters": {"type": "object", "properties": {}},
-                                      "execute": run}},
-                          {"echo": oc.Tool("echo", "Echo.", {"type": "object"}, run)}])
-    assert [t.name for t in tools] == ["search", "echo"]
-    with pytest.raises(oc.ConfigError, match="two tools"):
-        oc._as_tools([run, run])
-    with pytest.raises(oc.ConfigError):
-        oc._as_tools({"x": {"description": "no execute"}})
-
-
-def run_tool(tool: oc.Tool, arguments: dict[str, Any]) -> Any:
-    """Run one call of `tool` as the loop does: the value, or the error the model reads."""
-    done = oc._execute(oc.ToolCall("c1", tool.name, arguments, json.dumps(arguments)),
-                       {tool.name: tool}, unnoted)
-    return done.value if done.error is None else done.error
-
-
-def test_run_tool_checks_arguments_and_converts_enums() -> None:
-    seen: list[Any] = []
-
-    def paint(colour: Colour, coats: int = 1) -> str:
-        seen.append(colour)
-        return colour.value
-
-    (t,) = oc._as_tools([paint])
-    assert run_tool(t, {"colour": "red"}) == "red" and seen == [Colour.RED]
-    assert run_tool(t, {}).startswith("TypeError: missing")
-    assert run_tool(t, {"colour": "red", "brush": "wide"}).startswith("TypeError: unexpected")
-    assert re.match("ValueError: .*must be one of", run_tool(t, {"colour": "green"}))
-    assert seen == [Colour.RED], "a call whose arguments do not fit never runs"
-
-
-# Nested objects, as _schema writes them for dataclasses (Price and Order, below).
-PRICE_SCHEMA = {"type": "object",
-                "properties": {"amount": {"type": "number"},
-                               "currency": {"enum": ["EUR", "USD"], "type": "string"}},
-                "required": ["amount"], "additionalProperties": False}
-
-
-ORDER_SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "price": PRICE_SCHEMA,
-                   "size": {"anyOf": [{"enum": ["s", "l"], "type": "string"}, {"type": "null"}]},
-                   "tags": {"type": "array", "items": {"type": "string"}}},
-    "required": ["name", "price"], "additionalProperties": False}},
-    "express": {"type": "boolean"}}, "required": ["items"], "additionalProperties": False}
-
-
-OBJECT = {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
-          "required": ["city"]}
-
-
-CLOSED = {**OBJECT, "additionalProperties": False}
-
-
-OPTIONAL_MODE = {"anyOf": [{"enum": ["fast", "slow"], "type": "string"}, {"type": "null"}]}
-
-
-@pytest.mark.parametrize("value, schema, problem", [
-    # type, also a list of types; an int is a number, a bool is neither
-    ("x", {"type": "string"}, None),
-    (3, {"type": "number"}, None),
-    (3.5, {"type": "integer"}, "$: expected integer, got number 3.5"),
-    (True, {"type": "integer"}, "$: expected integer, got boolean true"),
-    (False, {"type": "number"}, "$: expected number, got boolean false"),
-    ("3", {"type": "integer"}, '$: expected integer, got string "3"'),
-    (None, {"type": "string"}, "$: expected string, got null"),
-    ({}, {"type": "array"}, "$: expected array, got object {}"),
-    (None, {"type": ["string", "null"]}, None),
-    (1, {"type": ["string", "null"]}, "$: expected string or null, got integer 1"),
-    # enum and const, where true is not 1
-    ("slow", {"enum": ["fast", "slow"]}, None),
-    ("quick", {"enum": ["fast", "slow"]}, '$: must be one of "fast", "slow", got "quick"'),
-    (True, {"enum": [1, 2]}, "$: must be one of 1, 2, got true"),
-    ("a", {"const": "a"}, None),
-    ("b", {"const": "a"}, '$: must be "a", got "b"'),
-    # properties, required, additionalProperties
-    ({"city": "Oslo"}, OBJECT, None),
-    ({"n": 1}, OBJECT, '$: missing required field "city"'),
-    ({"city": 5}, OBJECT, "$.city: expected string, got integer 5"),
-    ({"city": "Oslo", "extra": 1}, OBJECT, None),
-    ({"city": "Oslo", "extra": 1}, CLOSED, "$.extra: unexpected field"),
-    ({"odd key": 1}, {"additionalProperties": {"type": "string"}},
-     '$["odd key"]: expected string, got integer 1'),
-    # items
-    ([1, 2], {"type": "array", "items": {"type": "integer"}}, None),
-    ([1, 2, "3"], {"type": "array", "items": {"type": "integer"}},
-     '$[2]: expected integer, got string "3"'),
-    # anyOf (Optional): the option whose type fits tells what is wrong
-    (None, OPTIONAL_MODE, None),
-    ("quick", OPTIONAL_MODE, '$: must be one of "fast", "slow", got "quick"'),
-    (5, OPTIONAL_MODE, "$: expected string or null, got integer 5"),
-    ({"n": 1}, {"anyOf": [OBJECT, {"type": "null"}]}, '$: missing required field "city"'),
-    # nested objects and arrays
-    ({"items": [{"name": "a", "price": {"amount": 1}}, {"name": "b", "price": {"amount": 2.5}},
-                {"name": "c", "price": {"amount": "12.5"}}]}, ORDER_SCHEMA,
-     '$.items[2].price.amount: expected number, got string "12.5"'),
-    ({"items": [{"name": "a", "price": {"amount": 1, "currency": "GBP"}}]}, ORDER_SCHEMA,
-     '$.items[0].price.currency: must be one of "EUR", "USD", got "GBP"'),
-    ({"items": [{"name": "a", "price": {"amount": 1}, "size": "m"}]}, ORDER_SCHEMA,
-     '$.items[0].size: must be one of "s", "l", got "m"'),
-    ({"items": [{"name": "a"}]}, ORDER_SCHEMA, '$.items[0]: missing required field "price"'),
-    ({"items": [], "rush": True}, ORDER_SCHEMA, "$.rush: unexpected field"),
-    # every other assertion keyword is checked too; annotations are not asserted
-    ("abc", {"type": "string", "maxLength": 1, "pattern": "^z"},
-     "$: must have at most 1 characters, got 3"),
-    ("abc", {"type": "string", "pattern": "^z"}, '$: must match the pattern "^z", got "abc"'),
-    ({"age": 400}, {"properties": {"age": {"maximum": 150}}}, "$.age: must be at most 150, got 400"),
-    ("abc", {"type": "string", "format": "email", "x-ui": 1, "discriminator": {}}, None),
-    ("abc", True, None),
-    ("abc", False, "$: unexpected value"),
-])
-def test_check_table(value: Any, schema: Any, problem: str | None) -> None:
-    assert oc._validate(value, schema) == problem
-
-
-def test_check_messages_stay_short() -> None:
-    problem = oc._validate({"text": "x" * 10_000}, {"properties": {"text": {"type": "integer"}}})
-    assert problem is not None and problem.startswith('$.text: expected integer, got string "xxx')
-    assert len(problem) < 100
-    problem = oc._validate("z", {"enum": [f"option{i}" for i in range(50)]})
-    assert problem is not None and ", ..., got" in problem and len(problem) < 200
-
-
-@pytest.mark.parametrize("text, value", [
-    ('{"a": 1}', {"a": 1}),
-    ('"just text"', "just text"),
-    ("42", 42),
-    ('Here you go:\n{"a": 1}\nHope that helps!', {"a": 1}),
-    ('```json\n{"a": [1, 2]}\n```', {"a": [1, 2]}),
-    ('Sure.\n```JSON\n{"a": "} and {"}\n```\nThe braces are in a string.', {"a": "} and {"}),
-    ('I thought of {"a": 0}, but:\n```\n{"a": 1}\n```', {"a": 1}),
-    ('```json\n{"a": 1}', {"a": 1}),  # the closing fence cut off
-    ("Use {placeholders} like {this}: [1, 2] and {\"a\": 1}", [1, 2]),
-    ('<think>Maybe {"a": 0}?</think>\n\n{"a": 1}', {"a": 1}),
-])
-def test_json_from_text_finds_the_first_complete_value(text: str, value: Any) -> None:
-    assert oc._json_from_text(text) == value
-
-
-@pytest.mark.parametrize("text, reason", [
-    ("", "empty"),
-    ("No JSON here, sorry.", "no JSON object or array"),
-    ('{"a": 1, "b": ', "no complete JSON value"),
-])
-def test_json_from_text_says_why_it_found_none(text: str, reason: str) -> None:
-    with pytest.raises(ValueError, match=reason):
-        oc._json_from_text(text)
-
-
-class Size(enum.Enum):
-    SMALL = "s"
-    LARGE = "l"
-
-
-@dataclass
-class Price:
-    amount: float
-    currency: Literal["EUR", "USD"] = "EUR"
-
-
-@dataclass
-class LineItem:
-    name: str
-    price: Price
-    size: Size | None = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Order:
-    items: list[LineItem]
-    express: bool = False
-
-
-class Address(TypedDict):
-    city: str
-    zip: int
-
-
-class Delivery(Address, total=False):
-    floor: int
-    size: Size
-
-
-@dataclass
-class Chain:
-    name: str
-    next: Chain | None = None
-
-
-def test_schema_of_dataclasses_and_typeddicts_nests_objects() -> None:
-    assert oc._schema(Order, "answer") == ORDER_SCHEMA
-    assert oc._schema(Delivery, "answer") == {
-        "type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "integer"},
-                                         "floor": {"type": "integer"},
-                                         "size": {"enum": ["s", "l"], "type": "string"}},
-        "required": ["city", "zip"], "additionalProperties": False}
-    assert oc._schema(list[Literal["a", "b"]], "answer") == {
-        "type": "array", "items": {"enum": ["a", "b"], "type": "string"}}
-
-
-def test_schema_optional_is_null_except_for_a_tool_parameter() -> None:
-    def quote(price: Price | None = None, note: str | None = None) -> None:
-        pass
-
-    (t,) = oc._as_tools([quote])
-    assert t.parameters["properties"] == {"price": PRICE_SCHEMA, "note": {"type": "string"}}
-    assert oc._schema(str | None, "answer") == {"anyOf": [{"type": "string"},
-                                                             {"type": "null"}]}
-
-
-def test_schema_refuses_self_reference_and_unknown_names() -> None:
-    with pytest.raises(oc.ConfigError, match="'next'.*Chain contains itself"):
-        oc._schema(Chain, "answer")
-    broken = make_dataclass("Broken", [("part", "NoSuchType")])
-    with pytest.raises(oc.ConfigError, match="Broken.*NoSuchType"):
-        oc._schema(broken, "answer")
-
-
-_type_names = itertools.count()
-
-
-_SCALAR_TYPES = st.sampled_from([
-    (str, st.text(max_size=5)),
-    (int, st.integers()),
-    (float, st.floats(allow_nan=False, allow_infinity=False) | st.integers()),
-    (bool, st.booleans()),
-    (Any, st.none() | st.integers() | st.text(max_size=3)),
-])
-
-
-_CHOICES = st.lists(st.text(max_size=3) | st.integers(-5, 5), min_size=1, max_size=4, unique=True)
-
-
-def _enum_type(values: list[Any]) -> tuple[Any, Any]:
-    members = [(f"M{i}", v) for i, v in enumerate(values)]
-    return enum.Enum(f"E{next(_type_names)}", members), st.sampled_from(values)
-
-
-def _record_type(fields: list[tuple[tuple[Any, Any], bool]], kind: str) -> tuple[Any, Any]:
-    """A dataclass or TypedDict with a field per (type, values) pair; the flag: optional."""
-    name = f"R{next(_type_names)}"
-    fields = sorted(fields, key=lambda f: f[1])  # dataclass fields with defaults come last
-    required = {f"f{i}": values for i, ((_, values), optional) in enumerate(fields) if not optional}
-    optional = {f"f{i}": values for i, ((_, values), opt) in enumerate(fields) if opt}
-    if kind == "dataclass":
-        cls = make_dataclass(name, [(f"f{i}", hint, field(default=None)) if opt else
-                                    (f"f{i}", hint) for i, ((hint, _), opt) in enumerate(fields)])
-        return cls, st.fixed_dictionaries(required, optional=optional)
-    total = not any(opt for _, opt in fields)
-    cls = TypedDict(name, {f"f{i}": hint for i, ((hint, _), _) in enumerate(fields)},  # type: ignore[misc]
-                    total=total)
-    if total:
-        return cls, st.fixed_dictionaries({**required, **optional})
-    return cls, st.fixed_dictionaries({}, optional={**required, **optional})
-
-
-def _nest(inner: Any) -> Any:
-    fields = st.lists(st.tuples(inner, st.booleans()), max_size=3)
-    return st.one_of(
-        inner.map(lambda p: (list[p[0]], st.lists(p[1], max_size=3))),
-        inner.map(lambda p: (p[0] | None, st.none() | p[1])),
-        st.tuples(inner, inner).map(lambda ps: (ps[0][0] | ps[1][0], ps[0][1] | ps[1][1])),
-        fields.map(lambda fs: _record_type(fs, "dataclass")),
-        fields.map(lambda fs: _record_type(fs, "typeddict")),
-    )
-
-
-_TYPES = st.recursive(_SCALAR_TYPES | _CHOICES.map(lambda vs: (Literal[tuple(vs)],
-                                                             st.sampled_from(vs)))
-                      | _CHOICES.map(_enum_type), _nest, max_leaves=8)
-
-
-# 200 examples (was 300): ~3 ms each, nearly all of it Hypothesis drawing the type and
-# the value. A run still draws every kind of type dozens of times (list, optional, union,
-# dataclass, TypedDict, Literal, enum each 15-150 times; each scalar 15-50 times) and
-# types of one to six and more parts; each run draws anew.
-@settings(max_examples=200, deadline=None)
-@given(data=st.data())
-def test_check_accepts_every_value_of_the_type_a_schema_was_built_from(data: Any) -> None:
-    annotation, values = data.draw(_TYPES)
-    schema = oc._schema(annotation, "answer")
-    json.dumps(schema)  # sendable as it is
-    value = data.draw(values)
-    assert oc._validate(value, schema) is None
-    built = oc._build(value, annotation)
-    if is_dataclass(annotation) or isinstance(annotation, enum.EnumMeta):
-        assert isinstance(built, annotation)
-
-
-def test_build_makes_the_values_the_hints_ask_for() -> None:
-    raw = {"items": [{"name": "tea", "price": {"amount": 3, "currency": "USD"}, "size": "l"},
-                     {"name": "cup", "price": {"amount": 1.5}, "tags": ["blue"]}]}
-    assert oc._build(raw, Order) == Order([
-        LineItem("tea", Price(3, "USD"), Size.LARGE),
-        LineItem("cup", Price(1.5), None, ["blue"])])
-    assert oc._build({"city": "Oslo", "zip": 150, "size": "s"}, Delivery) == {
-        "city": "Oslo", "zip": 150, "size": Size.SMALL}
-    assert oc._build(["a", "b"], list[Literal["a", "b"]]) == ["a", "b"]
-    assert oc._build(["s", "l"], list[Size]) == [Size.SMALL, Size.LARGE]
-    assert oc._build(None, Price | None) is None
-    assert oc._build({"amount": 2}, Price | None) == Price(2)
-    assert oc._build({"city": "Oslo", "zip": 1}, Price | Address) == {"city": "Oslo",
-                                                                          "zip": 1}
-    assert oc._build({"a": [1]}, dict[str, Any]) == {"a": [1]}
-
-
-def test_run_tool_reads_the_signature_once_and_takes_null_for_optional(
-    monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def note(text: str, price: Price | None = None, **more: Any) -> Any:
-        return text, price, more
-
-    def hand_made(size: str) -> str:
-        return size
-
-    tools = oc._as_tools([note, oc.Tool("raw", "", {"type": "object", "properties": {
-        "size": {"enum": ["s", "l"]}}, "required": ["size"]}, hand_made)])
-    monkeypatch.setattr(oc.inspect, "signature", None)  # a call that read it would fail
-    note_tool, raw_tool = tools
-    assert run_tool(note_tool, {"text": "a", "price": None, "x": 1}) == ("a", None, {"x": 1})
-    assert run_tool(note_tool, {"text": "a", "price": {"amount": 2}}) == ("a", Price(2), {})
-    assert run_tool(raw_tool, {"size": "s"}) == "s", "no hints: checked, passed as it came"
-    assert run_tool(raw_tool, {"size": "s", "colour": "red"}).startswith(
-        "TypeError: unexpected argument")
-    assert run_tool(raw_tool, {"size": "m"}) == (
-        'ValueError: $.size: must be one of "s", "l", got "m"')
-
-
-# ==== Checking JSON against a schema ====
-
-SUITE = pathlib.Path(__file__).parent / "testdata" / "json-schema-test-suite" / "draft2020-12"
-# What _vet_schema may refuse (DESIGN.md); a refusal names one of these keywords.
-REFUSABLE = {"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$dynamicAnchor",
-             "$anchor", "$id", "$ref", "pattern", "patternProperties"}
-REASONS = {"unevaluatedProperties": "unevaluated*", "unevaluatedItems": "unevaluated*",
-           "$ref": "non-local $ref", "pattern": "regex", "patternProperties": "regex"}
-
-
-def _suite() -> list[tuple[str, int, dict[str, Any]]]:
-    """(file name, position, group) of every group of every vendored file."""
-    return [(path.name, position, group) for path in sorted(SUITE.glob("*.json"))
-            for position, group in enumerate(json.loads(path.read_text(encoding="utf-8")))]
-
-
-def _skipped(name: str, group: dict[str, Any]) -> str | None:
-    if name == "vocabulary.json" and "no validation vocabulary" in group["description"]:
-        # The one group whose answer depends on a metaschema: a remote one (not vendored)
-        # that turns the validation vocabulary off. The checker always asserts validation
-        # keywords, whatever $schema names: stricter, never more lenient.
-        return ("custom metaschema without the validation vocabulary: the checker "
-                "always asserts validation keywords")
-    return None
-
-
-def _uses(schema: Any) -> set[str]:
-    """The refusable constructs a suite schema uses, found without the checker: those
-    keywords anywhere, $id below the root, a $ref that is not '#' or '#/...', a regex
-    Python's re cannot compile. (An over-estimate: it also looks inside enum and const.)"""
-    found: set[str] = set()
-
-    def compiles(pattern: str) -> bool:
-        try:
-            re.compile(pattern)
-        except re.error:
-            return False
-        return True
-
-    def walk(node: Any) -> None:
-        items = node.items() if isinstance(node, dict) else enumerate(node) \
-            if isinstance(node, list) else ()
-        for key, value in items:
-            if key in REFUSABLE - {"$id", "$ref", "pattern", "patternProperties"} or (
-                    key == "$id" and node is not schema) or (
-                    key == "$ref" and isinstance(value, str) and value != "#"
-                    and not value.startswith("#/")) or (
-                    key == "pattern" and isinstance(value, str) and not compiles(value)) or (
-                    key == "patternProperties" and isinstance(value, dict)
-                    and not all(map(compiles, value))):
-                found.add(key)
-            walk(value)
-
-    walk(schema)
-    return found
-
-
-def _verdict(group: dict[str, Any]) -> tuple[str | None, list[str]]:
-    """(the keyword _vet_schema refused the group's schema for, or None; the cases
-    _validate got wrong, by description)."""
-    try:
-        oc._vet_schema(group["schema"], "schema")
-    except oc.ConfigError as exc:
-        named = re.search(r"JSON Schema keyword '([^']+)'", str(exc))
-        return (named.group(1) if named else str(exc)), []
-    wrong = []
-    for case in group["tests"]:
-        problem = oc._validate(case["data"], group["schema"])
-        if (problem is None) != case["valid"]:
-            wrong.append(f"{case['description']!r}: expected valid={case['valid']}, "
-                         f"got {problem!r}")
-    return None, wrong
-
-
-@pytest.mark.parametrize("name, position, group",
-                         [pytest.param(*g, id=f"{g[0][:-5]}-{g[1]}") for g in _suite()])
-def test_json_schema_suite_group(name: str, position: int, group: dict[str, Any]) -> None:
-    reason = _skipped(name, group)
-    if reason:
-        pytest.skip(reason)
-    refused, wrong = _verdict(group)
-    if refused is not None:
-        # A refusal is allowed only for what the group really uses: a group of checked
-        # keywords can never be passed over by refusing it.
-        assert refused in REFUSABLE and refused in _uses(group["schema"]), (
-            f"{group['description']!r} refused for {refused!r}")
-    assert not wrong, f"{name} {group['description']!r}:\n" + "\n".join(wrong)
-
-
-def test_json_schema_suite_summary(capsys: pytest.CaptureFixture[str]) -> None:
-    cases = failed = skipped = 0
-    refused: dict[str, int] = {}
-    for name, _, group in _suite():
-        if _skipped(name, group):
-            skipped += len(group["tests"])
-            continue
-        keyword, wrong = _verdict(group)
-        if keyword is not None:
-            reason = REASONS.get(keyword, keyword)
-            refused[reason] = refused.get(reason, 0) + len(group["tests"])
-            continue
-        cases += len(group["tests"])
-        failed += len(wrong)
-    reasons = ", ".join(f"{reason}: {count}" for reason, count in
-                        sorted(refused.items(), key=lambda item: -item[1]))
-    with capsys.disabled():
-        print(f"\nJSON-Schema-Test-Suite draft2020-12: {cases} cases in scope, {failed} failed, "
-              f"{sum(refused.values())} refused ({reasons}), {skipped} skipped "
-              "(vocabulary.json: custom metaschema)")
-    assert failed == 0
-    assert cases >= 965  # 969 at commit 44401e0: a checker that refuses more fails here
-
-
-def _has_null(data: Any) -> bool:
-    if isinstance(data, dict):
-        return any(map(_has_null, data.values()))
-    return data is None or isinstance(data, list) and any(map(_has_null, data))
-
-
-def _sample() -> list[Any]:
-    """Of each suite file, one valid and one invalid in-scope case (the middle one of
-    each kind) whose schema is an object and whose instance holds no null (a null may
-    be pruned on the public path, by design): every file with such cases goes through
-    generate() both ways (every 7th case, 199 requests, left out three files; this
-    is 150 requests)."""
-    kinds: dict[tuple[str, bool], list[Any]] = {}
-    for name, position, group in _suite():
-        if not isinstance(group["schema"], dict) or _skipped(name, group) or _verdict(
-                group)[0] is not None:
-            continue
-        for number, case in enumerate(group["tests"]):
-            if not _has_null(case["data"]):
-                kinds.setdefault((name, case["valid"]), []).append(pytest.param(
-                    group["schema"], case["data"], case["valid"],
-                    id=f"{name[:-5]}-{position}-{number}"))
-    return [cases[len(cases) // 2] for _, cases in sorted(kinds.items())]
-
-
-@pytest.mark.parametrize("schema, data, valid", _sample())
-def test_json_schema_suite_sample_through_generate(server: Scripted, schema: dict[str, Any],
-                                                   data: Any, valid: bool) -> None:
-    server.add(*(_answer(json.dumps(data)) for _ in range(3)))
-    client = server.client()
-    if valid:
-        assert client.generate("q", schema=schema).data == data
-        assert len(server.bodies()) == 1
-        return
-    with pytest.raises(oc.OutputError):
-        client.generate("q", schema=schema)
-    bodies = server.bodies()
-    assert len(bodies) == 3  # the answer and two repairs
-    problem = oc._validate(data, schema)
-    assert problem is not None and problem in bodies[1]["messages"][-1]["content"]
-
-
-@pytest.mark.parametrize("value, schema, problem", [
-    # integer is a number with a zero fraction; multipleOf is exact for decimals
-    (3.0, {"type": "integer"}, None),
-    (19.99, {"multipleOf": 0.01}, None),
-    (0.0075, {"multipleOf": 0.0001}, None),
-    (19.995, {"multipleOf": 0.01}, "$: must be a multiple of 0.01, got 19.995"),
-    (1e308, {"multipleOf": 0.123456789}, "$: must be a multiple of 0.123456789, got 1e+308"),
-    (7 * 10**400, {"multipleOf": 7}, None),
-    pytest.param(10**5000, {"multipleOf": 3}, "$: must be a multiple of 3, got <int>",
-                 id="int-of-5001-digits"),
-    (float("inf"), {"multipleOf": 2}, "$: must be a multiple of 2, got Infinity"),
-    # a $ref that leads back to itself on the same value ends in a message
-    (1, {"$ref": "#"}, '$: the schema loops through $ref "#" without end'),
-    ({"a": 1}, {"$defs": {"x": {"$ref": "#/$defs/y"}, "y": {"allOf": [{"$ref": "#/$defs/x"}]}},
-                "properties": {"a": {"$ref": "#/$defs/x"}}},
-     '$.a: the schema loops through $ref "#/$defs/x" without end'),
-    # patterns as ECMA-262 reads them: $ is the very end, \d an ASCII digit
-    ("abc\n", {"pattern": "^abc$"}, '$: must match the pattern "^abc$", got "abc\\n"'),
-    ("abc$", {"pattern": "^abc[$]$"}, None),
-    ("\u0663", {"pattern": "^\\d$"}, '$: must match the pattern "^\\\\d$", got "\u0663"'),
-    # messages of the other keywords name the path, what was expected and what came
-    ([1, 1], {"uniqueItems": True}, "$: must hold unique items, got [1, 1]"),
-    ([1, True], {"uniqueItems": True}, None),
-    ([2], {"contains": {"type": "string"}},
-     "$: must hold at least 1 items that match contains, got 0"),
-    ({"b": 1}, {"dependentRequired": {"b": ["c"]}},
-     '$: missing required field "c" (required with "b")'),
-    ({"1x": 1}, {"propertyNames": {"pattern": "^[a-z]"}},
-     '$["1x"]: field name: must match the pattern "^[a-z]", got "1x"'),
-    (5, {"oneOf": [{"minimum": 1}, {"maximum": 9}]},
-     "$: must match one schema of oneOf, matched 0 and 1"),
-    (5, {"not": {"type": "integer"}}, '$: must not match {"type": "integer"}, got 5'),
-    ([1, "x"], {"prefixItems": [{"type": "integer"}], "items": {"type": "integer"}},
-     '$[1]: expected integer, got string "x"'),
-])
-def test_validate_decides_what_the_suite_leaves_open(value: Any, schema: Any,
-                                                     problem: str | None) -> None:
-    oc._vet_schema(schema, "schema=")
-    assert oc._validate(value, schema) == problem
-
-
-def test_validate_ends_deep_recursion_in_a_message() -> None:
-    deep: Any = 1
-    for _ in range(5000):
-        deep = [deep]
-    assert oc._validate(deep, {"items": {"$ref": "#"}}) == "$: nested too deeply to check"
-
-
-@pytest.mark.parametrize("schema, keyword", [
-    ({"unevaluatedProperties": False}, "unevaluatedProperties"),
-    ({"items": {"unevaluatedItems": False}}, "unevaluatedItems"),
-    ({"$dynamicRef": "#meta"}, "$dynamicRef"),
-    ({"$dynamicAnchor": "meta"}, "$dynamicAnchor"),
-    ({"$defs": {"a": {"$anchor": "a"}}}, "$anchor"),
-    ({"properties": {"a": {"$id": "http://example.com/a"}}}, "$id"),
-    ({"$ref": "http://example.com/schema"}, "$ref"),
-    ({"$ref": "other.json#/$defs/a"}, "$ref"),
-    ({"$ref": "#anchor"}, "$ref"),
-    ({"$ref": "#/$defs/missing"}, "$ref"),
-    ({"$ref": "#/required", "required": ["a"]}, "$ref"),
-    ({"pattern": "\\p{Letter}"}, "pattern"),
-    ({"patternProperties": {"(": {}}}, "patternProperties"),
-    # values of the wrong shape would make a keyword mean nothing: refused too
-    ({"minimum": "5"}, "minimum"),
-    ({"items": [{"type": "string"}]}, "items"),  # draft 7's tuple form
-    ({"type": "text"}, "type"),
-    ({"required": [1]}, "required"),
-])
-def test_vet_schema_refuses_naming_the_keyword(schema: Any, keyword: str) -> None:
-    with pytest.raises(oc.ConfigError, match="^schema=: JSON Schema keyword " + re.escape(
-            repr(keyword))):
-        oc._vet_schema(schema, "schema=")
-
-
-def test_vet_schema_names_a_ref_to_a_huge_index_as_pointing_nowhere() -> None:
-    # It was "holds a regex Python cannot use": int() refuses over 4,300 digits.
-    with pytest.raises(oc.ConfigError, match="^schema=: JSON Schema keyword '\\$ref' "
-                       "'#/allOf/1+' does not point at a schema in the same document$"):
-        oc._vet_schema({"allOf": [{}], "$ref": "#/allOf/" + "1" * 5000}, "schema=")
-
-
-def test_vet_schema_refuses_before_anything_is_sent(server: Scripted) -> None:
-    refused = {"type": "object", "unevaluatedProperties": False}
-    with pytest.raises(oc.ConfigError, match="'unevaluatedProperties'"):
-        server.client().generate("q", schema=refused)
-    with pytest.raises(oc.ConfigError, match="^tool 'f' parameters: .*'\\$dynamicRef'"):
-        oc.Tool("f", "", {"type": "object", "properties": {"a": {"$dynamicRef": "#a"}}})
-    with pytest.raises(oc.ConfigError, match="a JSON Schema is an object or a boolean"):
-        oc._vet_schema([], "schema=")
-    assert server.requests == []
-
-
-_KEYWORD_NAMES = st.sampled_from([*oc._KEYWORDS, "unevaluatedItems", "$id", "format"])
-_SCHEMA_KEYS = _KEYWORD_NAMES | st.sampled_from(["a", "$defs"])
-_ANY_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
-    | st.sampled_from(["#", "#/$defs/a", "#/properties/a", "^a$", "(", "integer", "null"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_SCHEMA_KEYS, inner, max_size=4),
-    max_leaves=16)
-# An object of keywords two times in three, else any JSON: of bare _ANY_JSON values 60%
-# were arrays or scalars, refused at once without a keyword being looked at.
-_KEYWORD_OBJECT = st.dictionaries(_SCHEMA_KEYS, _ANY_JSON, max_size=4)
-_ANY_SCHEMA = st.one_of(_KEYWORD_OBJECT, _KEYWORD_OBJECT, _ANY_JSON)
-
-
-# 300 examples (was 400 of bare _ANY_JSON schemas, with a value drawn for each): the
-# value is drawn only for a schema _vet_schema accepts, and a run has more examples
-# that get past the trivial refusal (~110 accepted and ~94 refused naming a keyword,
-# was ~65 and ~90, averaged over 5 runs), in ~80% of the time.
-@settings(max_examples=300, deadline=None)
-@given(schema=_ANY_SCHEMA, data=st.data())
-def test_vet_then_validate_and_prune_never_raise(schema: Any, data: Any) -> None:
-    try:
-        oc._vet_schema(schema, "schema=")
-    except oc.ConfigError:
-        return
-    value = data.draw(_ANY_JSON, label="value")
-    problem = oc._validate(value, schema)
-    assert problem is None or problem.startswith("$")
-    pruned, removed = oc._prune_nulls(value, schema)
-    assert removed or json.dumps(pruned) == json.dumps(value)  # NaN is not == itself
-
-
-def test_prune_nulls_drops_optional_nulls_at_any_depth_and_keeps_required_ones() -> None:
-    schema = {"type": "object", "properties": {"order": {"$ref": "#/$defs/order"}},
-              "$defs": {"order": {"type": "object", "required": ["qty"], "properties": {
-                  "note": {"type": "string"}, "qty": {"type": "integer"},
-                  "gift": {"type": ["string", "null"]},
-                  "lines": {"type": "array", "items": {"anyOf": [
-                      {"type": "object", "properties": {"sku": {"type": "string"}}}]}}}}}}
-    value = {"order": {"note": None, "qty": None, "gift": None,
-                       "lines": [{"sku": None}, {"sku": "a"}]}}
-    pruned, removed = oc._prune_nulls(value, schema)
-    assert removed and pruned == {"order": {"qty": None, "gift": None,
-                                            "lines": [{}, {"sku": "a"}]}}
-    assert value["order"]["note"] is None, "the input is not changed"
-    assert oc._validate(pruned, schema) == "$.order.qty: expected integer, got null"
-    assert oc._prune_nulls({"order": {"qty": 1}}, schema) == ({"order": {"qty": 1}}, False)
-
-
-@dataclasses.dataclass
-class Town:
-    name: str
-    population: int
-    note: str = "-"
-
-
-def test_schema_answer_null_is_the_field_default_and_3_0_an_int(server: Scripted) -> None:
-    server.add(_answer('{"name": "Pau", "population": 77000.0, "note": null}'))
-    data = server.client().generate("q", schema=Town).data
-    assert data == Town("Pau", 77000, "-") and type(data.population) is int
-    assert len(server.bodies()) == 1
-
-
-# ---- pydantic, null for optional, integral floats (issue 18) ----
-
-
-try:
-    import pydantic
-except ImportError:  # a test dependency: the pydantic tests below skip without it
-    pydantic = None
-
-
-def _needs_pydantic() -> Any:
-    return pytest.importorskip(
-        "pydantic", reason="pydantic is a test dependency: pip install -e '.[test]'")
-
-
-if pydantic is not None:
-    class Home(pydantic.BaseModel):
-        city: str
-        zip: int
-        floor: int = 0
-
-    class Resident(pydantic.BaseModel):
-        name: str
-        age: int
-        home: Home
-        nickname: str | None = None
-        score: int = 5
-
-    class Signed(pydantic.BaseModel):
-        name: str
-
-        @pydantic.field_validator("name")
-        @classmethod
-        def capitalised(cls, name: str) -> str:
-            if not name[:1].isupper():
-                raise ValueError("name must start with a capital letter")
-            return name
-
-    OtherHome = pydantic.create_model("Home", street=(str, ...))  # a second model named Home
-
-    class Flat(pydantic.BaseModel):
-        home: OtherHome  # type: ignore[valid-type]
-
-    @dataclass
-    class Household:
-        head: Resident
-        others: list[Resident]
-        spare: Resident | None = None
-
-    class Register(TypedDict):
-        first: Resident
-        homes: list[Home]
-
-    @dataclass
-    class Clash:
-        resident: Resident
-        flat: Flat
-
-    @dataclass
-    class Either:
-        household: Household | str
-        resident: Resident | str
-
-
-_ANN = {"name": "Ann", "age": 30, "home": {"city": "Paris", "zip": 75001}}
-# The strict form (issue #25) of Home.model_json_schema(): every field required, the one
-# with a default nullable and its default gone, no other field allowed.
-STRICT_HOME = {"title": "Home", "type": "object", "additionalProperties": False,
-               "required": ["city", "zip", "floor"],
-               "properties": {"city": {"title": "City", "type": "string"},
-                              "zip": {"title": "Zip", "type": "integer"},
-                              "floor": {"title": "Floor",
-                                        "anyOf": [{"type": "integer"}, {"type": "null"}]}}}
-
-
-def _defs_below_the_root(schema: Any, top: bool = True) -> list[Any]:
-    """Every $defs found anywhere but at the root of `schema`."""
-    if isinstance(schema, list):
-        return [d for item in schema for d in _defs_below_the_root(item, False)]
-    if not isinstance(schema, dict):
-        return []
-    found = [] if top or "$defs" not in schema else [schema["$defs"]]
-    return found + [d for key, item in schema.items() if not (top and key == "$defs")
-                    for d in _defs_below_the_root(item, False)]
-
-
-def test_pydantic_model_schema_is_sent_with_its_defs_and_data_is_an_instance(
-        server: Scripted) -> None:
-    _needs_pydantic()
-    server.add(_answer(json.dumps({**_ANN, "age": 30.0})))
-    result = server.client().generate("Invent a person.", schema=Resident)
-    assert isinstance(result.data, Resident) and isinstance(result.data.home, Home)
-    assert result.data == Resident(name="Ann", age=30, home=Home(city="Paris", zip=75001))
-    assert type(result.data.age) is int
-    (sent,) = server.bodies()
-    assert sent["response_format"]["type"] == "json_schema"
-    schema = sent["response_format"]["json_schema"]["schema"]
-    assert sent["response_format"]["json_schema"]["strict"] is True
-    assert schema == {
-        "title": "Resident", "type": "object", "additionalProperties": False,
-        "required": ["name", "age", "home", "nickname", "score"],
-        "properties": {"name": {"title": "Name", "type": "string"},
-                       "age": {"title": "Age", "type": "integer"},
-                       "home": {"$ref": "#/$defs/Home"},
-                       "nickname": {"anyOf": [{"type": "string"}, {"type": "null"}],
-                                    "title": "Nickname"},
-                       "score": {"title": "Score",
-                                 "anyOf": [{"type": "integer"}, {"type": "null"}]}},
-        "$defs": {"Home": STRICT_HOME}}
-    assert Resident.model_json_schema()["$defs"] == {"Home": Home.model_json_schema()}
-
-
-def test_pydantic_mismatch_is_repaired_naming_the_path(server: Scripted) -> None:
-    _needs_pydantic()
-    server.add(_answer(json.dumps({**_ANN, "home": {"city": "Paris", "zip": "x"}})),
-               _answer(json.dumps(_ANN)))
-    result = server.client().generate("Invent a person.", schema=Resident)
-    assert result.data == Resident.model_validate(_ANN) and len(result.steps) == 2
-    repair = server.bodies()[1]["messages"][-1]
-    assert repair["role"] == "user"
-    assert '$.home.zip: expected integer, got string "x"' in repair["content"]
-
-
-def test_pydantic_validator_failure_is_repaired_like_any_mismatch(server: Scripted) -> None:
-    _needs_pydantic()
-    server.add(_answer('{"name": "ann"}'), _answer('{"name": "Ann"}'))
-    result = server.client().generate("A name.", schema=Signed)
-    assert result.data == Signed(name="Ann") and len(result.steps) == 2
-    repair = server.bodies()[1]["messages"][-1]["content"]
-    assert "name must start with a capital letter" in repair
-    assert server.bodies()[1]["messages"][-2] == {"role": "assistant", "content": '{"name": "ann"}'}
-
-
-def test_pydantic_validator_failing_three_times_is_an_output_error(server: Scripted) -> None:
-    _needs_pydantic()
-    server.add(_answer('{"name": "ann"}'), _answer('{"name": "bob"}'), _answer('{"name": "cy"}'))
-    with pytest.raises(oc.OutputError) as caught:
-        server.client().generate("A name.", schema=Signed)
-    assert caught.value.partial_text == '{"name": "cy"}'
-    assert "name must start with a capital letter" in str(caught.value)
-    assert len(server.bodies()) == 3  # the answer and two repairs
-
-
-def test_pydantic_tool_parameter_receives_an_instance_and_the_defs_sit_at_the_root(
-        server: Scripted) -> None:
-    _needs_pydantic()
-    registered: list[Any] = []
-
-    def register(resident: Resident, guest: Resident | None = None, note: str = "-") -> str:
-        """Register a resident."""
-        registered.append((resident, guest, note))
-        return "ok"
-
-    bad = {"resident": {**_ANN, "home": {"city": "Paris", "zip": "x"}}}
-    unsigned = {"resident": _ANN, "guest": {**_ANN, "age": "old"}}
-    server.add(_calls_then_text(_call(0, "c1", "register", json.dumps(bad))),
-               _calls_then_text(_call(0, "c2", "register", json.dumps(unsigned))),
-               _calls_then_text(_call(0, "c3", "register", json.dumps(
-                   {"resident": {**_ANN, "age": 30.0, "home": {"city": "Paris", "zip": 75001,
-                                                               "floor": None}},
-                    "guest": None, "note": None}))),
-               Reply(text_stream("Done.")))
-    result = server.client().generate("Register Ann.", tools=[register])
-    parameters = server.bodies()[0]["tools"][0]["function"]["parameters"]
-    assert parameters["$defs"] == {"Home": STRICT_HOME}
-    assert _defs_below_the_root(parameters) == []
-    assert parameters["properties"]["resident"]["properties"]["home"] == {
-        "$ref": "#/$defs/Home"}
-    first, second, third = result.tool_results
-    assert first.error is not None
-    assert first.error.endswith('$.resident.home.zip: expected integer, got string "x"')
-    assert second.error is not None and second.error.endswith(
-        '$.guest.age: expected integer, got string "old"')
-    assert third.error is None and third.value == "ok"
-    (resident, guest, note), = registered
-    assert isinstance(resident, Resident) and isinstance(resident.home, Home)
-    assert resident == Resident.model_validate(_ANN) and (guest, note) == (None, "-")
-
-
-def test_pydantic_tool_parameter_whose_validator_fails_goes_back_to_the_model(
-        server: Scripted) -> None:
-    _needs_pydantic()
-    seen: list[Signed] = []
-
-    def sign(signer: Signed) -> str:
-        """Sign."""
-        seen.append(signer)
-        return "signed"
-
-    server.add(_calls_then_text(_call(0, "c1", "sign", '{"signer": {"name": "ann"}}')),
-               _calls_then_text(_call(0, "c2", "sign", '{"signer": {"name": "Ann"}}')),
-               Reply(text_stream("Done.")))
-    result = server.client().generate("Sign.", tools=[sign])
-    first, second = result.tool_results
-    assert first.error is not None and "name must start with a capital letter" in first.error
-    assert second.value == "signed" and seen == [Signed(name="Ann")]
-
-
-def test_pydantic_models_inside_a_dataclass_and_a_typeddict_parameter(
-        server: Scripted) -> None:
-    _needs_pydantic()
-    bob = {"name": "Bob", "age": 40, "home": {"city": "Lyon", "zip": 69001}}
-    cy = {**bob, "name": "Cy"}
-    seen: list[Register] = []
-
-    def enrol(register: Register) -> str:
-        """Enrol."""
-        seen.append(register)
-        return "enrolled"
-
-    server.add(_answer(json.dumps({"head": _ANN, "others": [bob, cy], "spare": None})),
-               _calls_then_text(_call(0, "c1", "enrol", json.dumps({"register": {
-                   "first": _ANN, "homes": [{"city": "Nice", "zip": 6000.0}]}}))),
-               Reply(text_stream("Enrolled.")))
-    client = server.client()
-    household = client.generate("A household.", schema=Household).data
-    assert household == Household(Resident.model_validate(_ANN), [
-        Resident.model_validate(bob), Resident.model_validate(cy)])
-    assert isinstance(household.head, Resident) and isinstance(household.others[1].home, Home)
-    client.generate("Enrol Ann.", tools=[enrol])
-    assert seen == [{"first": Resident.model_validate(_ANN),
-                     "homes": [Home(city="Nice", zip=6000)]}]
-    assert isinstance(seen[0]["first"], Resident) and isinstance(seen[0]["homes"][0], Home)
-    first, second = server.bodies()[:2]
-    for schema in (first["response_format"]["json_schema"]["schema"],
-                   second["tools"][0]["function"]["parameters"]):
-        assert schema["$defs"] == {"Home": STRICT_HOME}
-        assert _defs_below_the_root(schema) == []
-        oc._vet_schema(schema, "schema=")  # every "#/$defs/..." resolves
-
-
-def test_pydantic_models_inside_a_typeddict_answer_are_instances(server: Scripted) -> None:
-    # As for a TypedDict field or parameter: built, not left as the plain JSON.
-    _needs_pydantic()
-    server.add(_answer(json.dumps({"first": _ANN, "homes": [{"city": "Nice", "zip": 6000}]})),
-               _answer('{"city": "Oslo", "zip": 150.0}'))
-    client = server.client()
-    register = client.generate("A register.", schema=Register).data
-    sent = server.bodies()[0]["response_format"]["json_schema"]["schema"]
-    assert sent["$defs"] == {"Home": STRICT_HOME}
-    assert _defs_below_the_root(sent) == []
-    assert register == {"first": Resident.model_validate(_ANN),
-                        "homes": [Home(city="Nice", zip=6000)]}
-    address = client.generate("An address.", schema=Address).data
-    assert address == {"city": "Oslo", "zip": 150} and type(address["zip"]) is int
-
-
-def test_pydantic_models_in_a_union_are_built_whatever_holds_them(server: Scripted) -> None:
-    # The option of a union that fits is found by checking the value against the
-    # option's schema: a model nested in a dataclass option must resolve its $refs too.
-    _needs_pydantic()
-    server.add(_answer(json.dumps({"household": {"head": _ANN, "others": []},
-                                   "resident": _ANN})))
-    data = server.client().generate("Either.", schema=Either).data
-    assert isinstance(data.resident, Resident)
-    assert data.household == Household(Resident.model_validate(_ANN), [])
-
-
-def test_pydantic_two_models_with_one_name_are_a_config_error(server: Scripted) -> None:
-    _needs_pydantic()
-    client = server.client()
-    with pytest.raises(oc.ConfigError, match="two different models are named 'Home'"):
-        client.generate("hi", schema=Clash)
-
-    def move(resident: Resident, flat: Flat) -> None:
-        """Move."""
-
-    with pytest.raises(oc.ConfigError, match="tool 'move'.*two different models are named"):
-        client.generate("hi", tools=[move])
-    assert server.requests == []
-
-
-def test_pydantic_optional_allows_null_and_null_for_a_default_is_the_default(
-        server: Scripted) -> None:
-    _needs_pydantic()
-    server.add(_answer(json.dumps({**_ANN, "nickname": None})),
-               _answer(json.dumps({**_ANN, "score": None, "home": {
-                   "city": "Paris", "zip": 75001, "floor": None}})))
-    client = server.client()
-    first = client.generate("Invent a person.", schema=Resident)
-    assert first.data.nickname is None and len(first.steps) == 1
-    assert "null for optional fields: left out" not in client.quirks, (
-        "null where the schema allows it is a value, not a left-out field")
-    second = client.generate("Invent a person.", schema=Resident)
-    assert (second.data.score, second.data.home.floor) == (5, 0) and len(second.steps) == 1
-    assert client.quirks.count("null for optional fields: left out") == 1
-
-
-@dataclass
-class Stay:
-    nights: int
-    note: str = "none"
-
-
-@dataclass
-class Booking:
-    guest: str
-    stay: Stay
-    extras: list[Stay] = field(default_factory=list)
-    count: int | None = None
-
-
-def test_null_for_optional_tool_parameters_is_the_default_and_noted_once(
-        server: Scripted) -> None:
-    booked: list[tuple[Any, ...]] = []
-
-    def book(city: str, nights: int = 1, note: str = "none", stay: Stay | None = None,
-             count: int | None = 7) -> str:
-        """Book a room."""
-        booked.append((city, nights, note, stay, count))
-        return "booked"
-
-    server.add(_calls_then_text(
-                   _call(0, "c1", "book", '{"city": "Oslo", "nights": null, "note": null}'),
-                   _call(1, "c2", "book", '{"city": "Rome", "stay": {"nights": 2, "note": null},'
-                                          ' "count": null}')),
-               _calls_then_text(_call(0, "c3", "book", '{"city": "Pau", "stay": null}')),
-               Reply(text_stream("All booked.")),
-               _answer('{"guest": "Ann", "stay": {"nights": 1, "note": null}, "count": null}'))
-    client = server.client()
-    result = client.generate("Book three.", tools=[book])
-    assert [r.error for r in result.tool_results] == [None, None, None]
-    assert booked == [("Oslo", 1, "none", None, 7), ("Rome", 1, "none", Stay(2), 7),
-                      ("Pau", 1, "none", None, 7)]
-    assert client.generate("A booking.", schema=Booking).data == Booking("Ann", Stay(1))
-    assert client.quirks.count("null for optional fields: left out") == 1
-
-
-def test_null_for_a_nested_optional_field_is_its_dataclass_default(server: Scripted) -> None:
-    server.add(_answer(json.dumps({"guest": "Ann", "stay": {"nights": 2, "note": None},
-                                   "extras": [{"nights": 1, "note": None},
-                                              {"nights": 3, "note": "late"}]})))
-    result = server.client().generate("A booking.", schema=Booking)
-    assert result.data == Booking("Ann", Stay(2), [Stay(1), Stay(3, "late")])
-    assert len(result.steps) == 1
-
-
-def test_null_for_a_required_field_stays_an_error(server: Scripted) -> None:
-    booked: list[Any] = []
-
-    def book(city: str, nights: int, stay: Stay | None = None) -> str:
-        """Book a room."""
-        booked.append((city, nights, stay))
-        return "booked"
-
-    server.add(_calls_then_text(_call(0, "c1", "book", '{"city": "Oslo", "nights": null}'),
-                                _call(1, "c2", "book", '{"city": "Oslo", "nights": 1, '
-                                                       '"stay": {"nights": null}}')),
-               Reply(text_stream("Sorry.")),
-               _answer('{"guest": "Ann", "stay": {"nights": null}}'),
-               _answer('{"guest": "Ann", "stay": {"nights": 2}}'))
-    client = server.client()
-    first, second = client.generate("Book.", tools=[book]).tool_results
-    assert first.error is not None and first.error.endswith("$.nights: expected integer, got null")
-    assert second.error is not None and second.error.endswith(
-        "$.stay.nights: expected integer, got null")
-    assert booked == []
-    sent = [json.loads(m["content"])["error"] for m in server.bodies()[1]["messages"]
-            if m["role"] == "tool"]
-    assert sent == [first.error, second.error]
-    result = client.generate("A booking.", schema=Booking)
-    assert result.data == Booking("Ann", Stay(2)) and len(result.steps) == 2
-    assert "$.stay.nights: expected integer, got null" in server.bodies()[-1]["messages"][-1][
-        "content"]
-    assert "null for optional fields: left out" not in client.quirks
-
-
-def test_integral_float_for_an_int_parameter_is_an_int(server: Scripted) -> None:
-    received: list[dict[str, Any]] = []
-
-    def repeat(times: int, width: Annotated[int, "columns"], limit: int | None = None,
-               counts: list[int] | None = None, stay: Stay | None = None) -> str:
-        """Repeat."""
-        received.append({"times": times, "width": width, "limit": limit, "counts": counts,
-                         "nights": stay.nights if stay else None})
-        return "done"
-
-    server.add(_calls_then_text(
-                   _call(0, "c1", "repeat", '{"times": 3.0, "width": 80.0, "limit": 1e2, '
-                                            '"counts": [1.0, 2], "stay": {"nights": 4.0}}'),
-                   _call(1, "c2", "repeat", '{"times": 3.5, "width": 80}')),
-               Reply(text_stream("Done.")))
-    first, second = server.client().generate("Repeat.", tools=[repeat]).tool_results
-    assert first.error is None
-    (got,) = received
-    assert got == {"times": 3, "width": 80, "limit": 100, "counts": [1, 2], "nights": 4}
-    assert all(type(got[k]) is int for k in ("times", "width", "limit", "nights"))
-    assert [type(c) for c in got["counts"]] == [int, int]
-    assert second.error is not None and second.error.endswith(
-        "$.times: expected integer, got number 3.5")
-
-
-def test_integral_float_for_a_dataclass_field_through_schema_is_an_int(server: Scripted) -> None:
-    server.add(_answer('{"guest": "Ann", "stay": {"nights": 2.0}, "extras": [{"nights": 1.0}],'
-                       ' "count": 5.0}'),
-               _answer('{"x": 1.0, "y": 2.0}'))
-    client = server.client()
-    data = client.generate("A booking.", schema=Booking).data
-    assert data == Booking("Ann", Stay(2), [Stay(1)], 5)
-    assert [type(v) for v in (data.stay.nights, data.extras[0].nights, data.count)] == [int] * 3
-    point = client.generate("A point.", schema=Point).data  # float fields keep their floats
-    assert point == {"x": 1.0, "y": 2.0} and type(point["x"]) is float
-
-
 # ==== Streaming ====
+# Two private names, on purpose: the SSE line regrouping is tested on its own through
+# _iter_events (reads cut anywhere, no server needed), and _MAX_EVENT_BYTES, the module's
+# own bound on an event, is what the bound test exceeds.
 
 WHOLE = "one JSON document for a stream request"
-
-
-def test_stream_request_body(server: Scripted) -> None:
-    server.add(Reply(text_stream("Hi")))
-    run(server.client().stream("last", system="be brief", seed=3, top_p=None,
-                               messages=[{"role": "user", "content": "first"}],
-                               response_format={"type": "text"}))
-    body = server.bodies()[0]
-    assert body["stream"] is True and body["model"] == "m"
-    assert [m["content"] for m in body["messages"]] == ["be brief", "first", "last"]
-    assert [m["role"] for m in body["messages"]] == ["system", "user", "user"]
-    assert body["seed"] == 3 and body["response_format"] == {"type": "text"}
-    for absent in ("temperature", "max_tokens", "top_p", "tools", "tool_choice"):
-        assert absent not in body
-    assert server.requests[0]["headers"].get("Accept-Encoding") == "identity"
 
 
 def test_stream_text_one_finish_and_result(server: Scripted) -> None:
@@ -2923,31 +1792,6 @@ def test_a_standard_openai_stream_has_no_quirks(server: Scripted) -> None:
     weather = oc.Tool("weather", "Weather.", {"type": "object"}, lambda: "sunny")
     assert client.stream("weather?", tools=[weather]).text == "sunny"
     assert client.quirks == []
-
-
-def test_a_quirk_is_logged_once_at_info_and_quirks_is_a_copy(
-        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
-    server.add(Reply(text_stream("a")), Reply(text_stream("b")))
-    client = server.client()
-    with caplog.at_level(logging.INFO, logger="openai_compat"):
-        assert client.stream("hi").text == "a" and client.stream("hi").text == "b"
-    noted = [r for r in caplog.records if NO_USAGE in r.getMessage()]
-    assert len(noted) == 1 and noted[0].levelno == logging.INFO
-    assert server.base_url in noted[0].getMessage()
-    client.quirks.clear()
-    assert client.quirks == [NO_USAGE]
-
-
-def test_quirks_from_many_threads_are_listed_once(server: Scripted) -> None:
-    client = server.client()
-    lines = [f"quirk {i % 7}" for i in range(700)]
-    threads = [threading.Thread(target=lambda part=part: [client._note(x) for x in part])
-               for part in (lines[i::8] for i in range(8))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert sorted(client.quirks) == [f"quirk {i}" for i in range(7)]
 
 
 def test_stream_reasoning_chunks(server: Scripted) -> None:
@@ -3261,6 +2105,370 @@ def test_iter_events_note_what_they_absorb() -> None:
                           "legacy `error:` lines in streams"}
 
 
+# Issue #21: bad bytes in a stream read as U+FFFD, and the answer goes on.
+def _event_with_content(raw: bytes) -> bytes:
+    return b'data: {"choices":[{"index":0,"delta":{"content":"' + raw + b'"}}]}\n\n'
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close", "gzip"])
+@pytest.mark.parametrize(("raw", "text"), [
+    (b"caf\xc3", "caf\ufffd"),  # a token that cut a character in two, sent alone
+    (b"\xff", "\ufffd"),
+    (b"ok\xed\xa0\x80", "ok\ufffd\ufffd\ufffd"),  # UTF-8 of a surrogate: invalid
+])
+def test_stream_invalid_utf8_reads_as_replacement_and_the_answer_goes_on(
+        server: Scripted, framing: str, raw: bytes, text: str) -> None:
+    for _ in range(2):
+        server.add(Reply(sse(delta(role="assistant", content="")), _event_with_content(raw),
+                         _event_with_content(raw), text_stream(" au lait", usage=_USAGE),
+                         framing=framing))
+    client = server.client()
+    for _ in range(2):
+        chunks, result = run(client.stream("hi"))
+        assert result.text == text_of(chunks) == text + text + " au lait"
+    assert [q for q in client.quirks if "UTF-8" in q] == [client.quirks[0]]
+    assert len(client.quirks) == 1
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close", "gzip"])
+def test_stream_a_character_split_across_reads_is_not_replaced(server: Scripted,
+                                                               framing: str) -> None:
+    event = _event_with_content("café".encode())
+    cut = event.index(b"\xc3") + 1
+    server.add(Reply(event[:cut], event[cut:], text_stream("!", usage=_USAGE), framing=framing,
+                     pause=0.05))
+    client = server.client()
+    assert client.generate("hi").text == "café!"
+    assert client.quirks == []
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close", "gzip"])
+def test_stream_raw_control_characters_inside_json_strings_are_text(server: Scripted,
+                                                                    framing: str) -> None:
+    server.add(Reply(_event_with_content(b"a\tb\x01c\x1fd"), text_stream("."), framing=framing))
+    assert server.client().generate("hi").text == "a\tb\x01c\x1fd."
+
+
+# What a server may send in a body, in any order and cut anywhere: events of every shape
+# QUIRKS.md lists, whole answers, error forms, stray bytes. Echoing the key checks that
+# no error shows it.
+_SERVER_PIECES = st.sampled_from([
+    sse(delta(content="Hi")), sse(delta("stop")), "data: [DONE]\n\n", "data:[DONE]  \n\n",
+    sse(delta(tool_calls=[{"index": 0, "id": "c1", "function": {"name": "add",
+                                                                "arguments": '{"a": 1'}}])),
+    sse(delta(tool_calls=[{"function": {"arguments": ', "b": 2}'}}])),
+    sse(delta("tool_calls")), sse(delta(reasoning_content="hm")), sse(delta(refusal="No.")),
+    sse(delta(content=["x", {"type": "thinking", "thinking": [{"text": "t"}]}])),
+    sse({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
+    sse({"choices": None}), sse({"choices": [{"index": 1, "delta": {"content": "n2"}}]}),
+    sse({"error": {"message": f"bad key {KEY}", "code": 401}}),
+    sse({"object": "error", "message": "context length exceeded", "code": 400}),
+    "event: error\ndata: {\"message\": \"overloaded\"}\n\n", 'error: {"message": "x"}\n\n',
+    json.dumps(completion('{"a": 1, "b": 2}')), json.dumps({"error": "Unexpected endpoint"}),
+    "<html><title>502 Bad Gateway</title></html>", ": keep-alive\n\n", "data: not json\n\n",
+    'data: {"choices": [', "\r\n", "\r", "\n", "\ufeff", "data: \u00e9\n\n",
+]).map(str.encode) | st.binary(max_size=24)
+
+
+def _add_numbers(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(_SERVER_PIECES, max_size=8),
+       status=st.sampled_from([200, 200, 200, 400, 401, 404, 413, 429, 500, 502]),
+       content_type=st.sampled_from(["text/event-stream", "application/json", "text/html",
+                                     "text/plain; charset=utf-8", ""]),
+       framing=st.sampled_from(["chunked", "close", "length", "gzip"]),
+       cuts=st.lists(st.integers(0, 600), max_size=6), tools=st.booleans(),
+       schema=st.booleans())
+def test_server_any_bytes_end_in_an_answer_or_the_module_s_own_error(
+        server: Scripted, parts: list[bytes], status: int, content_type: str, framing: str,
+        cuts: list[int], tools: bool, schema: bool) -> None:
+    if cuts:  # the same bytes in other HTTP chunks: events, lines and characters split
+        body, bounds = b"".join(parts), [0, *sorted(cuts), None]
+        parts = [body[start:end] for start, end in itertools.pairwise(bounds)]
+    # Every request of the call (resends, whole-answer asks, repairs, tool steps) meets
+    # the same reply; then the server's "no scripted reply" 599 ends it.
+    server.replies[:] = [Reply(*parts, status=status, framing=framing,
+                               content_type=content_type) for _ in range(4)]
+    client = server.client(api_key=KEY, max_retries=0, timeout=5)
+    options: dict[str, Any] = {"max_steps": 3}
+    if tools:
+        options["tools"] = [oc.tool(name="add")(_add_numbers)]  # the name the events call
+    if schema:
+        options["schema"] = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    started = time.monotonic()
+    try:
+        with client.stream("hi", **options) as stream:
+            got = list(stream)
+        result, last = stream.result, got[-1].step
+        assert result is not None and len(result.steps) == last
+        assert [c.finish_reason for c in got if c.type == "finish"] == [
+            s.finish_reason for s in result.steps]
+        for kind in ("text", "refusal"):  # the last model call's, as the Chunks showed it
+            assert "".join(c.content for c in got if c.type == kind
+                           and c.step == last) == getattr(result, kind)
+        shown = [repr(result)]
+    except oc.OpenAICompatError as exc:  # anything else fails the test, as it should
+        shown = [str(exc), repr(exc), getattr(exc, "body", None) or ""]
+    finally:
+        client.close()
+    assert _leaks(KEY, *shown) == []
+    assert time.monotonic() - started < 5  # nothing waits on a reply that has ended
+
+
+# ---- the step loop ----
+
+
+@pytest.mark.parametrize("choice", ["required",
+                                    {"type": "function", "function": {"name": "_add"}}],
+                         ids=["required", "named"])
+def test_a_forced_tool_choice_ends_once_a_call_has_run(server: Scripted, choice: Any) -> None:
+    # Issue #25: sent on every step, a forced choice forced a call on every step until
+    # max_steps; OpenAI's Agents SDK resets it once a call has run, and so does the loop.
+    server.add(_calls_then_text(_call(0, "c1", "_add", '{"a": 1, "b": 2}')),
+               Reply(text_stream("3")))
+    result = server.client().generate("Add 1 and 2.", tools=[_add], tool_choice=choice)
+    assert (result.text, result.finish_reason, len(result.steps)) == ("3", "stop", 2)
+    first, second = server.bodies()
+    assert first["tool_choice"] == choice and "tool_choice" not in second
+    assert second["tools"] == first["tools"]
+
+
+def test_tool_loop_stops_at_max_steps(server: Scripted) -> None:
+    for i in range(2):
+        server.add(_calls_then_text(_call(0, f"m{i}", "_add", '{"a": 1, "b": 1}')))
+    chunks, result = run(server.client().stream("hi", tools=[_add], max_steps=2))
+    assert result.finish_reason == "max_steps" and len(result.steps) == 2
+    assert len(result.tool_results) == 1 and [c.type for c in chunks].count("tool_call") == 2
+    assert "tool_calls" not in result.messages[-1], "unrun calls stay out of the history"
+
+
+# ==== Tool-call loop ====
+# One private name, on purpose: _json_from_text (structured answers, below), the reader of
+# JSON among prose, is tested on its own: each text is a whole answer.
+
+
+GOOD_ORDER = {"items": [{"name": "tea", "price": {"amount": 3}}]}
+
+
+@pytest.mark.parametrize("arguments, error", [
+    pytest.param({"city": "Oslo", "days": "3", "size": "s", "order": GOOD_ORDER},
+                 '$.days: expected integer, got string "3"', id="string-for-int"),
+    pytest.param({"days": 3, "size": "s", "order": GOOD_ORDER},
+                 "missing required argument(s): city", id="missing-argument"),
+    pytest.param({"city": "Oslo", "days": 3, "size": "s", "order": {"express": True}},
+                 '$.order: missing required field "items"', id="missing-nested-field"),
+    pytest.param({"city": "Oslo", "days": 3, "size": "medium", "order": GOOD_ORDER},
+                 '$.size: must be one of "s", "l", got "medium"', id="unknown-enum-value"),
+    pytest.param({"city": "Oslo", "days": 3, "size": "s",
+                  "order": {"items": [{"name": "tea", "price": {"amount": "12.5"}}]}},
+                 '$.order.items[0].price.amount: expected number, got string "12.5"',
+                 id="nested-wrong-field"),
+])
+def test_tool_arguments_that_break_the_schema_go_back_and_the_repaired_call_runs(
+    server: Scripted, arguments: dict[str, Any], error: str
+) -> None:
+    shipped: list[tuple[Any, ...]] = []
+
+    def ship(city: str, days: int, size: Size, order: Order) -> str:
+        """Ship an order."""
+        shipped.append((city, days, size, order))
+        return "shipped"
+
+    repaired = {"city": "Oslo", "days": 3, "size": "l", "order": GOOD_ORDER}
+    server.add(_calls_then_text(_call(0, "bad", "ship", json.dumps(arguments))),
+               _calls_then_text(_call(0, "good", "ship", json.dumps(repaired))),
+               Reply(text_stream("On its way.")))
+    _, result = run(server.client().stream("ship it", tools=[ship]))
+    first, second = result.tool_results
+    assert first.value is None and first.error is not None and first.error.endswith(error)
+    assert shipped == [("Oslo", 3, Size.LARGE, Order([LineItem("tea", Price(3))]))]
+    assert (second.error, second.value) == (None, "shipped")
+    sent = [m for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
+    assert error in json.loads(sent[0]["content"])["error"]
+    assert result.text == "On its way." and len(result.steps) == 3
+
+
+def test_tool_loop_second_request_and_chunk_order(server: Scripted) -> None:
+    server.add(Reply(sse(delta(content="Let me add. "),
+                         delta(tool_calls=[_call(0, "c1", "_add", '{"a": 2, "b": 40}')]),
+                         delta("tool_calls"), "data: [DONE]\n\n")),
+               Reply(text_stream("It is 42.")))
+    chunks, result = run(server.client().stream("2+40?", tools=[_add]))
+    assert [c.type for c in chunks] == ["text", "finish", "tool_call", "tool_result", "text",
+                                        "finish"]
+    assert [c.step for c in chunks] == [1, 1, 1, 1, 2, 2]
+    first, second = server.bodies()
+    assert first["tool_choice"] == "auto" and first["tools"][0]["function"]["name"] == "_add"
+    assistant, tool_turn = second["messages"][-2:]
+    assert assistant == {"role": "assistant", "content": "Let me add. ", "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "_add", "arguments": '{"a": 2, "b": 40}'}}]}
+    assert tool_turn == {"role": "tool", "tool_call_id": "c1", "content": "42"}
+    assert result.text == "It is 42." and result.finish_reason == "stop"
+    assert len(result.steps) == 2 and result.tool_results[0].value == 42
+
+
+def test_tool_failures_go_back_to_the_model(server: Scripted) -> None:
+    def boom(x: int) -> None:
+        """Always fails."""
+        raise RuntimeError("disk on fire")
+
+    server.add(_calls_then_text(_call(0, "a", "boom", '{"x": 1}'),
+                                _call(1, "b", "nosuch", "{}"),
+                                _call(2, "c", "_add", '{"a": 1, "b": '),
+                                _call(3, "d", "_add", '{"a": 1}')),
+               Reply(text_stream("sorry")))
+    _, result = run(server.client().stream("hi", tools=[boom, _add]))
+    errors = [r.error or "" for r in result.tool_results]
+    assert "disk on fire" in errors[0] and "nosuch" in errors[1]
+    assert "not valid JSON" in errors[2] and "missing" in errors[3]
+    tool_turns = [m for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
+    assert all(json.loads(m["content"])["error"] for m in tool_turns)
+    assert result.text == "sorry"
+
+
+def test_tool_results_are_sent_as_text_or_json(server: Scripted) -> None:
+    tools = {n: oc.Tool(n, "", {"type": "object"}, f) for n, f in
+             [("s", lambda: "plain"), ("d", lambda: {"k": [1]}), ("o", lambda: object)]}
+    server.add(_calls_then_text(*(_call(i, f"i{i}", n, "{}") for i, n in enumerate(tools))),
+               Reply(text_stream("ok")))
+    results = server.client().generate("hi", tools=list(tools.values())).tool_results
+    done = {r.call.name: r for r in results}
+    sent = [m["content"] for m in server.bodies()[1]["messages"] if m["role"] == "tool"]
+    assert sent == [r.content for r in results]  # the content is what the model reads
+    assert (done["s"].value, done["s"].content) == ("plain", "plain")  # a str as it is
+    assert json.loads(done["d"].content) == {"k": [1]}  # anything else as JSON
+    assert "object" in done["o"].content  # what JSON cannot encode, as its str()
+    assert all(r.error is None for r in done.values())
+
+
+def test_tool_calls_run_whatever_the_finish_reason(server: Scripted) -> None:
+    # Gemini streaming, vLLM named tool_choice, TGI and old Ollama say "stop".
+    server.add(_calls_then_text(_call(0, "s1", "_add", '{"a": 1, "b": 1}'), finish="stop"),
+               Reply(text_stream("two")))
+    _, result = run(server.client().stream("hi", tools=[_add]))
+    assert result.tool_results[0].value == 2 and result.text == "two"
+
+
+def test_tool_calls_cut_by_length_are_reported_not_run(server: Scripted) -> None:
+    server.add(_calls_then_text(_call(0, "l1", "_add", '{"a": 1, "b"'), finish="length"))
+    chunks, result = run(server.client().stream("hi", tools=[_add]))
+    assert [c.type for c in chunks] == ["finish", "tool_call"]
+    assert result.tool_results == [] and result.finish_reason == "length"
+    assert len(server.requests) == 1
+
+
+def test_generate_runs_the_same_loop(server: Scripted) -> None:
+    call = {"id": "g1", "type": "function",
+            "function": {"name": "_add", "arguments": {"a": 20, "b": 22}}}  # TGI < 3.2 object
+    server.add(json_reply(completion(None, "tool_calls", tool_calls=[call])),
+               json_reply(completion("42")))
+    result = server.client().generate("hi", tools=[_add])
+    assert result.text == "42" and result.tool_results[0].value == 42
+    assert result.usage == oc.Usage(6, 4, 10)
+    assert all(b["stream"] is True for b in server.bodies())
+
+
+def test_a_tool_that_raises_is_logged_with_its_traceback_and_kept(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #28: a tool with a plain bug left a DEBUG line without a traceback.
+    def divide(a: int, b: int) -> float:
+        """Divide."""
+        return a / b
+
+    server.add(_calls_then_text(_call(0, "c1", "divide", '{"a": 1, "b": 0}')),
+               Reply(text_stream("Cannot.")))
+    caplog.set_level(logging.WARNING, logger="openai_compat")
+    done = server.client().generate("1/0?", tools=[divide]).tool_results[0]
+    assert isinstance(done.exception, ZeroDivisionError)
+    assert done.error == "ZeroDivisionError: division by zero"
+    (record,) = [r for r in caplog.records if "divide" in r.getMessage()]
+    assert record.levelname == "WARNING" and record.exc_info and record.exc_info[1] is (
+        done.exception)
+    assert "return a / b" in caplog.text, "the traceback is logged"
+
+
+# Issue #21: a coroutine function given as a tool is run.
+async def _double(x: int) -> int:
+    """Double x."""
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+def _forgot_await(x: int) -> Any:
+    """Double x (but returns the coroutine unawaited)."""
+    return _double(x)
+
+
+_DOUBLE_SCHEMA = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+
+
+@pytest.mark.parametrize("given_tool", [
+    _double,
+    oc.tool(_double),
+    oc.Tool("_double", "Double x.", _DOUBLE_SCHEMA, _double),
+    {"_double": {"description": "Double x.", "parameters": _DOUBLE_SCHEMA, "execute": _double}},
+], ids=["function", "marked", "Tool", "dict"])
+def test_tools_a_coroutine_function_is_run_and_the_model_gets_its_result(
+        server: Scripted, given_tool: Any) -> None:
+    server.add(_calls_then_text(_call(0, "c1", "_double", '{"x": 21}')),
+               Reply(text_stream("42 it is")))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = server.client().generate("hi", tools=[given_tool])
+        gc.collect()
+    assert [(r.value, r.error) for r in result.tool_results] == [(42, None)]
+    assert server.bodies()[1]["messages"][-1] == {"role": "tool", "tool_call_id": "c1",
+                                                  "content": "42"}
+    assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
+
+
+def test_tools_a_coroutine_function_inside_a_running_event_loop_is_refused_before_sending(
+        server: Scripted) -> None:
+    server.add(Reply(text_stream("never asked")))
+    client = server.client()
+
+    async def main() -> None:
+        client.generate("hi", tools=[_add, _double])
+
+    async def main_streaming() -> None:
+        run(client.stream("hi", tools=[_add, _double]))
+
+    for entry in (main, main_streaming):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with pytest.raises(oc.ConfigError) as caught:
+                asyncio.run(entry())
+            gc.collect()
+        assert "'_double'" in str(caught.value)
+        assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
+    assert server.requests == []
+
+
+def test_tools_a_plain_function_returning_a_coroutine_is_that_call_s_error(
+        server: Scripted) -> None:
+    server.add(_calls_then_text(_call(0, "c1", "_forgot_await", '{"x": 21}')),
+               Reply(text_stream("ok")))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = server.client().generate("hi", tools=[_forgot_await])
+        gc.collect()
+    error = result.tool_results[0].error
+    assert error is not None and "_forgot_await" in error and "await" in error
+    sent = server.bodies()[1]["messages"][-1]["content"]
+    assert "_forgot_await" in sent and "<coroutine object" not in sent
+    assert result.text == "ok"
+    assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
+
+
+# ---- tool calls assembled from their fragments ----
+
+
 # name -> (the tool_calls of each delta, the calls assembled, Client.quirks after it)
 TOOL_CALL_STREAMS: dict[str, tuple[list[Any], list[tuple[str, dict[str, Any]]],
                                    list[str]]] = {
@@ -3382,6 +2590,26 @@ def test_tool_calls_without_ids_get_unique_ones_and_empty_arguments_mean_none(
     assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
 
 
+def test_unstreamed_parallel_calls_with_empty_ids_each_run_under_their_own_id(
+    server: Scripted
+) -> None:
+    # Issue #11: message.tool_calls with two calls, each "id": "", were merged into one.
+    calls = [{"id": "", "type": "function", "function": {"name": "add", "arguments": args}}
+             for args in ('{"a": 1, "b": 2}', '{"a": 3, "b": 4}')]
+    # An empty tool stream first: the calls are asked for whole, unstreamed.
+    server.add(Reply(""), json_reply(completion(None, "tool_calls", tool_calls=calls)),
+               json_reply(completion("3 and 7")))
+    client = server.client()
+    result = client.generate("hi", tools=[{"add": _add}])
+    assert [(r.call.arguments, r.value) for r in result.tool_results] == [
+        ({"a": 1, "b": 2}, 3), ({"a": 3, "b": 4}, 7)]
+    ids = [r.call.id for r in result.tool_results]
+    assert all(ids) and ids[0] != ids[1]
+    sent = server.bodies()[2]["messages"]  # after the empty stream and the whole answer
+    assert [c["id"] for c in sent[-3]["tool_calls"]] == ids
+    assert [(m["tool_call_id"], m["content"]) for m in sent[-2:]] == [(ids[0], "3"), (ids[1], "7")]
+
+
 @pytest.mark.parametrize("raw, parsed, error, quirks", [
     ('{"a": 1}', {"a": 1}, None, []),
     ("", {}, None, []),
@@ -3396,13 +2624,19 @@ def test_tool_calls_without_ids_get_unique_ones_and_empty_arguments_mean_none(
     ("[1, 2]", {}, "must be a JSON object", []),
 ])
 def test_tool_arguments_are_parsed_leniently_but_never_guessed(
-    raw: str, parsed: dict[str, Any], error: str | None, quirks: list[str]
+    server: Scripted, raw: str, parsed: dict[str, Any], error: str | None, quirks: list[str]
 ) -> None:
-    noted: list[str] = []
-    value, problem = oc._parse_arguments(raw, noted.append)
+    echo = oc.Tool("echo", "Echo.", {"type": "object"}, lambda **arguments: arguments)
+    server.add(Reply(sse(delta(tool_calls=[_call(0, "c1", "echo", raw)]), delta("tool_calls"),
+                         {"choices": [], "usage": _USAGE}, "data: [DONE]\n\n")),
+               Reply(text_stream("ok", usage=_USAGE)))
+    client = server.client()
+    (done,) = client.generate("hi", tools=[echo]).tool_results
+    value, problem = done.call.arguments, done.error
     assert value == parsed
     assert (problem is None) if error is None else (error in (problem or ""))
-    assert noted == quirks
+    assert client.quirks == quirks
+    assert done.value == (parsed if error is None else None), "run with them, or not at all"
 
 
 @pytest.mark.parametrize(("message", "finish", "quirks"), [
@@ -3444,7 +2678,1425 @@ def test_a_streamed_legacy_function_call_is_one_call(server: Scripted) -> None:
                              "tool calls without ids: ids made up", NO_USAGE]
 
 
+# ---- structured answers (schema=) ----
+
+
+@dataclasses.dataclass
+class City:
+    name: str
+    population: int
+
+
+@dataclasses.dataclass
+class Trip:
+    cities: list[City]
+    mode: Literal["train", "car"]
+    note: str | None = None
+
+
+class Point(TypedDict):
+    x: float
+    y: float
+
+
+def _answer(text: str) -> Reply:
+    return Reply(text_stream(text))
+
+
+def test_schema_json_schema_first_and_data_built_from_a_dataclass(server: Scripted) -> None:
+    server.add(_answer('{"cities": [{"name": "Lyon", "population": 522250}], "mode": "train"}'))
+    result = server.client().generate("Plan a trip", schema=Trip)
+    assert result.data == Trip([City("Lyon", 522250)], "train")
+    sent = server.bodies()[0]
+    assert sent["response_format"]["type"] == "json_schema"
+    schema = sent["response_format"]["json_schema"]["schema"]
+    # Strict (issue #25): every field required, the one with a default nullable.
+    assert schema["required"] == ["cities", "mode", "note"]
+    assert schema["properties"]["note"] == {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    assert schema["properties"]["cities"]["items"]["properties"]["population"] == {
+        "type": "integer"}
+    assert sent["response_format"]["json_schema"]["strict"] is True
+    assert [m["role"] for m in sent["messages"]] == ["user"]  # no schema message yet
+
+
+@pytest.mark.parametrize(("schema", "answer", "data"), [
+    (Point, '{"x": 1, "y": 2.5}', {"x": 1, "y": 2.5}),
+    (list[Literal["red", "green"]], '["red", "green", "red"]', ["red", "green", "red"]),
+    ({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+     '{"ok": true}', {"ok": True}),
+    (int, "42", 42),
+], ids=["typeddict", "list-literal", "raw-dict", "int"])
+def test_schema_of_every_kind_gives_plain_json_data(server: Scripted, schema: Any, answer: str,
+                                                    data: Any) -> None:
+    server.add(_answer(answer))
+    assert server.client().generate("hi", schema=schema).data == data
+
+
+def test_schema_answer_in_prose_and_a_fence_is_read(server: Scripted) -> None:
+    # A server that ignores response_format: the model wraps its JSON in prose.
+    server.add(_answer('Sure! Here it is:\n```json\n{"name": "Caen", "population": 105403}'
+                       '\n```\nAnything else?'))
+    assert server.client().generate("hi", schema=City).data == City("Caen", 105403)
+
+
+def test_schema_wrong_answer_is_repaired_with_what_was_wrong(server: Scripted) -> None:
+    server.add(_answer('{"name": "Pau", "population": "77000"}'),
+               _answer('{"name": "Pau", "population": 77000}'))
+    result = server.client().generate("hi", schema=City)
+    assert result.data == City("Pau", 77000) and len(result.steps) == 2
+    repair = server.bodies()[1]["messages"][-1]
+    assert repair["role"] == "user"
+    assert '$.population: expected integer, got string "77000"' in repair["content"]
+    assert server.bodies()[1]["messages"][-2] == {
+        "role": "assistant", "content": '{"name": "Pau", "population": "77000"}'}
+
+
+def test_schema_three_wrong_answers_are_an_output_error(server: Scripted) -> None:
+    server.add(_answer("no idea"), _answer('{"name": "Pau"}'), _answer('{"population": 1}'))
+    with pytest.raises(oc.OutputError) as caught:
+        server.client().generate("hi", schema=City)
+    assert caught.value.partial_text == '{"population": 1}'
+    assert 'missing required field "name"' in str(caught.value)
+    assert len(server.bodies()) == 3  # the answer and two repairs
+    assert isinstance(caught.value, oc.APIError) and not caught.value.retryable
+
+
+def test_schema_streaming_yields_text_and_sets_the_data(server: Scripted) -> None:
+    server.add(Reply(text_stream('{"name": ', '"Albi", ', '"population": 49000}')))
+    chunks, result = run(server.client().stream("hi", schema=City))
+    assert [c.content for c in chunks if c.type == "text"] == [
+        '{"name": ', '"Albi", ', '"population": 49000}']
+    assert result.data == City("Albi", 49000)
+
+
+def test_a_server_ignoring_response_format_gets_the_schema_in_a_system_message(
+        server: Scripted) -> None:
+    # Issue #25: transformers serve accepts response_format with a 200, ignores it, and
+    # the model answers prose; the repair must show the model the schema.
+    server.add(_answer("The capital of France is Paris."), _answer('{"city": "Paris"}'),
+               _answer('{"city": "Rome"}'))
+    client = server.client()
+    result = client.generate("Capital of France?", schema=Booked)
+    assert result.data == Booked("Paris") and len(result.steps) == 2
+    assert client.generate("And of Italy?", schema=Booked).data == Booked("Rome")
+    first, second, third = server.bodies()
+    assert first["response_format"]["type"] == "json_schema"
+    assert second["response_format"]["type"] == "json_object"
+    assert second["messages"][0]["role"] == "system"
+    assert '"required": ["city", "nights"' in second["messages"][0]["content"]
+    assert third["response_format"]["type"] == "json_object", "the Client remembers"
+    assert client.quirks == [NO_USAGE, "response_format ignored: the schema in a system message"]
+
+
+def test_prose_cut_by_length_is_repaired_without_stepping_down(server: Scripted) -> None:
+    server.add(Reply(text_stream("The capital", finish="length")), _answer('{"city": "Paris"}'))
+    client = server.client()
+    assert client.generate("Capital?", schema=Booked).data == Booked("Paris")
+    assert [b["response_format"]["type"] for b in server.bodies()] == ["json_schema"] * 2
+
+
+@pytest.mark.parametrize("text, value", [
+    ('{"a": 1}', {"a": 1}),
+    ('"just text"', "just text"),
+    ("42", 42),
+    ('Here you go:\n{"a": 1}\nHope that helps!', {"a": 1}),
+    ('```json\n{"a": [1, 2]}\n```', {"a": [1, 2]}),
+    ('Sure.\n```JSON\n{"a": "} and {"}\n```\nThe braces are in a string.', {"a": "} and {"}),
+    ('I thought of {"a": 0}, but:\n```\n{"a": 1}\n```', {"a": 1}),
+    ('```json\n{"a": 1}', {"a": 1}),  # the closing fence cut off
+    ("Use {placeholders} like {this}: [1, 2] and {\"a\": 1}", [1, 2]),
+    ('<think>Maybe {"a": 0}?</think>\n\n{"a": 1}', {"a": 1}),
+])
+def test_json_from_text_finds_the_first_complete_value(text: str, value: Any) -> None:
+    assert oc._json_from_text(text) == value
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "empty"),
+    ("No JSON here, sorry.", "no JSON object or array"),
+    ('{"a": 1, "b": ', "no complete JSON value"),
+])
+def test_json_from_text_says_why_it_found_none(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        oc._json_from_text(text)
+
+
+# ==== Tools ====
+# These tests call the private _as_tools, _tool_spec, _schema and _build directly: the unit
+# is the JSON Schema a function or a type hint gives, and the value built back from JSON,
+# before the strict form a request carries (the strict schemas, below, are checked on the
+# wire).
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+def _f_basic(city: str, days: int, metric: bool = True, scale: float = 1.0) -> str:
+    """Look up the weather.
+
+    Args:
+        city: the city name,
+            with its country.
+        days (int): how many days ahead.
+    """
+    return city
+
+
+def _f_containers(tags: list[str], meta: dict[str, int], anything: Any,
+                  note: str | None = None) -> None:
+    pass
+
+
+def _f_choices(mode: Literal["fast", "slow"], colour: Colour,
+               level: Annotated[int, "from 1 to 5"] = 3) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("func", "properties", "required"),
+    [
+        (_f_basic, {"city": {"type": "string", "description": "the city name, with its country."},
+                    "days": {"type": "integer", "description": "how many days ahead."},
+                    "metric": {"type": "boolean"}, "scale": {"type": "number"}},
+         ["city", "days"]),
+        (_f_containers, {"tags": {"type": "array", "items": {"type": "string"}},
+                         "meta": {"type": "object"}, "anything": {},
+                         "note": {"type": "string"}}, ["tags", "meta", "anything"]),
+        (_f_choices, {"mode": {"enum": ["fast", "slow"], "type": "string"},
+                      "colour": {"enum": ["red", "blue"], "type": "string"},
+                      "level": {"type": "integer", "description": "from 1 to 5"}},
+         ["mode", "colour"]),
+    ],
+)
+def test_tool_schema_from_function(func: Callable[..., Any], properties: dict[str, Any],
+                                   required: list[str]) -> None:
+    (t,) = oc._as_tools([func])
+    assert t.parameters == {"type": "object", "properties": properties, "required": required}
+    spec = oc._tool_spec(t)
+    assert spec["type"] == "function" and spec["function"]["name"] == func.__name__
+
+
+def test_tool_description_and_decorator_forms(server: Scripted) -> None:
+    @oc.tool
+    def plain(x: int) -> int:
+        """Double it.
+
+        Args:
+            x: a number.
+        """
+        return 2 * x
+
+    @oc.tool(name="renamed", description="Custom.")
+    def other() -> None:
+        pass
+
+    server.add(Reply(text_stream("ok")))
+    server.client().generate("hi", tools=[plain, other])
+    a, b = (t["function"] for t in server.bodies()[0]["tools"])
+    assert (a["name"], a["description"]) == ("plain", "Double it.")
+    assert (b["name"], b["description"], b["parameters"]["required"]) == ("renamed", "Custom.", [])
+    assert plain(4) == 8, "the decorated function stays callable"
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [(lambda: None, r"^a lambda needs a name: use oc\.tool\(name=\.\.\.\)\(fn\) or oc\.Tool"),
+     ("not a tool", r"^tools\[0\] is a str: give a function, an oc\.Tool, or a dict"),
+     (3, r"^tools\[0\] is an? int: give a function, an oc\.Tool, or a dict")],
+)
+def test_tool_bad_definitions_are_config_errors(server: Scripted, bad: Any, says: str) -> None:
+    with pytest.raises(oc.ConfigError, match=says):
+        server.client().generate("hi", tools=[bad])
+    assert server.requests == []
+
+
+def test_tool_unsupported_annotation_names_tool_and_parameter(server: Scripted) -> None:
+    def takes_callback(callback: Callable[[], None]) -> None:
+        pass
+
+    with pytest.raises(oc.ConfigError, match="takes_callback.*callback"):
+        server.client().generate("hi", tools=[takes_callback])
+
+
+def test_tool_dict_forms_and_duplicates(server: Scripted) -> None:
+    def run(query: str) -> str:
+        return query
+
+    server.add(Reply(text_stream("ok")))
+    client = server.client()
+    client.generate("hi", tools=[{"search": {"description": "Find things.",
+                                             "parameters": {"type": "object", "properties": {}},
+                                             "execute": run}},
+                                 {"echo": oc.Tool("echo", "Echo.", {"type": "object"}, run)}])
+    tools = [t["function"] for t in server.bodies()[0]["tools"]]
+    assert [t["name"] for t in tools] == ["search", "echo"]
+    with pytest.raises(oc.ConfigError, match="two tools"):
+        client.generate("hi", tools=[run, run])
+    with pytest.raises(oc.ConfigError):
+        client.generate("hi", tools={"x": {"description": "no execute"}})
+    assert len(server.requests) == 1
+
+
+def run_tool(server: Scripted, tool: Any, arguments: dict[str, Any]) -> Any:
+    """Run one call of `tool` (a function or an oc.Tool) through the tool-call loop: the
+    value, or the error the model reads."""
+    name = tool.name if isinstance(tool, oc.Tool) else tool.__name__
+    server.add(_calls_then_text(_call(0, "c1", name, json.dumps(arguments))),
+               Reply(text_stream("ok")))
+    (done,) = server.client().generate("hi", tools=[tool]).tool_results
+    return done.value if done.error is None else done.error
+
+
+def test_run_tool_checks_arguments_and_converts_enums(server: Scripted) -> None:
+    seen: list[Any] = []
+
+    def paint(colour: Colour, coats: int = 1) -> str:
+        seen.append(colour)
+        return colour.value
+
+    assert run_tool(server, paint, {"colour": "red"}) == "red" and seen == [Colour.RED]
+    assert run_tool(server, paint, {}).startswith("TypeError: missing")
+    assert run_tool(server, paint, {"colour": "red", "brush": "wide"}).startswith(
+        "TypeError: unexpected")
+    assert re.match("ValueError: .*must be one of", run_tool(server, paint, {"colour": "green"}))
+    assert seen == [Colour.RED], "a call whose arguments do not fit never runs"
+
+
+# Nested objects, as _schema writes them for dataclasses (Price and Order, below).
+PRICE_SCHEMA = {"type": "object",
+                "properties": {"amount": {"type": "number"},
+                               "currency": {"enum": ["EUR", "USD"], "type": "string"}},
+                "required": ["amount"], "additionalProperties": False}
+
+
+ORDER_SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "price": PRICE_SCHEMA,
+                   "size": {"anyOf": [{"enum": ["s", "l"], "type": "string"}, {"type": "null"}]},
+                   "tags": {"type": "array", "items": {"type": "string"}}},
+    "required": ["name", "price"], "additionalProperties": False}},
+    "express": {"type": "boolean"}}, "required": ["items"], "additionalProperties": False}
+
+
+class Size(enum.Enum):
+    SMALL = "s"
+    LARGE = "l"
+
+
+@dataclass
+class Price:
+    amount: float
+    currency: Literal["EUR", "USD"] = "EUR"
+
+
+@dataclass
+class LineItem:
+    name: str
+    price: Price
+    size: Size | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Order:
+    items: list[LineItem]
+    express: bool = False
+
+
+class Address(TypedDict):
+    city: str
+    zip: int
+
+
+class Delivery(Address, total=False):
+    floor: int
+    size: Size
+
+
+@dataclass
+class Chain:
+    name: str
+    next: Chain | None = None
+
+
+def test_schema_of_dataclasses_and_typeddicts_nests_objects() -> None:
+    assert oc._schema(Order, "answer") == ORDER_SCHEMA
+    assert oc._schema(Delivery, "answer") == {
+        "type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "integer"},
+                                         "floor": {"type": "integer"},
+                                         "size": {"enum": ["s", "l"], "type": "string"}},
+        "required": ["city", "zip"], "additionalProperties": False}
+    assert oc._schema(list[Literal["a", "b"]], "answer") == {
+        "type": "array", "items": {"enum": ["a", "b"], "type": "string"}}
+
+
+def test_schema_optional_is_null_except_for_a_tool_parameter() -> None:
+    def quote(price: Price | None = None, note: str | None = None) -> None:
+        pass
+
+    (t,) = oc._as_tools([quote])
+    assert t.parameters["properties"] == {"price": PRICE_SCHEMA, "note": {"type": "string"}}
+    assert oc._schema(str | None, "answer") == {"anyOf": [{"type": "string"},
+                                                             {"type": "null"}]}
+
+
+def test_schema_refuses_self_reference_and_unknown_names() -> None:
+    with pytest.raises(oc.ConfigError, match="'next'.*Chain contains itself"):
+        oc._schema(Chain, "answer")
+    broken = make_dataclass("Broken", [("part", "NoSuchType")])
+    with pytest.raises(oc.ConfigError, match="Broken.*NoSuchType"):
+        oc._schema(broken, "answer")
+
+
+_type_names = itertools.count()
+
+
+_SCALAR_TYPES = st.sampled_from([
+    (str, st.text(max_size=5)),
+    (int, st.integers()),
+    (float, st.floats(allow_nan=False, allow_infinity=False) | st.integers()),
+    (bool, st.booleans()),
+    (Any, st.none() | st.integers() | st.text(max_size=3)),
+])
+
+
+_CHOICES = st.lists(st.text(max_size=3) | st.integers(-5, 5), min_size=1, max_size=4, unique=True)
+
+
+def _enum_type(values: list[Any]) -> tuple[Any, Any]:
+    members = [(f"M{i}", v) for i, v in enumerate(values)]
+    return enum.Enum(f"E{next(_type_names)}", members), st.sampled_from(values)
+
+
+def _record_type(fields: list[tuple[tuple[Any, Any], bool]], kind: str) -> tuple[Any, Any]:
+    """A dataclass or TypedDict with a field per (type, values) pair; the flag: optional."""
+    name = f"R{next(_type_names)}"
+    fields = sorted(fields, key=lambda f: f[1])  # dataclass fields with defaults come last
+    required = {f"f{i}": values for i, ((_, values), optional) in enumerate(fields) if not optional}
+    optional = {f"f{i}": values for i, ((_, values), opt) in enumerate(fields) if opt}
+    if kind == "dataclass":
+        cls = make_dataclass(name, [(f"f{i}", hint, field(default=None)) if opt else
+                                    (f"f{i}", hint) for i, ((hint, _), opt) in enumerate(fields)])
+        return cls, st.fixed_dictionaries(required, optional=optional)
+    total = not any(opt for _, opt in fields)
+    cls = TypedDict(name, {f"f{i}": hint for i, ((hint, _), _) in enumerate(fields)},  # type: ignore[misc]
+                    total=total)
+    if total:
+        return cls, st.fixed_dictionaries({**required, **optional})
+    return cls, st.fixed_dictionaries({}, optional={**required, **optional})
+
+
+def _nest(inner: Any) -> Any:
+    fields = st.lists(st.tuples(inner, st.booleans()), max_size=3)
+    return st.one_of(
+        inner.map(lambda p: (list[p[0]], st.lists(p[1], max_size=3))),
+        inner.map(lambda p: (p[0] | None, st.none() | p[1])),
+        st.tuples(inner, inner).map(lambda ps: (ps[0][0] | ps[1][0], ps[0][1] | ps[1][1])),
+        fields.map(lambda fs: _record_type(fs, "dataclass")),
+        fields.map(lambda fs: _record_type(fs, "typeddict")),
+    )
+
+
+_TYPES = st.recursive(_SCALAR_TYPES | _CHOICES.map(lambda vs: (Literal[tuple(vs)],
+                                                             st.sampled_from(vs)))
+                      | _CHOICES.map(_enum_type), _nest, max_leaves=8)
+
+
+# 200 examples (was 300): ~3 ms each, nearly all of it Hypothesis drawing the type and
+# the value. A run still draws every kind of type dozens of times (list, optional, union,
+# dataclass, TypedDict, Literal, enum each 15-150 times; each scalar 15-50 times) and
+# types of one to six and more parts; each run draws anew.
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_check_accepts_every_value_of_the_type_a_schema_was_built_from(data: Any) -> None:
+    annotation, values = data.draw(_TYPES)
+    schema = oc._schema(annotation, "answer")
+    json.dumps(schema)  # sendable as it is
+    value = data.draw(values)
+    assert oc._validate(value, schema) is None
+    built = oc._build(value, annotation)
+    if is_dataclass(annotation) or isinstance(annotation, enum.EnumMeta):
+        assert isinstance(built, annotation)
+
+
+def test_build_makes_the_values_the_hints_ask_for() -> None:
+    raw = {"items": [{"name": "tea", "price": {"amount": 3, "currency": "USD"}, "size": "l"},
+                     {"name": "cup", "price": {"amount": 1.5}, "tags": ["blue"]}]}
+    assert oc._build(raw, Order) == Order([
+        LineItem("tea", Price(3, "USD"), Size.LARGE),
+        LineItem("cup", Price(1.5), None, ["blue"])])
+    assert oc._build({"city": "Oslo", "zip": 150, "size": "s"}, Delivery) == {
+        "city": "Oslo", "zip": 150, "size": Size.SMALL}
+    assert oc._build(["a", "b"], list[Literal["a", "b"]]) == ["a", "b"]
+    assert oc._build(["s", "l"], list[Size]) == [Size.SMALL, Size.LARGE]
+    assert oc._build(None, Price | None) is None
+    assert oc._build({"amount": 2}, Price | None) == Price(2)
+    assert oc._build({"city": "Oslo", "zip": 1}, Price | Address) == {"city": "Oslo",
+                                                                          "zip": 1}
+    assert oc._build({"a": [1]}, dict[str, Any]) == {"a": [1]}
+
+
+def test_run_tool_reads_the_signature_once_and_takes_null_for_optional(
+    server: Scripted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def note(text: str, price: Price | None = None, **more: Any) -> Any:
+        return text, price, more
+
+    def hand_made(size: str) -> str:
+        return size
+
+    tools = oc._as_tools([note, oc.Tool("raw", "", {"type": "object", "properties": {
+        "size": {"enum": ["s", "l"]}}, "required": ["size"]}, hand_made)])
+    monkeypatch.setattr(oc.inspect, "signature", None)  # a call that read it would fail
+    note_tool, raw_tool = tools
+    assert run_tool(server, note_tool, {"text": "a", "price": None, "x": 1}) == (
+        "a", None, {"x": 1})
+    assert run_tool(server, note_tool, {"text": "a", "price": {"amount": 2}}) == (
+        "a", Price(2), {})
+    assert run_tool(server, raw_tool, {"size": "s"}) == "s", (
+        "no hints: checked, passed as it came")
+    assert run_tool(server, raw_tool, {"size": "s", "colour": "red"}).startswith(
+        "TypeError: unexpected argument")
+    assert run_tool(server, raw_tool, {"size": "m"}) == (
+        'ValueError: $.size: must be one of "s", "l", got "m"')
+
+
+# ---- strict schemas (issue 25) ----
+
+
+@dataclass
+class Booked:
+    city: str
+    nights: int = 1
+    colour: Colour | None = None
+    tags: list[str] = field(default_factory=list)
+    guest: str | None = None  # Optional and a default: takes null as it is
+
+
+def book(city: str, owner: str | None, nights: int = 2, size: Literal["s", "m"] = "s",
+         note: str | None = None) -> str:
+    """Book a room."""
+    return f"{city} {owner} {nights} {size} {note}"
+
+
+def test_a_function_tool_goes_strict_with_optional_fields_nullable(server: Scripted) -> None:
+    server.add(_calls_then_text(_call(0, "c1", "book", json.dumps(
+        {"city": "Oslo", "owner": None, "nights": None, "size": None, "note": None}))),
+        Reply(text_stream("Booked.")))
+    result = server.client().generate("Book Oslo.", tools=[book])
+    function = server.bodies()[0]["tools"][0]["function"]
+    assert function["strict"] is True
+    assert function["parameters"] == {
+        "type": "object", "additionalProperties": False,
+        "required": ["city", "owner", "nights", "size", "note"],
+        "properties": {
+            "city": {"type": "string"},
+            # Optional with no default was required already: it keeps its null.
+            "owner": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            # A default: required, and nullable by anyOf (a type list breaks llama.cpp's
+            # Hermes tool template).
+            "nights": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+            "size": {"anyOf": [{"enum": ["s", "m"], "type": "string"}, {"type": "null"}]},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
+    # null for a field the module made nullable means "left out": the defaults apply;
+    # for the one that was Optional and required, None is the value.
+    assert result.tool_results[0].error is None
+    assert result.tool_results[0].value == "Oslo None 2 s None"
+
+
+def test_a_dataclass_answer_goes_strict_and_a_null_takes_the_default(server: Scripted) -> None:
+    server.add(_answer('{"city": "Oslo", "nights": null, "colour": null, "tags": null,'
+                       ' "guest": null}'), _answer('{"city": "Rome"}'))
+    client = server.client()
+    assert client.generate("Book.", schema=Booked).data == Booked("Oslo")
+    # A key left out altogether is "left out" too: the checker is the module's own.
+    assert client.generate("Book.", schema=Booked).data == Booked("Rome")
+    form = server.bodies()[0]["response_format"]
+    assert form["type"] == "json_schema" and form["json_schema"]["strict"] is True
+    assert form["json_schema"]["schema"] == {
+        "type": "object", "additionalProperties": False,
+        "required": ["city", "nights", "colour", "tags", "guest"],
+        "properties": {
+            "city": {"type": "string"},
+            "nights": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+            "colour": {"anyOf": [{"enum": ["red", "blue"], "type": "string"},
+                                 {"type": "null"}]},
+            "tags": {"anyOf": [{"type": "array", "items": {"type": "string"}},
+                               {"type": "null"}]},
+            "guest": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
+
+
+def _free_form(data: dict[str, Any], items: list, anything: Any) -> str:  # type: ignore[type-arg]
+    """Free-form parameters."""
+    return "ok"
+
+
+@pytest.mark.parametrize(("schema", "sent"), [
+    (list[str], {"type": "array", "items": {"type": "string"}}),  # not an object
+    (dict, {"type": "object"}),  # free-form
+    (Literal["a", "b"], {"enum": ["a", "b"], "type": "string"}),
+    (make_dataclass("Loose", [("meta", dict)]), {
+        "type": "object", "properties": {"meta": {"type": "object"}}, "required": ["meta"],
+        "additionalProperties": False}),
+    (make_dataclass("Listy", [("items", list, field(default_factory=list))]), {
+        "type": "object", "properties": {"items": {"type": "array"}}, "required": [],
+        "additionalProperties": False}),
+    (make_dataclass("Whatever", [("value", Any)]), {
+        "type": "object", "properties": {"value": {}}, "required": ["value"],
+        "additionalProperties": False}),
+], ids=["list", "dict", "literal", "free-form-field", "array-without-items", "any"])
+def test_a_schema_the_strict_subset_cannot_say_goes_as_before(
+        server: Scripted, schema: Any, sent: dict[str, Any]) -> None:
+    server.add(_answer("{}"))
+    with contextlib.suppress(oc.OutputError):
+        server.client().generate("x", schema=schema, max_steps=1)
+    form = server.bodies()[0]["response_format"]["json_schema"]
+    assert form == {"name": "answer", "schema": sent}, "no strict, nothing rewritten"
+
+
+def test_a_free_form_tool_goes_without_strict(server: Scripted) -> None:
+    server.add(Reply(text_stream("ok")))
+    server.client().generate("x", tools=[_free_form])
+    function = server.bodies()[0]["tools"][0]["function"]
+    assert "strict" not in function
+    assert function["parameters"]["properties"] == {
+        "data": {"type": "object"}, "items": {"type": "array"}, "anything": {}}
+
+
+def test_readme_strict_tool_example_is_what_is_sent(server: Scripted) -> None:
+    # The README shows the strict form of a tool; it must be what the module sends.
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"),
+              encoding="utf-8") as f:
+        shown = re.search(r"For `book\(city: str, nights: int = 2\)`:\n\n```json\n(.*?)```",
+                          f.read(), re.DOTALL)
+    assert shown, "the README's strict example is gone"
+
+    def book(city: str, nights: int = 2) -> str:
+        """Book a room."""
+        return city
+
+    server.add(Reply(text_stream("ok")))
+    server.client().generate("x", tools=[book])
+    assert server.bodies()[0]["tools"] == [json.loads(shown.group(1))]
+
+
+QUALIFIES = {"type": "object", "properties": {"q": {"type": ["string", "null"]}},
+             "required": ["q"], "additionalProperties": False}
+LOOSE = {"type": "object", "properties": {"q": {"type": "string"}}}
+
+
+@pytest.mark.parametrize(("schema", "strict"), [(QUALIFIES, True), (LOOSE, False)],
+                         ids=["qualifies", "loose"])
+def test_a_hand_written_schema_goes_as_written(server: Scripted, schema: dict[str, Any],
+                                               strict: bool) -> None:
+    server.add(Reply(text_stream("ok")), _answer('{"q": "x"}'))
+    client = server.client()
+    client.generate("x", tools=[oc.Tool("find", "Find.", json.loads(json.dumps(schema)),
+                                        lambda q=None: q)])
+    client.generate("x", schema=json.loads(json.dumps(schema)))
+    tool, answer = server.bodies()
+    function, form = tool["tools"][0]["function"], answer["response_format"]["json_schema"]
+    assert function["parameters"] == schema == form["schema"], "never rewritten"
+    assert function.get("strict", False) is strict and form.get("strict", False) is strict
+
+
+# ---- pydantic, null for optional, integral floats (issue 18) ----
+
+
+try:
+    import pydantic
+except ImportError:  # a test dependency: the pydantic tests below skip without it
+    pydantic = None
+
+
+def _needs_pydantic() -> Any:
+    return pytest.importorskip(
+        "pydantic", reason="pydantic is a test dependency: pip install -e '.[test]'")
+
+
+if pydantic is not None:
+    class Home(pydantic.BaseModel):
+        city: str
+        zip: int
+        floor: int = 0
+
+    class Resident(pydantic.BaseModel):
+        name: str
+        age: int
+        home: Home
+        nickname: str | None = None
+        score: int = 5
+
+    class Signed(pydantic.BaseModel):
+        name: str
+
+        @pydantic.field_validator("name")
+        @classmethod
+        def capitalised(cls, name: str) -> str:
+            if not name[:1].isupper():
+                raise ValueError("name must start with a capital letter")
+            return name
+
+    OtherHome = pydantic.create_model("Home", street=(str, ...))  # a second model named Home
+
+    class Flat(pydantic.BaseModel):
+        home: OtherHome  # type: ignore[valid-type]
+
+    @dataclass
+    class Household:
+        head: Resident
+        others: list[Resident]
+        spare: Resident | None = None
+
+    class Register(TypedDict):
+        first: Resident
+        homes: list[Home]
+
+    @dataclass
+    class Clash:
+        resident: Resident
+        flat: Flat
+
+    @dataclass
+    class Either:
+        household: Household | str
+        resident: Resident | str
+
+
+_ANN = {"name": "Ann", "age": 30, "home": {"city": "Paris", "zip": 75001}}
+# The strict form (issue #25) of Home.model_json_schema(): every field required, the one
+# with a default nullable and its default gone, no other field allowed.
+STRICT_HOME = {"title": "Home", "type": "object", "additionalProperties": False,
+               "required": ["city", "zip", "floor"],
+               "properties": {"city": {"title": "City", "type": "string"},
+                              "zip": {"title": "Zip", "type": "integer"},
+                              "floor": {"title": "Floor",
+                                        "anyOf": [{"type": "integer"}, {"type": "null"}]}}}
+
+
+def _defs_below_the_root(schema: Any, top: bool = True) -> list[Any]:
+    """Every $defs found anywhere but at the root of `schema`."""
+    if isinstance(schema, list):
+        return [d for item in schema for d in _defs_below_the_root(item, False)]
+    if not isinstance(schema, dict):
+        return []
+    found = [] if top or "$defs" not in schema else [schema["$defs"]]
+    return found + [d for key, item in schema.items() if not (top and key == "$defs")
+                    for d in _defs_below_the_root(item, False)]
+
+
+def test_pydantic_model_schema_is_sent_with_its_defs_and_data_is_an_instance(
+        server: Scripted) -> None:
+    _needs_pydantic()
+    server.add(_answer(json.dumps({**_ANN, "age": 30.0})))
+    result = server.client().generate("Invent a person.", schema=Resident)
+    assert isinstance(result.data, Resident) and isinstance(result.data.home, Home)
+    assert result.data == Resident(name="Ann", age=30, home=Home(city="Paris", zip=75001))
+    assert type(result.data.age) is int
+    (sent,) = server.bodies()
+    assert sent["response_format"]["type"] == "json_schema"
+    schema = sent["response_format"]["json_schema"]["schema"]
+    assert sent["response_format"]["json_schema"]["strict"] is True
+    assert schema == {
+        "title": "Resident", "type": "object", "additionalProperties": False,
+        "required": ["name", "age", "home", "nickname", "score"],
+        "properties": {"name": {"title": "Name", "type": "string"},
+                       "age": {"title": "Age", "type": "integer"},
+                       "home": {"$ref": "#/$defs/Home"},
+                       "nickname": {"anyOf": [{"type": "string"}, {"type": "null"}],
+                                    "title": "Nickname"},
+                       "score": {"title": "Score",
+                                 "anyOf": [{"type": "integer"}, {"type": "null"}]}},
+        "$defs": {"Home": STRICT_HOME}}
+    assert Resident.model_json_schema()["$defs"] == {"Home": Home.model_json_schema()}
+
+
+def test_pydantic_mismatch_is_repaired_naming_the_path(server: Scripted) -> None:
+    _needs_pydantic()
+    server.add(_answer(json.dumps({**_ANN, "home": {"city": "Paris", "zip": "x"}})),
+               _answer(json.dumps(_ANN)))
+    result = server.client().generate("Invent a person.", schema=Resident)
+    assert result.data == Resident.model_validate(_ANN) and len(result.steps) == 2
+    repair = server.bodies()[1]["messages"][-1]
+    assert repair["role"] == "user"
+    assert '$.home.zip: expected integer, got string "x"' in repair["content"]
+
+
+def test_pydantic_validator_failure_is_repaired_like_any_mismatch(server: Scripted) -> None:
+    _needs_pydantic()
+    server.add(_answer('{"name": "ann"}'), _answer('{"name": "Ann"}'))
+    result = server.client().generate("A name.", schema=Signed)
+    assert result.data == Signed(name="Ann") and len(result.steps) == 2
+    repair = server.bodies()[1]["messages"][-1]["content"]
+    assert "name must start with a capital letter" in repair
+    assert server.bodies()[1]["messages"][-2] == {"role": "assistant", "content": '{"name": "ann"}'}
+
+
+def test_pydantic_validator_failing_three_times_is_an_output_error(server: Scripted) -> None:
+    _needs_pydantic()
+    server.add(_answer('{"name": "ann"}'), _answer('{"name": "bob"}'), _answer('{"name": "cy"}'))
+    with pytest.raises(oc.OutputError) as caught:
+        server.client().generate("A name.", schema=Signed)
+    assert caught.value.partial_text == '{"name": "cy"}'
+    assert "name must start with a capital letter" in str(caught.value)
+    assert len(server.bodies()) == 3  # the answer and two repairs
+
+
+def test_pydantic_tool_parameter_receives_an_instance_and_the_defs_sit_at_the_root(
+        server: Scripted) -> None:
+    _needs_pydantic()
+    registered: list[Any] = []
+
+    def register(resident: Resident, guest: Resident | None = None, note: str = "-") -> str:
+        """Register a resident."""
+        registered.append((resident, guest, note))
+        return "ok"
+
+    bad = {"resident": {**_ANN, "home": {"city": "Paris", "zip": "x"}}}
+    unsigned = {"resident": _ANN, "guest": {**_ANN, "age": "old"}}
+    server.add(_calls_then_text(_call(0, "c1", "register", json.dumps(bad))),
+               _calls_then_text(_call(0, "c2", "register", json.dumps(unsigned))),
+               _calls_then_text(_call(0, "c3", "register", json.dumps(
+                   {"resident": {**_ANN, "age": 30.0, "home": {"city": "Paris", "zip": 75001,
+                                                               "floor": None}},
+                    "guest": None, "note": None}))),
+               Reply(text_stream("Done.")))
+    result = server.client().generate("Register Ann.", tools=[register])
+    parameters = server.bodies()[0]["tools"][0]["function"]["parameters"]
+    assert parameters["$defs"] == {"Home": STRICT_HOME}
+    assert _defs_below_the_root(parameters) == []
+    assert parameters["properties"]["resident"]["properties"]["home"] == {
+        "$ref": "#/$defs/Home"}
+    first, second, third = result.tool_results
+    assert first.error is not None
+    assert first.error.endswith('$.resident.home.zip: expected integer, got string "x"')
+    assert second.error is not None and second.error.endswith(
+        '$.guest.age: expected integer, got string "old"')
+    assert third.error is None and third.value == "ok"
+    (resident, guest, note), = registered
+    assert isinstance(resident, Resident) and isinstance(resident.home, Home)
+    assert resident == Resident.model_validate(_ANN) and (guest, note) == (None, "-")
+
+
+def test_pydantic_tool_parameter_whose_validator_fails_goes_back_to_the_model(
+        server: Scripted) -> None:
+    _needs_pydantic()
+    seen: list[Signed] = []
+
+    def sign(signer: Signed) -> str:
+        """Sign."""
+        seen.append(signer)
+        return "signed"
+
+    server.add(_calls_then_text(_call(0, "c1", "sign", '{"signer": {"name": "ann"}}')),
+               _calls_then_text(_call(0, "c2", "sign", '{"signer": {"name": "Ann"}}')),
+               Reply(text_stream("Done.")))
+    result = server.client().generate("Sign.", tools=[sign])
+    first, second = result.tool_results
+    assert first.error is not None and "name must start with a capital letter" in first.error
+    assert second.value == "signed" and seen == [Signed(name="Ann")]
+
+
+def test_pydantic_models_inside_a_dataclass_and_a_typeddict_parameter(
+        server: Scripted) -> None:
+    _needs_pydantic()
+    bob = {"name": "Bob", "age": 40, "home": {"city": "Lyon", "zip": 69001}}
+    cy = {**bob, "name": "Cy"}
+    seen: list[Register] = []
+
+    def enrol(register: Register) -> str:
+        """Enrol."""
+        seen.append(register)
+        return "enrolled"
+
+    server.add(_answer(json.dumps({"head": _ANN, "others": [bob, cy], "spare": None})),
+               _calls_then_text(_call(0, "c1", "enrol", json.dumps({"register": {
+                   "first": _ANN, "homes": [{"city": "Nice", "zip": 6000.0}]}}))),
+               Reply(text_stream("Enrolled.")))
+    client = server.client()
+    household = client.generate("A household.", schema=Household).data
+    assert household == Household(Resident.model_validate(_ANN), [
+        Resident.model_validate(bob), Resident.model_validate(cy)])
+    assert isinstance(household.head, Resident) and isinstance(household.others[1].home, Home)
+    client.generate("Enrol Ann.", tools=[enrol])
+    assert seen == [{"first": Resident.model_validate(_ANN),
+                     "homes": [Home(city="Nice", zip=6000)]}]
+    assert isinstance(seen[0]["first"], Resident) and isinstance(seen[0]["homes"][0], Home)
+    first, second = server.bodies()[:2]
+    for schema in (first["response_format"]["json_schema"]["schema"],
+                   second["tools"][0]["function"]["parameters"]):
+        assert schema["$defs"] == {"Home": STRICT_HOME}
+        assert _defs_below_the_root(schema) == []
+        oc.Tool("vetted", "", schema)  # its schema is vetted: every "#/$defs/..." resolves
+
+
+def test_pydantic_models_inside_a_typeddict_answer_are_instances(server: Scripted) -> None:
+    # As for a TypedDict field or parameter: built, not left as the plain JSON.
+    _needs_pydantic()
+    server.add(_answer(json.dumps({"first": _ANN, "homes": [{"city": "Nice", "zip": 6000}]})),
+               _answer('{"city": "Oslo", "zip": 150.0}'))
+    client = server.client()
+    register = client.generate("A register.", schema=Register).data
+    sent = server.bodies()[0]["response_format"]["json_schema"]["schema"]
+    assert sent["$defs"] == {"Home": STRICT_HOME}
+    assert _defs_below_the_root(sent) == []
+    assert register == {"first": Resident.model_validate(_ANN),
+                        "homes": [Home(city="Nice", zip=6000)]}
+    address = client.generate("An address.", schema=Address).data
+    assert address == {"city": "Oslo", "zip": 150} and type(address["zip"]) is int
+
+
+def test_pydantic_models_in_a_union_are_built_whatever_holds_them(server: Scripted) -> None:
+    # The option of a union that fits is found by checking the value against the
+    # option's schema: a model nested in a dataclass option must resolve its $refs too.
+    _needs_pydantic()
+    server.add(_answer(json.dumps({"household": {"head": _ANN, "others": []},
+                                   "resident": _ANN})))
+    data = server.client().generate("Either.", schema=Either).data
+    assert isinstance(data.resident, Resident)
+    assert data.household == Household(Resident.model_validate(_ANN), [])
+
+
+def test_pydantic_two_models_with_one_name_are_a_config_error(server: Scripted) -> None:
+    _needs_pydantic()
+    client = server.client()
+    with pytest.raises(oc.ConfigError, match="two different models are named 'Home'"):
+        client.generate("hi", schema=Clash)
+
+    def move(resident: Resident, flat: Flat) -> None:
+        """Move."""
+
+    with pytest.raises(oc.ConfigError, match="tool 'move'.*two different models are named"):
+        client.generate("hi", tools=[move])
+    assert server.requests == []
+
+
+def test_pydantic_optional_allows_null_and_null_for_a_default_is_the_default(
+        server: Scripted) -> None:
+    _needs_pydantic()
+    server.add(_answer(json.dumps({**_ANN, "nickname": None})),
+               _answer(json.dumps({**_ANN, "score": None, "home": {
+                   "city": "Paris", "zip": 75001, "floor": None}})))
+    client = server.client()
+    first = client.generate("Invent a person.", schema=Resident)
+    assert first.data.nickname is None and len(first.steps) == 1
+    assert "null for optional fields: left out" not in client.quirks, (
+        "null where the schema allows it is a value, not a left-out field")
+    second = client.generate("Invent a person.", schema=Resident)
+    assert (second.data.score, second.data.home.floor) == (5, 0) and len(second.steps) == 1
+    assert client.quirks.count("null for optional fields: left out") == 1
+
+
+@dataclass
+class Stay:
+    nights: int
+    note: str = "none"
+
+
+@dataclass
+class Booking:
+    guest: str
+    stay: Stay
+    extras: list[Stay] = field(default_factory=list)
+    count: int | None = None
+
+
+def test_null_for_optional_tool_parameters_is_the_default_and_noted_once(
+        server: Scripted) -> None:
+    booked: list[tuple[Any, ...]] = []
+
+    def book(city: str, nights: int = 1, note: str = "none", stay: Stay | None = None,
+             count: int | None = 7) -> str:
+        """Book a room."""
+        booked.append((city, nights, note, stay, count))
+        return "booked"
+
+    server.add(_calls_then_text(
+                   _call(0, "c1", "book", '{"city": "Oslo", "nights": null, "note": null}'),
+                   _call(1, "c2", "book", '{"city": "Rome", "stay": {"nights": 2, "note": null},'
+                                          ' "count": null}')),
+               _calls_then_text(_call(0, "c3", "book", '{"city": "Pau", "stay": null}')),
+               Reply(text_stream("All booked.")),
+               _answer('{"guest": "Ann", "stay": {"nights": 1, "note": null}, "count": null}'))
+    client = server.client()
+    result = client.generate("Book three.", tools=[book])
+    assert [r.error for r in result.tool_results] == [None, None, None]
+    assert booked == [("Oslo", 1, "none", None, 7), ("Rome", 1, "none", Stay(2), 7),
+                      ("Pau", 1, "none", None, 7)]
+    assert client.generate("A booking.", schema=Booking).data == Booking("Ann", Stay(1))
+    assert client.quirks.count("null for optional fields: left out") == 1
+
+
+def test_null_for_a_nested_optional_field_is_its_dataclass_default(server: Scripted) -> None:
+    server.add(_answer(json.dumps({"guest": "Ann", "stay": {"nights": 2, "note": None},
+                                   "extras": [{"nights": 1, "note": None},
+                                              {"nights": 3, "note": "late"}]})))
+    result = server.client().generate("A booking.", schema=Booking)
+    assert result.data == Booking("Ann", Stay(2), [Stay(1), Stay(3, "late")])
+    assert len(result.steps) == 1
+
+
+def test_null_for_a_required_field_stays_an_error(server: Scripted) -> None:
+    booked: list[Any] = []
+
+    def book(city: str, nights: int, stay: Stay | None = None) -> str:
+        """Book a room."""
+        booked.append((city, nights, stay))
+        return "booked"
+
+    server.add(_calls_then_text(_call(0, "c1", "book", '{"city": "Oslo", "nights": null}'),
+                                _call(1, "c2", "book", '{"city": "Oslo", "nights": 1, '
+                                                       '"stay": {"nights": null}}')),
+               Reply(text_stream("Sorry.")),
+               _answer('{"guest": "Ann", "stay": {"nights": null}}'),
+               _answer('{"guest": "Ann", "stay": {"nights": 2}}'))
+    client = server.client()
+    first, second = client.generate("Book.", tools=[book]).tool_results
+    assert first.error is not None and first.error.endswith("$.nights: expected integer, got null")
+    assert second.error is not None and second.error.endswith(
+        "$.stay.nights: expected integer, got null")
+    assert booked == []
+    sent = [json.loads(m["content"])["error"] for m in server.bodies()[1]["messages"]
+            if m["role"] == "tool"]
+    assert sent == [first.error, second.error]
+    result = client.generate("A booking.", schema=Booking)
+    assert result.data == Booking("Ann", Stay(2)) and len(result.steps) == 2
+    assert "$.stay.nights: expected integer, got null" in server.bodies()[-1]["messages"][-1][
+        "content"]
+    assert "null for optional fields: left out" not in client.quirks
+
+
+def test_integral_float_for_an_int_parameter_is_an_int(server: Scripted) -> None:
+    received: list[dict[str, Any]] = []
+
+    def repeat(times: int, width: Annotated[int, "columns"], limit: int | None = None,
+               counts: list[int] | None = None, stay: Stay | None = None) -> str:
+        """Repeat."""
+        received.append({"times": times, "width": width, "limit": limit, "counts": counts,
+                         "nights": stay.nights if stay else None})
+        return "done"
+
+    server.add(_calls_then_text(
+                   _call(0, "c1", "repeat", '{"times": 3.0, "width": 80.0, "limit": 1e2, '
+                                            '"counts": [1.0, 2], "stay": {"nights": 4.0}}'),
+                   _call(1, "c2", "repeat", '{"times": 3.5, "width": 80}')),
+               Reply(text_stream("Done.")))
+    first, second = server.client().generate("Repeat.", tools=[repeat]).tool_results
+    assert first.error is None
+    (got,) = received
+    assert got == {"times": 3, "width": 80, "limit": 100, "counts": [1, 2], "nights": 4}
+    assert all(type(got[k]) is int for k in ("times", "width", "limit", "nights"))
+    assert [type(c) for c in got["counts"]] == [int, int]
+    assert second.error is not None and second.error.endswith(
+        "$.times: expected integer, got number 3.5")
+
+
+def test_integral_float_for_a_dataclass_field_through_schema_is_an_int(server: Scripted) -> None:
+    server.add(_answer('{"guest": "Ann", "stay": {"nights": 2.0}, "extras": [{"nights": 1.0}],'
+                       ' "count": 5.0}'),
+               _answer('{"x": 1.0, "y": 2.0}'))
+    client = server.client()
+    data = client.generate("A booking.", schema=Booking).data
+    assert data == Booking("Ann", Stay(2), [Stay(1)], 5)
+    assert [type(v) for v in (data.stay.nights, data.extras[0].nights, data.count)] == [int] * 3
+    point = client.generate("A point.", schema=Point).data  # float fields keep their floats
+    assert point == {"x": 1.0, "y": 2.0} and type(point["x"]) is float
+
+
+# ==== Checking JSON against a schema ====
+# These tests call the checker's private _validate, _vet_schema and _prune_nulls directly
+# (and draw keywords from its table, _KEYWORDS): the keyword table is the unit, case by
+# case, as the JSON-Schema-Test-Suite asserts it; a few go through generate() and Tool too.
+
+
+OBJECT = {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
+          "required": ["city"]}
+
+
+CLOSED = {**OBJECT, "additionalProperties": False}
+
+
+OPTIONAL_MODE = {"anyOf": [{"enum": ["fast", "slow"], "type": "string"}, {"type": "null"}]}
+
+
+@pytest.mark.parametrize("value, schema, problem", [
+    # type, also a list of types; an int is a number, a bool is neither
+    ("x", {"type": "string"}, None),
+    (3, {"type": "number"}, None),
+    (3.5, {"type": "integer"}, "$: expected integer, got number 3.5"),
+    (True, {"type": "integer"}, "$: expected integer, got boolean true"),
+    (False, {"type": "number"}, "$: expected number, got boolean false"),
+    ("3", {"type": "integer"}, '$: expected integer, got string "3"'),
+    (None, {"type": "string"}, "$: expected string, got null"),
+    ({}, {"type": "array"}, "$: expected array, got object {}"),
+    (None, {"type": ["string", "null"]}, None),
+    (1, {"type": ["string", "null"]}, "$: expected string or null, got integer 1"),
+    # enum and const, where true is not 1
+    ("slow", {"enum": ["fast", "slow"]}, None),
+    ("quick", {"enum": ["fast", "slow"]}, '$: must be one of "fast", "slow", got "quick"'),
+    (True, {"enum": [1, 2]}, "$: must be one of 1, 2, got true"),
+    ("a", {"const": "a"}, None),
+    ("b", {"const": "a"}, '$: must be "a", got "b"'),
+    # properties, required, additionalProperties
+    ({"city": "Oslo"}, OBJECT, None),
+    ({"n": 1}, OBJECT, '$: missing required field "city"'),
+    ({"city": 5}, OBJECT, "$.city: expected string, got integer 5"),
+    ({"city": "Oslo", "extra": 1}, OBJECT, None),
+    ({"city": "Oslo", "extra": 1}, CLOSED, "$.extra: unexpected field"),
+    ({"odd key": 1}, {"additionalProperties": {"type": "string"}},
+     '$["odd key"]: expected string, got integer 1'),
+    # items
+    ([1, 2], {"type": "array", "items": {"type": "integer"}}, None),
+    ([1, 2, "3"], {"type": "array", "items": {"type": "integer"}},
+     '$[2]: expected integer, got string "3"'),
+    # anyOf (Optional): the option whose type fits tells what is wrong
+    (None, OPTIONAL_MODE, None),
+    ("quick", OPTIONAL_MODE, '$: must be one of "fast", "slow", got "quick"'),
+    (5, OPTIONAL_MODE, "$: expected string or null, got integer 5"),
+    ({"n": 1}, {"anyOf": [OBJECT, {"type": "null"}]}, '$: missing required field "city"'),
+    # nested objects and arrays
+    ({"items": [{"name": "a", "price": {"amount": 1}}, {"name": "b", "price": {"amount": 2.5}},
+                {"name": "c", "price": {"amount": "12.5"}}]}, ORDER_SCHEMA,
+     '$.items[2].price.amount: expected number, got string "12.5"'),
+    ({"items": [{"name": "a", "price": {"amount": 1, "currency": "GBP"}}]}, ORDER_SCHEMA,
+     '$.items[0].price.currency: must be one of "EUR", "USD", got "GBP"'),
+    ({"items": [{"name": "a", "price": {"amount": 1}, "size": "m"}]}, ORDER_SCHEMA,
+     '$.items[0].size: must be one of "s", "l", got "m"'),
+    ({"items": [{"name": "a"}]}, ORDER_SCHEMA, '$.items[0]: missing required field "price"'),
+    ({"items": [], "rush": True}, ORDER_SCHEMA, "$.rush: unexpected field"),
+    # every other assertion keyword is checked too; annotations are not asserted
+    ("abc", {"type": "string", "maxLength": 1, "pattern": "^z"},
+     "$: must have at most 1 characters, got 3"),
+    ("abc", {"type": "string", "pattern": "^z"}, '$: must match the pattern "^z", got "abc"'),
+    ({"age": 400}, {"properties": {"age": {"maximum": 150}}}, "$.age: must be at most 150, got 400"),
+    ("abc", {"type": "string", "format": "email", "x-ui": 1, "discriminator": {}}, None),
+    ("abc", True, None),
+    ("abc", False, "$: unexpected value"),
+])
+def test_check_table(value: Any, schema: Any, problem: str | None) -> None:
+    assert oc._validate(value, schema) == problem
+
+
+def test_check_messages_stay_short() -> None:
+    problem = oc._validate({"text": "x" * 10_000}, {"properties": {"text": {"type": "integer"}}})
+    assert problem is not None and problem.startswith('$.text: expected integer, got string "xxx')
+    assert len(problem) < 100
+    problem = oc._validate("z", {"enum": [f"option{i}" for i in range(50)]})
+    assert problem is not None and ", ..., got" in problem and len(problem) < 200
+
+
+SUITE = pathlib.Path(__file__).parent / "testdata" / "json-schema-test-suite" / "draft2020-12"
+# What _vet_schema may refuse (DESIGN.md); a refusal names one of these keywords.
+REFUSABLE = {"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$dynamicAnchor",
+             "$anchor", "$id", "$ref", "pattern", "patternProperties"}
+REASONS = {"unevaluatedProperties": "unevaluated*", "unevaluatedItems": "unevaluated*",
+           "$ref": "non-local $ref", "pattern": "regex", "patternProperties": "regex"}
+
+
+def _suite() -> list[tuple[str, int, dict[str, Any]]]:
+    """(file name, position, group) of every group of every vendored file."""
+    return [(path.name, position, group) for path in sorted(SUITE.glob("*.json"))
+            for position, group in enumerate(json.loads(path.read_text(encoding="utf-8")))]
+
+
+def _skipped(name: str, group: dict[str, Any]) -> str | None:
+    if name == "vocabulary.json" and "no validation vocabulary" in group["description"]:
+        # The one group whose answer depends on a metaschema: a remote one (not vendored)
+        # that turns the validation vocabulary off. The checker always asserts validation
+        # keywords, whatever $schema names: stricter, never more lenient.
+        return ("custom metaschema without the validation vocabulary: the checker "
+                "always asserts validation keywords")
+    return None
+
+
+def _uses(schema: Any) -> set[str]:
+    """The refusable constructs a suite schema uses, found without the checker: those
+    keywords anywhere, $id below the root, a $ref that is not '#' or '#/...', a regex
+    Python's re cannot compile. (An over-estimate: it also looks inside enum and const.)"""
+    found: set[str] = set()
+
+    def compiles(pattern: str) -> bool:
+        try:
+            re.compile(pattern)
+        except re.error:
+            return False
+        return True
+
+    def walk(node: Any) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) \
+            if isinstance(node, list) else ()
+        for key, value in items:
+            if key in REFUSABLE - {"$id", "$ref", "pattern", "patternProperties"} or (
+                    key == "$id" and node is not schema) or (
+                    key == "$ref" and isinstance(value, str) and value != "#"
+                    and not value.startswith("#/")) or (
+                    key == "pattern" and isinstance(value, str) and not compiles(value)) or (
+                    key == "patternProperties" and isinstance(value, dict)
+                    and not all(map(compiles, value))):
+                found.add(key)
+            walk(value)
+
+    walk(schema)
+    return found
+
+
+def _verdict(group: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """(the keyword _vet_schema refused the group's schema for, or None; the cases
+    _validate got wrong, by description)."""
+    try:
+        oc._vet_schema(group["schema"], "schema")
+    except oc.ConfigError as exc:
+        named = re.search(r"JSON Schema keyword '([^']+)'", str(exc))
+        return (named.group(1) if named else str(exc)), []
+    wrong = []
+    for case in group["tests"]:
+        problem = oc._validate(case["data"], group["schema"])
+        if (problem is None) != case["valid"]:
+            wrong.append(f"{case['description']!r}: expected valid={case['valid']}, "
+                         f"got {problem!r}")
+    return None, wrong
+
+
+@pytest.mark.parametrize("name, position, group",
+                         [pytest.param(*g, id=f"{g[0][:-5]}-{g[1]}") for g in _suite()])
+def test_json_schema_suite_group(name: str, position: int, group: dict[str, Any]) -> None:
+    reason = _skipped(name, group)
+    if reason:
+        pytest.skip(reason)
+    refused, wrong = _verdict(group)
+    if refused is not None:
+        # A refusal is allowed only for what the group really uses: a group of checked
+        # keywords can never be passed over by refusing it.
+        assert refused in REFUSABLE and refused in _uses(group["schema"]), (
+            f"{group['description']!r} refused for {refused!r}")
+    assert not wrong, f"{name} {group['description']!r}:\n" + "\n".join(wrong)
+
+
+def test_json_schema_suite_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    cases = failed = skipped = 0
+    refused: dict[str, int] = {}
+    for name, _, group in _suite():
+        if _skipped(name, group):
+            skipped += len(group["tests"])
+            continue
+        keyword, wrong = _verdict(group)
+        if keyword is not None:
+            reason = REASONS.get(keyword, keyword)
+            refused[reason] = refused.get(reason, 0) + len(group["tests"])
+            continue
+        cases += len(group["tests"])
+        failed += len(wrong)
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in
+                        sorted(refused.items(), key=lambda item: -item[1]))
+    with capsys.disabled():
+        print(f"\nJSON-Schema-Test-Suite draft2020-12: {cases} cases in scope, {failed} failed, "
+              f"{sum(refused.values())} refused ({reasons}), {skipped} skipped "
+              "(vocabulary.json: custom metaschema)")
+    assert failed == 0
+    assert cases >= 965  # 969 at commit 44401e0: a checker that refuses more fails here
+
+
+def _has_null(data: Any) -> bool:
+    if isinstance(data, dict):
+        return any(map(_has_null, data.values()))
+    return data is None or isinstance(data, list) and any(map(_has_null, data))
+
+
+def _sample() -> list[Any]:
+    """Of each suite file, one valid and one invalid in-scope case (the middle one of
+    each kind) whose schema is an object and whose instance holds no null (a null may
+    be pruned on the public path, by design): every file with such cases goes through
+    generate() both ways (every 7th case, 199 requests, left out three files; this
+    is 150 requests)."""
+    kinds: dict[tuple[str, bool], list[Any]] = {}
+    for name, position, group in _suite():
+        if not isinstance(group["schema"], dict) or _skipped(name, group) or _verdict(
+                group)[0] is not None:
+            continue
+        for number, case in enumerate(group["tests"]):
+            if not _has_null(case["data"]):
+                kinds.setdefault((name, case["valid"]), []).append(pytest.param(
+                    group["schema"], case["data"], case["valid"],
+                    id=f"{name[:-5]}-{position}-{number}"))
+    return [cases[len(cases) // 2] for _, cases in sorted(kinds.items())]
+
+
+@pytest.mark.parametrize("schema, data, valid", _sample())
+def test_json_schema_suite_sample_through_generate(server: Scripted, schema: dict[str, Any],
+                                                   data: Any, valid: bool) -> None:
+    server.add(*(_answer(json.dumps(data)) for _ in range(3)))
+    client = server.client()
+    if valid:
+        assert client.generate("q", schema=schema).data == data
+        assert len(server.bodies()) == 1
+        return
+    with pytest.raises(oc.OutputError):
+        client.generate("q", schema=schema)
+    bodies = server.bodies()
+    assert len(bodies) == 3  # the answer and two repairs
+    problem = oc._validate(data, schema)
+    assert problem is not None and problem in bodies[1]["messages"][-1]["content"]
+
+
+@pytest.mark.parametrize("value, schema, problem", [
+    # integer is a number with a zero fraction; multipleOf is exact for decimals
+    (3.0, {"type": "integer"}, None),
+    (19.99, {"multipleOf": 0.01}, None),
+    (0.0075, {"multipleOf": 0.0001}, None),
+    (19.995, {"multipleOf": 0.01}, "$: must be a multiple of 0.01, got 19.995"),
+    (1e308, {"multipleOf": 0.123456789}, "$: must be a multiple of 0.123456789, got 1e+308"),
+    (7 * 10**400, {"multipleOf": 7}, None),
+    pytest.param(10**5000, {"multipleOf": 3}, "$: must be a multiple of 3, got <int>",
+                 id="int-of-5001-digits"),
+    (float("inf"), {"multipleOf": 2}, "$: must be a multiple of 2, got Infinity"),
+    # a $ref that leads back to itself on the same value ends in a message
+    (1, {"$ref": "#"}, '$: the schema loops through $ref "#" without end'),
+    ({"a": 1}, {"$defs": {"x": {"$ref": "#/$defs/y"}, "y": {"allOf": [{"$ref": "#/$defs/x"}]}},
+                "properties": {"a": {"$ref": "#/$defs/x"}}},
+     '$.a: the schema loops through $ref "#/$defs/x" without end'),
+    # patterns as ECMA-262 reads them: $ is the very end, \d an ASCII digit
+    ("abc\n", {"pattern": "^abc$"}, '$: must match the pattern "^abc$", got "abc\\n"'),
+    ("abc$", {"pattern": "^abc[$]$"}, None),
+    ("\u0663", {"pattern": "^\\d$"}, '$: must match the pattern "^\\\\d$", got "\u0663"'),
+    # messages of the other keywords name the path, what was expected and what came
+    ([1, 1], {"uniqueItems": True}, "$: must hold unique items, got [1, 1]"),
+    ([1, True], {"uniqueItems": True}, None),
+    ([2], {"contains": {"type": "string"}},
+     "$: must hold at least 1 items that match contains, got 0"),
+    ({"b": 1}, {"dependentRequired": {"b": ["c"]}},
+     '$: missing required field "c" (required with "b")'),
+    ({"1x": 1}, {"propertyNames": {"pattern": "^[a-z]"}},
+     '$["1x"]: field name: must match the pattern "^[a-z]", got "1x"'),
+    (5, {"oneOf": [{"minimum": 1}, {"maximum": 9}]},
+     "$: must match one schema of oneOf, matched 0 and 1"),
+    (5, {"not": {"type": "integer"}}, '$: must not match {"type": "integer"}, got 5'),
+    ([1, "x"], {"prefixItems": [{"type": "integer"}], "items": {"type": "integer"}},
+     '$[1]: expected integer, got string "x"'),
+])
+def test_validate_decides_what_the_suite_leaves_open(value: Any, schema: Any,
+                                                     problem: str | None) -> None:
+    oc._vet_schema(schema, "schema=")
+    assert oc._validate(value, schema) == problem
+
+
+def test_validate_ends_deep_recursion_in_a_message() -> None:
+    deep: Any = 1
+    for _ in range(5000):
+        deep = [deep]
+    assert oc._validate(deep, {"items": {"$ref": "#"}}) == "$: nested too deeply to check"
+
+
+@pytest.mark.parametrize("schema, keyword", [
+    ({"unevaluatedProperties": False}, "unevaluatedProperties"),
+    ({"items": {"unevaluatedItems": False}}, "unevaluatedItems"),
+    ({"$dynamicRef": "#meta"}, "$dynamicRef"),
+    ({"$dynamicAnchor": "meta"}, "$dynamicAnchor"),
+    ({"$defs": {"a": {"$anchor": "a"}}}, "$anchor"),
+    ({"properties": {"a": {"$id": "http://example.com/a"}}}, "$id"),
+    ({"$ref": "http://example.com/schema"}, "$ref"),
+    ({"$ref": "other.json#/$defs/a"}, "$ref"),
+    ({"$ref": "#anchor"}, "$ref"),
+    ({"$ref": "#/$defs/missing"}, "$ref"),
+    ({"$ref": "#/required", "required": ["a"]}, "$ref"),
+    ({"pattern": "\\p{Letter}"}, "pattern"),
+    ({"patternProperties": {"(": {}}}, "patternProperties"),
+    # values of the wrong shape would make a keyword mean nothing: refused too
+    ({"minimum": "5"}, "minimum"),
+    ({"items": [{"type": "string"}]}, "items"),  # draft 7's tuple form
+    ({"type": "text"}, "type"),
+    ({"required": [1]}, "required"),
+])
+def test_vet_schema_refuses_naming_the_keyword(schema: Any, keyword: str) -> None:
+    with pytest.raises(oc.ConfigError, match="^schema=: JSON Schema keyword " + re.escape(
+            repr(keyword))):
+        oc._vet_schema(schema, "schema=")
+
+
+def test_vet_schema_names_a_ref_to_a_huge_index_as_pointing_nowhere() -> None:
+    # It was "holds a regex Python cannot use": int() refuses over 4,300 digits.
+    with pytest.raises(oc.ConfigError, match="^schema=: JSON Schema keyword '\\$ref' "
+                       "'#/allOf/1+' does not point at a schema in the same document$"):
+        oc._vet_schema({"allOf": [{}], "$ref": "#/allOf/" + "1" * 5000}, "schema=")
+
+
+def test_vet_schema_refuses_before_anything_is_sent(server: Scripted) -> None:
+    refused = {"type": "object", "unevaluatedProperties": False}
+    with pytest.raises(oc.ConfigError, match="'unevaluatedProperties'"):
+        server.client().generate("q", schema=refused)
+    with pytest.raises(oc.ConfigError, match="^tool 'f' parameters: .*'\\$dynamicRef'"):
+        oc.Tool("f", "", {"type": "object", "properties": {"a": {"$dynamicRef": "#a"}}})
+    with pytest.raises(oc.ConfigError, match="a JSON Schema is an object or a boolean"):
+        oc._vet_schema([], "schema=")
+    assert server.requests == []
+
+
+_KEYWORD_NAMES = st.sampled_from([*oc._KEYWORDS, "unevaluatedItems", "$id", "format"])
+_SCHEMA_KEYS = _KEYWORD_NAMES | st.sampled_from(["a", "$defs"])
+_ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
+    | st.sampled_from(["#", "#/$defs/a", "#/properties/a", "^a$", "(", "integer", "null"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_SCHEMA_KEYS, inner, max_size=4),
+    max_leaves=16)
+# An object of keywords two times in three, else any JSON: of bare _ANY_JSON values 60%
+# were arrays or scalars, refused at once without a keyword being looked at.
+_KEYWORD_OBJECT = st.dictionaries(_SCHEMA_KEYS, _ANY_JSON, max_size=4)
+_ANY_SCHEMA = st.one_of(_KEYWORD_OBJECT, _KEYWORD_OBJECT, _ANY_JSON)
+
+
+# 300 examples (was 400 of bare _ANY_JSON schemas, with a value drawn for each): the
+# value is drawn only for a schema _vet_schema accepts, and a run has more examples
+# that get past the trivial refusal (~110 accepted and ~94 refused naming a keyword,
+# was ~65 and ~90, averaged over 5 runs), in ~80% of the time.
+@settings(max_examples=300, deadline=None)
+@given(schema=_ANY_SCHEMA, data=st.data())
+def test_vet_then_validate_and_prune_never_raise(schema: Any, data: Any) -> None:
+    try:
+        oc._vet_schema(schema, "schema=")
+    except oc.ConfigError:
+        return
+    value = data.draw(_ANY_JSON, label="value")
+    problem = oc._validate(value, schema)
+    assert problem is None or problem.startswith("$")
+    pruned, removed = oc._prune_nulls(value, schema)
+    assert removed or json.dumps(pruned) == json.dumps(value)  # NaN is not == itself
+
+
+def test_prune_nulls_drops_optional_nulls_at_any_depth_and_keeps_required_ones() -> None:
+    schema = {"type": "object", "properties": {"order": {"$ref": "#/$defs/order"}},
+              "$defs": {"order": {"type": "object", "required": ["qty"], "properties": {
+                  "note": {"type": "string"}, "qty": {"type": "integer"},
+                  "gift": {"type": ["string", "null"]},
+                  "lines": {"type": "array", "items": {"anyOf": [
+                      {"type": "object", "properties": {"sku": {"type": "string"}}}]}}}}}}
+    value = {"order": {"note": None, "qty": None, "gift": None,
+                       "lines": [{"sku": None}, {"sku": "a"}]}}
+    pruned, removed = oc._prune_nulls(value, schema)
+    assert removed and pruned == {"order": {"qty": None, "gift": None,
+                                            "lines": [{}, {"sku": "a"}]}}
+    assert value["order"]["note"] is None, "the input is not changed"
+    assert oc._validate(pruned, schema) == "$.order.qty: expected integer, got null"
+    assert oc._prune_nulls({"order": {"qty": 1}}, schema) == ({"order": {"qty": 1}}, False)
+
+
+@dataclasses.dataclass
+class Town:
+    name: str
+    population: int
+    note: str = "-"
+
+
+def test_schema_answer_null_is_the_field_default_and_3_0_an_int(server: Scripted) -> None:
+    server.add(_answer('{"name": "Pau", "population": 77000.0, "note": null}'))
+    data = server.client().generate("q", schema=Town).data
+    assert data == Town("Pau", 77000, "-") and type(data.population) is int
+    assert len(server.bodies()) == 1
+
+
 # ==== HTTP plumbing ====
+# Private names here are test-speed constants only: _BACKOFF_BASE (checked, then
+# shortened) and _WAIT_GAP (shortened).
 
 
 def test_retry_429_then_200(server: Scripted) -> None:
@@ -3614,23 +4266,6 @@ def test_a_deadline_bounds_discovery_too(server: Scripted) -> None:
     with pytest.raises(oc.RequestTimeoutError, match="deadline"):
         client.stream("hi", deadline=0.5)
     assert time.monotonic() - started < 1
-
-
-def test_a_deadline_is_checked_before_anything_is_sent(
-        server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
-    client = server.client()
-    for bad in (0, -1, float("nan"), float("inf"), True, "soon"):
-        with pytest.raises(oc.ConfigError, match="deadline="):
-            client.generate("hi", deadline=bad)
-        with pytest.raises(oc.ConfigError, match="deadline="):
-            server.client(deadline=bad)
-    monkeypatch.setenv("OPENAI_COMPATIBLE_DEADLINE", "later")
-    with pytest.raises(oc.ConfigError, match="OPENAI_COMPATIBLE_DEADLINE"):
-        server.client()
-    monkeypatch.setenv("OPENAI_COMPATIBLE_DEADLINE", "2.5")
-    assert server.client().config.deadline == 2.5
-    assert server.requests == []
-    assert "deadline" not in json.dumps(server.bodies())
 
 
 def test_close_ends_a_stream_stalled_mid_answer_from_another_thread(server: Scripted) -> None:
@@ -3832,6 +4467,232 @@ def test_stale_keep_alive_connection_is_resent_once(hang_up: str) -> None:
         listener.close()
 
 
+# Issue #21: text that HTTP cannot carry is refused before sending, naming where it is.
+# What open(path, errors="surrogateescape") gives for a file with a stray 0xff byte.
+_BROKEN = b"abc\xff def".decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize(("options", "where"), [
+    ({"prompt": _BROKEN}, "messages[0].content"),
+    ({"prompt": "hi", "system": _BROKEN}, "messages[0].content"),
+    ({"prompt": "hi", "system": "be brief", "messages": [{"role": "user", "content": _BROKEN}]},
+     "messages[1].content"),
+    ({"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": _BROKEN}]},
+     "messages[1].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": _BROKEN}]}]},
+     "messages[0].content[0].text"),
+])
+def test_text_with_a_lone_surrogate_is_refused_naming_the_message_and_position(
+        server: Scripted, options: dict[str, Any], where: str) -> None:
+    client = server.client()
+    for call in (lambda: run(client.stream(**options)), lambda: client.generate(**options)):
+        with pytest.raises(oc.ConfigError) as caught:
+            call()
+        assert where in str(caught.value) and "position 3" in str(caught.value)
+    assert server.requests == []
+
+
+def test_text_with_a_lone_surrogate_from_a_tool_is_refused_before_the_next_request(
+        server: Scripted) -> None:
+    def read_notes(path: str) -> str:
+        """Read a text file."""
+        return _BROKEN
+
+    server.add(_calls_then_text(_call(0, "c1", "read_notes", '{"path": "notes.txt"}')),
+               Reply(text_stream("never asked")))
+    with pytest.raises(oc.ConfigError) as caught:
+        server.client().generate("hi", tools=[read_notes])
+    # The user turn, the assistant's call, then the tool's result.
+    assert "messages[2].content" in str(caught.value) and "position 3" in str(caught.value)
+    assert len(server.requests) == 1
+
+
+def test_whole_answers_and_error_bodies_with_invalid_utf8_never_raise_a_decode_error(
+        server: Scripted) -> None:
+    whole = (b'{"choices":[{"index":0,"message":{"role":"assistant","content":"caf\xc3"},'
+             b'"finish_reason":"stop"}]}')
+    server.add(Reply(whole, framing="length", content_type="application/json"),
+               Reply(b'{"error":{"message":"bad \xff byte"}}', status=400, framing="length",
+                     content_type="application/json"))
+    client = server.client(max_retries=0)
+    assert client.generate("hi").text == "caf\ufffd"
+    with pytest.raises(oc.BadRequestError) as caught:
+        client.generate("hi")
+    assert "bad \ufffd byte" in caught.value.message
+
+
+# Issue #21: redirects are followed on the same server only.
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_on_the_same_server_resends_the_post_and_names_the_url_once(
+        server: Scripted, status: int) -> None:
+    moved = {"Location": "/v1/chat/completions/"}
+    for answer in ("ok", "again"):
+        server.add(Reply("", status=status, framing="length", content_type="text/plain",
+                         headers=moved), Reply(text_stream(answer, usage=_USAGE)))
+    client = server.client(api_key=KEY)
+    assert client.generate("hi", temperature=0.5).text == "ok"
+    assert client.generate("hi", temperature=0.5).text == "again"
+    assert [(r["method"], r["path"]) for r in server.requests] == [
+        ("POST", "/v1/chat/completions"), ("POST", "/v1/chat/completions/")] * 2
+    assert server.requests[1]["json"] == server.requests[0]["json"]
+    assert server.requests[1]["json"]["temperature"] == 0.5
+    assert server.requests[1]["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert len(client.quirks) == 1
+    assert f"{server.base_url}/chat/completions/" in client.quirks[0]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_to_another_server_is_an_error_naming_it_and_sends_it_nothing(
+        server: Scripted, other_server: Scripted, status: int) -> None:
+    location = f"{other_server.base_url}/chat/completions"
+    server.add(Reply("", status=status, framing="length", content_type="text/plain",
+                     headers={"Location": location}))
+    other_server.add(Reply(text_stream("stolen")))
+    client = server.client(api_key=KEY, max_retries=0)
+    with pytest.raises(oc.APIError) as caught:
+        client.generate("hi")
+    assert location in str(caught.value)
+    assert _leaks(KEY, str(caught.value), repr(caught.value)) == []
+    assert other_server.requests == [] and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_of_discovery_is_followed_on_the_same_server_only(
+        server: Scripted, other_server: Scripted, status: int) -> None:
+    server.add(Reply("", status=status, framing="length", content_type="text/plain",
+                     headers={"Location": "/v1/models/"}),
+               json_reply({"data": [{"id": "m1"}]}))
+    client = oc.Client(server.base_url, api_key=KEY)
+    assert client.available_models(fallback=False) == ["m1"]
+    assert [(r["method"], r["path"]) for r in server.requests] == [
+        ("GET", "/v1/models"), ("GET", "/v1/models/")]
+    assert len(client.quirks) == 1 and f"{server.base_url}/models/" in client.quirks[0]
+    location = f"{other_server.base_url}/models"
+    server.add(Reply("", status=status, framing="length", content_type="text/plain",
+                     headers={"Location": location}))
+    other_server.add(json_reply({"data": [{"id": "elsewhere"}]}))
+    elsewhere = oc.Client(server.base_url, api_key=KEY, max_retries=0)
+    with pytest.raises(oc.APIError) as caught:
+        elsewhere.available_models(fallback=False)
+    assert location in str(caught.value)
+    assert other_server.requests == []
+
+
+# ---- a refused field: the request again without it ----
+
+
+def test_server_without_tools_gets_the_request_without_them(
+    server: Scripted, caplog: pytest.LogCaptureFixture
+) -> None:
+    message = "registry.ollama.ai/library/gemma:2b does not support tools"  # Ollama
+    server.add(json_reply({"error": {"message": message}}, status=400),
+               Reply(text_stream("plain")), Reply(text_stream("again")))
+    client = server.client()
+    with caplog.at_level(logging.INFO, logger="openai_compat"):
+        _, result = run(client.stream("hi", tools=[_add]))
+    assert result.text == "plain" and "tools" in caplog.text
+    # One event, one log line: the WARNING, not an INFO line for the quirk again.
+    assert [r.levelname for r in caplog.records if "tools" in r.getMessage()] == ["WARNING"]
+    run(client.stream("hi", tools=[_add]))
+    first, second, third = server.bodies()
+    assert "tools" in first and "tools" not in second and "tool_choice" not in second
+    assert "tools" not in third, "the Client remembers"
+    assert client.quirks == ["tools rejected: resent without them", NO_USAGE]
+
+
+VLLM_AUTO = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+
+
+def test_vllm_refusing_auto_gets_none_and_forced_calls_keep_their_tools(
+    server: Scripted, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue #25: vLLM with --tool-call-parser but without --enable-auto-tool-choice
+    # refuses "auto" and a tool_choice left out alike (400), and takes "none".
+    server.add(json_reply({"error": {"message": VLLM_AUTO, "type": "BadRequestError",
+                                     "code": 400}}, status=400),
+               Reply(text_stream("plain")),
+               _calls_then_text(_call(0, "c1", "_add", '{"a": 2, "b": 3}')),
+               Reply(text_stream("5")), Reply(text_stream("again")))
+    client = server.client()
+    with caplog.at_level(logging.WARNING, logger="openai_compat"):
+        assert client.generate("hi", tools=[_add]).text == "plain"
+    assert "none" in caplog.text
+    result = client.generate("Add 2 and 3.", tools=[_add], tool_choice="required")
+    assert result.text == "5" and result.tool_results[0].value == 5
+    client.generate("hi", tools=[_add])
+    first, second, forced, after, third = server.bodies()
+    assert first["tool_choice"] == "auto" and "tools" in first
+    assert second["tool_choice"] == "none" and second["tools"] == first["tools"]
+    # A forced step keeps its tools and its choice; once its call has run, the choice
+    # is left out, which this server reads as "auto": "none" goes instead.
+    assert forced["tool_choice"] == "required" and forced["tools"] == first["tools"]
+    assert after["tool_choice"] == "none" and after["tools"] == first["tools"]
+    assert third["tool_choice"] == "none", "the Client remembers"
+    assert client.quirks[0] == 'tool_choice "auto" refused: "none" sent'
+
+
+@pytest.mark.parametrize("error", [
+    {"error": {"message": "Extra inputs are not permitted, field: 'strict'",
+               "type": "invalid_request_error"}},  # Fireworks' words
+    {"error": {"message": "Unknown parameter.", "param": "tools[0].function.strict"}},
+    {"error": {"message": "response_format.json_schema: 'strict' is not supported"}},
+], ids=["message", "param", "names-both"])
+def test_a_server_refusing_strict_gets_the_request_once_more_without_it(
+        server: Scripted, error: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    server.add(json_reply(error, status=400), _answer('{"city": "Oslo"}'),
+               Reply(text_stream("plain")))
+    client = server.client()
+    with caplog.at_level(logging.INFO, logger="openai_compat"):
+        assert client.generate("x", schema=Booked, tools=[book]).data == Booked("Oslo")
+    client.generate("x", tools=[book])
+    first, second, third = server.bodies()
+    assert first["tools"][0]["function"]["strict"] is True
+    assert first["response_format"]["json_schema"]["strict"] is True
+    # Nothing else changed: the same strict-compatible schemas, the same form.
+    del first["tools"][0]["function"]["strict"], first["response_format"]["json_schema"]["strict"]
+    assert second == first
+    assert "strict" not in third["tools"][0]["function"], "the Client remembers"
+    assert client.quirks[0] == "strict schemas refused: sent without strict"
+    assert not [q for q in client.quirks if q.startswith(("json_schema", "response_format"))], (
+        "strict named: no step down")
+    assert [r.levelname for r in caplog.records if "strict" in r.getMessage()] == ["WARNING"]
+
+
+def test_schema_degrades_one_rung_per_refusal_and_remembers_it(
+        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    # llama-cpp-python refuses json_schema; a stricter server refuses json_object too.
+    server.add(json_reply({"detail": [{"loc": ["body", "response_format", "type"],
+                                       "msg": "Input should be 'text' or 'json_object'"}]},
+                          status=422),
+               json_reply({"error": {"message": "response_format json_object is not "
+                                                "supported"}}, status=400),
+               _answer('{"name": "Nice", "population": 342669}'),
+               _answer('{"name": "Metz", "population": 116581}'))
+    client = server.client(max_retries=0)
+    result = client.generate("A city", schema=City, system="Be brief.")
+    assert result.data == City("Nice", 342669)
+    first, second, third = server.bodies()[:3]
+    assert first["response_format"]["type"] == "json_schema"
+    assert second["response_format"] == {"type": "json_object",
+                                         "schema": first["response_format"]["json_schema"][
+                                             "schema"]}
+    assert "response_format" not in third
+    for body in (second, third):
+        system = body["messages"][0]
+        assert body["messages"][0]["role"] == "system" and len(body["messages"]) == 2
+        assert system["content"].startswith("Be brief.\n\nAnswer with one JSON value")
+        assert '"population": {"type": "integer"}' in system["content"]
+    assert caplog.text.count("refused response_format") == 2
+    assert [q for q in client.quirks if "refused" in q] == [
+        "json_schema refused: json_object with the schema",
+        "response_format refused: the schema in the system message"]
+    # Remembered: the next call asks the way that worked, at once.
+    assert client.generate("Another", schema=City).data == City("Metz", 116581)
+    fourth = server.bodies()[3]
+    assert "response_format" not in fourth and fourth["messages"][0]["role"] == "system"
+
+
 @pytest.mark.parametrize(("message", "field", "quirk"), [
     ("tool_choice 'required' is not supported", "tool_choice", "tool_choice rejected: dropped"),
     ("Unrecognized request argument supplied: stream_options", "stream_options",
@@ -3850,7 +4711,7 @@ def test_a_rejected_field_is_dropped_and_listed(server: Scripted, message: str, 
     assert client.quirks == expected, "no usage is no quirk when it was not asked for"
 
 
-# ==== Company networks ====
+# ---- company networks ----
 
 
 # Issue #27: what a user at a company meets, with real parts on loopback: a TLS server
@@ -4718,792 +5579,6 @@ def test_cli_check_reports_what_each_real_server_supports(real: Any) -> None:
         # it may add the repeated id and name, so only the text run is known exactly.
         assert quirks[:1] == ["usage chunk with choices"], done.stdout
         assert called or quirks == ["usage chunk with choices"], done.stdout
-
-
-# ==== Inputs people really produce (issue 21) ====
-
-
-# Issue #21: what people paste, read from files and set in their environment, and what
-# servers send back (DESIGN.md, "Input that HTTP or JSON cannot carry"): a ConfigError
-# naming what to fix before anything is sent; secrets in a base URL redacted like the
-# key; a query string kept last; bad bytes read as U+FFFD; redirects followed only on
-# the same server; coroutine tools run.
-
-
-@pytest.fixture
-def other_server() -> Iterator[Scripted]:
-    """A second scripted server: another origin (same host, another port)."""
-    yield from _scripted()
-
-
-# Usage in every scripted stream that checks quirks: "no usage in streams" stays out.
-_USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-
-
-def _leaks(secret: str, *texts: str) -> list[str]:
-    """The texts that show `secret`, as written or escaped by repr()/ascii()."""
-    forms = {secret, repr(secret)[1:-1], ascii(secret)[1:-1]}
-    return [t for t in texts if any(f in t for f in forms)]
-
-
-@pytest.mark.parametrize(("options", "names", "secret"), [
-    ({"api_key": "sk-ключ-0123"}, "api_key=", "ключ"),  # a key typed in another layout
-    ({"api_key": "sk-abc123\nX-Evil: 1"}, "api_key=", "X-Evil"),  # header injection
-    ({"api_key": "sk-abc123\r\nX-Evil: 1"}, "api_key=", "X-Evil"),
-    ({"api_key": "sk-abc123\x00tail"}, "api_key=", "tail"),
-    ({"api_key": "sk-abc123\ttail"}, "api_key=", "tail"),
-    ({"api_key": "sk-abc123\u200btail"}, "api_key=", "tail"),  # a zero-width space from a web page
-    ({"api_key": "sk-abc123\u00a0tail"}, "api_key=", "tail"),  # a no-break space from a PDF
-    ({"headers": {"api-key": "clé-0123"}}, "'api-key'", "clé"),
-    ({"headers": {"api-key": "abc123\r\nX-Evil: 1"}}, "'api-key'", "X-Evil"),
-    ({"headers": {"X-Team": "blue\x00tail"}}, "'X-Team'", "tail"),
-    # A bad name: its value (a key, maybe) is not shown either.
-    ({"headers": {"X A": "sk-hdr-0123"}}, "'X A'", "sk-hdr-0123"),
-    ({"headers": {"X:A": "sk-hdr-0123"}}, "'X:A'", "sk-hdr-0123"),
-    ({"headers": {"": "sk-hdr-0123"}}, "''", "sk-hdr-0123"),
-    ({"headers": {"X-Tëam": "sk-hdr-0123"}}, "'X-Tëam'", "sk-hdr-0123"),
-    ({"headers": {"X-Team\n": "sk-hdr-0123"}}, "X-Team", "sk-hdr-0123"),
-])
-def test_client_refuses_a_key_or_header_http_cannot_carry(server: Scripted, options: dict[str, Any],
-                                                          names: str, secret: str) -> None:
-    with pytest.raises(oc.ConfigError) as caught:
-        server.client(**options)
-    message = str(caught.value)
-    assert names in message
-    assert _leaks(secret, message, repr(caught.value)) == []
-    assert server.requests == []
-
-
-def test_a_header_value_that_is_no_str_is_refused_before_sending(server: Scripted) -> None:
-    # headers={"api-key": os.environ.get("AZURE_KEY")} with the variable unset.
-    message = "header 'api-key': its value must be a str, not NoneType"
-    with pytest.raises(oc.ConfigError, match=message):
-        server.client(headers={"api-key": None})
-    with pytest.raises(oc.ConfigError, match=message.replace("NoneType", "int")):
-        server.client().generate("hi", extra_headers={"api-key": 7})
-    assert server.requests == []
-
-
-@pytest.mark.parametrize("key", ["sk-ключ-0123", "sk-abc123\nX-Evil: 1", "sk-abc123\u200btail"])
-def test_client_refuses_a_key_from_the_environment_http_cannot_carry(
-        server: Scripted, monkeypatch: pytest.MonkeyPatch, key: str) -> None:
-    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", server.base_url)
-    monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", key)
-    for make in (lambda: oc.Client(model="m"), lambda: oc.generate("hi", model="m")):
-        with pytest.raises(oc.ConfigError) as caught:
-            make()
-        assert "OPENAI_COMPATIBLE_API_KEY" in str(caught.value)
-        assert _leaks(key, str(caught.value), repr(caught.value)) == []
-        assert _leaks(key[3:9], str(caught.value)) == []
-    assert server.requests == []
-
-
-def test_client_header_value_pasted_with_a_leading_space_is_sent_and_never_shown(
-        server: Scripted) -> None:
-    # `name, value = "api-key: sk-azure-0123".split(":", 1)` leaves " sk-azure-0123":
-    # printable ASCII, which the door lets through, so it must travel (HTTP drops the
-    # space anyway); Azure's key header is a key, never shown in an error.
-    server.add(Reply(text_stream("ok")))
-    client = server.client(headers={"api-key": " sk-azure-0123"})
-    try:
-        result = client.generate("hi")
-    except oc.OpenAICompatError as exc:
-        assert _leaks("sk-azure-0123", str(exc), repr(exc)) == []
-        raise
-    assert result.text == "ok"
-    assert server.requests[0]["headers"]["api-key"] == "sk-azure-0123"
-
-
-# What open(path, errors="surrogateescape") gives for a file with a stray 0xff byte.
-_BROKEN = b"abc\xff def".decode("utf-8", "surrogateescape")
-
-
-@pytest.mark.parametrize(("options", "where"), [
-    ({"prompt": _BROKEN}, "messages[0].content"),
-    ({"prompt": "hi", "system": _BROKEN}, "messages[0].content"),
-    ({"prompt": "hi", "system": "be brief", "messages": [{"role": "user", "content": _BROKEN}]},
-     "messages[1].content"),
-    ({"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": _BROKEN}]},
-     "messages[1].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": _BROKEN}]}]},
-     "messages[0].content[0].text"),
-])
-def test_text_with_a_lone_surrogate_is_refused_naming_the_message_and_position(
-        server: Scripted, options: dict[str, Any], where: str) -> None:
-    client = server.client()
-    for call in (lambda: run(client.stream(**options)), lambda: client.generate(**options)):
-        with pytest.raises(oc.ConfigError) as caught:
-            call()
-        assert where in str(caught.value) and "position 3" in str(caught.value)
-    assert server.requests == []
-
-
-def test_text_with_a_lone_surrogate_from_a_tool_is_refused_before_the_next_request(
-        server: Scripted) -> None:
-    def read_notes(path: str) -> str:
-        """Read a text file."""
-        return _BROKEN
-
-    server.add(_calls_then_text(_call(0, "c1", "read_notes", '{"path": "notes.txt"}')),
-               Reply(text_stream("never asked")))
-    with pytest.raises(oc.ConfigError) as caught:
-        server.client().generate("hi", tools=[read_notes])
-    # The user turn, the assistant's call, then the tool's result.
-    assert "messages[2].content" in str(caught.value) and "position 3" in str(caught.value)
-    assert len(server.requests) == 1
-
-
-@pytest.mark.parametrize(("template", "secret", "readable"), [
-    ("http://user:s3cretpw@{host}/v1", "s3cretpw", ["user", "/v1"]),
-    ("http://{host}/v1?api-version=2024-10-21&key=SECRETKEY123", "SECRETKEY123",
-     ["/v1", "api-version=2024-10-21"]),
-    ("http://{host}/v1?api-version=2024-10-21&sig=SECRETSIG%2B456", "SECRETSIG",
-     ["/v1", "api-version=2024-10-21"]),
-    ("http://{host}/v1?token=SECRETTOKEN789&api-version=2024-10-21", "SECRETTOKEN789",
-     ["/v1", "api-version=2024-10-21"]),
-    ("http://{host}/v1?api-version=2024-10-21&password=SECRETPW000", "SECRETPW000",
-     ["/v1", "api-version=2024-10-21"]),
-    # A pasted endpoint: the warning that names the base to use shows it redacted too.
-    ("http://{host}/v1/chat/completions?api-version=2024-10-21&api_key=SECRETAPIKEY",
-     "SECRETAPIKEY", ["/v1", "api-version=2024-10-21"]),
-])
-def test_base_url_secrets_are_redacted_in_errors_reprs_logs_and_quirks(
-        server: Scripted, caplog: pytest.LogCaptureFixture, template: str, secret: str,
-        readable: list[str]) -> None:
-    caplog.set_level(logging.DEBUG)
-    host = f"127.0.0.1:{server.httpd.server_address[1]}"  # type: ignore[union-attr]
-    url = template.format(host=host)
-    # A proxy that echoes the URL it was asked for, in plain text (a quirk, logged).
-    server.add(Reply(f"upstream failed for {url}", status=500, framing="length",
-                     content_type="text/plain"))
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        client = oc.Client(url, model="m", max_retries=0)
-    with pytest.raises(oc.ServerError) as caught:
-        client.generate("hi")
-    err = caught.value
-    assert client.quirks  # the plain-text body was noted, and logged with the URL
-    logged = [r.getMessage() for r in caplog.records if r.name.startswith("openai_compat")]
-    assert logged and len(seen) == ("/chat/completions" in template)
-    assert _leaks(secret, repr(client), repr(client.config), str(err), repr(err), err.message,
-                  err.body or "", err.base_url or "", *logged, *client.quirks,
-                  *(str(w.message) for w in seen)) == []
-    for text in (str(err), err.base_url or ""):
-        assert host in text and all(part in text for part in readable), text
-
-
-def test_base_url_secrets_stay_out_of_the_http_library_s_debug_log(
-        server: Scripted, caplog: pytest.LogCaptureFixture) -> None:
-    # logging.basicConfig(level=logging.DEBUG) is how many scripts debug: urllib3 then
-    # logs every request line, query string included.
-    caplog.set_level(logging.DEBUG)
-    url = f"{server.base_url}?api-version=2024-10-21&sig=SECRETSIG456"
-    server.add(Reply(text_stream("ok", usage=_USAGE)))
-    assert oc.Client(url, model="m").generate("hi").text == "ok"
-    assert server.requests[0]["path"].endswith("&sig=SECRETSIG456")  # it was sent
-    assert [r.name for r in caplog.records if "SECRETSIG456" in r.getMessage()] == []
-
-
-def test_base_url_secrets_are_redacted_when_the_server_cannot_be_reached(
-        caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG)
-    host = f"127.0.0.1:{_free_port()}"
-    url = f"http://user:s3cretpw@{host}/v1?api-version=2024-10-21&key=SECRETKEY123"
-    client = oc.Client(url, api_key=KEY, max_retries=0)
-    assert client.available_models() == list(oc.FALLBACK_MODELS)  # and logs why
-    errors = []
-    for call in (lambda: client.available_models(fallback=False), lambda: client.generate("hi")):
-        with pytest.raises(oc.EndpointUnavailableError) as caught:
-            call()
-        errors.append(caught.value)
-    for err in errors:
-        shown = [str(err), repr(err), err.message, err.base_url or "",
-                 "".join(traceback.format_exception(err))]
-        for secret in ("s3cretpw", "SECRETKEY123", KEY):
-            assert _leaks(secret, *shown, caplog.text, repr(client), *client.quirks) == []
-        assert host in str(err) and "api-version=2024-10-21" in str(err)
-        assert err.base_url is not None and host in err.base_url
-
-
-def test_base_url_userinfo_never_replaces_the_key(server: Scripted) -> None:
-    # DESIGN.md: the key is sent as Authorization: Bearer when set. requests turns a
-    # URL's user:password into Basic auth, which silently took the key's place.
-    server.add(Reply(text_stream("ok")))
-    port = server.httpd.server_address[1]  # type: ignore[union-attr]
-    client = oc.Client(f"http://user:pw@127.0.0.1:{port}/v1", api_key=KEY, model="m")
-    assert client.generate("hi").text == "ok"
-    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
-
-
-def test_base_url_query_string_stays_at_the_end_of_every_request_url(server: Scripted) -> None:
-    port = server.httpd.server_address[1]  # type: ignore[union-attr]
-    base = f"http://127.0.0.1:{port}/openai/deployments/NAME?api-version=2024-10-21"
-    server.add(json_reply({"data": [{"id": "gpt-4o"}]}), Reply(text_stream("ok")))
-    client = oc.Client(base, headers={"api-key": KEY})  # Azure's key header
-    assert client.generate("hi").text == "ok"
-    assert [(r["method"], r["path"]) for r in server.requests] == [
-        ("GET", "/openai/deployments/NAME/models?api-version=2024-10-21"),
-        ("POST", "/openai/deployments/NAME/chat/completions?api-version=2024-10-21")]
-    assert [r["headers"].get("api-key") for r in server.requests] == [KEY, KEY]
-    assert server.bodies()[0]["model"] == "gpt-4o"
-
-
-@pytest.mark.parametrize(("suffix", "path", "named"), [
-    ("#x", "/v1/chat/completions", ""),
-    ("/#section", "/v1/chat/completions", ""),
-    ("/chat/completions", "/v1/chat/completions", "/v1"),
-    ("/chat/completions/", "/v1/chat/completions", "/v1"),
-    ("/models", "/v1/chat/completions", "/v1"),
-    ("/models/", "/v1/chat/completions", "/v1"),
-    ("/chat/completions?api-version=2024-10-21",
-     "/v1/chat/completions?api-version=2024-10-21", "/v1?api-version=2024-10-21"),
-])
-def test_base_url_fragment_is_dropped_and_a_pasted_endpoint_cut_back_with_one_warning(
-        server: Scripted, suffix: str, path: str, named: str) -> None:
-    # Issue #26: the warning was a log line, unseen by scripts that never configure
-    # logging; it is a UserWarning, which Python shows with no set-up, pointing at the
-    # line that made the Client.
-    root = server.base_url[: -len("/v1")]
-    server.add(Reply(text_stream("ok")), Reply(text_stream("ok")))
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")  # the module itself warns once per URL
-        for _ in range(2):
-            assert oc.Client(server.base_url + suffix, model="m").generate("hi").text == "ok"
-    assert [r["path"] for r in server.requests] == [path, path]
-    assert len(seen) == bool(named)  # once for the two Clients
-    for warning in seen:
-        assert warning.category is UserWarning and warning.filename == __file__
-        assert f"using {root}{named}" in str(warning.message)
-
-
-@pytest.mark.parametrize(("value", "says"), [
-    ("inf", "1000000"), ("Infinity", "1000000"), ("1e309", "1000000"),
-    ("999999999999", "1000000"), ("1000001", "1000000"),
-    ("nan", "positive"), ("-1", "positive"), ("0", "positive"), ("-inf", "positive"),
-])
-def test_timeout_must_be_a_positive_number_of_seconds_at_most_a_million(
-        server: Scripted, monkeypatch: pytest.MonkeyPatch, value: str, says: str) -> None:
-    monkeypatch.setenv("OPENAI_COMPATIBLE_TIMEOUT", value)
-    with pytest.raises(oc.ConfigError) as caught:
-        server.client()
-    assert "OPENAI_COMPATIBLE_TIMEOUT" in str(caught.value) and says in str(caught.value)
-    monkeypatch.delenv("OPENAI_COMPATIBLE_TIMEOUT")
-    with pytest.raises(oc.ConfigError, match=says):
-        server.client(timeout=float(value))
-    client = server.client()
-    for given_value in (float(value), value):
-        for call in (client.stream, client.generate):
-            with pytest.raises(oc.ConfigError) as caught:
-                call("hi", timeout=given_value)
-            assert "timeout=" in str(caught.value) and says in str(caught.value)
-    assert server.requests == []
-
-
-def test_timeout_of_a_million_seconds_is_the_largest_accepted(server: Scripted) -> None:
-    server.add(Reply(text_stream("ok")), Reply(text_stream("ok")))
-    client = server.client(timeout=1_000_000)
-    assert client.config.timeout == 1_000_000
-    assert client.generate("hi", timeout=1e6).text == "ok"
-    assert client.generate("hi").text == "ok"
-
-
-def test_max_retries_must_be_0_or_more(server: Scripted, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_COMPATIBLE_MAX_RETRIES", "-1")
-    with pytest.raises(oc.ConfigError) as caught:
-        server.client()
-    assert "OPENAI_COMPATIBLE_MAX_RETRIES" in str(caught.value)
-    assert "0 or more" in str(caught.value)
-    monkeypatch.delenv("OPENAI_COMPATIBLE_MAX_RETRIES")
-    with pytest.raises(oc.ConfigError, match="0 or more"):
-        server.client(max_retries=-1)
-
-
-@pytest.mark.parametrize(("options", "names"), [
-    ({"timeout": float("inf")}, "timeout="),
-    ({"timeout": -1}, "timeout="),
-    ({"max_retries": -1}, "max_retries="),
-])
-def test_client_arguments_out_of_range_are_named_as_the_arguments(
-        server: Scripted, options: dict[str, Any], names: str) -> None:
-    # The variable is not set: a message naming it sends the user to the wrong place
-    # (as issue #12 found for base_url=).
-    with pytest.raises(oc.ConfigError) as caught:
-        server.client(**options)
-    assert names in str(caught.value)
-
-
-# The 37 properties of CreateChatCompletionRequest in OpenAI's published OpenAPI spec
-# (with ModelResponseProperties and CreateModelResponseProperties), as of 2026-09.
-OPENAI_SPEC_PARAMETERS = frozenset({
-    "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
-    "max_completion_tokens", "max_tokens", "messages", "metadata", "modalities", "model",
-    "moderation", "n", "parallel_tool_calls", "prediction", "presence_penalty",
-    "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "reasoning_effort",
-    "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
-    "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user",
-    "verbosity", "web_search_options",
-})
-_LIBRARY_OWN = frozenset({"messages", "model", "tools", "tool_choice", "stream"})
-# A value of each parameter's shape; the library sends it as given (its meaning is the
-# server's business).
-_PARAMETER_VALUES: dict[str, Any] = {
-    "audio": {"voice": "alloy", "format": "wav"}, "frequency_penalty": 0.25,
-    "function_call": "none",
-    "functions": [{"name": "f", "parameters": {"type": "object", "properties": {}}}],
-    "logit_bias": {"50256": -100}, "logprobs": True, "max_completion_tokens": 9,
-    "max_tokens": 7, "metadata": {"run": "t1"}, "modalities": ["text"],
-    "moderation": {"mode": "default"}, "n": 2, "parallel_tool_calls": False,
-    "prediction": {"type": "content", "content": "x"}, "presence_penalty": 0.5,
-    "prompt_cache_key": "k1", "prompt_cache_options": {"ttl": "1h"},
-    "prompt_cache_retention": "24h", "reasoning_effort": "minimal",
-    "response_format": {"type": "json_object"}, "safety_identifier": "user-1", "seed": 3,
-    "service_tier": "flex", "stop": ["\n\n"], "store": False,
-    "stream_options": {"include_usage": False}, "temperature": 0.2, "top_logprobs": 2,
-    "top_p": 0.9, "user": "u1", "verbosity": "low",
-    "web_search_options": {"search_context_size": "low"},
-}
-
-
-def test_options_the_module_s_parameter_list_is_openai_s_published_one() -> None:
-    assert len(OPENAI_SPEC_PARAMETERS) == 37
-    assert oc._OPENAI_PARAMETERS | _LIBRARY_OWN == OPENAI_SPEC_PARAMETERS
-
-
-@pytest.mark.parametrize("name", sorted(OPENAI_SPEC_PARAMETERS - _LIBRARY_OWN))
-def test_options_every_openai_parameter_reaches_the_server_by_name(server: Scripted,
-                                                                  name: str) -> None:
-    value = _PARAMETER_VALUES[name]
-    server.add(Reply(text_stream("ok")))
-    _, result = run(server.client().stream("hi", **{name: value}))
-    assert result.text == "ok"
-    assert server.bodies()[0][name] == value
-
-
-def test_options_messages_model_tools_and_tool_choice_are_the_library_s_own(
-        server: Scripted) -> None:
-    server.add(Reply(text_stream("ok")))
-    turns = [{"role": "user", "content": "hi"}]
-    run(server.client().stream(messages=turns, model="x", tools=[_add], tool_choice="required"))
-    body = server.bodies()[0]
-    assert body["model"] == "x" and body["messages"] == turns
-    assert [t["function"]["name"] for t in body["tools"]] == ["_add"]
-    assert body["tool_choice"] == "required"
-
-
-@pytest.mark.parametrize("value", [True, False])
-def test_options_stream_is_not_an_option(server: Scripted, value: bool) -> None:
-    client = server.client()
-    for call in (client.stream, client.generate):
-        with pytest.raises(oc.ConfigError) as caught:
-            call("hi", stream=value)
-        assert "stream()" in str(caught.value) and "generate()" in str(caught.value)
-    assert server.requests == []
-
-
-@pytest.mark.parametrize(("typo", "closest"), [
-    ("max_token", "max_tokens"), ("moderations", "moderation"),
-    ("prompt_cache_keys", "prompt_cache_key"), ("safety_identifer", "safety_identifier"),
-    ("web_search_option", "web_search_options"),
-])
-def test_options_a_typo_of_a_spec_parameter_names_the_closest(server: Scripted, typo: str,
-                                                               closest: str) -> None:
-    with pytest.raises(oc.ConfigError) as caught:
-        server.client().stream("hi", **{typo: 1})
-    assert f"did you mean {closest}=?" in str(caught.value)
-    assert server.requests == []
-
-
-def _event_with_content(raw: bytes) -> bytes:
-    return b'data: {"choices":[{"index":0,"delta":{"content":"' + raw + b'"}}]}\n\n'
-
-
-@pytest.mark.parametrize("framing", ["chunked", "close", "gzip"])
-@pytest.mark.parametrize(("raw", "text"), [
-    (b"caf\xc3", "caf\ufffd"),  # a token that cut a character in two, sent alone
-    (b"\xff", "\ufffd"),
-    (b"ok\xed\xa0\x80", "ok\ufffd\ufffd\ufffd"),  # UTF-8 of a surrogate: invalid
-])
-def test_stream_invalid_utf8_reads_as_replacement_and_the_answer_goes_on(
-        server: Scripted, framing: str, raw: bytes, text: str) -> None:
-    for _ in range(2):
-        server.add(Reply(sse(delta(role="assistant", content="")), _event_with_content(raw),
-                         _event_with_content(raw), text_stream(" au lait", usage=_USAGE),
-                         framing=framing))
-    client = server.client()
-    for _ in range(2):
-        chunks, result = run(client.stream("hi"))
-        assert result.text == text_of(chunks) == text + text + " au lait"
-    assert [q for q in client.quirks if "UTF-8" in q] == [client.quirks[0]]
-    assert len(client.quirks) == 1
-
-
-@pytest.mark.parametrize("framing", ["chunked", "close", "gzip"])
-def test_stream_a_character_split_across_reads_is_not_replaced(server: Scripted,
-                                                               framing: str) -> None:
-    event = _event_with_content("café".encode())
-    cut = event.index(b"\xc3") + 1
-    server.add(Reply(event[:cut], event[cut:], text_stream("!", usage=_USAGE), framing=framing,
-                     pause=0.05))
-    client = server.client()
-    assert client.generate("hi").text == "café!"
-    assert client.quirks == []
-
-
-@pytest.mark.parametrize("framing", ["chunked", "close", "gzip"])
-def test_stream_raw_control_characters_inside_json_strings_are_text(server: Scripted,
-                                                                    framing: str) -> None:
-    server.add(Reply(_event_with_content(b"a\tb\x01c\x1fd"), text_stream("."), framing=framing))
-    assert server.client().generate("hi").text == "a\tb\x01c\x1fd."
-
-
-def test_whole_answers_and_error_bodies_with_invalid_utf8_never_raise_a_decode_error(
-        server: Scripted) -> None:
-    whole = (b'{"choices":[{"index":0,"message":{"role":"assistant","content":"caf\xc3"},'
-             b'"finish_reason":"stop"}]}')
-    server.add(Reply(whole, framing="length", content_type="application/json"),
-               Reply(b'{"error":{"message":"bad \xff byte"}}', status=400, framing="length",
-                     content_type="application/json"))
-    client = server.client(max_retries=0)
-    assert client.generate("hi").text == "caf\ufffd"
-    with pytest.raises(oc.BadRequestError) as caught:
-        client.generate("hi")
-    assert "bad \ufffd byte" in caught.value.message
-
-
-@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-def test_redirect_on_the_same_server_resends_the_post_and_names_the_url_once(
-        server: Scripted, status: int) -> None:
-    moved = {"Location": "/v1/chat/completions/"}
-    for answer in ("ok", "again"):
-        server.add(Reply("", status=status, framing="length", content_type="text/plain",
-                         headers=moved), Reply(text_stream(answer, usage=_USAGE)))
-    client = server.client(api_key=KEY)
-    assert client.generate("hi", temperature=0.5).text == "ok"
-    assert client.generate("hi", temperature=0.5).text == "again"
-    assert [(r["method"], r["path"]) for r in server.requests] == [
-        ("POST", "/v1/chat/completions"), ("POST", "/v1/chat/completions/")] * 2
-    assert server.requests[1]["json"] == server.requests[0]["json"]
-    assert server.requests[1]["json"]["temperature"] == 0.5
-    assert server.requests[1]["headers"]["Authorization"] == f"Bearer {KEY}"
-    assert len(client.quirks) == 1
-    assert f"{server.base_url}/chat/completions/" in client.quirks[0]
-
-
-@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-def test_redirect_to_another_server_is_an_error_naming_it_and_sends_it_nothing(
-        server: Scripted, other_server: Scripted, status: int) -> None:
-    location = f"{other_server.base_url}/chat/completions"
-    server.add(Reply("", status=status, framing="length", content_type="text/plain",
-                     headers={"Location": location}))
-    other_server.add(Reply(text_stream("stolen")))
-    client = server.client(api_key=KEY, max_retries=0)
-    with pytest.raises(oc.APIError) as caught:
-        client.generate("hi")
-    assert location in str(caught.value)
-    assert _leaks(KEY, str(caught.value), repr(caught.value)) == []
-    assert other_server.requests == [] and len(server.requests) == 1
-
-
-@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-def test_redirect_of_discovery_is_followed_on_the_same_server_only(
-        server: Scripted, other_server: Scripted, status: int) -> None:
-    server.add(Reply("", status=status, framing="length", content_type="text/plain",
-                     headers={"Location": "/v1/models/"}),
-               json_reply({"data": [{"id": "m1"}]}))
-    client = oc.Client(server.base_url, api_key=KEY)
-    assert client.available_models(fallback=False) == ["m1"]
-    assert [(r["method"], r["path"]) for r in server.requests] == [
-        ("GET", "/v1/models"), ("GET", "/v1/models/")]
-    assert len(client.quirks) == 1 and f"{server.base_url}/models/" in client.quirks[0]
-    location = f"{other_server.base_url}/models"
-    server.add(Reply("", status=status, framing="length", content_type="text/plain",
-                     headers={"Location": location}))
-    other_server.add(json_reply({"data": [{"id": "elsewhere"}]}))
-    elsewhere = oc.Client(server.base_url, api_key=KEY, max_retries=0)
-    with pytest.raises(oc.APIError) as caught:
-        elsewhere.available_models(fallback=False)
-    assert location in str(caught.value)
-    assert other_server.requests == []
-
-
-async def _double(x: int) -> int:
-    """Double x."""
-    await asyncio.sleep(0)
-    return 2 * x
-
-
-def _forgot_await(x: int) -> Any:
-    """Double x (but returns the coroutine unawaited)."""
-    return _double(x)
-
-
-_DOUBLE_SCHEMA = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
-
-
-@pytest.mark.parametrize("given_tool", [
-    _double,
-    oc.tool(_double),
-    oc.Tool("_double", "Double x.", _DOUBLE_SCHEMA, _double),
-    {"_double": {"description": "Double x.", "parameters": _DOUBLE_SCHEMA, "execute": _double}},
-], ids=["function", "marked", "Tool", "dict"])
-def test_tools_a_coroutine_function_is_run_and_the_model_gets_its_result(
-        server: Scripted, given_tool: Any) -> None:
-    server.add(_calls_then_text(_call(0, "c1", "_double", '{"x": 21}')),
-               Reply(text_stream("42 it is")))
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        result = server.client().generate("hi", tools=[given_tool])
-        gc.collect()
-    assert [(r.value, r.error) for r in result.tool_results] == [(42, None)]
-    assert server.bodies()[1]["messages"][-1] == {"role": "tool", "tool_call_id": "c1",
-                                                  "content": "42"}
-    assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
-
-
-def test_tools_a_coroutine_function_inside_a_running_event_loop_is_refused_before_sending(
-        server: Scripted) -> None:
-    server.add(Reply(text_stream("never asked")))
-    client = server.client()
-
-    async def main() -> None:
-        client.generate("hi", tools=[_add, _double])
-
-    async def main_streaming() -> None:
-        run(client.stream("hi", tools=[_add, _double]))
-
-    for entry in (main, main_streaming):
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            with pytest.raises(oc.ConfigError) as caught:
-                asyncio.run(entry())
-            gc.collect()
-        assert "'_double'" in str(caught.value)
-        assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
-    assert server.requests == []
-
-
-def test_tools_a_plain_function_returning_a_coroutine_is_that_call_s_error(
-        server: Scripted) -> None:
-    server.add(_calls_then_text(_call(0, "c1", "_forgot_await", '{"x": 21}')),
-               Reply(text_stream("ok")))
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        result = server.client().generate("hi", tools=[_forgot_await])
-        gc.collect()
-    error = result.tool_results[0].error
-    assert error is not None and "_forgot_await" in error and "await" in error
-    sent = server.bodies()[1]["messages"][-1]["content"]
-    assert "_forgot_await" in sent and "<coroutine object" not in sent
-    assert result.text == "ok"
-    assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
-
-
-# Any character at all, lone surrogates, NUL and line breaks often among them.
-_ANY_CHAR = st.characters(codec=None, exclude_categories=()) | st.sampled_from(
-    "\udcff\ud800\x00\n\r\t\x7f\u2028\u200b\u00a0é ")
-
-
-def _any_text(min_size: int = 0, max_size: int = 12) -> st.SearchStrategy[str]:
-    # st.text() rarely draws a surrogate even when allowed; a list of characters does.
-    return st.lists(_ANY_CHAR, min_size=min_size, max_size=max_size).map("".join)
-
-
-# A silence limit under a second against loopback is a timing test (and a connect
-# timeout is retried with backoff), not an input test: such values are left out.
-_TIMEOUTS = st.one_of(
-    st.none(),
-    st.floats().filter(lambda t: not 0 < t < 1),
-    st.integers(-10, 10**13),
-    st.sampled_from(["inf", "-inf", "nan", "1e309", "999999999999", "30", " 5 ", "", " ",
-                     "soon", "0x10", "1_000", "0", "-1"]),
-    _any_text(max_size=4).filter(lambda t: not re.fullmatch(r"\s*[0-9.e+-]*\s*", t)),
-)
-_RETRIES = st.one_of(st.none(), st.integers(-5, 1),
-                     st.sampled_from(["-1", "2.5", "two", "", " ", " 1 ", "1e3", "0"]),
-                     _any_text(max_size=3).filter(lambda t: not t.strip().isdigit()))
-# "sk-" first: a bare random key ("1000", "acte") can be a word every message holds.
-_KEYS = st.one_of(st.none(),
-                  st.text(string.ascii_letters + string.digits + "-_.", min_size=4).map(
-                      lambda k: "sk-" + k),
-                  _any_text(min_size=4).map(lambda k: "sk-" + k))
-# Header values are secrets too when the name says so (Azure's api-key).
-_SECRET_HEADER = re.compile(r"key|token|secret|auth", re.IGNORECASE)
-_HEADERS = st.one_of(
-    st.none(),
-    # Azure's key header, as pasted: "api-key: sk-..." split at the colon keeps a space.
-    st.fixed_dictionaries({"api-key": st.builds(str.__add__, st.sampled_from(["", " ", "\t"]),
-                                                _KEYS.filter(bool))}),
-    st.dictionaries(st.sampled_from(["X-Team", "api-key"]) | _any_text(max_size=6),
-                    st.sampled_from(["blue", "a b", ""]) | _any_text(max_size=8), max_size=2))
-
-
-def _env_can_carry(value: str) -> bool:
-    try:
-        return b"\x00" not in os.fsencode(value)
-    except UnicodeError:
-        return False
-
-
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=_KEYS, headers=_HEADERS, prompt=_any_text(max_size=20), timeout=_TIMEOUTS,
-       call_timeout=_TIMEOUTS, retries=_RETRIES, via_env=st.booleans())
-# Found by this test: requests refuses the pasted space, and its message shows the key.
-@example(key=None, headers={"api-key": " sk-0000"}, prompt="", timeout=None,
-         call_timeout=None, retries=None, via_env=False)
-def test_inputs_any_configuration_and_text_succeed_or_fail_as_the_module_s_own_errors(
-        server: Scripted, caplog: pytest.LogCaptureFixture, key: str | None,
-        headers: dict[str, str] | None, prompt: str, timeout: Any, call_timeout: Any,
-        retries: Any, via_env: bool) -> None:
-    caplog.set_level(logging.DEBUG)
-    caplog.clear()
-    server.replies[:] = [Reply(text_stream("ok")) for _ in range(3)]
-    asked = len(server.requests)
-    settings_given = {"OPENAI_COMPATIBLE_API_KEY": key, "OPENAI_COMPATIBLE_TIMEOUT": timeout,
-                      "OPENAI_COMPATIBLE_MAX_RETRIES": retries}
-    # The environment carries what the OS can: no NUL, no surrogate but an escaped byte.
-    via_env = via_env and all(_env_can_carry(str(v)) for v in settings_given.values())
-    arguments: dict[str, Any] = {}
-    if via_env:
-        os.environ.update({k: str(v) for k, v in settings_given.items() if v is not None})
-    else:
-        arguments = {"api_key": key, "timeout": timeout, "max_retries": retries}
-    shown: list[str] = []
-    client = None
-    try:
-        client = oc.Client(server.base_url, model="m", headers=headers, **arguments)
-        result = client.generate(prompt, timeout=call_timeout)
-        assert result.text == "ok"
-        assert server.bodies()[-1]["messages"] == [{"role": "user", "content": prompt}]
-    except oc.OpenAICompatError as exc:
-        shown += [str(exc), repr(exc), getattr(exc, "body", None) or ""]
-        if isinstance(exc, oc.ConfigError):
-            assert len(server.requests) == asked  # nothing was sent
-    finally:
-        for name in settings_given:
-            os.environ.pop(name, None)
-        if client is not None:
-            shown += [repr(client), repr(client.config), *client.quirks]
-            client.close()
-    # A header named like a secret is one whatever its length. A key shorter than 8
-    # characters is a placeholder, shown as it is (Config's repr shows it even when a
-    # header holds the same text: found by this test).
-    key = (key or "").strip()
-    secrets = [key if len(key) >= 8 else "", *(v.strip() for n, v in (headers or {}).items()
-                                               if _SECRET_HEADER.search(n) and v.strip() != key)]
-    for secret in secrets:
-        if len(secret) >= 4 and secret.startswith("sk-"):
-            assert _leaks(secret, *shown, caplog.text) == []
-
-
-# What a server may send in a body, in any order and cut anywhere: events of every shape
-# QUIRKS.md lists, whole answers, error forms, stray bytes. Echoing the key checks that
-# no error shows it.
-_SERVER_PIECES = st.sampled_from([
-    sse(delta(content="Hi")), sse(delta("stop")), "data: [DONE]\n\n", "data:[DONE]  \n\n",
-    sse(delta(tool_calls=[{"index": 0, "id": "c1", "function": {"name": "add",
-                                                                "arguments": '{"a": 1'}}])),
-    sse(delta(tool_calls=[{"function": {"arguments": ', "b": 2}'}}])),
-    sse(delta("tool_calls")), sse(delta(reasoning_content="hm")), sse(delta(refusal="No.")),
-    sse(delta(content=["x", {"type": "thinking", "thinking": [{"text": "t"}]}])),
-    sse({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
-    sse({"choices": None}), sse({"choices": [{"index": 1, "delta": {"content": "n2"}}]}),
-    sse({"error": {"message": f"bad key {KEY}", "code": 401}}),
-    sse({"object": "error", "message": "context length exceeded", "code": 400}),
-    "event: error\ndata: {\"message\": \"overloaded\"}\n\n", 'error: {"message": "x"}\n\n',
-    json.dumps(completion('{"a": 1, "b": 2}')), json.dumps({"error": "Unexpected endpoint"}),
-    "<html><title>502 Bad Gateway</title></html>", ": keep-alive\n\n", "data: not json\n\n",
-    'data: {"choices": [', "\r\n", "\r", "\n", "\ufeff", "data: \u00e9\n\n",
-]).map(str.encode) | st.binary(max_size=24)
-
-
-def _add_numbers(a: int, b: int) -> int:
-    """Add two integers."""
-    return a + b
-
-
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(parts=st.lists(_SERVER_PIECES, max_size=8),
-       status=st.sampled_from([200, 200, 200, 400, 401, 404, 413, 429, 500, 502]),
-       content_type=st.sampled_from(["text/event-stream", "application/json", "text/html",
-                                     "text/plain; charset=utf-8", ""]),
-       framing=st.sampled_from(["chunked", "close", "length", "gzip"]),
-       cuts=st.lists(st.integers(0, 600), max_size=6), tools=st.booleans(),
-       schema=st.booleans())
-def test_server_any_bytes_end_in_an_answer_or_the_module_s_own_error(
-        server: Scripted, parts: list[bytes], status: int, content_type: str, framing: str,
-        cuts: list[int], tools: bool, schema: bool) -> None:
-    if cuts:  # the same bytes in other HTTP chunks: events, lines and characters split
-        body, bounds = b"".join(parts), [0, *sorted(cuts), None]
-        parts = [body[start:end] for start, end in itertools.pairwise(bounds)]
-    # Every request of the call (resends, whole-answer asks, repairs, tool steps) meets
-    # the same reply; then the server's "no scripted reply" 599 ends it.
-    server.replies[:] = [Reply(*parts, status=status, framing=framing,
-                               content_type=content_type) for _ in range(4)]
-    client = server.client(api_key=KEY, max_retries=0, timeout=5)
-    options: dict[str, Any] = {"max_steps": 3}
-    if tools:
-        options["tools"] = [oc.tool(name="add")(_add_numbers)]  # the name the events call
-    if schema:
-        options["schema"] = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    started = time.monotonic()
-    try:
-        with client.stream("hi", **options) as stream:
-            got = list(stream)
-        result, last = stream.result, got[-1].step
-        assert result is not None and len(result.steps) == last
-        assert [c.finish_reason for c in got if c.type == "finish"] == [
-            s.finish_reason for s in result.steps]
-        for kind in ("text", "refusal"):  # the last model call's, as the Chunks showed it
-            assert "".join(c.content for c in got if c.type == kind
-                           and c.step == last) == getattr(result, kind)
-        shown = [repr(result)]
-    except oc.OpenAICompatError as exc:  # anything else fails the test, as it should
-        shown = [str(exc), repr(exc), getattr(exc, "body", None) or ""]
-    finally:
-        client.close()
-    assert _leaks(KEY, *shown) == []
-    assert time.monotonic() - started < 5  # nothing waits on a reply that has ended
-
-
-# What GET /models may answer: every shape QUIRKS.md lists, broken ones, stray bytes.
-_MODELS_PIECES = st.sampled_from([
-    '{"object": "list", "data": [{"id": "m1"}, {"id": "m2"}]}', '{"data": null}',
-    '{"models": [{"name": "llama3.2:latest"}], "data": [{"id": "llama3.2"}]}', '["a", "b"]',
-    '{"data": [{"name": "x"}, {"model": "y"}, "z", 3, null, {"id": ""}]}', '{"data": []}',
-    '{"error": {"message": "Invalid API Key"}}', f'{{"detail": "bad key {KEY}"}}', "{",
-    "<html><title>404 Not Found</title></html>", "Not Found", "\ufeff", '{"data": {}}',
-]).map(str.encode) | st.binary(max_size=24)
-
-
-@settings(max_examples=100, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(parts=st.lists(_MODELS_PIECES, max_size=3),
-       status=st.sampled_from([200, 200, 401, 404, 500, 503]),
-       content_type=st.sampled_from(["application/json", "text/html", "text/plain", ""]),
-       framing=st.sampled_from(["chunked", "close", "length", "gzip"]))
-def test_models_any_answer_gives_ids_or_the_module_s_own_error(
-        server: Scripted, parts: list[bytes], status: int, content_type: str,
-        framing: str) -> None:
-    server.replies[:] = [Reply(*parts, status=status, framing=framing,
-                               content_type=content_type)]
-    asked = len(server.requests)
-    client = server.client(api_key=KEY, max_retries=0)
-    try:
-        models = client.available_models(fallback=False)
-        assert models and all(isinstance(m, str) and m.strip() for m in models)
-        assert client.first_available_model() == models[0]
-        shown = models
-    except oc.APIError as exc:  # anything else fails the test, as it should
-        shown = [str(exc), repr(exc), exc.body or ""]
-        assert not exc.message.startswith("model discovery failed")  # a bug, caught as one
-        assert client.available_models() == list(oc.FALLBACK_MODELS)  # asked once, then
-        assert client.first_available_model() == oc.DEFAULT_MODEL     # the fallbacks
-    finally:
-        client.close()
-    assert _leaks(KEY, *shown) == []
-    assert len(server.requests) == asked + 1
 
 
 # ==== Cases from other projects ====
@@ -6551,6 +6626,12 @@ def _client(server: Any, **kwargs: Any) -> oc.Client:
     return oc.Client(server.base_url, api_key=server.api_key, **kwargs)
 
 
+def _step_downs(client: oc.Client) -> list[str]:
+    """The lines of client.quirks that say schema= answers are asked for another way than
+    response_format json_schema (the first way; none: still asked that way)."""
+    return [q for q in client.quirks if q.startswith(("json_schema", "response_format"))]
+
+
 @pytest.fixture(scope="session")
 def few_shot() -> list[dict[str, Any]]:
     return list(_local_server_module().CALCULATOR_FEW_SHOT)
@@ -6642,7 +6723,8 @@ def test_real_streamed_tool_call_equals_the_non_streamed_one(
     assert stream.result is not None and stream.result.finish_reason == "max_steps"
     assert log == [], "calls of the last allowed model call are reported, not run"
     if real.name == "llama-cpp-python":
-        assert not client._tools_unstreamed, "a forced tool call must really be streamed"
+        assert "tool calls only unstreamed" not in client.quirks, (
+            "a forced tool call must really be streamed")
 
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["stream", "generate"])
@@ -6775,9 +6857,10 @@ def test_real_structured_answer_is_valid_data_on_each_rung(real: Any) -> None:
                              temperature=0, seed=1, max_tokens=60)
     assert isinstance(result.data, Capital), result.text
     assert result.data.city.strip() and result.data.country.strip()
-    rung = client._http.schema_form
-    print(f"{real.name}: rung {rung}, {len(result.steps)} model call(s), {result.data}")
-    assert rung == (1 if real.name == "llama-cpp-python" else 0)
+    step_downs = _step_downs(client)
+    print(f"{real.name}: {step_downs}, {len(result.steps)} model call(s), {result.data}")
+    assert step_downs == (["json_schema refused: json_object with the schema"]
+                          if real.name == "llama-cpp-python" else [])
 
 
 def test_real_llama_malformed_request_is_bad_request(llama: Any) -> None:
@@ -7037,7 +7120,7 @@ def test_real_llama_cpp_python_streams_tools_without_streaming_after_an_empty_st
                                max_tokens=200, max_steps=1, tools=[_calculator([])])
         calls = [c.tool_call for c in stream if c.type == "tool_call"]
     assert calls and calls[0].name == "calculate"
-    assert "without any event" in caplog.text and client._tools_unstreamed
+    assert "without any event" in caplog.text and "tool calls only unstreamed" in client.quirks
     # The next request goes out on a new connection and, without tools, streams.
     text = [c.content for c in client.stream("Say hi.", max_tokens=10) if c.type == "text"]
     assert len(text) > 1
@@ -7102,9 +7185,10 @@ def test_real_pydantic_model_with_a_nested_model_and_an_optional_field(real: Any
     assert isinstance(person, Person) and isinstance(person.address, PostalAddress), result.text
     assert person.name.strip() and person.address.city.strip() and type(person.age) is int
     assert person.nickname is None or isinstance(person.nickname, str)
-    rung = client._http.schema_form
-    print(f"{real.name}: rung {rung}, {len(result.steps)} model call(s), {person!r}")
-    assert rung == (1 if real.name == "llama-cpp-python" else 0)
+    step_downs = _step_downs(client)
+    print(f"{real.name}: {step_downs}, {len(result.steps)} model call(s), {person!r}")
+    assert step_downs == (["json_schema refused: json_object with the schema"]
+                          if real.name == "llama-cpp-python" else [])
 
 
 RETIRED = {"type": "object", "properties": {
@@ -7126,10 +7210,11 @@ def test_real_schema_minimum_maximum_keeps_the_integer_within_bounds(real: Any,
         assert re.search(r"\$\.age: must be at (least 70|most 99), got \d+", str(exc)), str(exc)
         return
     age = result.data["age"]
-    print(f"{real.name}: rung {client._http.schema_form}, {len(result.steps)} model call(s), "
+    print(f"{real.name}: {_step_downs(client)}, {len(result.steps)} model call(s), "
           f"{result.data}")
     assert type(age) is int and 70 <= age <= 99, result.text
-    assert client._http.schema_form == (1 if real.name == "llama-cpp-python" else 0)
+    assert _step_downs(client) == (["json_schema refused: json_object with the schema"]
+                                   if real.name == "llama-cpp-python" else [])
 
 
 # ---- vLLM and transformers serve (issue 25) ----
@@ -7318,7 +7403,7 @@ def test_real_vllm_schema_with_an_optional_field_is_enforced_strictly(vllm: Any)
     assert facts.city.strip() and facts.country.strip()
     assert facts.population is None or type(facts.population) is int
     # vLLM enforces json_schema: the first rung, the first answer, marked strict.
-    assert client._http.schema_form == 0 and len(result.steps) == 1
+    assert _step_downs(client) == [] and len(result.steps) == 1
     sent = relay.bodies[0]["response_format"]
     assert sent["type"] == "json_schema" and sent["json_schema"]["strict"] is True
     assert set(sent["json_schema"]["schema"]["required"]) == {"city", "country", "population"}
@@ -7465,11 +7550,11 @@ def test_real_transformers_ignored_response_format_steps_down_to_the_schema_in_a
                                      temperature=0, max_tokens=100)
         except oc.OutputError as exc:  # a 135M model may not write it even then
             assert "$" in str(exc) or "JSON" in str(exc), str(exc)
-            print(f"transformers serve: rung {client._http.schema_form}, OutputError: {exc}")
+            print(f"transformers serve: {_step_downs(client)}, OutputError: {exc}")
         else:
             assert isinstance(result.data, Capital), result.text
             assert result.data.city.strip() and result.data.country.strip()
-            print(f"transformers serve: rung {client._http.schema_form}, "
+            print(f"transformers serve: {_step_downs(client)}, "
                   f"{len(result.steps)} model call(s), {result.data}")
     first, second = relay.bodies[:2]
     assert first["response_format"]["type"] == "json_schema"
@@ -7478,7 +7563,7 @@ def test_real_transformers_ignored_response_format_steps_down_to_the_schema_in_a
     systems = [m["content"] for m in second["messages"] if m["role"] == "system"]
     assert systems and '"city"' in systems[0] and '"country"' in systems[0], second["messages"]
     # (It ignores json_object too: an answer still without JSON steps down once more.)
-    assert client._http.schema_form >= 1
+    assert _step_downs(client), "stepped down once at least"
     assert any(line.startswith("response_format ignored") for line in client.quirks), \
         client.quirks
 
@@ -7512,7 +7597,7 @@ def _system_python3() -> tuple[str, str]:
     return python, path
 
 
-def _clean_env(path: str) -> dict[str, str]:
+def _newcomer_env(path: str) -> dict[str, str]:
     """A newcomer's environment: PATH and HOME, and where the server's cache is."""
     env = {"PATH": path, "HOME": os.path.expanduser("~")}
     for name in ("OPENAI_COMPAT_DEV_CACHE", "OPENAI_COMPAT_DEV_LOCK_WAIT", "PYENV_ROOT"):
@@ -7523,7 +7608,7 @@ def _clean_env(path: str) -> dict[str, str]:
 
 def test_local_server_without_venv_or_dependencies_says_how_to_get_them(tmp_path: Any) -> None:
     python, path = _system_python3()
-    lacks = subprocess.run([python, "-c", "import sseclient"], env=_clean_env(path),
+    lacks = subprocess.run([python, "-c", "import sseclient"], env=_newcomer_env(path),
                            capture_output=True, check=False)
     if lacks.returncode == 0:
         pytest.skip(f"{python} has sseclient: nothing to say")
@@ -7532,7 +7617,7 @@ def test_local_server_without_venv_or_dependencies_says_how_to_get_them(tmp_path
     shutil.copy(os.path.join(_SCRIPTS, "local_server.py"), tmp_path / "scripts")
     shutil.copy(oc.__file__, tmp_path)
     done = subprocess.run([python, "scripts/local_server.py", "serve"], cwd=tmp_path,
-                          env=_clean_env(path), capture_output=True, text=True, timeout=60,
+                          env=_newcomer_env(path), capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 2 and done.stdout == "", done
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
@@ -7553,7 +7638,7 @@ def test_real_local_server_run_from_the_system_python_runs_in_the_venv() -> None
     python, path = _system_python3()
     code = "import openai_compat, sseclient, sys; print(sys.prefix)"
     done = subprocess.run([python, "scripts/local_server.py", "run", "--", "python", "-c", code],
-                          cwd=os.path.dirname(_SCRIPTS), env=_clean_env(path),
+                          cwd=os.path.dirname(_SCRIPTS), env=_newcomer_env(path),
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert os.path.realpath(done.stdout.strip()) == os.path.realpath(venv), done.stdout
