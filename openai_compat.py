@@ -3269,13 +3269,14 @@ class _Connection:
 
         Retries connection failures and 408/409/429/5xx up to max_retries times with
         backoff, honouring Retry-After up to 60 s; waits for a server loading its model
-        (up to `timeout` in all); resends once a request that met a kept-alive
-        connection the server had closed; drops what the server refused (the strict flag,
-        tools, tool_choice "auto", stream_options) or steps down how the schema is asked
-        for, and resends (see _resend_changed). The last three do not spend max_retries.
-        (Over 40 lines with this docstring: the retry policy reads best as one loop.)
+        (up to `timeout` in all); drops what the server refused (the strict flag, tools,
+        tool_choice "auto", stream_options) or steps down how the schema is asked for,
+        and resends (see _resend_changed). The last two do not spend max_retries, nor does
+        the resend of a request that met a kept-alive connection the server had closed
+        (see request). (Over 40 lines with this docstring: the retry policy reads best as
+        one loop.)
         """
-        attempt, stale_resent, loading_since, timeout = 0, False, 0.0, request.timeout
+        attempt, loading_since, timeout = 0, 0.0, request.timeout
         while True:
             wait = retry_after = None
             try:
@@ -3283,10 +3284,6 @@ class _Connection:
                 response = self.request("POST", "/chat/completions", max(0.001, min(
                     timeout, request.ends - time.monotonic())), body, request.headers)
             except _TRANSPORT_ERRORS as exc:
-                if not stale_resent and _stale_connection(exc) and not request.stopped:
-                    stale_resent = True
-                    _log.debug("kept-alive connection was closed by the server; resending")
-                    continue
                 error = request.halted() or self.transport_error(
                     exc, timeout, "" if body.get("stream") else "unstreamed")
                 # Connection failures (a connect timeout included) happened before the
@@ -3326,10 +3323,11 @@ class _Connection:
                 body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
                 ) -> requests.Response:
         """One request to base_url + path (the base's query string last), its body
-        JSON. Redirects are followed here, not by requests (which turns a redirected
-        POST into a GET): on the same scheme, host and port, with the same method and
-        body, noted once; elsewhere they are an error, so that the key goes nowhere
-        else."""
+        JSON; sent once more, on a new connection, when it met a kept-alive connection
+        the server had closed (see _stale_connection), as browsers do. Redirects are
+        followed here, not by requests (which turns a redirected POST into a GET): on
+        the same scheme, host and port, with the same method and body, noted once;
+        elsewhere they are an error, so that the key goes nowhere else."""
         url = self.base + path + self.query
         data = None if body is None else _encode(body)
         headers = headers or self.headers
@@ -3337,9 +3335,17 @@ class _Connection:
             # A compressing proxy would batch a stream's deltas: ask for none.
             headers = {**headers, "Content-Type": "application/json",
                        **({"Accept-Encoding": "identity"} if body.get("stream") else {})}
+        send = functools.partial(self.session.request, method, data=data, headers=headers,
+                                 timeout=timeout, stream=True, allow_redirects=False)
         for _ in range(_MAX_REDIRECTS):
-            response = self.session.request(method, url, data=data, headers=headers,
-                                            timeout=timeout, stream=True, allow_redirects=False)
+            try:
+                response = send(url)
+            except _TRANSPORT_ERRORS as exc:
+                if not _stale_connection(exc) or self.closed.is_set():
+                    raise
+                # The server had closed the kept-alive connection: once more, on a new one.
+                _log.debug("kept-alive connection was closed by the server; resending")
+                response = send(url)
             # is_redirect: a 301, 302, 303, 307 or 308 with a Location header.
             if not (response.is_redirect and response.headers["location"]):
                 return response

@@ -4272,7 +4272,7 @@ def test_close_ends_a_stream_stalled_mid_answer_from_another_thread(server: Scri
     # Issue #28: client.close() from another thread did not stop a call in flight.
     server.add(_trickle(sse(delta(content="Half an ")), every=5))
     client = server.client()
-    stream = client.stream("hi")
+    stream = client.stream("hi", deadline=20)  # a bound, should close() not end it
     assert next(stream).content == "Half an "
     threading.Timer(0.3, client.close).start()
     started = time.monotonic()
@@ -4424,11 +4424,13 @@ def test_stale_keep_alive_connection_is_resent_once(hang_up: str) -> None:
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     port = listener.getsockname()[1]
-    body = json.dumps(completion("fresh")).encode()
-    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-              b"\r\n%s" % (len(body), body))
+    def answer(head: bytes) -> bytes:
+        body = json.dumps({"data": [{"id": "m"}]} if head.startswith(b"GET")
+                          else completion("fresh")).encode()
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
+                b"\r\n\r\n%s" % (len(body), body))
 
-    def read_request(conn: socket.socket) -> None:
+    def read_request(conn: socket.socket) -> bytes:
         # Read each request whole, so the hang-up comes only once the client has
         # sent its next request on the reused connection (checked: both variants
         # fail when the resend is disabled).
@@ -4440,6 +4442,7 @@ def test_stale_keep_alive_connection_is_resent_once(hang_up: str) -> None:
         length = int(match.group(1)) if match else 0
         while len(rest) < length:
             rest += conn.recv(65536) or b" " * length
+        return head
 
     def serve() -> None:
         for _ in range(3):
@@ -4448,8 +4451,7 @@ def test_stale_keep_alive_connection_is_resent_once(hang_up: str) -> None:
             except OSError:  # the test is over
                 return
             with conn:
-                read_request(conn)
-                conn.sendall(answer)
+                conn.sendall(answer(read_request(conn)))
                 try:
                     read_request(conn)  # the next request, whole: drop it unanswered
                     if hang_up == "reset":  # close with RST instead of FIN
@@ -4463,6 +4465,8 @@ def test_stale_keep_alive_connection_is_resent_once(hang_up: str) -> None:
     try:
         assert client.generate("one").text == "fresh"
         assert client.generate("two").text == "fresh"
+        # GET /models too (discovery, wait_ready): it met the same closed connection.
+        assert client.available_models(fallback=False) == ["m"]
     finally:
         listener.close()
 
