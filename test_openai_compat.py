@@ -1180,7 +1180,7 @@ def test_generate_fails_within_timeout_of_silence_keeping_the_partial_text(
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError) as caught:
         server.client(timeout=0.25, max_retries=0).generate("hi")
-    assert time.monotonic() - started < 1.25
+    assert time.monotonic() - started < 2.5  # the next byte was 3 s away; wide for busy CI
     assert caught.value.partial_text == "half an "
     assert "OPENAI_COMPATIBLE_TIMEOUT" in str(caught.value)  # the hint: raise it
 
@@ -4157,7 +4157,7 @@ def test_a_retry_after_between_the_backoff_and_the_cap_is_waited_exactly(
     caplog.set_level(logging.INFO, logger="openai_compat")
     started = time.monotonic()
     assert server.client(max_retries=1).generate("hi").text == "ok"
-    assert 1.3 <= time.monotonic() - started < 1.9
+    assert 1.3 <= time.monotonic() - started < 2.3  # the backoff would be 0.25 to 0.5 s
     # Each retry is logged at INFO: what failed, the wait, the attempt.
     assert [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()] == [
         f"HTTP 429 from {server.base_url}; retrying in 1.3 s (attempt 2 of 2)"]
@@ -4194,7 +4194,7 @@ def test_a_retry_after_under_the_cap_is_waited_and_one_over_it_fails_at_once(
     started = time.monotonic()
     with pytest.raises(oc.RateLimitError) as over:
         server.client().generate("hi")
-    assert over.value.retry_after == 61 and time.monotonic() - started < 1
+    assert over.value.retry_after == 61 and time.monotonic() - started < 3
     assert len(server.requests) == 2
 
 
@@ -4216,7 +4216,8 @@ def test_a_deadline_cuts_off_a_trickling_stream(server: Scripted, how: str) -> N
     with pytest.raises(oc.RequestTimeoutError) as caught:
         for _ in client.stream("Count.", deadline=1):
             pass
-    assert 1 <= time.monotonic() - started < 1.7, "cut within a fraction of a second"
+    # Cut at the deadline, not after the trickle (60 s); the margin is for a busy machine.
+    assert 1 <= time.monotonic() - started < 2.5
     assert "deadline of 1 s" in str(caught.value)
     assert caught.value.partial_text.startswith("0 " if how == "text" else "Once")
     assert server.closed.wait(2), "its connection is closed"
@@ -4228,7 +4229,7 @@ def test_a_deadline_cuts_off_a_storm_of_503s_and_a_silent_server(server: Scripte
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError) as caught:
         client.generate("hi")
-    assert time.monotonic() - started < 1.6
+    assert time.monotonic() - started < 3  # 50 retries with backoff would take minutes
     # The backoff that would have ended past the deadline was not waited.
     assert isinstance(caught.value.__cause__, oc.ServerError)
     server.replies.clear()
@@ -4236,7 +4237,7 @@ def test_a_deadline_cuts_off_a_storm_of_503s_and_a_silent_server(server: Scripte
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError, match="deadline of 0.5 s"):
         server.client(timeout=30).generate("hi", deadline=0.5)
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 2.5  # the headers were 5 s away
 
 
 def test_a_retry_after_past_the_deadline_fails_at_once(server: Scripted) -> None:
@@ -4245,7 +4246,7 @@ def test_a_retry_after_past_the_deadline_fails_at_once(server: Scripted) -> None
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError) as caught:
         server.client().generate("hi", deadline=2)
-    assert time.monotonic() - started < 0.5 and len(server.requests) == 1
+    assert time.monotonic() - started < 1.5 and len(server.requests) == 1  # not the 3 s
     assert isinstance(caught.value.__cause__, oc.ServerError)
 
 
@@ -4265,7 +4266,7 @@ def test_a_deadline_bounds_discovery_too(server: Scripted) -> None:
     started = time.monotonic()
     with pytest.raises(oc.RequestTimeoutError, match="deadline"):
         client.stream("hi", deadline=0.5)
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 2  # the answer was 3 s away
 
 
 def test_close_ends_a_stream_stalled_mid_answer_from_another_thread(server: Scripted) -> None:
