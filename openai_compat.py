@@ -188,6 +188,7 @@ class APIError(OpenAICompatError):
     _url_source: str = _ENV_BASE_URL
     _path: str = ""
     _cli = False  # raised for the command line: hints in its words (see _cli_words)
+    _advice = ""  # what to do, where this error knows better than its class
 
     def __init__(self, message: str, *, status_code: int | None = None,
                  body: str | None = None, base_url: str | None = None,
@@ -213,7 +214,7 @@ class APIError(OpenAICompatError):
 
     def _hint(self) -> str:
         """What to do next, appended to the message."""
-        return self._HINT
+        return self._advice or self._HINT
 
     _HINT: ClassVar[str] = ""
 
@@ -228,7 +229,6 @@ class EndpointUnavailableError(APIError, ConnectionError):
     """
 
     retryable = True
-    _advice = ""  # what to do, when the cause is known to be other than a server that is down
 
     def _hint(self) -> str:
         now = f" (now {self.base_url})" if self.base_url else ""
@@ -1051,7 +1051,7 @@ class _Discovery:
             if self.found is None:
                 found = _fetch_models(self.http, min(limit, _DISCOVERY_SECONDS))
                 if limit < _DISCOVERY_SECONDS and isinstance(found, RequestTimeoutError):
-                    raise self.http.shown_error(RequestTimeoutError(
+                    raise self.http.shown_error(_past_deadline(
                         f"the call took longer than its deadline: GET /models had not "
                         f"answered after {limit:.1f} s"))
                 self.found = found
@@ -1226,10 +1226,15 @@ class _Request:
         have, `ahead` seconds from now); None when it may go on."""
         if self.stopped == "closed":
             return _client_closed()
-        if self.stopped or time.monotonic() + ahead >= self.ends:
-            return RequestTimeoutError(f"the call took longer than its deadline of "
-                                       f"{self.deadline:g} s")
-        return None
+        if not self.stopped and time.monotonic() + ahead < self.ends:
+            return None
+        return _past_deadline(f"the call took longer than its deadline of {self.deadline:g} s")
+
+
+def _past_deadline(message: str) -> RequestTimeoutError:
+    error = RequestTimeoutError(message)
+    error._advice = f"Raise the deadline ({_ENV_DEADLINE} or deadline=) if it needs longer"
+    return error
 
 
 def _client_closed() -> StreamError:

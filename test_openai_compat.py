@@ -4219,6 +4219,8 @@ def test_a_deadline_cuts_off_a_trickling_stream(server: Scripted, how: str) -> N
     # Cut at the deadline, not after the trickle (60 s); the margin is for a busy machine.
     assert 1 <= time.monotonic() - started < 2.5
     assert "deadline of 1 s" in str(caught.value)
+    assert str(caught.value).endswith("Raise the deadline (OPENAI_COMPATIBLE_DEADLINE or "
+                                      "deadline=) if it needs longer"), "not the timeout"
     assert caught.value.partial_text.startswith("0 " if how == "text" else "Once")
     assert server.closed.wait(2), "its connection is closed"
 
@@ -5492,6 +5494,7 @@ def test_cli_header_deadline_and_what_a_script_sees_on_stderr(server: Scripted) 
     started = time.monotonic()
     done = cli(server, "--deadline", "1", "hi")
     assert done.returncode == 1 and "deadline of 1 s" in done.stderr, done.stderr
+    assert "Raise the deadline (OPENAI_COMPATIBLE_DEADLINE or --deadline)" in done.stderr
     assert time.monotonic() - started < 4
 
 
