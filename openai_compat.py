@@ -2299,8 +2299,8 @@ def _ask_repair(http: _Connection, step: Step, problem: str, form: int,
     wrong (OutputError when it was the `last` chance). An answer without JSON, to a
     request whose response_format the server took without a word, steps the form down."""
     if last:
-        raise http.shown_error(OutputError(f"the answer does not match the schema: {problem}",
-                                           partial_text=step.text))
+        raise OutputError(f"the answer does not match the schema: {problem}",
+                          partial_text=step.text)
     if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and step.finish_reason == "stop":
         # Quirk(transformers serve): response_format ignored without a word, and prose
         # came back: the model must see the schema itself.
@@ -3299,7 +3299,7 @@ class _Connection:
                 request.response = response
                 if request.stopped:  # close() came while the server was answering
                     response.close()
-                    raise self.shown_error(request.halted() or _client_closed())
+                    raise request.halted() or _client_closed()
                 if response.status_code < 300:
                     return response
                 retry_after = _retry_after(response.headers)
@@ -3322,7 +3322,7 @@ class _Connection:
                 raise error
             # A wait that would end past the deadline is not waited; close() ends one.
             if time.monotonic() + wait >= request.ends or self.closed.wait(wait):
-                raise self.shown_error(request.halted(wait) or _client_closed()) from error
+                raise (request.halted(wait) or _client_closed()) from error
 
     def request(self, method: str, path: str, timeout: float,
                 body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
@@ -3486,15 +3486,15 @@ class _Connection:
         try:
             raw = response.content
         except _TRANSPORT_ERRORS as exc:
-            raise self.shown_error(request.halted() or self.transport_error(
-                exc, request.timeout, "unstreamed")) from None
+            raise request.halted() or self.transport_error(
+                exc, request.timeout, "unstreamed") from None
         try:
             return _CHUNK_JSON.decode(raw.decode("utf-8", "replace"))
         except (ValueError, RecursionError):
-            raise self.shown_error(request.halted() or APIError(
+            raise request.halted() or APIError(
                 "the server's answer is not JSON: " + _trim_message(
                     raw[:2000].decode("utf-8", "replace")), status_code=response.status_code,
-            )) from None
+            ) from None
 
     def error_from_body(self, status: int, text: str,
                         retry_after: float | None = None) -> APIError:
