@@ -3652,11 +3652,12 @@ def _stale_connection(exc: BaseException) -> bool:
     took it up. urllib3 only checks for a closed socket when it takes one from the
     pool, which leaves a race. Connect failures are "Failed to establish a new
     connection" (NewConnectionError), not this. RemoteDisconnected (an EOF) is a
-    ConnectionResetError.
+    ConnectionResetError. Through an http proxy urllib3 calls the same failure a
+    ProxyError, as the closed connection no longer counts as connected to the proxy.
     """
     causes = _causes(exc)
-    return any(isinstance(cause, urllib3.exceptions.ProtocolError) for cause in causes) and (
-        isinstance(causes[-1], (ConnectionResetError, BrokenPipeError)))
+    return any(isinstance(cause, (urllib3.exceptions.ProtocolError, urllib3.exceptions.ProxyError))
+               for cause in causes) and isinstance(causes[-1], (ConnectionResetError, BrokenPipeError))
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
