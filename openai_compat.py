@@ -58,8 +58,9 @@ with a "# ==== Name ====" line:
     Errors                 the exceptions, the ordered regex table, classify_error(), error bodies
     Data types             Usage, ToolCall, ToolResult, Chunk, Step, Result
     Configuration          Config.from_env(): arguments, then OPENAI_COMPATIBLE_*, then defaults
-    Client                 Client, and the module-level stream(), generate(), ...
-    Model discovery        GET /models within 5 s, once per Client; the fallback list; wait_ready()
+    Client                 Client (discovery once per Client, the fallback list, wait_ready()),
+                           and the module-level stream(), generate(), ...
+    Model discovery        GET /models within 5 s; the shapes its answer comes in
     Requests               a call's options checked: the request body, its tools, its deadline
     Streaming              Stream, a call's steps; a model call: bytes -> lines -> events -> Chunks
     Tool-call loop         calls assembled from their fragments, run, results sent back; repairs
@@ -880,7 +881,11 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         self._quirks: dict[str, None] = {}  # an ordered set: see quirks and _note
         self._http = _Connection(self.config, _check_headers(headers, "headers="),
                                  "base_url=" if given else _ENV_BASE_URL, self._note)
-        self._discovery = _Discovery(self._http)
+        # Model discovery: GET /models asked at most once, even from many threads at once
+        # (a failure is remembered too); the fallbacks used, each logged once.
+        self._models_lock = threading.Lock()
+        self._found: list[str] | APIError | None = None
+        self._fell_back: set[str] = set()
         # Set when a streamed request with tools came back as an empty 200 stream:
         # later calls with tools are asked for without streaming (see _model_call).
         self._tools_unstreamed = False
@@ -901,7 +906,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
     def model(self) -> str:
         """The model id requests use: model= → OPENAI_COMPATIBLE_MODEL → the first id
         GET /models lists → DEFAULT_MODEL (discovery runs at most once)."""
-        return self.config.model or self._discovery.first()
+        return self.config.model or self.first_available_model()
 
     @property
     def quirks(self) -> list[str]:
@@ -932,12 +937,12 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         returns FALLBACK_MODELS and logs why; with fallback=False it raises the
         classified APIError instead.
         """
-        return self._discovery.models(list(FALLBACK_MODELS) if fallback else None)
+        return self._models(list(FALLBACK_MODELS) if fallback else None)
 
     def first_available_model(self) -> str:
         """The first id the server listed, or DEFAULT_MODEL when discovery failed
         (never an entry of FALLBACK_MODELS that no server confirmed)."""
-        return self._discovery.first()
+        return self._models([DEFAULT_MODEL], DEFAULT_MODEL)[0]
 
     def wait_ready(self, timeout: float | None = None) -> list[str]:
         """Wait until the server answers GET {base_url}/models; return its model ids.
@@ -949,7 +954,22 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         route) is raised at once, since waiting cannot mend it.
         """
         limit = _parse_number(timeout, "timeout=", self.config.timeout)
-        return self._discovery.wait_ready(limit)
+        started = logged = time.monotonic()
+        asks = 0
+        while isinstance(found := _fetch_models(self._http), APIError):
+            now = time.monotonic()
+            if not _not_ready(found) or now - started >= limit:
+                raise found
+            if asks == 0 or now - logged >= 10:
+                logged = now
+                _log.info("waiting for %s (%.0f s of %g): %s", self._http.shown_url,
+                          now - started, limit, found.message)
+            asks += 1
+            time.sleep(min(_WAIT_GAP, 0.1 * 2 ** min(asks, 10), started + limit - now))
+        with self._models_lock:
+            if not isinstance(self._found, list):
+                self._found = found
+        return list(found)
 
     def stream(self, prompt: str | None = None, **options: Any) -> Stream:
         """Stream a chat completion (and any tool calls) as Chunks.
@@ -985,6 +1005,30 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         for _ in _iter_steps(self, _prepare(self, prompt, options), outcome):
             pass
         return outcome[0]
+
+    def _models(self, fallback: list[str] | None, what: str = "the fallback list",
+                limit: float = math.inf) -> list[str]:
+        """The ids GET /models lists, asked for once (a failure is remembered too). When
+        it failed: `fallback`, saying once for each `what` that it is used, or without a
+        fallback the error raised. A call's deadline `limit` (seconds left) under
+        _DISCOVERY_SECONDS that passes first raises its error, nothing remembered."""
+        with self._models_lock:
+            if self._found is None:
+                found = _fetch_models(self._http, min(limit, _DISCOVERY_SECONDS))
+                if limit < _DISCOVERY_SECONDS and isinstance(found, RequestTimeoutError):
+                    raise self._http.shown_error(_past_deadline(
+                        f"the call took longer than its deadline: GET /models had not "
+                        f"answered after {limit:.1f} s"))
+                self._found = found
+            if isinstance(self._found, list):
+                return list(self._found)
+            if fallback is None:
+                raise self._found
+            if what not in self._fell_back:
+                self._fell_back.add(what)
+                _log.warning("model discovery at %s/models failed (%s); using %s",
+                             self._http.shown_url, self._found.message, what)
+        return fallback
 
 
 _default: Client | None = None
@@ -1024,65 +1068,6 @@ def first_available_model() -> str:
 # ==== Model discovery ====
 
 _DISCOVERY_SECONDS: Final = 5.0
-
-
-class _Discovery:
-    """GET {base_url}/models for one Client: asked at most once, even from many threads
-    at once (a failure is remembered too), with FALLBACK_MODELS when it fails; and
-    the wait for a server that is still starting."""
-
-    def __init__(self, http: _Connection) -> None:
-        self.http = http
-        self.lock = threading.Lock()
-        self.found: list[str] | APIError | None = None
-        self.fell_back: set[str] = set()  # the fallbacks used, each logged once
-
-    def first(self, limit: float = math.inf) -> str:
-        """The first id listed, or DEFAULT_MODEL; see models."""
-        return self.models([DEFAULT_MODEL], DEFAULT_MODEL, limit)[0]
-
-    def models(self, fallback: list[str] | None, what: str = "the fallback list",
-               limit: float = math.inf) -> list[str]:
-        """The ids GET /models lists, asked for once (a failure is remembered too). When
-        it failed: `fallback`, saying once for each `what` that it is used, or without a
-        fallback the error raised. A call's deadline `limit` (seconds left) under
-        _DISCOVERY_SECONDS that passes first raises its error, nothing remembered."""
-        with self.lock:
-            if self.found is None:
-                found = _fetch_models(self.http, min(limit, _DISCOVERY_SECONDS))
-                if limit < _DISCOVERY_SECONDS and isinstance(found, RequestTimeoutError):
-                    raise self.http.shown_error(_past_deadline(
-                        f"the call took longer than its deadline: GET /models had not "
-                        f"answered after {limit:.1f} s"))
-                self.found = found
-            if isinstance(self.found, list):
-                return list(self.found)
-            if fallback is None:
-                raise self.found
-            if what not in self.fell_back:
-                self.fell_back.add(what)
-                _log.warning("model discovery at %s/models failed (%s); using %s",
-                             self.http.shown_url, self.found.message, what)
-        return fallback
-
-    def wait_ready(self, limit: float) -> list[str]:
-        """The model ids, once GET /models answers; see Client.wait_ready."""
-        started = logged = time.monotonic()
-        asks = 0
-        while isinstance(found := _fetch_models(self.http), APIError):
-            now = time.monotonic()
-            if not _not_ready(found) or now - started >= limit:
-                raise found
-            if asks == 0 or now - logged >= 10:
-                logged = now
-                _log.info("waiting for %s (%.0f s of %g): %s", self.http.shown_url,
-                          now - started, limit, found.message)
-            asks += 1
-            time.sleep(min(_WAIT_GAP, 0.1 * 2 ** min(asks, 10), started + limit - now))
-        with self.lock:
-            if not isinstance(self.found, list):
-                self.found = found
-        return list(found)
 
 
 def _not_ready(error: APIError) -> bool:
@@ -1271,7 +1256,8 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
         raise ConfigError("n= above 1 goes without tools= and schema=: a tool loop and a "
                           "repair follow one answer")
     headers = {**client._http.headers, **_check_headers(own["extra_headers"], "extra_headers=")}
-    model = own["model"] or client.config.model or client._discovery.first(ends - started)
+    model = own["model"] or client.config.model or client._models(
+        [DEFAULT_MODEL], DEFAULT_MODEL, ends - started)[0]
     body: dict[str, Any] = {"model": model, "messages": turns}
     body.update((k, v) for k, v in opts.items() if v is not None)
     if tools:
