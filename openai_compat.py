@@ -3920,15 +3920,11 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         _report("ready", True, f"after {time.monotonic() - started:.1f} s")
     if not _probe_models(client):
         return 1
-    # The probes' own Client: no retries (a failure is what to report), the same headers.
-    headers = {k: v for k, v in client._http.headers.items()
-               if k not in ("User-Agent", "Authorization")}
-    probe = Client(client.config.base_url, client.config.api_key, client.model, max_retries=0,
-                   timeout=client.config.timeout, headers=headers, deadline=client.config.deadline)
-    probe._http.url_source, probe._http.cli = client._http.url_source, client._http.cli
+    # From here on each probe asks once: a failure is what to report, not to retry.
+    client.config = client._http.config = replace(client.config, max_retries=0)
     try:
         started = time.monotonic()
-        answer = probe.generate("Say hello in one word.", max_tokens=16)
+        answer = client.generate("Say hello in one word.", max_tokens=16)
         _report("auth", True, "accepted" if client.config.api_key else "no key sent")
         _report("chat", True, f"{answer.text.strip()[:60]!r} "
                 f"({time.monotonic() - started:.1f} s)")
@@ -3936,15 +3932,15 @@ def _cli_check(client: Client, wait: float | None = None) -> int:
         if isinstance(exc, AuthenticationError):
             _report("auth", False, str(exc))
         _report("chat", False, f"{type(exc).__name__}: {exc}")
-        _probe_quirks(client, probe)
+        _probe_quirks(client)
         return 1
     for name, run in (("streaming", _probe_stream), ("tool calls", _probe_tools),
                       ("structured", _probe_structured)):
         try:
-            run(probe)
+            run(client)
         except APIError as exc:
             _report(name, False, f"{type(exc).__name__}: {exc}")
-    _probe_quirks(client, probe)
+    _probe_quirks(client)
     return 0
 
 
@@ -3974,12 +3970,11 @@ def _probe_models(client: Client) -> bool:
     return True
 
 
-def _probe_quirks(*clients: Client) -> None:
-    """One line per deviation the probes' Clients absorbed, in the order met."""
-    lines = dict.fromkeys(line for probe in clients for line in probe.quirks)
-    for line in lines:
+def _probe_quirks(client: Client) -> None:
+    """One line per deviation the probes met and the Client absorbed, in the order met."""
+    for line in client.quirks:
         _report("quirk", None, line)
-    if not lines:
+    if not client.quirks:
         _report("quirks", True, "none absorbed")
 
 
