@@ -3761,7 +3761,8 @@ def main(argv: list[str] | None = None) -> int:
 # The command line's words for what the module's own text says in Python's (its hints
 # and configuration errors; never a server's text).
 _CLI_WORDS: Final = (
-    ("try base_url=", "try --base-url "), ("base_url=", "--base-url"),
+    ("try base_url=", "try --base-url "), ("base_url= to Client()", "--base-url"),
+    ("base_url=", "--base-url"),
     ("pass model=", "pass --model"), ("timeout=", "--timeout"), ("deadline=", "--deadline"),
     ("lower max_tokens", "lower --max-tokens"), (" or api_key=", ""),
     ("; .partial_text holds what arrived", "; what arrived is printed above"),
@@ -3807,9 +3808,6 @@ def _cli_parser() -> argparse.ArgumentParser:
 
 def _cli_client(args: argparse.Namespace) -> Client:
     """The Client the command line asks for; its hints name --base-url, not base_url=."""
-    if not (args.base_url or "").strip() and not os.environ.get(_ENV_BASE_URL, "").strip():
-        raise ConfigError(f"No endpoint configured: set {_ENV_BASE_URL} (for example "
-                          "http://localhost:11434/v1 for Ollama) or pass --base-url")
     headers = {}
     for header in args.header:
         name, colon, value = header.partition(":")

@@ -5322,7 +5322,7 @@ def test_cli_models_failing_does_not_advise_running_models(server: Scripted, cli
 
 
 def test_cli_check_hints_name_the_flag_when_chat_fails(server: Scripted, cli_main: CLI) -> None:
-    # `check` probes through a second Client; its hints named base_url= under --base-url.
+    # `check` probed through a second Client; its hints named base_url= under --base-url.
     server.add(json_reply({"data": [{"id": "m"}]}))
     server.add(json_reply({"detail": "Not Found"}, status=404))
     done = cli_main(None, "--base-url", server.base_url, "check",
