@@ -2279,19 +2279,20 @@ def _json_from_text(text: str) -> Any:
     raise ValueError(f"the answer holds no complete JSON value ({first_error.msg})")
 
 
-def _ask_repair(http: _Connection, step: Step, problem: str, form: int,
+def _ask_repair(http: _Connection, step: Step, problem: str, form: str,
                 messages: list[dict[str, Any]], last: bool) -> None:
     """Send an answer to schema= that does not match back to the model, saying what is
     wrong (OutputError when it was the `last` chance). An answer without JSON, to a
-    request whose response_format the server took without a word, steps the form down."""
+    request whose response_format `form` the server took without a word, leaves the form
+    behind (see _Connection.schema_form)."""
     if last:
         raise OutputError(f"the answer does not match the schema: {problem}",
                           partial_text=step.text)
-    if problem.startswith(_NO_JSON) and form < _SCHEMA_IN_PROMPT and step.finish_reason == "stop":
+    if problem.startswith(_NO_JSON) and form and step.finish_reason == "stop":
         # Quirk(transformers serve): response_format ignored without a word, and prose
         # came back: the model must see the schema itself.
-        http.step_down(form + 1, "response_format ignored: the schema in a system message",
-                       "ignored response_format (the answer held no JSON)")
+        http.refuse("the answer held no JSON", "response_format ignored: the schema in a "
+                    "system message", form)
     messages.append({"role": "user", "content": "That answer does not match the JSON "
                      f"Schema: {problem}. Answer again with the corrected JSON only."})
 
@@ -3149,10 +3150,6 @@ _AUTO_REFUSED: Final = re.compile(r"enable-auto-tool-choice", re.IGNORECASE)
 # 'strict'"; Gemini: 'Unknown name "strict"').
 _STRICT_REFUSED: Final = re.compile(r"\bstrict\b")
 _STRICT_PARAM: Final = re.compile(r'"param"\s*:\s*"[^"]*\bstrict\b')
-# How an answer shaped by schema= is asked for, from the first choice down: response_format
-# json_schema; json_object with the schema, and the schema in a system message too; the
-# system message only.
-_JSON_SCHEMA, _JSON_OBJECT, _SCHEMA_IN_PROMPT = range(3)
 # A server that refuses how a schema was asked for: Quirk(llama-cpp-python): its 500 "1
 # validation error ... response_format.type Input should be 'text' or 'json_object'";
 # Quirk(TGI, llama.cpp, seen in: reference QUIRKS.md §7.1): a response_format type they
@@ -3209,13 +3206,10 @@ class _Connection:
             # would replace the key's header: an auth that changes nothing takes its place.
             self.session.auth = lambda request: request
         self.lock = threading.Lock()
-        # Request fields never to send again; and "strict" (the strict flag refused) and
-        # "auto" (tool_choice "auto" refused: "none" is sent instead), see prepare.
+        # What this server refused, never to be sent again (see prepare): request fields;
+        # "strict" (the strict flag); "auto" (tool_choice "auto": "none" is sent instead);
+        # "json_schema" and "json_object" (response_format types, see schema_form).
         self.refused: set[str] = set()
-        # How this server is asked for an answer shaped by schema= (DESIGN.md,
-        # "Structured answers"): _JSON_SCHEMA, _JSON_OBJECT or _SCHEMA_IN_PROMPT; stepped
-        # down, once per Client, when the server refuses the field or ignores it.
-        self.schema_form = _JSON_SCHEMA
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
         self.calls: set[_Request] = set()  # the calls in flight, which close() ends
         self.cli = False  # a Client of the command line: its errors speak its words
@@ -3380,6 +3374,15 @@ class _Connection:
         # A gap that grows with the time waited, up to _WAIT_GAP.
         return min(_WAIT_GAP, since + timeout - now, 0.1 + (now - since) / 2), since
 
+    @property
+    def schema_form(self) -> str:
+        """How this server is asked for an answer shaped by schema= (DESIGN.md, "Structured
+        answers"), from the first choice down: response_format "json_schema"; "json_object"
+        with the schema, and the schema in a system message too; "", the system message
+        only. One is left behind, for good, when the server refuses it or ignores it."""
+        return next((form for form in ("json_schema", "json_object") if form not in self.refused),
+                    "")
+
     def prepare(self, body: dict[str, Any], request: _Request) -> None:
         """Drop what this server refused; ask for request.schema the way it takes it."""
         for name in tuple(self.refused):
@@ -3393,12 +3396,13 @@ class _Connection:
         if schema is None:
             return
         strict = {"strict": True} if request.strict and "strict" not in self.refused else {}
-        if self.schema_form == _JSON_SCHEMA:
-            body["response_format"] = {"type": "json_schema", "json_schema": {
+        form = self.schema_form
+        if form == "json_schema":
+            body["response_format"] = {"type": form, "json_schema": {
                 "name": "answer", "schema": schema, **strict}}
             return
         body["messages"] = _with_schema_message(body["messages"], schema)
-        if self.schema_form == _JSON_OBJECT:
+        if form == "json_object":
             # Quirk(llama.cpp, llama-cpp-python): a schema beside json_object is
             # enforced with a grammar.
             body["response_format"] = {"type": "json_object", "schema": schema}
@@ -3415,42 +3419,30 @@ class _Connection:
                      if field in body and pattern.search(message)), None)
         if "strict" not in self.refused and 400 <= (error.status_code or 0) < 500 and (
                 _STRICT_REFUSED.search(message) or _STRICT_PARAM.search(error.body or "")):
-            self.refuse(error, "strict schemas refused: sent without strict", "strict")
+            self.refuse(message, "strict schemas refused: sent without strict", "strict")
         elif (_AUTO_REFUSED.search(message) and "tools" in body
               and body.get("tool_choice", "auto") == "auto"):
-            self.refuse(error, 'tool_choice "auto" refused: "none" sent', "auto")
+            self.refuse(message, 'tool_choice "auto" refused: "none" sent', "auto")
         elif name is not None and ((error.status_code or 0) < 500 or "tools" in body):
-            self.refuse(error, "tools rejected: resent without them" if name == "tools" else
+            self.refuse(message, "tools rejected: resent without them" if name == "tools" else
                         f"{name} rejected: dropped", name, *("tool_choice",) * (name == "tools"))
         elif (request.schema is not None and "response_format" in body
               and _SCHEMA_REFUSED.search(message)):
-            json_schema = body["response_format"].get("type") == "json_schema"
-            self.step_down(_JSON_OBJECT if json_schema else _SCHEMA_IN_PROMPT,
-                           "json_schema refused: json_object with the schema" if json_schema
-                           else "response_format refused: the schema in the system message",
-                           f"refused response_format ({message})")
+            form = body["response_format"]["type"]  # json_schema or json_object (see prepare)
+            self.refuse(message, "json_schema refused: json_object with the schema" if form ==
+                        "json_schema" else "response_format refused: the schema in the system "
+                        "message", form)
         else:
             return False
         self.prepare(body, request)
         return True
 
-    def refuse(self, error: APIError, quirk: str, *names: str) -> None:
-        """Never send `names` again here: noted, and logged once, at WARNING."""
-        _log.warning("%s %s (%s)", self.shown_url, quirk, error.message)
+    def refuse(self, why: str, quirk: str, *names: str) -> None:
+        """Never send `names` again here: noted, and logged at WARNING with `why`."""
+        _log.warning("%s %s (%s)", self.shown_url, quirk, why)
         self.note(quirk, logged=True)
         with self.lock:
             self.refused.update(names)
-
-    def step_down(self, form: int, quirk: str, why: str) -> None:
-        """Ask for schema= answers in `form` (unless a lower one is taken) from now on."""
-        with self.lock:
-            if form <= self.schema_form:
-                return
-            self.schema_form = form
-        _log.warning("%s %s; asking %s from now on", self.shown_url, why,
-                     "with json_object and the schema in a system message"
-                     if form == _JSON_OBJECT else "with the schema in a system message only")
-        self.note(quirk, logged=True)
 
     def get_text(self, path: str, seconds: float) -> tuple[int, str, float | None]:
         """GET base_url + path: status, body text (8 MiB at most), Retry-After. Each
@@ -4035,8 +4027,8 @@ def _probe_structured(client: Client) -> None:
               "required": ["city", "country"]}
     result = client.generate("Name a city in France as JSON with city and country.",
                              schema=schema, temperature=0, max_tokens=64)
-    how = ("response_format json_schema honoured", "json_object with the schema honoured",
-           "the schema asked for in a system message")
+    how = {"json_schema": "response_format json_schema honoured", "": "the schema asked for "
+           "in a system message", "json_object": "json_object with the schema honoured"}
     repairs = f" after {len(result.steps) - 1} repair(s)" if len(result.steps) > 1 else ""
     _report("structured", True, f"{how[client._http.schema_form]}: {json.dumps(result.data)}"
             + repairs)
