@@ -886,9 +886,6 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         self._models_lock = threading.Lock()
         self._found: list[str] | APIError | None = None
         self._fell_back: set[str] = set()
-        # Set when a streamed request with tools came back as an empty 200 stream:
-        # later calls with tools are asked for without streaming (see _model_call).
-        self._tools_unstreamed = False
 
     def __repr__(self) -> str:
         return f"Client(base_url={self._http.shown_url!r}, model={self.config.model!r})"
@@ -1449,7 +1446,7 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     # Ask for usage; a server that rejects the field loses it once (prepare drops it).
     body.setdefault("stream_options", {"include_usage": True})
     http.prepare(body, request)
-    if client._tools_unstreamed and "tools" in body:
+    if "streamed tools" in http.refused and "tools" in body:
         return (yield from _ask_unstreamed(client, body, request, step))
     event = None  # until the first event comes
     with http.post(body, request) as response:
@@ -1683,12 +1680,10 @@ def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Requ
         # context. Nothing was yielded: ask once more without streaming, which answers or
         # raises the classified error. With tools, assume the server cannot stream them
         # and stop trying.
-        tools = "tools" in body and not client._tools_unstreamed
-        client._tools_unstreamed |= tools
-        client._note("tool calls only unstreamed" if tools
-                     else "empty 200 stream: asked again without streaming")
-        _log.warning("the server ended a stream without any event; asking again without "
-                     "streaming%s", " (and for calls with tools from now on)" if tools else "")
+        tools = "tools" in body
+        client._http.refuse("the server ended a stream without any event", "tool calls only "
+                            "unstreamed" if tools else "empty 200 stream: asked again without "
+                            "streaming", *["streamed tools"] * tools)
         return (yield from _ask_unstreamed(client, body, request, answer.step))
     _note_model(client, body.get("model"), answer.model)
     if not answer.done and answer.finish_reason is None:
@@ -3208,7 +3203,8 @@ class _Connection:
         self.lock = threading.Lock()
         # What this server refused, never to be sent again (see prepare): request fields;
         # "strict" (the strict flag); "auto" (tool_choice "auto": "none" is sent instead);
-        # "json_schema" and "json_object" (response_format types, see schema_form).
+        # "json_schema" and "json_object" (response_format types, see schema_form);
+        # "streamed tools" (a stream with tools came back empty: asked for unstreamed).
         self.refused: set[str] = set()
         self.models_answer = ""  # what answered GET /models, for `openai-compat check`
         self.calls: set[_Request] = set()  # the calls in flight, which close() ends
@@ -3634,8 +3630,9 @@ def _stale_connection(exc: BaseException) -> bool:
     ProxyError, as the closed connection no longer counts as connected to the proxy.
     """
     causes = _causes(exc)
-    return any(isinstance(cause, (urllib3.exceptions.ProtocolError, urllib3.exceptions.ProxyError))
-               for cause in causes) and isinstance(causes[-1], (ConnectionResetError, BrokenPipeError))
+    wrappers = (urllib3.exceptions.ProtocolError, urllib3.exceptions.ProxyError)
+    return any(isinstance(cause, wrappers) for cause in causes) and (
+        isinstance(causes[-1], (ConnectionResetError, BrokenPipeError)))
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -4012,8 +4009,9 @@ def _probe_tools(client: Client) -> None:
                                  temperature=0, max_tokens=128)
         done = [r.call for r in result.tool_results if r.error is None]
         if done:
-            streamed = ("not streamed: the server's tool streams are empty, so they are asked "
-                        "for without streaming" if client._tools_unstreamed else "streamed")
+            streamed = "streamed" if "streamed tools" not in client._http.refused else (
+                "not streamed: the server's tool streams are empty, so they are asked for "
+                "without streaming")
             _report("tool calls", True, f"{how} ({streamed}): {done[0].name}("
                     f"{done[0].raw_arguments})")
             return
