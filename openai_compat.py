@@ -1099,15 +1099,25 @@ def _fetch_models(http: _Connection, limit: float = _DISCOVERY_SECONDS) -> list[
 
 
 def _ask_models(http: _Connection) -> list[str]:
-    """The model ids GET /models lists; the APIError saying why not is raised."""
-    status, text, retry_after = http.get_text("/models", _DISCOVERY_SECONDS)
+    """The model ids GET /models lists (its body read up to 8 MiB); the APIError saying
+    why not is raised. Each read waits _DISCOVERY_SECONDS at most (see _fetch_models)."""
+    started = time.monotonic()
+    try:
+        with http.request("GET", "/models", _DISCOVERY_SECONDS) as response:
+            status, server = response.status_code, response.headers.get("server")
+            answered = f"HTTP {status} from {server}" if server else f"HTTP {status}"
+            http.models_answer = f"GET /models: {answered} in {time.monotonic() - started:.2f} s"
+            text = (response.raw.read(8 * 1024 * 1024, decode_content=True) or b"").decode(
+                "utf-8", "replace")
+    except _TRANSPORT_ERRORS as exc:
+        raise http.transport_error(exc, _DISCOVERY_SECONDS) from None
     try:
         payload = json.loads(text) if status < 300 else None
     except ValueError:
         raise http.shown_error(APIError("GET /models answered with something that is not JSON: "
                                         + repr(_trim_message(text)))) from None
     if status >= 300 or (isinstance(payload, dict) and payload.get("error")):
-        raise http.error_from_body(status, text, retry_after)
+        raise http.error_from_body(status, text, _retry_after(response.headers))
     ids = _model_ids(payload, http.note)
     if not ids:
         raise http.shown_error(APIError("GET /models listed no models"))
@@ -3439,22 +3449,6 @@ class _Connection:
         self.note(quirk, logged=True)
         with self.lock:
             self.refused.update(names)
-
-    def get_text(self, path: str, seconds: float) -> tuple[int, str, float | None]:
-        """GET base_url + path: status, body text (8 MiB at most), Retry-After. Each
-        read waits `seconds` at most; the caller bounds the whole (see _fetch_models)."""
-        started = time.monotonic()
-        try:
-            with self.request("GET", path, seconds) as response:
-                server = response.headers.get("server")
-                self.models_answer = (f"GET {path}: HTTP {response.status_code}"
-                                      + (f" from {server}" if server else "")
-                                      + f" in {time.monotonic() - started:.2f} s")
-                body = response.raw.read(8 * 1024 * 1024, decode_content=True) or b""
-                return (response.status_code, body.decode("utf-8", "replace"),
-                        _retry_after(response.headers))
-        except _TRANSPORT_ERRORS as exc:
-            raise self.transport_error(exc, seconds) from None
 
     def read_json(self, response: requests.Response, request: _Request) -> Any:
         try:
