@@ -2077,37 +2077,31 @@ def _finish_calls(calls: list[_PartialCall], note: Callable[[str], None]) -> lis
 def _parse_arguments(raw: str, note: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
     """A call's arguments as a dict, and why they could not be read (or None)."""
     text = raw.strip() or "{}"  # no arguments at all: an empty object
+    # Quirk(TGI < 3.2): the raw output ends in a special token such as <|eot_id|>, after
+    # the JSON (which can never end in one).
+    trimmed = re.sub(r"(?:<\|[^|>]*\|>|</s>)+\s*$", "", text)
     try:
-        value = json.loads(text)
-    except ValueError as exc:
+        value, strict = json.loads(trimmed), True
+    except ValueError:
         # Quirk(llama-cpp-python, small models): a raw newline or tab inside a string,
-        # which strict JSON forbids but whose meaning is plain. Quirk(TGI < 3.2): the
-        # raw output ends in a special token such as <|eot_id|>.
-        trimmed = re.sub(r"(?:<\|[^|>]*\|>|</s>)+\s*$", "", text)
+        # which strict JSON forbids but whose meaning is plain.
         try:
-            value = json.loads(trimmed, strict=False)
-        except ValueError:
+            value, strict = json.loads(trimmed, strict=False), False
+        except ValueError as exc:
             return {}, f"arguments are not valid JSON ({exc})"
-        if trimmed != text:
-            note("special token after tool arguments")
-        if trimmed == text or not _is_json(trimmed):
-            note("raw newlines in tool arguments")
-    if isinstance(value, str) and _is_json(value):
+    if trimmed != text:
+        note("special token after tool arguments")
+    if not strict:
+        note("raw newlines in tool arguments")
+    if isinstance(value, str):
         # Quirk(IBM watsonx.ai, reported in quarkus-langchain4j issue 2569): the
         # arguments string is itself a JSON string.
-        note("tool arguments encoded twice")
-        value = json.loads(value)
+        with contextlib.suppress(ValueError):
+            value = json.loads(value)
+            note("tool arguments encoded twice")
     if not isinstance(value, dict):
         return {}, f"arguments must be a JSON object, got {type(value).__name__}"
     return value, None
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _iter_tool_calls(step: Step, number: int, run: bool, request: _Request,
