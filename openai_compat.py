@@ -3365,7 +3365,7 @@ class _Connection:
         now = time.monotonic()
         if not since:
             # Quirk(llama-server): 503 "Loading model" until the model is loaded.
-            self.note("waited for the model to load (503)")
+            self.note("waited for the model to load (503)", logged=True)
             _log.warning("%s is loading its model (%s); waiting up to %g s",
                          self.shown_url, error.message, timeout)
             since = now
