@@ -2142,27 +2142,23 @@ def _execute(call: ToolCall, tools: Mapping[str, Tool], note: Callable[[str], No
              ) -> ToolResult:
     """Run one call; any failure becomes the error the model reads, never an exception.
     A tool function that raises is logged at WARNING with its traceback."""
-    exception = None
+    def failed(error: str, exception: BaseException | None = None) -> ToolResult:
+        return ToolResult(call, None, error, _tool_content({"error": error}), exception)
+
     if call.error:
-        error = f"{call.error}; received: {call.raw_arguments[:500]!r}"
-    elif call.name not in tools:
-        error = f"unknown tool {call.name!r}; available tools: {', '.join(tools) or 'none'}"
-    else:
-        tool = tools[call.name]
-        try:
-            arguments = _tool_arguments(tool, call.arguments, note)
-        except Exception as exc:  # noqa: BLE001 - the arguments' problem goes back to the model
-            error = f"{type(exc).__name__}: {exc}"
-        else:
-            try:
-                value = _run_tool(tool, arguments)
-            except Exception as exc:  # noqa: BLE001 - and so does any failure of the tool
-                _log.warning("tool %s raised %s: %s", call.name, type(exc).__name__, exc,
-                             exc_info=exc)
-                error, exception = f"{type(exc).__name__}: {exc}", exc
-            else:
-                return ToolResult(call, value, None, _tool_content(value))
-    return ToolResult(call, None, error, _tool_content({"error": error}), exception)
+        return failed(f"{call.error}; received: {call.raw_arguments[:500]!r}")
+    if call.name not in tools:
+        return failed(f"unknown tool {call.name!r}; available tools: {', '.join(tools) or 'none'}")
+    try:
+        arguments = _tool_arguments(tools[call.name], call.arguments, note)
+    except Exception as exc:  # noqa: BLE001 - the arguments' problem goes back to the model
+        return failed(f"{type(exc).__name__}: {exc}")
+    try:
+        value = _run_tool(tools[call.name], arguments)
+    except Exception as exc:  # noqa: BLE001 - and so does any failure of the tool
+        _log.warning("tool %s raised %s: %s", call.name, type(exc).__name__, exc, exc_info=exc)
+        return failed(f"{type(exc).__name__}: {exc}", exc)
+    return ToolResult(call, value, None, _tool_content(value))
 
 
 def _tool_arguments(tool: Tool, arguments: dict[str, Any], note: Callable[[str], None]
