@@ -951,13 +951,12 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         route) is raised at once, since waiting cannot mend it.
         """
         limit = _parse_number(timeout, "timeout=", self.config.timeout)
-        started = logged = time.monotonic()
-        asks = 0
+        started, logged, asks = time.monotonic(), -math.inf, 0
         while isinstance(found := _fetch_models(self._http), APIError):
             now = time.monotonic()
             if not _not_ready(found) or now - started >= limit:
                 raise found
-            if asks == 0 or now - logged >= 10:
+            if now - logged >= 10:  # the first time, then every 10 s
                 logged = now
                 _log.info("waiting for %s (%.0f s of %g): %s", self._http.shown_url,
                           now - started, limit, found.message)
@@ -1400,8 +1399,7 @@ def _iter_steps(client: Client, request: _Request,
     finish, data, repairs = None, None, 0
     with http.in_flight(request):
         for number in range(1, request.max_steps + 1):
-            halted = request.halted()
-            if halted is not None:
+            if (halted := request.halted()) is not None:
                 raise halted
             form = http.schema_form
             step = yield from _model_call(client, {**request.body, "messages": list(messages)},
@@ -1545,14 +1543,13 @@ class _Lines:
       between reads), and bytes that are not UTF-8 read as U+FFFD;
     - a line ends at CRLF, LF or a lone CR (also when a CRLF is split): each becomes LF;
     - llama.cpp's legacy `error: {...}` line becomes an `event: error` with its data;
-    - one event may not grow past `limit` bytes (StreamError).
+    - one event may not grow past _MAX_EVENT_BYTES (StreamError).
 
     Only whole lines go on, so that a character or a line split between two reads is
     mended whole. `note` hears of each deviation (OpenAI sends none of them).
     """
 
     note: Callable[[str], None]
-    limit: int = _MAX_EVENT_BYTES
     tail: bytearray = field(default_factory=bytearray)  # the unfinished last line
     open_size: int = 0  # bytes of the event under way, before the tail
     skip_lf: bool = False  # the last chunk ended in a CR: an LF opening the next is its pair
@@ -1573,7 +1570,7 @@ class _Lines:
         # anything to do: no BOM, CR, bad byte or legacy line, nothing to join.
         size = len(chunk)
         if (self.plain and chunk.find(b"\n") == size - 2 and chunk[-1] == 10
-                and size <= self.limit and chunk.isascii() and chunk.startswith(b"data")):
+                and size <= _MAX_EVENT_BYTES and chunk.isascii() and chunk.startswith(b"data")):
             return chunk
         # Spec: a line ends at CRLF, LF or a lone CR. A CR that ends the chunk may be half
         # of a CRLF: it ends its line now (no delay for CR-only servers), and an LF that
@@ -1609,8 +1606,8 @@ class _Lines:
             self.open_size = len(block) - end - 2
         else:
             self.open_size += len(block)
-        if ended > self.limit or self.open_size + len(self.tail) > self.limit:
-            raise StreamError(f"one stream event is larger than {self.limit} bytes")
+        if max(ended, self.open_size + len(self.tail)) > _MAX_EVENT_BYTES:
+            raise StreamError(f"one stream event is larger than {_MAX_EVENT_BYTES} bytes")
         self.plain = self.started and not (self.tail or self.open_size or self.skip_lf)
         if not block.isascii():
             try:
@@ -2371,9 +2368,8 @@ def _as_tools(tools: object) -> list[Tool]:
             raise ConfigError(f"tools[{position}] is a {type(item).__name__}: give a function, "
                               "an oc.Tool, or a dict of name -> tool")
     names = [tool.name for tool in out]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"two tools are named {name!r}")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"two tools are named {next(n for n in names if names.count(n) > 1)!r}")
     return out
 
 
