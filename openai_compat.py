@@ -988,7 +988,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         """
         outcome: list[Result] = []
         request = _prepare(self, prompt, options)
-        return Stream(_iter_steps(self, request, outcome), outcome, request.body["model"])
+        return Stream(_iter_steps(request, outcome), outcome, request.body["model"])
 
     def generate(self, prompt: str | None = None, **options: Any) -> Result:
         """Run stream() to its end and return the Result.
@@ -998,7 +998,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         `timeout`, and an error keeps the text that had arrived in .partial_text.
         """
         outcome: list[Result] = []
-        for _ in _iter_steps(self, _prepare(self, prompt, options), outcome):
+        for _ in _iter_steps(_prepare(self, prompt, options), outcome):
             pass
         return outcome[0]
 
@@ -1182,12 +1182,14 @@ _OPTION_TYPES: Final[dict[str, tuple[type, ...]]] = {
 
 @dataclass(eq=False)  # one call: told apart by identity (Client.close() keeps a set)
 class _Request:
-    """One stream() or generate() call, prepared: the request body, the tools by
-    name, the budget of model calls, the silence limit, the headers, and with schema=
+    """One stream() or generate() call, prepared: the Client's connection (which also
+    takes the quirks the call meets), the request body, the tools by name, the budget of
+    model calls, the silence limit, the headers, and with schema=
     the answer's JSON Schema and the type hint `data` is built as (Any: the JSON value
     as it is). While it runs: its deadline, the response being read, and why it was
     stopped ("deadline", or "closed" by Client.close()), from another thread."""
 
+    http: _Connection  # the Client's: where the call goes, and where its quirks are noted
     body: dict[str, Any]
     tools: dict[str, Tool]
     max_steps: int
@@ -1270,8 +1272,8 @@ def _prepare(client: Client, prompt: str | None, options: dict[str, Any]) -> _Re
         body["tools"] = [_tool_spec(tool) for tool in tools]
         body["tool_choice"] = "auto" if own["tool_choice"] is None else own["tool_choice"]
     body.update(own["extra_body"] or {})
-    return _Request(body, {tool.name: tool for tool in tools}, max_steps, timeout, headers, schema,
-                    answer_type, sent, strict, deadline, ends)
+    return _Request(client._http, body, {tool.name: tool for tool in tools}, max_steps, timeout,
+                    headers, schema, answer_type, sent, strict, deadline, ends)
 
 
 def _check_options(options: Mapping[str, Any], prompt: str | None) -> None:
@@ -1384,8 +1386,7 @@ class Stream(contextlib.AbstractContextManager["Stream", None]):
 _REPAIRS: Final = 2  # times a model is asked to mend an answer that breaks schema=
 
 
-def _iter_steps(client: Client, request: _Request,
-                outcome: list[Result]) -> Generator[Chunk, None, None]:
+def _iter_steps(request: _Request, outcome: list[Result]) -> Generator[Chunk, None, None]:
     """The loop: a model call; the tools it asked for, run one after another and
     their results sent back; again, until the model answers in text or max_steps
     model calls are spent. With schema=, an answer that does not match goes back
@@ -1393,7 +1394,7 @@ def _iter_steps(client: Client, request: _Request,
     the Result to `outcome`. No model call starts past the deadline or on a closed
     Client."""
     _check_async_tools(request.tools)
-    http = client._http
+    http = request.http
     messages: list[dict[str, Any]] = request.body["messages"]
     steps: list[Step] = []
     finish, data, repairs = None, None, 0
@@ -1402,14 +1403,13 @@ def _iter_steps(client: Client, request: _Request,
             if (halted := request.halted()) is not None:
                 raise halted
             form = http.schema_form
-            step = yield from _model_call(client, {**request.body, "messages": list(messages)},
-                                          number, request)
+            step = yield from _model_call({**request.body, "messages": list(messages)}, number,
+                                          request)
             yield Chunk("finish", finish_reason=step.finish_reason, usage=step.usage, step=number)
             finish = step.finish_reason
             wanted = bool(step.tool_calls and request.tools and finish != "length")
             run_calls = wanted and number < request.max_steps
-            results = yield from _iter_tool_calls(step, number, run_calls, request, messages,
-                                                  client._note)
+            results = yield from _iter_tool_calls(step, number, run_calls, request, messages)
             steps.append(replace(step, tool_results=results))
             if run_calls:
                 if request.body.get("tool_choice") not in ("auto", "none"):
@@ -1420,7 +1420,7 @@ def _iter_steps(client: Client, request: _Request,
             if wanted:  # and the budget is spent
                 finish = "max_steps"
             elif request.schema is not None and not step.refusal:
-                problem, data = _read_answer(step.text, request, client._note)
+                problem, data = _read_answer(step.text, request)
                 if problem is not None:
                     _ask_repair(http, step, problem, form, messages,
                                 last=repairs == _REPAIRS or number == request.max_steps)
@@ -1438,8 +1438,7 @@ _DRAIN_SECONDS: Final = 0.1
 _CHUNK_JSON: Final = json.JSONDecoder(strict=False)
 
 
-def _model_call(client: Client, body: dict[str, Any], step: int,
-                request: _Request) -> Generator[Chunk, None, Step]:
+def _model_call(body: dict[str, Any], step: int, request: _Request) -> Generator[Chunk, None, Step]:
     """One model call: its text, reasoning and refusal Chunks as they arrive; returns
     its Step (without tool results). Streamed, unless the server cannot: a 200 stream
     with no event at all, or tools on a server whose tool streams are empty, is asked
@@ -1449,17 +1448,17 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
     events and the caller): every frame a Chunk passes costs time on every event. Over
     40 lines for that reason.
     """
-    http, note = client._http, client._note
+    http, note = request.http, request.http.note
     body["stream"] = True
     # Ask for usage; a server that rejects the field loses it once (prepare drops it).
     body.setdefault("stream_options", {"include_usage": True})
     http.prepare(body, request)
     if "streamed tools" in http.refused and "tools" in body:
-        return (yield from _ask_unstreamed(client, body, request, step))
+        return (yield from _ask_unstreamed(body, request, step))
     event = None  # until the first event comes
     with http.post(body, request) as response:
         if _not_an_event_stream(http, response):
-            return (yield from _ask_unstreamed(client, body, request, step, response))
+            return (yield from _ask_unstreamed(body, request, step, response))
         answer = _Answer(step, note)
         add = answer.add
         chunks = _body_chunks(response)
@@ -1482,10 +1481,10 @@ def _model_call(client: Client, body: dict[str, Any], step: int,
                 elif made:  # a list of Chunks, or None
                     yield from made
         except (APIError, ValueError, RecursionError, *_TRANSPORT_ERRORS) as exc:
-            raise _cut_short(exc, answer, http, request) from None
+            raise _cut_short(exc, answer, request) from None
         if answer.done:
             _drain(response, chunks)
-    return (yield from _ended(client, answer, body, request, seen=event is not None))
+    return (yield from _ended(answer, body, request, seen=event is not None))
 
 
 def _not_an_event_stream(http: _Connection, response: requests.Response) -> bool:
@@ -1663,24 +1662,24 @@ def _raise_stream_error(payload: Any, data: str, event: str,
               body=data[:_MAX_ERROR_BODY])
 
 
-def _cut_short(exc: BaseException, answer: _Answer, http: _Connection,
-               request: _Request) -> APIError:
+def _cut_short(exc: BaseException, answer: _Answer, request: _Request) -> APIError:
     """The error of a stream that failed after its answer began (never retried: the
     caller has seen part of it), keeping the text that had arrived; a stream stopped
     by its deadline or by close() says so."""
     if isinstance(exc, (ValueError, RecursionError)):
         exc = StreamError("the stream was cut short or sent malformed JSON")
-    error = request.halted() or (exc if isinstance(exc, APIError)
-                                 else http.transport_error(exc, request.timeout, "stream"))
+    error = request.halted() or (exc if isinstance(exc, APIError) else
+                                 request.http.transport_error(exc, request.timeout, "stream"))
     error.partial_text = "".join(answer.text)
     return error
 
 
-def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Request,
+def _ended(answer: _Answer, body: dict[str, Any], request: _Request,
            seen: bool) -> Generator[Chunk, None, Step]:
     """How a stream ended: its Step, or a StreamError when it was cut short. A stream in
     which no event was `seen` is asked for again, unstreamed: that answer's Chunks, then
     its Step."""
+    http = request.http
     if not seen and not request.stopped:
         # Quirk(llama-cpp-python): a 200 stream with no event at all (a failure after the
         # headers), for instance for streamed tool_choice "auto" or a prompt beyond the
@@ -1688,32 +1687,32 @@ def _ended(client: Client, answer: _Answer, body: dict[str, Any], request: _Requ
         # raises the classified error. With tools, assume the server cannot stream them
         # and stop trying.
         tools = "tools" in body
-        client._http.refuse("the server ended a stream without any event", "tool calls only "
-                            "unstreamed" if tools else "empty 200 stream: asked again without "
-                            "streaming", *["streamed tools"] * tools)
-        return (yield from _ask_unstreamed(client, body, request, answer.step))
-    _note_model(client, body.get("model"), answer.model)
+        http.refuse("the server ended a stream without any event", "tool calls only unstreamed"
+                    if tools else "empty 200 stream: asked again without streaming",
+                    *["streamed tools"] * tools)
+        return (yield from _ask_unstreamed(body, request, answer.step))
+    _note_model(http, body.get("model"), answer.model)
     if not answer.done and answer.finish_reason is None:
         raise _cut_short(StreamError("the stream ended before the answer was finished (no "
-                                     "finish_reason, no [DONE])"), answer, client._http, request)
+                                     "finish_reason, no [DONE])"), answer, request)
     if not answer.done:
         # Quirk(transformers serve; llama.cpp and Ollama after an error: seen in reference
         # QUIRKS.md §1.4): OpenAI ends every stream with [DONE].
-        client._note("no [DONE] at the end of streams")
+        http.note("no [DONE] at the end of streams")
     step = answer.finish()
     options = body.get("stream_options")
     if step.usage is None and isinstance(options, dict) and options.get("include_usage"):
-        client._note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
+        http.note("no usage in streams")  # Quirk(llama-cpp-python): include_usage ignored.
     return step
 
 
-def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, step: int,
+def _ask_unstreamed(body: dict[str, Any], request: _Request, step: int,
                     response: requests.Response | None = None) -> Generator[Chunk, None, Step]:
     """One model call answered whole, read as one event whose choice holds the whole
     message: its Chunks, then its Step. Asked for without streaming (servers send such
     an answer only once it is complete), unless `response` is the JSON document a
     server sent to a stream request."""
-    http = client._http
+    http = request.http
     if response is None:
         body.pop("stream", None)
         body.pop("stream_options", None)  # vLLM answers 400 to it without stream: true
@@ -1725,20 +1724,20 @@ def _ask_unstreamed(client: Client, body: dict[str, Any], request: _Request, ste
             # Quirk(a complete answer to a stream request: seen in reference QUIRKS.md
             # §1.7, which names no server; LM Studio's 200 for an unknown route is an error).
             http.note("one JSON document for a stream request")
-        _note_model(client, body.get("model"), payload.get("model"))
+        _note_model(http, body.get("model"), payload.get("model"))
     if not isinstance(payload, dict) or payload.get("error") or payload.get("object") == "error":
         text = json.dumps(payload, ensure_ascii=False)
-        raise _error_from_body(200, text, client._note, decoded=payload)
+        raise _error_from_body(200, text, http.note, decoded=payload)
     if _choice_zero(payload.get("choices")) is None:
         raise APIError("the server answered without choices: " + _trim_message(
             json.dumps(payload, ensure_ascii=False)))
-    answer = _Answer(step, client._note, streamed=False)
+    answer = _Answer(step, http.note, streamed=False)
     made = answer.add(payload)
     yield from made if isinstance(made, list) else [made] if made is not None else []
     return answer.finish()
 
 
-def _note_model(client: Client, asked: object, answered: object) -> None:
+def _note_model(http: _Connection, asked: object, answered: object) -> None:
     """Warn (a UserWarning, shown once) when the server answers with another model than
     asked: most likely a typo in the name, for the program to fix.
 
@@ -1750,8 +1749,8 @@ def _note_model(client: Client, asked: object, answered: object) -> None:
     if (not isinstance(asked, str) or not isinstance(answered, str)
             or asked.lower() in answered.lower() or answered.lower() in asked.lower()):
         return
-    client._note("answers with another model than asked")
-    warnings.warn(f"asked for model {asked!r}, {client._http.shown_url} answered with "
+    http.note("answers with another model than asked")
+    warnings.warn(f"asked for model {asked!r}, {http.shown_url} answered with "
                   f"{answered!r}: it may not serve {asked!r} (a typo in the name?)",
                   UserWarning, stacklevel=2)
 
@@ -2102,8 +2101,7 @@ def _parse_arguments(raw: str, note: Callable[[str], None]) -> tuple[dict[str, A
 
 
 def _iter_tool_calls(step: Step, number: int, run: bool, request: _Request,
-                     messages: list[dict[str, Any]], note: Callable[[str], None]
-                     ) -> Generator[Chunk, None, list[ToolResult]]:
+                     messages: list[dict[str, Any]]) -> Generator[Chunk, None, list[ToolResult]]:
     """The calls of model call `number` as Chunks, each run when `run` is set (a
     "tool_result" Chunk after its "tool_call" one), the conversation extended; returns
     the results."""
@@ -2114,7 +2112,7 @@ def _iter_tool_calls(step: Step, number: int, run: bool, request: _Request,
     for call in step.tool_calls:
         yield Chunk("tool_call", tool_call=call, step=number)
         if run:
-            results.append(_execute(call, request.tools, note))
+            results.append(_execute(call, request.tools, request.http.note))
             messages.append({"role": "tool", "tool_call_id": call.id,
                              "content": results[-1].content})
             yield Chunk("tool_result", tool_call=call, tool_result=results[-1], step=number)
@@ -2211,14 +2209,13 @@ def _tool_content(value: Any) -> str:
 _NO_JSON: Final = "no JSON value in the answer"
 
 
-def _read_answer(text: str, request: _Request, note: Callable[[str], None]
-                 ) -> tuple[str | None, Any]:
+def _read_answer(text: str, request: _Request) -> tuple[str | None, Any]:
     """(what is wrong, None) or (None, the data) for an answer to schema=."""
     try:
         value = _json_from_text(text)
     except ValueError as exc:
         return f"{_NO_JSON} ({exc})", None
-    value, problem = _checked(value, request.schema, note)
+    value, problem = _checked(value, request.schema, request.http.note)
     if problem is not None:
         return problem, None
     try:
