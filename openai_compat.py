@@ -877,10 +877,8 @@ class Client(contextlib.AbstractContextManager["Client", None]):
                                       timeout=timeout, max_retries=max_retries,
                                       deadline=deadline)
         given = base_url is not None and str(base_url).strip()
-        self._lock = threading.Lock()
-        self._quirks: dict[str, None] = {}  # an ordered set: see quirks and _note
         self._http = _Connection(self.config, _check_headers(headers, "headers="),
-                                 "base_url=" if given else _ENV_BASE_URL, self._note)
+                                 "base_url=" if given else _ENV_BASE_URL)
         # Model discovery: GET /models asked at most once, even from many threads at once
         # (a failure is remembered too); the fallbacks used, each logged once.
         self._models_lock = threading.Lock()
@@ -911,21 +909,8 @@ class Client(contextlib.AbstractContextManager["Client", None]):
         so far: one short line each ("no usage in streams", "tool calls streamed
         without index", "stream_options rejected: dropped", ...), in the order first
         seen, each also logged once at INFO. A copy; `openai-compat check` prints it."""
-        with self._lock:
-            return list(self._quirks)
-
-    def _note(self, line: str, logged: bool = False) -> None:
-        """Add a line to quirks (once; logged once at INFO, unless the caller `logged` it
-        at WARNING). NOTE: runs inside a stream's loop for a server that deviates on every
-        event; a line already noted costs one dict lookup, without the lock."""
-        if line in self._quirks:
-            return
-        with self._lock:
-            new = line not in self._quirks  # another thread may have noted it meanwhile
-            self._quirks[line] = None
-        if new and not logged:
-            _log.info("%s deviates from OpenAI's behaviour (absorbed): %s",
-                      self._http.shown_url, line)
+        with self._http.lock:
+            return list(self._http.quirks)
 
     def available_models(self, *, fallback: bool = True) -> list[str]:
         """Model ids from GET {base_url}/models, asked at most once per Client (5 s limit).
@@ -1926,10 +1911,8 @@ def _choice_zero(choices: Any) -> dict[str, Any] | None:
     """The choice with index 0 (or none): with n > 1 (OpenAI, vLLM) chunks of several
     choices interleave, and only the first answer is followed, never braided. An index
     "0", a string, counts as 0 (no server is known to send one)."""
-    for choice in choices if isinstance(choices, list) else ():
-        if isinstance(choice, dict) and choice.get("index") in (None, 0, "0"):
-            return choice
-    return None
+    return next((choice for choice in (choices if isinstance(choices, list) else ())
+                 if isinstance(choice, dict) and choice.get("index") in (None, 0, "0")), None)
 
 
 def _usage(raw: Any) -> Usage | None:
@@ -3162,16 +3145,15 @@ def _redact_url_log(record: logging.LogRecord) -> bool:
 class _Connection:
     """One endpoint over HTTP: a pool of kept-alive connections, the headers,
     retries with backoff, redirects, the request fields the server refused, how it
-    takes a schema, and what every error a Client raises says of where it came from,
-    its secrets redacted. `note` hears of the deviations absorbed here."""
+    takes a schema, the quirks met (Client.quirks: every function that absorbs one
+    reports it to note), and what every error a Client raises says of where it came
+    from, its secrets redacted."""
 
     _warned_hosts: ClassVar[set[str]] = set()
 
-    def __init__(self, config: Config, headers: dict[str, str], url_source: str,
-                 note: Callable[..., None]) -> None:
+    def __init__(self, config: Config, headers: dict[str, str], url_source: str) -> None:
         self.config = config
         self.url_source = url_source
-        self.note = note
         self.shown_url = _shown_url(config.base_url)
         url_secrets = _url_secrets(config.base_url)
         key = config.api_key if len(config.api_key or "") >= _SECRET_LENGTH else ""
@@ -3194,6 +3176,7 @@ class _Connection:
             # would replace the key's header: an auth that changes nothing takes its place.
             self.session.auth = lambda request: request
         self.lock = threading.Lock()
+        self.quirks: dict[str, None] = {}  # an ordered set: see note
         # What this server refused, never to be sent again (see prepare): request fields;
         # "strict" (the strict flag); "auto" (tool_choice "auto": "none" is sent instead);
         # "json_schema" and "json_object" (response_format types, see schema_form);
@@ -3229,6 +3212,18 @@ class _Connection:
             with self.lock:
                 self.calls.discard(request)
             timer.cancel()
+
+    def note(self, line: str, logged: bool = False) -> None:
+        """Add a line to quirks (once; logged once at INFO, unless the caller `logged` it
+        at WARNING). NOTE: runs inside a stream's loop for a server that deviates on every
+        event; a line already noted costs one dict lookup, without the lock."""
+        if line in self.quirks:
+            return
+        with self.lock:
+            new = line not in self.quirks  # another thread may have noted it meanwhile
+            self.quirks[line] = None
+        if new and not logged:
+            _log.info("%s deviates from OpenAI's behaviour (absorbed): %s", self.shown_url, line)
 
     def close(self) -> None:
         """Stop the calls in flight, refuse new ones, and close the connection pool."""

@@ -1133,8 +1133,8 @@ def test_inputs_any_configuration_and_text_succeed_or_fail_as_the_module_s_own_e
 
 # ==== Client ====
 # Two private names, on purpose: the wait_ready test shortens _WAIT_GAP for speed (after
-# checking its value), and the many-threads test calls Client._note directly: 700 notes
-# from 8 threads at once, which no exchange with a server makes as fast.
+# checking its value), and the many-threads test calls the quirk list's note directly:
+# 700 notes from 8 threads at once, which no exchange with a server makes as fast.
 
 
 def test_module_level_functions_use_a_client_from_the_environment(
@@ -1293,7 +1293,7 @@ def test_a_quirk_is_logged_once_at_info_and_quirks_is_a_copy(
 def test_quirks_from_many_threads_are_listed_once(server: Scripted) -> None:
     client = server.client()
     lines = [f"quirk {i % 7}" for i in range(700)]
-    threads = [threading.Thread(target=lambda part=part: [client._note(x) for x in part])
+    threads = [threading.Thread(target=lambda part=part: [client._http.note(x) for x in part])
                for part in (lines[i::8] for i in range(8))]
     for t in threads:
         t.start()
