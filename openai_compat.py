@@ -1734,7 +1734,7 @@ def _note_model(http: _Connection, asked: object, answered: object) -> None:
     if (not isinstance(asked, str) or not isinstance(answered, str)
             or asked.lower() in answered.lower() or answered.lower() in asked.lower()):
         return
-    http.note("answers with another model than asked")
+    http.note("answers with another model than asked", logged=True)  # the warning tells it
     warnings.warn(f"asked for model {asked!r}, {http.shown_url} answered with "
                   f"{answered!r}: it may not serve {asked!r} (a typo in the name?)",
                   UserWarning, stacklevel=2)
