@@ -1169,10 +1169,10 @@ _OPTION_TYPES: Final[dict[str, tuple[type, ...]]] = {
 class _Request:
     """One stream() or generate() call, prepared: the Client's connection (which also
     takes the quirks the call meets), the request body, the tools by name, the budget of
-    model calls, the silence limit, the headers, and with schema=
-    the answer's JSON Schema and the type hint `data` is built as (Any: the JSON value
-    as it is). While it runs: its deadline, the response being read, and why it was
-    stopped ("deadline", or "closed" by Client.close()), from another thread."""
+    model calls, the silence limit, the headers, and with schema= the answer's JSON
+    Schema and the type hint `data` is built as (Any: the JSON value as it is). While it
+    runs: its deadline, the response being read, and why it was stopped ("deadline", or
+    "closed" by Client.close()), from another thread."""
 
     http: _Connection  # the Client's: where the call goes, and where its quirks are noted
     body: dict[str, Any]
