@@ -3267,7 +3267,9 @@ class _Connection:
                 if response.status_code < 300:
                     return response
                 retry_after = _retry_after(response.headers)
-                error = self.error_of(response, retry_after)
+                # Redacted of the call's own secret headers too: log lines below quote it.
+                error = self.shown_error(self.error_of(response, retry_after),
+                                         _header_secrets(request.headers))
                 if self._resend_changed(body, error, request):
                     continue
                 wait, loading_since = self._loading_wait(error, timeout, loading_since)

@@ -5024,6 +5024,25 @@ def test_headers_named_like_secrets_are_redacted_whatever_their_length(server: S
     assert caught.value.message == "tenant [redacted] (call t8) of team blue is over quota"
 
 
+def test_a_calls_secret_headers_are_redacted_in_log_lines_too(
+        server: Scripted, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The lines of a refused field and of a loading server quote the server's message: a
+    # call's extra_headers= secret echoed there was logged as it is (only the Client's own
+    # secrets were redacted before the call's error reached the caller).
+    monkeypatch.setattr(oc, "_WAIT_GAP", 0.1)  # 1.0: shortened for speed
+    caplog.set_level(logging.INFO)
+    server.add(json_reply({"error": {"message": "stream_options not allowed (token t8-call)"}},
+                          status=400),
+               json_reply({"error": {"message": "Loading model for t8-call"}}, status=503),
+               Reply(text_stream("ok")))
+    client = server.client()
+    assert client.generate("hi", extra_headers={"X-Call-Token": "t8-call"}).text == "ok"
+    assert client.quirks[:2] == ["stream_options rejected: dropped",
+                                 "waited for the model to load (503)"]
+    assert "t8-call" not in caplog.text and caplog.text.count("[redacted]") == 2
+
+
 def test_every_transport_message_is_short_and_whole(
         server: Scripted, tls_server: Scripted, ca_file: str, proxy: ConnectProxy,
         monkeypatch: pytest.MonkeyPatch) -> None:
