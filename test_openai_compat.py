@@ -3773,7 +3773,8 @@ OPTIONAL_MODE = {"anyOf": [{"enum": ["fast", "slow"], "type": "string"}, {"type"
     ("abc", {"type": "string", "maxLength": 1, "pattern": "^z"},
      "$: must have at most 1 characters, got 3"),
     ("abc", {"type": "string", "pattern": "^z"}, '$: must match the pattern "^z", got "abc"'),
-    ({"age": 400}, {"properties": {"age": {"maximum": 150}}}, "$.age: must be at most 150, got 400"),
+    ({"age": 400}, {"properties": {"age": {"maximum": 150}}},
+     "$.age: must be at most 150, got 400"),
     ("abc", {"type": "string", "format": "email", "x-ui": 1, "discriminator": {}}, None),
     ("abc", True, None),
     ("abc", False, "$: unexpected value"),
@@ -5014,7 +5015,8 @@ def test_headers_named_like_secrets_are_redacted_whatever_their_length(server: S
     for call in (client.generate, lambda *args, **kwargs: run(client.stream(*args, **kwargs))):
         with pytest.raises(oc.BadRequestError) as caught:
             call("hi", extra_headers={"X-Call-Token": "t8", "X-Trace": "trace-1"})
-        assert caught.value.message == "tenant [redacted] (call [redacted]) of team blue is over quota"
+        assert caught.value.message == (
+            "tenant [redacted] (call [redacted]) of team blue is over quota")
         assert "k9" not in (caught.value.body or "") and "t8" not in (caught.value.body or "")
     sent = server.requests[0]["headers"]
     assert (sent["X-Api-Key"], sent["X-Call-Token"], sent["X-Team"]) == ("k9", "t8", "blue")
@@ -5744,7 +5746,8 @@ PEER_SSE: list[Any] = [
                  id="openai-python-data-lines-with-empty-ones"),
     # Source: openai-python tests/test_streaming.py (test_data_json_escaped_double_new_line).
     pytest.param([b"event: ping\n", b'data: {"foo": "my long\\n\\ncontent"}', b"\n\n"],
-                 [("ping", '{"foo": "my long\\n\\ncontent"}')], id="openai-python-escaped-newlines"),
+                 [("ping", '{"foo": "my long\\n\\ncontent"}')],
+                 id="openai-python-escaped-newlines"),
     # Source: openai-python tests/test_streaming.py (test_special_new_line_character).
     pytest.param([b'data: {"content":" culpa"}\n', b"\n", b'data: {"content":" \xe2\x80\xa8"}\n',
                   b"\n"], [("message", '{"content":" culpa"}'),
