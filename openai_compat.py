@@ -874,8 +874,7 @@ class Client(contextlib.AbstractContextManager["Client", None]):
                  max_retries: int | None = None, headers: Mapping[str, str] | None = None,
                  deadline: float | None = None) -> None:
         self.config = Config.from_env(base_url=base_url, api_key=api_key, model=model,
-                                      timeout=timeout, max_retries=max_retries,
-                                      deadline=deadline)
+                                      timeout=timeout, max_retries=max_retries, deadline=deadline)
         given = base_url is not None and str(base_url).strip()
         self._http = _Connection(self.config, _check_headers(headers, "headers="),
                                  "base_url=" if given else _ENV_BASE_URL)
@@ -1202,7 +1201,7 @@ class _Request:
     def halted(self, ahead: float = 0.0) -> APIError | None:
         """The error of a call that was closed, or whose deadline has passed (or will
         have, `ahead` seconds from now); None when it may go on."""
-        if self.stopped == "closed":
+        if self.stopped == "closed" or self.http.closed.is_set():  # even before it was in flight
             return _client_closed()
         if not self.stopped and time.monotonic() + ahead < self.ends:
             return None

@@ -4293,6 +4293,17 @@ def test_close_ends_a_stream_stalled_mid_answer_from_another_thread(server: Scri
     assert len(server.requests) == 1
 
 
+def test_close_during_discovery_ends_the_call_before_it_sends(server: Scripted) -> None:
+    # close() came while the call asked GET /models, after its closed-Client check and
+    # before it was in flight: the call went on to send its request, and to wait for it.
+    server.add(json_reply({"data": [{"id": "m"}]}, delay=0.5), Reply(text_stream("sent")))
+    client = oc.Client(server.base_url)
+    threading.Timer(0.2, client.close).start()
+    with pytest.raises(oc.StreamError, match="the Client was closed"):
+        client.generate("hi")
+    assert [r["path"] for r in server.requests] == ["/v1/models"]
+
+
 LOADING = json_reply({"error": {"code": 503, "message": "Loading model",
                                "type": "unavailable_error"}}, status=503)  # llama-server
 
@@ -5423,6 +5434,18 @@ def _readme_batch() -> str:
     return found[0]
 
 
+def _popen_for_ctrl_c(args: list[str], **options: Any) -> subprocess.Popen[str]:
+    """Popen for a child that will get Ctrl-C, started with SIGINT's default action
+    whatever the tests' process has. A shell starts a background job with SIGINT ignored,
+    a child inherits that, and a Python started so raises no KeyboardInterrupt (a CI run
+    started that way failed on it). A handler, unlike "ignored", is not inherited."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(args, text=True, **options)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_readme_batch_stops_within_2_s_of_ctrl_c(server: Scripted) -> None:
     # Issue #28: after Ctrl-C a ThreadPoolExecutor batch waited 28.6 s for its 8 calls in
     # flight. The README's recipe, run as written, with every answer stalled mid-way.
@@ -5431,10 +5454,10 @@ def test_readme_batch_stops_within_2_s_of_ctrl_c(server: Scripted) -> None:
                        gate=stalled, hold=60) for _ in range(8)])
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
     environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
-    process = subprocess.Popen([sys.executable, "-c", _readme_batch()], env=environ,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               stdin=subprocess.DEVNULL,
-                               cwd=os.path.dirname(os.path.abspath(__file__)))
+    process = _popen_for_ctrl_c([sys.executable, "-c", _readme_batch()], env=environ,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL,
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
     try:
         limit = time.monotonic() + 60
         while len(server.requests) < 8 and time.monotonic() < limit:  # all eight in flight
@@ -5570,10 +5593,10 @@ def test_cli_ctrl_c_exits_130_without_traceback(server: Scripted) -> None:
     server.add(Reply(*[sse(delta(content=f"{i} ")) for i in range(100)], pause=0.1))
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_COMPATIBLE_")}
     environ.update(OPENAI_COMPATIBLE_BASE_URL=server.base_url, OPENAI_COMPATIBLE_MODEL="m")
-    process = subprocess.Popen([sys.executable, "-m", "openai_compat", "count"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=environ, stdin=subprocess.DEVNULL,
-                               cwd=os.path.dirname(os.path.abspath(__file__)))
+    process = _popen_for_ctrl_c([sys.executable, "-m", "openai_compat", "count"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=environ, stdin=subprocess.DEVNULL,
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
     assert process.stdout is not None
     assert process.stdout.read(2) == "0 "  # streaming has begun: the signal to interrupt
     process.send_signal(signal.SIGINT)
