@@ -1732,6 +1732,8 @@ QUIRKY_STREAMS: dict[str, tuple[str, list[str]]] = {
     "cr": (text_stream("a", "b").replace("\n", "\r"),
            ["CR or CRLF line endings in streams", NO_USAGE]),
     "no-space": (text_stream("a", "b").replace("data: ", "data:"), [NO_USAGE]),
+    # Spaces (or a tab) before the JSON: sseclient-py strips one, JSON allows the rest.
+    "json-padded": (text_stream("a", "b").replace("data: {", "data:  \t {"), [NO_USAGE]),
     "comments": (": OPENROUTER PROCESSING\n\n: keep-alive\n\n" + text_stream("a", "b"),
                  [NO_USAGE]),
     "bom": ("\ufeff" + text_stream("a", "b"), ["BOM before the first event", NO_USAGE]),
