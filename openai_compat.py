@@ -2238,11 +2238,11 @@ def _json_from_text(text: str) -> Any:
         raise ValueError("the answer is empty")
     with contextlib.suppress(ValueError):
         return json.loads(text)
-    first_error: json.JSONDecodeError | None = None
+    decoder, first_error = json.JSONDecoder(), None
     for piece in [*(m.group(1) for m in _FENCE.finditer(text)), text]:
         for start in _JSON_START.finditer(piece):
             try:
-                return json.JSONDecoder().raw_decode(piece, start.start())[0]
+                return decoder.raw_decode(piece, start.start())[0]
             except json.JSONDecodeError as exc:
                 first_error = first_error or exc
     if first_error is None:
@@ -3998,8 +3998,8 @@ def _probe_structured(client: Client) -> None:
               "required": ["city", "country"]}
     result = client.generate("Name a city in France as JSON with city and country.",
                              schema=schema, temperature=0, max_tokens=64)
-    how = {"json_schema": "response_format json_schema honoured", "": "the schema asked for "
-           "in a system message", "json_object": "json_object with the schema honoured"}
+    how = {"json_schema": "response_format json_schema honoured", "json_object": "json_object "
+           "with the schema honoured", "": "the schema asked for in a system message"}
     repairs = f" after {len(result.steps) - 1} repair(s)" if len(result.steps) > 1 else ""
     _report("structured", True, f"{how[client._http.schema_form]}: {json.dumps(result.data)}"
             + repairs)
